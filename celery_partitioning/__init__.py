@@ -1,0 +1,39 @@
+"""celery-partitioning: per-key FIFO with parallelism across keys, for Celery."""
+
+from __future__ import annotations
+
+from .app import explain_route, install
+from .errors import PartitionConfigError, PartitioningError, PartitionKeyError
+from .hashing import partition_for
+from .keys import (
+    GLOBAL_PARTITION_KEY,
+    create_customer_partition_key,
+    create_dcb_partition_key,
+    create_entity_partition_key,
+    create_saga_partition_key,
+    create_scope_key,
+    get_recommended_parallelism,
+)
+from .tasks import partitioned, projection
+from .validation import assert_valid_partition_keys
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GLOBAL_PARTITION_KEY",
+    "PartitionConfigError",
+    "PartitionKeyError",
+    "PartitioningError",
+    "assert_valid_partition_keys",
+    "create_customer_partition_key",
+    "create_dcb_partition_key",
+    "create_entity_partition_key",
+    "create_saga_partition_key",
+    "create_scope_key",
+    "explain_route",
+    "get_recommended_parallelism",
+    "install",
+    "partition_for",
+    "partitioned",
+    "projection",
+]

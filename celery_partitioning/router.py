@@ -1,0 +1,195 @@
+"""The Celery router: a task call → its partition queue and headers (pure, no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kombu import Exchange, Queue
+
+from .config import PartitioningSettings
+from .errors import PartitionConfigError, PartitionKeyError
+from .hashing import partition_for
+from .tasks import KeyBinder, spec_of
+
+__all__ = [
+    "HEADER_KEY",
+    "HEADER_POOL",
+    "HEADER_INDEX",
+    "HEADER_COUNT",
+    "PARTITION_HEADERS",
+    "Route",
+    "PartitionRouter",
+    "partition_queue",
+]
+
+#: Message header: the partition key the message was routed by.
+HEADER_KEY: Final = "partition_key"
+#: Message header: the pool name.
+HEADER_POOL: Final = "partition_pool"
+#: Message header: the partition index within the pool.
+HEADER_INDEX: Final = "partition_index"
+#: Message header: the pool's partition count when the message was published.
+HEADER_COUNT: Final = "partition_count"
+PARTITION_HEADERS: Final = (HEADER_KEY, HEADER_POOL, HEADER_INDEX, HEADER_COUNT)
+
+#: RabbitMQ queue argument that lets one consumer at a time receive from the queue.
+SINGLE_ACTIVE_CONSUMER: Final = {"x-single-active-consumer": True}
+
+
+def partition_queue(settings: PartitioningSettings, pool: str, index: int, exchange: Exchange) -> Queue:
+    """The kombu Queue of one partition, declared for a single active consumer."""
+    name = settings.queue_name(pool, index)
+    return Queue(name, exchange, routing_key=name, queue_arguments=dict(SINGLE_ACTIVE_CONSUMER))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one call of a partitioned task goes."""
+
+    task: str
+    key: str
+    pool: str
+    index: int
+    partitions: int
+    queue: str
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return {
+            HEADER_KEY: self.key,
+            HEADER_POOL: self.pool,
+            HEADER_INDEX: self.index,
+            HEADER_COUNT: self.partitions,
+        }
+
+
+@dataclass(frozen=True)
+class _TaskPlan:
+    binder: KeyBinder
+    pool: str
+    partitions: int
+
+
+#: Marker cached for registered tasks that are not partitioned.
+_PLAIN: Final = object()
+
+
+class PartitionRouter:
+    """A Celery router (``task_routes`` entry) for partitioned tasks.
+
+    Returns ``None`` for other tasks, so the routers after it decide for them.
+    """
+
+    def __init__(
+        self,
+        settings: Callable[[], PartitioningSettings],
+        lookup_task: Callable[[str], Any],
+        exchange: Callable[[], Exchange],
+        registry_error: Callable[[], PartitionConfigError | None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._lookup_task = lookup_task
+        self._exchange = exchange
+        self._registry_error = registry_error
+        self._plans: dict[str, object] = {}
+        self._queues: dict[tuple[str, int], Queue] = {}
+
+    def _plan(self, name: str, task: Any) -> _TaskPlan | None:
+        plan = self._plans.get(name)
+        if plan is None:
+            task = task if task is not None else self._lookup_task(name)
+            if task is None:
+                return None  # not registered here: not ours to route
+            spec = spec_of(task)
+            if spec is None:
+                plan = _PLAIN
+            else:
+                pool = spec.effective_pool
+                if spec.key is None or pool is None:
+                    raise PartitionConfigError(
+                        f"task {name} is a projection without a "
+                        f"{'key' if spec.key is None else 'pool'}; nothing was published "
+                        "(give @projection key=... and pool=...)"
+                    )
+                plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool,
+                                 self._settings().partitions(pool))
+            self._plans[name] = plan
+        return plan if isinstance(plan, _TaskPlan) else None
+
+    def is_partitioned(self, name: str, task: Any = None) -> bool:
+        return self._plan(name, task) is not None
+
+    def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
+        """The Route of a call, or None when ``name`` is not a partitioned task."""
+        plan = self._plan(name, task)
+        if plan is None:
+            return None
+        key = plan.binder(args, kwargs)
+        index = partition_for(key, plan.partitions)
+        return Route(name, key, plan.pool, index, plan.partitions,
+                     self._settings().queue_name(plan.pool, index))
+
+    def queue(self, pool: str, index: int) -> Queue:
+        """The (cached) kombu Queue of one partition."""
+        queue = self._queues.get((pool, index))
+        if queue is None:
+            queue = partition_queue(self._settings(), pool, index, self._exchange())
+            self._queues[(pool, index)] = queue
+        return queue
+
+    def __call__(
+        self,
+        name: str,
+        args: Any,
+        kwargs: Any,
+        options: dict[str, Any],
+        task: Any = None,
+        **_: Any,
+    ) -> dict[str, Any] | None:
+        route = self.route(name, args, kwargs, task)
+        if route is None:
+            return None
+        error = self._registry_error()
+        if error is not None:
+            raise error
+        queue = self.queue(route.pool, route.index)
+        _reject_fixed_destination(name, options, queue)
+        headers = dict(options.get("headers") or {})
+        headers.update(route.headers)
+        # Router results are merged *under* the call's options, so a call that passes its
+        # own ``headers=`` would drop ours: put them into the options themselves as well.
+        options["headers"] = headers
+        return {"queue": queue, "headers": headers}
+
+
+def _name_of(value: Any) -> Any:
+    return getattr(value, "name", value)
+
+
+def _reject_fixed_destination(name: str, options: Mapping[str, Any], queue: Queue) -> None:
+    """Refuse options that would send a partitioned message elsewhere or reorder it.
+
+    A destination equal to the partition's own (a retry re-published from the request's
+    delivery info, a message moved by the misroute guard) is allowed.
+    """
+    wrong = []
+    fixed_queue = options.get("queue")
+    if fixed_queue is not None and _name_of(fixed_queue) != queue.name:
+        wrong.append(f"queue={_name_of(fixed_queue)!r}")
+    routing_key = options.get("routing_key")
+    if routing_key is not None and routing_key != queue.routing_key:
+        wrong.append(f"routing_key={routing_key!r}")
+    exchange = options.get("exchange")
+    if exchange is not None and _name_of(exchange) not in ("", queue.exchange.name):
+        wrong.append(f"exchange={_name_of(exchange)!r}")
+    priority = options.get("priority")
+    if priority not in (None, 0):
+        wrong.append(f"priority={priority!r}")
+    if wrong:
+        raise PartitionKeyError(
+            f"task {name} is partitioned, so its calls may not set {', '.join(wrong)}: that "
+            f"would bypass or reorder partition queue {queue.name!r}; remove the option "
+            "(from the call, the task's options or task_routes); nothing was published"
+        )

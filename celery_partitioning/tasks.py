@@ -1,0 +1,240 @@
+"""Declaring partitioned tasks: ``partitioned`` / ``projection`` and key binding (pure)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from .errors import PartitionConfigError, PartitionKeyError
+from .keys import KeyFunction
+
+__all__ = [
+    "PartitionSpec",
+    "partitioned",
+    "projection",
+    "spec_of",
+    "KeyBinder",
+]
+
+T = TypeVar("T")
+
+#: Attribute under which a decorated function carries its PartitionSpec.
+SPEC_ATTRIBUTE: Final = "__partitioning__"
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How one task is partitioned: its key function, pool and projection name."""
+
+    key: KeyFunction | None
+    pool: str | None
+    projection: str | None = None
+
+    @property
+    def effective_pool(self) -> str | None:
+        """The pool given, else the strategy of a helper-made key function."""
+        if self.pool is not None:
+            return self.pool
+        strategy = getattr(self.key, "strategy", None)
+        return strategy if isinstance(strategy, str) else None
+
+
+def _check_key(key: object, where: str) -> None:
+    if not callable(key):
+        raise PartitionConfigError(
+            f"{where}: key must be a function of the call's arguments returning a str "
+            f"(for example create_entity_partition_key('Order')), got {key!r}"
+        )
+
+
+def _check_pool(pool: object, where: str) -> None:
+    if not isinstance(pool, str) or not pool:
+        raise PartitionConfigError(
+            f"{where}: pool must be a pool name such as 'entity' or 'global', got {pool!r}"
+        )
+
+
+def _function_behind(obj: Any) -> Callable[..., Any]:
+    """The plain function a task, a task proxy or a function stands for."""
+    from celery.app.task import Task
+    from celery.local import Proxy
+
+    if isinstance(obj, Proxy):
+        # ``@app.task`` before finalization: PromiseProxy(app._task_from_fun, (fun,)).
+        args = object.__getattribute__(obj, "_Proxy__args")
+        if args and inspect.isfunction(args[0]):
+            fun: Callable[..., Any] = args[0]
+            return fun
+        # ``@shared_task``: Proxy(task_by_cons) whose closure holds ``fun``.
+        local = object.__getattribute__(obj, "_Proxy__local")
+        code = getattr(local, "__code__", None)
+        closure = getattr(local, "__closure__", None) or ()
+        if code is not None and "fun" in code.co_freevars:
+            cell = closure[code.co_freevars.index("fun")].cell_contents
+            if inspect.isfunction(cell):
+                return cell
+        raise PartitionConfigError(
+            f"cannot find the function behind {obj!r}; put @partitioned/@projection "
+            "directly above the function, below @app.task"
+        )
+    if isinstance(obj, Task):
+        run = obj.run
+        return run.__func__ if inspect.ismethod(run) else run  # type: ignore[no-any-return]
+    if inspect.isfunction(obj) or inspect.ismethod(obj):
+        return obj  # type: ignore[no-any-return]
+    raise PartitionConfigError(
+        f"@partitioned/@projection decorate a task function or a Celery task, got {obj!r}"
+    )
+
+
+def _attach(obj: T, spec: PartitionSpec) -> T:
+    fun = _function_behind(obj)
+    if inspect.ismethod(fun):
+        fun = fun.__func__
+    setattr(fun, SPEC_ATTRIBUTE, spec)
+    return obj
+
+
+def partitioned(key: KeyFunction, *, pool: str) -> Callable[[T], T]:
+    """Route every call of the decorated task by ``key`` onto a partition of ``pool``.
+
+    Works above or below ``@app.task`` / ``@shared_task``::
+
+        @app.task
+        @partitioned(create_entity_partition_key("Order"), pool="entity")
+        def order_summary_on_item_added(order_id, sku, qty): ...
+    """
+    _check_key(key, "@partitioned")
+    _check_pool(pool, "@partitioned")
+    spec = PartitionSpec(key=key, pool=pool)
+
+    def decorate(obj: T) -> T:
+        return _attach(obj, spec)
+
+    return decorate
+
+
+def projection(
+    name: str, *, key: KeyFunction | None = None, pool: str | None = None
+) -> Callable[[T], T]:
+    """Mark a task as the projection ``name``, partitioned by ``key`` on ``pool``.
+
+    A projection without a key is accepted here and reported by
+    ``assert_valid_partition_keys`` (and at worker start). Without ``pool``, a key made
+    by a helper uses its strategy's pool (``create_entity_partition_key`` → ``entity``).
+    """
+    if not isinstance(name, str) or not name:
+        raise PartitionConfigError(f"@projection: name must be a non-empty str, got {name!r}")
+    if key is not None:
+        _check_key(key, f"@projection({name!r})")
+    if pool is not None:
+        _check_pool(pool, f"@projection({name!r})")
+    spec = PartitionSpec(key=key, pool=pool, projection=name)
+
+    def decorate(obj: T) -> T:
+        return _attach(obj, spec)
+
+    return decorate
+
+
+def _static_attr(cls: type, name: str) -> Any:
+    value = inspect.getattr_static(cls, name, None)
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    return value
+
+
+def spec_of(task: Any) -> PartitionSpec | None:
+    """The PartitionSpec of a task, or None when the task is not partitioned.
+
+    Class-based tasks declare ``partition_key``, ``partition_pool`` and
+    ``projection_name`` class attributes; decorated functions carry the spec.
+    """
+    cls = type(task)
+    key, pool, name = (
+        _static_attr(cls, "partition_key"),
+        _static_attr(cls, "partition_pool"),
+        _static_attr(cls, "projection_name"),
+    )
+    if key is not None or pool is not None or name is not None:
+        return PartitionSpec(key=key, pool=pool, projection=name)
+    fun: Any = getattr(task, "run", None)
+    seen = 0
+    while fun is not None and seen < 16:
+        spec = getattr(fun, SPEC_ATTRIBUTE, None)
+        if isinstance(spec, PartitionSpec):
+            return spec
+        fun = getattr(fun, "__wrapped__", None)
+        seen += 1
+    return None
+
+
+class KeyBinder:
+    """Computes a task call's partition key: binds the arguments by name, calls the key function."""
+
+    __slots__ = ("task_name", "key", "_signature")
+
+    def __init__(self, task_name: str, key: KeyFunction, run: Callable[..., Any]) -> None:
+        self.task_name = task_name
+        self.key = key
+        try:
+            self._signature: inspect.Signature | None = inspect.signature(run)
+        except (TypeError, ValueError):
+            self._signature = None
+
+    def arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
+        """The call's arguments by parameter name, defaults applied, ``**kwargs`` flattened."""
+        args = () if args is None else args
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, Mapping):
+            raise PartitionKeyError(
+                f"task {self.task_name}: args must be a list or tuple and kwargs a mapping, "
+                f"got {type(args).__name__} and {type(kwargs).__name__}"
+            )
+        if self._signature is None:
+            if args:
+                raise PartitionKeyError(
+                    f"task {self.task_name}: its signature cannot be read, "
+                    "so pass the arguments by keyword"
+                )
+            return dict(kwargs)
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise PartitionKeyError(
+                f"task {self.task_name}: the call does not match its signature "
+                f"{self._signature}: {exc}; nothing was published"
+            ) from None
+        bound.apply_defaults()
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return named
+
+    def __call__(self, args: Any, kwargs: Any) -> str:
+        named = self.arguments(args, kwargs)
+        seen = ", ".join(sorted(named)) or "no arguments"
+        try:
+            key = self.key(named)
+        except PartitionKeyError as exc:
+            raise PartitionKeyError(
+                f"task {self.task_name}: key function {self.key!r} failed on arguments "
+                f"({seen}): {exc}; nothing was published"
+            ) from None
+        except Exception as exc:
+            raise PartitionKeyError(
+                f"task {self.task_name}: key function {self.key!r} raised "
+                f"{type(exc).__name__}: {exc} on arguments ({seen}); nothing was published"
+            ) from exc
+        if not isinstance(key, str) or not key:
+            raise PartitionKeyError(
+                f"task {self.task_name}: key function {self.key!r} returned {key!r} on "
+                f"arguments ({seen}); it must return a non-empty str; nothing was published"
+            )
+        return key

@@ -1,0 +1,132 @@
+"""Start-up validation of the task registry: every offender listed at once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from celery.app.routes import MapRoute, prepare
+
+from .config import PartitioningSettings
+from .errors import PartitionConfigError, PartitioningError
+from .tasks import spec_of
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["assert_valid_partition_keys", "find_problems"]
+
+logger = logging.getLogger("celery_partitioning")
+
+#: Task options that would send a partitioned task around its partition queue.
+_FIXED_OPTIONS = ("queue", "exchange", "routing_key")
+
+
+def _routes_problem(name: str, task_routes: Any) -> str | None:
+    """Whether a ``task_routes`` map sends ``name`` somewhere (callable routers are not run)."""
+    for router in prepare(task_routes):
+        if isinstance(router, MapRoute):
+            found = router(name, (), {}, {})
+            if found:
+                return f"task_routes sends it to {found!r}"
+    return None
+
+
+def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
+                  task_routes: Any = None) -> list[str]:
+    """One line per problem of the partitioned tasks among ``tasks``."""
+    problems: list[str] = []
+    for task in sorted(tasks, key=lambda t: str(getattr(t, "name", t))):
+        spec = spec_of(task)
+        if spec is None:
+            continue
+        name = getattr(task, "name", repr(task))
+        what = f"projection {spec.projection!r} (task {name})" if spec.projection else f"task {name}"
+        if spec.key is None:
+            problems.append(f"{what}: has no partition key; pass key=... "
+                            "(e.g. create_entity_partition_key('Order') or lambda args: GLOBAL_PARTITION_KEY)")
+        pool = spec.effective_pool
+        if pool is None:
+            problems.append(f"{what}: has no pool; pass pool=... (one of {', '.join(settings.pools)})")
+        elif pool not in settings.pools:
+            problems.append(f"{what}: unknown pool {pool!r}; configured pools are "
+                            f"{', '.join(settings.pools)} (setting partitioning_pools)")
+        fixed = [f"{opt}={getattr(task, opt)!r}" for opt in _FIXED_OPTIONS
+                 if getattr(task, opt, None) is not None]
+        if getattr(task, "priority", None) not in (None, 0):
+            fixed.append(f"priority={task.priority!r}")
+        if fixed:
+            problems.append(f"{what}: sets {', '.join(fixed)}, which would bypass or reorder "
+                            "its partition; remove it")
+        routed = _routes_problem(name, task_routes)
+        if routed:
+            problems.append(f"{what}: {routed}; partitioned tasks are routed by their key, "
+                            "remove the entry")
+    return problems
+
+
+def _registry_of(tasks: Any) -> tuple[list[Any], PartitioningSettings, Any, list[str]]:
+    from celery import Celery
+
+    from .app import settings_of
+
+    if isinstance(tasks, Celery):
+        conf = tasks.conf
+        extra = []
+        if conf.get("task_default_priority") not in (None, 0):
+            extra.append(f"setting task_default_priority={conf.task_default_priority!r} gives "
+                         "every message a priority, which reorders partition queues; unset it")
+        return list(tasks.tasks.values()), settings_of(tasks), conf.get("task_routes"), extra
+    listed = list(tasks)
+    apps = {id(t.app): t.app for t in listed if getattr(t, "app", None) is not None}
+    if len(apps) > 1:
+        raise PartitionConfigError("assert_valid_partition_keys: the tasks belong to several apps; "
+                                   "validate one app at a time")
+    if not apps:
+        return listed, PartitioningSettings(), None, []
+    app = next(iter(apps.values()))
+    return listed, settings_of(app), app.conf.get("task_routes"), []
+
+
+def assert_valid_partition_keys(tasks: Any) -> None:
+    """Raise ``PartitionConfigError`` listing every misconfigured partitioned task.
+
+    ``tasks`` is a Celery app (all its registered tasks) or an iterable of tasks.
+    Checks: a projection without a key or pool, an unknown pool, a queue, exchange,
+    routing key or priority fixed on a partitioned task or in ``task_routes``.
+    """
+    listed, settings, routes, problems = _registry_of(tasks)
+    problems = problems + find_problems(listed, settings, routes)
+    if problems:
+        raise PartitionConfigError(
+            f"{len(problems)} partitioning problem(s) in the task registry:\n"
+            + "\n".join(f"  - {line}" for line in problems)
+        )
+
+
+def check_at_finalize(app: Celery) -> PartitionConfigError | None:
+    """Validate when the app is finalized: log the problems, return the error (no raise).
+
+    Signal receivers cannot stop the caller; the router refuses to publish while this
+    error stands, and a worker refuses to start.
+    """
+    try:
+        assert_valid_partition_keys(app)
+    except PartitioningError as exc:
+        logger.error("%s", exc)
+        return exc if isinstance(exc, PartitionConfigError) else PartitionConfigError(str(exc))
+    return None
+
+
+def check_at_worker_start(app: Celery) -> None:
+    """Validate at worker start; exit the process non-zero, printing the list, if invalid.
+
+    Celery logs and swallows exceptions raised by signal receivers; ``SystemExit`` is not
+    an ``Exception``, so it does stop the worker before it consumes anything.
+    """
+    try:
+        assert_valid_partition_keys(app)
+    except PartitioningError as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(f"celery-partitioning: refusing to start the worker.\n{exc}") from None
