@@ -1,0 +1,77 @@
+"""Shared fixtures: broker URLs from the environment, isolated key prefixes, process reaping."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.procs import Processes
+
+#: Default Redis for tests; `make test` exports REDIS_URL.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(what: str, url: str, exc: BaseException) -> None:
+    message = f"{what} not reachable at {url}: {exc}"
+    if _in_ci():
+        pytest.fail(message + " (CI=true: a missing broker fails the run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis that answers (skips on a laptop without one; fails in CI)."""
+    import redis
+
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+        _unavailable("Redis", url, exc)
+    return url
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """A RabbitMQ that answers (skips on a laptop without one; fails in CI)."""
+    from kombu import Connection
+
+    url = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        _unavailable("RabbitMQ", url, exc)
+    return url
+
+
+@pytest.fixture
+def namespace(redis_url: str) -> Iterator[str]:
+    """A unique key prefix for one test; every Redis key under it is deleted afterwards."""
+    import redis
+
+    ns = f"cptest-{uuid.uuid4().hex[:10]}:"
+    yield ns
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{ns}*", count=1000):
+        client.delete(key)
+    for key in client.scan_iter(match=f"*{ns}*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    """Start subprocesses through this; all are killed (by process group) after the test."""
+    procs = Processes()
+    try:
+        yield procs
+    finally:
+        procs.kill_all()
