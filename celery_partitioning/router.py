@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitionKeyError
@@ -41,7 +41,9 @@ SINGLE_ACTIVE_CONSUMER: Final = {"x-single-active-consumer": True}
 def partition_queue(settings: PartitioningSettings, pool: str, index: int, exchange: Exchange) -> Queue:
     """The kombu Queue of one partition, declared for a single active consumer."""
     name = settings.queue_name(pool, index)
-    return Queue(name, exchange, routing_key=name, queue_arguments=dict(SINGLE_ACTIVE_CONSUMER))
+    return Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, queue_arguments=dict(SINGLE_ACTIVE_CONSUMER)
+    )
 
 
 @dataclass(frozen=True)

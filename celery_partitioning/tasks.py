@@ -81,9 +81,9 @@ def _function_behind(obj: Any) -> Callable[..., Any]:
         )
     if isinstance(obj, Task):
         run = obj.run
-        return run.__func__ if inspect.ismethod(run) else run  # type: ignore[no-any-return]
+        return run.__func__ if inspect.ismethod(run) else run
     if inspect.isfunction(obj) or inspect.ismethod(obj):
-        return obj  # type: ignore[no-any-return]
+        return obj
     raise PartitionConfigError(
         f"@partitioned/@projection decorate a task function or a Celery task, got {obj!r}"
     )
@@ -174,7 +174,7 @@ def spec_of(task: Any) -> PartitionSpec | None:
 class KeyBinder:
     """Computes a task call's partition key: binds the arguments by name, calls the key function."""
 
-    __slots__ = ("task_name", "key", "_signature")
+    __slots__ = ("_signature", "key", "task_name")
 
     def __init__(self, task_name: str, key: KeyFunction, run: Callable[..., Any]) -> None:
         self.task_name = task_name

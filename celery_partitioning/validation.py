@@ -44,8 +44,10 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
         name = getattr(task, "name", repr(task))
         what = f"projection {spec.projection!r} (task {name})" if spec.projection else f"task {name}"
         if spec.key is None:
-            problems.append(f"{what}: has no partition key; pass key=... "
-                            "(e.g. create_entity_partition_key('Order') or lambda args: GLOBAL_PARTITION_KEY)")
+            problems.append(
+                f"{what}: has no partition key; pass key=... (e.g. "
+                "create_entity_partition_key('Order') or lambda args: GLOBAL_PARTITION_KEY)"
+            )
         pool = spec.effective_pool
         if pool is None:
             problems.append(f"{what}: has no pool; pass pool=... (one of {', '.join(settings.pools)})")
