@@ -32,3 +32,38 @@ class RedisKeys:
     def lease(self, queue: str) -> str:
         """String: the exclusive-consumer lease of a partition queue (value: holder token)."""
         return f"{self.root}lease:{queue}"
+
+    # -- dead letters and per-key parking (celery_partitioning.deadletters) --------------
+    # Pool names are validated by config (letters, digits, '_', '-'); key text is hashed.
+
+    def dead_letters(self, pool: str) -> str:
+        """Hash: key digest → JSON dead-letter record; a field present means the key is parked."""
+        return f"{self.root}dl:{pool}"
+
+    def dead_letter_log(self, pool: str) -> str:
+        """List: JSON records of replays and discards of the pool's dead letters (newest last)."""
+        return f"{self.root}dl-log:{pool}"
+
+    def parked(self, pool: str, partition_key: str) -> str:
+        """List: raw messages set aside while the key is parked, in arrival (publish) order."""
+        return f"{self.root}parked:{pool}:{key_digest(partition_key)}"
+
+    def parked_ids(self, pool: str, partition_key: str) -> str:
+        """Set: task ids already dead-lettered, parked or deferred for the key (idempotency)."""
+        return f"{self.root}parked-ids:{pool}:{key_digest(partition_key)}"
+
+    def replaying(self, pool: str, partition_key: str) -> str:
+        """Set: task ids re-queued by a replay that have not reached the worker yet."""
+        return f"{self.root}replaying:{pool}:{key_digest(partition_key)}"
+
+    def deferred(self, pool: str, partition_key: str) -> str:
+        """List: newer raw messages of the key that arrived while a replay was in flight."""
+        return f"{self.root}deferred:{pool}:{key_digest(partition_key)}"
+
+    def attempts(self, task_id: str) -> str:
+        """String: in-place retries made so far by one task id (survives a worker crash)."""
+        return f"{self.root}attempts:{key_digest(task_id)}"
+
+    def broker_queue(self, queue: str) -> str:
+        """List: kombu's Redis list of a queue (priority 0), under the same global_keyprefix."""
+        return f"{self.namespace}{queue}"
