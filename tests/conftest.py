@@ -34,7 +34,7 @@ def redis_url() -> str:
     url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
     try:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not reachable"
+    except Exception as exc:
         _unavailable("Redis", url, exc)
     return url
 
@@ -48,7 +48,7 @@ def amqp_url() -> str:
     try:
         with Connection(url, connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         _unavailable("RabbitMQ", url, exc)
     return url
 

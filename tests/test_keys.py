@@ -82,9 +82,9 @@ def test_customer_and_saga_keys() -> None:
 def test_key_functions_have_readable_reprs_and_strategies() -> None:
     key = create_entity_partition_key("Order")
     assert repr(key) == "create_entity_partition_key('Order')"
-    assert getattr(key, "strategy") == "entity"
-    assert getattr(create_customer_partition_key(), "strategy") == "customer"
-    assert getattr(create_saga_partition_key(), "strategy") == "saga"
+    assert key.strategy == "entity"
+    assert create_customer_partition_key().strategy == "customer"
+    assert create_saga_partition_key().strategy == "saga"
 
 
 def test_dcb_and_scope_keys() -> None:

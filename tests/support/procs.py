@@ -29,7 +29,7 @@ class Processes:
     def start(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
               log: Path | None = None) -> subprocess.Popen[bytes]:
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        out = open(log, "ab") if log is not None else subprocess.DEVNULL
         proc = subprocess.Popen(list(argv), env=full_env, cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)

@@ -1,0 +1,1 @@
+"""Celery apps imported by real worker processes in the integration tests."""

@@ -1,0 +1,95 @@
+"""Core, end to end: a real `celery worker` on one partition queue, and start-up validation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.ordering import check
+from tests.support.procs import Processes, celery_bin, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def worker_argv(queue: str) -> list[str]:
+    return [celery_bin(), "-A", "tests.apps.core_app", "worker", "-Q", queue, "-P", "solo", "-c", "1",
+            "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"core-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
+
+
+def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop("tests.apps.core_app", None)
+    from tests.apps import core_app
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # Given 400 events over 40 orders, two task types, published before any worker runs
+    published: list[str] = []
+    per_key: dict[str, int] = {}
+    for i in range(400):
+        order = f"ord-{i % 40}"
+        seq = per_key.get(order, 0)
+        per_key[order] = seq + 1
+        task = core_app.item_added if i % 3 else core_app.item_removed
+        result = task.apply_async((order, seq))
+        published.append(f"Order:{order} {seq}")
+        assert result.id
+    route0 = {f"Order:{o}" for o in per_key if core_app.cp.explain_route(
+        core_app.app, "core.item_added", o, 0).index == 0}
+    assert 0 < len(route0) < 40  # both partitions have keys
+    queue0 = f"{namespace}partition.entity.0"
+    queue1 = f"{namespace}partition.entity.1"
+    expected0 = [p for p in published if p.split(" ")[0] in route0]
+
+    # When one real worker consumes partition 0 only
+    proc = processes.start(worker_argv(queue0), env=env, log=tmp_path / "worker.log")
+    wait_for(lambda: client.llen(f"{namespace}ran") >= len(expected0), 60,
+             f"{len(expected0)} messages of partition 0 to run")
+    processes.signal(proc, 15)
+    proc.wait(timeout=30)
+
+    # Then it ran exactly its queue's messages, in publish order, one at a time
+    ran = client.lrange(f"{namespace}ran", 0, -1)
+    assert ran == expected0
+    records = {k: client.lrange(f"{namespace}rec:{k}", 0, -1) for k in route0}
+    report = check(records, {k: per_key[k.split(":", 1)[1]] for k in route0})
+    assert report.ok, report.summary()
+    # and partition 1's messages are untouched, still queued
+    assert client.llen(f"{namespace}{queue1}") == 400 - len(expected0)
+
+
+def test_a_worker_with_an_invalid_registry_exits_before_consuming(
+    redis_url: str, namespace: str, processes: Processes
+) -> None:
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CP_INVALID": "1"}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = f"{namespace}partition.entity.0"
+    # Given a message waiting on the partition (published by a valid producer)
+    code = ("import tests.apps.core_app as m; "
+            "m.item_added.apply_async(('ord-x', 0))")
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "CP_INVALID": "0"},
+                   check=True, timeout=60)
+    depth = client.llen(f"{namespace}{queue}") + client.llen(f"{namespace}{namespace}partition.entity.1")
+    assert depth == 1
+    # When a worker whose registry is invalid starts
+    proc = subprocess.run(worker_argv(queue), env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    # Then it exits non-zero, naming every offender, and consumed nothing
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "core.broken_projection" in output and "has no partition key" in output
+    assert "core.wrong_pool" in output and "unknown pool 'nowhere'" in output
+    assert client.llen(f"{namespace}ran") == 0
+    assert client.llen(f"{namespace}{queue}") + client.llen(
+        f"{namespace}{namespace}partition.entity.1") == 1
