@@ -1,0 +1,1 @@
+"""Django integration: add ``"celery_partitioning.contrib.django"`` to ``INSTALLED_APPS``."""
