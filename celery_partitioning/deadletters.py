@@ -1,0 +1,408 @@
+"""Dead-letter store and per-key parking: every Redis read and write for them lives here.
+
+Layout (names from :class:`~celery_partitioning.redis_keys.RedisKeys`, key text hashed):
+
+* ``dl:{pool}`` hash, key digest → JSON :class:`DeadLetter`. A field present means the key
+  is **parked**: the partition's gate sets its later messages aside instead of running them.
+* ``parked:{pool}:{digest}`` list of raw kombu payloads set aside, in arrival (publish) order;
+  ``parked-ids`` the task ids already stored (dead letter, parked or deferred), so a crash
+  between "stored" and "acked" never stores a message twice.
+* ``replaying`` / ``deferred``: a replay re-queues messages at the head of the partition queue;
+  until each has reached the worker, newer messages of the key that were already in flight are
+  deferred and re-queued right behind them (so a replay can never be overtaken).
+* ``dl-log:{pool}`` list of JSON records of every replay and discard (what, when).
+
+Replay pushes onto kombu's Redis list in the same transaction as it unparks, so it needs the
+broker to be the Redis that holds the store (the default: ``partitioning_redis_url`` falls
+back to the broker URL).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from .errors import PartitioningError
+from .redis_keys import RedisKeys, key_digest
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = [
+    "DeadLetter",
+    "DeadLetterError",
+    "DeadLetterStore",
+    "DeadLetterView",
+    "GateVerdict",
+    "ParkedMessage",
+    "REASON_ERROR",
+    "REASON_MAX_RETRIES",
+    "REASON_DCB_MAX_RETRIES",
+    "message_summary",
+    "now_iso",
+]
+
+#: Reason of a dead letter: the task raised and had no retry policy left to apply.
+REASON_ERROR: Final = "ERROR"
+#: Reason of a dead letter: ``self.retry()`` / ``autoretry_for`` ran out of retries.
+REASON_MAX_RETRIES: Final = "MAX_RETRIES_EXCEEDED"
+#: Reason of a dead letter: a ``with_dcb_retry`` task still conflicted on its last attempt.
+REASON_DCB_MAX_RETRIES: Final = "DCB_MAX_RETRIES_EXCEEDED"
+
+#: What the parking gate decided for one message.
+GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
+
+
+class DeadLetterError(PartitioningError):
+    """A dead-letter command could not be carried out (unknown key, replayed already...)."""
+
+
+def now_iso() -> str:
+    """The current UTC time as stored in records."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One failed message of a partitioned task, as stored (JSON) and listed."""
+
+    pool: str
+    key: str
+    task: str
+    id: str
+    args: str
+    kwargs: str
+    error: str
+    traceback: str
+    attempts: int
+    failed_at: str
+    reason: str = REASON_ERROR
+    partition: int | None = None
+    queue: str | None = None
+    hostname: str | None = None
+    #: The original kombu payload (JSON text), re-queued unchanged by replay.
+    raw: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DeadLetter:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ParkedMessage:
+    """A summary of one parked message (from its raw payload)."""
+
+    id: str
+    task: str
+    args: str
+    kwargs: str
+
+
+@dataclass(frozen=True)
+class DeadLetterView:
+    """A dead letter with the messages parked behind it (what ``list`` shows)."""
+
+    dead_letter: DeadLetter
+    parked: tuple[ParkedMessage, ...] = field(default=())
+
+    def as_dict(self, with_raw: bool = False) -> dict[str, Any]:
+        data = asdict(self.dead_letter)
+        if not with_raw:
+            data.pop("raw", None)
+        data["parked_count"] = len(self.parked)
+        data["parked"] = [asdict(p) for p in self.parked]
+        return data
+
+
+def message_summary(raw: str | bytes) -> ParkedMessage:
+    """Task id, name and argument reprs of a raw kombu payload (Celery protocol 2, or 1)."""
+    payload = json.loads(raw)
+    headers = payload.get("headers") or {}
+    props = payload.get("properties") or {}
+    task_id = headers.get("id") or props.get("correlation_id") or "?"
+    task = headers.get("task")
+    args, kwargs = headers.get("argsrepr"), headers.get("kwargsrepr")
+    if task is None or args is None:
+        try:  # protocol 1 keeps everything in the (base64 JSON) body
+            body = payload.get("body") or ""
+            if props.get("body_encoding") == "base64":
+                body = base64.b64decode(body).decode("utf-8")
+            decoded = json.loads(body)
+            if isinstance(decoded, dict):
+                task = task or decoded.get("task")
+                task_id = decoded.get("id", task_id)
+                args = args or repr(decoded.get("args"))
+                kwargs = kwargs or repr(decoded.get("kwargs"))
+            elif isinstance(decoded, list) and len(decoded) >= 2:
+                args = args or repr(decoded[0])
+                kwargs = kwargs or repr(decoded[1])
+        except (ValueError, TypeError):
+            pass
+    return ParkedMessage(id=str(task_id), task=str(task or "?"), args=str(args or ""),
+                         kwargs=str(kwargs or ""))
+
+
+def _message_id(raw: str | bytes) -> str:
+    return message_summary(raw).id
+
+
+# The gate. KEYS: dead letters hash, parked list, parked ids, replaying set, deferred list,
+# broker queue list. ARGV: key digest, task id, raw payload.
+_GATE_LUA: Final = r"""
+local dl, parked, ids, replaying, deferred, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local digest, id, raw = ARGV[1], ARGV[2], ARGV[3]
+
+local function message_id(m)
+  local ok, p = pcall(cjson.decode, m)
+  if ok and type(p) == 'table' then
+    if type(p.headers) == 'table' and p.headers.id then return tostring(p.headers.id) end
+    if type(p.properties) == 'table' and p.properties.correlation_id then
+      return tostring(p.properties.correlation_id)
+    end
+  end
+  return ''
+end
+
+-- The last replayed message went through: put the deferred ones where they belong.
+local function drain_deferred()
+  local waiting = redis.call('LRANGE', deferred, 0, -1)
+  if #waiting == 0 then return end
+  redis.call('DEL', deferred)
+  if redis.call('HEXISTS', dl, digest) == 1 then
+    for i = 1, #waiting do redis.call('RPUSH', parked, waiting[i]) end
+  else
+    for i = #waiting, 1, -1 do
+      redis.call('RPUSH', queue, waiting[i])
+      local mid = message_id(waiting[i])
+      redis.call('SREM', ids, mid)
+      redis.call('SADD', replaying, mid)
+    end
+  end
+end
+
+if redis.call('SREM', replaying, id) == 1 then
+  local verdict = 'run'
+  if redis.call('HEXISTS', dl, digest) == 1 then
+    -- the replay's dead letter failed again: the rest of the replay is parked again, in order
+    if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
+    verdict = 'parked'
+  end
+  if redis.call('SCARD', replaying) == 0 then drain_deferred() end
+  return verdict
+end
+if redis.call('SISMEMBER', ids, id) == 1 then return 'duplicate' end
+if redis.call('SCARD', replaying) > 0 then
+  redis.call('SADD', ids, id)
+  redis.call('RPUSH', deferred, raw)
+  return 'deferred'
+end
+if redis.call('HEXISTS', dl, digest) == 1 then
+  redis.call('SADD', ids, id)
+  redis.call('RPUSH', parked, raw)
+  return 'parked'
+end
+return 'run'
+"""
+
+# Record a dead letter and park its key. KEYS: dead letters hash, parked list, parked ids.
+# ARGV: key digest, task id, record JSON, raw payload ('' if unknown).
+_DEAD_LETTER_LUA: Final = r"""
+local dl, parked, ids = KEYS[1], KEYS[2], KEYS[3]
+local digest, id, record, raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('HEXISTS', dl, digest) == 1 then
+  -- already parked (a second consumer after a pool resize): keep the message, in order
+  if raw ~= '' and redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
+  return 0
+end
+redis.call('HSET', dl, digest, record)
+redis.call('SADD', ids, id)
+return 1
+"""
+
+
+class DeadLetterStore:
+    """Dead letters and parked keys of one app namespace, on one Redis client."""
+
+    def __init__(self, client: Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+        self._gate = client.register_script(_GATE_LUA)
+        self._dead_letter = client.register_script(_DEAD_LETTER_LUA)
+
+    # -- worker side ------------------------------------------------------------------
+    def _key_names(self, pool: str, key: str) -> list[str]:
+        k = self.keys
+        return [k.dead_letters(pool), k.parked(pool, key), k.parked_ids(pool, key),
+                k.replaying(pool, key), k.deferred(pool, key)]
+
+    def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str) -> GateVerdict:
+        """Decide, atomically, whether a received message runs or is set aside.
+
+        ``parked``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
+        """
+        names = [*self._key_names(pool, key), self.keys.broker_queue(queue)]
+        verdict = self._gate(keys=names, args=[key_digest(key), task_id, raw])
+        text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+        if text not in ("run", "parked", "deferred", "duplicate"):
+            raise DeadLetterError(f"unexpected gate verdict {text!r}")
+        return text  # type: ignore[return-value]
+
+    def dead_letter(self, letter: DeadLetter) -> bool:
+        """Store a dead letter and park its key; False if the key was parked already."""
+        names = self._key_names(letter.pool, letter.key)[:3]
+        stored = self._dead_letter(
+            keys=names,
+            args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw or ""],
+        )
+        return bool(stored)
+
+    def is_parked(self, pool: str, key: str) -> bool:
+        return bool(self.client.hexists(self.keys.dead_letters(pool), key_digest(key)))
+
+    # -- operator side ----------------------------------------------------------------
+    def get(self, pool: str, key: str) -> DeadLetterView | None:
+        """The dead letter of ``key`` in ``pool`` with its parked messages, or None."""
+        record = self.client.hget(self.keys.dead_letters(pool), key_digest(key))
+        if record is None:
+            return None
+        parked = self.client.lrange(self.keys.parked(pool, key), 0, -1)
+        return DeadLetterView(DeadLetter.from_json(record),
+                              tuple(message_summary(m) for m in parked))
+
+    def find(self, pools: Iterable[str], key: str | None = None) -> list[DeadLetterView]:
+        """Every dead letter of ``pools`` (only ``key``'s if given), oldest failure first."""
+        views: list[DeadLetterView] = []
+        for pool in pools:
+            if key is not None:
+                view = self.get(pool, key)
+                if view is not None:
+                    views.append(view)
+                continue
+            for record in self.client.hvals(self.keys.dead_letters(pool)):
+                letter = DeadLetter.from_json(record)
+                parked = self.client.lrange(self.keys.parked(pool, letter.key), 0, -1)
+                views.append(DeadLetterView(letter, tuple(message_summary(m) for m in parked)))
+        return sorted(views, key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
+
+    def history(self, pool: str) -> list[dict[str, Any]]:
+        """Replays and discards of ``pool``, oldest first."""
+        events: list[dict[str, Any]] = [
+            json.loads(r) for r in self.client.lrange(self.keys.dead_letter_log(pool), 0, -1)]
+        return events
+
+    def _last_event(self, pool: str, key: str) -> dict[str, Any] | None:
+        for event in reversed(self.history(pool)):
+            if event.get("key") == key:
+                return event
+        return None
+
+    def _missing(self, pool: str, key: str, action: str) -> DeadLetterError:
+        event = self._last_event(pool, key)
+        if event is not None:
+            return DeadLetterError(
+                f"key {key!r} of pool {pool!r} is not parked: it was {event['action']}ed at "
+                f"{event['at']} ({len(event.get('messages', []))} message(s)); nothing to {action}"
+            )
+        return DeadLetterError(
+            f"no dead letter for key {key!r} in pool {pool!r}; nothing to {action} "
+            "(see `celery -A proj partitioning dead-letters list`)"
+        )
+
+    def replay(self, pool: str, key: str, queue: str) -> list[ParkedMessage]:
+        """Re-queue the dead letter and the parked messages of ``key`` at the head of ``queue``.
+
+        In one transaction: the messages go to the consuming end of kombu's Redis list in
+        their original order (ahead of anything newer), the key is unparked, and the replay
+        is logged. Raises ``DeadLetterError`` when the key is not parked (never replays twice).
+        """
+        from redis.exceptions import WatchError
+
+        names = self._key_names(pool, key)
+        dl_hash, parked_list, ids, replaying, _ = names
+        digest = key_digest(key)
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(dl_hash, parked_list, ids, replaying)  # type: ignore[no-untyped-call]
+                    record = pipe.hget(dl_hash, digest)
+                    if record is None:
+                        raise self._missing(pool, key, "replay")
+                    letter = DeadLetter.from_json(record)
+                    if letter.raw is None:
+                        raise DeadLetterError(
+                            f"the dead letter of key {key!r} (task {letter.id}) has no stored "
+                            "message to replay; discard it and re-send the task")
+                    raws: list[str | bytes] = [letter.raw, *pipe.lrange(parked_list, 0, -1)]
+                    messages = [message_summary(r) for r in raws]
+                    pipe.multi()
+                    # BRPOP consumes from the right: push the newest first, the dead letter last.
+                    pipe.rpush(self.keys.broker_queue(queue), *reversed(raws))
+                    pipe.srem(ids, *[m.id for m in messages])
+                    pipe.sadd(replaying, *[m.id for m in messages])
+                    pipe.delete(parked_list)
+                    pipe.hdel(dl_hash, digest)
+                    pipe.delete(self.keys.attempts(letter.id))
+                    pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
+                        self._event("replay", pool, key, letter, messages, queue=queue)))
+                    pipe.execute()
+                    return messages
+                except WatchError:
+                    time.sleep(0.01)
+
+    def discard(self, pool: str, key: str) -> list[ParkedMessage]:
+        """Drop the dead letter and parked messages of ``key``, unpark it, log what was dropped."""
+        from redis.exceptions import WatchError
+
+        dl_hash, parked_list, ids, _, _ = self._key_names(pool, key)
+        digest = key_digest(key)
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(dl_hash, parked_list, ids)  # type: ignore[no-untyped-call]
+                    record = pipe.hget(dl_hash, digest)
+                    if record is None:
+                        raise self._missing(pool, key, "discard")
+                    letter = DeadLetter.from_json(record)
+                    raws = pipe.lrange(parked_list, 0, -1)
+                    messages = [message_summary(letter.raw)] if letter.raw else [
+                        ParkedMessage(letter.id, letter.task, letter.args, letter.kwargs)]
+                    messages += [message_summary(r) for r in raws]
+                    pipe.multi()
+                    pipe.srem(ids, *[m.id for m in messages])
+                    pipe.delete(parked_list)
+                    pipe.hdel(dl_hash, digest)
+                    pipe.delete(self.keys.attempts(letter.id))
+                    pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
+                        self._event("discard", pool, key, letter, messages,
+                                    raw=[letter.raw, *[_text(r) for r in raws]])))
+                    pipe.execute()
+                    return messages
+                except WatchError:
+                    time.sleep(0.01)
+
+    @staticmethod
+    def _event(action: str, pool: str, key: str, letter: DeadLetter,
+               messages: Sequence[ParkedMessage], **extra: Any) -> dict[str, Any]:
+        return {
+            "action": action,
+            "at": now_iso(),
+            "pool": pool,
+            "key": key,
+            "dead_letter": {k: v for k, v in asdict(letter).items() if k != "raw"},
+            "messages": [asdict(m) for m in messages],
+            **extra,
+        }
+
+
+def _text(raw: str | bytes) -> str:
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
