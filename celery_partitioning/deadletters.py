@@ -303,7 +303,8 @@ class DeadLetterStore:
     def _last_event(self, pool: str, key: str) -> dict[str, Any] | None:
         for event in reversed(self.history(pool)):
             if event.get("key") == key:
-                return event
+                found: dict[str, Any] = event
+                return found
         return None
 
     def _missing(self, pool: str, key: str, action: str) -> DeadLetterError:

@@ -1,0 +1,172 @@
+"""DCB conflict retries: ``DCBConflict`` and ``with_dcb_retry``, serialized on the ``dcb`` pool.
+
+A DCB (dynamic consistency boundary) command reads the events of a *scope*
+(``tenant:T:reservation:res-456``), decides, and appends only if the scope's version has not
+moved. When it has moved, the command raises :class:`DCBConflict`. Decorating the task with
+:func:`with_dcb_retry` makes it a partitioned task of the ``dcb`` pool keyed by
+``create_dcb_partition_key(scope)``, and turns a conflict into a retry of the same message,
+in place, on that partition::
+
+    @app.task
+    @with_dcb_retry(scope_key="tenant:{tenant_id}:reservation:{reservation_id}", max_attempts=5)
+    def reserve(tenant_id, reservation_id, qty):
+        version = store.version(scope)            # read
+        ...                                       # decide
+        if not store.append_if(scope, version, event):
+            raise DCBConflict(scope, expected_version=version)
+
+Every operation on a scope (new commands and conflict retries alike) routes by the very same
+key, so a retry never runs beside or after a newer operation on its scope: the partition
+waits out the backoff ``min(30 s, 0.1 s * 2**retry * U[0.5, 1.5])`` (retry = 0 for the
+first), then runs the command again. After ``max_attempts`` attempts the message becomes a
+dead letter with reason ``DCB_MAX_RETRIES_EXCEEDED`` and the scope's key is parked until an
+operator replays or discards it (``celery -A proj partitioning dead-letters ...``). Tasks
+that touch a scope without needing conflict retries route with :func:`dcb_partition_key`.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
+
+from .errors import PartitionConfigError, PartitioningError, PartitionKeyError
+from .keys import KeyFunction, create_dcb_partition_key
+from .tasks import partitioned
+
+__all__ = [
+    "DCBConflict",
+    "DCB_POOL",
+    "ScopeKey",
+    "dcb_backoff",
+    "dcb_partition_key",
+    "with_dcb_retry",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: The pool DCB commands and their conflict retries run on.
+DCB_POOL: Final = "dcb"
+#: Longest wait between two attempts (seconds).
+MAX_BACKOFF: Final = 30.0
+
+#: A scope: a literal scope key, a ``str.format`` template over the task's arguments
+#: (``"tenant:{tenant_id}:reservation:{reservation_id}"``), or a function of the arguments
+#: mapping (like a key function) returning the scope key.
+ScopeKey = str | Callable[[Mapping[str, Any]], str]
+
+
+class DCBConflict(PartitioningError):
+    """An optimistic-concurrency conflict on a DCB scope: the scope moved since it was read.
+
+    Raise it from a ``with_dcb_retry`` task to have the operation retried in place on the
+    scope's ``dcb`` partition.
+    """
+
+    def __init__(self, scope_key: str, expected_version: Any = None,
+                 actual_version: Any = None) -> None:
+        super().__init__(scope_key, expected_version, actual_version)
+        self.scope_key = scope_key
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+
+    def __str__(self) -> str:
+        versions = ""
+        if self.expected_version is not None or self.actual_version is not None:
+            versions = f" (expected version {self.expected_version!r}, found {self.actual_version!r})"
+        return f"DCB conflict on scope {self.scope_key!r}{versions}"
+
+
+def dcb_backoff(retries: int, rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retry ``retries + 1``: ``min(30, 0.1 * 2**retries * U[0.5, 1.5])``."""
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    return min(MAX_BACKOFF, 0.1 * (2.0 ** min(retries, 64)) * (0.5 + rng()))
+
+
+def _scope_function(scope_key: ScopeKey) -> Callable[[Mapping[str, Any]], str]:
+    if callable(scope_key):
+        return scope_key
+    if not isinstance(scope_key, str) or not scope_key:
+        raise PartitionConfigError(
+            "with_dcb_retry: scope_key must be a scope key, a template such as "
+            f"'tenant:{{tenant_id}}:reservation:{{reservation_id}}', or a function, got {scope_key!r}")
+    if "{" not in scope_key:
+        return lambda _args: scope_key
+
+    def from_template(args: Mapping[str, Any]) -> str:
+        try:
+            return scope_key.format_map(args)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PartitionKeyError(
+                f"scope template {scope_key!r} needs argument {exc}; the call has "
+                f"{', '.join(sorted(args)) or 'no arguments'}") from None
+
+    return from_template
+
+
+def dcb_partition_key(scope_key: ScopeKey) -> KeyFunction:
+    """The key function of a DCB scope: the call's arguments → ``create_dcb_partition_key(scope)``.
+
+    Use it with ``@partitioned(..., pool="dcb")`` for any task that must serialize with
+    ``with_dcb_retry`` operations on the same scope.
+    """
+    scope = _scope_function(scope_key)
+
+    def dcb_key(args: Mapping[str, Any]) -> str:
+        value = scope(args)
+        if not isinstance(value, str) or not value:
+            raise PartitionKeyError(f"the scope key function returned {value!r}; "
+                                    "it must return a non-empty str")
+        return create_dcb_partition_key(value)
+
+    dcb_key.__qualname__ = dcb_key.__name__ = f"dcb_partition_key({scope_key!r})"
+    return dcb_key
+
+
+def with_dcb_retry(scope_key: ScopeKey, *, max_attempts: int = 5,
+                   pool: str = DCB_POOL) -> Callable[[F], F]:
+    """Decorate a task function (below ``@app.task``): DCB conflicts are retried in place.
+
+    The task becomes partitioned on ``pool`` (default ``"dcb"``) by
+    ``create_dcb_partition_key(scope)``. A :class:`DCBConflict` raised by an attempt calls
+    ``task.retry`` with the DCB backoff and ``max_retries=max_attempts - 1``: in a partition
+    worker that waits and re-runs the same message before anything behind it; after the last
+    attempt the message is dead-lettered with reason ``DCB_MAX_RETRIES_EXCEEDED`` and the
+    scope's key parked. Other exceptions keep the task's own retry policy. Outside a worker
+    (a direct call) the conflict propagates.
+    """
+    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+        raise PartitionConfigError(f"with_dcb_retry: max_attempts must be an int >= 1, "
+                                   f"got {max_attempts!r}")
+    key = dcb_partition_key(scope_key)
+
+    def decorate(fun: F) -> F:
+        from celery.app.task import Task
+        from celery.local import Proxy
+
+        if isinstance(fun, (Task, Proxy)) or not callable(fun):
+            raise PartitionConfigError(
+                "with_dcb_retry decorates the task function: put it below @app.task / "
+                "@shared_task, directly above def")
+
+        @functools.wraps(fun)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fun(*args, **kwargs)
+            except DCBConflict as exc:
+                from celery import current_task
+
+                task = current_task
+                if task is None or task.request.called_directly:
+                    raise
+                retries = int(task.request.retries or 0)
+                raise task.retry(exc=exc, countdown=dcb_backoff(retries),
+                                 max_retries=max_attempts - 1) from None
+
+        run.dcb_max_attempts = max_attempts  # type: ignore[attr-defined]
+        run.dcb_partition_key = key  # type: ignore[attr-defined]
+        return partitioned(key, pool=pool)(run)  # type: ignore[return-value]
+
+    return decorate

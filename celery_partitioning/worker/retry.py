@@ -1,0 +1,335 @@
+"""In-place retry: inside a partition worker a partitioned task retries without leaving its place.
+
+Celery's ``Task.retry`` re-publishes the message to the back of the queue (and the worker holds
+countdown/ETA messages aside while it runs later ones), which reorders a partition. In a
+partition worker, for partitioned tasks only, :func:`enable_in_place_retry` replaces ``retry``
+on the task instance (so ``self.retry()`` and ``autoretry_for``, which calls ``task.retry``,
+both come here) and wraps ``task.run``:
+
+* ``retry`` keeps Celery's meaning (``countdown``/``eta``/``default_retry_delay``,
+  ``max_retries``; ``autoretry_for`` computes ``retry_backoff``/``retry_jitter`` as usual) but,
+  instead of publishing, raises :class:`RetryInPlace`;
+* the ``run`` wrapper catches it, waits out the delay with the message still unacked (so the
+  partition waits), bumps ``request.retries`` and runs the task again with the same message;
+* the retry count and the time the next attempt is due are kept in Redis by task id, so a
+  worker SIGKILLed during a backoff resumes the same count (and the rest of the wait) when
+  crash recovery hands the message back; a warm shutdown during a wait stops the worker at
+  once without acking, and the message goes back to the head of its queue;
+* when no retry is left, the message becomes a dead letter and its key is parked
+  (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
+
+Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
+
+from ..deadletters import (
+    REASON_DCB_MAX_RETRIES,
+    REASON_ERROR,
+    REASON_MAX_RETRIES,
+    DeadLetter,
+    DeadLetterStore,
+    now_iso,
+)
+from ..tasks import spec_of
+from .parking import InFlight, ParkingGate
+
+if TYPE_CHECKING:
+    from .runtime import PartitionRuntime
+
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "install_failure_handling"]
+
+logger = logging.getLogger("celery_partitioning.retry")
+
+#: How long an attempt record outlives its last retry (seconds).
+ATTEMPTS_TTL: Final = 7 * 24 * 3600
+#: Longest single sleep of a backoff wait: how quickly a warm shutdown is noticed.
+WAIT_SLICE: Final = 0.1
+#: Exit status of a worker that must stop without acking (message returns to the head).
+EXIT_KEEP_MESSAGE: Final = 70
+#: Attribute marking a task instance as patched.
+PATCHED: Final = "_celery_partitioning_in_place"
+
+
+class RetryInPlace(Retry):  # type: ignore[misc]
+    """Internal: ``task.retry`` in a partition worker. Caught by the run wrapper, never published.
+
+    A subclass of Celery's ``Retry``, so code that catches ``Retry`` (and ``autoretry_for``,
+    which re-raises it) behaves as with Celery.
+    """
+
+    def __init__(self, delay: float, exc: BaseException | None, args: Any, kwargs: Any) -> None:
+        super().__init__(exc=exc, when=delay)
+        self.delay = delay
+        self.retry_args = args
+        self.retry_kwargs = kwargs
+
+
+@dataclass
+class _Attempt:
+    """The state of the message being run right now."""
+
+    task_id: str
+    exhausted: bool = False
+    pending: RetryInPlace | None = None
+
+
+def _should_stop() -> bool:
+    from celery.worker import state
+
+    return bool(state.should_stop is not None or state.should_terminate is not None)
+
+
+def _delay_of(app: Any, eta: Any, countdown: Any) -> float:
+    if eta is not None:
+        if isinstance(eta, datetime):
+            from celery.utils.time import maybe_make_aware
+
+            aware = maybe_make_aware(eta, app.timezone)
+            return max(0.0, float((aware - app.now()).total_seconds()))
+        raise TypeError(f"eta must be a datetime, got {eta!r}")
+    if countdown is None:
+        return 0.0
+    if isinstance(countdown, timedelta):
+        return max(0.0, countdown.total_seconds())
+    return max(0.0, float(countdown))
+
+
+class InPlaceRetry:
+    """Patches the partitioned tasks of one partition worker (see the module docstring)."""
+
+    def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
+                 inflight: InFlight, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.inflight = inflight
+        self._sleep = sleep
+        self._active: dict[str, _Attempt] = {}
+
+    # -- patching ---------------------------------------------------------------------
+    def patch_all(self) -> int:
+        """Patch every partitioned task of the app; returns how many."""
+        count = 0
+        for task in list(self.runtime.app.tasks.values()):
+            if spec_of(task) is not None and self.patch(task):
+                count += 1
+        return count
+
+    def patch(self, task: Any) -> bool:
+        if getattr(task, PATCHED, False):
+            return False
+        original_run = task.run
+        original_retry = task.retry
+        task.retry = functools.partial(self._retry, task, original_retry)
+        task.run = functools.wraps(original_run)(functools.partial(self._run, task, original_run))
+        setattr(task, PATCHED, True)
+        return True
+
+    # -- task.retry -------------------------------------------------------------------
+    def _retry(self, task: Any, original: Callable[..., Any], args: Any = None,  # noqa: PLR0917
+               kwargs: Any = None, exc: BaseException | None = None, throw: bool = True,
+               eta: Any = None, countdown: Any = None, max_retries: int | None = None,
+               **options: Any) -> Any:
+        request = task.request
+        attempt = self._active.get(request.id) if request.id else None
+        if attempt is None or request.called_directly or request.is_eager:
+            return original(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
+                            countdown=countdown, max_retries=max_retries, **options)
+        retries = (request.retries or 0) + 1
+        if max_retries is not None:
+            task.override_max_retries = max_retries
+        limit = task.max_retries if max_retries is None else max_retries
+        if not eta and countdown is None:
+            countdown = task.default_retry_delay
+        new_args = request.args if args is None else args
+        new_kwargs = request.kwargs if kwargs is None else kwargs
+        if limit is not None and retries > limit:
+            attempt.exhausted = True
+            if exc is not None:
+                from celery.utils import raise_with_context
+
+                raise_with_context(exc)
+            raise task.MaxRetriesExceededError(
+                f"Can't retry {task.name}[{request.id}] args:{new_args} kwargs:{new_kwargs}",
+                task_args=new_args, task_kwargs=new_kwargs)
+        signal = RetryInPlace(_delay_of(task.app, eta, countdown), exc, new_args, new_kwargs)
+        if throw:
+            raise signal
+        attempt.pending = signal
+        return signal
+
+    # -- task.run ---------------------------------------------------------------------
+    def _run(self, task: Any, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        task_id = request.id
+        if not task_id or request.called_directly or request.is_eager:
+            return original(*args, **kwargs)
+        attempt = _Attempt(task_id)
+        self._active[task_id] = attempt
+        try:
+            self._resume(request)
+            while True:
+                try:
+                    result = original(*args, **kwargs)
+                except RetryInPlace as signal:
+                    attempt.pending = None
+                    args, kwargs = self._next_attempt(task, request, signal)
+                    continue
+                except (Ignore, Reject):
+                    self._forget(task_id)
+                    raise
+                except Retry:
+                    raise  # a plain Retry raised by hand: Celery's business
+                except Exception as exc:
+                    if attempt.pending is not None:  # retry(throw=False), then raised
+                        pending, attempt.pending = attempt.pending, None
+                        args, kwargs = self._next_attempt(task, request, pending)
+                        continue
+                    self._dead_letter(task, request, exc, attempt)
+                    raise
+                if attempt.pending is not None:  # retry(throw=False), then returned
+                    pending, attempt.pending = attempt.pending, None
+                    args, kwargs = self._next_attempt(task, request, pending)
+                    continue
+                self._forget(task_id)
+                return result
+        finally:
+            self._active.pop(task_id, None)
+            if hasattr(task, "override_max_retries"):
+                delattr(task, "override_max_retries")
+
+    def _next_attempt(self, task: Any, request: Any, signal: RetryInPlace) -> tuple[Any, Any]:
+        retries = (request.retries or 0) + 1
+        resume_at = time.time() + signal.delay
+        self._remember(request.id, retries, resume_at)
+        logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
+                    retries, signal.delay, signal.excs or "retry requested")
+        self._wait_until(resume_at)
+        request.retries = retries
+        args = signal.retry_args if signal.retry_args is not None else ()
+        kwargs = signal.retry_kwargs if signal.retry_kwargs is not None else {}
+        return tuple(args), dict(kwargs)
+
+    def _wait_until(self, resume_at: float) -> None:
+        """Sleep until ``resume_at``; on a warm or cold shutdown stop the worker, unacked."""
+        while True:
+            remaining = resume_at - time.time()
+            if remaining <= 0:
+                return
+            if _should_stop():
+                logger.warning("shutdown during an in-place retry wait: the message stays "
+                               "unacked and goes back to the head of %s", self.runtime.queue)
+                raise WorkerShutdown(0)
+            self._sleep(min(WAIT_SLICE, remaining))
+
+    # -- the attempt record (survives a crash) -----------------------------------------
+    def _remember(self, task_id: str, retries: int, resume_at: float) -> None:
+        client = self.runtime.redis
+        if client is None:
+            return
+        client.set(self.runtime.keys.attempts(task_id),
+                   json.dumps({"retries": retries, "resume_at": resume_at}), ex=ATTEMPTS_TTL)
+
+    def _resume(self, request: Any) -> None:
+        """After a crash: continue the retry count, and the wait, where they were."""
+        client = self.runtime.redis
+        if client is None:
+            return
+        raw = client.get(self.runtime.keys.attempts(request.id))
+        if raw is None:
+            return
+        try:
+            record = json.loads(raw)
+            retries, resume_at = int(record["retries"]), float(record["resume_at"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if retries > (request.retries or 0):
+            logger.info("%s resumes at retry %d", request.id, retries)
+            request.retries = retries
+            self._wait_until(resume_at)
+
+    def _forget(self, task_id: str) -> None:
+        self.inflight.pop(task_id)
+        client = self.runtime.redis
+        if client is not None:
+            client.delete(self.runtime.keys.attempts(task_id))
+
+    # -- dead letters -----------------------------------------------------------------
+    def _dead_letter(self, task: Any, request: Any, exc: BaseException,
+                     attempt: _Attempt) -> None:
+        from ..dcb import DCBConflict
+
+        entry = self.inflight.pop(request.id)
+        key = entry.key if entry is not None else getattr(request, "partition_key", None)
+        if not isinstance(key, str) or not key:
+            logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
+                         task.name, request.id)
+            return
+        if isinstance(exc, DCBConflict) and attempt.exhausted:
+            reason = REASON_DCB_MAX_RETRIES
+        elif attempt.exhausted:
+            reason = REASON_MAX_RETRIES
+        else:
+            reason = REASON_ERROR
+        letter = DeadLetter(
+            pool=self.runtime.pool, key=key, task=task.name, id=request.id,
+            args=str(getattr(request, "argsrepr", None) or repr(request.args)),
+            kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
+            partition=self.runtime.index, queue=self.runtime.queue,
+            hostname=self.runtime.hostname or None,
+            raw=entry.raw if entry is not None else None,
+        )
+        if self.store is None:
+            logger.error("%s[%s] failed (%s) and no Redis store is configured "
+                         "(partitioning_redis_url): not dead-lettered, key %r not parked",
+                         task.name, request.id, letter.error, key)
+            return
+        try:
+            parked_now = self.store.dead_letter(letter)
+        except Exception:
+            logger.critical("%s[%s] failed and its dead letter could not be stored; stopping "
+                            "without acking so the message comes back", task.name, request.id,
+                            exc_info=True)
+            os._exit(EXIT_KEEP_MESSAGE)
+        self._forget(request.id)
+        logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
+                     task.name, request.id, reason, letter.attempts, letter.error, key,
+                     self.runtime.pool, "is parked" if parked_now else "was parked already")
+
+
+def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,
+                          inflight: InFlight) -> InPlaceRetry:
+    """Patch the runtime's partitioned tasks for in-place retry and dead letters."""
+    patcher = InPlaceRetry(runtime, store, inflight)
+    count = patcher.patch_all()
+    logger.info("partition %s: in-place retry on %d partitioned task(s)", runtime.label, count)
+    return patcher
+
+
+def install_failure_handling(runtime: PartitionRuntime) -> None:
+    """The ``on_started`` hook: parking gate + in-place retry + dead letters on this partition."""
+    store = DeadLetterStore(runtime.redis, runtime.keys) if runtime.redis is not None else None
+    inflight = InFlight()
+    if store is not None:
+        runtime.gates.append(ParkingGate(runtime, store, inflight))
+    else:
+        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
+                       "dead letters and parking are off", runtime.label)
+    enable_in_place_retry(runtime, store, inflight)
+
