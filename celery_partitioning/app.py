@@ -100,6 +100,11 @@ def install(app: Celery) -> Partitioning:
             check_at_worker_start(app)
 
     signals.worker_init.connect(on_worker_init, weak=False)
+
+    # Partition worker processes (``celery partitioning worker``): lease, recovery, gates.
+    from .worker.hooks import install_worker_hooks
+
+    install_worker_hooks(app)
     return state
 
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 from .errors import PartitionConfigError
 from .keys import RECOMMENDED_PARALLELISM
 
-__all__ = ["PartitioningSettings", "read_settings", "DEFAULTS"]
+__all__ = ["PartitioningSettings", "read_settings", "DEFAULTS", "redis_namespace"]
 
 #: Largest accepted pool size: one single-concurrency worker process per partition.
 MAX_PARTITIONS: Final = 4096
@@ -137,3 +137,18 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         lease_ttl=_ttl(get("partitioning_lease_ttl")),
         redis_url=_redis_url(conf),
     )
+
+
+def redis_namespace(conf: Mapping[str, Any]) -> str:
+    """The Redis key namespace of an app: kombu's ``global_keyprefix`` transport option, else ``""``.
+
+    Every celery-partitioning Redis key lives under it (``RedisKeys(namespace)``), beside
+    kombu's own queue lists and ``unacked`` hash, so several apps can share one Redis.
+    """
+    options = conf.get("broker_transport_options") or {}
+    if not isinstance(options, Mapping):
+        raise _bad("broker_transport_options", f"is {options!r}", "use a dict")
+    prefix = options.get("global_keyprefix") or ""
+    if not isinstance(prefix, str):
+        raise _bad("broker_transport_options", f"has global_keyprefix={prefix!r}", "use a str")
+    return prefix

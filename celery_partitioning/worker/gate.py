@@ -1,0 +1,117 @@
+"""The consumer bootstep that runs the gate chain before Celery sees a message.
+
+Celery dispatches each task message to ``consumer.strategies[task name]``
+(``celery/worker/consumer/consumer.py`` ``create_task_handler``); the ``Tasks`` step fills
+that dict on every (re)start. This step, required to start after ``Tasks`` and before the
+event loop, wraps each strategy: the runtime's gates are asked first; then a message with a
+future ETA holds the partition until its time (Celery would keep it in memory and run later
+messages first, celery#3640); then the original strategy runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from celery import bootsteps
+
+from .runtime import GateMessage, PartitionRuntime, current_runtime
+
+__all__ = ["GateStep", "gated_strategy", "EXIT_GATE_FAILED"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Exit status of a worker whose gate raised: it stops rather than run or reorder a message.
+EXIT_GATE_FAILED: Final = 70
+
+#: Attribute marking a strategy this module already wrapped.
+_WRAPPED: Final = "__partition_gated__"
+
+
+def _eta_of(headers: dict[str, Any]) -> float | None:
+    raw = headers.get("eta")
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        eta = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return eta.timestamp()
+
+
+def _stopping() -> bool:
+    from celery.worker import state
+
+    return state.should_stop is not None or state.should_terminate is not None
+
+
+def hold_until_eta(runtime: PartitionRuntime, msg: GateMessage) -> bool:
+    """Wait for the message's ETA in place; False if the worker is stopping meanwhile.
+
+    The message stays unacked while we wait; when the worker stops first it goes back
+    to the head of the queue (Redis: kombu restores it on close; RabbitMQ: requeue).
+    """
+    eta = _eta_of(msg.headers)
+    if eta is None:
+        return True
+    delay = eta - time.time()
+    if delay > 0:
+        logger.info("%s task %s has an ETA in %.1fs: the partition waits for it (FIFO)",
+                    runtime.label, msg.task_id, delay)
+        while (left := eta - time.time()) > 0:
+            if _stopping():
+                return False
+            time.sleep(min(left, 0.5))
+    # Run it now, in order: Celery must not schedule it aside.
+    msg.headers["eta"] = None
+    return True
+
+
+def gated_strategy(runtime: PartitionRuntime, name: str,
+                   strategy: Callable[..., Any]) -> Callable[..., Any]:
+    """``strategy`` behind the runtime's gates and the ETA hold."""
+
+    def gated(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
+        if runtime.consumer_qos is None:
+            runtime.consumer_qos = getattr(getattr(message, "channel", None), "qos", None)
+        msg = GateMessage(message, name)
+        for gate in list(runtime.gates):
+            try:
+                taken = gate(msg)
+            except Exception:
+                logger.critical("%s gate %r failed on message %s (task %s); stopping this worker "
+                                "without acking so the message is not run out of order",
+                                runtime.label, gate, msg.task_id, name, exc_info=True)
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                os._exit(EXIT_GATE_FAILED)
+            if taken:
+                return None
+        if not hold_until_eta(runtime, msg):
+            return None
+        return strategy(message, body, ack, reject, callbacks, **kwargs)
+
+    setattr(gated, _WRAPPED, True)
+    gated.__wrapped__ = strategy  # type: ignore[attr-defined]
+    return gated
+
+
+class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: wrap every task strategy with the partition gates."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    label = "partition gates"
+
+    def start(self, c: Any) -> None:
+        runtime = current_runtime(c.app)
+        if runtime is None:
+            return
+        for name, strategy in list(c.strategies.items()):
+            if not getattr(strategy, _WRAPPED, False):
+                c.strategies[name] = gated_strategy(runtime, name, strategy)

@@ -1,0 +1,250 @@
+"""Wiring a partition worker process: Celery signals → runtime, lease, recovery, gates.
+
+In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
+
+1. ``celeryd_init``: check ``-Q`` is the partition queue, make it the router's kombu Queue
+   (RabbitMQ declares it with ``x-single-active-consumer``), force ``acks_late``,
+   ``reject_on_worker_lost``, prefetch 1 and rate limits off.
+2. ``worker_init`` (after the registry check): build the PartitionRuntime; on a Redis
+   broker take the lease (a standby waits here, before consuming anything) and start its
+   heartbeat; put the partition's unacked messages back at the head of its queue; run the
+   ``on_started`` hooks.
+3. ``worker_shutdown``: release the lease (kombu has restored unacked messages by then).
+
+Every process (producers included) also stamps partitioned messages with the header
+``partition_published_at`` (epoch seconds) so ``status`` can tell the oldest message's age.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from celery import signals
+
+from ..config import redis_namespace
+from ..errors import PartitioningError
+from ..redis_keys import RedisKeys
+from ..router import HEADER_KEY
+from .gate import GateStep
+from .guard import misroute_guard
+from .lease import Lease
+from .recovery import BrokerRedis, broker_redis, restore_unacked_to_head
+from .runtime import (
+    LEASE_TAKEOVER_ENV,
+    LEASE_TOKEN_ENV,
+    PARTITION_ENV,
+    SUPERVISOR_PID_ENV,
+    PartitionRuntime,
+    attach_runtime,
+    current_runtime,
+    parse_partition,
+)
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["install_worker_hooks", "HEADER_PUBLISHED_AT", "FORCED_WORKER_SETTINGS"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Message header: when the message was first published (epoch seconds, float).
+HEADER_PUBLISHED_AT: Final = "partition_published_at"
+
+#: Settings every partition worker runs with, whatever the app says.
+FORCED_WORKER_SETTINGS: Final = {
+    "worker_prefetch_multiplier": 1,
+    "worker_concurrency": 1,
+    "worker_disable_rate_limits": True,
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+}
+
+
+def _partition_env() -> str | None:
+    return os.environ.get(PARTITION_ENV) or None
+
+
+def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
+    from ..app import partitioning_of
+
+    value = _partition_env()
+    if value is None:
+        return
+    state = partitioning_of(app)
+    try:
+        pool, index = parse_partition(value, state.settings)
+    except PartitioningError as exc:
+        raise SystemExit(f"celery-partitioning: {exc}") from None
+    queue = state.router.queue(pool, index)
+    wanted = options.get("queues")
+    names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
+    if names != [queue.name]:
+        raise SystemExit(f"celery-partitioning: a worker for partition {pool}.{index} must "
+                         f"consume exactly its queue: -Q {queue.name} (got {names or 'none'}); "
+                         "start it with `celery partitioning worker`")
+    concurrency = options.get("concurrency")
+    if concurrency not in (None, 1):
+        raise SystemExit(f"celery-partitioning: partition worker {pool}.{index} must run "
+                         f"with concurrency 1 (-c 1), got {concurrency}")
+    app.amqp.queues.add(queue)
+    app.conf.update(FORCED_WORKER_SETTINGS)
+
+
+def _force_task_options(app: Celery) -> None:
+    for task in app.tasks.values():
+        task.acks_late = True
+        task.reject_on_worker_lost = True
+
+
+def _watch_parent(runtime: PartitionRuntime, expected: int) -> None:
+    def watch() -> None:
+        while os.getppid() == expected:
+            time.sleep(1.0)
+        logger.warning("%s supervisor (pid %d) is gone: warm shutdown", runtime.label, expected)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="partition-parent-watch", daemon=True).start()
+
+
+def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
+    """Block as a standby until the lease is ours; exit 0 if told to stop first."""
+    stop = threading.Event()
+    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        def should_stop() -> bool:
+            return stop.is_set() or (parent.isdigit() and os.getppid() != int(parent))
+
+        if not lease.try_acquire():
+            holder = lease.holder()
+            logger.warning("%s standby: partition %s is held by %s; waiting (takes over at most "
+                           "%.0fs after the holder stops)", runtime.label, runtime.queue,
+                           holder.describe() if holder else "another worker", lease.ttl)
+            if not lease.acquire(should_stop, runtime.label):
+                logger.warning("%s stopped while standby", runtime.label)
+                raise SystemExit(0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    lease.start_heartbeat()
+
+
+def _start_runtime(app: Celery, worker: Any) -> None:
+    # Celery logs and swallows exceptions from signal receivers; a partition worker that
+    # could not take its lease or recover its queue must not consume: exit instead.
+    try:
+        _start_runtime_or_raise(app, worker)
+    except PartitioningError as exc:
+        logger.critical("%s", exc)
+        raise SystemExit(f"celery-partitioning: {exc}") from None
+    except Exception as exc:
+        logger.critical("celery-partitioning: partition worker start-up failed", exc_info=True)
+        raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
+
+
+def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
+    from ..app import partitioning_of
+
+    value = _partition_env()
+    if value is None or current_runtime(app) is not None:
+        return
+    state = partitioning_of(app)
+    settings = state.settings
+    pool, index = parse_partition(value, settings)
+    transport = worker._conninfo.transport.driver_type
+    redis_client = None
+    if settings.redis_url is not None:
+        import redis
+
+        redis_client = redis.Redis.from_url(settings.redis_url)
+    runtime = PartitionRuntime(
+        app=app, settings=settings, pool=pool, index=index,
+        queue=settings.queue_name(pool, index), redis=redis_client,
+        keys=RedisKeys(redis_namespace(app.conf)), hostname=str(worker.hostname),
+        transport=transport,
+    )
+    runtime.gates.append(misroute_guard(runtime))
+    attach_runtime(app, runtime)
+    _force_task_options(app)
+
+    broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
+    if broker is not None and settings.redis_url is not None:
+        import redis
+
+        ttl = settings.lease_ttl
+        lease_client = redis.Redis.from_url(
+            settings.redis_url, socket_timeout=max(0.2, ttl / 4),
+            socket_connect_timeout=max(0.2, ttl / 4))
+        lease = Lease(lease_client, runtime.keys.lease(runtime.queue), ttl,
+                      node=runtime.hostname, token=os.environ.get(LEASE_TOKEN_ENV),
+                      takeover=os.environ.get(LEASE_TAKEOVER_ENV))
+        runtime.lease = lease
+        _take_lease(runtime, lease)
+
+        def refresh_held() -> None:
+            qos = runtime.consumer_qos
+            delivered = getattr(qos, "_delivered", None)
+            if delivered:
+                broker.refresh(list(delivered))
+
+        lease.on_beat.append(refresh_held)
+    if broker is not None:
+        runtime.recovered = restore_unacked_to_head(broker, runtime.queue)
+        if runtime.recovered:
+            logger.warning("%s crash recovery: %d unacked message(s) put back at the head of %s",
+                           runtime.label, runtime.recovered, runtime.queue)
+    for hook in list(runtime.on_started):
+        try:
+            hook(runtime)
+        except Exception:
+            logger.critical("%s on_started hook %r failed", runtime.label, hook, exc_info=True)
+            raise SystemExit(f"celery-partitioning: start-up hook {hook!r} failed") from None
+    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if parent.isdigit():
+        _watch_parent(runtime, int(parent))
+    logger.info("%s consuming %s via %s (%s)", runtime.label, runtime.queue, transport,
+                "lease held" if runtime.lease else "single active consumer")
+
+
+def _stop_runtime(app: Celery) -> None:
+    runtime = current_runtime(app)
+    if runtime is not None and runtime.lease is not None:
+        runtime.lease.release()
+
+
+def _stamp_published_at(headers: Any = None, **_: Any) -> None:
+    if isinstance(headers, dict) and HEADER_KEY in headers:
+        headers.setdefault(HEADER_PUBLISHED_AT, time.time())
+
+
+def install_worker_hooks(app: Celery) -> None:
+    """Connect the partition-worker signal handlers for ``app`` (install() calls this once)."""
+    app.steps["consumer"].add(GateStep)
+
+    def on_celeryd_init(sender: Any = None, instance: Any = None, options: Any = None,
+                        **_: Any) -> None:
+        if getattr(instance, "app", None) is app:
+            _configure_worker(app, dict(options or {}))
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _start_runtime(app, sender)
+
+    def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _stop_runtime(app)
+
+    signals.celeryd_init.connect(on_celeryd_init, weak=False)
+    signals.worker_init.connect(on_worker_init, weak=False)
+    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
+    signals.before_task_publish.connect(_stamp_published_at, weak=False,
+                                        dispatch_uid="celery_partitioning.published_at")

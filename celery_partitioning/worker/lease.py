@@ -1,0 +1,218 @@
+"""The exclusive-consumer lease of a partition (Redis): token, TTL, heartbeat, self-fencing.
+
+One key per partition queue (``RedisKeys.lease``) holds ``"token|host|pid|node"`` with a
+TTL of ``partitioning_lease_ttl``. A worker takes it with an atomic set-if-absent; a second
+worker waits as a standby, polling, and gets it within the TTL after the holder stops
+renewing. The holder renews every TTL/3 with a compare-and-set; if it cannot renew for
+70% of the TTL, or finds the lease taken, it ends its process at once (``os._exit``) so two
+holders never run tasks of one partition at the same time. A clean exit deletes the key
+(compare-and-delete). A supervisor that saw a child die passes the dead child's token to
+its successor, which may then take the lease over at once instead of waiting out the TTL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = ["Lease", "LeaseHolder", "parse_holder", "EXIT_FENCED", "new_token"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Exit status of a worker that ended itself because it lost (or could not renew) its lease.
+EXIT_FENCED: Final = 75
+
+#: Share of the TTL after the last good renewal at which a holder fences itself.
+FENCE_AFTER: Final = 0.7
+
+# KEYS[1] lease; ARGV: value, ttl ms, takeover token ("" for none).
+_ACQUIRE: Final = """
+local current = redis.call('GET', KEYS[1])
+if (not current) or current == ARGV[1]
+   or (ARGV[3] ~= '' and string.sub(current, 1, string.len(ARGV[3]) + 1) == ARGV[3] .. '|') then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS[1] lease; ARGV: value, ttl ms.
+_RENEW: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] lease; ARGV: value.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def new_token() -> str:
+    """A random lease token (hex, no ``|``)."""
+    return secrets.token_hex(12)
+
+
+@dataclass(frozen=True)
+class LeaseHolder:
+    """Who holds a lease, as stored in its value."""
+
+    token: str
+    host: str
+    pid: int
+    node: str
+    #: Milliseconds the lease has left (-1 when unknown).
+    ttl_ms: int = -1
+
+    def describe(self) -> str:
+        return f"{self.node or self.host} (pid {self.pid})"
+
+
+def parse_holder(value: bytes | str | None, ttl_ms: int = -1) -> LeaseHolder | None:
+    """A lease value ``"token|host|pid|node"`` as a LeaseHolder (None when absent)."""
+    if value is None:
+        return None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    token, host, pid, node = ([*text.split("|", 3), "", "", ""])[:4]
+    return LeaseHolder(token, host, int(pid) if pid.isdigit() else 0, node, ttl_ms)
+
+
+class Lease:
+    """The lease of one partition queue, for this process."""
+
+    def __init__(self, client: Any, key: str, ttl: float, *, node: str = "",
+                 token: str | None = None, takeover: str | None = None,
+                 fence: Callable[[str], None] | None = None) -> None:
+        self.client = client
+        self.key = key
+        self.ttl = ttl
+        self.token = token or new_token()
+        self.takeover = takeover or ""
+        self.value = f"{self.token}|{socket.gethostname()}|{os.getpid()}|{node}"
+        self._fence = fence or _exit_fenced
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._held = False
+        self._last_ok = time.monotonic()
+        #: Called after every good renewal (e.g. to refresh the unacked index); errors logged.
+        self.on_beat: list[Callable[[], None]] = []
+
+    @property
+    def ttl_ms(self) -> int:
+        return max(1, int(self.ttl * 1000))
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def holder(self) -> LeaseHolder | None:
+        """The current holder as stored in Redis (None when free)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            value, ttl_ms = pipe.get(self.key).pttl(self.key).execute()
+        return parse_holder(value, int(ttl_ms))
+
+    def try_acquire(self) -> bool:
+        """Take the lease if it is free, ours, or held by the token we may take over."""
+        started = time.monotonic()
+        ok = bool(self.client.eval(_ACQUIRE, 1, self.key, self.value, self.ttl_ms, self.takeover))
+        if ok:
+            self._held = True
+            self._last_ok = started
+        return ok
+
+    def acquire(self, should_stop: Callable[[], bool], label: str = "") -> bool:
+        """Block until the lease is ours (True), or ``should_stop()`` turns true (False)."""
+        poll = min(0.5, max(0.05, self.ttl / 10))
+        announced = 0.0
+        while not should_stop():
+            try:
+                if self.try_acquire():
+                    return True
+            except Exception as exc:  # noqa: BLE001 - Redis down: keep waiting, say why
+                if time.monotonic() - announced > 30:
+                    logger.warning("%s lease store unreachable (%s); waiting", label, exc)
+                    announced = time.monotonic()
+            else:
+                if time.monotonic() - announced > 30:
+                    holder = self.holder()
+                    logger.warning(
+                        "%s standby: partition is held by %s; waiting to take over "
+                        "(at most %.0fs after it stops)", label,
+                        holder.describe() if holder else "another worker", self.ttl)
+                    announced = time.monotonic()
+            time.sleep(poll)
+        return False
+
+    def start_heartbeat(self) -> None:
+        """Renew every TTL/3 in a daemon thread; fence this process if the lease is lost."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._beat, name="partition-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        interval = self.ttl / 3
+        last_ok = self._last_ok
+        wait = interval
+        while not self._stop.wait(wait):
+            started = time.monotonic()
+            try:
+                renewed = bool(self.client.eval(_RENEW, 1, self.key, self.value, self.ttl_ms))
+            except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
+                if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
+                    self._fence(f"could not renew the lease {self.key} for "
+                                f"{time.monotonic() - last_ok:.1f}s ({exc})")
+                    return
+                wait = min(interval, 0.1 * self.ttl)
+                continue
+            if self._stop.is_set():
+                return
+            if not renewed:
+                holder = self.holder()
+                self._fence(f"lost the lease {self.key} (now held by "
+                            f"{holder.describe() if holder else 'nobody'})")
+                return
+            if started - last_ok > self.ttl:
+                # Renewed, but this process was frozen longer than the TTL: another worker
+                # may have run in between. Do not go on as if nothing happened.
+                self._fence(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
+                return
+            last_ok = started
+            wait = interval
+            for hook in list(self.on_beat):
+                try:
+                    hook()
+                except Exception:
+                    logger.exception("lease heartbeat hook failed")
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._held:
+            self._held = False
+            try:
+                self.client.eval(_RELEASE, 1, self.key, self.value)
+            except Exception as exc:  # noqa: BLE001 - it expires by itself
+                logger.warning("could not release the lease %s (%s); it expires in %.0fs",
+                               self.key, exc, self.ttl)
+
+
+def _exit_fenced(reason: str) -> None:
+    """End the process now: a holder that may have lost its lease must not run a task."""
+    logger.critical("celery-partitioning: %s; stopping this worker at once so two workers "
+                    "never consume one partition", reason)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(EXIT_FENCED)
