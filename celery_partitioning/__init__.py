@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import explain_route, install
+from .dcb import DCBConflict, with_dcb_retry
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError
 from .hashing import partition_for
 from .keys import (
@@ -20,6 +21,7 @@ from .validation import assert_valid_partition_keys
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCBConflict",
     "GLOBAL_PARTITION_KEY",
     "PartitionConfigError",
     "PartitionKeyError",
@@ -36,4 +38,5 @@ __all__ = [
     "partition_for",
     "partitioned",
     "projection",
+    "with_dcb_retry",
 ]

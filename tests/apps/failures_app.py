@@ -1,0 +1,97 @@
+"""A partitioned app for the failure tests (retries, dead letters, DCB), configured from env.
+
+CP_REDIS_URL: broker and store; CP_NS: unique namespace (key prefix, queue prefix).
+Tasks record ``start <seq>`` / ``end <seq>`` per key (tests/support/ordering.py) and a
+partition-wide ``ran`` log; faults are switched by Redis flags the test sets and clears.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import celery_partitioning as cp
+from celery_partitioning import DCBConflict, with_dcb_retry
+
+NS = os.environ.get("CP_NS", "cptest-local:")
+REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+app = Celery("failures_app", broker=REDIS_URL, set_as_current=True)
+app.conf.update(
+    broker_transport_options={"global_keyprefix": NS},
+    partitioning_pools={"entity": 2, "dcb": 2},
+    partitioning_queue_prefix=f"{NS}partition",
+    worker_hijack_root_logger=False,
+)
+cp.install(app)
+
+_client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+
+
+def record(kind: str, key: str, seq: int) -> None:
+    _client.rpush(f"{NS}rec:{key}", f"{kind} {seq}")
+
+
+def _log(line: str) -> None:
+    _client.rpush(f"{NS}ran", line)
+
+
+@app.task(bind=True, name="fail.flaky")
+@cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
+def flaky(self: Any, order_id: str, seq: int, failures: int = 0) -> int:
+    """Fails ``failures`` times, retrying with ``self.retry(countdown=...)``, then succeeds."""
+    key = f"Order:{order_id}"
+    record("start", key, seq)
+    _log(f"{key} {seq} try{self.request.retries}")
+    if self.request.retries < failures:
+        raise self.retry(countdown=0.3, max_retries=5)
+    record("end", key, seq)
+    return int(self.request.retries)
+
+
+@app.task(name="fail.step", autoretry_for=(ConnectionError,), max_retries=2,
+          retry_backoff=0.1, retry_backoff_max=1, retry_jitter=False)
+@cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
+def step(order_id: str, seq: int) -> None:
+    """Poisoned while the flag ``poison:<order>:<seq>`` is set; slow while ``slow:...`` is."""
+    key = f"Order:{order_id}"
+    record("start", key, seq)
+    _log(f"{key} {seq}")
+    if _client.get(f"{NS}slow:{order_id}:{seq}"):
+        _client.set(f"{NS}slow-running:{order_id}:{seq}", "1")
+        time.sleep(30)
+    fault = _client.get(f"{NS}poison:{order_id}:{seq}")
+    if fault == "transient":
+        raise ConnectionError(f"transient fault on {key} {seq}")
+    if fault:
+        raise ValueError(f"poison message {key} {seq}")
+    record("end", key, seq)
+
+
+@app.task(name="dcb.reserve")
+@with_dcb_retry(scope_key="tenant:{tenant_id}:reservation:{reservation_id}", max_attempts=5)
+def reserve(tenant_id: str, reservation_id: str, op: int) -> None:
+    """A DCB command: read the scope's version, decide, append only if the version held.
+
+    ``inject:<scope>:<op>`` holds how many conflicts to inject before the op can apply.
+    """
+    scope = cp.create_scope_key(tenant_id, "reservation", reservation_id)
+    version_key, log_key = f"{NS}scope:{scope}:version", f"{NS}scope:{scope}:log"
+    _client.rpush(f"{NS}attempts:{scope}", f"{op}")
+    with _client.pipeline() as pipe:
+        pipe.watch(version_key)
+        version = int(pipe.get(version_key) or 0)
+        if _client.decr(f"{NS}inject:{scope}:{op}") >= 0:
+            _client.incr(version_key)  # another writer moved the scope meanwhile
+        pipe.multi()
+        pipe.incr(version_key)
+        pipe.rpush(log_key, f"{op}@{version}")
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise DCBConflict(scope, expected_version=version,
+                              actual_version=int(_client.get(version_key) or 0)) from None
