@@ -16,8 +16,6 @@ from .errors import PartitionConfigError, PartitionKeyError
 __all__ = ["key_hash", "jump_hash", "partition_for"]
 
 _MASK64: Final = (1 << 64) - 1
-#: The 64-bit linear congruential multiplier of the jump consistent hash paper.
-_LCG: Final = 2862933555777941757
 
 
 def key_hash(key: str) -> int:
@@ -31,8 +29,8 @@ def jump_hash(h: int, buckets: int) -> int:
     h &= _MASK64
     while j < buckets:
         b = j
-        h = (h * _LCG + 1) & _MASK64
-        j = int((b + 1) * (float(1 << 31) / float((h >> 33) + 1)))
+        h = (h * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        j = int((b + 1) * (2147483648.0 / ((h >> 33) + 1)))  # 2.0**31 / next value in (0, 1]
     return b
 
 

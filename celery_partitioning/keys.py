@@ -69,19 +69,23 @@ def _id_text(value: object) -> str | None:
 
 
 def _read_id(args: Mapping[str, Any], fields: tuple[str, ...], describe: str) -> str:
-    if not isinstance(args, Mapping):
-        raise PartitionKeyError(
-            f"{describe} takes a mapping of the call's arguments, got {type(args).__name__}"
-        )
-    for field in fields:
-        if field in args and args[field] is not None:
-            text = _id_text(args[field])
+    try:
+        for field in fields:
+            value = args.get(field)
+            if value is None:
+                continue
+            if type(value) is str and value:
+                return value
+            text = _id_text(value)
             if text is None:
                 raise PartitionKeyError(
-                    f"{describe}: argument {field!r} must be a non-empty str or an int, "
-                    f"got {args[field]!r}"
+                    f"{describe}: argument {field!r} must be a non-empty str or an int, got {value!r}"
                 )
             return text
+    except AttributeError:
+        raise PartitionKeyError(
+            f"{describe} takes a mapping of the call's arguments, got {type(args).__name__}"
+        ) from None
     raise PartitionKeyError(
         f"{describe}: none of the arguments {', '.join(map(repr, fields))} is present; "
         f"the call has {sorted(args) or 'no arguments'}"
@@ -90,16 +94,16 @@ def _read_id(args: Mapping[str, Any], fields: tuple[str, ...], describe: str) ->
 
 @dataclass(frozen=True)
 class _FieldKey:
-    """A key function that reads an id from one of several argument names."""
+    """A key function that reads an id from one of several argument names: ``prefix + id``."""
 
     describe: str
     fields: tuple[str, ...]
-    template: str
+    prefix: str
     #: The strategy this key belongs to; a projection without ``pool=`` uses that pool.
     strategy: str
 
     def __call__(self, args: Mapping[str, Any]) -> str:
-        return self.template.format(id=_read_id(args, self.fields, self.describe))
+        return self.prefix + _read_id(args, self.fields, self.describe)
 
     def __repr__(self) -> str:
         return self.describe
@@ -121,14 +125,14 @@ def create_entity_partition_key(entity_type: str, field: str | None = None) -> K
     describe = f"create_entity_partition_key({entity_type!r}" + (
         f", field={field!r})" if field is not None else ")"
     )
-    return _FieldKey(describe, fields, entity_type.replace("{", "{{").replace("}", "}}") + ":{id}", "entity")
+    return _FieldKey(describe, fields, entity_type + ":", "entity")
 
 
 def _plain_key(factory: str, field: str, strategy: str) -> KeyFunction:
     _check_name("field", field)
     camel = _camel_of_snake(field)
     fields = (field,) if camel == field else (field, camel)
-    return _FieldKey(f"{factory}(field={field!r})", fields, "{id}", strategy)
+    return _FieldKey(f"{factory}(field={field!r})", fields, "", strategy)
 
 
 def create_customer_partition_key(field: str = "customer_id") -> KeyFunction:

@@ -67,11 +67,31 @@ class Route:
         }
 
 
-@dataclass(frozen=True)
+#: Bound on the per-task memo of key → partition index (cleared when full).
+_INDEX_MEMO_SIZE: Final = 65536
+
+
 class _TaskPlan:
-    binder: KeyBinder
-    pool: str
-    partitions: int
+    """Everything a partitioned task's publish needs, computed once per task."""
+
+    __slots__ = ("binder", "memo", "partitions", "pool", "queues")
+
+    def __init__(self, binder: KeyBinder, pool: str, partitions: int, queues: list[str]) -> None:
+        self.binder = binder
+        self.pool = pool
+        self.partitions = partitions
+        self.queues = queues
+        self.memo: dict[str, int] = {}
+
+    def index(self, key: str) -> int:
+        """The partition of ``key``, memoized: event streams repeat their keys."""
+        index = self.memo.get(key)
+        if index is None:
+            index = partition_for(key, self.partitions)
+            if len(self.memo) >= _INDEX_MEMO_SIZE:
+                self.memo.clear()
+            self.memo[key] = index
+        return index
 
 
 #: Marker cached for registered tasks that are not partitioned.
@@ -115,8 +135,10 @@ class PartitionRouter:
                         f"{'key' if spec.key is None else 'pool'}; nothing was published "
                         "(give @projection key=... and pool=...)"
                     )
-                plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool,
-                                 self._settings().partitions(pool))
+                settings = self._settings()
+                partitions = settings.partitions(pool)
+                plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool, partitions,
+                                 [settings.queue_name(pool, i) for i in range(partitions)])
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
 
@@ -129,9 +151,8 @@ class PartitionRouter:
         if plan is None:
             return None
         key = plan.binder(args, kwargs)
-        index = partition_for(key, plan.partitions)
-        return Route(name, key, plan.pool, index, plan.partitions,
-                     self._settings().queue_name(plan.pool, index))
+        index = plan.index(key)
+        return Route(name, key, plan.pool, index, plan.partitions, plan.queues[index])
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -150,16 +171,24 @@ class PartitionRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        route = self.route(name, args, kwargs, task)
-        if route is None:
+        plan = self._plan(name, task)
+        if plan is None:
             return None
         error = self._registry_error()
         if error is not None:
             raise error
-        queue = self.queue(route.pool, route.index)
-        _reject_fixed_destination(name, options, queue)
-        headers = dict(options.get("headers") or {})
-        headers.update(route.headers)
+        key = plan.binder(args, kwargs)
+        index = plan.index(key)
+        queue = self._queues.get((plan.pool, index)) or self.queue(plan.pool, index)
+        if options.get("queue") is not None or options.get("routing_key") is not None or (
+            options.get("exchange") is not None or options.get("priority")
+        ):
+            _reject_fixed_destination(name, options, queue)
+        headers = dict(options.get("headers") or ())
+        headers[HEADER_KEY] = key
+        headers[HEADER_POOL] = plan.pool
+        headers[HEADER_INDEX] = index
+        headers[HEADER_COUNT] = plan.partitions
         # Router results are merged *under* the call's options, so a call that passes its
         # own ``headers=`` would drop ours: put them into the options themselves as well.
         options["headers"] = headers

@@ -172,9 +172,16 @@ def spec_of(task: Any) -> PartitionSpec | None:
 
 
 class KeyBinder:
-    """Computes a task call's partition key: binds the arguments by name, calls the key function."""
+    """Computes a task call's partition key: binds the arguments by name, calls the key function.
 
-    __slots__ = ("_signature", "key", "task_name")
+    Binding follows Python's own rules (``inspect.Signature.bind``) for the common
+    parameter kinds, precomputed once per task, because it runs on every publish.
+    """
+
+    __slots__ = (
+        "_defaults", "_keyword", "_positional", "_positional_index", "_required",
+        "_signature", "_var_keyword", "_var_positional", "key", "task_name",
+    )
 
     def __init__(self, task_name: str, key: KeyFunction, run: Callable[..., Any]) -> None:
         self.task_name = task_name
@@ -183,6 +190,31 @@ class KeyBinder:
             self._signature: inspect.Signature | None = inspect.signature(run)
         except (TypeError, ValueError):
             self._signature = None
+        kinds = inspect.Parameter
+        params = list(self._signature.parameters.values()) if self._signature else []
+        self._positional = tuple(
+            p.name for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+        )
+        self._positional_index = {name: i for i, name in enumerate(self._positional)}
+        self._keyword = frozenset(
+            p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+        )
+        variadic = (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+        self._defaults = {p.name: p.default for p in params
+                          if p.default is not p.empty and p.kind not in variadic}
+        self._required = frozenset(
+            p.name for p in params if p.default is p.empty and p.kind not in variadic
+        )
+        self._var_positional = next((p.name for p in params if p.kind is kinds.VAR_POSITIONAL), None)
+        self._var_keyword = next((p.name for p in params if p.kind is kinds.VAR_KEYWORD), None)
+        if self._var_positional is not None:
+            self._defaults[self._var_positional] = ()
+
+    def _mismatch(self, problem: str) -> PartitionKeyError:
+        return PartitionKeyError(
+            f"task {self.task_name}: the call does not match its signature "
+            f"{self._signature}: {problem}; nothing was published"
+        )
 
     def arguments(self, args: Any, kwargs: Any) -> dict[str, Any]:
         """The call's arguments by parameter name, defaults applied, ``**kwargs`` flattened."""
@@ -200,41 +232,50 @@ class KeyBinder:
                     "so pass the arguments by keyword"
                 )
             return dict(kwargs)
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise PartitionKeyError(
-                f"task {self.task_name}: the call does not match its signature "
-                f"{self._signature}: {exc}; nothing was published"
-            ) from None
-        bound.apply_defaults()
-        named: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = self._signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                named.update(value)
-            else:
+        named = dict(self._defaults)
+        given = len(args)
+        if given > len(self._positional):
+            if self._var_positional is None:
+                raise self._mismatch(
+                    f"takes {len(self._positional)} positional argument(s) but {given} were given"
+                )
+            named[self._var_positional] = tuple(args[len(self._positional):])
+        named.update(zip(self._positional, args, strict=False))
+        for name, value in kwargs.items():
+            if name in self._keyword:
+                if self._positional_index.get(name, given) < given:
+                    raise self._mismatch(f"multiple values for argument {name!r}")
                 named[name] = value
+            elif self._var_keyword is not None:
+                named[name] = value
+            else:
+                raise self._mismatch(f"got an unexpected keyword argument {name!r}")
+        if not self._required <= named.keys():
+            missing = sorted(self._required - named.keys())
+            raise self._mismatch(f"missing a required argument: {', '.join(map(repr, missing))}")
         return named
 
     def __call__(self, args: Any, kwargs: Any) -> str:
         named = self.arguments(args, kwargs)
-        seen = ", ".join(sorted(named)) or "no arguments"
         try:
             key = self.key(named)
         except PartitionKeyError as exc:
             raise PartitionKeyError(
                 f"task {self.task_name}: key function {self.key!r} failed on arguments "
-                f"({seen}): {exc}; nothing was published"
+                f"({self._seen(named)}): {exc}; nothing was published"
             ) from None
         except Exception as exc:
             raise PartitionKeyError(
                 f"task {self.task_name}: key function {self.key!r} raised "
-                f"{type(exc).__name__}: {exc} on arguments ({seen}); nothing was published"
+                f"{type(exc).__name__}: {exc} on arguments ({self._seen(named)}); nothing was published"
             ) from exc
-        if not isinstance(key, str) or not key:
+        if type(key) is not str or not key:
             raise PartitionKeyError(
                 f"task {self.task_name}: key function {self.key!r} returned {key!r} on "
-                f"arguments ({seen}); it must return a non-empty str; nothing was published"
+                f"arguments ({self._seen(named)}); it must return a non-empty str; nothing was published"
             )
         return key
+
+    @staticmethod
+    def _seen(named: Mapping[str, Any]) -> str:
+        return ", ".join(sorted(named)) or "no arguments"

@@ -75,3 +75,14 @@ def processes() -> Iterator[Processes]:
         yield procs
     finally:
         procs.kill_all()
+
+
+@pytest.fixture(autouse=True)
+def _forget_shared_tasks() -> Iterator[None]:
+    """``@shared_task`` (and ``@app.task``, shared by default) registers the task on every app
+    finalized later in the process; keep one test's tasks out of the next test's apps."""
+    from celery import _state
+
+    before = set(_state._on_app_finalizers)
+    yield
+    _state._on_app_finalizers.intersection_update(before)
