@@ -31,6 +31,7 @@ from .errors import PartitioningError
 from .redis_keys import RedisKeys, key_digest
 
 if TYPE_CHECKING:
+    from celery import Celery
     from redis import Redis
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "REASON_DCB_MAX_RETRIES",
     "message_summary",
     "now_iso",
+    "replay_queue",
+    "store_for_app",
 ]
 
 #: Reason of a dead letter: the task raised and had no retry policy left to apply.
@@ -407,3 +410,53 @@ class DeadLetterStore:
 
 def _text(raw: str | bytes) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def store_for_app(app: Celery) -> DeadLetterStore:
+    """The dead-letter store of an app (``partitioning_redis_url``, namespace of its broker)."""
+    import redis
+
+    from .app import settings_of
+    from .config import redis_namespace
+
+    settings = settings_of(app)
+    if settings.redis_url is None:
+        raise DeadLetterError(
+            "no Redis store is configured for dead letters: set partitioning_redis_url "
+            "(Django: CELERY_PARTITIONING_REDIS_URL), or use a Redis broker or result backend")
+    return DeadLetterStore(redis.Redis.from_url(settings.redis_url), RedisKeys(redis_namespace(app.conf)))
+
+
+def replay_queue(app: Celery, pool: str, key: str) -> str:
+    """The queue a replay of ``key`` goes to; ``DeadLetterError`` if the broker cannot take it.
+
+    Replay pushes onto the head of kombu's Redis list in the store's transaction, so the
+    broker must be Redis and the very Redis of the store.
+    """
+    from .app import settings_of
+    from .hashing import partition_for
+
+    settings = settings_of(app)
+    with app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+        broker = conn.as_uri(include_password=True)
+    if driver != "redis":
+        raise DeadLetterError(
+            f"replay needs a Redis broker (this app's broker is {driver!r}); re-send the "
+            "messages listed by `dead-letters list --json`, then `discard` the key")
+    if settings.redis_url is None or not _same_redis(broker, settings.redis_url):
+        raise DeadLetterError(
+            f"replay needs the dead-letter store on the broker's Redis; partitioning_redis_url "
+            f"is {settings.redis_url!r}, the broker is {broker!r}")
+    return settings.queue_name(pool, partition_for(key, settings.partitions(pool)))
+
+
+def _same_redis(a: str, b: str) -> bool:
+    from urllib.parse import urlsplit
+
+    def norm(url: str) -> tuple[str, int, str]:
+        parts = urlsplit(url)
+        db = (parts.path or "/0").strip("/") or "0"
+        return (parts.hostname or "localhost", parts.port or 6379, db)
+
+    return norm(a) == norm(b)

@@ -1,0 +1,154 @@
+"""``celery -A proj partitioning dead-letters list|replay|discard``: operate dead letters and parked keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .deadletters import DeadLetterError, DeadLetterStore, DeadLetterView, replay_queue, store_for_app
+from .errors import PartitioningError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["dead_letters"]
+
+
+def _app(ctx: click.Context) -> Celery:
+    app = getattr(ctx.obj, "app", None)  # celery's CLIContext, inherited from the root command
+    if app is None:
+        raise click.UsageError("no Celery app: run it as `celery -A proj partitioning dead-letters ...`")
+    return app
+
+
+def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
+    from .app import settings_of
+
+    settings = settings_of(app)
+    for pool in wanted:
+        settings.partitions(pool)  # PartitionConfigError naming the known pools
+    return list(wanted) or list(settings.pools)
+
+
+def _store(app: Celery) -> DeadLetterStore:
+    try:
+        return store_for_app(app)
+    except PartitioningError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool) -> str:
+    if explicit and len(pools) == 1:
+        return pools[0]
+    found = [v.dead_letter.pool for v in store.find(pools, key)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise click.ClickException(f"key {key!r} is parked in several pools ({', '.join(found)}); "
+                                   "pass --pool")
+    if len(pools) == 1:
+        return pools[0]
+    raise click.ClickException(f"no dead letter for key {key!r} in any pool "
+                               f"({', '.join(pools)}); nothing to do")
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(views: list[DeadLetterView]) -> str:
+    header = ("POOL", "KEY", "TASK", "TASK ID", "TRIES", "REASON", "FAILED AT", "PARKED", "ERROR")
+    rows = [header] + [
+        (v.dead_letter.pool, _short(v.dead_letter.key, 40), v.dead_letter.task, v.dead_letter.id,
+         str(v.dead_letter.attempts), v.dead_letter.reason, v.dead_letter.failed_at,
+         str(len(v.parked)), _short(v.dead_letter.error, 60))
+        for v in views
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
+        for row in rows
+    )
+
+
+@click.group(name="dead-letters")
+def dead_letters() -> None:
+    """Dead letters and parked keys: list, replay (in order) or discard them."""
+
+
+@dead_letters.command(name="list")
+@click.option("--pool", "pools", multiple=True, help="Only this pool (repeatable).")
+@click.option("--key", default=None, help="Only this partition key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with tracebacks and parked messages).")
+@click.pass_context
+def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as_json: bool) -> None:
+    """List dead letters: the failed message of each parked key and what is parked behind it."""
+    app = _app(ctx)
+    try:
+        views = _store(app).find(_pools(app, pools), key)
+    except PartitioningError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps([v.as_dict() for v in views], indent=2))
+    elif not views:
+        click.echo("no dead letters")
+    else:
+        click.echo(_table(views))
+
+
+def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
+             as_json: bool) -> None:
+    app = _app(ctx)
+    store = _store(app)
+    try:
+        selected = _pools(app, pools)
+        pool = _one_pool(store, selected, key, explicit=bool(pools))
+        if action == "replay":
+            queue = replay_queue(app, pool, key)
+            messages = store.replay(pool, key, queue)
+            where: dict[str, Any] = {"queue": queue}
+        else:
+            messages = store.discard(pool, key)
+            where = {}
+    except DeadLetterError as exc:
+        raise click.ClickException(str(exc)) from None
+    except PartitioningError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where,
+                               "messages": [m.__dict__ for m in messages]}, indent=2))
+        return
+    verb = "replayed" if action == "replay" else "discarded"
+    target = f" to the head of {where['queue']}" if where else " (recorded in the dead-letter log)"
+    click.echo(f"{verb} {len(messages)} message(s) of key {key!r} (pool {pool}){target}; "
+               "the key is unparked")
+    for m in messages:
+        click.echo(f"  {m.id}  {m.task}  {_short(m.args, 60)}")
+
+
+@dead_letters.command(name="replay")
+@click.option("--key", required=True, help="The parked partition key.")
+@click.option("--pool", "pools", multiple=True, help="Its pool (needed if parked in several).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def replay_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json: bool) -> None:
+    """Re-queue the failed message, then the parked ones, in original order, and unpark the key.
+
+    They go ahead of newer messages of the key. Replaying a key that is not parked (never
+    was, or replayed already) is an error that changes nothing.
+    """
+    _operate(ctx, pools, key, "replay", as_json)
+
+
+@dead_letters.command(name="discard")
+@click.option("--key", required=True, help="The parked partition key.")
+@click.option("--pool", "pools", multiple=True, help="Its pool (needed if parked in several).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def discard_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json: bool) -> None:
+    """Drop the failed and parked messages of a key (keeping a record of them) and unpark it."""
+    _operate(ctx, pools, key, "discard", as_json)
