@@ -30,7 +30,16 @@ def check_partitioned_tasks(app_configs: Any = None, **_: Any) -> list[checks.Ch
             hint="call celery_partitioning.install(app) in your project's celery.py",
             id="celery_partitioning.W001",
         )]
-    app.loader.import_default_modules()
+    # Celery's Django fixup runs the system checks when the task modules are imported
+    # (import_modules → validate_models → run_checks): importing them from here re-enters
+    # this check. The flag on the app stops that recursion; the outer call does the work.
+    if vars(app).get("_celery_partitioning_checking"):
+        return []
+    app._celery_partitioning_checking = True
+    try:
+        app.loader.import_default_modules()
+    finally:
+        app._celery_partitioning_checking = False
     try:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
