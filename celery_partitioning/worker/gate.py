@@ -115,3 +115,12 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         for name, strategy in list(c.strategies.items()):
             if not getattr(strategy, _WRAPPED, False):
                 c.strategies[name] = gated_strategy(runtime, name, strategy)
+        # Logging is set up after worker_init, so the start-up summary is said here.
+        logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; gates: %s)",
+                    runtime.label, runtime.queue, runtime.transport,
+                    "lease held" if runtime.lease is not None else "no lease",
+                    runtime.recovered, ", ".join(_gate_name(g) for g in runtime.gates))
+
+
+def _gate_name(gate: object) -> str:
+    return str(getattr(gate, "__qualname__", None) or type(gate).__name__)

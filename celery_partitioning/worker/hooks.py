@@ -34,6 +34,7 @@ from .gate import GateStep
 from .guard import misroute_guard
 from .lease import Lease
 from .recovery import BrokerRedis, broker_redis, restore_unacked_to_head
+from .retry import install_failure_handling
 from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
@@ -173,6 +174,7 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
         transport=transport,
     )
     runtime.gates.append(misroute_guard(runtime))
+    runtime.on_started.append(install_failure_handling)  # issue 4: parking gate, in-place retry
     attach_runtime(app, runtime)
     _force_task_options(app)
 
@@ -211,8 +213,6 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     parent = os.environ.get(SUPERVISOR_PID_ENV, "")
     if parent.isdigit():
         _watch_parent(runtime, int(parent))
-    logger.info("%s consuming %s via %s (%s)", runtime.label, runtime.queue, transport,
-                "lease held" if runtime.lease else "single active consumer")
 
 
 def _stop_runtime(app: Celery) -> None:

@@ -1,0 +1,166 @@
+"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+from celery.bin.base import CeleryCommand
+from kombu.utils.url import maybe_sanitize_url
+
+from .app import settings_of
+from .errors import PartitioningError
+from .hashing import partition_for
+from .validation import assert_valid_partition_keys
+from .worker.supervisor import EXIT_USAGE, Supervisor, select_partitions, worker_argv
+
+__all__ = ["partitioning"]
+
+#: Options of the ``celery`` root command that children must be started with too.
+_ROOT_OPTIONS = (("app", "-A"), ("broker", "-b"), ("result_backend", "--result-backend"),
+                 ("loader", "--loader"), ("config", "--config"), ("workdir", "--workdir"))
+
+
+def _app(ctx: click.Context) -> Any:
+    return ctx.obj.app
+
+
+def _root_options(ctx: click.Context) -> list[str]:
+    params = ctx.find_root().params
+    argv: list[str] = []
+    for name, flag in _ROOT_OPTIONS:
+        value = params.get(name)
+        if value:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _fail(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    raise SystemExit(EXIT_USAGE)
+
+
+@click.group(name="partitioning")
+@click.pass_context
+def partitioning(ctx: click.Context) -> None:
+    """Partitioned queues: per-key FIFO with parallelism across keys.
+
+    \b
+    worker   run one worker per partition, supervised (the ordering promise)
+    status   queue depth, unacked, oldest age, consumer, parked keys per partition
+    route    which pool, partition and queue a partition key goes to
+    """
+
+
+@partitioning.command(cls=CeleryCommand)
+@click.option("--pool", "pools", multiple=True, metavar="NAME",
+              help="Run only this pool's partitions (repeat for several). Default: every pool.")
+@click.option("--partitions", metavar="SPEC",
+              help="Run only these partition indexes of each selected pool, e.g. 0-3,7 or 3 "
+                   "(a StatefulSet ordinal / systemd instance). Default: all.")
+@click.option("-l", "--loglevel", default="info", show_default=True,
+              help="Log level of the partition workers.")
+@click.option("--stop-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a warm shutdown may take before children are killed.")
+@click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
+@click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
+           stop_timeout: float, dry_run: bool, worker_args: tuple[str, ...]) -> None:
+    """Run and supervise one worker process per selected partition.
+
+    Each child is `celery worker -Q <partition queue> -P solo -c 1 --prefetch-multiplier 1`
+    with acks_late, reject_on_worker_lost and rate limits off. On a Redis broker it holds
+    the partition's lease (a second worker on the same partition waits as a standby) and
+    puts a crashed predecessor's unacked message back at the head of the queue before it
+    consumes. A child that dies is restarted with backoff; SIGTERM/SIGINT stop all children
+    warmly. Exit status: 0 clean stop, 1 a child did not stop cleanly, 2 bad usage or an
+    invalid task registry. Arguments after `--` are passed on to every `celery worker`.
+    """
+    app = _app(ctx)
+    try:
+        specs = select_partitions(settings_of(app), pools, partitions)
+    except PartitioningError as exc:
+        _fail(str(exc))
+    argv_prefix = _root_options(ctx)
+    extra = list(worker_args)
+
+    def argv(spec: Any) -> list[str]:
+        return worker_argv(spec, argv_prefix, loglevel, extra)
+
+    if dry_run:
+        for spec in specs:
+            click.echo(" ".join(argv(spec)))
+        return
+    app.loader.import_default_modules()
+    try:
+        assert_valid_partition_keys(app)
+    except PartitioningError as exc:
+        _fail(f"refusing to start partition workers.\n{exc}")
+    raise SystemExit(Supervisor(specs, argv, stop_timeout=stop_timeout).run())
+
+
+@partitioning.command(cls=CeleryCommand)
+@click.option("--pool", "pools", multiple=True, metavar="NAME",
+              help="Show only this pool (repeat for several). Default: every pool.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=float, default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
+@click.pass_context
+def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
+           interval: float) -> None:
+    """Show each partition: queue depth, unacked messages, age of the oldest message,
+    lease holder (host/pid) or "no consumer", parked keys. Read only."""
+    from .status import collect_status, render_table, status_json
+
+    app = _app(ctx)
+    settings = settings_of(app)
+    unknown = [p for p in pools if p not in settings.pools]
+    if unknown:
+        _fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
+    while True:
+        rows = collect_status(app, pools)
+        if as_json:
+            click.echo(status_json(rows))
+        else:
+            if watch:
+                click.clear()
+            broker = maybe_sanitize_url(app.conf.broker_url or "")
+            click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
+            click.echo(render_table(rows))
+        if not watch:
+            return
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+@partitioning.command(cls=CeleryCommand)
+@click.argument("key")
+@click.option("--pool", "pools", multiple=True, metavar="NAME",
+              help="Only this pool (repeat for several). Default: every pool.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@click.pass_context
+def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool) -> None:
+    """Show the partition index and queue KEY maps to, in each pool (or --pool)."""
+    settings = settings_of(_app(ctx))
+    rows: list[dict[str, Any]] = []
+    try:
+        for pool in pools or tuple(settings.pools):
+            count = settings.partitions(pool)
+            index = partition_for(key, count)
+            rows.append({"key": key, "pool": pool, "index": index, "partitions": count,
+                         "queue": settings.queue_name(pool, index)})
+    except PartitioningError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["pool"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['pool']:<{width}}  partition {r['index']} (of 0-{r['partitions'] - 1})  "
+                   f"queue {r['queue']}")

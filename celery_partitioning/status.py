@@ -1,0 +1,186 @@
+"""Partition status, read only: depth, unacked, oldest age, consumer, parked keys per partition.
+
+Redis broker: depth is the length of the queue's lists, unacked counts kombu's ``unacked``
+entries routed to the queue, the oldest age is the larger of the oldest unacked message's
+time since delivery and the queue head's time since publish (header
+``partition_published_at``), the consumer is the lease holder. RabbitMQ: depth and consumer
+count come from a passive queue declare; unacked and ages are not known over AMQP (None).
+Parked keys come from the dead-letter store when a Redis store is configured. Nothing here
+changes any state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from .app import settings_of
+from .config import redis_namespace
+from .hashing import partition_for
+from .redis_keys import RedisKeys
+from .worker.hooks import HEADER_PUBLISHED_AT
+from .worker.lease import parse_holder
+from .worker.recovery import BrokerRedis, broker_redis, unacked_by_queue
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["PartitionStatus", "collect_status", "render_table", "status_json"]
+
+
+@dataclass
+class PartitionStatus:
+    """What ``celery partitioning status`` shows for one partition."""
+
+    pool: str
+    index: int
+    queue: str
+    #: Messages waiting (None when the queue cannot be read).
+    depth: int | None
+    #: Messages delivered and not acked yet (None when unknowable, e.g. over AMQP).
+    unacked: int | None
+    #: Seconds since the oldest message of the partition was published / delivered.
+    oldest_age: float | None
+    #: ``host (pid N)`` of the lease holder, ``"N consumer(s)"`` on AMQP, else None.
+    consumer: str | None
+    #: Keys of this partition parked behind a dead letter.
+    parked_keys: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _head_age(broker: BrokerRedis, queue: str, now: float) -> float | None:
+    for name in broker.queue_lists(queue):
+        raw = broker.client.lindex(name, -1)
+        if raw is None:
+            continue
+        try:
+            published = json.loads(raw).get("headers", {}).get(HEADER_PUBLISHED_AT)
+        except (ValueError, AttributeError):
+            return None
+        return max(0.0, now - float(published)) if isinstance(published, (int, float)) else None
+    return None
+
+
+def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], int]:
+    settings = settings_of(app)
+    if settings.redis_url is None:
+        return {}
+    import redis
+
+    from .deadletters import DeadLetterStore
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        store = DeadLetterStore(client, RedisKeys(redis_namespace(app.conf)))
+        counts: dict[tuple[str, int], int] = {}
+        for view in store.find(pools):
+            letter = view.dead_letter
+            index = letter.partition
+            if index is None:
+                index = partition_for(letter.key, settings.partitions(letter.pool))
+            counts[(letter.pool, index)] = counts.get((letter.pool, index), 0) + 1
+        return counts
+    finally:
+        client.close()
+
+
+def _leases(app: Celery, queues: Sequence[str]) -> dict[str, str | None]:
+    settings = settings_of(app)
+    if settings.redis_url is None:
+        return {}
+    import redis
+
+    keys = RedisKeys(redis_namespace(app.conf))
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.get(keys.lease(queue))
+                pipe.pttl(keys.lease(queue))
+            replies = pipe.execute()
+    finally:
+        client.close()
+    found: dict[str, str | None] = {}
+    for i, queue in enumerate(queues):
+        holder = parse_holder(replies[2 * i], int(replies[2 * i + 1]))
+        found[queue] = holder.describe() if holder else None
+    return found
+
+
+def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
+    with app.connection_for_read() as conn:
+        channel = conn.channel()
+        try:
+            _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
+            return int(depth), int(consumers)
+        except conn.channel_errors:
+            return None, None
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStatus]:
+    """One PartitionStatus per partition of ``pools`` (default all), pool order then index."""
+    settings = settings_of(app)
+    chosen = list(pools) or list(settings.pools)
+    parts = [(p, i, settings.queue_name(p, i)) for p in chosen for i in range(settings.partitions(p))]
+    parked = _parked_counts(app, chosen)
+    now = time.time()
+    rows: list[PartitionStatus] = []
+    broker = broker_redis(app)
+    if broker is not None:
+        try:
+            leases = _leases(app, [q for _, _, q in parts])
+            unacked = unacked_by_queue(broker)
+            for pool, index, queue in parts:
+                delivered = unacked.get(queue, [])
+                ages = [now - min(delivered)] if delivered else []
+                head = _head_age(broker, queue, now)
+                if head is not None:
+                    ages.append(head)
+                rows.append(PartitionStatus(
+                    pool, index, queue, broker.depth(queue), len(delivered),
+                    round(max(ages), 3) if ages else None, leases.get(queue),
+                    parked.get((pool, index), 0)))
+        finally:
+            broker.close()
+        return rows
+    for pool, index, queue in parts:
+        depth, consumers = _amqp_queue(app, queue)
+        consumer = None if not consumers else f"{consumers} consumer(s)"
+        rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
+                                    parked.get((pool, index), 0)))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}s"
+    return str(value)
+
+
+def render_table(rows: Sequence[PartitionStatus]) -> str:
+    """The human table of ``status``."""
+    header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED")
+    table = [header] + [
+        (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
+         r.consumer or "no consumer", str(r.parked_keys))
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in table)
+
+
+def status_json(rows: Sequence[PartitionStatus]) -> str:
+    """The machine form of ``status --json``: ``{"partitions": [...]}``."""
+    return json.dumps({"partitions": [r.as_dict() for r in rows]}, indent=2)

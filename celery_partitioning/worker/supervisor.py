@@ -1,0 +1,251 @@
+"""The supervisor behind ``celery partitioning worker``: one child worker per partition.
+
+Each child is a real ``celery worker`` process (``-P solo -c 1 -Q <partition queue>``,
+prefetch 1, no gossip/mingle/heartbeat, node name ``pool.index@host``) started with
+``PARTITION_ENV`` so the runtime hooks take over inside it. The supervisor prefixes every
+line a child prints with ``[pool.index]``, restarts a child that dies (backoff 1 s, 2 s,
+4 s ... 30 s, reset after a minute of good health) and hands the dead child's lease token to
+its successor, which then takes the partition over at once instead of after the lease TTL.
+SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeout``); a
+second signal kills them at once.
+
+Exit status: ``EXIT_OK`` (0) every child stopped cleanly; ``EXIT_UNCLEAN`` (1) a child
+exited non-zero or had to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or
+an invalid task registry (nothing was started).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Final
+
+from ..config import PartitioningSettings
+from ..errors import PartitionConfigError
+from .lease import new_token
+from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
+
+__all__ = [
+    "ChildSpec",
+    "Supervisor",
+    "select_partitions",
+    "parse_indexes",
+    "worker_argv",
+    "EXIT_OK",
+    "EXIT_UNCLEAN",
+    "EXIT_USAGE",
+]
+
+EXIT_OK: Final = 0
+EXIT_UNCLEAN: Final = 1
+EXIT_USAGE: Final = 2
+
+#: First restart delay and its cap (seconds); a child up this long resets the backoff.
+BACKOFF_START: Final = 1.0
+BACKOFF_MAX: Final = 30.0
+HEALTHY_AFTER: Final = 60.0
+
+_RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One partition to run: pool, index and queue name."""
+
+    pool: str
+    index: int
+    queue: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.pool}.{self.index}"
+
+
+def parse_indexes(text: str) -> list[int]:
+    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``; ``PartitionConfigError`` when malformed."""
+    found: set[int] = set()
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if match is None:
+            raise PartitionConfigError(
+                f"--partitions {text!r}: {part.strip()!r} is not an index or a range "
+                "(write for example 0-3,7)")
+        low = int(match.group(1))
+        high = int(match.group(2)) if match.group(2) is not None else low
+        if high < low:
+            raise PartitionConfigError(f"--partitions {text!r}: range {low}-{high} is backwards")
+        found.update(range(low, high + 1))
+    return sorted(found)
+
+
+def select_partitions(settings: PartitioningSettings, pools: Sequence[str] = (),
+                      partitions: str | None = None) -> list[ChildSpec]:
+    """The partitions to run: ``pools`` (default all) by ``partitions`` (default all)."""
+    chosen = list(dict.fromkeys(pools)) or list(settings.pools)
+    indexes = parse_indexes(partitions) if partitions else None
+    specs: list[ChildSpec] = []
+    for pool in chosen:
+        count = settings.partitions(pool)
+        wanted = indexes if indexes is not None else list(range(count))
+        beyond = [i for i in wanted if i >= count]
+        if beyond:
+            raise PartitionConfigError(
+                f"--partitions {partitions}: pool {pool!r} has partitions 0-{count - 1}, not "
+                f"{', '.join(map(str, beyond))} (choose the pool with --pool)")
+        specs.extend(ChildSpec(pool, i, settings.queue_name(pool, i)) for i in wanted)
+    return specs
+
+
+def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
+                extra: Sequence[str] = ()) -> list[str]:
+    """The command line of one partition's ``celery worker`` child."""
+    return [
+        sys.executable, "-m", "celery", *celery_options, "worker",
+        "-Q", spec.queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", f"{spec.pool}.{spec.index}@%h", "-l", loglevel, *extra,
+    ]
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes] | None = None
+    token: str = ""
+    previous_token: str = ""
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+    threads: list[threading.Thread] = field(default_factory=list)
+
+
+class Supervisor:
+    """Runs and supervises one child worker per partition until told to stop."""
+
+    def __init__(self, specs: Iterable[ChildSpec], argv: Callable[[ChildSpec], list[str]], *,
+                 env: Mapping[str, str] | None = None, stop_timeout: float = 60.0,
+                 out: IO[str] | None = None) -> None:
+        self.children = [_Child(spec) for spec in specs]
+        self.argv = argv
+        self.env = dict(os.environ if env is None else env)
+        self.stop_timeout = stop_timeout
+        self.out = out if out is not None else sys.stdout
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._signals = 0
+
+    # -- output -----------------------------------------------------------------------
+    def say(self, label: str, line: str) -> None:
+        with self._lock:
+            self.out.write(f"[{label}] {line.rstrip()}\n")
+            self.out.flush()
+
+    def _pump(self, label: str, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self.say(label, raw.decode("utf-8", "replace"))
+        stream.close()
+
+    # -- children -----------------------------------------------------------------------
+    def _start(self, child: _Child) -> None:
+        child.previous_token, child.token = child.token, new_token()
+        env = {**self.env, PARTITION_ENV: f"{child.spec.pool}:{child.spec.index}",
+               LEASE_TOKEN_ENV: child.token, SUPERVISOR_PID_ENV: str(os.getpid())}
+        env.pop(LEASE_TAKEOVER_ENV, None)
+        if child.previous_token:
+            # We saw the previous child exit: its lease (if it held one) is dead.
+            env[LEASE_TAKEOVER_ENV] = child.previous_token
+        proc = subprocess.Popen(self.argv(child.spec), env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
+        assert proc.stdout is not None
+        reader = threading.Thread(target=self._pump, args=(child.spec.label, proc.stdout),
+                                  name=f"out-{child.spec.label}", daemon=True)
+        reader.start()
+        child.threads = [reader]
+        self.say("supervisor", f"started {child.spec.label} (pid {proc.pid}) on {child.spec.queue}")
+
+    def _reap(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is None or child.restart_at is not None:
+            return
+        code = proc.poll()
+        if code is None:
+            return
+        lived = time.monotonic() - child.started_at
+        if lived >= HEALTHY_AFTER:
+            child.failures = 0
+        delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** child.failures)
+        child.failures += 1
+        child.restart_at = time.monotonic() + delay
+        how = f"signal {-code}" if code < 0 else f"code {code}"
+        self.say("supervisor", f"{child.spec.label} (pid {proc.pid}) exited with {how} after "
+                               f"{lived:.1f}s; restarting in {delay:.0f}s")
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals += 1
+        self._wake.set()
+
+    # -- main loop ----------------------------------------------------------------------
+    def run(self) -> int:
+        """Start every child and supervise until SIGTERM/SIGINT; return the exit status."""
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            labels = ", ".join(c.spec.label for c in self.children)
+            self.say("supervisor", f"pid {os.getpid()}: running {len(self.children)} "
+                                   f"partition worker(s): {labels}")
+            for child in self.children:
+                if self._signals:
+                    break
+                self._start(child)
+            while not self._signals:
+                now = time.monotonic()
+                for child in self.children:
+                    self._reap(child)
+                    if child.restart_at is not None and now >= child.restart_at:
+                        self._start(child)
+                self._wake.wait(0.2)
+            return self._stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_all(self) -> int:
+        self.say("supervisor", "stopping: warm shutdown of every partition worker "
+                               f"(up to {self.stop_timeout:.0f}s; signal again to kill)")
+        clean = True
+        live = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in live:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
+        seen = self._signals
+        deadline = time.monotonic() + self.stop_timeout
+        while any(c.proc is not None and c.proc.poll() is None for c in live):
+            if time.monotonic() > deadline or self._signals > seen:
+                for child in live:
+                    if child.proc is not None and child.proc.poll() is None:
+                        self.say("supervisor", f"killing {child.spec.label} (pid {child.proc.pid})")
+                        child.proc.kill()
+                        child.proc.wait()
+                        clean = False
+                break
+            self._wake.clear()
+            self._wake.wait(0.1)
+        for child in live:
+            assert child.proc is not None
+            code = child.proc.wait()
+            for thread in child.threads:
+                thread.join(timeout=2)
+            if code != 0:
+                clean = False
+                self.say("supervisor", f"{child.spec.label} stopped with code {code}")
+        self.say("supervisor", "stopped cleanly" if clean else "stopped; not every worker "
+                                                               "stopped cleanly")
+        return EXIT_OK if clean else EXIT_UNCLEAN

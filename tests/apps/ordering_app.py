@@ -1,0 +1,73 @@
+"""A partitioned app for the affinity-worker tests, configured from the environment.
+
+CPW_BROKER: broker URL (Redis or RabbitMQ); CPW_REDIS: Redis for records, leases and dead
+letters; CPW_NS: unique namespace (kombu global_keyprefix, queue prefix, record keys);
+CPW_PARTITIONS: partitions of the pool ``p``; CPW_LEASE_TTL: lease TTL in seconds.
+
+The task ``ordering.record(key, seq, ms, signal)`` appends ``start <seq>`` / ``end <seq>`` to
+the list ``{ns}rec:{key}``, and ``start|end <pid> <key> <seq>`` to ``{ns}part:{label}`` (the
+partition's own log, to check that two workers never ran one partition at once). With
+``signal`` set it also pushes ``<pid> <label> <key> <seq>`` to ``{ns}{signal}`` at start, so a
+test can kill the worker while it is inside that very task.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import celery_partitioning as cp
+from celery_partitioning.worker import current_runtime
+
+__all__ = ["make_app", "app"]
+
+
+def _key(args: Any) -> str:
+    return str(args["key"])
+
+
+def make_app(broker: str, store: str, ns: str, partitions: int, lease_ttl: float = 2.0) -> Celery:
+    """A fresh app; producers in tests build theirs with the same arguments as the workers."""
+    app = Celery(f"{ns}ordering", broker=broker, set_as_current=False)
+    options = {"global_keyprefix": ns} if broker.startswith("redis") else {}
+    app.conf.update(
+        broker_transport_options=options,
+        partitioning_pools={"p": partitions},
+        partitioning_queue_prefix=f"{ns}partition",
+        partitioning_lease_ttl=lease_ttl,
+        partitioning_redis_url=store,
+        worker_hijack_root_logger=True,
+        broker_connection_retry_on_startup=True,
+    )
+    cp.install(app)
+    client = redis.Redis.from_url(store)
+
+    @app.task(name="ordering.record", shared=False)
+    @cp.partitioned(_key, pool="p")
+    def record(key: str, seq: int, ms: int = 2, signal: str | None = None) -> None:
+        runtime = current_runtime(app)
+        label = runtime.label if runtime is not None else "none"
+        pid = os.getpid()
+        client.rpush(f"{ns}part:{label}", f"start {pid} {key} {seq}")
+        client.rpush(f"{ns}rec:{key}", f"start {seq}")
+        if signal:
+            client.rpush(f"{ns}{signal}", f"{pid} {label} {key} {seq}")
+        time.sleep(ms / 1000)
+        client.rpush(f"{ns}rec:{key}", f"end {seq}")
+        client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
+        client.incr(f"{ns}done")
+
+    return app
+
+
+app = make_app(
+    broker=os.environ.get("CPW_BROKER", "redis://127.0.0.1:6379/11"),
+    store=os.environ.get("CPW_REDIS", "redis://127.0.0.1:6379/11"),
+    ns=os.environ.get("CPW_NS", "cpw-local:"),
+    partitions=int(os.environ.get("CPW_PARTITIONS", "4")),
+    lease_ttl=float(os.environ.get("CPW_LEASE_TTL", "2")),
+)
