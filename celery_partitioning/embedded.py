@@ -39,6 +39,7 @@ __all__ = [
     "find_redis_server",
     "redis_answers",
     "free_port",
+    "run_command",
     "main",
 ]
 
@@ -234,7 +235,7 @@ class EmbeddedRedis:
         self.stop()
 
 
-def _run(argv: Sequence[str], url: str) -> int:
+def run_command(argv: Sequence[str], url: str) -> int:
     """Run ``argv`` with ``REDIS_URL`` set and return its exit code.
 
     Ctrl-C reaches the child from the terminal (same process group), so SIGINT is only
@@ -309,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if redis.started:
                 print(f"[embedded] started a private redis-server at {url} (pid {redis.pid})",
                       file=sys.stderr, flush=True)
-            return _run(command, url)
+            return run_command(command, url)
         return _serve(redis, url)
     finally:
         redis.stop()

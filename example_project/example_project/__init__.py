@@ -1,0 +1,7 @@
+"""The example shop's Django project; loads the Celery app when Django starts."""
+
+from __future__ import annotations
+
+from .celery import app as celery_app
+
+__all__ = ["celery_app"]

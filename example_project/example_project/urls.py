@@ -1,0 +1,10 @@
+"""URLs: the Django admin, where the projections are listed."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+]

@@ -1,0 +1,99 @@
+"""Progress counters for the demo: tasks published and finished, per pool, in one Redis hash.
+
+Every publish of a shop task counts ``published:<pool>`` (Celery's ``before_task_publish``,
+also for tasks published by workers) and every finished run counts ``done:<pool>``
+(``task_postrun``). All work is finished when they are equal and the queues are empty.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+from celery import Celery, signals
+from django.conf import settings
+
+__all__ = ["Progress", "progress_of", "connect_signals", "pool_of"]
+
+#: Attribute of the Celery app holding this process's Progress.
+_ATTRIBUTE = "_shop_progress"
+
+
+class Progress:
+    """The counters of one demo run (namespaced like the run's queues)."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.redis = redis.Redis.from_url(url)
+        self.key = f"{namespace}shop:progress"
+
+    def count(self, field: str, amount: int = 1) -> None:
+        self.redis.hincrby(self.key, field, amount)
+
+    def finished(self, pool: str, failed: bool) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hincrby(self.key, f"done:{pool}", 1)
+        if failed:
+            pipe.hincrby(self.key, f"failed:{pool}", 1)
+        pipe.hset(self.key, f"last:{pool}", repr(time.time()))
+        pipe.execute()
+
+    def snapshot(self) -> dict[str, float]:
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.key)  # type: ignore[assignment]
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    def reset(self) -> None:
+        self.redis.delete(self.key)
+
+
+def progress_of(app: Celery) -> Progress:
+    """This process's Progress for ``app`` (made on first use, kept on the app)."""
+    found = vars(app).get(_ATTRIBUTE)
+    if not isinstance(found, Progress):
+        found = Progress(settings.REDIS_URL, settings.SHOP_NAMESPACE)
+        setattr(app, _ATTRIBUTE, found)
+    return found
+
+
+def pool_of(app: Celery, task_name: str) -> str | None:
+    """The pool of a shop task (from its partition spec, also in plain mode), else None."""
+    from celery_partitioning.tasks import spec_of
+
+    if not task_name.startswith("shop."):
+        return None
+    task = app.tasks.get(task_name)
+    spec = spec_of(task) if task is not None else None
+    pool = spec.effective_pool if spec is not None else None
+    return pool or "other"
+
+
+def _on_publish(sender: Any = None, **_: Any) -> None:
+    from celery import current_app
+
+    app = current_app._get_current_object()
+    pool = pool_of(app, str(sender))
+    if pool is not None:
+        progress_of(app).count(f"published:{pool}")
+
+
+def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    name = getattr(sender, "name", "")
+    if app is None:
+        return
+    pool = pool_of(app, str(name))
+    if pool is not None:
+        progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"))
+
+
+def _on_retry(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None and pool_of(app, str(getattr(sender, "name", ""))) is not None:
+        progress_of(app).count("retries")
+
+
+def connect_signals() -> None:
+    """Connect the counters (idempotent: each receiver has a dispatch uid)."""
+    signals.before_task_publish.connect(_on_publish, weak=False, dispatch_uid="shop.progress.publish")
+    signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="shop.progress.postrun")
+    signals.task_retry.connect(_on_retry, weak=False, dispatch_uid="shop.progress.retry")
