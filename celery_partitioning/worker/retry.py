@@ -159,7 +159,7 @@ class InPlaceRetry:
         if limit is not None and retries > limit:
             attempt.exhausted = True
             if exc is not None:
-                from celery.utils import raise_with_context
+                from celery.utils.serialization import raise_with_context
 
                 raise_with_context(exc)
             raise task.MaxRetriesExceededError(

@@ -25,6 +25,7 @@ app.conf.update(
     broker_transport_options={"global_keyprefix": NS},
     partitioning_pools={"entity": 2, "dcb": 2},
     partitioning_queue_prefix=f"{NS}partition",
+    partitioning_lease_ttl=2,
     worker_hijack_root_logger=False,
 )
 cp.install(app)
@@ -42,13 +43,13 @@ def _log(line: str) -> None:
 
 @app.task(bind=True, name="fail.flaky")
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
-def flaky(self: Any, order_id: str, seq: int, failures: int = 0) -> int:
+def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: float = 0.3) -> int:
     """Fails ``failures`` times, retrying with ``self.retry(countdown=...)``, then succeeds."""
     key = f"Order:{order_id}"
     record("start", key, seq)
     _log(f"{key} {seq} try{self.request.retries}")
     if self.request.retries < failures:
-        raise self.retry(countdown=0.3, max_retries=5)
+        raise self.retry(countdown=countdown, max_retries=5)
     record("end", key, seq)
     return int(self.request.retries)
 
