@@ -34,7 +34,7 @@ def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Itera
     monkeypatch.setenv("CP_REDIS_URL", url)
     monkeypatch.setenv("CP_NS", namespace)
     failures_app = importlib.reload(importlib.import_module("tests.apps.failures_app"))
-    assert failures_app.NS == namespace
+    assert namespace == failures_app.NS
 
     yield failures_app
     client = redis.Redis.from_url(url)
