@@ -164,3 +164,8 @@ def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool
     for r in rows:
         click.echo(f"{r['pool']:<{width}}  partition {r['index']} (of 0-{r['partitions'] - 1})  "
                    f"queue {r['queue']}")
+
+
+from .cli_deadletters import dead_letters  # noqa: E402 - issue 4: the dead-letters sub-group
+
+partitioning.add_command(dead_letters)
