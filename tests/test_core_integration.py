@@ -93,3 +93,38 @@ def test_a_worker_with_an_invalid_registry_exits_before_consuming(
     assert client.llen(f"{namespace}ran") == 0
     assert client.llen(f"{namespace}{queue}") + client.llen(
         f"{namespace}{namespace}partition.entity.1") == 1
+
+
+def test_canvas_links_published_by_the_worker_are_routed_by_key(
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery import chain, chord
+
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sys.modules.pop("tests.apps.core_app", None)
+    from tests.apps import core_app
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    queues = [f"{namespace}partition.entity.0", f"{namespace}partition.entity.1",
+              f"{namespace}partition.global.0"]
+    # Given one worker on every partition queue (routing is under test here, not exclusivity)
+    argv = worker_argv(",".join(queues))
+    processes.start(argv, env=env, log=tmp_path / "worker.log")
+    # When a chain hops across orders and a chord fans in to the global rollup
+    orders = [f"ord-{i}" for i in range(6)]
+    chain(*(core_app.link.si(order_id=o, step=i) for i, o in enumerate(orders))).apply_async()
+    chord([core_app.link.si(order_id=o, step=10 + i) for i, o in enumerate(orders)],
+          core_app.rollup.s()).apply_async()
+    wait_for(lambda: client.llen(f"{namespace}links") >= 13, 90, "the chain, the chord and its body")
+    # Then every link, including those the worker published, ran on its key's partition
+    seen = [line.split(" ") for line in client.lrange(f"{namespace}links", 0, -1)]
+    for order, _step, queue, key in (s for s in seen if s[0] != "rollup"):
+        route = core_app.cp.explain_route(core_app.app, "core.link", order_id=order)
+        assert (queue, key) == (route.queue, f"Order:{order}")
+    chain_steps = [int(s[1]) for s in seen if s[0] != "rollup" and int(s[1]) < 10]
+    assert chain_steps == list(range(6))
+    rollups = [s for s in seen if s[0] == "rollup"]
+    assert rollups == [["rollup", "6", f"{namespace}partition.global.0", "global"]]

@@ -57,3 +57,27 @@ if os.environ.get("CP_INVALID") == "1":
     @app.task(name="core.wrong_pool")
     @cp.partitioned(cp.create_entity_partition_key("Order"), pool="nowhere")
     def wrong_pool(order_id: str) -> None: ...
+
+
+app.conf.result_backend = REDIS_URL
+app.conf.result_backend_transport_options = {"global_keyprefix": NS}
+
+
+@app.task(name="core.link", bind=True)
+@cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
+def link(self: object, previous: object = None, order_id: str = "", step: int = 0) -> str:
+    request = self.request  # type: ignore[attr-defined]
+    _client.rpush(
+        f"{NS}links",
+        f"{order_id} {step} {request.delivery_info.get('routing_key')} {getattr(request, 'partition_key', None)}",
+    )
+    return order_id
+
+
+@app.task(name="core.rollup", bind=True)
+@cp.partitioned(lambda args: cp.GLOBAL_PARTITION_KEY, pool="global")
+def rollup(self: object, results: list[str]) -> int:
+    request = self.request  # type: ignore[attr-defined]
+    _client.rpush(f"{NS}links", f"rollup {len(results)} {request.delivery_info.get('routing_key')} "
+                  f"{getattr(request, 'partition_key', None)}")
+    return len(results)
