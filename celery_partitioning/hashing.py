@@ -40,4 +40,11 @@ def partition_for(key: str, partitions: int) -> int:
         raise PartitionKeyError(f"a partition key must be a non-empty str, got {key!r}")
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
         raise PartitionConfigError(f"partitions must be an int >= 1, got {partitions!r}")
-    return jump_hash(key_hash(key), partitions)
+    try:
+        h = key_hash(key)
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from surrogateescape decoding
+        raise PartitionKeyError(
+            f"a partition key must be valid Unicode text, got {key[:80]!r}: {exc.reason} at "
+            f"position {exc.start}; decode ids strictly before using them as keys"
+        ) from None
+    return jump_hash(h, partitions)

@@ -88,7 +88,7 @@ def _read_id(args: Mapping[str, Any], fields: tuple[str, ...], describe: str) ->
         ) from None
     raise PartitionKeyError(
         f"{describe}: none of the arguments {', '.join(map(repr, fields))} is present; "
-        f"the call has {sorted(args) or 'no arguments'}"
+        f"the call has {sorted(map(str, args)) or 'no arguments'}"
     )
 
 

@@ -69,6 +69,8 @@ class Route:
 
 #: Bound on the per-task memo of key → partition index (cleared when full).
 _INDEX_MEMO_SIZE: Final = 65536
+#: Longest key the memo keeps (so it holds at most 64 Mi characters of key text).
+_MEMO_KEY_CHARS: Final = 1024
 
 
 class _TaskPlan:
@@ -87,10 +89,16 @@ class _TaskPlan:
         """The partition of ``key``, memoized: event streams repeat their keys."""
         index = self.memo.get(key)
         if index is None:
-            index = partition_for(key, self.partitions)
-            if len(self.memo) >= _INDEX_MEMO_SIZE:
-                self.memo.clear()
-            self.memo[key] = index
+            try:
+                index = partition_for(key, self.partitions)
+            except PartitionKeyError as exc:
+                raise PartitionKeyError(
+                    f"task {self.binder.task_name}: {exc}; nothing was published"
+                ) from None
+            if len(key) <= _MEMO_KEY_CHARS:  # huge keys would make the bounded memo unbounded in bytes
+                if len(self.memo) >= _INDEX_MEMO_SIZE:
+                    self.memo.clear()
+                self.memo[key] = index
         return index
 
 

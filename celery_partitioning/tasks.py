@@ -278,4 +278,4 @@ class KeyBinder:
 
     @staticmethod
     def _seen(named: Mapping[str, Any]) -> str:
-        return ", ".join(sorted(named)) or "no arguments"
+        return ", ".join(sorted(map(str, named))) or "no arguments"  # names may be non-str

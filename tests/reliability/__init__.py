@@ -1,0 +1,1 @@
+"""Reliability suite: chaos, broker restarts, bad input, security."""
