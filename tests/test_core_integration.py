@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
@@ -15,6 +17,12 @@ from tests.support.ordering import check
 from tests.support.procs import Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def load_core_app() -> ModuleType:
+    """A fresh import of the test app, configured from the (monkeypatched) environment."""
+    sys.modules.pop("tests.apps.core_app", None)
+    return importlib.import_module("tests.apps.core_app")
 
 
 def worker_argv(queue: str) -> list[str]:
@@ -30,8 +38,7 @@ def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
     env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    sys.modules.pop("tests.apps.core_app", None)
-    from tests.apps import core_app
+    core_app = load_core_app()
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     # Given 400 events over 40 orders, two task types, published before any worker runs
@@ -104,8 +111,7 @@ def test_canvas_links_published_by_the_worker_are_routed_by_key(
     env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    sys.modules.pop("tests.apps.core_app", None)
-    from tests.apps import core_app
+    core_app = load_core_app()
 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     queues = [f"{namespace}partition.entity.0", f"{namespace}partition.entity.1",
