@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
-
+from .dblock import write_transaction
 from .models import StoredEvent
 from .projections import by_name
 
@@ -21,7 +20,7 @@ def _stream_of(event: dict[str, Any]) -> str:
 def append(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Append events (one transaction); return them with their ``position``."""
     stored: list[dict[str, Any]] = []
-    with transaction.atomic():
+    with write_transaction():
         for event in events:
             row = StoredEvent.objects.create(type=event["type"], stream=_stream_of(event),
                                              data=event)
@@ -34,7 +33,7 @@ def append_to_scope(scope: str, expected_version: int, event: dict[str, Any]) ->
 
     A writer that appended to the scope since then holds that version: the unique
     (scope, scope_version) constraint raises ``IntegrityError`` (the caller's conflict).
-    Call it inside ``transaction.atomic()``.
+    Call it inside ``write_transaction()``.
     """
     row = StoredEvent.objects.create(type=event["type"], stream=_stream_of(event), scope=scope,
                                      scope_version=expected_version, data=event)

@@ -17,11 +17,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery import current_app, shared_task
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError
 
 from celery_partitioning import create_scope_key
 from celery_partitioning.dcb import DCBConflict, with_dcb_retry
 
+from .dblock import write_transaction
 from .events import append_to_scope, publish
 from .models import InventoryReservation, StoredEvent
 from .progress import progress_of
@@ -50,12 +51,12 @@ def reserve_inventory(tenant_id: str, reservation_id: str, order_id: str, correl
     base = {"order_id": order_id, "correlation_id": correlation_id, "reservation_id": reservation_id,
             "customer_id": "", "tenant_id": tenant_id}
     if contend and not any(e.type == "ReservationNoted" for e in history):
-        with transaction.atomic():  # the other writer, between our read and our append
+        with write_transaction():  # the other writer, between our read and our append
             append_to_scope(scope, version, {**base, "type": "ReservationNoted",
                                              "note": "customer asked for gift wrapping"})
     event = {**base, "type": "InventoryReserved", "lines": dict(lines), "units": sum(lines.values())}
     try:
-        with transaction.atomic():
+        with write_transaction():
             stored = append_to_scope(scope, version, event)
             InventoryReservation.objects.update_or_create(
                 reservation_id=reservation_id,

@@ -21,10 +21,10 @@ class StoredEvent(models.Model):
     recorded_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["position"]
-        constraints = [
-            models.UniqueConstraint(fields=["scope", "scope_version"], name="one_event_per_scope_version"),
-        ]
+        ordering = ("position",)
+        constraints = (
+            models.UniqueConstraint(fields=("scope", "scope_version"), name="one_event_per_scope_version"),
+        )
 
     def __str__(self) -> str:
         return f"#{self.position} {self.type} {self.stream}"

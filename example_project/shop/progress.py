@@ -30,9 +30,10 @@ class Progress:
     def count(self, field: str, amount: int = 1) -> None:
         self.redis.hincrby(self.key, field, amount)
 
-    def finished(self, pool: str, failed: bool) -> None:
+    def finished(self, pool: str, failed: bool, busy_ms: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hincrby(self.key, f"done:{pool}", 1)
+        pipe.hincrbyfloat(self.key, f"busy_ms:{pool}", busy_ms)
         if failed:
             pipe.hincrby(self.key, f"failed:{pool}", 1)
         pipe.hset(self.key, f"last:{pool}", repr(time.time()))
@@ -76,6 +77,12 @@ def _on_publish(sender: Any = None, **_: Any) -> None:
         progress_of(app).count(f"published:{pool}")
 
 
+def _on_prerun(sender: Any = None, **_: Any) -> None:
+    request = getattr(sender, "request", None)
+    if request is not None:
+        request.shop_started = time.perf_counter()
+
+
 def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     name = getattr(sender, "name", "")
@@ -83,10 +90,17 @@ def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
         return
     pool = pool_of(app, str(name))
     if pool is not None:
-        progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"))
+        started = getattr(sender.request, "shop_started", None)
+        busy = 0.0 if started is None else (time.perf_counter() - started) * 1000
+        progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"),
+                                  busy_ms=busy)
 
 
-def _on_retry(sender: Any = None, **_: Any) -> None:
+def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    from celery_partitioning.dcb import DCBConflict
+
+    if isinstance(reason, DCBConflict):
+        return  # counted where it happens (shop.inventory), in every mode
     app = getattr(sender, "app", None)
     if app is not None and pool_of(app, str(getattr(sender, "name", ""))) is not None:
         progress_of(app).count("retries")
@@ -95,5 +109,6 @@ def _on_retry(sender: Any = None, **_: Any) -> None:
 def connect_signals() -> None:
     """Connect the counters (idempotent: each receiver has a dispatch uid)."""
     signals.before_task_publish.connect(_on_publish, weak=False, dispatch_uid="shop.progress.publish")
+    signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="shop.progress.prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="shop.progress.postrun")
     signals.task_retry.connect(_on_retry, weak=False, dispatch_uid="shop.progress.retry")

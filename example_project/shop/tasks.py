@@ -30,6 +30,7 @@ from celery_partitioning import (
     projection,
 )
 
+from .dblock import write_transaction
 from .inventory import reserve_inventory
 from .projections import by_name
 
@@ -60,7 +61,8 @@ def apply_to_row(name: str, event: Mapping[str, Any]) -> None:
     new = proj.apply(state, event)
     if proj.slow_write:
         time.sleep(settings.SHOP_GLOBAL_WRITE_DELAY_MS / 1000)
-    model.objects.update_or_create(pk=row_key, defaults=new)
+    with write_transaction():
+        model.objects.update_or_create(pk=row_key, defaults=new)
 
 
 @shared_task(name="shop.order_summary")

@@ -7,10 +7,9 @@ class Migration(migrations.Migration):
 
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = ()
 
-    operations = [
+    operations = (
         migrations.CreateModel(
             name='CustomerOrderHistory',
             fields=[
@@ -99,8 +98,11 @@ class Migration(migrations.Migration):
                 ('recorded_at', models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['position'],
-                'constraints': [models.UniqueConstraint(fields=('scope', 'scope_version'), name='one_event_per_scope_version')],
+                'ordering': ('position',),
+                'constraints': [
+                    models.UniqueConstraint(fields=('scope', 'scope_version'),
+                                            name='one_event_per_scope_version'),
+                ],
             },
         ),
-    ]
+    )

@@ -41,7 +41,7 @@ class Command(BaseCommand):
         # The routing mode and the key namespace are settings, read when Django and Celery
         # start: when they do not match the request, start again with them in the environment.
         wanted = "plain" if unordered else "partitioned"
-        if settings.SHOP_ORDERING == wanted and settings.SHOP_NAMESPACE:
+        if wanted == settings.SHOP_ORDERING and settings.SHOP_NAMESPACE:
             return
         if os.environ.get("SHOP_DEMO_REEXEC") == "1":
             raise CommandError("could not set SHOP_ORDERING/SHOP_NAMESPACE for the demo")
