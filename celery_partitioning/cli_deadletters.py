@@ -40,7 +40,8 @@ def _store(app: Celery) -> DeadLetterStore:
         raise click.ClickException(str(exc)) from None
 
 
-def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool) -> str:
+def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool,
+              action: str) -> str:
     if explicit and len(pools) == 1:
         return pools[0]
     found = [v.dead_letter.pool for v in store.find(pools, key)]
@@ -49,10 +50,7 @@ def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool
     if len(found) > 1:
         raise click.ClickException(f"key {key!r} is parked in several pools ({', '.join(found)}); "
                                    "pass --pool")
-    if len(pools) == 1:
-        return pools[0]
-    raise click.ClickException(f"no dead letter for key {key!r} in any pool "
-                               f"({', '.join(pools)}); nothing to do")
+    raise store.not_parked_error(pools, key, action)
 
 
 def _short(text: str, width: int) -> str:
@@ -106,7 +104,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     store = _store(app)
     try:
         selected = _pools(app, pools)
-        pool = _one_pool(store, selected, key, explicit=bool(pools))
+        pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
         if action == "replay":
             queue = replay_queue(app, pool, key)
             messages = store.replay(pool, key, queue)

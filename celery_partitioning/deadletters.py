@@ -159,11 +159,11 @@ def _message_id(raw: str | bytes) -> str:
     return message_summary(raw).id
 
 
-# The gate. KEYS: dead letters hash, parked list, parked ids, replaying set, deferred list,
-# broker queue list. ARGV: key digest, task id, raw payload.
-_GATE_LUA: Final = r"""
+# Shared by the scripts below. KEYS: dead letters hash, parked list, parked ids, replaying set,
+# deferred list, broker queue list. ARGV[1]: key digest.
+_LUA_PRELUDE: Final = r"""
 local dl, parked, ids, replaying, deferred, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local digest, id, raw = ARGV[1], ARGV[2], ARGV[3]
+local digest = ARGV[1]
 
 local function message_id(m)
   local ok, p = pcall(cjson.decode, m)
@@ -176,8 +176,10 @@ local function message_id(m)
   return ''
 end
 
--- The last replayed message went through: put the deferred ones where they belong.
+-- The last replayed message is done: the messages deferred behind the replay go next
+-- (to the head of the queue), or behind the parked ones if the key was parked again.
 local function drain_deferred()
+  if redis.call('SCARD', replaying) > 0 then return end
   local waiting = redis.call('LRANGE', deferred, 0, -1)
   if #waiting == 0 then return end
   redis.call('DEL', deferred)
@@ -192,16 +194,20 @@ local function drain_deferred()
     end
   end
 end
+"""
 
-if redis.call('SREM', replaying, id) == 1 then
-  local verdict = 'run'
-  if redis.call('HEXISTS', dl, digest) == 1 then
-    -- the replay's dead letter failed again: the rest of the replay is parked again, in order
-    if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
-    verdict = 'parked'
-  end
-  if redis.call('SCARD', replaying) == 0 then drain_deferred() end
-  return verdict
+# The gate. ARGV: key digest, task id, raw payload. Returns the verdict.
+# ``replaying`` holds the replayed messages until they are done (not merely received), so
+# one that comes back after a crash is still recognized as older than the deferred ones.
+_GATE_LUA: Final = _LUA_PRELUDE + r"""
+local id, raw = ARGV[2], ARGV[3]
+if redis.call('SISMEMBER', replaying, id) == 1 then
+  if redis.call('HEXISTS', dl, digest) == 0 then return 'run' end
+  -- the replay's dead letter failed again: the rest of the replay is parked again, in order
+  redis.call('SREM', replaying, id)
+  if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
+  drain_deferred()
+  return 'parked'
 end
 if redis.call('SISMEMBER', ids, id) == 1 then return 'duplicate' end
 if redis.call('SCARD', replaying) > 0 then
@@ -217,19 +223,27 @@ end
 return 'run'
 """
 
-# Record a dead letter and park its key. KEYS: dead letters hash, parked list, parked ids.
-# ARGV: key digest, task id, record JSON, raw payload ('' if unknown).
-_DEAD_LETTER_LUA: Final = r"""
-local dl, parked, ids = KEYS[1], KEYS[2], KEYS[3]
-local digest, id, record, raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+# A message that ran is done (succeeded or failed for good). ARGV: key digest, task id.
+_FINISHED_LUA: Final = _LUA_PRELUDE + r"""
+if redis.call('SREM', replaying, ARGV[2]) == 1 then drain_deferred() end
+return 0
+"""
+
+# Record a dead letter and park its key. ARGV: key digest, task id, record JSON, raw payload
+# ('' if unknown). Returns 1 if the key got parked now, 0 if it was parked already.
+_DEAD_LETTER_LUA: Final = _LUA_PRELUDE + r"""
+local id, record, raw = ARGV[2], ARGV[3], ARGV[4]
+local stored = 0
 if redis.call('HEXISTS', dl, digest) == 1 then
   -- already parked (a second consumer after a pool resize): keep the message, in order
   if raw ~= '' and redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
-  return 0
+else
+  redis.call('HSET', dl, digest, record)
+  redis.call('SADD', ids, id)
+  stored = 1
 end
-redis.call('HSET', dl, digest, record)
-redis.call('SADD', ids, id)
-return 1
+if redis.call('SREM', replaying, id) == 1 then drain_deferred() end
+return stored
 """
 
 
@@ -241,6 +255,7 @@ class DeadLetterStore:
         self.keys = keys
         self._gate = client.register_script(_GATE_LUA)
         self._dead_letter = client.register_script(_DEAD_LETTER_LUA)
+        self._finished = client.register_script(_FINISHED_LUA)
 
     # -- worker side ------------------------------------------------------------------
     def _key_names(self, pool: str, key: str) -> list[str]:
@@ -260,14 +275,19 @@ class DeadLetterStore:
             raise DeadLetterError(f"unexpected gate verdict {text!r}")
         return text  # type: ignore[return-value]
 
-    def dead_letter(self, letter: DeadLetter) -> bool:
+    def dead_letter(self, letter: DeadLetter, queue: str) -> bool:
         """Store a dead letter and park its key; False if the key was parked already."""
-        names = self._key_names(letter.pool, letter.key)[:3]
+        names = [*self._key_names(letter.pool, letter.key), self.keys.broker_queue(queue)]
         stored = self._dead_letter(
             keys=names,
             args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw or ""],
         )
         return bool(stored)
+
+    def finished(self, pool: str, key: str, task_id: str, queue: str) -> None:
+        """A message that ran is done: if it was the last one of a replay, release the deferred."""
+        names = [*self._key_names(pool, key), self.keys.broker_queue(queue)]
+        self._finished(keys=names, args=[key_digest(key), task_id])
 
     def is_parked(self, pool: str, key: str) -> bool:
         return bool(self.client.hexists(self.keys.dead_letters(pool), key_digest(key)))
@@ -309,6 +329,19 @@ class DeadLetterStore:
                 found: dict[str, Any] = event
                 return found
         return None
+
+    def not_parked_error(self, pools: Iterable[str], key: str, action: str) -> DeadLetterError:
+        """The error for ``action`` on a key parked in none of ``pools`` (says what happened)."""
+        pools = list(pools)
+        events = [e for e in (self._last_event(p, key) for p in pools) if e is not None]
+        if events:
+            latest = max(events, key=lambda e: str(e.get("at")))
+            return self._missing(str(latest["pool"]), key, action)
+        if len(pools) == 1:
+            return self._missing(pools[0], key, action)
+        return DeadLetterError(
+            f"no dead letter for key {key!r} in any pool ({', '.join(pools)}); nothing to {action} "
+            "(see `celery -A proj partitioning dead-letters list`)")
 
     def _missing(self, pool: str, key: str, action: str) -> DeadLetterError:
         event = self._last_event(pool, key)

@@ -25,6 +25,7 @@ MAX_INFLIGHT: Final = 64
 class InFlightEntry:
     """What the gate saw of a message that it let run (for its dead letter, if it fails)."""
 
+    pool: str
     key: str
     raw: str
 
@@ -39,6 +40,9 @@ class InFlight:
         while len(self._entries) >= MAX_INFLIGHT:
             self._entries.pop(next(iter(self._entries)))
         self._entries[task_id] = entry
+
+    def get(self, task_id: str) -> InFlightEntry | None:
+        return self._entries.get(task_id)
 
     def pop(self, task_id: str) -> InFlightEntry | None:
         return self._entries.pop(task_id, None)
@@ -95,7 +99,7 @@ class ParkingGate:
         raw = raw_payload(message.message)
         verdict = self.store.gate(pool, key, task_id, raw, self.runtime.queue)
         if verdict == "run":
-            self.inflight.put(task_id, InFlightEntry(key, raw))
+            self.inflight.put(task_id, InFlightEntry(pool, key, raw))
             return False
         logger.warning("%s[%s]: key %r of pool %s is parked: message %s", message.task_name,
                        task_id, key, pool,

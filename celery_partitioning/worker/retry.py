@@ -181,35 +181,45 @@ class InPlaceRetry:
         self._active[task_id] = attempt
         try:
             self._resume(request)
-            while True:
-                try:
-                    result = original(*args, **kwargs)
-                except RetryInPlace as signal:
-                    attempt.pending = None
-                    args, kwargs = self._next_attempt(task, request, signal)
-                    continue
-                except (Ignore, Reject):
-                    self._forget(task_id)
-                    raise
-                except Retry:
-                    raise  # a plain Retry raised by hand: Celery's business
-                except Exception as exc:
-                    if attempt.pending is not None:  # retry(throw=False), then raised
-                        pending, attempt.pending = attempt.pending, None
-                        args, kwargs = self._next_attempt(task, request, pending)
-                        continue
-                    self._dead_letter(task, request, exc, attempt)
-                    raise
-                if attempt.pending is not None:  # retry(throw=False), then returned
-                    pending, attempt.pending = attempt.pending, None
-                    args, kwargs = self._next_attempt(task, request, pending)
-                    continue
-                self._forget(task_id)
-                return result
+            result = self._attempts(task, original, request, attempt=attempt, args=args,
+                                   kwargs=kwargs)
+        except Exception:
+            self._finish(task_id)  # failed for good: Celery acks it
+            raise
+        else:
+            self._finish(task_id)
+            return result
+        # Anything else (WorkerShutdown during a wait...): the message stays unacked and
+        # comes back; its attempt record and replay state stay as they are.
         finally:
             self._active.pop(task_id, None)
             if hasattr(task, "override_max_retries"):
                 delattr(task, "override_max_retries")
+
+    def _attempts(self, task: Any, original: Callable[..., Any], request: Any, *,
+                  attempt: _Attempt, args: Any, kwargs: Any) -> Any:
+        """Run the task until it returns, retries are exhausted, or it fails without retry."""
+        while True:
+            try:
+                result = original(*args, **kwargs)
+            except RetryInPlace as signal:
+                attempt.pending = None
+                args, kwargs = self._next_attempt(task, request, signal)
+                continue
+            except (Ignore, Reject, Retry):
+                raise  # Celery's business (a plain Retry raised by hand included)
+            except Exception as exc:
+                if attempt.pending is not None:  # retry(throw=False), then raised
+                    pending, attempt.pending = attempt.pending, None
+                    args, kwargs = self._next_attempt(task, request, pending)
+                    continue
+                self._dead_letter(task, request, exc, attempt)
+                raise
+            if attempt.pending is not None:  # retry(throw=False), then returned
+                pending, attempt.pending = attempt.pending, None
+                args, kwargs = self._next_attempt(task, request, pending)
+                continue
+            return result
 
     def _next_attempt(self, task: Any, request: Any, signal: RetryInPlace) -> tuple[Any, Any]:
         retries = (request.retries or 0) + 1
@@ -261,18 +271,21 @@ class InPlaceRetry:
             request.retries = retries
             self._wait_until(resume_at)
 
-    def _forget(self, task_id: str) -> None:
-        self.inflight.pop(task_id)
+    def _finish(self, task_id: str) -> None:
+        """The message is done (about to be acked): forget it here and in Redis."""
+        entry = self.inflight.pop(task_id)
         client = self.runtime.redis
         if client is not None:
             client.delete(self.runtime.keys.attempts(task_id))
+        if self.store is not None and entry is not None:
+            self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue)
 
     # -- dead letters -----------------------------------------------------------------
     def _dead_letter(self, task: Any, request: Any, exc: BaseException,
                      attempt: _Attempt) -> None:
         from ..dcb import DCBConflict
 
-        entry = self.inflight.pop(request.id)
+        entry = self.inflight.get(request.id)
         key = entry.key if entry is not None else getattr(request, "partition_key", None)
         if not isinstance(key, str) or not key:
             logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
@@ -285,7 +298,8 @@ class InPlaceRetry:
         else:
             reason = REASON_ERROR
         letter = DeadLetter(
-            pool=self.runtime.pool, key=key, task=task.name, id=request.id,
+            pool=entry.pool if entry is not None else self.runtime.pool, key=key,
+            task=task.name, id=request.id,
             args=str(getattr(request, "argsrepr", None) or repr(request.args)),
             kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
             error=f"{type(exc).__name__}: {exc}",
@@ -301,13 +315,12 @@ class InPlaceRetry:
                          task.name, request.id, letter.error, key)
             return
         try:
-            parked_now = self.store.dead_letter(letter)
+            parked_now = self.store.dead_letter(letter, self.runtime.queue)
         except Exception:
             logger.critical("%s[%s] failed and its dead letter could not be stored; stopping "
                             "without acking so the message comes back", task.name, request.id,
                             exc_info=True)
             os._exit(EXIT_KEEP_MESSAGE)
-        self._forget(request.id)
         logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
                      task.name, request.id, reason, letter.attempts, letter.error, key,
                      self.runtime.pool, "is parked" if parked_now else "was parked already")

@@ -41,7 +41,7 @@ def _log(line: str) -> None:
     _client.rpush(f"{NS}ran", line)
 
 
-@app.task(bind=True, name="fail.flaky")
+@app.task(bind=True, name="fail.flaky", shared=False)
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
 def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: float = 0.3) -> int:
     """Fails ``failures`` times, retrying with ``self.retry(countdown=...)``, then succeeds."""
@@ -54,7 +54,7 @@ def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: floa
     return int(self.request.retries)
 
 
-@app.task(name="fail.step", autoretry_for=(ConnectionError,), max_retries=2,
+@app.task(name="fail.step", shared=False, autoretry_for=(ConnectionError,), max_retries=2,
           retry_backoff=0.1, retry_backoff_max=1, retry_jitter=False)
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
 def step(order_id: str, seq: int) -> None:
@@ -73,7 +73,7 @@ def step(order_id: str, seq: int) -> None:
     record("end", key, seq)
 
 
-@app.task(name="dcb.reserve")
+@app.task(name="dcb.reserve", shared=False)
 @with_dcb_retry(scope_key="tenant:{tenant_id}:reservation:{reservation_id}", max_attempts=5)
 def reserve(tenant_id: str, reservation_id: str, op: int) -> None:
     """A DCB command: read the scope's version, decide, append only if the version held.
