@@ -1,0 +1,78 @@
+"""A partitioned app for the reliability suite (chaos, broker restart), configured from the environment.
+
+CPR_BROKER: broker URL (Redis or RabbitMQ); CPR_STORE: Redis for leases and dead letters
+(default: the broker when it is Redis); CPR_RECORDS: Redis the task writes its records to
+(kept separate so a broker restart does not fail the task itself); CPR_NS: unique namespace
+(kombu global_keyprefix, queue prefix, record keys); CPR_PARTITIONS: partitions of pool ``p``;
+CPR_LEASE_TTL: lease TTL in seconds.
+
+The task ``reliability.record(key, seq, ms)`` appends ``start <seq>`` / ``end <seq>`` to
+``{ns}rec:{key}`` (checked by tests.support.ordering), ``start|end <pid> <key> <seq>`` to
+``{ns}part:<pool.index>`` (two processes must never run one partition at once), and adds
+``<key> <seq>`` to the set ``{ns}done`` when it ends (distinct completions).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+import celery_partitioning as cp
+from celery_partitioning.worker import current_runtime
+
+__all__ = ["make_app", "app", "RECORD_TASK"]
+
+RECORD_TASK = "reliability.record"
+
+
+def _key(args: Any) -> str:
+    return str(args["key"])
+
+
+def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: float = 2.0,
+             store: str | None = None) -> Celery:
+    """A fresh app; the tests' producers build theirs with the same arguments as the workers."""
+    app = Celery(f"{ns}reliability", broker=broker, set_as_current=False)
+    app.conf.update(
+        broker_transport_options={"global_keyprefix": ns} if broker.startswith("redis") else {},
+        partitioning_pools={"p": partitions},
+        partitioning_queue_prefix=f"{ns}partition",
+        partitioning_lease_ttl=lease_ttl,
+        partitioning_redis_url=store,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=True,
+    )
+    cp.install(app)
+    client = redis.Redis.from_url(records)
+
+    @app.task(name=RECORD_TASK, shared=False)
+    @cp.partitioned(_key, pool="p")
+    def record(key: str, seq: int, ms: int = 1) -> None:
+        runtime = current_runtime(app)
+        label = runtime.label if runtime is not None else "none"
+        pid = os.getpid()
+        client.rpush(f"{ns}part:{label}", f"start {pid} {key} {seq}")
+        client.rpush(f"{ns}rec:{key}", f"start {seq}")
+        if ms:
+            time.sleep(ms / 1000)
+        client.rpush(f"{ns}rec:{key}", f"end {seq}")
+        client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
+        client.sadd(f"{ns}done", f"{key} {seq}")
+
+    return app
+
+
+_records = os.environ.get("CPR_RECORDS", "redis://127.0.0.1:6379/14")
+app = make_app(
+    broker=os.environ.get("CPR_BROKER", _records),
+    records=_records,
+    ns=os.environ.get("CPR_NS", "cpr-local:"),
+    partitions=int(os.environ.get("CPR_PARTITIONS", "4")),
+    lease_ttl=float(os.environ.get("CPR_LEASE_TTL", "2")),
+    store=os.environ.get("CPR_STORE") or None,
+)

@@ -1,0 +1,205 @@
+"""Fixtures of the reliability suite: Redis DB 14, a workload driver over tests.apps.reliability_app."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+import redis
+from celery import Celery
+
+from tests.apps.reliability_app import RECORD_TASK, make_app
+from tests.support.ordering import OrderingReport, check
+from tests.support.procs import Processes, celery_bin, wait_for
+
+#: ``make soak`` sets CP_SOAK=1: the full sizes of the issue instead of CI sizes.
+SOAK = os.environ.get("CP_SOAK") == "1"
+
+
+def size(name: str, ci: int, soak: int) -> int:
+    """A workload size: ``CP_<name>`` from the environment, else the CI or soak default."""
+    raw = os.environ.get(f"CP_{name}")
+    return int(raw) if raw else (soak if SOAK else ci)
+
+
+def with_db(url: str, db: int) -> str:
+    return url.rsplit("/", 1)[0] + f"/{db}" if url.count("/") >= 3 else f"{url}/{db}"
+
+
+@pytest.fixture
+def records_url(redis_url: str) -> str:
+    """Redis DB 14 of the test Redis: the reliability suite's own database."""
+    return with_db(redis_url, 14)
+
+
+@pytest.fixture
+def rel_ns(records_url: str) -> Iterator[str]:
+    """A unique namespace on DB 14; its keys are deleted afterwards."""
+    ns = f"cprel-{uuid.uuid4().hex[:10]}:"
+    yield ns
+    client = redis.Redis.from_url(records_url)
+    for pattern in (f"{ns}*", f"*{ns}*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            client.delete(key)
+    client.close()
+
+
+Event = tuple[str, int]
+
+
+def keyed_events(keys: int, total: int, seed: int) -> tuple[list[Event], dict[str, int]]:
+    """``total`` events over ``keys`` keys (each key at least once), shuffled, numbered per key."""
+    rng = random.Random(seed)
+    names = [f"Order:{i}" for i in range(keys)]
+    picks = names + [rng.choice(names) for _ in range(total - keys)]
+    rng.shuffle(picks)
+    counts: dict[str, int] = {}
+    events: list[Event] = []
+    for key in picks:
+        seq = counts.get(key, 0)
+        counts[key] = seq + 1
+        events.append((key, seq))
+    return events, counts
+
+
+@dataclass
+class Workload:
+    """Workers over tests.apps.reliability_app, a producer, and what the tasks recorded."""
+
+    broker: str
+    records: str
+    ns: str
+    partitions: int
+    tmp: Path
+    processes: Processes
+    store: str | None = None
+    lease_ttl: float = 2.0
+    ms: int = 1
+    _app: Celery | None = field(default=None, repr=False)
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.records)
+
+    def env(self) -> dict[str, str]:
+        env = {"CPR_BROKER": self.broker, "CPR_RECORDS": self.records, "CPR_NS": self.ns,
+               "CPR_PARTITIONS": str(self.partitions), "CPR_LEASE_TTL": str(self.lease_ttl)}
+        if self.store:
+            env["CPR_STORE"] = self.store
+        return env
+
+    @property
+    def app(self) -> Celery:
+        if self._app is None:
+            self._app = make_app(self.broker, self.records, self.ns, self.partitions, self.lease_ttl,
+                                 self.store)
+        return self._app
+
+    def start_workers(self, name: str = "workers") -> Popen[bytes]:
+        """``celery partitioning worker`` over every partition, logging to ``tmp/<name>.log``."""
+        return self.processes.start(
+            [celery_bin(), "-A", "tests.apps.reliability_app", "partitioning", "worker",
+             "-l", "warning", "--stop-timeout", "20"],
+            env=self.env(), log=self.log(name))
+
+    def log(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def log_tail(self, name: str = "workers", chars: int = 4000) -> str:
+        path = self.log(name)
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+    def publish(self, events: Iterable[Event]) -> None:
+        task = self.app.tasks[RECORD_TASK]
+        with self.app.producer_or_acquire() as producer:
+            for key, seq in events:
+                task.apply_async((key, seq), {"ms": self.ms}, producer=producer)
+
+    def done(self) -> int:
+        return int(self.redis.scard(f"{self.ns}done"))
+
+    def wait_done(self, count: int, timeout: float) -> None:
+        try:
+            wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done", interval=0.25)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (done: {self.done()})\n--- worker log\n{self.log_tail()}") from None
+
+    def records_of(self, keys: Iterable[str]) -> dict[str, list[str]]:
+        client = self.redis
+        pipe = client.pipeline(transaction=False)
+        names = list(keys)
+        for key in names:
+            pipe.lrange(f"{self.ns}rec:{key}", 0, -1)
+        return {k: [e.decode() for e in entries] for k, entries in zip(names, pipe.execute(), strict=True)}
+
+    def report(self, counts: dict[str, int]) -> OrderingReport:
+        return check(self.records_of(counts), counts)
+
+    def busy_pids(self) -> set[int]:
+        """Pids whose partition's last record is a ``start``: inside a task right now."""
+        pipe = self.redis.pipeline(transaction=False)
+        for index in range(self.partitions):
+            pipe.lindex(f"{self.ns}part:p.{index}", -1)
+        busy = set()
+        for raw in pipe.execute():
+            if raw is not None:
+                kind, pid, _key, _seq = raw.decode().split(" ")
+                if kind == "start":
+                    busy.add(int(pid))
+        return busy
+
+    def partition_overlaps(self, killed: set[int]) -> list[str]:
+        """Where a partition started a task while another live process had one open."""
+        problems: list[str] = []
+        for index in range(self.partitions):
+            open_by: dict[int, str] = {}
+            for raw in self.redis.lrange(f"{self.ns}part:p.{index}", 0, -1):
+                kind, pid_text, key, seq = raw.decode().split(" ")
+                pid = int(pid_text)
+                if kind == "start":
+                    others = [p for p in open_by if p != pid and p not in killed]
+                    if others:
+                        problems.append(f"p.{index}: pid {pid} started {key}#{seq} while pid "
+                                        f"{others[0]} ran {open_by[others[0]]}")
+                    open_by[pid] = f"{key}#{seq}"
+                else:
+                    open_by.pop(pid, None)
+        return problems
+
+    def close(self) -> None:
+        if self._app is not None:
+            self._app.close()
+
+
+@pytest.fixture
+def workload_factory(processes: Processes, tmp_path: Path, records_url: str,
+                     rel_ns: str) -> Iterator[Callable[..., Workload]]:
+    made: list[Workload] = []
+
+    def make(partitions: int, broker: str | None = None, store: str | None = None,
+             ms: int = 1) -> Workload:
+        w = Workload(broker=broker or records_url, records=records_url, ns=rel_ns, partitions=partitions,
+                     tmp=tmp_path, processes=processes, store=store, ms=ms)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.close()
+
+
+@pytest.fixture
+def say(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print a result line to the terminal even without ``-s`` (reruns, kills, timings)."""
+
+    def write(line: str) -> None:
+        with capsys.disabled():
+            print(f"\n[{request.node.name}] {line}", flush=True)
+
+    return write
