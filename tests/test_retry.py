@@ -1,0 +1,167 @@
+"""In-place retry semantics without a broker: the patched task run through Celery's own tracer.
+
+The tracer is what a worker runs for each message (``celery.app.trace.build_tracer``); here it
+runs the patched task the way a partition worker would, with no Redis store.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+from celery import Celery, states
+from celery.app.trace import build_tracer
+from celery.exceptions import MaxRetriesExceededError
+
+import celery_partitioning as cp
+from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.worker.parking import InFlight
+from celery_partitioning.worker.retry import InPlaceRetry, RetryInPlace
+
+KEY = cp.create_entity_partition_key("Order")
+
+
+def make_app() -> Celery:
+    app = Celery("retry_unit", set_as_current=False)
+    app.conf.update(partitioning_pools={"entity": 2}, result_backend="cache+memory://")
+    cp.install(app)
+    return app
+
+
+def patch(app: Celery) -> tuple[InPlaceRetry, list[float]]:
+    runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q", redis=None,
+                                         keys=RedisKeys("unit:"), hostname="h", label="entity.0")
+    waits: list[float] = []
+    patcher = InPlaceRetry(runtime, None, InFlight())
+    original = patcher._wait_until
+
+    def wait_until(resume_at: float) -> None:
+        import time
+
+        waits.append(resume_at - time.time())
+        original(resume_at)
+
+    patcher._wait_until = wait_until  # type: ignore[method-assign]
+    patcher.patch_all()
+    return patcher, waits
+
+
+def run(app: Celery, name: str, *args: Any) -> tuple[str, Any]:
+    task = app.tasks[name]
+    tracer = build_tracer(name, task, app=app, eager=False, propagate=False)
+    request = {"id": f"id-{name}", "retries": 0, "delivery_info": {}, "is_eager": False,
+               "args": args, "kwargs": {}, "partition_key": f"Order:{args[0]}"}
+    result = tracer(request["id"], args, {}, request)
+    value = getattr(result.retval, "exception", result.retval)  # ExceptionInfo on failure
+    return task.backend.get_state(request["id"]), value
+
+
+def test_self_retry_reruns_the_same_call_in_place_with_the_retry_count() -> None:
+    app = make_app()
+    seen: list[int] = []
+
+    @app.task(bind=True, name="t.flaky", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def flaky(self: Any, order_id: str) -> str:
+        seen.append(self.request.retries)
+        if self.request.retries < 2:
+            raise self.retry(countdown=0.05, max_retries=3)
+        return "done"
+
+    _, waits = patch(app)
+    state, value = run(app, "t.flaky", "o1")
+    assert (state, value, seen) == (states.SUCCESS, "done", [0, 1, 2])
+    assert len(waits) == 2 and all(0 < w <= 0.05 for w in waits), waits
+
+
+def test_exhausted_retries_fail_the_task_with_celerys_error() -> None:
+    app = make_app()
+    seen: list[int] = []
+
+    @app.task(bind=True, name="t.always", shared=False, max_retries=2, default_retry_delay=0.01)
+    @cp.partitioned(KEY, pool="entity")
+    def always(self: Any, order_id: str) -> None:
+        seen.append(self.request.retries)
+        raise self.retry()
+
+    patch(app)
+    state, value = run(app, "t.always", "o1")
+    assert state == states.FAILURE and isinstance(value, MaxRetriesExceededError)
+    assert seen == [0, 1, 2]
+
+
+def test_retry_with_exc_reraises_that_exception_when_exhausted() -> None:
+    app = make_app()
+
+    @app.task(bind=True, name="t.exc", shared=False, max_retries=1)
+    @cp.partitioned(KEY, pool="entity")
+    def exc_task(self: Any, order_id: str) -> None:
+        raise self.retry(exc=KeyError("gone"), countdown=0.01)
+
+    patch(app)
+    state, value = run(app, "t.exc", "o1")
+    assert state == states.FAILURE and isinstance(value, KeyError)
+
+
+def test_autoretry_for_uses_the_in_place_retry_with_its_backoff() -> None:
+    app = make_app()
+    seen: list[int] = []
+
+    @app.task(bind=True, name="t.auto", shared=False, autoretry_for=(ConnectionError,),
+              max_retries=3, retry_backoff=0.05, retry_jitter=False, retry_backoff_max=1)
+    @cp.partitioned(KEY, pool="entity")
+    def auto(self: Any, order_id: str) -> int:
+        seen.append(self.request.retries)
+        if len(seen) < 3:
+            raise ConnectionError("flaky")
+        return len(seen)
+
+    patch(app)
+    assert run(app, "t.auto", "o1") == (states.SUCCESS, 3)
+    assert seen == [0, 1, 2]
+
+
+def test_retry_with_new_arguments_runs_them() -> None:
+    app = make_app()
+    seen: list[tuple[str, int]] = []
+
+    @app.task(bind=True, name="t.args", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def with_args(self: Any, order_id: str, step: int = 0) -> int:
+        seen.append((order_id, step))
+        if step < 2:
+            raise self.retry(args=(order_id, step + 1), countdown=0)
+        return step
+
+    patch(app)
+    assert run(app, "t.args", "o1") == (states.SUCCESS, 2)
+    assert seen == [("o1", 0), ("o1", 1), ("o1", 2)]
+
+
+def test_only_partitioned_tasks_are_patched_and_eager_calls_keep_celerys_behaviour() -> None:
+    app = make_app()
+
+    @app.task(bind=True, name="t.plain", shared=False)
+    def plain(self: Any) -> None: ...
+
+    @app.task(bind=True, name="t.part", shared=False, max_retries=0)
+    @cp.partitioned(KEY, pool="entity")
+    def part(self: Any, order_id: str) -> None:
+        raise self.retry(exc=ValueError("eager"), countdown=0)
+
+    patcher, _ = patch(app)
+    assert patcher.patch_all() == 0  # idempotent
+    assert "retry" not in vars(app.tasks["t.plain"])
+    assert "retry" in vars(app.tasks["t.part"])
+    with pytest.raises(ValueError, match="eager"):
+        app.tasks["t.part"].apply(("o1",), throw=True).get()
+
+
+def test_the_internal_signal_is_a_celery_retry() -> None:
+    from celery.exceptions import Retry
+
+    signal = RetryInPlace(1.5, ValueError("x"), (), {})
+    assert isinstance(signal, Retry) and signal.delay == 1.5
+
+
