@@ -139,3 +139,29 @@ def test_a_worker_killed_during_a_backoff_resumes_the_same_attempt_count(
     # Then A0 continued at retry 1 (no extra attempt), still before B0
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
         f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 0 try2", f"Order:{b} 0 try0"]
+
+
+def test_a_warm_shutdown_during_a_backoff_stops_at_once_and_keeps_the_message_first(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    index, (a, b) = same_partition_orders(fa, 2)
+    # Given A0 retries with a 30 s countdown, B0 behind it
+    fa.flaky.delay(a, 0, 1, 30.0)
+    fa.flaky.delay(b, 0)
+    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
+    wait_for(lambda: bool(list(client.scan_iter(match=f"{fa.NS}cp:attempts:*"))), 30,
+             "the first retry to be recorded")
+    # When the worker is asked to stop warmly during the backoff
+    processes.signal(proc, signal.SIGTERM)
+    proc.wait(timeout=15)  # type: ignore[attr-defined]  # far less than the 30 s backoff
+    # Then B0 did not run, and the next worker runs A0 (retry 1) first, then B0
+    assert client.lrange(f"{fa.NS}ran", 0, -1) == [f"Order:{a} 0 try0"]
+    (attempts_key,) = client.scan_iter(match=f"{fa.NS}cp:attempts:*")
+    record = json.loads(client.get(attempts_key) or "{}")
+    client.set(attempts_key, json.dumps({**record, "resume_at": 0}))  # skip the rest of the wait
+    proc2 = start_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
+    wait_for(lambda: client.llen(f"{fa.NS}ran") >= 3, 40, "3 runs")
+    processes.signal(proc2, signal.SIGTERM)
+    assert client.lrange(f"{fa.NS}ran", 0, -1) == [
+        f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{b} 0 try0"]
