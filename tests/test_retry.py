@@ -165,3 +165,31 @@ def test_the_internal_signal_is_a_celery_retry() -> None:
     assert isinstance(signal, Retry) and signal.delay == 1.5
 
 
+
+
+def test_an_in_place_retry_is_recorded_as_celery_records_a_retry() -> None:
+    from celery import signals
+
+    app = make_app()
+    hooks: list[str] = []
+
+    class Base(app.Task):  # type: ignore[name-defined,misc]
+        def on_retry(self, exc: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+            hooks.append(f"on_retry {type(exc).__name__} {task_id}")
+
+    @app.task(bind=True, base=Base, name="t.hooked", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def hooked(self: Any, order_id: str) -> None:
+        if not self.request.retries:
+            raise self.retry(exc=OSError("once"), countdown=0)
+
+    def on_signal(sender: Any = None, reason: Any = None, **_: Any) -> None:
+        hooks.append(f"task_retry {sender.name} {type(reason).__name__}")
+
+    signals.task_retry.connect(on_signal, weak=False)
+    try:
+        patch(app)
+        assert run(app, "t.hooked", "o1")[0] == states.SUCCESS
+    finally:
+        signals.task_retry.disconnect(on_signal)
+    assert hooks == ["on_retry OSError id-t.hooked", "task_retry t.hooked RetryInPlace"]

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -106,6 +107,23 @@ def _delay_of(app: Any, eta: Any, countdown: Any) -> float:
     if isinstance(countdown, timedelta):
         return max(0.0, countdown.total_seconds())
     return max(0.0, float(countdown))
+
+
+def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
+    """What Celery does for a retry, minus the re-publish: RETRY state, on_retry, task_retry."""
+    from celery import signals
+    from celery.app.trace import ExceptionInfo  # billiard's, as Celery uses it
+
+    exc_info = sys.exc_info()
+    einfo = ExceptionInfo(exc_info if exc_info[0] is not None else (type(signal), signal, None))
+    try:
+        if not task.ignore_result:
+            task.backend.mark_as_retry(request.id, signal.exc, einfo.traceback, request=request)
+        task.on_retry(signal.exc, request.id, request.args, request.kwargs, einfo)
+        signals.task_retry.send(sender=task, request=request, reason=signal, einfo=einfo)
+    except Exception:
+        logger.warning("%s[%s]: recording the retry failed; retrying anyway", task.name,
+                       request.id, exc_info=True)
 
 
 class InPlaceRetry:
@@ -227,6 +245,7 @@ class InPlaceRetry:
         self._remember(request.id, retries, resume_at)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
+        _announce_retry(task, request, signal)
         self._wait_until(resume_at)
         request.retries = retries
         args = signal.retry_args if signal.retry_args is not None else ()
