@@ -193,3 +193,21 @@ def test_an_in_place_retry_is_recorded_as_celery_records_a_retry() -> None:
     finally:
         signals.task_retry.disconnect(on_signal)
     assert hooks == ["on_retry OSError id-t.hooked", "task_retry t.hooked RetryInPlace"]
+
+
+def test_retry_without_throw_lets_the_run_finish_then_retries_in_place() -> None:
+    app = make_app()
+    seen: list[str] = []
+
+    @app.task(bind=True, name="t.nothrow", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def nothrow(self: Any, order_id: str) -> int:
+        if not self.request.retries:
+            self.retry(countdown=0, throw=False)
+            seen.append("after retry()")
+        seen.append(f"return {self.request.retries}")
+        return int(self.request.retries)
+
+    patch(app)
+    assert run(app, "t.nothrow", "o1") == (states.SUCCESS, 1)
+    assert seen == ["after retry()", "return 0", "return 1"]
