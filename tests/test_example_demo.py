@@ -138,8 +138,8 @@ def test_ctrl_c_stops_every_process_the_demo_started(
     proc = processes.start([sys.executable, str(DEMO), "--events", "3000",
                             "--log-dir", str(tmp_path / "logs")],
                            env=_env(url, namespace, tmp_path), log=log)
-    wait_for(lambda: "published" in log.read_text() or proc.poll() is not None, 120,
-             "the demo to start publishing")
+    wait_for(lambda: "workers ready" in log.read_text() or proc.poll() is not None, 120,
+             "the demo's workers to be ready")
     assert proc.poll() is None, log.read_text()[-3000:]
     assert len(_leftovers(namespace)) > 3  # wrapper, demo, redis-server, workers
     # When Ctrl-C reaches the demo's process group (as from a terminal)

@@ -26,6 +26,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from celery_partitioning.app import settings_of
+from celery_partitioning.embedded import stop_with_parent
 
 from .events import append, publish, stored_events
 from .models import (
@@ -130,7 +131,7 @@ class Workers:
         try:
             proc = subprocess.Popen(argv, cwd=PROJECT_DIR, env={**self.env, **(extra_env or {})},
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=stop_with_parent())  # noqa: PLW1509 - it only calls prctl()
         finally:
             log.close()
         self.procs.append((name, proc))
