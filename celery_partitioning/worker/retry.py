@@ -115,8 +115,13 @@ def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
     from celery.app.trace import ExceptionInfo  # billiard's, as Celery uses it
 
     exc_info = sys.exc_info()
-    einfo = ExceptionInfo(exc_info if exc_info[0] is not None else (type(signal), signal, None))
+    if exc_info[0] is None:  # retry(throw=False): give the record a traceback all the same
+        try:
+            raise signal
+        except RetryInPlace:
+            exc_info = sys.exc_info()
     try:
+        einfo = ExceptionInfo(exc_info)
         if not task.ignore_result:
             task.backend.mark_as_retry(request.id, signal.exc, einfo.traceback, request=request)
         task.on_retry(signal.exc, request.id, request.args, request.kwargs, einfo)
