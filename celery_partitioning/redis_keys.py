@@ -67,3 +67,7 @@ class RedisKeys:
     def broker_queue(self, queue: str) -> str:
         """List: kombu's Redis list of a queue (priority 0), under the same global_keyprefix."""
         return f"{self.namespace}{queue}"
+
+    def replay_outbox(self, pool: str, partition_key: str) -> str:
+        """List: replayed messages still to be re-published (brokers other than this Redis)."""
+        return f"{self.root}replay-outbox:{pool}:{key_digest(partition_key)}"
