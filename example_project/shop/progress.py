@@ -99,7 +99,8 @@ def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
 def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     from celery_partitioning.dcb import DCBConflict
 
-    if isinstance(reason, DCBConflict):
+    # ``reason`` is Celery's Retry (its ``exc`` is what caused it), or the exception itself.
+    if isinstance(getattr(reason, "exc", reason), DCBConflict):
         return  # counted where it happens (shop.inventory), in every mode
     app = getattr(sender, "app", None)
     if app is not None and pool_of(app, str(getattr(sender, "name", ""))) is not None:
