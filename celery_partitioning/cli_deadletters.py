@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .deadletters import DeadLetterError, DeadLetterStore, DeadLetterView, replay_queue, store_for_app
+from .deadletters import DeadLetterError, DeadLetterStore, DeadLetterView, replay_target, store_for_app
 from .errors import PartitioningError
 
 if TYPE_CHECKING:
@@ -106,9 +106,9 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
         if action == "replay":
-            queue = replay_queue(app, pool, key)
-            messages = store.replay(pool, key, queue)
-            where: dict[str, Any] = {"queue": queue}
+            queue, publish = replay_target(app, pool, key)
+            messages = store.replay(pool, key, queue, publish=publish)
+            where: dict[str, Any] = {"queue": queue, "via": "head" if publish is None else "publish"}
         else:
             messages = store.discard(pool, key)
             where = {}
@@ -121,7 +121,12 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
                                "messages": [m.__dict__ for m in messages]}, indent=2))
         return
     verb = "replayed" if action == "replay" else "discarded"
-    target = f" to the head of {where['queue']}" if where else " (recorded in the dead-letter log)"
+    if not where:
+        target = " (recorded in the dead-letter log)"
+    elif where["via"] == "head":
+        target = f" to the head of {where['queue']}"
+    else:
+        target = f" to {where['queue']} (published; newer messages of the key wait behind them)"
     click.echo(f"{verb} {len(messages)} message(s) of key {key!r} (pool {pool}){target}; "
                "the key is unparked")
     for m in messages:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
@@ -40,13 +40,16 @@ __all__ = [
     "DeadLetterStore",
     "DeadLetterView",
     "GateVerdict",
+    "Publish",
     "ParkedMessage",
     "REASON_ERROR",
     "REASON_MAX_RETRIES",
     "REASON_DCB_MAX_RETRIES",
     "message_summary",
     "now_iso",
-    "replay_queue",
+    "broker_publisher",
+    "replay_target",
+    "requeue_method",
     "store_for_app",
 ]
 
@@ -59,6 +62,10 @@ REASON_DCB_MAX_RETRIES: Final = "DCB_MAX_RETRIES_EXCEEDED"
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
+
+#: Re-publishes one raw message (JSON kombu payload) to its partition queue, through the
+#: broker. None means "push onto the head of the queue's Redis list" (Redis broker).
+Publish = Callable[[str], None]
 
 
 class DeadLetterError(PartitioningError):
@@ -160,9 +167,11 @@ def _message_id(raw: str | bytes) -> str:
 
 
 # Shared by the scripts below. KEYS: dead letters hash, parked list, parked ids, replaying set,
-# deferred list, broker queue list. ARGV[1]: key digest.
+# deferred list, broker queue list ('' when re-queueing publishes through the broker),
+# replay outbox. ARGV[1]: key digest.
 _LUA_PRELUDE: Final = r"""
-local dl, parked, ids, replaying, deferred, queue = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local dl, parked, ids, replaying, deferred = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local queue, outbox = KEYS[6], KEYS[7]
 local digest = ARGV[1]
 
 local function message_id(m)
@@ -186,11 +195,15 @@ local function drain_deferred()
   if redis.call('HEXISTS', dl, digest) == 1 then
     for i = 1, #waiting do redis.call('RPUSH', parked, waiting[i]) end
   else
-    for i = #waiting, 1, -1 do
-      redis.call('RPUSH', queue, waiting[i])
+    for i = 1, #waiting do
       local mid = message_id(waiting[i])
       redis.call('SREM', ids, mid)
       redis.call('SADD', replaying, mid)
+    end
+    if queue ~= '' then
+      for i = #waiting, 1, -1 do redis.call('RPUSH', queue, waiting[i]) end
+    else
+      for i = 1, #waiting do redis.call('RPUSH', outbox, waiting[i]) end
     end
   end
 end
@@ -263,31 +276,55 @@ class DeadLetterStore:
         return [k.dead_letters(pool), k.parked(pool, key), k.parked_ids(pool, key),
                 k.replaying(pool, key), k.deferred(pool, key)]
 
-    def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str) -> GateVerdict:
+    def _script_keys(self, pool: str, key: str, queue: str, publish: Publish | None) -> list[str]:
+        return [*self._key_names(pool, key),
+                self.keys.broker_queue(queue) if publish is None else "",
+                self.keys.replay_outbox(pool, key)]
+
+    def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
+             publish: Publish | None = None) -> GateVerdict:
         """Decide, atomically, whether a received message runs or is set aside.
 
         ``parked``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
         """
-        names = [*self._key_names(pool, key), self.keys.broker_queue(queue)]
-        verdict = self._gate(keys=names, args=[key_digest(key), task_id, raw])
+        verdict = self._gate(keys=self._script_keys(pool, key, queue, publish),
+                             args=[key_digest(key), task_id, raw])
         text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
         if text not in ("run", "parked", "deferred", "duplicate"):
             raise DeadLetterError(f"unexpected gate verdict {text!r}")
+        if publish is not None:
+            self.flush_outbox(pool, key, publish)
         return text  # type: ignore[return-value]
 
-    def dead_letter(self, letter: DeadLetter, queue: str) -> bool:
+    def dead_letter(self, letter: DeadLetter, queue: str, *,
+                    publish: Publish | None = None) -> bool:
         """Store a dead letter and park its key; False if the key was parked already."""
-        names = [*self._key_names(letter.pool, letter.key), self.keys.broker_queue(queue)]
         stored = self._dead_letter(
-            keys=names,
+            keys=self._script_keys(letter.pool, letter.key, queue, publish),
             args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw or ""],
         )
         return bool(stored)
 
-    def finished(self, pool: str, key: str, task_id: str, queue: str) -> None:
+    def finished(self, pool: str, key: str, task_id: str, queue: str, *,
+                 publish: Publish | None = None) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
-        names = [*self._key_names(pool, key), self.keys.broker_queue(queue)]
-        self._finished(keys=names, args=[key_digest(key), task_id])
+        self._finished(keys=self._script_keys(pool, key, queue, publish),
+                       args=[key_digest(key), task_id])
+        if publish is not None:
+            self.flush_outbox(pool, key, publish)
+
+    def flush_outbox(self, pool: str, key: str, publish: Publish) -> int:
+        """Publish the key's re-queued messages, oldest first; each leaves the outbox once sent.
+
+        At least once: a crash between publishing and popping re-sends that message.
+        """
+        outbox = self.keys.replay_outbox(pool, key)
+        sent = 0
+        while (raw := self.client.lindex(outbox, 0)) is not None:
+            publish(_text(raw))
+            self.client.lpop(outbox)
+            sent += 1
+        return sent
 
     def is_parked(self, pool: str, key: str) -> bool:
         return bool(self.client.hexists(self.keys.dead_letters(pool), key_digest(key)))
@@ -355,17 +392,22 @@ class DeadLetterStore:
             "(see `celery -A proj partitioning dead-letters list`)"
         )
 
-    def replay(self, pool: str, key: str, queue: str) -> list[ParkedMessage]:
-        """Re-queue the dead letter and the parked messages of ``key`` at the head of ``queue``.
+    def replay(self, pool: str, key: str, queue: str, *,
+               publish: Publish | None = None) -> list[ParkedMessage]:
+        """Re-queue the dead letter and the parked messages of ``key``, in order, and unpark it.
 
-        In one transaction: the messages go to the consuming end of kombu's Redis list in
-        their original order (ahead of anything newer), the key is unparked, and the replay
-        is logged. Raises ``DeadLetterError`` when the key is not parked (never replays twice).
+        In one transaction: the messages go to the consuming end of kombu's Redis list of
+        ``queue`` in their original order (ahead of anything newer) — or, with ``publish``
+        (any other broker), to the key's outbox, published right after — the key is
+        unparked, and the replay is logged. Newer messages of the key that reach the worker
+        before the replayed ones are deferred behind them. Raises ``DeadLetterError`` when
+        the key is not parked (never replays twice).
         """
         from redis.exceptions import WatchError
 
         names = self._key_names(pool, key)
         dl_hash, parked_list, ids, replaying, _ = names
+        outbox = self.keys.replay_outbox(pool, key)
         digest = key_digest(key)
         while True:
             with self.client.pipeline() as pipe:
@@ -373,6 +415,11 @@ class DeadLetterStore:
                     pipe.watch(dl_hash, parked_list, ids, replaying)  # type: ignore[no-untyped-call]
                     record = pipe.hget(dl_hash, digest)
                     if record is None:
+                        pending = [message_summary(m) for m in pipe.lrange(outbox, 0, -1)]
+                        if publish is not None and pending:  # an interrupted replay: finish it
+                            pipe.reset()
+                            self.flush_outbox(pool, key, publish)
+                            return pending
                         raise self._missing(pool, key, "replay")
                     letter = DeadLetter.from_json(record)
                     if letter.raw is None:
@@ -382,8 +429,11 @@ class DeadLetterStore:
                     raws: list[str | bytes] = [letter.raw, *pipe.lrange(parked_list, 0, -1)]
                     messages = [message_summary(r) for r in raws]
                     pipe.multi()
-                    # BRPOP consumes from the right: push the newest first, the dead letter last.
-                    pipe.rpush(self.keys.broker_queue(queue), *reversed(raws))
+                    if publish is None:
+                        # BRPOP consumes from the right: push the newest first, the dead letter last.
+                        pipe.rpush(self.keys.broker_queue(queue), *reversed(raws))
+                    else:
+                        pipe.rpush(outbox, *raws)
                     pipe.srem(ids, *[m.id for m in messages])
                     pipe.sadd(replaying, *[m.id for m in messages])
                     pipe.delete(parked_list)
@@ -392,9 +442,12 @@ class DeadLetterStore:
                     pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
                         self._event("replay", pool, key, letter, messages, queue=queue)))
                     pipe.execute()
-                    return messages
                 except WatchError:
                     time.sleep(0.01)
+                    continue
+            if publish is not None:
+                self.flush_outbox(pool, key, publish)
+            return messages
 
     def discard(self, pool: str, key: str) -> list[ParkedMessage]:
         """Drop the dead letter and parked messages of ``key``, unpark it, log what was dropped."""
@@ -460,28 +513,58 @@ def store_for_app(app: Celery) -> DeadLetterStore:
     return DeadLetterStore(redis.Redis.from_url(settings.redis_url), RedisKeys(redis_namespace(app.conf)))
 
 
-def replay_queue(app: Celery, pool: str, key: str) -> str:
-    """The queue a replay of ``key`` goes to; ``DeadLetterError`` if the broker cannot take it.
-
-    Replay pushes onto the head of kombu's Redis list in the store's transaction, so the
-    broker must be Redis and the very Redis of the store.
-    """
+def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Publish | None]:
+    """The queue a replay of ``key`` goes to, and how (see :func:`requeue_method`)."""
     from .app import settings_of
     from .hashing import partition_for
+
+    settings = settings_of(app)
+    index = partition_for(key, settings.partitions(pool))
+    return settings.queue_name(pool, index), requeue_method(app, pool, index)
+
+
+def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
+    """None when re-queued messages can be pushed onto the head of the queue's Redis list in
+    the store's own transaction (the broker is the store's Redis); else a publisher.
+
+    Through a publisher (RabbitMQ, or a Redis broker apart from the store) messages go to
+    the back of the queue; ordering then rests on the gate deferring newer messages of the
+    key until the re-queued ones are done.
+    """
+    from .app import settings_of
 
     settings = settings_of(app)
     with app.connection_for_write() as conn:
         driver = conn.transport.driver_type
         broker = conn.as_uri(include_password=True)
-    if driver != "redis":
-        raise DeadLetterError(
-            f"replay needs a Redis broker (this app's broker is {driver!r}); re-send the "
-            "messages listed by `dead-letters list --json`, then `discard` the key")
-    if settings.redis_url is None or not _same_redis(broker, settings.redis_url):
-        raise DeadLetterError(
-            f"replay needs the dead-letter store on the broker's Redis; partitioning_redis_url "
-            f"is {settings.redis_url!r}, the broker is {broker!r}")
-    return settings.queue_name(pool, partition_for(key, settings.partitions(pool)))
+    if driver == "redis" and settings.redis_url is not None and _same_redis(broker, settings.redis_url):
+        return None
+    return broker_publisher(app, pool, index)
+
+
+def broker_publisher(app: Celery, pool: str, index: int) -> Publish:
+    """Publish raw kombu payloads (as stored) to partition ``index`` of ``pool``, unchanged."""
+    from .app import partitioning_of
+
+    queue = partitioning_of(app).router.queue(pool, index)
+
+    def publish(raw: str) -> None:
+        payload = json.loads(raw)
+        props = dict(payload.get("properties") or {})
+        body: Any = payload.get("body") or ""
+        if props.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        options = {name: props[name] for name in ("correlation_id", "reply_to", "delivery_mode")
+                   if props.get(name) is not None}
+        with app.producer_or_acquire() as producer:
+            producer.publish(
+                body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+                headers=dict(payload.get("headers") or {}),
+                content_type=payload.get("content-type") or "application/json",
+                content_encoding=payload.get("content-encoding") or "utf-8",
+                retry=True, **options)
+
+    return publish
 
 
 def _same_redis(a: str, b: str) -> bool:

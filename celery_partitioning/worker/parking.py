@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ..deadletters import DeadLetterStore
+from ..deadletters import DeadLetterStore, Publish
 
 if TYPE_CHECKING:
     from .runtime import GateMessage, PartitionRuntime
@@ -87,17 +87,20 @@ class ParkingGate:
     """
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
-                 inflight: InFlight) -> None:
+                 inflight: InFlight, publish: Publish | None = None) -> None:
         self.runtime = runtime
         self.store = store
         self.inflight = inflight
+        #: How deferred messages are re-queued (None: Redis head push; see deadletters).
+        self.publish = publish
 
     def __call__(self, message: GateMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
             return False
         raw = raw_payload(message.message)
-        verdict = self.store.gate(pool, key, task_id, raw, self.runtime.queue)
+        verdict = self.store.gate(pool, key, task_id, raw, self.runtime.queue,
+                                  publish=self.publish)
         if verdict == "run":
             self.inflight.put(task_id, InFlightEntry(pool, key, raw))
             return False

@@ -43,7 +43,9 @@ from ..deadletters import (
     REASON_MAX_RETRIES,
     DeadLetter,
     DeadLetterStore,
+    Publish,
     now_iso,
+    requeue_method,
 )
 from ..tasks import spec_of
 from .parking import InFlight, ParkingGate
@@ -135,10 +137,12 @@ class InPlaceRetry:
     """Patches the partitioned tasks of one partition worker (see the module docstring)."""
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
-                 inflight: InFlight, sleep: Callable[[float], None] = time.sleep) -> None:
+                 inflight: InFlight, sleep: Callable[[float], None] = time.sleep,
+                 publish: Publish | None = None) -> None:
         self.runtime = runtime
         self.store = store
         self.inflight = inflight
+        self.publish = publish
         self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
 
@@ -302,7 +306,8 @@ class InPlaceRetry:
         if client is not None:
             client.delete(self.runtime.keys.attempts(task_id))
         if self.store is not None and entry is not None:
-            self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue)
+            self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue,
+                                publish=self.publish)
 
     # -- dead letters -----------------------------------------------------------------
     def _dead_letter(self, task: Any, request: Any, exc: BaseException,
@@ -339,7 +344,7 @@ class InPlaceRetry:
                          task.name, request.id, letter.error, key)
             return
         try:
-            parked_now = self.store.dead_letter(letter, self.runtime.queue)
+            parked_now = self.store.dead_letter(letter, self.runtime.queue, publish=self.publish)
         except Exception:
             logger.critical("%s[%s] failed and its dead letter could not be stored; stopping "
                             "without acking so the message comes back", task.name, request.id,
@@ -351,9 +356,9 @@ class InPlaceRetry:
 
 
 def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,
-                          inflight: InFlight) -> InPlaceRetry:
+                          inflight: InFlight, publish: Publish | None = None) -> InPlaceRetry:
     """Patch the runtime's partitioned tasks for in-place retry and dead letters."""
-    patcher = InPlaceRetry(runtime, store, inflight)
+    patcher = InPlaceRetry(runtime, store, inflight, publish=publish)
     count = patcher.patch_all()
     logger.info("partition %s: in-place retry on %d partitioned task(s)", runtime.label, count)
     return patcher
@@ -363,10 +368,11 @@ def install_failure_handling(runtime: PartitionRuntime) -> None:
     """The ``on_started`` hook: parking gate + in-place retry + dead letters on this partition."""
     store = DeadLetterStore(runtime.redis, runtime.keys) if runtime.redis is not None else None
     inflight = InFlight()
+    publish = requeue_method(runtime.app, runtime.pool, runtime.index) if store else None
     if store is not None:
-        runtime.gates.append(ParkingGate(runtime, store, inflight))
+        runtime.gates.append(ParkingGate(runtime, store, inflight, publish))
     else:
         logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
                        "dead letters and parking are off", runtime.label)
-    enable_in_place_retry(runtime, store, inflight)
+    enable_in_place_retry(runtime, store, inflight, publish)
 
