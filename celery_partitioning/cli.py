@@ -18,9 +18,11 @@ from .worker.supervisor import EXIT_USAGE, Supervisor, select_partitions, worker
 
 __all__ = ["partitioning"]
 
-#: Options of the ``celery`` root command that children must be started with too.
-_ROOT_OPTIONS = (("app", "-A"), ("broker", "-b"), ("result_backend", "--result-backend"),
-                 ("loader", "--loader"), ("config", "--config"), ("workdir", "--workdir"))
+#: Options of the ``celery`` root command that children must be started with too. Not
+#: ``-b``/``--result-backend``: the root command exported them as CELERY_BROKER_URL and
+#: CELERY_RESULT_BACKEND, which children inherit, and URLs with passwords must stay out of
+#: command lines (``ps`` shows them to every user, ``--dry-run`` prints them).
+_ROOT_OPTIONS = (("app", "-A"), ("loader", "--loader"), ("config", "--config"), ("workdir", "--workdir"))
 
 
 def _app(ctx: click.Context) -> Any:

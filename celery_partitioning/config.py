@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
+from kombu.utils.url import maybe_sanitize_url
+
 from .errors import PartitionConfigError
 from .keys import RECOMMENDED_PARALLELISM
 
@@ -112,11 +114,15 @@ def _redis_url(conf: Mapping[str, Any]) -> str | None:
     explicit = conf.get("partitioning_redis_url")
     if explicit is not None:
         if not isinstance(explicit, str) or not explicit.startswith(_REDIS_SCHEMES):
-            raise _bad("partitioning_redis_url", f"is {explicit!r}",
+            shown = maybe_sanitize_url(explicit) if isinstance(explicit, str) else explicit
+            raise _bad("partitioning_redis_url", f"is {shown!r}",
                        "use a redis://, rediss:// or unix:// URL")
         return explicit
     for name in ("broker_url", "result_backend"):
-        value = conf.get(name)
+        # Celery's Settings resolve these two through properties that read CELERY_BROKER_URL /
+        # CELERY_RESULT_BACKEND first (what ``celery -b`` exports): use them where present.
+        resolved = isinstance(getattr(type(conf), name, None), property)
+        value = getattr(conf, name) if resolved else conf.get(name)
         if isinstance(value, str):
             first = value.split(";")[0].strip()
             if first.startswith(_REDIS_SCHEMES):

@@ -7,9 +7,11 @@ CPR_BROKER: broker URL (Redis or RabbitMQ); CPR_STORE: Redis for leases and dead
 CPR_LEASE_TTL: lease TTL in seconds.
 
 The task ``reliability.record(key, seq, ms)`` appends ``start <seq>`` / ``end <seq>`` to
-``{ns}rec:{key}`` (checked by tests.support.ordering), ``start|end <pid> <key> <seq>`` to
+``{ns}rec:<key_digest(key)>`` (checked by tests.support.ordering; the key text itself never
+becomes part of a Redis key name, as in the library), ``start|end <pid> <key> <seq>`` to
 ``{ns}part:<pool.index>`` (two processes must never run one partition at once), and adds
 ``<key> <seq>`` to the set ``{ns}done`` when it ends (distinct completions).
+The task ``reliability.fail(key)`` always raises: its message becomes a dead letter.
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ import redis
 from celery import Celery
 
 import celery_partitioning as cp
+from celery_partitioning.redis_keys import key_digest
 from celery_partitioning.worker import current_runtime
 
-__all__ = ["make_app", "app", "RECORD_TASK"]
+__all__ = ["make_app", "app", "RECORD_TASK", "FAIL_TASK", "record_list"]
 
 RECORD_TASK = "reliability.record"
+FAIL_TASK = "reliability.fail"
+
+
+def record_list(ns: str, key: str) -> str:
+    """The Redis list a key's start/end records go to."""
+    return f"{ns}rec:{key_digest(key)}"
 
 
 def _key(args: Any) -> str:
@@ -38,7 +47,7 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
     """A fresh app; the tests' producers build theirs with the same arguments as the workers."""
     app = Celery(f"{ns}reliability", broker=broker, set_as_current=False)
     app.conf.update(
-        broker_transport_options={"global_keyprefix": ns} if broker.startswith("redis") else {},
+        broker_transport_options={"global_keyprefix": ns},  # Redis only; others ignore it
         partitioning_pools={"p": partitions},
         partitioning_queue_prefix=f"{ns}partition",
         partitioning_lease_ttl=lease_ttl,
@@ -57,12 +66,18 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
         label = runtime.label if runtime is not None else "none"
         pid = os.getpid()
         client.rpush(f"{ns}part:{label}", f"start {pid} {key} {seq}")
-        client.rpush(f"{ns}rec:{key}", f"start {seq}")
+        client.rpush(record_list(ns, key), f"start {seq}")
         if ms:
             time.sleep(ms / 1000)
-        client.rpush(f"{ns}rec:{key}", f"end {seq}")
+        client.rpush(record_list(ns, key), f"end {seq}")
         client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
-        client.sadd(f"{ns}done", f"{key} {seq}")
+        client.sadd(f"{ns}done", f"{key_digest(key)} {seq}")
+
+    @app.task(name=FAIL_TASK, shared=False)
+    @cp.partitioned(_key, pool="p")
+    def fail(key: str) -> None:
+        client.sadd(f"{ns}failed", key_digest(key))
+        raise RuntimeError("this task always fails")
 
     return app
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import signal
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.apps.reliability_app import RECORD_TASK, make_app
+from tests.apps.reliability_app import RECORD_TASK, make_app, record_list
 from tests.support.ordering import OrderingReport, check
 from tests.support.procs import Processes, celery_bin, wait_for
 
@@ -48,6 +51,50 @@ def rel_ns(records_url: str) -> Iterator[str]:
         for key in client.scan_iter(match=pattern, count=1000):
             client.delete(key)
     client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class PrivateRedis:
+    """A ``redis-server`` of our own, durable (AOF, fsync always), restartable on the same port."""
+
+    def __init__(self, processes: Processes, directory: Path, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not on PATH")
+        self.binary = binary
+        self.processes = processes
+        self.dir = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = list(extra)
+        self.password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
+        self.proc: Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = self.processes.start(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no",
+             *self.extra],
+            log=self.dir / "redis.log")
+        wait_for(self.answers, 15, f"redis-server on port {self.port}")
+
+    def answers(self) -> bool:
+        try:
+            client = redis.Redis.from_url(self.url, password=self.password, socket_connect_timeout=0.5)
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.processes.signal(self.proc, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
 
 Event = tuple[str, int]
@@ -135,7 +182,7 @@ class Workload:
         pipe = client.pipeline(transaction=False)
         names = list(keys)
         for key in names:
-            pipe.lrange(f"{self.ns}rec:{key}", 0, -1)
+            pipe.lrange(record_list(self.ns, key), 0, -1)
         return {k: [e.decode() for e in entries] for k, entries in zip(names, pipe.execute(), strict=True)}
 
     def report(self, counts: dict[str, int]) -> OrderingReport:

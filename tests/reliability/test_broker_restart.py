@@ -13,61 +13,18 @@ Knobs: CP_RESTART_EVENTS (CI 1,200; soak 5,000), CP_RESTART_KEYS (120; 300), CP_
 
 from __future__ import annotations
 
-import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from subprocess import Popen
 
 import pytest
 import redis
 
-from tests.reliability.conftest import Workload, keyed_events, size
+from tests.reliability.conftest import PrivateRedis, Workload, keyed_events, size
 from tests.support.procs import Processes, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class PrivateRedis:
-    """A ``redis-server`` of our own, durable (AOF, fsync always), restartable on the same port."""
-
-    def __init__(self, processes: Processes, directory: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not on PATH")
-        self.binary = binary
-        self.processes = processes
-        self.dir = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = self.processes.start(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"],
-            log=self.dir / "redis.log")
-        wait_for(self.answers, 15, f"redis-server on port {self.port}")
-
-    def answers(self) -> bool:
-        try:
-            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.processes.signal(self.proc, signal.SIGKILL)
-        self.proc.wait(timeout=10)
 
 
 def test_broker_killed_and_restarted_mid_run(workload_factory: Callable[..., Workload], processes: Processes,
