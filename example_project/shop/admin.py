@@ -18,7 +18,7 @@ from .models import (
 )
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin):
     """Projections are written by the workers only: look, do not touch."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:

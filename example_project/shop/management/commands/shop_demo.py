@@ -65,7 +65,7 @@ class Command(BaseCommand):
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
         )
         try:
-            result = run_demo(demo, self.stdout._out)  # type: ignore[attr-defined]
+            result = run_demo(demo, self.stdout._out)
         except KeyboardInterrupt:
             self.stderr.write("interrupted: every worker this demo started has been stopped")
             sys.exit(130)
