@@ -152,3 +152,58 @@ def test_key_text_never_appears_in_redis_key_names(store: DeadLetterStore) -> No
     view = store.get(POOL, nasty)
     assert view is not None and view.dead_letter.key == nasty
     assert store.get(POOL, "Order:*") is None
+
+
+def test_through_a_publisher_a_replay_goes_to_the_back_and_newer_messages_wait(
+    store: DeadLetterStore,
+) -> None:
+    # A broker queue we can only append to (RabbitMQ): the replayed messages land behind
+    # "new", which was published while the key was parked but not consumed yet.
+    key = "Order:1"
+    broker: list[str] = []
+
+    def publish(raw_message: str) -> None:
+        broker.append(message_summary(raw_message).id)
+
+    store.gate(POOL, key, "m0", raw("m0"), QUEUE, publish=publish)
+    store.dead_letter(letter(key, "m0"), QUEUE, publish=publish)
+    store.gate(POOL, key, "m1", raw("m1"), QUEUE, publish=publish)
+    broker.append("new")
+    assert [m.id for m in store.replay(POOL, key, QUEUE, publish=publish)] == ["m0", "m1"]
+    assert broker == ["new", "m0", "m1"]
+
+    def deliver() -> str:
+        task_id = broker.pop(0)
+        return store.gate(POOL, key, task_id, raw(task_id), QUEUE, publish=publish)
+
+    assert deliver() == "deferred"  # "new" must not overtake the replay
+    assert deliver() == "run"
+    store.finished(POOL, key, "m0", QUEUE, publish=publish)
+    assert deliver() == "run"
+    store.finished(POOL, key, "m1", QUEUE, publish=publish)
+    assert broker == ["new"]  # published again, behind the replay
+    assert deliver() == "run"
+    store.finished(POOL, key, "new", QUEUE, publish=publish)
+    assert store.client.llen(store.keys.replay_outbox(POOL, key)) == 0
+
+
+def test_an_interrupted_publishing_replay_is_finished_by_the_next_replay(
+    store: DeadLetterStore,
+) -> None:
+    key = "Order:1"
+    store.dead_letter(letter(key, "m0"), QUEUE)
+    store.gate(POOL, key, "m1", raw("m1"), QUEUE)
+    sent: list[str] = []
+
+    def broken(raw_message: str) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError):
+        store.replay(POOL, key, QUEUE, publish=broken)
+    # nothing is lost: the messages wait in the outbox; replaying again sends them
+    assert [m.id for m in store.replay(POOL, key, QUEUE,
+                                       publish=lambda r: sent.append(message_summary(r).id))] \
+        == ["m0", "m1"]
+    assert sent == ["m0", "m1"]
+    with pytest.raises(DeadLetterError, match="it was replayed at"):
+        store.replay(POOL, key, QUEUE, publish=sent.append)

@@ -104,9 +104,9 @@ class ParkingGate:
         if verdict == "run":
             self.inflight.put(task_id, InFlightEntry(pool, key, raw))
             return False
-        logger.warning("%s[%s]: key %r of pool %s is parked: message %s", message.task_name,
-                       task_id, key, pool,
-                       {"parked": "set aside", "deferred": "deferred behind a replay",
-                        "duplicate": "already stored"}[verdict])
+        what = {"parked": "is parked: message set aside",
+                "deferred": "is being replayed: newer message deferred behind the replay",
+                "duplicate": "is parked: message already stored"}[verdict]
+        logger.warning("%s[%s]: key %r of pool %s %s", message.task_name, task_id, key, pool, what)
         message.ack()
         return True

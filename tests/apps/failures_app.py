@@ -1,6 +1,7 @@
 """A partitioned app for the failure tests (retries, dead letters, DCB), configured from env.
 
-CP_REDIS_URL: broker and store; CP_NS: unique namespace (key prefix, queue prefix).
+CP_REDIS_URL: broker and store; CP_NS: unique namespace (key prefix, queue prefix);
+CP_BROKER_URL: another broker (RabbitMQ), the store staying on CP_REDIS_URL.
 Tasks record ``start <seq>`` / ``end <seq>`` per key (tests/support/ordering.py) and a
 partition-wide ``ran`` log; faults are switched by Redis flags the test sets and clears.
 """
@@ -20,8 +21,12 @@ from celery_partitioning import DCBConflict, with_dcb_retry
 NS = os.environ.get("CP_NS", "cptest-local:")
 REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/12")
 
-app = Celery("failures_app", broker=REDIS_URL, set_as_current=True)
+#: The broker: the Redis above by default; CP_BROKER_URL (e.g. RabbitMQ) to test another.
+BROKER_URL = os.environ.get("CP_BROKER_URL") or REDIS_URL
+
+app = Celery("failures_app", broker=BROKER_URL, set_as_current=True)
 app.conf.update(
+    partitioning_redis_url=REDIS_URL,
     broker_transport_options={"global_keyprefix": NS},
     partitioning_pools={"entity": 2, "dcb": 2},
     partitioning_queue_prefix=f"{NS}partition",

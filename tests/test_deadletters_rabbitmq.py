@@ -1,0 +1,99 @@
+"""Parking and replay on RabbitMQ (dead-letter store on Redis), real workers (issue 4).
+
+RabbitMQ cannot take a message back at the head of a queue, so a replay publishes the
+messages to the back; a newer message of the key that sits ahead of them must wait.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.ordering import check
+from tests.support.procs import ROOT, Processes, celery_bin, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+
+
+@pytest.fixture
+def fa(redis_url: str, amqp_url: str, namespace: str,
+       monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    url = redis_url.rsplit("/", 1)[0] + "/12"
+    monkeypatch.setenv("CP_REDIS_URL", url)
+    monkeypatch.setenv("CP_BROKER_URL", amqp_url)
+    monkeypatch.setenv("CP_NS", namespace)
+    module = importlib.reload(importlib.import_module("tests.apps.failures_app"))
+    assert module.BROKER_URL == amqp_url
+    yield module
+    with module.app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for pool, count in (("entity", 2), ("dcb", 2)):
+            for index in range(count):
+                channel.queue_delete(f"{namespace}partition.{pool}.{index}")
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+        client.delete(key)
+
+
+def env_of(fa: ModuleType, **extra: str) -> dict[str, str]:
+    return {"CP_REDIS_URL": fa.REDIS_URL, "CP_BROKER_URL": fa.BROKER_URL, "CP_NS": fa.NS, **extra}
+
+
+def start_child(processes: Processes, fa: ModuleType, index: int, log: Path) -> Any:
+    queue = f"{fa.NS}partition.entity.{index}"
+    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", queue, "-P", "solo",
+            "-c", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-n", f"rmq-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
+    return processes.start(argv, env=env_of(fa, CELERY_PARTITIONING_PARTITION=f"entity:{index}"),
+                           log=log)
+
+
+def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    from celery_partitioning.redis_keys import RedisKeys
+
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    first = fa.cp.explain_route(fa.app, "fail.step", "p0", 0).index
+    p, q = [o for o in (f"p{i}" for i in range(500))
+            if fa.cp.explain_route(fa.app, "fail.step", o, 0).index == first][:2]
+    key = f"Order:{p}"
+    parked = RedisKeys(fa.NS).parked("entity", key)
+    # Given P parked behind a poison P0 (P1, P2 parked), Q on the same partition done
+    client.set(f"{fa.NS}poison:{p}:0", "bad")
+    for seq in range(3):
+        fa.step.delay(p, seq)
+    fa.step.delay(q, 0)
+    worker = start_child(processes, fa, first, tmp_path / "w1.log")
+    wait_for(lambda: client.llen(parked) == 2 and client.llen(f"{fa.NS}rec:Order:{q}") == 2, 60,
+             "P1, P2 parked and Q0 done")
+    processes.signal(worker, signal.SIGTERM)
+    worker.wait(timeout=30)
+    # And P3 published while no worker runs: it waits in the queue, ahead of any replay
+    fa.step.delay(p, 3)
+    client.delete(f"{fa.NS}poison:{p}:0")
+    # When the key is replayed and a worker starts
+    out = subprocess.run(
+        [celery_bin(), "-A", "tests.apps.failures_app", "partitioning", "dead-letters", "replay",
+         "--key", key], env={**os.environ, "PYTHONPATH": str(ROOT), **env_of(fa)}, cwd=ROOT,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0 and "replayed 3 message(s)" in out.stdout, out.stdout + out.stderr
+    start_child(processes, fa, first, tmp_path / "w2.log")
+    wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 3"], 60, "P3 to run")
+    fa.step.delay(p, 4)
+    wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 4"], 30, "P4 to run")
+    # Then P ran 0..4 in publish order: P3 was deferred behind the replayed messages
+    report = check({key: client.lrange(f"{fa.NS}rec:{key}", 0, -1)}, {key: 5})
+    assert report.ok and report.reruns == 1, report.summary()
+    assert client.lrange(f"{fa.NS}ran", 0, -1) == [
+        f"{key} 0", f"Order:{q} 0", f"{key} 0", f"{key} 1", f"{key} 2", f"{key} 3", f"{key} 4"]
