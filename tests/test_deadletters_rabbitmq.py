@@ -33,7 +33,7 @@ def fa(redis_url: str, amqp_url: str, namespace: str,
     monkeypatch.setenv("CP_BROKER_URL", amqp_url)
     monkeypatch.setenv("CP_NS", namespace)
     module = importlib.reload(importlib.import_module("tests.apps.failures_app"))
-    assert module.BROKER_URL == amqp_url
+    assert amqp_url == module.BROKER_URL
     yield module
     with module.app.connection_for_write() as conn:
         channel = conn.default_channel
