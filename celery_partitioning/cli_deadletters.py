@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
+from redis.exceptions import RedisError
 
 from .deadletters import DeadLetterError, DeadLetterStore, DeadLetterView, replay_target, store_for_app
 from .errors import PartitioningError
@@ -38,6 +39,13 @@ def _store(app: Celery) -> DeadLetterStore:
         return store_for_app(app)
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _unreachable(store: DeadLetterStore, exc: Exception) -> click.ClickException:
+    where = store.client.connection_pool.connection_kwargs
+    return click.ClickException(
+        f"the dead-letter store (Redis {where.get('host', '?')}:{where.get('port', '?')}"
+        f"/{where.get('db', 0)}) cannot be reached: {exc}; nothing was changed")
 
 
 def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool,
@@ -86,10 +94,13 @@ def dead_letters() -> None:
 def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as_json: bool) -> None:
     """List dead letters: the failed message of each parked key and what is parked behind it."""
     app = _app(ctx)
+    store = _store(app)
     try:
-        views = _store(app).find(_pools(app, pools), key)
+        views = store.find(_pools(app, pools), key)
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise _unreachable(store, exc) from None
     if as_json:
         click.echo(json.dumps([v.as_dict() for v in views], indent=2))
     elif not views:
@@ -116,6 +127,8 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         raise click.ClickException(str(exc)) from None
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise _unreachable(store, exc) from None
     if as_json:
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where,
                                "messages": [m.__dict__ for m in messages]}, indent=2))
