@@ -173,6 +173,10 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
         keys=RedisKeys(redis_namespace(app.conf)), hostname=str(worker.hostname),
         transport=transport,
     )
+    # The event loop (kombu Hub) defers late acks to its next turn; on RabbitMQ with
+    # prefetch 1 that stalled a solo worker for whole timer periods (seen: 10 s between
+    # tasks). The plain consume loop acks at once. The Hub step is built after worker_init.
+    worker.use_eventloop = False
     runtime.gates.append(misroute_guard(runtime))
     runtime.on_started.append(install_failure_handling)  # issue 4: parking gate, in-place retry
     attach_runtime(app, runtime)
