@@ -228,26 +228,32 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     progress_of(app).reset()
     plan = plan_stream(options.events, options.seed)
     workers = Workers(worker_env(), log_dir)
-    with _sigterm_as_interrupt():
-        try:
-            if options.unordered:
-                how = workers.start_plain(options.plain_workers, options.plain_concurrency)
-            else:
-                how = workers.start_partitioned(pools, options.workers)
-            console.say(f"workers: {how}; logs in {log_dir}")
-            ready = wait_ready(app, workers.nodes, workers, console)
-            console.say(f"workers ready in {ready:.1f} s; publishing {len(plan.commands)} commands "
-                        f"({plan.orders} orders, {plan.customers} customers)")
-            started_wall = time.time()
-            started = time.monotonic()
-            events, tasks = _publish_stream(plan, settings.SHOP_TENANT)
-            console.say(f"published {events} events as {tasks} tasks in "
-                        f"{time.monotonic() - started:.1f} s; draining")
-            _drain(result, app, pools, plain_queue, workers, console, options.timeout, started)
-            result.drain_seconds = time.monotonic() - started
-            snap = progress_of(app).snapshot()
-        finally:
-            workers.stop()
+    try:
+        with _sigterm_as_interrupt():
+            try:
+                if options.unordered:
+                    how = workers.start_plain(options.plain_workers, options.plain_concurrency)
+                else:
+                    how = workers.start_partitioned(pools, options.workers)
+                console.say(f"workers: {how}; logs in {log_dir}")
+                ready = wait_ready(app, workers.nodes, workers, console)
+                console.say(f"workers ready in {ready:.1f} s; publishing {len(plan.commands)} "
+                            f"commands ({plan.orders} orders, {plan.customers} customers)")
+                started_wall = time.time()
+                started = time.monotonic()
+                events, tasks = _publish_stream(plan, settings.SHOP_TENANT)
+                console.say(f"published {events} events as {tasks} tasks in "
+                            f"{time.monotonic() - started:.1f} s; draining")
+                _drain(result, app, pools, plain_queue, workers, console, options.timeout, started)
+                result.drain_seconds = time.monotonic() - started
+                snap = progress_of(app).snapshot()
+            finally:
+                workers.stop()
+        result.dead_letters = _dead_letter_count(pools)
+    finally:
+        # Also after Ctrl-C: the run's queues, leases and counters go with it.
+        if not options.keep_keys:
+            _cleanup_keys()
     result.published = _counts(snap, "published")
     result.done = _counts(snap, "done")
     result.failed = sum(_counts(snap, "failed").values())
@@ -256,7 +262,6 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                       if k.startswith("busy_ms:")}
     result.dcb_conflicts = int(snap.get("dcb_conflicts", 0))
     result.retries = int(snap.get("retries", 0)) + result.dcb_conflicts
-    result.dead_letters = _dead_letter_count(pools)
     result.orders, result.customers = plan.orders, plan.customers
     history = stored_events()
     result.events = len(history)
@@ -265,8 +270,6 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     print_table(result, pools, console)
     if options.json_path is not None:
         options.json_path.write_text(json.dumps(result.as_json(), indent=2))
-    if not options.keep_keys:
-        _cleanup_keys()
     return result
 
 
