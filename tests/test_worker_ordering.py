@@ -62,7 +62,7 @@ def _run_kill_scenario(h: Harness) -> None:
     killed: list[tuple[str, int]] = []
     started = time.monotonic()
     while len(killed) < 2:
-        pid, label, key, seq = h.next_signal("slow", timeout=90)
+        pid, _label, key, seq = h.next_signal("slow", timeout=90)
         if (key, seq) in killed:
             continue  # the re-run of a message we already killed: let it finish
         os.kill(pid, signal.SIGKILL)  # the partition worker, inside the slow task

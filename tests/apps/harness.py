@@ -8,7 +8,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import redis
 from celery import Celery
@@ -153,11 +152,11 @@ def delete_amqp_queues(url: str, names: Iterable[str]) -> None:
             channel = conn.channel()
             try:
                 channel.queue_delete(queue=name)
-            except Exception:  # noqa: BLE001 - absent already
+            except Exception:
                 pass
             finally:
                 try:
                     channel.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
 

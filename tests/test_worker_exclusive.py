@@ -1,0 +1,131 @@
+"""Exclusive consumers, warm shutdown and the misroute guard, with real `celery partitioning worker`s."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from celery_partitioning import partition_for
+from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.worker.lease import parse_holder
+from tests.apps.harness import Harness, concurrent_runs, keyed_events, rerun_in_place
+from tests.support.ordering import check
+from tests.support.procs import Processes, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _db11(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/11"
+
+
+@pytest.mark.timeout(120)
+def test_second_worker_on_a_partition_is_a_standby_and_takes_over_in_order(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    # Given one partition and a first `worker` command holding its lease
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=2.0)
+    queue = f"{namespace}partition.p.0"
+    lease_key = RedisKeys(namespace).lease(queue)
+    client = h.redis
+    first = h.start_workers("first", "--partitions", "0")
+    wait_for(lambda: client.get(lease_key) is not None, 30, "the first worker's lease")
+    holder = parse_holder(client.get(lease_key))
+    assert holder is not None
+
+    # When a second `worker` command starts on the same partition
+    second = h.start_workers("second", "--partitions", "0")
+    wait_for(lambda: "standby" in h.log_text("second"), 30, "the second worker to wait as standby")
+
+    events, counts = keyed_events(20, 400, ms=4)
+    slow_at = len(events) // 2
+    key, seq, _ms, _sig = events[slow_at]
+    events[slow_at] = (key, seq, 1500, "slow")
+    h.publish(events)
+    pid, _label, slow_key, slow_seq = h.next_signal("slow", timeout=60)
+    assert pid == holder.pid  # only the lease holder ran anything so far
+
+    # And the active one dies (the whole command: supervisor and child)
+    h.processes.signal(first, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def successor_started() -> bool:
+        return any(p != holder.pid for _k, p, _key, _s in h.partition_log("p.0"))
+
+    wait_for(successor_started, 30, "the standby to take over")
+    takeover = time.monotonic() - killed_at
+
+    # Then the standby finishes the work, in order, having never run concurrently
+    h.wait_done(400, timeout=60, logs=["second"])
+    report = check(h.records(counts), counts)
+    assert report.ok, report.summary()
+    assert rerun_in_place(h.records([slow_key])[slow_key], slow_seq)
+    log = h.partition_log("p.0")
+    assert not concurrent_runs(log, killed={holder.pid})
+    pids = [p for _k, p, _key, _s in log]
+    first_other = next(i for i, p in enumerate(pids) if p != holder.pid)
+    assert holder.pid not in pids[first_other:], "the old holder ran after the standby took over"
+    assert takeover < 2.0 + 5.0, f"takeover took {takeover:.1f}s (lease TTL 2 s)"
+
+    h.processes.signal(second, signal.SIGTERM)
+    assert second.wait(timeout=60) == 0
+    assert client.get(lease_key) is None  # released on clean exit
+
+
+@pytest.mark.timeout(120)
+def test_warm_shutdown_mid_run_then_restart_keeps_order_and_loses_nothing(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 2, tmp_path, processes)
+    events, counts = keyed_events(30, 600, ms=10)
+    sup = h.start_workers("run1")
+    h.publish(events)
+    h.wait_done(60, timeout=60, logs=["run1"])
+
+    # When the command gets SIGTERM mid-run
+    h.processes.signal(sup, signal.SIGTERM)
+    assert sup.wait(timeout=60) == 0, h.log_text("run1")[-3000:]
+    stopped_at = h.done()
+    assert stopped_at < 600, "the run finished before the shutdown: the test proved nothing"
+    client = h.redis
+    assert client.hlen(f"{namespace}unacked") == 0  # nothing left held
+    depth = sum(client.llen(f"{namespace}{namespace}partition.p.{i}") for i in range(2))
+    assert depth + stopped_at == 600
+
+    # Then a restart finishes the rest, in order, without re-running anything
+    sup2 = h.start_workers("run2")
+    h.wait_done(600, timeout=60, logs=["run2"])
+    report = check(h.records(counts), counts)
+    assert report.ok, report.summary()
+    assert report.reruns == 0
+    h.processes.signal(sup2, signal.SIGTERM)
+    assert sup2.wait(timeout=60) == 0
+
+
+@pytest.mark.timeout(120)
+def test_misrouted_messages_move_to_their_partition_after_a_resize(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    # Given messages published while the pool had 2 partitions
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 4, tmp_path, processes)
+    events, counts = keyed_events(24, 240, ms=2)
+    moved = [k for k in counts if partition_for(k, 2) != partition_for(k, 4)]
+    assert moved
+    h.publish(events, partitions=2)
+
+    # When the workers run with 4 partitions
+    sup = h.start_workers("workers")
+    h.wait_done(240, timeout=60, logs=["workers"])
+
+    # Then every key ran, in order, on the partition it maps to now
+    report = check(h.records(counts), counts)
+    assert report.ok, report.summary()
+    for index in range(4):
+        for _kind, _pid, key, _seq in h.partition_log(f"p.{index}"):
+            assert partition_for(key, 4) == index, f"{key} ran on p.{index}"
+    assert "misrouted message" in h.log_text("workers")
+    h.processes.signal(sup, signal.SIGTERM)
+    assert sup.wait(timeout=60) == 0
