@@ -1,0 +1,198 @@
+"""Drain time and memory: N partition workers vs N plain solo workers on one queue, same run, same Redis.
+
+For each N and task duration, the same M messages (over K keys) are drained twice:
+
+* ``plain``       - N ``celery worker -P solo -c 1 --prefetch-multiplier 1`` on one queue
+                    (acks_late, reject_on_worker_lost, rate limits off: what partition workers use);
+* ``partitioned`` - ``celery partitioning worker`` over a pool of N partitions (lease, crash
+                    recovery, misroute guard, parking gate, in-place retry machinery all on).
+
+Messages are published before the workers start; every worker's first task waits for a
+"go" key, so the clock runs from "all N workers hold a message" to "the last task ended".
+Goal: partitioned / plain <= 1.10. Per-key FIFO has a cost plain Celery does not pay: a
+partition's keys run on it alone, so the busiest partition (hash imbalance) bounds the
+drain; the table shows that bound beside the measurement. After each drain the resident
+memory (RSS, and USS: memory unique to the process) of every worker is read.
+
+    python -m benchmarks.bench_drain   # BENCH_DRAIN_MESSAGES=1000 BENCH_DRAIN_WORKERS=1,2,4,8
+                                       # BENCH_DRAIN_MS=0,2 BENCH_DRAIN_KEYS=256
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import redis
+
+from benchmarks.bench_app import PARTITIONED_TASK, PLAIN_TASK, make_app, plain_queue
+from benchmarks.common import Table, bench_namespace, delete_namespace, env_int, env_list, machine, redis_url
+from celery_partitioning import partition_for
+
+__all__ = ["Run", "drain", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT = 180.0
+STOP_TIMEOUT = 20.0
+
+
+@dataclass
+class Run:
+    variant: str
+    workers: int
+    ms: float
+    messages: int
+    seconds: float
+    busiest_share: float = 0.0
+    worker_rss: list[int] = field(default_factory=list)
+    worker_uss: list[int] = field(default_factory=list)
+    supervisor_rss: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+def _celery() -> str:
+    candidate = Path(sys.executable).with_name("celery")
+    return str(candidate) if candidate.exists() else "celery"
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - closed by the child's exit; the parent keeps no handle
+    try:
+        return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        out.close()
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _memory(pids: list[int]) -> tuple[list[int], list[int]]:
+    rss, uss = [], []
+    for pid in pids:
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except psutil.Error:
+            continue
+        rss.append(info.rss)
+        uss.append(info.uss)
+    return rss, uss
+
+
+def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_dir: Path) -> Run:
+    url = redis_url()
+    ns = bench_namespace(f"drain{workers}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": url, "BENCH_NS": ns,
+           "BENCH_PARTITIONS": str(workers)}
+    app = make_app(url, ns, workers)
+    client = redis.Redis.from_url(url)
+    procs: list[subprocess.Popen[bytes]] = []
+    names = [f"Order:{i}" for i in range(keys)]
+    load = Counter(partition_for(names[i % keys], workers) for i in range(messages))
+    try:
+        task = app.tasks[PARTITIONED_TASK if variant == "partitioned" else PLAIN_TASK]
+        with app.producer_or_acquire() as producer:
+            for i in range(messages):
+                task.apply_async((names[i % keys],), {"ms": ms}, producer=producer)
+        log = log_dir / f"{variant}-{workers}-{ms:g}ms.log"
+        if variant == "partitioned":
+            procs.append(_start([_celery(), "-A", "benchmarks.bench_app", "partitioning", "worker",
+                                 "-l", "warning", "--stop-timeout", str(STOP_TIMEOUT)], env, log))
+            expected_ready = len(load)
+        else:
+            for i in range(workers):
+                procs.append(_start([_celery(), "-A", "benchmarks.bench_app", "worker", "-Q", plain_queue(ns),
+                                     "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+                                     "--without-gossip", "--without-mingle", "--without-heartbeat",
+                                     "-n", f"plain{i}@%h", "-l", "warning"], env, log))
+            expected_ready = workers
+        deadline = time.monotonic() + READY_TIMEOUT
+        while client.scard(f"{ns}ready") < expected_ready:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"{variant} x{workers}: workers did not get ready; see {log}")
+            time.sleep(0.05)
+        start = time.time()
+        client.set(f"{ns}go", "1")
+        deadline = time.monotonic() + max(120.0, messages * (ms + 20) / 1000)
+        while int(client.get(f"{ns}done") or 0) < messages:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{variant} x{workers}: drain timed out; see {log}")
+            time.sleep(0.02)
+        seconds = float(client.get(f"{ns}last") or 0) - start
+        if variant == "partitioned":
+            supervisor = psutil.Process(procs[0].pid)
+            worker_pids = [c.pid for c in supervisor.children()]
+            supervisor_rss = supervisor.memory_info().rss
+        else:
+            worker_pids, supervisor_rss = [p.pid for p in procs], 0
+        rss, uss = _memory(worker_pids)
+        return Run(variant, workers, ms, messages, seconds, max(load.values()) / messages,
+                   rss, uss, supervisor_rss)
+    finally:
+        _stop(procs)
+        client.close()
+        app.close()
+        delete_namespace(url, ns)
+
+
+def _mib(values: list[int]) -> float:
+    return statistics.mean(values) / 2**20 if values else float("nan")
+
+
+def main() -> None:
+    messages = env_int("BENCH_DRAIN_MESSAGES", 1000)
+    keys = env_int("BENCH_DRAIN_KEYS", 256)
+    worker_counts = env_list("BENCH_DRAIN_WORKERS", [1, 2, 4, 8])
+    durations = env_list("BENCH_DRAIN_MS", [0, 2])
+    log_dir = Path(os.environ.get("BENCH_LOG_DIR", "/tmp/cp-bench-logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    drains = Table(f"Drain time, {messages:,} messages over {keys} keys, Redis ({machine()})",
+                   ["task", "N", "plain s", "partitioned s", "ratio", "plain msg/s", "partitioned msg/s",
+                    "busiest partition share", "ratio bound from imbalance"])
+    memory = Table("Resident memory per worker after the drain (mean over the N workers)",
+                   ["task", "N", "plain RSS MiB", "partition RSS MiB", "RSS ratio", "plain USS MiB",
+                    "partition USS MiB", "USS ratio", "supervisor RSS MiB"])
+    for ms in durations:
+        for n in worker_counts:
+            order = ["plain", "partitioned"] if n % 2 else ["partitioned", "plain"]
+            runs = {v: drain(v, n, ms, messages, keys, log_dir) for v in order}
+            plain, part = runs["plain"], runs["partitioned"]
+            label = "no-op" if not ms else f"{ms:g} ms"
+            drains.add(label, n, plain.seconds, part.seconds, part.seconds / plain.seconds, plain.rate,
+                       part.rate, f"{part.busiest_share:.1%}", part.busiest_share * n)
+            memory.add(label, n, _mib(plain.worker_rss), _mib(part.worker_rss),
+                       _mib(part.worker_rss) / _mib(plain.worker_rss), _mib(plain.worker_uss),
+                       _mib(part.worker_uss), _mib(part.worker_uss) / _mib(plain.worker_uss),
+                       part.supervisor_rss / 2**20)
+            sys.stdout.write(f"  {label} N={n}: plain {plain.seconds:.2f}s, "
+                             f"partitioned {part.seconds:.2f}s\n")
+            sys.stdout.flush()
+    drains.print()
+    memory.print()
+
+
+if __name__ == "__main__":
+    main()
