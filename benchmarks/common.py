@@ -49,7 +49,14 @@ def env_list(name: str, default: Sequence[int]) -> list[int]:
 
 
 def redis_url() -> str:
-    return os.environ.get("BENCH_REDIS_URL", DEFAULT_REDIS_URL)
+    """BENCH_REDIS_URL, else the Redis of REDIS_URL (what ``make bench`` exports) on DB 13."""
+    explicit = os.environ.get("BENCH_REDIS_URL")
+    if explicit:
+        return explicit
+    shared = os.environ.get("REDIS_URL")
+    if shared and shared.count("/") >= 3:
+        return shared.rsplit("/", 1)[0] + "/13"
+    return shared + "/13" if shared else DEFAULT_REDIS_URL
 
 
 def bench_namespace(tag: str) -> str:
