@@ -94,7 +94,8 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 
     if dry_run:
         for spec in specs:
-            click.echo(" ".join(argv(spec)))
+            click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
+                                for arg in argv(spec)))
         return
     app.loader.import_default_modules()
     try:

@@ -1,0 +1,129 @@
+"""The `celery partitioning` commands, run as real programs: help, route, status, bad usage."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from celery_partitioning import partition_for
+from celery_partitioning.redis_keys import RedisKeys
+from tests.apps.harness import Harness, keyed_events
+from tests.support.procs import Processes
+
+
+def _db11(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/11"
+
+
+def _offline(tmp_path: Path) -> Harness:
+    # route and --help need no broker; the URLs are never dialled.
+    return Harness("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0", "cpw-cli:", 4, tmp_path, Processes())
+
+
+def test_help_explains_each_command(tmp_path: Path) -> None:
+    h = _offline(tmp_path)
+    top = h.cli("--help")
+    assert top.returncode == 0
+    for name in ("worker", "status", "route"):
+        assert name in top.stdout
+        sub = h.cli(name, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert "Usage: celery partitioning " + name in sub.stdout
+    assert "--partitions" in h.cli("worker", "--help").stdout
+    assert "--json" in h.cli("status", "--help").stdout
+
+
+def test_route_prints_pool_partition_and_queue(tmp_path: Path) -> None:
+    h = _offline(tmp_path)
+    result = h.cli("route", "Order:ord-123", "--json")
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    index = partition_for("Order:ord-123", 4)
+    assert row == {"key": "Order:ord-123", "pool": "p", "index": index, "partitions": 4,
+                   "queue": f"cpw-cli:partition.p.{index}"}
+    text = h.cli("route", "Order:ord-123", "--pool", "p")
+    assert f"partition {index} (of 0-3)" in text.stdout and f"cpw-cli:partition.p.{index}" in text.stdout
+    unknown = h.cli("route", "x", "--pool", "nope")
+    assert unknown.returncode == 2 and "unknown partition pool 'nope'" in unknown.stderr
+
+
+def test_worker_rejects_a_bad_partition_selection_before_starting_anything(tmp_path: Path) -> None:
+    h = _offline(tmp_path)
+    beyond = h.cli("worker", "--partitions", "2-5")
+    assert beyond.returncode == 2
+    assert "has partitions 0-3, not 4, 5" in beyond.stderr
+    garbled = h.cli("worker", "--partitions", "a-b")
+    assert garbled.returncode == 2 and "is not an index or a range" in garbled.stderr
+    dry = h.cli("worker", "--partitions", "1,3", "--dry-run")
+    assert dry.returncode == 0
+    lines = dry.stdout.splitlines()
+    assert len(lines) == 2
+    assert "-Q cpw-cli:partition.p.1 -P solo -c 1 --prefetch-multiplier 1" in lines[0]
+    assert "-n p.3@%h" in lines[1]
+
+
+def test_dry_run_masks_passwords_and_passes_root_options_on(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.support.procs import ROOT, celery_bin
+
+    h = _offline(tmp_path)
+    result = subprocess.run(
+        [celery_bin(), "-b", "redis://:s3cret@127.0.0.1:1/0", "-A", "tests.apps.ordering_app",
+         "partitioning", "worker", "--partitions", "0", "--dry-run", "--", "--max-tasks-per-child", "9"],
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **h.env()},
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    # the broker reaches children through CELERY_BROKER_URL, never their command line
+    assert " -b " not in result.stdout
+    assert "-m celery -A tests.apps.ordering_app worker -Q cpw-cli:partition.p.0" in result.stdout
+    assert result.stdout.rstrip().endswith("--max-tasks-per-child 9")
+
+
+@pytest.mark.integration
+def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace: str,
+                                                       tmp_path: Path) -> None:
+    # Given a backlog published with no worker running
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 4, tmp_path, Processes())
+    events, _counts = keyed_events(40, 150, ms=1)
+    h.publish(events)
+    expected = Counter(partition_for(key, 4) for key, _s, _m, _g in events)
+    # and, for partition 0, a lease holder and one unacked message delivered 30 s ago
+    client = h.redis
+    queue0 = f"{namespace}partition.p.0"
+    client.set(RedisKeys(namespace).lease(queue0), "tok|host-a|4242|p.0@host-a", px=60_000)
+    payload = {"body": "", "headers": {}, "properties": {"delivery_info": {}}}
+    client.hset(f"{namespace}unacked", "tag-1", json.dumps([payload, "celery", queue0]))
+    client.zadd(f"{namespace}unacked_index", {"tag-1": time.time() - 30})
+
+    # When status --json runs
+    result = h.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {r["index"]: r for r in json.loads(result.stdout)["partitions"]}
+
+    # Then depths match the backlog per partition, and the rest is reported
+    assert {i: rows[i]["depth"] for i in range(4)} == {i: expected.get(i, 0) for i in range(4)}
+    assert rows[0]["unacked"] == 1 and rows[0]["oldest_age"] >= 30
+    assert rows[0]["consumer"] == "p.0@host-a (pid 4242)"
+    for i in range(1, 4):
+        assert rows[i]["unacked"] == 0 and rows[i]["consumer"] is None
+        if expected.get(i):
+            assert 0 <= rows[i]["oldest_age"] < 60  # from the partition_published_at header
+        assert rows[i]["parked_keys"] == 0
+        assert rows[i]["queue"] == f"{namespace}partition.p.{i}"
+
+    # And status changed nothing; the table form says the same
+    again = {r["index"]: r["depth"] for r in json.loads(h.cli("status", "--json").stdout)["partitions"]}
+    assert again == {i: expected.get(i, 0) for i in range(4)}
+    assert client.hlen(f"{namespace}unacked") == 1
+    table = h.cli("status")
+    assert table.returncode == 0
+    assert "no consumer" in table.stdout and "p.0@host-a (pid 4242)" in table.stdout
+    assert table.stdout.startswith(f"broker {url}")
+    assert "DEPTH" in table.stdout
