@@ -111,6 +111,9 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup closes the database connection after every task unless told to
+# reuse it; reconnecting to SQLite (and re-running the PRAGMAs) costs more than the task.
+CELERY_DB_REUSE_MAX = 1000
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_PARTITIONING_POOLS = _pools(
     os.environ.get("SHOP_POOLS", "entity=4,customer=2,saga=2,global=1,dcb=2")
