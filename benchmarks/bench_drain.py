@@ -56,6 +56,8 @@ class Run:
     worker_rss: list[int] = field(default_factory=list)
     worker_uss: list[int] = field(default_factory=list)
     supervisor_rss: int = 0
+    #: Redis commands the drain cost, by command (INFO commandstats delta).
+    commands: Counter[str] = field(default_factory=Counter)
 
     @property
     def rate(self) -> float:
@@ -102,8 +104,9 @@ def _memory(pids: list[int]) -> tuple[list[int], list[int]]:
     return rss, uss
 
 
-def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_dir: Path) -> Run:
-    url = redis_url()
+def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_dir: Path,
+          url: str | None = None) -> Run:
+    url = url or redis_url()
     ns = bench_namespace(f"drain{workers}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": url, "BENCH_NS": ns,
            "BENCH_PARTITIONS": str(workers)}
@@ -134,6 +137,7 @@ def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_d
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"{variant} x{workers}: workers did not get ready; see {log}")
             time.sleep(0.05)
+        before = _commandstats(client)
         start = time.time()
         client.set(f"{ns}go", "1")
         deadline = time.monotonic() + max(120.0, messages * (ms + 20) / 1000)
@@ -142,6 +146,7 @@ def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_d
                 raise RuntimeError(f"{variant} x{workers}: drain timed out; see {log}")
             time.sleep(0.02)
         seconds = float(client.get(f"{ns}last") or 0) - start
+        commands = _commandstats(client) - before
         if variant == "partitioned":
             supervisor = psutil.Process(procs[0].pid)
             worker_pids = [c.pid for c in supervisor.children()]
@@ -150,12 +155,43 @@ def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_d
             worker_pids, supervisor_rss = [p.pid for p in procs], 0
         rss, uss = _memory(worker_pids)
         return Run(variant, workers, ms, messages, seconds, max(load.values()) / messages,
-                   rss, uss, supervisor_rss)
+                   rss, uss, supervisor_rss, commands)
     finally:
         _stop(procs)
         client.close()
         app.close()
         delete_namespace(url, ns)
+
+
+def _commandstats(client: redis.Redis) -> Counter[str]:
+    """Calls per Redis command so far (the benchmark's own polling included, alike in both)."""
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()})
+
+
+def _private_redis(log_dir: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
+    """A redis-server of our own (no persistence), so command counts are ours alone."""
+    import shutil
+    import socket
+
+    binary = shutil.which("redis-server")
+    if binary is None or os.environ.get("BENCH_DRAIN_PRIVATE_REDIS", "1") != "1":
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = _start([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(log_dir)], dict(os.environ), log_dir / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis.from_url(url, socket_connect_timeout=0.5).ping():
+                return url, proc
+        except redis.RedisError:
+            time.sleep(0.1)
+    _stop([proc])
+    raise RuntimeError("the private redis-server did not answer")
 
 
 def _mib(values: list[int]) -> float:
@@ -175,10 +211,28 @@ def main() -> None:
     memory = Table("Resident memory per worker after the drain (mean over the N workers)",
                    ["task", "N", "plain RSS MiB", "partition RSS MiB", "RSS ratio", "plain USS MiB",
                     "partition USS MiB", "USS ratio", "supervisor RSS MiB"])
+    commands = Table("Redis commands per message during the drain (INFO commandstats of a private "
+                     "redis-server; the benchmark task's own 3 and the poller's included in both)",
+                     ["task", "N", "plain", "partitioned", "extra per message", "largest extra commands"])
+    private = _private_redis(log_dir)
+    url = private[0] if private else None
+    try:
+        _matrix(durations, worker_counts, messages, keys, log_dir, url, drains, memory, commands)
+    finally:
+        if private:
+            _stop([private[1]])
+    drains.print()
+    memory.print()
+    if private:
+        commands.print()
+
+
+def _matrix(durations: list[int], worker_counts: list[int], messages: int, keys: int, log_dir: Path,
+            url: str | None, drains: Table, memory: Table, commands: Table) -> None:
     for ms in durations:
         for n in worker_counts:
             order = ["plain", "partitioned"] if n % 2 else ["partitioned", "plain"]
-            runs = {v: drain(v, n, ms, messages, keys, log_dir) for v in order}
+            runs = {v: drain(v, n, ms, messages, keys, log_dir, url) for v in order}
             plain, part = runs["plain"], runs["partitioned"]
             label = "no-op" if not ms else f"{ms:g} ms"
             drains.add(label, n, plain.seconds, part.seconds, part.seconds / plain.seconds, plain.rate,
@@ -187,11 +241,14 @@ def main() -> None:
                        _mib(part.worker_rss) / _mib(plain.worker_rss), _mib(plain.worker_uss),
                        _mib(part.worker_uss), _mib(part.worker_uss) / _mib(plain.worker_uss),
                        part.supervisor_rss / 2**20)
+            extra = part.commands - plain.commands
+            commands.add(label, n, sum(plain.commands.values()) / messages,
+                         sum(part.commands.values()) / messages,
+                         (sum(part.commands.values()) - sum(plain.commands.values())) / messages,
+                         ", ".join(f"{name} {count / messages:.2f}" for name, count in extra.most_common(4)))
             sys.stdout.write(f"  {label} N={n}: plain {plain.seconds:.2f}s, "
                              f"partitioned {part.seconds:.2f}s\n")
             sys.stdout.flush()
-    drains.print()
-    memory.print()
 
 
 if __name__ == "__main__":
