@@ -22,6 +22,7 @@ from django.conf import settings
 from django.core.management import call_command
 
 from celery_partitioning.app import settings_of
+from celery_partitioning.redis_keys import RedisKeys
 
 from .events import append, publish, stored_events
 from .models import (
@@ -105,22 +106,23 @@ def _publish_stream(plan: StreamPlan, tenant: str) -> tuple[int, int]:
     return events, tasks
 
 
-def _queue_depths(client: redis.Redis, pools: dict[str, int], plain_queue: str | None) -> dict[str, int]:
-    ns = settings.SHOP_NAMESPACE
-    prefix = settings.CELERY_PARTITIONING_QUEUE_PREFIX
-    pipe = client.pipeline(transaction=False)
-    names: list[str] = []
+def _watched_queues(app: Any, pools: dict[str, int], plain_queue: str | None) -> list[tuple[str, str]]:
+    """(label, kombu's Redis list) of every queue the demo's tasks go to."""
+    keys = RedisKeys(settings.SHOP_NAMESPACE)
     if plain_queue is not None:
-        pipe.llen(f"{ns}{plain_queue}")
-        names.append("plain")
-    else:
-        for pool, count in pools.items():
-            for index in range(count):
-                pipe.llen(f"{ns}{prefix}.{pool}.{index}")
-                names.append(pool)
+        return [("plain", keys.broker_queue(plain_queue))]
+    names = settings_of(app)
+    return [(pool, keys.broker_queue(names.queue_name(pool, index)))
+            for pool, count in pools.items() for index in range(count)]
+
+
+def _queue_depths(client: redis.Redis, watched: list[tuple[str, str]]) -> dict[str, int]:
+    pipe = client.pipeline(transaction=False)
+    for _label, key in watched:
+        pipe.llen(key)
     depths: dict[str, int] = {}
-    for name, depth in zip(names, pipe.execute(), strict=True):
-        depths[name] = depths.get(name, 0) + int(depth)
+    for (label, _key), depth in zip(watched, pipe.execute(), strict=True):
+        depths[label] = depths.get(label, 0) + int(depth)
     return depths
 
 
@@ -132,12 +134,13 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
            workers: Workers, console: Console, timeout: float, started: float) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     progress = progress_of(app)
+    watched = _watched_queues(app, pools, plain_queue)
     quiet = 0
     try:
         while True:
             snap = progress.snapshot()
             published, done = _counts(snap, "published"), _counts(snap, "done")
-            depths = _queue_depths(client, pools, plain_queue)
+            depths = _queue_depths(client, watched)
             parts = [f"{pool} {done.get(pool, 0)}/{published.get(pool, 0)}"
                      + ("" if plain_queue else f" q{depths.get(pool, 0)}") for pool in pools]
             if plain_queue:
@@ -165,7 +168,6 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
 
 def _dead_letter_count(pools: dict[str, int]) -> int:
     from celery_partitioning.deadletters import DeadLetterStore
-    from celery_partitioning.redis_keys import RedisKeys
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
@@ -234,7 +236,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 if options.unordered:
                     how = workers.start_plain(options.plain_workers, options.plain_concurrency)
                 else:
-                    how = workers.start_partitioned(pools, options.workers)
+                    how = workers.start_partitioned(app, pools, options.workers)
                 console.say(f"workers: {how}; logs in {log_dir}")
                 ready = wait_ready(app, workers.nodes, workers, console)
                 console.say(f"workers ready in {ready:.1f} s; publishing {len(plan.commands)} "

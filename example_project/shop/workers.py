@@ -15,6 +15,7 @@ from typing import Any
 
 from django.conf import settings
 
+from celery_partitioning.app import settings_of
 from celery_partitioning.embedded import stop_with_parent
 
 from .report import Console
@@ -57,7 +58,7 @@ class Workers:
             log.close()
         self.procs.append((name, proc))
 
-    def start_partitioned(self, pools: dict[str, int], mode: str) -> str:
+    def start_partitioned(self, app: Any, pools: dict[str, int], mode: str) -> str:
         celery = _celery_bin()
         use_supervisor = mode == "supervisor" or (mode == "auto" and _supervisor_available())
         self.nodes = sum(pools.values())
@@ -67,11 +68,11 @@ class Workers:
                                        "-l", "warning"])
             return "celery -A example_project partitioning worker (one process per partition)"
         host = socket.gethostname()
-        prefix = settings.CELERY_PARTITIONING_QUEUE_PREFIX
+        names = settings_of(app)
         for pool, count in pools.items():
             for index in range(count):
                 self._start(f"{pool}-{index}", [
-                    celery, "-A", "example_project", "worker", "-Q", f"{prefix}.{pool}.{index}",
+                    celery, "-A", "example_project", "worker", "-Q", names.queue_name(pool, index),
                     "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-l", "warning",
                     "-n", f"shop-{pool}-{index}@{host}", "--without-gossip", "--without-mingle",
                 ], {"CELERY_PARTITIONING_PARTITION": f"{pool}:{index}"})

@@ -69,5 +69,8 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             self.stderr.write("interrupted: every worker this demo started has been stopped")
             sys.exit(130)
+        except RuntimeError as exc:  # workers that could not start
+            self.stderr.write(f"demo failed: {exc}")
+            sys.exit(1)
         if not result.drained or (not options["unordered"] and not result.verified):
             sys.exit(1)
