@@ -243,7 +243,10 @@ class Supervisor:
             code = child.proc.wait()
             for thread in child.threads:
                 thread.join(timeout=2)
-            if code != 0:
+            # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
+            # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
+            # from before it consumes until then, so no task was cut short: still clean.
+            if code not in (0, -signal.SIGTERM):
                 clean = False
                 self.say("supervisor", f"{child.spec.label} stopped with code {code}")
         self.say("supervisor", "stopped cleanly" if clean else "stopped; not every worker "

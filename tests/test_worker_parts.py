@@ -1,0 +1,245 @@
+"""The parts of a partition worker one by one: selection, lease, recovery, ETA hold, supervisor."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+
+from celery_partitioning.config import PartitioningSettings
+from celery_partitioning.errors import PartitionConfigError
+from celery_partitioning.worker.gate import hold_until_eta
+from celery_partitioning.worker.lease import Lease, parse_holder
+from celery_partitioning.worker.recovery import broker_redis, restore_unacked_to_head
+from celery_partitioning.worker.runtime import GateMessage
+from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
+from tests.support.procs import Processes, wait_for
+
+
+def _db11(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/11"
+
+
+# -- selection ------------------------------------------------------------------------------
+
+def test_partition_spec_parses_ranges_and_lists() -> None:
+    assert parse_indexes("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_indexes(" 5 ") == [5]
+    assert parse_indexes("2,1,2") == [1, 2]
+    for bad in ("", "a", "3-1", "1-", "-1"):
+        with pytest.raises(PartitionConfigError):
+            parse_indexes(bad)
+
+
+def test_selection_defaults_to_every_partition_of_every_pool() -> None:
+    settings = PartitioningSettings(pools={"entity": 3, "global": 1}, queue_prefix="q")
+    assert [(s.pool, s.index, s.queue) for s in select_partitions(settings)] == [
+        ("entity", 0, "q.entity.0"), ("entity", 1, "q.entity.1"), ("entity", 2, "q.entity.2"),
+        ("global", 0, "q.global.0")]
+    assert [s.label for s in select_partitions(settings, ["entity"], "2")] == ["entity.2"]
+    with pytest.raises(PartitionConfigError, match="pool 'global' has partitions 0-0, not 2"):
+        select_partitions(settings, [], "2")
+    with pytest.raises(PartitionConfigError, match="unknown partition pool"):
+        select_partitions(settings, ["nope"])
+
+
+# -- ETA hold -------------------------------------------------------------------------------
+
+def _msg(headers: dict[str, Any]) -> GateMessage:
+    return GateMessage(SimpleNamespace(headers=headers, body=b"", properties={}, delivery_info={}),
+                       "t")
+
+
+def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta() -> None:
+    runtime = SimpleNamespace(label="p.0")
+    eta = datetime.now(UTC) + timedelta(seconds=0.4)
+    msg = _msg({"id": "x", "eta": eta.isoformat()})
+    started = time.monotonic()
+    assert hold_until_eta(runtime, msg)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.35
+    assert msg.headers["eta"] is None  # Celery must not schedule it aside
+    past = _msg({"id": "y", "eta": "2000-01-01T00:00:00+00:00"})
+    assert hold_until_eta(runtime, past) and past.headers["eta"] is None  # type: ignore[arg-type]
+    plain = _msg({"id": "z"})
+    assert hold_until_eta(runtime, plain) and "eta" not in plain.headers  # type: ignore[arg-type]
+
+
+# -- lease (real Redis) -----------------------------------------------------------------------
+
+@pytest.fixture
+def lease_key(redis_url: str) -> Iterator[tuple[redis.Redis, str]]:
+    client = redis.Redis.from_url(_db11(redis_url))
+    key = f"cptest-lease-{uuid.uuid4().hex[:8]}"
+    yield client, key
+    client.delete(key)
+
+
+@pytest.mark.integration
+def test_lease_is_exclusive_and_a_known_dead_token_can_be_taken_over(
+        lease_key: tuple[redis.Redis, str]) -> None:
+    client, key = lease_key
+    a = Lease(client, key, 5, node="a@h", token="tokA")
+    b = Lease(client, key, 5, node="b@h", token="tokB")
+    assert a.try_acquire()
+    assert not b.try_acquire()
+    holder = parse_holder(client.get(key))
+    assert holder is not None and holder.token == "tokA" and holder.node == "a@h"
+    # a successor told by the supervisor that tokA died takes over at once
+    c = Lease(client, key, 5, node="c@h", token="tokC", takeover="tokA")
+    assert c.try_acquire()
+    assert not a.try_acquire() or False  # tokA is no longer the holder...
+    assert parse_holder(client.get(key)).token == "tokC"  # type: ignore[union-attr]
+    # ...and a takeover token that does not match (a prefix of it, say) takes nothing
+    d = Lease(client, key, 5, token="tok", takeover="tok")
+    assert not d.try_acquire()
+    a.release()  # not the holder: leaves the lease alone
+    assert client.get(key) is not None
+    c.release()
+    assert client.get(key) is None
+
+
+@pytest.mark.integration
+def test_standby_acquires_within_the_ttl_after_the_holder_stops_renewing(
+        lease_key: tuple[redis.Redis, str]) -> None:
+    client, key = lease_key
+    holder = Lease(client, key, 1.0, token="h")
+    assert holder.try_acquire()  # and never renews: as if SIGKILLed
+    standby = Lease(client, key, 1.0, token="s")
+    started = time.monotonic()
+    assert standby.acquire(lambda: time.monotonic() - started > 10)
+    assert 0.5 < time.monotonic() - started < 2.0
+    standby.release()
+
+
+@pytest.mark.integration
+def test_a_holder_that_loses_its_lease_fences_itself(lease_key: tuple[redis.Redis, str]) -> None:
+    client, key = lease_key
+    reasons: list[str] = []
+    lease = Lease(client, key, 1.0, token="mine", fence=reasons.append)
+    assert lease.try_acquire()
+    lease.start_heartbeat()
+    time.sleep(0.5)
+    assert parse_holder(client.get(key)).token == "mine"  # type: ignore[union-attr]
+    assert client.pttl(key) > 600  # renewed
+    client.set(key, "thief|h|1|x", px=5000)  # someone else holds it now
+    wait_for(lambda: bool(reasons), 3, "the fence")
+    assert "lost the lease" in reasons[0]
+    lease.release()
+    assert client.get(key) == b"thief|h|1|x"
+
+
+# -- crash recovery (real Redis, kombu's own unacked bookkeeping) ----------------------------
+
+@pytest.mark.integration
+def test_recovery_puts_only_its_queues_unacked_messages_back_at_the_head_in_order(
+        redis_url: str, namespace: str) -> None:
+    from kombu import Connection
+
+    from tests.apps.ordering_app import make_app
+
+    url = _db11(redis_url)
+    app = make_app(url, url, namespace, 2)
+    qa, qb = f"{namespace}partition.p.0", f"{namespace}partition.p.1"
+    # Given 5 messages on A and 2 on B; a consumer takes A's first 3 and B's 2 and dies
+    conn = Connection(url, transport_options={"global_keyprefix": namespace})
+    channel = conn.channel()
+    for name in (qa, qb):
+        channel.queue_declare(queue=name)
+    producer = conn.Producer(channel)
+    for i in range(5):
+        producer.publish({"n": i}, routing_key=qa, exchange="")
+    for i in range(2):
+        producer.publish({"n": 100 + i}, routing_key=qb, exchange="")
+    held = [channel.basic_get(qa, no_ack=False) for _ in range(3)]
+    held += [channel.basic_get(qb, no_ack=False) for _ in range(2)]
+    assert all(m is not None for m in held)
+    channel.qos.restore_unacked_once = lambda *a, **k: None  # a SIGKILL restores nothing
+    client = redis.Redis.from_url(url)
+    assert client.hlen(f"{namespace}unacked") == 5
+
+    # When A's new holder recovers
+    broker = broker_redis(app)
+    assert broker is not None
+    try:
+        assert restore_unacked_to_head(broker, qa) == 3
+        assert restore_unacked_to_head(broker, qa) == 0  # idempotent
+    finally:
+        broker.close()
+
+    # Then A replays 0..4 in order; B's held messages are untouched
+    fresh = Connection(url, transport_options={"global_keyprefix": namespace})
+    ch = fresh.channel()
+    order = []
+    while (m := ch.basic_get(qa, no_ack=True)) is not None:
+        order.append(json.loads(m.body)["n"])
+    assert order == [0, 1, 2, 3, 4]
+    assert client.hlen(f"{namespace}unacked") == 2
+    assert {json.loads(v)[2] for v in client.hvals(f"{namespace}unacked")} == {qb}
+    fresh.release()
+    conn.release()
+
+
+# -- supervisor ------------------------------------------------------------------------------
+
+_CHILD = """
+import os, signal, sys, time
+print("token", os.environ["CELERY_PARTITIONING_LEASE_TOKEN"],
+      "takeover", os.environ.get("CELERY_PARTITIONING_LEASE_TAKEOVER", "-"),
+      "partition", os.environ["CELERY_PARTITIONING_PARTITION"], flush=True)
+if os.environ["MODE"] == "crash" and not os.environ.get("CELERY_PARTITIONING_LEASE_TAKEOVER"):
+    sys.exit(3)
+if os.environ["MODE"] == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+print("running", flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+_SUPERVISED = f"""
+import sys
+from celery_partitioning.worker.supervisor import ChildSpec, Supervisor
+specs = [ChildSpec("p", 0, "q.p.0")]
+sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {_CHILD!r}], stop_timeout=1.0).run())
+"""
+
+
+def _supervise(processes: Processes, tmp_path: Path, mode: str) -> tuple[Any, Path]:
+    log = tmp_path / f"{mode}.log"
+    proc = processes.start([sys.executable, "-c", _SUPERVISED], env={"MODE": mode}, log=log)
+    return proc, log
+
+
+def test_supervisor_restarts_a_dead_child_handing_over_its_lease_token(
+        processes: Processes, tmp_path: Path) -> None:
+    proc, log = _supervise(processes, tmp_path, "crash")
+    wait_for(lambda: "[p.0] running" in log.read_text(), 20, "the restarted child")
+    text = log.read_text()
+    first, second = [line.split() for line in text.splitlines() if line.startswith("[p.0] token")]
+    assert first[4] == "-" and second[4] == first[2]  # takeover = the dead child's token
+    assert second[6] == "p:0"
+    assert "[supervisor] p.0 (pid" in text and "exited with code 3" in text and "restarting in 1s" in text
+    processes.signal(proc, signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert "stopped cleanly" in log.read_text()
+
+
+def test_supervisor_exit_code_says_a_child_had_to_be_killed(processes: Processes,
+                                                            tmp_path: Path) -> None:
+    proc, log = _supervise(processes, tmp_path, "stubborn")
+    wait_for(lambda: "[p.0] running" in log.read_text(), 20, "the child")
+    proc.send_signal(signal.SIGTERM)  # the supervisor only: the child ignores SIGTERM anyway
+    assert proc.wait(timeout=20) == 1
+    text = log.read_text()
+    assert "killing p.0" in text and "not every worker stopped cleanly" in text
