@@ -127,3 +127,41 @@ def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace
     assert "no consumer" in table.stdout and "p.0@host-a (pid 4242)" in table.stdout
     assert table.stdout.startswith(f"broker {url}")
     assert "DEPTH" in table.stdout
+
+
+def test_worker_refuses_an_invalid_registry_before_starting_anything(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.support.procs import ROOT, celery_bin
+
+    result = subprocess.run(
+        [celery_bin(), "-A", "tests.apps.core_app", "partitioning", "worker"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CP_INVALID": "1",
+             "CP_REDIS_URL": "redis://127.0.0.1:1/0", "CP_NS": "cpw-invalid:"},
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "refusing to start partition workers" in result.stderr
+    assert "core.broken_projection" in result.stderr and "core.wrong_pool" in result.stderr
+    assert "[supervisor]" not in result.stdout  # nothing was started
+
+
+@pytest.mark.integration
+@pytest.mark.rabbitmq
+def test_status_json_reports_depths_and_consumers_on_rabbitmq(amqp_url: str, redis_url: str,
+                                                               namespace: str, tmp_path: Path) -> None:
+    from tests.apps.harness import delete_amqp_queues
+
+    h = Harness(amqp_url, _db11(redis_url), namespace, 3, tmp_path, Processes())
+    events, _counts = keyed_events(12, 40, ms=1)
+    try:
+        h.publish(events)
+        expected = Counter(partition_for(key, 3) for key, _s, _m, _g in events)
+        result = h.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        rows = {r["index"]: r for r in json.loads(result.stdout)["partitions"]}
+        assert {i: rows[i]["depth"] for i in range(3)} == {i: expected.get(i, 0) for i in range(3)}
+        assert all(rows[i]["consumer"] is None and rows[i]["unacked"] is None for i in range(3))
+        assert ":guest@" not in h.cli("status").stdout  # the password is masked
+    finally:
+        delete_amqp_queues(amqp_url, [f"{namespace}partition.p.{i}" for i in range(3)])

@@ -47,6 +47,11 @@ def test_second_worker_on_a_partition_is_a_standby_and_takes_over_in_order(
     h.publish(events)
     pid, _label, slow_key, slow_seq = h.next_signal("slow", timeout=60)
     assert pid == holder.pid  # only the lease holder ran anything so far
+    # While it runs, the heartbeat keeps the held message's delivery time fresh, so kombu's
+    # visibility-timeout restore (any worker, any host) never re-delivers it.
+    [(tag, delivered)] = client.zrange(f"{namespace}unacked_index", 0, -1, withscores=True)
+    wait_for(lambda: (client.zscore(f"{namespace}unacked_index", tag) or 0) > delivered, 3,
+             "the heartbeat to refresh the unacked index")
 
     # And the active one dies (the whole command: supervisor and child)
     h.processes.signal(first, signal.SIGKILL)
@@ -129,3 +134,31 @@ def test_misrouted_messages_move_to_their_partition_after_a_resize(
     assert "misrouted message" in h.log_text("workers")
     h.processes.signal(sup, signal.SIGTERM)
     assert sup.wait(timeout=60) == 0
+
+
+@pytest.mark.timeout(60)
+def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
+    lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
+    client = h.redis
+    sup = h.start_workers("workers")
+    wait_for(lambda: client.get(lease_key) is not None, 30, "the lease")
+    child = parse_holder(client.get(lease_key))
+    assert child is not None
+    sup.kill()  # the supervisor alone, not its process group
+    sup.wait(timeout=10)
+    # well before the 30 s TTL: the orphan noticed, stopped warmly and released the lease
+    wait_for(lambda: client.get(lease_key) is None, 10, "the orphaned child to release its lease")
+    wait_for(lambda: not _alive(child.pid), 10, "the orphaned child to exit")
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
