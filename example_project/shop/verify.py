@@ -29,12 +29,32 @@ class Mismatch:
         elif self.actual is None:
             text = "row missing"
         else:
-            diffs = [f"{k}: expected {self.expected.get(k)!r}, got {self.actual.get(k)!r}"
+            diffs = [_field_diff(k, self.expected.get(k), self.actual.get(k))
                      for k in sorted(set(self.expected) | set(self.actual))
                      if self.expected.get(k) != self.actual.get(k)]
             text = "; ".join(diffs)
         line = f"{self.projection}[{self.row}] {text}"
         return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _field_diff(name: str, expected: Any, actual: Any) -> str:
+    """One field's difference; for mappings (order lines), only the entries that differ."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        parts = []
+        for key in sorted(set(expected) | set(actual)):
+            if key not in expected:
+                parts.append(f"extra {key}={actual[key]!r}")
+            elif key not in actual:
+                parts.append(f"missing {key}={expected[key]!r}")
+            elif expected[key] != actual[key]:
+                parts.append(f"{key} expected {expected[key]!r}, got {actual[key]!r}")
+        return f"{name}: " + ", ".join(parts)
+    if isinstance(expected, list) and isinstance(actual, list):
+        at = next((i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b),
+                  min(len(expected), len(actual)))
+        return (f"{name}: from position {at} expected {expected[at:at + 3]!r}, "
+                f"got {actual[at:at + 3]!r}")
+    return f"{name}: expected {expected!r}, got {actual!r}"
 
 
 @dataclass
