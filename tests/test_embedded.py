@@ -146,3 +146,24 @@ def test_a_private_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None
     else:
         os.kill(pid, 9)
         pytest.fail("the private redis-server outlived its owner")
+
+
+@needs_server
+def test_print_url_serves_until_sigterm_then_stops_the_server() -> None:
+    # Given the helper started in serving mode with nothing at the URL
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery_partitioning.embedded", "--url", _nothing_at(), "--print-url"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        # Then it prints the URL of a Redis that answers
+        assert url.startswith("redis://127.0.0.1:") and redis_answers(url)
+        # When it gets SIGTERM, it exits 0 and the server is gone
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert not redis_answers(url)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
