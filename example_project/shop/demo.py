@@ -152,6 +152,7 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
             quiet = quiet + 1 if finished else 0
             if quiet >= 3:
                 result.drained = True
+                console.status(f"[{elapsed:5.1f}s] " + " | ".join(parts), force=True)
                 break
             dead = workers.dead()
             if dead:

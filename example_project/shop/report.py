@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -26,6 +27,8 @@ class Console:
 
     def status(self, text: str, force: bool = False) -> None:
         if self.tty:
+            # A line longer than the terminal wraps, and "\r" would no longer redraw it.
+            text = text[: max(20, shutil.get_terminal_size().columns - 1)]
             pad = max(0, self._width - len(text))
             self.out.write("\r" + text + " " * pad)
             self.out.flush()
