@@ -111,6 +111,14 @@ def test_sigkilled_partition_workers_keep_per_key_order_on_rabbitmq(
     queues = [f"{namespace}partition.p.{i}" for i in range(PARTITIONS)]
     try:
         _run_kill_scenario(h)
+        # The partition queues were declared for a single active consumer: re-declaring one
+        # without the argument is refused by the broker.
+        from amqp.exceptions import PreconditionFailed
+        from kombu import Connection
+
+        with Connection(amqp_url) as conn, pytest.raises(PreconditionFailed,
+                                                          match="x-single-active-consumer"):
+            conn.channel().queue_declare(queue=queues[0], durable=True, auto_delete=False)
     finally:
         processes.kill_all()
         delete_amqp_queues(amqp_url, queues)
