@@ -125,7 +125,12 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     if unknown:
         _fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
     while True:
-        rows = collect_status(app, pools)
+        try:
+            rows = collect_status(app, pools)
+        except (*app.connection_for_read().connection_errors, OSError) as exc:
+            click.echo(f"Error: cannot read the partitions from "
+                       f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)
+            raise SystemExit(1) from None
         if as_json:
             click.echo(status_json(rows))
         else:

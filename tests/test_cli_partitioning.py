@@ -165,3 +165,13 @@ def test_status_json_reports_depths_and_consumers_on_rabbitmq(amqp_url: str, red
         assert ":guest@" not in h.cli("status").stdout  # the password is masked
     finally:
         delete_amqp_queues(amqp_url, [f"{namespace}partition.p.{i}" for i in range(3)])
+
+
+def test_status_says_when_the_broker_cannot_be_reached_without_leaking_its_password(
+        tmp_path: Path) -> None:
+    h = Harness("redis://:s3cret@127.0.0.1:1/0", "redis://:s3cret@127.0.0.1:1/0", "cpw-cli:", 2,
+                tmp_path, Processes())
+    result = h.cli("status", "--json")
+    assert result.returncode == 1
+    assert "cannot read the partitions from redis://:**@127.0.0.1:1/0" in result.stderr
+    assert "s3cret" not in result.stdout + result.stderr

@@ -199,8 +199,12 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
         def refresh_held() -> None:
             qos = runtime.consumer_qos
             delivered = getattr(qos, "_delivered", None)
-            if delivered:
-                broker.refresh(list(delivered))
+            try:
+                tags = list(delivered or ())
+            except RuntimeError:  # changed under us by the consumer: next beat
+                return
+            if tags:
+                broker.refresh(tags)
 
         lease.on_beat.append(refresh_held)
     if broker is not None:
