@@ -73,6 +73,8 @@ def _run_kill_scenario(h: Harness) -> None:
     elapsed = time.monotonic() - started
 
     report = check(h.records(counts), counts)
+    print(f"\n{h.broker.split(':')[0]}: {EVENTS} events, {KEYS} keys, {PARTITIONS} partitions, "
+          f"2 SIGKILLs: {report.summary()}; all done {elapsed:.1f}s after publishing")
     assert report.ok, report.summary()
     for key, seq in killed:
         records = h.records([key])[key]
