@@ -35,12 +35,12 @@ def make_app() -> Celery:
     app.conf.partitioning_pools = {"entity": 8}
     celery_partitioning.install(app)
 
-    @app.task(name="bench.order_item_added")
+    @app.task(name="bench.order_item_added", shared=False)
     @partitioned(create_entity_partition_key("Order"), pool="entity")
     def order_item_added(order_id: str, sku: str, qty: int = 1) -> None:
         return None
 
-    @app.task(name="bench.plain")
+    @app.task(name="bench.plain", shared=False)
     def plain(order_id: str, sku: str, qty: int = 1) -> None:
         return None
 

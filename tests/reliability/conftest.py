@@ -152,7 +152,7 @@ class Workload:
         """``celery partitioning worker`` over every partition, logging to ``tmp/<name>.log``."""
         return self.processes.start(
             [celery_bin(), "-A", "tests.apps.reliability_app", "partitioning", "worker",
-             "-l", "warning", "--stop-timeout", "20"],
+             "-l", os.environ.get("CP_WORKER_LOGLEVEL", "warning"), "--stop-timeout", "20"],
             env=self.env(), log=self.log(name))
 
     def log(self, name: str) -> Path:
@@ -171,11 +171,37 @@ class Workload:
     def done(self) -> int:
         return int(self.redis.scard(f"{self.ns}done"))
 
-    def wait_done(self, count: int, timeout: float) -> None:
+    def wait_done(self, count: int, timeout: float, counts: dict[str, int] | None = None) -> None:
         try:
             wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done", interval=0.25)
         except AssertionError as exc:
-            raise AssertionError(f"{exc} (done: {self.done()})\n--- worker log\n{self.log_tail()}") from None
+            raise AssertionError(f"{exc} (done: {self.done()})\n{self.diagnose(counts)}\n"
+                                 f"--- worker log\n{self.log_tail()}") from None
+
+    def diagnose(self, counts: dict[str, int] | None) -> str:
+        """Where the missing messages are: queues, kombu's unacked hash, the library's keys."""
+        from celery_partitioning import partition_for
+        from celery_partitioning.redis_keys import key_digest
+
+        lines = []
+        if counts:
+            done = {raw.decode() for raw in self.redis.smembers(f"{self.ns}done")}
+            missing = [(k, s) for k, n in counts.items() for s in range(n) if f"{key_digest(k)} {s}" not in done]
+            lines.append(f"missing {len(missing)}: " + ", ".join(
+                f"{k}#{s} (p.{partition_for(k, self.partitions)})" for k, s in missing[:10]))
+            for k, _s in missing[:3]:
+                lines.append(f"  records of {k}: {self.records_of([k])[k][-8:]}")
+        if self.broker.startswith("redis"):
+            client = redis.Redis.from_url(self.broker)
+            for index in range(self.partitions):
+                lines.append(f"queue p.{index}: {client.llen(f'{self.ns}{self.ns}partition.p.{index}')} queued")
+            unacked = client.hgetall(f"{self.ns}unacked")
+            lines.append(f"unacked: {len(unacked)}")
+            for tag, raw in list(unacked.items())[:5]:
+                lines.append(f"  {tag.decode()}: {raw[:400]!r}")
+            lines.append("library keys: " + ", ".join(
+                f"{n.decode()}={client.type(n).decode()}" for n in client.scan_iter(match=f"{self.ns}cp:*")))
+        return "\n".join(lines)
 
     def records_of(self, keys: Iterable[str]) -> dict[str, list[str]]:
         client = self.redis

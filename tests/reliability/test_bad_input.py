@@ -324,8 +324,8 @@ class MemoryApp:
                              task_default_queue=f"{self.prefix}.default")
         cp.install(self.app)
         key = cp.create_entity_partition_key("Order")
-        self.item_added = self.app.task(name="rel.item_added")(cp.partitioned(key, pool="entity")(order_item_added))
-        self.event = self.app.task(name="rel.event")(cp.partitioned(key, pool="entity")(order_event))
+        self.item_added = self.app.task(name="rel.item_added", shared=False)(cp.partitioned(key, pool="entity")(order_item_added))
+        self.event = self.app.task(name="rel.event", shared=False)(cp.partitioned(key, pool="entity")(order_event))
         self.app.finalize()
 
     def sizes(self) -> dict[str, int]:
@@ -471,7 +471,7 @@ def test_a_bad_pools_setting_fails_the_publish_not_the_broker() -> None:
     app.conf.partitioning_pools = {"entity": 0}
     cp.install(app)
 
-    @app.task(name="rel.badconf")
+    @app.task(name="rel.badconf", shared=False)
     @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
     def badconf(order_id: str) -> None: ...
 

@@ -51,7 +51,7 @@ def test_broker_killed_and_restarted_mid_run(workload_factory: Callable[..., Wor
     time.sleep(down)
     broker.start()  # same port, same directory: the AOF is replayed
     w.publish(after)  # producers reconnect too
-    w.wait_done(events_total, timeout=120)
+    w.wait_done(events_total, timeout=120, counts=counts)
 
     # Nothing may be left behind to be delivered again later (a late duplicate is a reorder).
     client = redis.Redis.from_url(broker.url)
