@@ -33,6 +33,11 @@ class RedisKeys:
         """String: the exclusive-consumer lease of a partition queue (value: holder token)."""
         return f"{self.root}lease:{queue}"
 
+    def in_transit(self, queue: str) -> str:
+        """List (on the broker's Redis): messages a partition worker popped from its queue and
+        has not yet registered in kombu's ``unacked`` hash (BLMOVE target; crash recovery)."""
+        return f"{self.root}in-transit:{queue}"
+
     # -- dead letters and per-key parking (celery_partitioning.deadletters) --------------
     # Pool names are validated by config (letters, digits, '_', '-'); key text is hashed.
 

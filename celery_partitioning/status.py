@@ -139,14 +139,17 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
         try:
             leases = _leases(app, [q for _, _, q in parts])
             unacked = unacked_by_queue(broker)
+            keys = RedisKeys(redis_namespace(app.conf))
             for pool, index, queue in parts:
                 delivered = unacked.get(queue, [])
+                # Fetched and not yet recorded by kombu (fetch.py): normally for a moment only.
+                in_transit = int(broker.client.llen(keys.in_transit(queue)))
                 ages = [now - min(delivered)] if delivered else []
                 head = _head_age(broker, queue, now)
                 if head is not None:
                     ages.append(head)
                 rows.append(PartitionStatus(
-                    pool, index, queue, broker.depth(queue), len(delivered),
+                    pool, index, queue, broker.depth(queue), len(delivered) + in_transit,
                     round(max(ages), 3) if ages else None, leases.get(queue),
                     parked.get((pool, index), 0)))
         finally:

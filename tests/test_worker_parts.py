@@ -189,6 +189,107 @@ def test_recovery_puts_only_its_queues_unacked_messages_back_at_the_head_in_orde
     conn.release()
 
 
+@pytest.mark.integration
+def test_recovery_also_returns_messages_caught_between_fetch_and_unacked_once_each(
+        redis_url: str, namespace: str) -> None:
+    from celery_partitioning.redis_keys import RedisKeys
+    from tests.apps.ordering_app import make_app
+
+    url = _db11(redis_url)
+    app = make_app(url, url, namespace, 1)
+    queue = f"{namespace}partition.p.0"
+    in_transit = RedisKeys(namespace).in_transit(queue)
+    client = redis.Redis.from_url(url)
+
+    def payload(n: int) -> dict[str, Any]:
+        return {"body": str(n), "headers": {}, "properties": {"delivery_tag": f"tag-{n}",
+                                                            "delivery_info": {}}}
+
+    # Given: message 0 registered as unacked (and, killed before the LREM, still in transit),
+    # message 1 moved to in-transit only (killed before kombu recorded it), 2 and 3 queued
+    client.hset(f"{namespace}unacked", "tag-0", json.dumps([payload(0), "celery", queue]))
+    client.zadd(f"{namespace}unacked_index", {"tag-0": time.time() - 5})
+    client.lpush(in_transit, json.dumps(payload(0)))
+    client.lpush(in_transit, json.dumps(payload(1)))
+    client.lpush(f"{namespace}{queue}", json.dumps(payload(2)))
+    client.lpush(f"{namespace}{queue}", json.dumps(payload(3)))
+
+    broker = broker_redis(app)
+    assert broker is not None
+    try:
+        assert restore_unacked_to_head(broker, queue, in_transit) == 2
+    finally:
+        broker.close()
+
+    # Then the queue replays 0, 1, 2, 3 (BRPOP order), each once; nothing is left aside
+    order = []
+    while (raw := client.rpop(f"{namespace}{queue}")) is not None:
+        order.append(json.loads(raw)["body"])
+    assert order == ["0", "1", "2", "3"]
+    assert client.llen(in_transit) == 0 and client.hlen(f"{namespace}unacked") == 0
+
+
+@pytest.mark.integration
+def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it(
+        redis_url: str, namespace: str) -> None:
+    from kombu import Connection, Consumer, Queue
+
+    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.worker.fetch import install_reliable_fetch
+    from tests.apps.ordering_app import make_app
+
+    url = _db11(redis_url)
+    queue = f"{namespace}partition.p.0"
+    in_transit = RedisKeys(namespace).in_transit(queue)
+    client = redis.Redis.from_url(url)
+    conn = Connection(url, transport_options={"global_keyprefix": namespace})
+    channel = conn.channel()
+    producer = conn.Producer(channel)
+    for n in range(3):
+        producer.publish({"n": n}, routing_key=queue, exchange="", declare=[Queue(queue, routing_key=queue)])
+    channel.qos.restore_at_shutdown = False
+    received: list[int] = []
+    killed = {"now": False}
+    append = channel.qos.append
+
+    def append_or_die(message: Any, tag: Any) -> None:
+        if killed["now"]:
+            raise RuntimeError("SIGKILL between the fetch and the unacked record")
+        append(message, tag)
+
+    channel.qos.append = append_or_die
+    assert install_reliable_fetch(channel, queue, in_transit, client)
+    consumer = Consumer(channel, queues=[Queue(queue, routing_key=queue)], accept=["json"],
+                        callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
+    consumer.consume()
+
+    # A normal fetch: recorded as unacked, gone from the in-transit list, then acked
+    conn.drain_events(timeout=5)
+    assert received == [0] and client.llen(in_transit) == 0
+
+    # Killed right after the fetch: the message is in the in-transit list, not lost
+    killed["now"] = True
+    with pytest.raises(RuntimeError):
+        conn.drain_events(timeout=5)
+    assert client.llen(in_transit) == 1 and client.hlen(f"{namespace}unacked") == 0
+
+    # and recovery puts it back ahead of the rest
+    broker = broker_redis(make_app(url, url, namespace, 1))
+    assert broker is not None
+    try:
+        assert restore_unacked_to_head(broker, queue, in_transit) == 1
+    finally:
+        broker.close()
+    fresh = Connection(url, transport_options={"global_keyprefix": namespace})
+    ch = fresh.channel()
+    order = []
+    while (m := ch.basic_get(queue, no_ack=True)) is not None:
+        order.append(json.loads(m.body)["n"])
+    assert order == [1, 2]
+    fresh.release()
+    conn.release()
+
+
 # -- supervisor ------------------------------------------------------------------------------
 
 _CHILD = """

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from celery import bootsteps
 
+from .fetch import install_reliable_fetch
 from .runtime import GateMessage, PartitionRuntime, current_runtime
 
 __all__ = ["GateStep", "gated_strategy", "EXIT_GATE_FAILED"]
@@ -115,6 +116,14 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         for name, strategy in list(c.strategies.items()):
             if not getattr(strategy, _WRAPPED, False):
                 c.strategies[name] = gated_strategy(runtime, name, strategy)
+        # Redis: no window where a popped message is in neither the queue nor unacked.
+        if (runtime.broker is not None and c.task_consumer is not None
+                and not install_reliable_fetch(c.task_consumer.channel, runtime.queue,
+                                               runtime.keys.in_transit(runtime.queue),
+                                               runtime.broker.client)):
+            logger.warning("%s could not switch to loss-free fetching (kombu changed?); "
+                           "a SIGKILL right after a fetch may lose that message",
+                           runtime.label)
         # Logging is set up after worker_init, so the start-up summary is said here.
         logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; gates: %s)",
                     runtime.label, runtime.queue, runtime.transport,

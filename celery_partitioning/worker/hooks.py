@@ -208,7 +208,9 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
 
         lease.on_beat.append(refresh_held)
     if broker is not None:
-        runtime.recovered = restore_unacked_to_head(broker, runtime.queue)
+        runtime.broker = broker
+        runtime.recovered = restore_unacked_to_head(broker, runtime.queue,
+                                                    runtime.keys.in_transit(runtime.queue))
         if runtime.recovered:
             logger.warning("%s crash recovery: %d unacked message(s) put back at the head of %s",
                            runtime.label, runtime.recovered, runtime.queue)

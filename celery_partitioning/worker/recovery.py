@@ -118,13 +118,22 @@ def _priority(payload: dict[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def restore_unacked_to_head(broker: BrokerRedis, queue: str) -> int:
+def _delivery_tag(payload: dict[str, Any]) -> str | None:
+    tag = (payload.get("properties") or {}).get("delivery_tag")
+    return str(tag) if tag is not None else None
+
+
+def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | None = None) -> int:
     """Put ``queue``'s unacked messages back at its head in delivery order; return how many.
 
-    Other queues' entries are not touched. Atomic: the transaction is retried if anyone
-    (kombu's own visibility restore, an ack) changes the unacked keys meanwhile.
+    Also the messages a dead worker had moved to the ``in_transit`` list (``fetch.py``)
+    but not yet registered as unacked: they are newer than any registered one. A message in
+    both places (killed between the two steps) goes back once. Other queues' entries are not
+    touched. Atomic: the transaction is retried if anyone (kombu's own visibility restore,
+    an ack) changes the keys meanwhile.
     """
     moved = 0
+    watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
 
     def transaction(pipe: Any) -> None:
         nonlocal moved
@@ -136,16 +145,29 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str) -> int:
             if parsed is not None and parsed[1] == queue:
                 mine.append((float(scores.get(tag, 0.0)), tag, parsed[0]))
         mine.sort(key=lambda item: (item[0], item[1]))
+        oldest_first = [payload for _score, _tag, payload in mine]
+        known = {_delivery_tag(p) for p in oldest_first}
+        # The in-transit list gets LPUSHed (BLMOVE ... LEFT): its oldest item is at the right.
+        for raw in reversed(pipe.lrange(in_transit, 0, -1) if in_transit else []):
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(payload, dict) and _delivery_tag(payload) not in known:
+                oldest_first.append(payload)
         pipe.multi()
         # BRPOP takes from the right: push the newest first, the oldest last (= next).
-        for _score, tag, payload in reversed(mine):
+        for payload in reversed(oldest_first):
             with contextlib.suppress(KeyError, TypeError):
                 payload["headers"]["redelivered"] = True
                 payload["properties"]["delivery_info"]["redelivered"] = True
             pipe.rpush(broker.queue_list(queue, _priority(payload)), json.dumps(payload))
+        for _score, tag, _payload in mine:
             pipe.hdel(broker.unacked, tag)
             pipe.zrem(broker.unacked_index, tag)
-        moved = len(mine)
+        if in_transit:
+            pipe.delete(in_transit)
+        moved = len(oldest_first)
 
-    broker.client.transaction(transaction, broker.unacked, broker.unacked_index)
+    broker.client.transaction(transaction, *watched)
     return moved

@@ -164,6 +164,8 @@ class PartitionRuntime:
     consumer_qos: Any = None
     #: Messages put back at the head of the queue by crash recovery at start.
     recovered: int = 0
+    #: kombu's Redis names and a plain client to the broker (Redis broker only).
+    broker: Any = None
 
     @property
     def label(self) -> str:
