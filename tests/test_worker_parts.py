@@ -230,8 +230,9 @@ def test_recovery_also_returns_messages_caught_between_fetch_and_unacked_once_ea
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("command", ["BLMOVE", "BRPOPLPUSH"])
 def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it(
-        redis_url: str, namespace: str) -> None:
+        redis_url: str, namespace: str, command: str) -> None:
     from kombu import Connection, Consumer, Queue
 
     from celery_partitioning.redis_keys import RedisKeys
@@ -259,6 +260,7 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
 
     channel.qos.append = append_or_die
     assert install_reliable_fetch(channel, queue, in_transit, client)
+    channel._celery_partitioning_reliable.command = command  # Redis < 6.2 has no BLMOVE
     consumer = Consumer(channel, queues=[Queue(queue, routing_key=queue)], accept=["json"],
                         callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
     consumer.consume()

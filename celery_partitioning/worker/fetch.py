@@ -45,6 +45,8 @@ class ReliableFetch:
     client: Any
     #: The raw item last moved and not yet registered as unacked.
     pending: bytes | None = None
+    #: ``BLMOVE`` (Redis >= 6.2) or its older spelling ``BRPOPLPUSH``.
+    command: str = "BLMOVE"
 
     def start(self, timeout: Any = None) -> None:
         channel = self.channel
@@ -55,8 +57,12 @@ class ReliableFetch:
             return
         channel._in_poll = channel.client.connection
         channel._brpop_sent_at = monotonic()
-        channel.client.connection.send_command(
-            "BLMOVE", self.source, self.in_transit, "RIGHT", "LEFT", timeout or 0)
+        if self.command == "BLMOVE":
+            channel.client.connection.send_command(
+                "BLMOVE", self.source, self.in_transit, "RIGHT", "LEFT", timeout or 0)
+        else:
+            channel.client.connection.send_command(
+                "BRPOPLPUSH", self.source, self.in_transit, int(timeout or 0))
 
     def read(self, **options: Any) -> bool:
         from queue import Empty
@@ -64,7 +70,8 @@ class ReliableFetch:
         channel = self.channel
         try:
             try:
-                item = channel.client.parse_response(channel.client.connection, "BLMOVE", **options)
+                item = channel.client.parse_response(channel.client.connection, self.command,
+                                                     **options)
             except channel.connection_errors:
                 channel.client.connection.disconnect()
                 raise
@@ -86,6 +93,12 @@ class ReliableFetch:
             self.client.lrem(self.in_transit, 1, item)
 
 
+def _move_command(client: Any) -> str:
+    version = str(client.info("server").get("redis_version", "0"))
+    parts = [int(p) for p in version.split(".")[:2] if p.isdigit()] + [0, 0]
+    return "BLMOVE" if (parts[0], parts[1]) >= (6, 2) else "BRPOPLPUSH"
+
+
 def install_reliable_fetch(channel: Any, queue: str, in_transit: str, client: Any) -> bool:
     """Switch kombu Redis ``channel`` to BLMOVE-based fetching of ``queue``; False if not Redis."""
     if getattr(channel, _MARK, None) is not None:
@@ -93,7 +106,8 @@ def install_reliable_fetch(channel: Any, queue: str, in_transit: str, client: An
     if not hasattr(channel, "_brpop_start") or not isinstance(getattr(channel, "handlers", None), dict):
         return False
     prefix = getattr(channel, "global_keyprefix", "") or ""
-    fetch = ReliableFetch(channel, prefix + channel._q_for_pri(queue, 0), in_transit, queue, client)
+    fetch = ReliableFetch(channel, prefix + channel._q_for_pri(queue, 0), in_transit, queue, client,
+                          command=_move_command(client))
     qos = channel.qos
     original_append = qos.append
 
