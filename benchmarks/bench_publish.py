@@ -48,7 +48,7 @@ def make_apps(url: str, namespace: str) -> tuple[Celery, Celery]:
     plain = Celery("bench-plain", broker=url, set_as_current=False)
     _conf(plain, namespace)
 
-    @plain.task(name="bench.plain.order_item_added")
+    @plain.task(name="bench.plain.order_item_added", shared=False)
     def plain_item_added(order_id: str, sku: str, qty: int = 1) -> None:
         return None
 
@@ -57,12 +57,12 @@ def make_apps(url: str, namespace: str) -> tuple[Celery, Celery]:
     part.conf.partitioning_pools = {"entity": 8}
     celery_partitioning.install(part)
 
-    @part.task(name="bench.part.order_item_added")
+    @part.task(name="bench.part.order_item_added", shared=False)
     @partitioned(create_entity_partition_key("Order"), pool="entity")
     def part_item_added(order_id: str, sku: str, qty: int = 1) -> None:
         return None
 
-    @part.task(name="bench.part.plain_item_added")
+    @part.task(name="bench.part.plain_item_added", shared=False)
     def part_plain_item_added(order_id: str, sku: str, qty: int = 1) -> None:
         return None
 
