@@ -162,3 +162,23 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.timeout(60)
+def test_a_standby_stops_cleanly_on_sigterm_and_the_holder_releases_its_lease(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    url = _db11(redis_url)
+    h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
+    lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
+    client = h.redis
+    first = h.start_workers("first")
+    wait_for(lambda: client.get(lease_key) is not None, 30, "the first worker's lease")
+    second = h.start_workers("second")
+    wait_for(lambda: "standby" in h.log_text("second"), 30, "the standby")
+
+    h.processes.signal(second, signal.SIGTERM)
+    assert second.wait(timeout=20) == 0, h.log_text("second")[-2000:]
+    assert "stopped while standby" in h.log_text("second")
+    h.processes.signal(first, signal.SIGTERM)
+    assert first.wait(timeout=20) == 0
+    assert client.get(lease_key) is None  # released at once, not after the 30 s TTL
