@@ -236,7 +236,7 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
     from kombu import Connection, Consumer, Queue
 
     from celery_partitioning.redis_keys import RedisKeys
-    from celery_partitioning.worker.fetch import install_reliable_fetch
+    from celery_partitioning.worker.fetch import Registration, install_reliable_fetch
     from tests.apps.ordering_app import make_app
 
     url = _db11(redis_url)
@@ -251,15 +251,13 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
     channel.qos.restore_at_shutdown = False
     received: list[int] = []
     killed = {"now": False}
-    append = channel.qos.append
 
-    def append_or_die(message: Any, tag: Any) -> None:
+    def register_or_die(registration: Registration) -> None:
         if killed["now"]:
             raise RuntimeError("SIGKILL between the fetch and the unacked record")
-        append(message, tag)
+        channel._celery_partitioning_reliable.transaction(registration)
 
-    channel.qos.append = append_or_die
-    assert install_reliable_fetch(channel, queue, in_transit, client)
+    assert install_reliable_fetch(channel, queue, in_transit, client, register=register_or_die)
     channel._celery_partitioning_reliable.command = command  # Redis < 6.2 has no BLMOVE
     consumer = Consumer(channel, queues=[Queue(queue, routing_key=queue)], accept=["json"],
                         callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])

@@ -120,7 +120,8 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if (runtime.broker is not None and c.task_consumer is not None
                 and not install_reliable_fetch(c.task_consumer.channel, runtime.queue,
                                                runtime.keys.in_transit(runtime.queue),
-                                               runtime.broker.client)):
+                                               runtime.broker.client,
+                                               register=runtime.fetch_register)):
             logger.warning("%s could not switch to loss-free fetching (kombu changed?); "
                            "a SIGKILL right after a fetch may lose that message",
                            runtime.label)

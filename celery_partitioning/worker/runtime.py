@@ -33,6 +33,10 @@ Hook points for other parts of the package (issue 4 builds on these):
     (from the headers; None on messages that are not partitioned), ``message`` (the raw
     kombu message) and ``ack()``.
 
+``PartitionRuntime.fetch_register``
+    On a Redis broker, a ``fetch.Register`` that replaces the transaction recording a
+    fetched message as unacked (it must do the same, atomically, and may do more in it).
+
 ``PartitionRuntime.on_started: list[Callable[[PartitionRuntime], None]]``
     Run once, in order, after the lease is held and crash recovery is done, before the
     worker consumes its first message (still inside ``worker_init``: every task is
@@ -166,6 +170,9 @@ class PartitionRuntime:
     recovered: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
     broker: Any = None
+    #: Replaces the transaction that records a fetched message as unacked (Redis broker;
+    #: ``fetch.Register``): the parking gate sets it to decide in that same script.
+    fetch_register: Callable[..., None] | None = None
 
     @property
     def label(self) -> str:
