@@ -34,11 +34,14 @@ if TYPE_CHECKING:
     from celery import Celery
     from redis import Redis
 
+    from .worker.fetch import Registration
+
 __all__ = [
     "DeadLetter",
     "DeadLetterError",
     "DeadLetterStore",
     "DeadLetterView",
+    "GateResult",
     "GateVerdict",
     "Publish",
     "ParkedMessage",
@@ -62,6 +65,24 @@ REASON_DCB_MAX_RETRIES: Final = "DCB_MAX_RETRIES_EXCEEDED"
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's verdict, and what the worker needs to know of a message that runs."""
+
+    verdict: GateVerdict
+    #: The task id's in-place retry record (JSON) when the verdict is ``run``, else None.
+    attempts: str | None = None
+    #: The message belongs to a replay in flight: call ``finished`` when it is done.
+    replaying: bool = False
+
+    @classmethod
+    def parse(cls, reply: Any) -> GateResult:
+        verdict, attempts, replaying = (_text(reply[0]), _text(reply[1]) or None, bool(reply[2]))
+        if verdict not in ("run", "parked", "deferred", "duplicate"):
+            raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
+        return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
 
 #: Re-publishes one raw message (JSON kombu payload) to its partition queue, through the
 #: broker. None means "push onto the head of the queue's Redis list" (Redis broker).
@@ -209,31 +230,60 @@ local function drain_deferred()
 end
 """
 
-# The gate. ARGV: key digest, task id, raw payload. Returns the verdict.
+# The gate, as a function of the scripts below. KEYS[8]: the task id's in-place retry record.
+# Returns {verdict, attempt record ('' if none; read only for 'run'), 1 if the message belongs
+# to a replay in flight (its end must be reported: ``finished``) else 0}.
 # ``replaying`` holds the replayed messages until they are done (not merely received), so
 # one that comes back after a crash is still recognized as older than the deferred ones.
-_GATE_LUA: Final = _LUA_PRELUDE + r"""
-local id, raw = ARGV[2], ARGV[3]
-if redis.call('SISMEMBER', replaying, id) == 1 then
-  if redis.call('HEXISTS', dl, digest) == 0 then return 'run' end
-  -- the replay's dead letter failed again: the rest of the replay is parked again, in order
-  redis.call('SREM', replaying, id)
-  if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
-  drain_deferred()
-  return 'parked'
+_GATE_FUNCTION: Final = r"""
+local attempts = KEYS[8]
+
+local function gate(id, raw)
+  -- the happy path: nothing replayed, stored or parked for the key (what the checks below
+  -- would conclude from these very keys, in two commands)
+  if redis.call('EXISTS', replaying, ids) == 0 and redis.call('HEXISTS', dl, digest) == 0 then
+    return {'run', redis.call('GET', attempts) or '', 0}
+  end
+  if redis.call('SISMEMBER', replaying, id) == 1 then
+    if redis.call('HEXISTS', dl, digest) == 0 then
+      return {'run', redis.call('GET', attempts) or '', 1}
+    end
+    -- the replay's dead letter failed again: the rest of the replay is parked again, in order
+    redis.call('SREM', replaying, id)
+    if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
+    drain_deferred()
+    return {'parked', '', 0}
+  end
+  if redis.call('SISMEMBER', ids, id) == 1 then return {'duplicate', '', 0} end
+  if redis.call('SCARD', replaying) > 0 then
+    redis.call('SADD', ids, id)
+    redis.call('RPUSH', deferred, raw)
+    return {'deferred', '', 0}
+  end
+  if redis.call('HEXISTS', dl, digest) == 1 then
+    redis.call('SADD', ids, id)
+    redis.call('RPUSH', parked, raw)
+    return {'parked', '', 0}
+  end
+  return {'run', redis.call('GET', attempts) or '', 0}
 end
-if redis.call('SISMEMBER', ids, id) == 1 then return 'duplicate' end
-if redis.call('SCARD', replaying) > 0 then
-  redis.call('SADD', ids, id)
-  redis.call('RPUSH', deferred, raw)
-  return 'deferred'
-end
-if redis.call('HEXISTS', dl, digest) == 1 then
-  redis.call('SADD', ids, id)
-  redis.call('RPUSH', parked, raw)
-  return 'parked'
-end
-return 'run'
+"""
+
+# ARGV: key digest, task id, raw payload.
+_GATE_LUA: Final = _LUA_PRELUDE + _GATE_FUNCTION + r"""
+return gate(ARGV[2], ARGV[3])
+"""
+
+# Receive and gate in one step (Redis broker on the store's Redis): what kombu's
+# ``QoS.append`` does (plus taking the message off the in-transit list, ``worker/fetch.py``),
+# then the gate. KEYS[9..11]: kombu's unacked index and hash, the in-transit list.
+# ARGV: key digest, task id, raw payload, delivery tag, delivery time, unacked entry,
+# in-transit item ('' if none).
+_RECEIVE_LUA: Final = _LUA_PRELUDE + _GATE_FUNCTION + r"""
+redis.call('ZADD', KEYS[9], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[10], ARGV[4], ARGV[6])
+if ARGV[7] ~= '' then redis.call('LREM', KEYS[11], 1, ARGV[7]) end
+return gate(ARGV[2], ARGV[3])
 """
 
 # A message that ran is done (succeeded or failed for good). ARGV: key digest, task id.
@@ -269,6 +319,7 @@ class DeadLetterStore:
         self._gate = client.register_script(_GATE_LUA)
         self._dead_letter = client.register_script(_DEAD_LETTER_LUA)
         self._finished = client.register_script(_FINISHED_LUA)
+        self._receive = client.register_script(_RECEIVE_LUA)
 
     # -- worker side ------------------------------------------------------------------
     def _key_names(self, pool: str, key: str) -> list[str]:
@@ -287,14 +338,33 @@ class DeadLetterStore:
 
         ``parked``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
         """
-        verdict = self._gate(keys=self._script_keys(pool, key, queue, publish),
-                             args=[key_digest(key), task_id, raw])
-        text = verdict.decode() if isinstance(verdict, bytes) else str(verdict)
-        if text not in ("run", "parked", "deferred", "duplicate"):
-            raise DeadLetterError(f"unexpected gate verdict {text!r}")
+        return self.check(pool, key, task_id, raw, queue, publish=publish).verdict
+
+    def check(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
+              publish: Publish | None = None) -> GateResult:
+        """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
+        reply = self._gate(keys=[*self._script_keys(pool, key, queue, publish),
+                                 self.keys.attempts(task_id)],
+                           args=[key_digest(key), task_id, raw])
+        result = GateResult.parse(reply)
         if publish is not None:
             self.flush_outbox(pool, key, publish)
-        return text  # type: ignore[return-value]
+        return result
+
+    def receive(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
+                registration: Registration) -> GateResult:
+        """Record a fetched message as unacked and :meth:`check` it, in one script.
+
+        For a Redis broker whose Redis holds this store (re-queueing by head push): the
+        names in ``registration`` (``worker.fetch.Registration``) are on this client.
+        """
+        reply = self._receive(
+            keys=[*self._script_keys(pool, key, queue, None), self.keys.attempts(task_id),
+                  registration.unacked_index, registration.unacked, registration.in_transit],
+            args=[key_digest(key), task_id, raw, registration.delivery_tag,
+                  repr(registration.score), registration.entry,
+                  b"" if registration.item is None else registration.item])
+        return GateResult.parse(reply)
 
     def dead_letter(self, letter: DeadLetter, queue: str, *,
                     publish: Publish | None = None) -> bool:

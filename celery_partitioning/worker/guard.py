@@ -21,7 +21,7 @@ from .runtime import Gate, GateMessage
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["misroute_guard", "republish"]
+__all__ = ["belongs_here", "misroute_guard", "republish"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -48,6 +48,15 @@ def republish(runtime: PartitionRuntime, msg: GateMessage, pool: str, index: int
             retry=True,
             **properties,
         )
+
+
+def belongs_here(runtime: PartitionRuntime, pool: str, key: str) -> bool:
+    """False when the guard moves a message with these headers elsewhere (it runs here else)."""
+    try:
+        index = partition_for(key, runtime.settings.partitions(pool))
+    except PartitioningError:
+        return True
+    return (pool, index) == (runtime.pool, runtime.index)
 
 
 def misroute_guard(runtime: PartitionRuntime) -> Gate:

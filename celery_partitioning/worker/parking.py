@@ -8,10 +8,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ..deadletters import DeadLetterStore, Publish
+from ..deadletters import DeadLetterStore, GateResult, Publish
+from .runtime import GateMessage
 
 if TYPE_CHECKING:
-    from .runtime import GateMessage, PartitionRuntime
+    from .fetch import Registration
+    from .runtime import PartitionRuntime
 
 __all__ = ["InFlight", "InFlightEntry", "ParkingGate", "raw_payload"]
 
@@ -19,6 +21,8 @@ logger = logging.getLogger("celery_partitioning.parking")
 
 #: More messages than this passed the gate without finishing: forget the oldest.
 MAX_INFLIGHT: Final = 64
+#: More verdicts than this decided at receive and not yet asked for: forget the oldest.
+MAX_DECIDED: Final = 64
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,12 @@ class InFlightEntry:
     pool: str
     key: str
     raw: str
+    #: The task id's in-place retry record (JSON) as the gate read it, None if it had none.
+    attempts: str | None = None
+    #: False when the gate did not read the attempt record (the retry code reads it itself).
+    attempts_read: bool = False
+    #: The message belongs to a replay in flight: the store must hear when it is done.
+    replaying: bool = True
 
 
 class InFlight:
@@ -84,6 +94,10 @@ class ParkingGate:
 
     Idempotent by task id: a message stored but not acked (a crash in between) is
     recognized when it comes back, and only acked.
+
+    On a Redis broker whose Redis holds the store, :meth:`register` is the reliable fetch's
+    ``Register``: the gate is decided in the very script that records the message as
+    unacked, so a message that runs costs no round trip of the gate's own.
     """
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
@@ -93,16 +107,50 @@ class ParkingGate:
         self.inflight = inflight
         #: How deferred messages are re-queued (None: Redis head push; see deadletters).
         self.publish = publish
+        #: Verdicts decided at receive (and the raw payload), by delivery tag, until asked.
+        self._decided: dict[Any, tuple[GateResult, str]] = {}
+
+    def _applies(self, message: GateMessage) -> bool:
+        """Would this gate be asked about ``message`` (by the gate chain, after the guard)?"""
+        from .guard import belongs_here
+
+        pool, key = message.partition_pool, message.partition_key
+        return (pool is not None and key is not None and message.task_id is not None
+                and message.task_name in self.runtime.app.tasks
+                and belongs_here(self.runtime, pool, key))
+
+    def register(self, registration: Registration) -> None:
+        """Record a fetched message as unacked and, if the gate will be asked, decide it too."""
+        message = GateMessage(registration.message, str(registration.message.headers.get("task")))
+        key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
+        if key is None or pool is None or task_id is None or not self._applies(message):
+            with self.runtime.broker.client.pipeline() as pipe:  # the fetch's own transaction
+                registration.queue(pipe)
+                pipe.execute()
+            return
+        raw = raw_payload(message.message)
+        result = self.store.receive(pool, key, task_id, raw, self.runtime.queue,
+                                    registration=registration)
+        while len(self._decided) >= MAX_DECIDED:
+            self._decided.pop(next(iter(self._decided)))
+        self._decided[registration.delivery_tag] = (result, raw)
 
     def __call__(self, message: GateMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
             return False
-        raw = raw_payload(message.message)
-        verdict = self.store.gate(pool, key, task_id, raw, self.runtime.queue,
-                                  publish=self.publish)
+        decided = self._decided.pop(getattr(message.message, "delivery_tag", None), None)
+        if decided is not None:
+            result, raw = decided
+        else:
+            raw = raw_payload(message.message)
+            result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
+                                      publish=self.publish)
+        verdict = result.verdict
         if verdict == "run":
-            self.inflight.put(task_id, InFlightEntry(pool, key, raw))
+            self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,
+                                                     attempts_read=True,
+                                                     replaying=result.replaying))
             return False
         what = {"parked": "is parked: message set aside",
                 "deferred": "is being replayed: newer message deferred behind the replay",

@@ -88,6 +88,8 @@ class _Attempt:
     task_id: str
     exhausted: bool = False
     pending: RetryInPlace | None = None
+    #: Whether Redis may hold an attempt record for the task id (False once known absent).
+    recorded: bool = True
 
 
 def _should_stop() -> bool:
@@ -207,14 +209,14 @@ class InPlaceRetry:
         attempt = _Attempt(task_id)
         self._active[task_id] = attempt
         try:
-            self._resume(request)
+            self._resume(request, attempt)
             result = self._attempts(task, original, request, attempt=attempt, args=args,
                                    kwargs=kwargs)
         except Exception:
-            self._finish(task_id)  # failed for good: Celery acks it
+            self._finish(attempt)  # failed for good: Celery acks it
             raise
         else:
-            self._finish(task_id)
+            self._finish(attempt)
             return result
         # Anything else (WorkerShutdown during a wait...): the message stays unacked and
         # comes back; its attempt record and replay state stay as they are.
@@ -251,6 +253,9 @@ class InPlaceRetry:
     def _next_attempt(self, task: Any, request: Any, signal: RetryInPlace) -> tuple[Any, Any]:
         retries = (request.retries or 0) + 1
         resume_at = time.time() + signal.delay
+        attempt = self._active.get(request.id)
+        if attempt is not None:
+            attempt.recorded = True
         self._remember(request.id, retries, resume_at)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
@@ -281,12 +286,22 @@ class InPlaceRetry:
         client.set(self.runtime.keys.attempts(task_id),
                    json.dumps({"retries": retries, "resume_at": resume_at}), ex=ATTEMPTS_TTL)
 
-    def _resume(self, request: Any) -> None:
-        """After a crash: continue the retry count, and the wait, where they were."""
+    def _resume(self, request: Any, attempt: _Attempt) -> None:
+        """After a crash: continue the retry count, and the wait, where they were.
+
+        The parking gate read the record already for the messages it let through (in the
+        script that received them); others are read here.
+        """
         client = self.runtime.redis
         if client is None:
+            attempt.recorded = False
             return
-        raw = client.get(self.runtime.keys.attempts(request.id))
+        entry = self.inflight.get(request.id)
+        if entry is not None and entry.attempts_read:
+            raw: Any = entry.attempts
+        else:
+            raw = client.get(self.runtime.keys.attempts(request.id))
+        attempt.recorded = raw is not None
         if raw is None:
             return
         try:
@@ -299,13 +314,17 @@ class InPlaceRetry:
             request.retries = retries
             self._wait_until(resume_at)
 
-    def _finish(self, task_id: str) -> None:
-        """The message is done (about to be acked): forget it here and in Redis."""
+    def _finish(self, attempt: _Attempt) -> None:
+        """The message is done (about to be acked): forget it here and in Redis.
+
+        The happy path (no attempt record, not part of a replay) costs no Redis call.
+        """
+        task_id = attempt.task_id
         entry = self.inflight.pop(task_id)
         client = self.runtime.redis
-        if client is not None:
+        if client is not None and attempt.recorded:
             client.delete(self.runtime.keys.attempts(task_id))
-        if self.store is not None and entry is not None:
+        if self.store is not None and entry is not None and entry.replaying:
             self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue,
                                 publish=self.publish)
 
@@ -370,7 +389,11 @@ def install_failure_handling(runtime: PartitionRuntime) -> None:
     inflight = InFlight()
     publish = requeue_method(runtime.app, runtime.pool, runtime.index) if store else None
     if store is not None:
-        runtime.gates.append(ParkingGate(runtime, store, inflight, publish))
+        gate = ParkingGate(runtime, store, inflight, publish)
+        runtime.gates.append(gate)
+        if publish is None and runtime.broker is not None:
+            # the store is on the broker's Redis: decide the gate as the message is received
+            runtime.fetch_register = gate.register
     else:
         logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
                        "dead letters and parking are off", runtime.label)
