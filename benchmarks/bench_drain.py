@@ -194,6 +194,14 @@ def _private_redis(log_dir: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
     raise RuntimeError("the private redis-server did not answer")
 
 
+def _difference(plain: Counter[str], part: Counter[str], messages: int) -> str:
+    """Commands per message the partition workers make more (+) or fewer (-) than plain ones."""
+    diffs = {name: (part[name] - plain[name]) / messages for name in set(plain) | set(part)}
+    shown = sorted(((d, name) for name, d in diffs.items() if abs(d) >= 0.05),
+                   key=lambda item: (-item[0], item[1]))
+    return ", ".join(f"{name} {d:+.2f}" for d, name in shown) or "none"
+
+
 def _mib(values: list[int]) -> float:
     return statistics.mean(values) / 2**20 if values else float("nan")
 
@@ -213,7 +221,7 @@ def main() -> None:
                     "partition USS MiB", "USS ratio", "supervisor RSS MiB"])
     commands = Table("Redis commands per message during the drain (INFO commandstats of a private "
                      "redis-server; the benchmark task's own 3 and the poller's included in both)",
-                     ["task", "N", "plain", "partitioned", "extra per message", "largest extra commands"])
+                     ["task", "N", "plain", "partitioned", "extra per message", "more (+) / fewer (-)"])
     private = _private_redis(log_dir)
     url = private[0] if private else None
     try:
@@ -241,11 +249,10 @@ def _matrix(durations: list[int], worker_counts: list[int], messages: int, keys:
                        _mib(part.worker_rss) / _mib(plain.worker_rss), _mib(plain.worker_uss),
                        _mib(part.worker_uss), _mib(part.worker_uss) / _mib(plain.worker_uss),
                        part.supervisor_rss / 2**20)
-            extra = part.commands - plain.commands
             commands.add(label, n, sum(plain.commands.values()) / messages,
                          sum(part.commands.values()) / messages,
                          (sum(part.commands.values()) - sum(plain.commands.values())) / messages,
-                         ", ".join(f"{name} {count / messages:.2f}" for name, count in extra.most_common(4)))
+                         _difference(plain.commands, part.commands, messages))
             sys.stdout.write(f"  {label} N={n}: plain {plain.seconds:.2f}s, "
                              f"partitioned {part.seconds:.2f}s\n")
             sys.stdout.flush()
