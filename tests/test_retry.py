@@ -211,3 +211,81 @@ def test_retry_without_throw_lets_the_run_finish_then_retries_in_place() -> None
     patch(app)
     assert run(app, "t.nothrow", "o1") == (states.SUCCESS, 1)
     assert seen == ["after retry()", "return 0", "return 1"]
+
+
+class _RecordingRedis:
+    """Stands in for the Redis client: records every call (the attempt record is absent)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def get(self, name: str) -> None:
+        self.calls.append(f"get {name}")
+
+    def set(self, name: str, value: str, ex: int | None = None) -> None:
+        self.calls.append(f"set {name}")
+
+    def delete(self, name: str) -> None:
+        self.calls.append(f"delete {name}")
+
+
+class _RecordingStore:
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+
+    def finished_call(self, pool: str, key: str, task_id: str, queue: str, **_: Any) -> None:
+        self.finished.append(task_id)
+
+
+def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
+    # Given the gate's answer for each message (attempt record read, replay membership),
+    # a run without retry makes no Redis call of its own; a retried one writes its record
+    # and deletes it at the end; a replayed one reports its end; an ungated one reads.
+    from celery_partitioning.worker.parking import InFlightEntry
+
+    app = make_app()
+
+    @app.task(bind=True, name="t.ok", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def ok(self: Any, order_id: str) -> str:
+        return "done"
+
+    @app.task(bind=True, name="t.retried", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def retried(self: Any, order_id: str) -> str:
+        if self.request.retries < 1:
+            raise self.retry(countdown=0, max_retries=3)
+        return "done"
+
+    redis_calls = _RecordingRedis()
+    store = _RecordingStore()
+    runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q",
+                                         redis=redis_calls, keys=RedisKeys("unit:"), hostname="h",
+                                         label="entity.0")
+    inflight = InFlight()
+    patcher = InPlaceRetry(runtime, None, inflight)
+    patcher.store = types.SimpleNamespace(finished=store.finished_call)  # type: ignore[assignment]
+    patcher.patch_all()
+    record = RedisKeys("unit:").attempts
+
+    def gated(task_id: str, replaying: bool = False) -> None:
+        inflight.put(task_id, InFlightEntry("entity", "Order:o1", "{}", attempts=None,
+                                            attempts_read=True, replaying=replaying))
+
+    gated("id-t.ok")
+    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
+    assert (redis_calls.calls, store.finished) == ([], [])
+
+    gated("id-t.retried")
+    assert run(app, "t.retried", "o1") == (states.SUCCESS, "done")
+    assert redis_calls.calls == [f"set {record('id-t.retried')}", f"delete {record('id-t.retried')}"]
+    assert store.finished == []
+
+    redis_calls.calls.clear()
+    gated("id-t.ok", replaying=True)
+    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
+    assert (redis_calls.calls, store.finished) == ([], ["id-t.ok"])
+
+    store.finished.clear()  # not seen by the gate: the retry code reads the record itself
+    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
+    assert (redis_calls.calls, store.finished) == ([f"get {record('id-t.ok')}"], [])
