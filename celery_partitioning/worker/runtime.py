@@ -21,7 +21,9 @@ Hook points for other parts of the package (issue 4 builds on these):
     Called, in list order, for every message the partition worker receives, BEFORE Celery
     builds a request for it. A gate returns True when it has taken the message (re-published
     it, set it aside, acked it): the message is then not run and later gates are not asked.
-    The misroute guard is the first gate; append yours (``runtime.gates.append(gate)``).
+    The misroute guard is the first gate and the parking gate the second; append yours
+    (``runtime.gates.append(gate)``): on a Redis broker the parking gate is decided as
+    the message is received (``fetch_register``), so no gate may come between the two.
     A gate that raises stops the worker process at once (``os._exit``), without acking:
     the message goes back to the head of the queue by crash recovery, order intact.
     After the gates, a message with a future ETA blocks the partition until its time
