@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -18,6 +19,7 @@ __all__ = [
     "HEADER_POOL",
     "HEADER_INDEX",
     "HEADER_COUNT",
+    "HEADER_PUBLISHED_AT",
     "PARTITION_HEADERS",
     "Route",
     "PartitionRouter",
@@ -32,6 +34,8 @@ HEADER_POOL: Final = "partition_pool"
 HEADER_INDEX: Final = "partition_index"
 #: Message header: the pool's partition count when the message was published.
 HEADER_COUNT: Final = "partition_count"
+#: Message header: when the message was first published (epoch seconds), for ``status``' ages.
+HEADER_PUBLISHED_AT: Final = "partition_published_at"
 PARTITION_HEADERS: Final = (HEADER_KEY, HEADER_POOL, HEADER_INDEX, HEADER_COUNT)
 
 #: RabbitMQ queue argument that lets one consumer at a time receive from the queue.
@@ -197,6 +201,8 @@ class PartitionRouter:
         headers[HEADER_POOL] = plan.pool
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = plan.partitions
+        if HEADER_PUBLISHED_AT not in headers:
+            headers[HEADER_PUBLISHED_AT] = time.time()
         # Router results are merged *under* the call's options, so a call that passes its
         # own ``headers=`` would drop ours: put them into the options themselves as well.
         options["headers"] = headers

@@ -22,7 +22,7 @@ from .app import settings_of
 from .config import redis_namespace
 from .hashing import partition_for
 from .redis_keys import RedisKeys
-from .worker.hooks import HEADER_PUBLISHED_AT
+from .router import HEADER_PUBLISHED_AT
 from .worker.lease import parse_holder
 from .worker.recovery import BrokerRedis, broker_redis, unacked_by_queue
 

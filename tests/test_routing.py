@@ -72,6 +72,7 @@ def test_decorator_below_app_task_routes_delay(app: Celery, published: list[Publ
     assert published[0].headers["partition_pool"] == "entity"
     assert published[0].headers["partition_index"] == partition_for("Order:ord-123", 10)
     assert published[0].headers["partition_count"] == 10
+    assert isinstance(published[0].headers["partition_published_at"], float)
 
 
 def test_decorator_above_app_task_bound(app: Celery, published: list[Published]) -> None:

@@ -10,9 +10,6 @@ In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
    heartbeat; put the partition's unacked messages back at the head of its queue; run the
    ``on_started`` hooks.
 3. ``worker_shutdown``: release the lease (kombu has restored unacked messages by then).
-
-Every process (producers included) also stamps partitioned messages with the header
-``partition_published_at`` (epoch seconds) so ``status`` can tell the oldest message's age.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ from celery import signals
 from ..config import redis_namespace
 from ..errors import PartitioningError
 from ..redis_keys import RedisKeys
-from ..router import HEADER_KEY
 from .gate import GateStep
 from .guard import misroute_guard
 from .lease import Lease
@@ -49,12 +45,9 @@ from .runtime import (
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install_worker_hooks", "HEADER_PUBLISHED_AT", "FORCED_WORKER_SETTINGS"]
+__all__ = ["install_worker_hooks", "FORCED_WORKER_SETTINGS"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-#: Message header: when the message was first published (epoch seconds, float).
-HEADER_PUBLISHED_AT: Final = "partition_published_at"
 
 #: Settings every partition worker runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
@@ -231,11 +224,6 @@ def _stop_runtime(app: Celery) -> None:
         runtime.lease.release()
 
 
-def _stamp_published_at(headers: Any = None, **_: Any) -> None:
-    if isinstance(headers, dict) and HEADER_KEY in headers:
-        headers.setdefault(HEADER_PUBLISHED_AT, time.time())
-
-
 def install_worker_hooks(app: Celery) -> None:
     """Connect the partition-worker signal handlers for ``app`` (install() calls this once)."""
     app.steps["consumer"].add(GateStep)
@@ -256,5 +244,3 @@ def install_worker_hooks(app: Celery) -> None:
     signals.celeryd_init.connect(on_celeryd_init, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
-    signals.before_task_publish.connect(_stamp_published_at, weak=False,
-                                        dispatch_uid="celery_partitioning.published_at")
