@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
@@ -64,6 +65,24 @@ def namespace(redis_url: str) -> Iterator[str]:
     for key in client.scan_iter(match=f"{ns}*", count=1000):
         client.delete(key)
     for key in client.scan_iter(match=f"*{ns}*", count=1000):
+        client.delete(key)
+
+
+@pytest.fixture
+def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """tests/apps/failures_app on Redis DB 12 under this test's namespace (workers get the same env)."""
+    import importlib
+
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/12"
+    monkeypatch.setenv("CP_REDIS_URL", url)
+    monkeypatch.setenv("CP_NS", namespace)
+    module = importlib.reload(importlib.import_module("tests.apps.failures_app"))
+    assert namespace == module.NS
+    yield module
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
         client.delete(key)
 
 

@@ -19,27 +19,25 @@ from tests.support.procs import Processes, celery_bin, wait_for
 pytestmark = pytest.mark.integration
 
 
-def load_core_app() -> ModuleType:
-    """A fresh import of the test app, configured from the (monkeypatched) environment."""
-    sys.modules.pop("tests.apps.core_app", None)
-    return importlib.import_module("tests.apps.core_app")
-
-
 def worker_argv(queue: str) -> list[str]:
     return [celery_bin(), "-A", "tests.apps.core_app", "worker", "-Q", queue, "-P", "solo", "-c", "1",
             "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-n", f"core-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
 
 
+@pytest.fixture
+def core_app(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A fresh import of tests/apps/core_app configured for this test's namespace."""
+    monkeypatch.setenv("CP_REDIS_URL", redis_url)
+    monkeypatch.setenv("CP_NS", namespace)
+    sys.modules.pop("tests.apps.core_app", None)
+    return importlib.import_module("tests.apps.core_app")
+
+
 def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
-    redis_url: str, namespace: str, processes: Processes, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
 ) -> None:
     env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    core_app = load_core_app()
-
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     # Given 400 events over 40 orders, two task types, published before any worker runs
     published: list[str] = []
@@ -103,16 +101,11 @@ def test_a_worker_with_an_invalid_registry_exits_before_consuming(
 
 
 def test_canvas_links_published_by_the_worker_are_routed_by_key(
-    redis_url: str, namespace: str, processes: Processes, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
 ) -> None:
     from celery import chain, chord
 
     env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    core_app = load_core_app()
-
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     queues = [f"{namespace}partition.entity.0", f"{namespace}partition.entity.1",
               f"{namespace}partition.global.0"]

@@ -8,10 +8,8 @@ operation that still conflicts after ``max_attempts`` becomes a dead letter with
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -23,19 +21,6 @@ from tests.support.procs import Processes, celery_bin, wait_for
 pytestmark = pytest.mark.integration
 
 OPS = 8
-
-
-@pytest.fixture
-def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    url = redis_url.rsplit("/", 1)[0] + "/12"
-    monkeypatch.setenv("CP_REDIS_URL", url)
-    monkeypatch.setenv("CP_NS", namespace)
-    module = importlib.reload(importlib.import_module("tests.apps.failures_app"))
-    assert namespace == module.NS
-    yield module
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-        client.delete(key)
 
 
 def test_concurrent_dcb_operations_with_conflicts_apply_once_in_order(

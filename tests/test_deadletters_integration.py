@@ -7,13 +7,11 @@ of anything newer; a worker SIGKILLed while a key is parked or replaying loses n
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,20 +23,6 @@ from tests.support.ordering import check
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The failures app on Redis DB 12 under this test's namespace (workers get the same env)."""
-    url = redis_url.rsplit("/", 1)[0] + "/12"
-    monkeypatch.setenv("CP_REDIS_URL", url)
-    monkeypatch.setenv("CP_NS", namespace)
-    module = importlib.reload(importlib.import_module("tests.apps.failures_app"))
-    assert namespace == module.NS
-    yield module
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-        client.delete(key)
 
 
 def env_of(fa: ModuleType, **extra: str) -> dict[str, str]:

@@ -6,11 +6,9 @@ runs the same message again before anything published after it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -21,25 +19,6 @@ from tests.support.ordering import check
 from tests.support.procs import Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _db12(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/12"
-
-
-@pytest.fixture
-def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The failures app configured for this test's namespace (the workers get the same env)."""
-    url = _db12(redis_url)
-    monkeypatch.setenv("CP_REDIS_URL", url)
-    monkeypatch.setenv("CP_NS", namespace)
-    failures_app = importlib.reload(importlib.import_module("tests.apps.failures_app"))
-    assert namespace == failures_app.NS
-
-    yield failures_app
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-        client.delete(key)
 
 
 def start_worker(processes: Processes, fa: ModuleType, pool: str, index: int,
