@@ -165,8 +165,6 @@ def with_dcb_retry(scope_key: ScopeKey, *, max_attempts: int = 5,
                 raise task.retry(exc=exc, countdown=dcb_backoff(retries),
                                  max_retries=max_attempts - 1) from None
 
-        run.dcb_max_attempts = max_attempts  # type: ignore[attr-defined]
-        run.dcb_partition_key = key  # type: ignore[attr-defined]
         return partitioned(key, pool=pool)(run)  # type: ignore[return-value]
 
     return decorate

@@ -184,10 +184,6 @@ def message_summary(raw: str | bytes) -> ParkedMessage:
                          kwargs=str(kwargs or ""))
 
 
-def _message_id(raw: str | bytes) -> str:
-    return message_summary(raw).id
-
-
 class DeadLetterStore:
     """Dead letters and parked keys of one app namespace, on one Redis client."""
 

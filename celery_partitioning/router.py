@@ -20,7 +20,6 @@ __all__ = [
     "HEADER_INDEX",
     "HEADER_COUNT",
     "HEADER_PUBLISHED_AT",
-    "PARTITION_HEADERS",
     "Route",
     "PartitionRouter",
     "partition_queue",
@@ -36,7 +35,6 @@ HEADER_INDEX: Final = "partition_index"
 HEADER_COUNT: Final = "partition_count"
 #: Message header: when the message was first published (epoch seconds), for ``status``' ages.
 HEADER_PUBLISHED_AT: Final = "partition_published_at"
-PARTITION_HEADERS: Final = (HEADER_KEY, HEADER_POOL, HEADER_INDEX, HEADER_COUNT)
 
 #: RabbitMQ queue argument that lets one consumer at a time receive from the queue.
 SINGLE_ACTIVE_CONSUMER: Final = {"x-single-active-consumer": True}
@@ -61,15 +59,6 @@ class Route:
     partitions: int
     queue: str
 
-    @property
-    def headers(self) -> dict[str, Any]:
-        return {
-            HEADER_KEY: self.key,
-            HEADER_POOL: self.pool,
-            HEADER_INDEX: self.index,
-            HEADER_COUNT: self.partitions,
-        }
-
 
 #: Bound on the per-task memo of key → partition index (cleared when full).
 _INDEX_MEMO_SIZE: Final = 65536
@@ -80,13 +69,12 @@ _MEMO_KEY_CHARS: Final = 1024
 class _TaskPlan:
     """Everything a partitioned task's publish needs, computed once per task."""
 
-    __slots__ = ("binder", "memo", "partitions", "pool", "queues")
+    __slots__ = ("binder", "memo", "partitions", "pool")
 
-    def __init__(self, binder: KeyBinder, pool: str, partitions: int, queues: list[str]) -> None:
+    def __init__(self, binder: KeyBinder, pool: str, partitions: int) -> None:
         self.binder = binder
         self.pool = pool
         self.partitions = partitions
-        self.queues = queues
         self.memo: dict[str, int] = {}
 
     def index(self, key: str) -> int:
@@ -147,15 +135,10 @@ class PartitionRouter:
                         f"{'key' if spec.key is None else 'pool'}; nothing was published "
                         "(give @projection key=... and pool=...)"
                     )
-                settings = self._settings()
-                partitions = settings.partitions(pool)
-                plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool, partitions,
-                                 [settings.queue_name(pool, i) for i in range(partitions)])
+                plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool,
+                                 self._settings().partitions(pool))
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
-
-    def is_partitioned(self, name: str, task: Any = None) -> bool:
-        return self._plan(name, task) is not None
 
     def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
         """The Route of a call, or None when ``name`` is not a partitioned task."""
@@ -164,7 +147,7 @@ class PartitionRouter:
             return None
         key = plan.binder(args, kwargs)
         index = plan.index(key)
-        return Route(name, key, plan.pool, index, plan.partitions, plan.queues[index])
+        return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name)
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -191,7 +174,7 @@ class PartitionRouter:
             raise error
         key = plan.binder(args, kwargs)
         index = plan.index(key)
-        queue = self._queues.get((plan.pool, index)) or self.queue(plan.pool, index)
+        queue = self.queue(plan.pool, index)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
             options.get("exchange") is not None or options.get("priority")
         ):
