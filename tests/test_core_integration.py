@@ -127,3 +127,24 @@ def test_canvas_links_published_by_the_worker_are_routed_by_key(
     assert chain_steps == list(range(6))
     rollups = [s for s in seen if s[0] == "rollup"]
     assert rollups == [["rollup", "6", f"{namespace}partition.global.0", "global"]]
+
+
+def test_a_plain_worker_without_queues_never_consumes_partition_queues(
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
+) -> None:
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    # Given partitioned messages waiting, then plain ones behind them
+    for i in range(20):
+        core_app.item_added.apply_async((f"ord-{i}", 0))
+    for i in range(5):
+        core_app.plain.delay(i)
+    depths = {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)}
+    assert sum(depths.values()) == 20
+    # When a plain `celery worker` (no -Q: the app's default queues) runs until the plain tasks are done
+    argv = [a for a in worker_argv("x") if a not in ("-Q", "x")]
+    processes.start(argv, env=env, log=tmp_path / "plain.log")
+    wait_for(lambda: client.llen(f"{namespace}plain") == 5, 60, "the plain tasks to run")
+    # Then it ran none of the partitioned messages: partition queues are not in task_queues
+    assert client.llen(f"{namespace}ran") == 0
+    assert {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)} == depths

@@ -81,3 +81,8 @@ def rollup(self: object, results: list[str]) -> int:
     _client.rpush(f"{NS}links", f"rollup {len(results)} {request.delivery_info.get('routing_key')} "
                   f"{getattr(request, 'partition_key', None)}")
     return len(results)
+
+
+@app.task(name="core.plain")
+def plain(n: int) -> None:
+    _client.rpush(f"{NS}plain", str(n))
