@@ -11,8 +11,8 @@ import pytest
 from celery_partitioning import partition_for
 from celery_partitioning.redis_keys import RedisKeys
 from celery_partitioning.worker.lease import parse_holder
-from tests.apps.harness import Harness, concurrent_runs, keyed_events, rerun_in_place
-from tests.support.ordering import check
+from tests.apps.harness import Harness, keyed_events, rerun_in_place
+from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes, wait_for
 
 pytestmark = pytest.mark.integration

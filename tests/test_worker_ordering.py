@@ -19,12 +19,11 @@ import pytest
 from celery_partitioning import partition_for
 from tests.apps.harness import (
     Harness,
-    concurrent_runs,
     delete_amqp_queues,
     keyed_events,
     rerun_in_place,
 )
-from tests.support.ordering import check
+from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes
 
 pytestmark = pytest.mark.integration

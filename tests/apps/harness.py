@@ -119,25 +119,6 @@ class Harness:
         return int(pid), label, key, int(seq)
 
 
-def concurrent_runs(log: Sequence[tuple[str, int, str, int]], killed: set[int]) -> list[str]:
-    """Places where a partition started a task while another live process had one open.
-
-    A process in ``killed`` never ends its open task; its successor may start then.
-    """
-    problems = []
-    open_by: dict[int, str] = {}
-    for kind, pid, key, seq in log:
-        if kind == "start":
-            others = [p for p in open_by if p != pid and p not in killed]
-            if others:
-                problems.append(f"pid {pid} started {key}#{seq} while pid {others[0]} ran "
-                                f"{open_by[others[0]]}")
-            open_by[pid] = f"{key}#{seq}"
-        else:
-            open_by.pop(pid, None)
-    return problems
-
-
 def rerun_in_place(records: Sequence[str], seq: int) -> bool:
     """True when ``start seq`` is directly followed by ``start seq`` (killed, then re-run first)."""
     return any(records[i] == f"start {seq}" and records[i + 1] == f"start {seq}"

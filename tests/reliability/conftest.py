@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 
 from tests.apps.reliability_app import RECORD_TASK, make_app, record_list
-from tests.support.ordering import OrderingReport, check
+from tests.support.ordering import OrderingReport, check, concurrent_runs
 from tests.support.procs import Processes, celery_bin, wait_for
 
 #: ``make soak`` sets CP_SOAK=1: the full sizes of the issue instead of CI sizes.
@@ -232,18 +232,11 @@ class Workload:
         """Where a partition started a task while another live process had one open."""
         problems: list[str] = []
         for index in range(self.partitions):
-            open_by: dict[int, str] = {}
+            log = []
             for raw in self.redis.lrange(f"{self.ns}part:p.{index}", 0, -1):
-                kind, pid_text, key, seq = raw.decode().split(" ")
-                pid = int(pid_text)
-                if kind == "start":
-                    others = [p for p in open_by if p != pid and p not in killed]
-                    if others:
-                        problems.append(f"p.{index}: pid {pid} started {key}#{seq} while pid "
-                                        f"{others[0]} ran {open_by[others[0]]}")
-                    open_by[pid] = f"{key}#{seq}"
-                else:
-                    open_by.pop(pid, None)
+                kind, pid, key, seq = raw.decode().split(" ")
+                log.append((kind, int(pid), key, seq))
+            problems += [f"p.{index}: {problem}" for problem in concurrent_runs(log, killed)]
         return problems
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ publish order, whether two messages of the key overlapped, what was lost, and re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -65,3 +65,23 @@ def check(records: Mapping[str, Iterable[str]], expected: Mapping[str, int]) -> 
         if missing:
             report.lost[key] = missing
     return report
+
+
+def concurrent_runs(log: Sequence[tuple[str, int, str, int | str]], killed: set[int]) -> list[str]:
+    """Places where a partition started a task while another live process had one open.
+
+    ``log`` is one partition's ``(kind, pid, key, seq)`` records in order. A process in
+    ``killed`` never ends its open task; its successor may start then.
+    """
+    problems = []
+    open_by: dict[int, str] = {}
+    for kind, pid, key, seq in log:
+        if kind == "start":
+            others = [p for p in open_by if p != pid and p not in killed]
+            if others:
+                problems.append(f"pid {pid} started {key}#{seq} while pid {others[0]} ran "
+                                f"{open_by[others[0]]}")
+            open_by[pid] = f"{key}#{seq}"
+        else:
+            open_by.pop(pid, None)
+    return problems
