@@ -148,3 +148,22 @@ def test_a_plain_worker_without_queues_never_consumes_partition_queues(
     # Then it ran none of the partitioned messages: partition queues are not in task_queues
     assert client.llen(f"{namespace}ran") == 0
     assert {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)} == depths
+
+
+def test_a_countdown_message_holds_its_partition_instead_of_being_overtaken(
+    redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
+) -> None:
+    """Plain Celery keeps a countdown message aside and runs later ones first (celery#3640)."""
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CELERY_PARTITIONING_PARTITION": "entity:0"}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    order = next(f"ord-{i}" for i in range(100)
+                 if core_app.cp.explain_route(core_app.app, "core.item_added", f"ord-{i}", 0).index == 0)
+    # Given a key's first event published with a countdown, and four more right behind it
+    core_app.item_added.apply_async((order, 0), countdown=1.5)
+    for seq in range(1, 5):
+        core_app.item_added.apply_async((order, seq))
+    # When a partition worker consumes the partition
+    processes.start(worker_argv(f"{namespace}partition.entity.0"), env=env, log=tmp_path / "worker.log")
+    wait_for(lambda: client.llen(f"{namespace}ran") >= 5, 60, "the five events")
+    # Then the countdown held the partition: the events ran in publish order
+    assert client.lrange(f"{namespace}ran", 0, -1) == [f"Order:{order} {seq}" for seq in range(5)]
