@@ -140,3 +140,20 @@ def test_two_writers_on_the_global_rollup_lose_an_update_and_it_is_reported() ->
                                          {"dailySalesSummary": {a["day"]: second_write}})}
     assert len(checks["dailySalesSummary"].mismatches) == 1
     assert sum(len(c.mismatches) for c in checks.values()) == 1
+
+
+def test_ctrl_c_during_a_class_creation_still_reads_as_an_interrupt() -> None:
+    # Given a KeyboardInterrupt that Python wrapped while running __set_name__ (it happened in
+    # CI: Ctrl-C landed while a lazy import built celery.events.Events)
+    from shop.management.commands.shop_demo import _caused_by_interrupt
+
+    class Trips:
+        def __set_name__(self, owner: type, name: str) -> None:
+            raise KeyboardInterrupt
+
+    # (3.11 wraps it in a RuntimeError; 3.12+ lets the KeyboardInterrupt through)
+    with pytest.raises(BaseException) as wrapped:
+        type("Events", (), {"Receiver": Trips()})
+    # Then the demo takes it for Ctrl-C, and a plain error for a failure
+    assert _caused_by_interrupt(wrapped.value)
+    assert not _caused_by_interrupt(RuntimeError("the workers could not start"))

@@ -7,7 +7,7 @@ import sys
 import uuid
 from argparse import ArgumentParser
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -67,10 +67,32 @@ class Command(BaseCommand):
         try:
             result = run_demo(demo, self.stdout._out)
         except KeyboardInterrupt:
-            self.stderr.write("interrupted: every worker this demo started has been stopped")
-            sys.exit(130)
+            self._interrupted()
         except RuntimeError as exc:  # workers that could not start
+            if _caused_by_interrupt(exc):
+                self._interrupted()
             self.stderr.write(f"demo failed: {exc}")
             sys.exit(1)
         if not result.drained or (not options["unordered"] and not result.verified):
             sys.exit(1)
+
+    def _interrupted(self) -> NoReturn:
+        self.stderr.write("interrupted: every worker this demo started has been stopped")
+        sys.exit(130)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether Ctrl-C is behind ``exc``.
+
+    A KeyboardInterrupt that lands while Python runs ``__set_name__`` (a lazy import creating a
+    class, for instance) comes out as ``RuntimeError("Error calling __set_name__ ...")`` with the
+    interrupt as its cause: that is still the user stopping the demo, not a failure.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
