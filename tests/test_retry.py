@@ -289,3 +289,81 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
     store.finished.clear()  # not seen by the gate: the retry code reads the record itself
     assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
     assert (redis_calls.calls, store.finished) == ([f"get {record('id-t.ok')}"], [])
+
+
+def _celery_would_publish(task: Any, request_args: tuple[Any, ...], request_kwargs: dict[str, Any],
+                          args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """What Celery's own ``Task.retry`` puts on the re-published message (captured, not sent)."""
+    captured: list[tuple[Any, Any]] = []
+
+    def signature_from_request(request: Any, new_args: Any, new_kwargs: Any, **_: Any) -> Any:
+        captured.append((request.args if new_args is None else new_args,
+                         request.kwargs if new_kwargs is None else new_kwargs))
+        raise LookupError  # stop before anything is published
+
+    task.signature_from_request = signature_from_request
+    task.push_request(id="probe", args=request_args, kwargs=request_kwargs, retries=0,
+                      called_directly=False, is_eager=False, delivery_info={})
+    try:
+        with pytest.raises(LookupError):
+            task.retry(args=args, kwargs=kwargs, countdown=0)
+    finally:
+        task.pop_request()
+        del task.signature_from_request
+    return captured[0]
+
+
+MERGE_CASES = [
+    # (current args, current kwargs, retry args, retry kwargs, next args, next kwargs)
+    (("o1",), {"step": 0}, None, None, ("o1",), {"step": 0}),
+    (("o1",), {"step": 0}, ("o2",), None, ("o2",), {"step": 0}),
+    (("o1",), {"step": 0}, ("o2", 5), None, ("o2", 5), {}),
+    (("o1", 3), {}, None, {"step": 4}, ("o1", 4), {}),
+    (("o1",), {}, None, {"step": 4}, ("o1",), {"step": 4}),
+    ((), {"order_id": "o1", "step": 1}, ("o2",), None, ("o2",), {"step": 1}),
+    (("o1",), {"step": 0}, ("o2",), {"step": 9}, ("o2",), {"step": 9}),
+]
+
+
+@pytest.mark.parametrize(("cur_args", "cur_kwargs", "args", "kwargs", "want_args", "want_kwargs"),
+                         MERGE_CASES)
+def test_retry_arguments_merge_as_celery_merges_them(
+        cur_args: tuple[Any, ...], cur_kwargs: dict[str, Any], args: Any, kwargs: Any,
+        want_args: tuple[Any, ...], want_kwargs: dict[str, Any]) -> None:
+    from celery_partitioning.worker.retry import retry_arguments
+
+    app = make_app()
+
+    @app.task(name="t.merge", shared=False)
+    def merge(order_id: str, step: int = 0) -> None:
+        pass
+
+    got = retry_arguments(merge.run, cur_args, cur_kwargs, args, kwargs)
+    assert (tuple(got[0]), dict(got[1])) == (want_args, want_kwargs)
+    # and the installed Celery's own retry publishes the same (it merges since celery/celery#6494)
+    task = merge._get_current_object()
+    if _celery_would_publish(task, ("o1",), {"step": 0}, ("o2", 5), None)[1] != {}:
+        pytest.skip("this Celery predates the argument merge of celery/celery#6494")
+    celery_args, celery_kwargs = _celery_would_publish(task, cur_args, cur_kwargs, args, kwargs)
+    assert (tuple(celery_args), dict(celery_kwargs)) == (want_args, want_kwargs)
+
+
+def test_a_retry_with_new_arguments_is_inherited_by_the_next_bare_retry() -> None:
+    # Given a task that changes its keyword argument once, then retries bare
+    app = make_app()
+    seen: list[tuple[str, int]] = []
+
+    @app.task(bind=True, name="t.inherit", shared=False)
+    @cp.partitioned(KEY, pool="entity")
+    def inherit(self: Any, order_id: str, step: int = 0) -> int:
+        seen.append((order_id, step))
+        if self.request.retries == 0:
+            raise self.retry(kwargs={"step": 7}, countdown=0)
+        if self.request.retries == 1:
+            raise self.retry(countdown=0)
+        return step
+
+    patch(app)
+    # Then the bare retry runs with the arguments of the attempt before, as Celery would
+    assert run(app, "t.inherit", "o1") == (states.SUCCESS, 7)
+    assert seen == [("o1", 0), ("o1", 7), ("o1", 7)]

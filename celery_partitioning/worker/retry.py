@@ -11,10 +11,11 @@ both come here) and wraps ``task.run``:
   instead of publishing, raises :class:`RetryInPlace`;
 * the ``run`` wrapper catches it, waits out the delay with the message still unacked (so the
   partition waits), bumps ``request.retries`` and runs the task again with the same message;
-* the retry count and the time the next attempt is due are kept in Redis by task id, so a
-  worker SIGKILLed during a backoff resumes the same count (and the rest of the wait) when
-  crash recovery hands the message back; a warm shutdown during a wait stops the worker at
-  once without acking, and the message goes back to the head of its queue;
+* the retry count, the time the next attempt is due and any arguments the retry changed are
+  kept in Redis by task id, so a worker SIGKILLed during a backoff resumes the same count, the
+  same arguments and the rest of the wait when crash recovery hands the message back; a warm
+  shutdown during a wait stops the worker at once without acking, and the message goes back to
+  the head of its queue;
 * when no retry is left, the message becomes a dead letter and its key is parked
   (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
 
@@ -23,7 +24,9 @@ Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 
 from __future__ import annotations
 
+import base64
 import functools
+import inspect
 import json
 import logging
 import os
@@ -53,7 +56,8 @@ from .parking import InFlight, ParkingGate
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "install_failure_handling"]
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "install_failure_handling",
+           "retry_arguments"]
 
 logger = logging.getLogger("celery_partitioning.retry")
 
@@ -65,6 +69,47 @@ WAIT_SLICE: Final = 0.1
 EXIT_KEEP_MESSAGE: Final = 70
 #: Attribute marking a task instance as patched.
 PATCHED: Final = "_celery_partitioning_in_place"
+
+
+def retry_arguments(run: Callable[..., Any], current_args: Any, current_kwargs: Any,
+                    args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """The arguments of the next attempt, merged exactly as Celery's ``Task.retry`` does.
+
+    Neither given: the current ones. Both given: those. Only ``args`` given: they replace the
+    positional arguments and the current keyword arguments stay, except those the new positional
+    ones now fill. Only ``kwargs`` given: they replace the current values of the same names,
+    positional ones included (celery/celery#6494). Pure.
+    """
+    current_args = () if current_args is None else current_args
+    current_kwargs = {} if current_kwargs is None else current_kwargs
+    if not ((args is not None and kwargs is None and current_kwargs)
+            or (kwargs is not None and args is None and current_args)):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    if args is not None:
+        positional = [p for p in signature.parameters.values()
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        merged = dict(current_kwargs)
+        for parameter in positional[:len(args)]:
+            if parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                merged.pop(parameter.name, None)
+        return args, merged
+    try:
+        bound = signature.bind_partial(*current_args)
+    except TypeError:
+        return current_args, kwargs
+    rest = dict(kwargs or {})
+    for name in list(rest):
+        if (name in bound.arguments
+                and signature.parameters[name].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            bound.arguments[name] = rest.pop(name)
+    return bound.args, {**bound.kwargs, **rest}
 
 
 class RetryInPlace(Retry):  # type: ignore[misc]
@@ -90,6 +135,29 @@ class _Attempt:
     pending: RetryInPlace | None = None
     #: Whether Redis may hold an attempt record for the task id (False once known absent).
     recorded: bool = True
+    #: The arguments the message carries; a retry that changes them records the new ones.
+    message_call: tuple[Any, Any] = ((), {})
+
+
+def _encode_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """Arguments a retry changed, serialized as the task's messages are (for the attempt record)."""
+    from kombu import serialization
+
+    dumps: Callable[..., tuple[str, str, bytes | str]] = serialization.dumps
+    serializer = getattr(task, "serializer", None) or task.app.conf.task_serializer
+    content_type, encoding, body = dumps([list(args), kwargs], serializer=serializer)
+    raw = body if isinstance(body, bytes) else body.encode(encoding)
+    return {"content_type": content_type, "encoding": encoding,
+            "body": base64.b64encode(raw).decode("ascii")}
+
+
+def _decode_call(call: dict[str, str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from kombu import serialization
+
+    loads: Callable[..., Any] = serialization.loads
+    args, kwargs = loads(base64.b64decode(call["body"]), call["content_type"], call["encoding"],
+                         accept={call["content_type"]})
+    return tuple(args), dict(kwargs)
 
 
 def _should_stop() -> bool:
@@ -183,8 +251,7 @@ class InPlaceRetry:
         limit = task.max_retries if max_retries is None else max_retries
         if not eta and countdown is None:
             countdown = task.default_retry_delay
-        new_args = request.args if args is None else args
-        new_kwargs = request.kwargs if kwargs is None else kwargs
+        new_args, new_kwargs = retry_arguments(task.run, request.args, request.kwargs, args, kwargs)
         if limit is not None and retries > limit:
             attempt.exhausted = True
             if exc is not None:
@@ -206,10 +273,10 @@ class InPlaceRetry:
         task_id = request.id
         if not task_id or request.called_directly or request.is_eager:
             return original(*args, **kwargs)
-        attempt = _Attempt(task_id)
+        attempt = _Attempt(task_id, message_call=(args, kwargs))
         self._active[task_id] = attempt
         try:
-            self._resume(request, attempt)
+            args, kwargs = self._resume(task, request, attempt, args, kwargs)
             result = self._attempts(task, original, request, attempt=attempt, args=args,
                                    kwargs=kwargs)
         except Exception:
@@ -253,18 +320,23 @@ class InPlaceRetry:
     def _next_attempt(self, task: Any, request: Any, signal: RetryInPlace) -> tuple[Any, Any]:
         retries = (request.retries or 0) + 1
         resume_at = time.time() + signal.delay
+        args = tuple(signal.retry_args if signal.retry_args is not None else ())
+        kwargs = dict(signal.retry_kwargs if signal.retry_kwargs is not None else {})
         attempt = self._active.get(request.id)
+        call = None
         if attempt is not None:
             attempt.recorded = True
-        self._remember(request.id, retries, resume_at)
+            if (args, kwargs) != (tuple(attempt.message_call[0]), dict(attempt.message_call[1])):
+                call = _encode_call(task, args, kwargs)
+        self._remember(request.id, retries, resume_at, call)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
         _announce_retry(task, request, signal)
         self._wait_until(resume_at)
         request.retries = retries
-        args = signal.retry_args if signal.retry_args is not None else ()
-        kwargs = signal.retry_kwargs if signal.retry_kwargs is not None else {}
-        return tuple(args), dict(kwargs)
+        # As on the message Celery would have re-published: a later retry() inherits these.
+        request.args, request.kwargs = args, kwargs
+        return args, kwargs
 
     def _wait_until(self, resume_at: float) -> None:
         """Sleep until ``resume_at``; on a warm or cold shutdown stop the worker, unacked."""
@@ -279,15 +351,19 @@ class InPlaceRetry:
             self._sleep(min(WAIT_SLICE, remaining))
 
     # -- the attempt record (survives a crash) -----------------------------------------
-    def _remember(self, task_id: str, retries: int, resume_at: float) -> None:
+    def _remember(self, task_id: str, retries: int, resume_at: float,
+                  call: dict[str, str] | None) -> None:
         client = self.runtime.redis
         if client is None:
             return
-        client.set(self.runtime.keys.attempts(task_id),
-                   json.dumps({"retries": retries, "resume_at": resume_at}), ex=ATTEMPTS_TTL)
+        record: dict[str, Any] = {"retries": retries, "resume_at": resume_at}
+        if call is not None:
+            record["call"] = call
+        client.set(self.runtime.keys.attempts(task_id), json.dumps(record), ex=ATTEMPTS_TTL)
 
-    def _resume(self, request: Any, attempt: _Attempt) -> None:
-        """After a crash: continue the retry count, and the wait, where they were.
+    def _resume(self, task: Any, request: Any, attempt: _Attempt, args: Any,
+                kwargs: Any) -> tuple[Any, Any]:
+        """After a crash: continue the retry count, the arguments and the wait where they were.
 
         The parking gate read the record already for the messages it let through (in the
         script that received them); others are read here.
@@ -295,7 +371,7 @@ class InPlaceRetry:
         client = self.runtime.redis
         if client is None:
             attempt.recorded = False
-            return
+            return args, kwargs
         entry = self.inflight.get(request.id)
         if entry is not None and entry.attempts_read:
             raw: Any = entry.attempts
@@ -303,16 +379,25 @@ class InPlaceRetry:
             raw = client.get(self.runtime.keys.attempts(request.id))
         attempt.recorded = raw is not None
         if raw is None:
-            return
+            return args, kwargs
         try:
             record = json.loads(raw)
             retries, resume_at = int(record["retries"]), float(record["resume_at"])
         except (ValueError, KeyError, TypeError):
-            return
+            return args, kwargs
         if retries > (request.retries or 0):
             logger.info("%s resumes at retry %d", request.id, retries)
             request.retries = retries
+            if isinstance(record.get("call"), dict):
+                try:
+                    args, kwargs = _decode_call(record["call"])
+                except Exception:  # an unreadable record must not lose the message
+                    logger.exception("%s: the arguments its last retry gave cannot be read; "
+                                     "it resumes with the message's own", request.id)
+                else:
+                    request.args, request.kwargs = args, kwargs
             self._wait_until(resume_at)
+        return args, kwargs
 
     def _finish(self, attempt: _Attempt) -> None:
         """The message is done (about to be acked): forget it here and in Redis.

@@ -59,6 +59,16 @@ def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: floa
     return int(self.request.retries)
 
 
+@app.task(bind=True, name="fail.moving", shared=False)
+@cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
+def moving(self: Any, order_id: str, seq: int, step: int = 0, countdown: float = 0.3) -> int:
+    """Retries twice, each time with ``step`` one higher (``retry(kwargs=...)``)."""
+    _log(f"Order:{order_id} {seq} try{self.request.retries} step{step}")
+    if self.request.retries < 2:
+        raise self.retry(kwargs={"step": step + 1}, countdown=countdown, max_retries=5)
+    return step
+
+
 @app.task(name="fail.step", shared=False, autoretry_for=(ConnectionError,), max_retries=2,
           retry_backoff=0.1, retry_backoff_max=1, retry_jitter=False)
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
