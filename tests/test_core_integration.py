@@ -18,6 +18,9 @@ from tests.support.procs import Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
 
+PARTITION = "CELERY_PARTITIONING_PARTITION"
+ALLOW_PLAIN = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
+
 
 def worker_argv(queue: str) -> list[str]:
     return [celery_bin(), "-A", "tests.apps.core_app", "worker", "-Q", queue, "-P", "solo", "-c", "1",
@@ -57,8 +60,9 @@ def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
     queue1 = f"{namespace}partition.entity.1"
     expected0 = [p for p in published if p.split(" ")[0] in route0]
 
-    # When one real worker consumes partition 0 only
-    proc = processes.start(worker_argv(queue0), env=env, log=tmp_path / "worker.log")
+    # When one real partition worker consumes partition 0 only
+    proc = processes.start(worker_argv(queue0), env={**env, PARTITION: "entity:0"},
+                           log=tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{namespace}ran") >= len(expected0), 60,
              f"{len(expected0)} messages of partition 0 to run")
     processes.signal(proc, 15)
@@ -77,7 +81,7 @@ def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
 def test_a_worker_with_an_invalid_registry_exits_before_consuming(
     redis_url: str, namespace: str, processes: Processes
 ) -> None:
-    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CP_INVALID": "1"}
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CP_INVALID": "1", ALLOW_PLAIN: "1"}
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     queue = f"{namespace}partition.entity.0"
     # Given a message waiting on the partition (published by a valid producer)
@@ -109,9 +113,9 @@ def test_canvas_links_published_by_the_worker_are_routed_by_key(
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     queues = [f"{namespace}partition.entity.0", f"{namespace}partition.entity.1",
               f"{namespace}partition.global.0"]
-    # Given one worker on every partition queue (routing is under test here, not exclusivity)
+    # Given one plain worker on every partition queue (routing is under test, not exclusivity)
     argv = worker_argv(",".join(queues))
-    processes.start(argv, env=env, log=tmp_path / "worker.log")
+    processes.start(argv, env={**env, ALLOW_PLAIN: "1"}, log=tmp_path / "worker.log")
     # When a chain hops across orders and a chord fans in to the global rollup
     orders = [f"ord-{i}" for i in range(6)]
     chain(*(core_app.link.si(order_id=o, step=i) for i, o in enumerate(orders))).apply_async()
@@ -150,11 +154,34 @@ def test_a_plain_worker_without_queues_never_consumes_partition_queues(
     assert {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)} == depths
 
 
+def test_a_plain_worker_asked_for_a_partition_queue_refuses_before_consuming(
+    redis_url: str, namespace: str, core_app: ModuleType,
+) -> None:
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace}
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = f"{namespace}partition.entity.1"
+    # Given partitioned messages waiting on both partitions
+    for i in range(20):
+        core_app.item_added.apply_async((f"ord-{i}", 0))
+    depths = {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)}
+    assert depths[1] > 0
+    # When a plain `celery worker -Q <default queue>,<partition queue>` starts
+    proc = subprocess.run(worker_argv(f"celery,{queue}"), env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    # Then it exits non-zero, saying why and what to run instead, and consumed nothing
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert f"consume partition queue(s) {queue}" in output
+    assert "--pool entity --partitions 1" in output and ALLOW_PLAIN in output
+    assert client.llen(f"{namespace}ran") == 0
+    assert {q: client.llen(f"{namespace}{namespace}partition.entity.{q}") for q in (0, 1)} == depths
+
+
 def test_a_countdown_message_holds_its_partition_instead_of_being_overtaken(
     redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
 ) -> None:
     """Plain Celery keeps a countdown message aside and runs later ones first (celery#3640)."""
-    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CELERY_PARTITIONING_PARTITION": "entity:0"}
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, PARTITION: "entity:0"}
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     order = next(f"ord-{i}" for i in range(100)
                  if core_app.cp.explain_route(core_app.app, "core.item_added", f"ord-{i}", 0).index == 0)

@@ -1,5 +1,8 @@
 """Wiring a partition worker process: Celery signals → runtime, lease, recovery, gates.
 
+Any other worker of the app: ``celeryd_init`` refuses a ``-Q`` naming a partition queue
+(``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
+
 In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
 
 1. ``celeryd_init``: check ``-Q`` is the partition queue, make it the router's kombu Queue
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
 
-from ..config import redis_namespace
+from ..config import PartitioningSettings, redis_namespace
 from ..errors import PartitioningError
 from ..redis_keys import RedisKeys
 from .gate import GateStep
@@ -45,10 +48,12 @@ from .runtime import (
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install_worker_hooks", "FORCED_WORKER_SETTINGS"]
+__all__ = ["install_worker_hooks", "FORCED_WORKER_SETTINGS", "ALLOW_PLAIN_CONSUMER_ENV"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
+#: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee).
+ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
 #: Settings every partition worker runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
     "worker_prefetch_multiplier": 1,
@@ -66,17 +71,18 @@ def _partition_env() -> str | None:
 def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
     from ..app import partitioning_of
 
+    state = partitioning_of(app)
+    wanted = options.get("queues")
+    names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
     value = _partition_env()
     if value is None:
+        _refuse_partition_queues(state.settings, names)
         return
-    state = partitioning_of(app)
     try:
         pool, index = parse_partition(value, state.settings)
     except PartitioningError as exc:
         raise SystemExit(f"celery-partitioning: {exc}") from None
     queue = state.router.queue(pool, index)
-    wanted = options.get("queues")
-    names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
     if names != [queue.name]:
         raise SystemExit(f"celery-partitioning: a worker for partition {pool}.{index} must "
                          f"consume exactly its queue: -Q {queue.name} (got {names or 'none'}); "
@@ -87,6 +93,27 @@ def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
                          f"with concurrency 1 (-c 1), got {concurrency}")
     app.amqp.queues.add(queue)
     app.conf.update(FORCED_WORKER_SETTINGS)
+
+
+def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -> None:
+    """A plain ``celery worker -Q <partition queue>`` stops before it consumes anything.
+
+    It would hold no lease, prefetch several messages, run them concurrently and send retries
+    to the back of the queue: exactly the reordering partitioning prevents. On RabbitMQ the
+    single-active-consumer queue would still make it a rival of the real partition worker.
+    """
+    partition_queues = {settings.queue_name(pool, index): (pool, index)
+                        for pool, count in settings.pools.items() for index in range(count)}
+    taken = [name for name in names if name in partition_queues]
+    if not taken or os.environ.get(ALLOW_PLAIN_CONSUMER_ENV) == "1":
+        return
+    pool, index = partition_queues[taken[0]]
+    raise SystemExit(
+        f"celery-partitioning: this plain worker was asked to consume partition queue(s) "
+        f"{', '.join(taken)}; a plain worker holds no lease and runs a key's messages in "
+        f"parallel and out of order. Run `celery -A <app> partitioning worker` instead "
+        f"(`--pool {pool} --partitions {index}` for just that partition), or set "
+        f"{ALLOW_PLAIN_CONSUMER_ENV}=1 if you accept losing the ordering guarantee")
 
 
 def _force_task_options(app: Celery) -> None:
