@@ -98,29 +98,7 @@ def test_autoretry_exhausted_becomes_a_dead_letter_with_its_attempts(
     assert record["raw"] and json.loads(record["raw"])["headers"]["id"] == record["id"]
 
 
-def test_a_worker_killed_during_a_backoff_resumes_the_same_attempt_count(
-    fa: ModuleType, processes: Processes, tmp_path: Path
-) -> None:
-    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
-    index, (a, b) = same_partition_orders(fa, 2)
-    # Given A0 fails twice with a 3 s countdown, and B0 behind it
-    fa.flaky.delay(a, 0, 2, 3.0)
-    fa.flaky.delay(b, 0)
-    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
-    wait_for(lambda: bool(list(client.scan_iter(match=f"{fa.NS}cp:attempts:*"))), 30,
-             "the first retry to be recorded")
-    # When the worker is SIGKILLed during the backoff and another one starts
-    processes.signal(proc, signal.SIGKILL)
-    proc.wait(timeout=10)  # type: ignore[attr-defined]
-    proc2 = start_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
-    wait_for(lambda: client.llen(f"{fa.NS}ran") >= 4, 40, "4 runs")
-    processes.signal(proc2, signal.SIGTERM)
-    # Then A0 continued at retry 1 (no extra attempt), still before B0
-    assert client.lrange(f"{fa.NS}ran", 0, -1) == [
-        f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 0 try2", f"Order:{b} 0 try0"]
-
-
-def test_arguments_a_retry_changed_survive_a_sigkill_during_its_backoff(
+def test_a_worker_killed_during_a_backoff_resumes_the_same_attempt_and_arguments(
     fa: ModuleType, processes: Processes, tmp_path: Path
 ) -> None:
     client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
@@ -137,7 +115,8 @@ def test_arguments_a_retry_changed_survive_a_sigkill_during_its_backoff(
     proc2 = start_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 4, 40, "4 runs")
     processes.signal(proc2, signal.SIGTERM)
-    # Then A0 resumed with the arguments its retry gave (the message still holds step 0)
+    # Then A0 continued at retry 1 (no extra attempt) with the arguments its retry gave (the
+    # message still holds step 0), still before B0
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
         f"Order:{a} 0 try0 step0", f"Order:{a} 0 try1 step1", f"Order:{a} 0 try2 step2",
         f"Order:{b} 0 try0"]
