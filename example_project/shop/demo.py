@@ -7,12 +7,10 @@ plain Celery routing (one queue, several prefork workers) to show what per-key o
 
 from __future__ import annotations
 
-import contextlib
 import json
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -25,6 +23,7 @@ from celery_partitioning.app import settings_of
 from celery_partitioning.redis_keys import RedisKeys
 
 from .events import append, publish, stored_events
+from .interrupt import check_interrupted, signals_as_interrupt
 from .models import (
     CustomerOrderHistory,
     DailySalesSummary,
@@ -138,6 +137,7 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
     quiet = 0
     try:
         while True:
+            check_interrupted()
             snap = progress.snapshot()
             published, done = _counts(snap, "published"), _counts(snap, "done")
             depths = _queue_depths(client, watched)
@@ -199,18 +199,6 @@ def _throughput(snapshot: dict[str, float], pools: dict[str, int], started_at: f
     return rates
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def interrupt(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     """Run the whole demo; returns its result (the table is printed to ``out``)."""
     from example_project.celery import app
@@ -232,7 +220,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     plan = plan_stream(options.events, options.seed)
     workers = Workers(worker_env(), log_dir)
     try:
-        with _sigterm_as_interrupt():
+        with signals_as_interrupt():
             try:
                 if options.unordered:
                     how = workers.start_plain(options.plain_workers, options.plain_concurrency)
@@ -240,11 +228,13 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                     how = workers.start_partitioned(app, pools, options.workers)
                 console.say(f"workers: {how}; logs in {log_dir}")
                 ready = wait_ready(app, workers.nodes, workers, console)
+                check_interrupted()
                 console.say(f"workers ready in {ready:.1f} s; publishing {len(plan.commands)} "
                             f"commands ({plan.orders} orders, {plan.customers} customers)")
                 started_wall = time.time()
                 started = time.monotonic()
                 events, tasks = _publish_stream(plan, settings.SHOP_TENANT)
+                check_interrupted()
                 console.say(f"published {events} events as {tasks} tasks in "
                             f"{time.monotonic() - started:.1f} s; draining")
                 _drain(result, app, pools, plain_queue, workers, console, options.timeout, started)

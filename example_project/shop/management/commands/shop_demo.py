@@ -7,7 +7,7 @@ import sys
 import uuid
 from argparse import ArgumentParser
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -55,6 +55,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         self._reexec_if_needed(options["unordered"])
         from shop.demo import DemoOptions, run_demo
+        from shop.interrupt import was_interrupted
 
         if options["events"] < 20:
             raise CommandError("--events must be at least 20")
@@ -66,33 +67,13 @@ class Command(BaseCommand):
         )
         try:
             result = run_demo(demo, self.stdout._out)
-        except KeyboardInterrupt:
-            self._interrupted()
-        except RuntimeError as exc:  # workers that could not start
-            if _caused_by_interrupt(exc):
-                self._interrupted()
-            self.stderr.write(f"demo failed: {exc}")
-            sys.exit(1)
+        except BaseException as exc:
+            if was_interrupted(exc):
+                self.stderr.write("interrupted: every worker this demo started has been stopped")
+                sys.exit(130)
+            if isinstance(exc, RuntimeError):  # workers that could not start
+                self.stderr.write(f"demo failed: {exc}")
+                sys.exit(1)
+            raise
         if not result.drained or (not options["unordered"] and not result.verified):
             sys.exit(1)
-
-    def _interrupted(self) -> NoReturn:
-        self.stderr.write("interrupted: every worker this demo started has been stopped")
-        sys.exit(130)
-
-
-def _caused_by_interrupt(exc: BaseException) -> bool:
-    """Whether Ctrl-C is behind ``exc``.
-
-    A KeyboardInterrupt that lands while Python runs ``__set_name__`` (a lazy import creating a
-    class, for instance) comes out as ``RuntimeError("Error calling __set_name__ ...")`` with the
-    interrupt as its cause: that is still the user stopping the demo, not a failure.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, KeyboardInterrupt):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
