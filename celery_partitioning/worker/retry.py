@@ -276,7 +276,7 @@ class InPlaceRetry:
         attempt = _Attempt(task_id, message_call=(args, kwargs))
         self._active[task_id] = attempt
         try:
-            args, kwargs = self._resume(task, request, attempt, args, kwargs)
+            args, kwargs = self._resume(request, attempt, args, kwargs)
             result = self._attempts(task, original, request, attempt=attempt, args=args,
                                    kwargs=kwargs)
         except Exception:
@@ -327,7 +327,12 @@ class InPlaceRetry:
         if attempt is not None:
             attempt.recorded = True
             if (args, kwargs) != (tuple(attempt.message_call[0]), dict(attempt.message_call[1])):
-                call = _encode_call(task, args, kwargs)
+                try:
+                    call = _encode_call(task, args, kwargs)
+                except Exception:  # Celery could not have published them either; keep going
+                    logger.warning("%s[%s]: the arguments of its retry cannot be serialized; a "
+                                   "crash during the backoff would resume with the message's own",
+                                   task.name, request.id, exc_info=True)
         self._remember(request.id, retries, resume_at, call)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
@@ -361,8 +366,7 @@ class InPlaceRetry:
             record["call"] = call
         client.set(self.runtime.keys.attempts(task_id), json.dumps(record), ex=ATTEMPTS_TTL)
 
-    def _resume(self, task: Any, request: Any, attempt: _Attempt, args: Any,
-                kwargs: Any) -> tuple[Any, Any]:
+    def _resume(self, request: Any, attempt: _Attempt, args: Any, kwargs: Any) -> tuple[Any, Any]:
         """After a crash: continue the retry count, the arguments and the wait where they were.
 
         The parking gate read the record already for the messages it let through (in the
