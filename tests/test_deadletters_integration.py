@@ -11,32 +11,17 @@ import json
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import redis
 
+from tests.support.failures import env_of, start_partition_worker
 from tests.support.ordering import check
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def env_of(fa: ModuleType, **extra: str) -> dict[str, str]:
-    return {"CP_REDIS_URL": fa.REDIS_URL, "CP_NS": fa.NS, **extra}
-
-
-def start_child(processes: Processes, fa: ModuleType, index: int, log: Path) -> Any:
-    """A bare partition worker (what the supervisor starts), so the test controls restarts."""
-    queue = f"{fa.NS}partition.entity.{index}"
-    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", queue, "-P", "solo",
-            "-c", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-n", f"dl-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
-    return processes.start(argv, env=env_of(fa, CELERY_PARTITIONING_PARTITION=f"entity:{index}"),
-                           log=log)
 
 
 def cli(fa: ModuleType, *args: str) -> subprocess.CompletedProcess[str]:
@@ -130,7 +115,7 @@ def test_discard_drops_the_parked_messages_with_a_record_and_unparks_the_key(
     key = f"Order:{p}"
     client.set(f"{fa.NS}poison:{p}:0", "bad")
     dropped = [fa.step.delay(p, 0).id, fa.step.delay(p, 1).id]
-    start_child(processes, fa, index, tmp_path / "worker.log")
+    start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
     wait_for(lambda: parked_len(client, fa, p) == 1, 30, "P1 parked")
     out = cli(fa, "discard", "--key", key)
     assert out.returncode == 0 and "discarded 2 message(s)" in out.stdout, out.stderr
@@ -158,7 +143,7 @@ def test_sigkill_while_parked_and_while_replaying_loses_nothing(
     for seq in range(4):
         fa.step.delay(p, seq)
     fa.step.delay(q, 0)
-    first = start_child(processes, fa, index, tmp_path / "w1.log")
+    first = start_partition_worker(processes, fa, "entity", index, tmp_path / "w1.log")
     wait_for(lambda: parked_len(client, fa, p) == 3 and client.llen(f"{fa.NS}rec:Order:{q}") == 2,
              30, "P parked, Q done")
     # When the worker is SIGKILLed while P is parked, and P4 and Q1 arrive meanwhile
@@ -166,7 +151,7 @@ def test_sigkill_while_parked_and_while_replaying_loses_nothing(
     first.wait(timeout=10)
     fa.step.delay(p, 4)
     fa.step.delay(q, 1)
-    second = start_child(processes, fa, index, tmp_path / "w2.log")
+    second = start_partition_worker(processes, fa, "entity", index, tmp_path / "w2.log")
     wait_for(lambda: parked_len(client, fa, p) == 4 and client.llen(f"{fa.NS}rec:Order:{q}") == 4,
              30, "P4 parked, Q1 done")
     # And it is SIGKILLed again in the middle of the replayed P2
@@ -178,7 +163,7 @@ def test_sigkill_while_parked_and_while_replaying_loses_nothing(
     second.wait(timeout=10)
     client.delete(f"{fa.NS}slow:{p}:2")
     fa.step.delay(p, 5)
-    start_child(processes, fa, index, tmp_path / "w3.log")
+    start_partition_worker(processes, fa, "entity", index, tmp_path / "w3.log")
     # Then every message of P ran, in publish order, and nothing is parked any more
     wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 5"], 40, "P5 to run")
     records = {key: client.lrange(f"{fa.NS}rec:{key}", 0, -1),

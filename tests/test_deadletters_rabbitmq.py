@@ -10,15 +10,14 @@ import importlib
 import os
 import signal
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import pytest
 import redis
 
+from tests.support.failures import env_of, start_partition_worker
 from tests.support.ordering import check
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
@@ -45,19 +44,6 @@ def fa(redis_url: str, amqp_url: str, namespace: str,
         client.delete(key)
 
 
-def env_of(fa: ModuleType, **extra: str) -> dict[str, str]:
-    return {"CP_REDIS_URL": fa.REDIS_URL, "CP_BROKER_URL": fa.BROKER_URL, "CP_NS": fa.NS, **extra}
-
-
-def start_child(processes: Processes, fa: ModuleType, index: int, log: Path) -> Any:
-    queue = f"{fa.NS}partition.entity.{index}"
-    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", queue, "-P", "solo",
-            "-c", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-n", f"rmq-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
-    return processes.start(argv, env=env_of(fa, CELERY_PARTITIONING_PARTITION=f"entity:{index}"),
-                           log=log)
-
-
 def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
     fa: ModuleType, processes: Processes, tmp_path: Path
 ) -> None:
@@ -74,7 +60,7 @@ def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
     for seq in range(3):
         fa.step.delay(p, seq)
     fa.step.delay(q, 0)
-    worker = start_child(processes, fa, first, tmp_path / "w1.log")
+    worker = start_partition_worker(processes, fa, "entity", first, tmp_path / "w1.log")
     wait_for(lambda: client.llen(parked) == 2 and client.llen(f"{fa.NS}rec:Order:{q}") == 2, 60,
              "P1, P2 parked and Q0 done")
     processes.signal(worker, signal.SIGTERM)
@@ -88,7 +74,7 @@ def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
          "--key", key], env={**os.environ, "PYTHONPATH": str(ROOT), **env_of(fa)}, cwd=ROOT,
         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0 and "replayed 3 message(s)" in out.stdout, out.stdout + out.stderr
-    start_child(processes, fa, first, tmp_path / "w2.log")
+    start_partition_worker(processes, fa, "entity", first, tmp_path / "w2.log")
     wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 3"], 60, "P3 to run")
     fa.step.delay(p, 4)
     wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 4"], 30, "P4 to run")

@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import redis
 
+from tests.support.failures import start_partition_worker
 from tests.support.ordering import check
-from tests.support.procs import Processes, celery_bin, wait_for
+from tests.support.procs import Processes, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def start_worker(processes: Processes, fa: ModuleType, pool: str, index: int,
-                 log: Path) -> object:
-    queue = fa.app.conf.partitioning_queue_prefix + f".{pool}.{index}"
-    env = {"CP_REDIS_URL": fa.REDIS_URL, "CP_NS": fa.NS,
-           "CELERY_PARTITIONING_PARTITION": f"{pool}:{index}"}
-    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", queue, "-P", "solo",
-            "-c", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-n", f"fail-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
-    return processes.start(argv, env=env, log=log)
 
 
 def same_partition_orders(fa: ModuleType, count: int, prefix: str = "o") -> tuple[int, list[str]]:
@@ -60,7 +49,7 @@ def test_self_retry_runs_in_place_before_later_messages_of_the_partition(
     fa.flaky.delay(b, 1)
     fa.flaky.delay(a, 2)
     # When one real partition worker runs them
-    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker.log")
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 7, 40, "7 runs")
     processes.signal(proc, signal.SIGTERM)
     # Then A0 ran three times in a row, then the rest in publish order
@@ -84,7 +73,7 @@ def test_autoretry_exhausted_becomes_a_dead_letter_with_its_attempts(
     fa.step.delay(a, 0)
     fa.step.delay(a, 1)
     fa.step.delay(b, 0)
-    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker.log")
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 4, 40, "4 runs")
     wait_for(lambda: client.hlen(f"{fa.NS}cp:dl:entity") == 1, 10, "the dead letter")
     processes.signal(proc, signal.SIGTERM)
@@ -106,13 +95,13 @@ def test_a_worker_killed_during_a_backoff_resumes_the_same_attempt_and_arguments
     # Given A0 retries with step+1 each time (3 s countdown), and B0 behind it
     fa.moving.delay(a, 0, 0, 3.0)
     fa.flaky.delay(b, 0)
-    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
     wait_for(lambda: bool(list(client.scan_iter(match=f"{fa.NS}cp:attempts:*"))), 30,
              "the first retry to be recorded")
     # When the worker is SIGKILLed during the backoff and another one starts
     processes.signal(proc, signal.SIGKILL)
     proc.wait(timeout=10)  # type: ignore[attr-defined]
-    proc2 = start_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
+    proc2 = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 4, 40, "4 runs")
     processes.signal(proc2, signal.SIGTERM)
     # Then A0 continued at retry 1 (no extra attempt) with the arguments its retry gave (the
@@ -130,7 +119,7 @@ def test_a_warm_shutdown_during_a_backoff_stops_at_once_and_keeps_the_message_fi
     # Given A0 retries with a 30 s countdown, B0 behind it
     fa.flaky.delay(a, 0, 1, 30.0)
     fa.flaky.delay(b, 0)
-    proc = start_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
     wait_for(lambda: bool(list(client.scan_iter(match=f"{fa.NS}cp:attempts:*"))), 30,
              "the first retry to be recorded")
     # When the worker is asked to stop warmly during the backoff
@@ -141,7 +130,7 @@ def test_a_warm_shutdown_during_a_backoff_stops_at_once_and_keeps_the_message_fi
     (attempts_key,) = client.scan_iter(match=f"{fa.NS}cp:attempts:*")
     record = json.loads(client.get(attempts_key) or "{}")
     client.set(attempts_key, json.dumps({**record, "resume_at": 0}))  # skip the rest of the wait
-    proc2 = start_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
+    proc2 = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 3, 40, "3 runs")
     processes.signal(proc2, signal.SIGTERM)
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
