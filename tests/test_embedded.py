@@ -19,16 +19,7 @@ from celery_partitioning.embedded import (
     free_port,
     redis_answers,
 )
-from tests.support.procs import ROOT
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still "exists"; EmbeddedRedis waits for its child, so a live pid is a running one.
-    return True
+from tests.support.procs import ROOT, alive
 
 
 def _nothing_at() -> str:
@@ -72,7 +63,7 @@ def test_without_a_redis_a_private_one_is_started_and_stopped_by_pid() -> None:
         assert client.config_get("appendonly")["appendonly"] == "no"
         client.close()
     # And on exit the process is gone and its directory removed
-    assert not _alive(pid)
+    assert not alive(pid)
     assert workdir is not None and not Path(workdir).exists()
     assert not redis_answers(url)
 

@@ -13,7 +13,7 @@ from celery_partitioning.redis_keys import RedisKeys
 from celery_partitioning.worker.lease import parse_holder
 from tests.apps.harness import Harness, keyed_events, rerun_in_place
 from tests.support.ordering import check, concurrent_runs
-from tests.support.procs import Processes, wait_for
+from tests.support.procs import Processes, alive, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -151,17 +151,7 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
     sup.wait(timeout=10)
     # well before the 30 s TTL: the orphan noticed, stopped warmly and released the lease
     wait_for(lambda: client.get(lease_key) is None, 10, "the orphaned child to release its lease")
-    wait_for(lambda: not _alive(child.pid), 10, "the orphaned child to exit")
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    wait_for(lambda: not alive(child.pid), 10, "the orphaned child to exit")
 
 
 @pytest.mark.timeout(60)
