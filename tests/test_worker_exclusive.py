@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -137,8 +138,11 @@ def test_misrouted_messages_move_to_their_partition_after_a_resize(
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("when", ["starting", "ready"])
 def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
-        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path, when: str) -> None:
+    # Given a partition child that holds its lease: still starting (printing its banner),
+    # or ready and consuming
     url = _db11(redis_url)
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
@@ -147,11 +151,23 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
     wait_for(lambda: client.get(lease_key) is not None, 30, "the lease")
     child = parse_holder(client.get(lease_key))
     assert child is not None
-    sup.kill()  # the supervisor alone, not its process group
+    if when == "ready":
+        wait_for(lambda: " ready." in h.log_text("workers"), 30, "the child to be ready")
+
+    # When the supervisor alone is SIGKILLed (not its process group): nobody reads the
+    # child's output pipe any more
+    sup.kill()
     sup.wait(timeout=10)
-    # well before the 30 s TTL: the orphan noticed, stopped warmly and released the lease
+
+    # Then, well before the 30 s TTL, the orphan stops warmly and releases the lease, and says
+    # so where the supervisor printed, instead of dying on a broken pipe
     wait_for(lambda: client.get(lease_key) is None, 10, "the orphaned child to release its lease")
     wait_for(lambda: not alive(child.pid), 10, "the orphaned child to exit")
+    log = h.log_text("workers")
+    said = rf"^\[p\.0\] .* supervisor \(pid {sup.pid}\) is gone: warm shutdown$"
+    assert re.search(said, log, re.MULTILINE), log[-3000:]
+    for sign in ("Unrecoverable error", "Broken pipe", "BrokenPipeError", "Traceback"):
+        assert sign not in log, log[-3000:]
 
 
 @pytest.mark.timeout(60)

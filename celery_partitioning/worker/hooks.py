@@ -5,9 +5,10 @@ Any other worker of the app: ``celeryd_init`` refuses a ``-Q`` naming a partitio
 
 In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
 
-1. ``celeryd_init``: check ``-Q`` is the partition queue, make it the router's kombu Queue
-   (RabbitMQ declares it with ``x-single-active-consumer``), force ``acks_late``,
-   ``reject_on_worker_lost``, prefetch 1 and rate limits off.
+1. ``celeryd_init``: start watching the supervisor (``orphan.py``: if it dies, keep the
+   output flowing and stop warmly); check ``-Q`` is the partition queue, make it the
+   router's kombu Queue (RabbitMQ declares it with ``x-single-active-consumer``), force
+   ``acks_late``, ``reject_on_worker_lost``, prefetch 1 and rate limits off.
 2. ``worker_init`` (after the registry check): build the PartitionRuntime; on a Redis
    broker take the lease (a standby waits here, before consuming anything) and start its
    heartbeat; put the partition's unacked messages back at the head of its queue; run the
@@ -21,7 +22,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
@@ -32,13 +32,13 @@ from ..redis_keys import RedisKeys
 from .gate import GateStep
 from .guard import misroute_guard
 from .lease import Lease
+from .orphan import start_supervisor_watch, supervisor_gone
 from .recovery import BrokerRedis, broker_redis, restore_unacked_to_head
 from .retry import install_failure_handling
 from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
     PARTITION_ENV,
-    SUPERVISOR_PID_ENV,
     PartitionRuntime,
     attach_runtime,
     current_runtime,
@@ -82,6 +82,7 @@ def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
         pool, index = parse_partition(value, state.settings)
     except PartitioningError as exc:
         raise SystemExit(f"celery-partitioning: {exc}") from None
+    start_supervisor_watch(f"{pool}.{index}", _stop_warmly)
     queue = state.router.queue(pool, index)
     if names != [queue.name]:
         raise SystemExit(f"celery-partitioning: a worker for partition {pool}.{index} must "
@@ -122,20 +123,18 @@ def _force_task_options(app: Celery) -> None:
         task.reject_on_worker_lost = True
 
 
-def _watch_parent(runtime: PartitionRuntime, expected: int) -> None:
-    def watch() -> None:
-        while os.getppid() == expected:
-            time.sleep(1.0)
-        logger.warning("%s supervisor (pid %d) is gone: warm shutdown", runtime.label, expected)
-        os.kill(os.getpid(), signal.SIGTERM)
+def _stop_warmly() -> None:
+    """What Celery's SIGTERM handler does, minus printing: the consume loop stops after the
+    current task and the lease is released. Also works before that handler is installed."""
+    from celery.worker import state
 
-    threading.Thread(target=watch, name="partition-parent-watch", daemon=True).start()
+    if state.should_stop is None:
+        state.should_stop = 0
 
 
 def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
     """Block as a standby until the lease is ours; exit 0 if told to stop first."""
     stop = threading.Event()
-    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -143,7 +142,7 @@ def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         def should_stop() -> bool:
-            return stop.is_set() or (parent.isdigit() and os.getppid() != int(parent))
+            return stop.is_set() or supervisor_gone()
 
         if not lease.try_acquire():
             holder = lease.holder()
@@ -240,9 +239,6 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
         except Exception:
             logger.critical("%s on_started hook %r failed", runtime.label, hook, exc_info=True)
             raise SystemExit(f"celery-partitioning: start-up hook {hook!r} failed") from None
-    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
-    if parent.isdigit():
-        _watch_parent(runtime, int(parent))
 
 
 def _stop_runtime(app: Celery) -> None:

@@ -81,7 +81,8 @@ LEASE_TOKEN_ENV: Final = "CELERY_PARTITIONING_LEASE_TOKEN"
 #: Set by the supervisor on a restarted child: the token of its predecessor, which the
 #: supervisor saw die, so the new child may take the lease over without waiting the TTL.
 LEASE_TAKEOVER_ENV: Final = "CELERY_PARTITIONING_LEASE_TAKEOVER"
-#: Set by the supervisor: its pid; a child whose parent changes (supervisor gone) stops.
+#: Set by the supervisor: its pid; a child whose parent changes (supervisor gone) stops
+#: warmly (``orphan.py``).
 SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
 
 #: Attribute of the Celery app that holds the PartitionRuntime of this process.

@@ -7,7 +7,8 @@ line a child prints with ``[pool.index]``, restarts a child that dies (backoff 1
 4 s ... 30 s, reset after a minute of good health) and hands the dead child's lease token to
 its successor, which then takes the partition over at once instead of after the lease TTL.
 SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeout``); a
-second signal kills them at once.
+second signal kills them at once. If the supervisor is killed alone, each child notices,
+keeps printing to the supervisor's output and stops warmly (``orphan.py``).
 
 Exit status: ``EXIT_OK`` (0) every child stopped cleanly; ``EXIT_UNCLEAN`` (1) a child
 exited non-zero or had to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or
@@ -30,6 +31,7 @@ from typing import IO, Any, Final
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
 from .lease import new_token
+from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
 
 __all__ = [
@@ -114,6 +116,14 @@ def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
     ]
 
 
+def _dup_fileno(stream: IO[str]) -> int | None:
+    """A private copy of ``stream``'s file descriptor, or None if it has none."""
+    try:
+        return os.dup(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+
+
 @dataclass
 class _Child:
     spec: ChildSpec
@@ -140,6 +150,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._signals = 0
+        self._out_fd: int | None = None
 
     # -- output -----------------------------------------------------------------------
     def say(self, label: str, line: str) -> None:
@@ -161,11 +172,22 @@ class Supervisor:
         if child.previous_token:
             # We saw the previous child exit: its lease (if it held one) is dead.
             env[LEASE_TAKEOVER_ENV] = child.previous_token
-        proc = subprocess.Popen(self.argv(child.spec), env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # The child also holds its pipe's read end, and a copy of our output: if we are
+        # killed its writes cannot fail, and it carries on printing where we did (orphan.py).
+        output = ChildOutput.open(self._out_fd)
+        env.update(output.env)
+        try:
+            proc = subprocess.Popen(self.argv(child.spec), env=env, stdin=subprocess.DEVNULL,
+                                    stdout=output.write_fd, stderr=subprocess.STDOUT,
+                                    pass_fds=output.pass_fds)
+        except BaseException:
+            os.close(output.read_fd)
+            raise
+        finally:
+            os.close(output.write_fd)
         child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
-        assert proc.stdout is not None
-        reader = threading.Thread(target=self._pump, args=(child.spec.label, proc.stdout),
+        reader = threading.Thread(target=self._pump,
+                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb")),
                                   name=f"out-{child.spec.label}", daemon=True)
         reader.start()
         child.threads = [reader]
@@ -197,6 +219,7 @@ class Supervisor:
         """Start every child and supervise until SIGTERM/SIGINT; return the exit status."""
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._out_fd = _dup_fileno(self.out)
         try:
             labels = ", ".join(c.spec.label for c in self.children)
             self.say("supervisor", f"pid {os.getpid()}: running {len(self.children)} "
@@ -216,6 +239,9 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self._out_fd is not None:
+                os.close(self._out_fd)
+                self._out_fd = None
 
     def _stop_all(self) -> int:
         self.say("supervisor", "stopping: warm shutdown of every partition worker "

@@ -1,0 +1,150 @@
+"""A partition child whose supervisor died: keep its output flowing, then stop warmly.
+
+The supervisor reads each child's stdout/stderr through a pipe and prefixes its lines. If
+the supervisor is killed alone (``kill -9``, the OOM killer), nobody reads that pipe any
+more and the child's next write fails with EPIPE. Celery turns that into an
+"Unrecoverable error" (seen while it printed its start-up banner) or into a shutdown that
+stalls (seen while it printed "Warm shutdown"): the lease then waits for its TTL.
+
+So the supervisor gives every child two more descriptors (``OUTPUT_FDS_ENV``): the read
+end of the child's own output pipe, which the child holds and never reads, so its writes
+cannot fail while the supervisor lives or after; and a copy of the supervisor's own output.
+A thread in the child watches its parent pid. When it changes the child pumps its output
+itself, prefixed as the supervisor did, into the supervisor's output (or nowhere if that
+is gone too), and asks Celery for a warm shutdown by setting the flag Celery's SIGTERM
+handler sets, which also works before Celery has installed that handler. The warm
+shutdown releases the lease, so a new supervisor's child takes the partition over at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from .runtime import SUPERVISOR_PID_ENV
+
+__all__ = ["OUTPUT_FDS_ENV", "ChildOutput", "SupervisorWatch", "start_supervisor_watch",
+           "supervisor_gone"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Set by the supervisor: ``"<read end of the child's output pipe>,<supervisor output>"``;
+#: the second number is empty when the supervisor's output is not a file descriptor.
+OUTPUT_FDS_ENV: Final = "CELERY_PARTITIONING_OUTPUT_FDS"
+#: How often a child checks that its supervisor is still its parent (seconds).
+POLL_INTERVAL: Final = 0.2
+
+_watch: SupervisorWatch | None = None
+
+
+@dataclass(frozen=True)
+class ChildOutput:
+    """Supervisor side: one child's output pipe and the descriptors the child inherits."""
+
+    read_fd: int
+    write_fd: int
+    out_fd: int | None
+
+    @classmethod
+    def open(cls, out_fd: int | None) -> ChildOutput:
+        read_fd, write_fd = os.pipe()
+        return cls(read_fd, write_fd, out_fd)
+
+    @property
+    def env(self) -> dict[str, str]:
+        out = "" if self.out_fd is None else str(self.out_fd)
+        return {OUTPUT_FDS_ENV: f"{self.read_fd},{out}"}
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self.read_fd,) if self.out_fd is None else (self.read_fd, self.out_fd)
+
+
+def _parse_fds(value: str | None) -> tuple[int | None, int | None]:
+    """``"7,4"`` → ``(7, 4)``; descriptors that are missing, malformed or closed → None."""
+    def usable(text: str) -> int | None:
+        if not text.strip().isdigit():
+            return None
+        fd = int(text)
+        try:
+            os.fstat(fd)
+            os.set_inheritable(fd, False)  # a task's own subprocesses must not hold them
+        except OSError:
+            return None
+        return fd
+
+    held, _, out = (value or "").partition(",")
+    return usable(held), usable(out)
+
+
+class SupervisorWatch:
+    """Child side: notices the supervisor is gone, takes its output over, stops warmly."""
+
+    def __init__(self, supervisor_pid: int, label: str, fds: str | None,
+                 on_gone: Callable[[], None], interval: float = POLL_INTERVAL) -> None:
+        self.supervisor_pid = supervisor_pid
+        self.label = label
+        self.held_fd, self.out_fd = _parse_fds(fds)
+        self.on_gone = on_gone
+        self.interval = interval
+        self.gone = threading.Event()
+        self._write_lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="partition-supervisor-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while os.getppid() == self.supervisor_pid:
+            time.sleep(self.interval)
+        self._take_over_output()
+        self.gone.set()
+        logger.warning("%s supervisor (pid %d) is gone: warm shutdown", self.label,
+                       self.supervisor_pid)
+        self.on_gone()
+
+    def _take_over_output(self) -> None:
+        target = self.out_fd if self.out_fd is not None else os.open(os.devnull, os.O_WRONLY)
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1, inheritable=True)
+        os.dup2(write_fd, 2, inheritable=True)
+        os.close(write_fd)
+        # The old pipe's last writers are gone now (fds 1 and 2 moved), so its pump ends at
+        # EOF once it has forwarded what the dead supervisor never read.
+        sources = [read_fd] if self.held_fd is None else [self.held_fd, read_fd]
+        for fd in sources:
+            threading.Thread(target=self._pump, args=(fd, target), name="partition-output",
+                             daemon=True).start()
+
+    def _pump(self, source: int, target: int) -> None:
+        writable = True
+        with os.fdopen(source, "rb") as stream:
+            for raw in iter(stream.readline, b""):
+                if not writable:
+                    continue  # keep reading, so the child's writes never block
+                line = f"[{self.label}] {raw.decode('utf-8', 'replace').rstrip()}\n".encode()
+                try:
+                    with self._write_lock:
+                        while line:
+                            line = line[os.write(target, line):]
+                except OSError:
+                    writable = False
+
+
+def start_supervisor_watch(label: str, on_gone: Callable[[], None]) -> SupervisorWatch | None:
+    """In a supervisor's child: start watching it (once); None when not under a supervisor."""
+    global _watch
+    parent = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if _watch is None and parent.isdigit():
+        _watch = SupervisorWatch(int(parent), label, os.environ.get(OUTPUT_FDS_ENV), on_gone)
+        _watch.start()
+    return _watch
+
+
+def supervisor_gone() -> bool:
+    """True once this child's supervisor is known to be gone."""
+    return _watch is not None and _watch.gone.is_set()
