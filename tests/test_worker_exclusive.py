@@ -12,7 +12,7 @@ import pytest
 from celery_partitioning import partition_for
 from celery_partitioning.redis_keys import RedisKeys
 from celery_partitioning.worker.lease import parse_holder
-from tests.apps.harness import Harness, keyed_events, rerun_in_place
+from tests.apps.harness import HOLD_MS, Harness, keyed_events, rerun_in_place
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes, alive, wait_for
 
@@ -44,7 +44,7 @@ def test_second_worker_on_a_partition_is_a_standby_and_takes_over_in_order(
     events, counts = keyed_events(20, 400, ms=4)
     slow_at = len(events) // 2
     key, seq, _ms, _sig = events[slow_at]
-    events[slow_at] = (key, seq, 1500, "slow")
+    events[slow_at] = (key, seq, HOLD_MS, "slow")
     h.publish(events)
     pid, _label, slow_key, slow_seq = h.next_signal("slow", timeout=60)
     assert pid == holder.pid  # only the lease holder ran anything so far

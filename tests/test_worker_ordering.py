@@ -18,6 +18,7 @@ import pytest
 
 from celery_partitioning import partition_for
 from tests.apps.harness import (
+    HOLD_MS,
     Harness,
     delete_amqp_queues,
     keyed_events,
@@ -52,7 +53,7 @@ def _slow_targets(events: list, partitions: int) -> list[tuple[str, int]]:
 def _run_kill_scenario(h: Harness) -> None:
     events, counts = keyed_events(KEYS, EVENTS, ms=2)
     targets = _slow_targets(events, PARTITIONS)
-    events = [(k, s, 1500, "slow") if (k, s) in targets else (k, s, ms, sig)
+    events = [(k, s, HOLD_MS, "slow") if (k, s) in targets else (k, s, ms, sig)
               for k, s, ms, sig in events]
 
     sup = h.start_workers("workers")

@@ -15,6 +15,10 @@ from celery import Celery
 from tests.apps.ordering_app import make_app
 from tests.support.procs import Processes, celery_bin, wait_for
 
+#: ``ms`` for a signalled task the test will SIGKILL: its first run holds this long, so the
+#: kill lands inside it however slowly a loaded machine lets the test react.
+HOLD_MS = 30_000
+
 #: One message to publish: key, seq, task milliseconds, signal list name (or None).
 Event = tuple[str, int, int, str | None]
 
