@@ -23,7 +23,7 @@ from celery_partitioning.worker.lease import Lease, parse_holder
 from celery_partitioning.worker.recovery import broker_redis, restore_unacked_to_head
 from celery_partitioning.worker.runtime import GateMessage
 from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
-from tests.support.procs import Processes, wait_for
+from tests.support.procs import Processes, alive, wait_for
 
 
 def _db11(url: str) -> str:
@@ -344,3 +344,45 @@ def test_supervisor_exit_code_says_a_child_had_to_be_killed(processes: Processes
     assert proc.wait(timeout=20) == 1
     text = log.read_text()
     assert "killing p.0" in text and "not every worker stopped cleanly" in text
+
+
+_FLOODING_CHILD = """
+import os, sys, threading, time
+from celery_partitioning.worker.orphan import start_supervisor_watch
+gone = threading.Event()
+start_supervisor_watch("p.0", gone.set)
+print("running pid", os.getpid(), flush=True)
+n = 0
+while not gone.is_set():
+    print("line", n, "x" * 200, flush=True)  # fills a 64 KiB pipe in well under a second
+    n += 1
+    time.sleep(0.001)
+print("stopped warmly after line", n - 1, flush=True)
+"""
+
+
+def test_a_child_outlives_its_supervisor_without_a_broken_pipe(processes: Processes,
+                                                               tmp_path: Path) -> None:
+    # Given a supervised child printing as fast as it can
+    log = tmp_path / "orphan.log"
+    script = _SUPERVISED.replace(repr(_CHILD), repr(_FLOODING_CHILD))
+    sup = processes.start([sys.executable, "-c", script], log=log)
+    wait_for(lambda: "[p.0] line 100 " in log.read_text(), 20, "the child's output")
+    child = int(next(line.split()[-1] for line in log.read_text().splitlines()
+                     if line.startswith("[p.0] running pid")))
+
+    # When the supervisor alone is SIGKILLed: nobody reads the child's pipe any more
+    sup.kill()
+    sup.wait(timeout=10)
+
+    # Then the child never fails a write: it notices, keeps printing to the same log with
+    # the same prefix, and ends as it chose to
+    wait_for(lambda: "[p.0] stopped warmly after line" in log.read_text(), 10, "the orphan's last line")
+    wait_for(lambda: not alive(child), 10, "the orphan to exit")
+    text = log.read_text()
+    assert f"[p.0] p.0 supervisor (pid {sup.pid}) is gone: warm shutdown" in text
+    for sign in ("BrokenPipeError", "Broken pipe", "Traceback"):
+        assert sign not in text, text[-2000:]
+    last = int(text.split("[p.0] stopped warmly after line ")[1].split()[0])
+    printed = {int(line.split()[2]) for line in text.splitlines() if line.startswith("[p.0] line ")}
+    assert {last - 1, last} <= printed  # its last lines, printed with no supervisor, arrived

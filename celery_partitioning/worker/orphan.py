@@ -18,8 +18,10 @@ shutdown releases the lease, so a new supervisor's child takes the partition ove
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +40,8 @@ logger = logging.getLogger("celery_partitioning.worker")
 OUTPUT_FDS_ENV: Final = "CELERY_PARTITIONING_OUTPUT_FDS"
 #: How often a child checks that its supervisor is still its parent (seconds).
 POLL_INTERVAL: Final = 0.2
+#: How long an orphaned child waits at exit for its last output to be forwarded (seconds).
+DRAIN_AT_EXIT: Final = 5.0
 
 _watch: SupervisorWatch | None = None
 
@@ -94,6 +98,7 @@ class SupervisorWatch:
         self.interval = interval
         self.gone = threading.Event()
         self._write_lock = threading.Lock()
+        self._pumps: list[threading.Thread] = []
 
     def start(self) -> None:
         threading.Thread(target=self._watch, name="partition-supervisor-watch", daemon=True).start()
@@ -116,9 +121,27 @@ class SupervisorWatch:
         # The old pipe's last writers are gone now (fds 1 and 2 moved), so its pump ends at
         # EOF once it has forwarded what the dead supervisor never read.
         sources = [read_fd] if self.held_fd is None else [self.held_fd, read_fd]
-        for fd in sources:
-            threading.Thread(target=self._pump, args=(fd, target), name="partition-output",
-                             daemon=True).start()
+        self._pumps = [threading.Thread(target=self._pump, args=(fd, target),
+                                        name="partition-output", daemon=True) for fd in sources]
+        for pump in self._pumps:
+            pump.start()
+        atexit.register(self._drain_at_exit)
+
+    def _drain_at_exit(self) -> None:
+        """Forward the child's last lines: daemon threads die with the interpreter."""
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)  # the last write ends of our pipe close: the pumps reach EOF
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        deadline = time.monotonic() + DRAIN_AT_EXIT
+        for pump in self._pumps:
+            pump.join(max(0.0, deadline - time.monotonic()))
 
     def _pump(self, source: int, target: int) -> None:
         writable = True
