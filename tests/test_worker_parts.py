@@ -308,17 +308,19 @@ while True:
     time.sleep(0.1)
 """
 
-_SUPERVISED = f"""
+def _supervised(child: str) -> str:
+    """A script that runs a Supervisor of one partition whose child is ``child``'s code."""
+    return f"""
 import sys
 from celery_partitioning.worker.supervisor import ChildSpec, Supervisor
 specs = [ChildSpec("p", 0, "q.p.0")]
-sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {_CHILD!r}], stop_timeout=1.0).run())
+sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {child!r}], stop_timeout=1.0).run())
 """
 
 
 def _supervise(processes: Processes, tmp_path: Path, mode: str) -> tuple[Any, Path]:
     log = tmp_path / f"{mode}.log"
-    proc = processes.start([sys.executable, "-c", _SUPERVISED], env={"MODE": mode}, log=log)
+    proc = processes.start([sys.executable, "-c", _supervised(_CHILD)], env={"MODE": mode}, log=log)
     return proc, log
 
 
@@ -347,7 +349,7 @@ def test_supervisor_exit_code_says_a_child_had_to_be_killed(processes: Processes
 
 
 _FLOODING_CHILD = """
-import os, sys, threading, time
+import os, threading, time
 from celery_partitioning.worker.orphan import start_supervisor_watch
 gone = threading.Event()
 start_supervisor_watch("p.0", gone.set)
@@ -365,8 +367,7 @@ def test_a_child_outlives_its_supervisor_without_a_broken_pipe(processes: Proces
                                                                tmp_path: Path) -> None:
     # Given a supervised child printing as fast as it can
     log = tmp_path / "orphan.log"
-    script = _SUPERVISED.replace(repr(_CHILD), repr(_FLOODING_CHILD))
-    sup = processes.start([sys.executable, "-c", script], log=log)
+    sup = processes.start([sys.executable, "-c", _supervised(_FLOODING_CHILD)], log=log)
     wait_for(lambda: "[p.0] line 100 " in log.read_text(), 20, "the child's output")
     child = int(next(line.split()[-1] for line in log.read_text().splitlines()
                      if line.startswith("[p.0] running pid")))
