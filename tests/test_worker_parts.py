@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -23,7 +25,7 @@ from celery_partitioning.worker.lease import Lease, parse_holder
 from celery_partitioning.worker.recovery import broker_redis, restore_unacked_to_head
 from celery_partitioning.worker.runtime import GateMessage
 from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
-from tests.support.procs import Processes, alive, wait_for
+from tests.support.procs import ROOT, Processes, alive, wait_for
 
 
 def _db11(url: str) -> str:
@@ -387,3 +389,26 @@ def test_a_child_outlives_its_supervisor_without_a_broken_pipe(processes: Proces
     last = int(text.split("[p.0] stopped warmly after line ")[1].split()[0])
     printed = {int(line.split()[2]) for line in text.splitlines() if line.startswith("[p.0] line ")}
     assert {last - 1, last} <= printed  # its last lines, printed with no supervisor, arrived
+
+
+def test_a_supervisor_whose_output_is_gone_keeps_supervising_and_stops_cleanly(
+        processes: Processes) -> None:
+    # Given a supervisor printing into a pipe, and its child running
+    sup = subprocess.Popen([sys.executable, "-c", _supervised(_CHILD)], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, start_new_session=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "MODE": "ok"})
+    processes.started.append(sup)
+    assert sup.stdout is not None
+    seen = b""
+    while b"[p.0] running" not in seen:
+        chunk = sup.stdout.readline()
+        assert chunk, seen.decode()
+        seen += chunk
+
+    # When the pipe's reader goes away (a closed terminal, a dead log shipper) and the
+    # supervisor is then told to stop, printing as it stops
+    sup.stdout.close()
+    sup.send_signal(signal.SIGTERM)
+
+    # Then it still stops its child warmly and exits 0, instead of dying of a broken pipe
+    assert sup.wait(timeout=20) == 0

@@ -151,12 +151,20 @@ class Supervisor:
         self._wake = threading.Event()
         self._signals = 0
         self._out_fd: int | None = None
+        self._out_gone = False
 
     # -- output -----------------------------------------------------------------------
     def say(self, label: str, line: str) -> None:
+        """Print one prefixed line; once our output is gone (terminal closed, the reader of
+        our pipe died) drop lines instead of dying, so supervising, and children, go on."""
         with self._lock:
-            self.out.write(f"[{label}] {line.rstrip()}\n")
-            self.out.flush()
+            if self._out_gone:
+                return
+            try:
+                self.out.write(f"[{label}] {line.rstrip()}\n")
+                self.out.flush()
+            except (OSError, ValueError):
+                self._out_gone = True
 
     def _pump(self, label: str, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
