@@ -138,11 +138,11 @@ def test_misrouted_messages_move_to_their_partition_after_a_resize(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("when", ["starting", "ready"])
+@pytest.mark.parametrize("when", ["starting", "running a task"])
 def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path, when: str) -> None:
     # Given a partition child that holds its lease: still starting (printing its banner),
-    # or ready and consuming
+    # or inside a 3 s task with two more messages of its key queued behind it
     url = _db11(redis_url)
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
@@ -151,8 +151,9 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
     wait_for(lambda: client.get(lease_key) is not None, 30, "the lease")
     child = parse_holder(client.get(lease_key))
     assert child is not None
-    if when == "ready":
-        wait_for(lambda: " ready." in h.log_text("workers"), 30, "the child to be ready")
+    if when == "running a task":
+        h.publish([("Order:1", 0, 3000, "slow"), ("Order:1", 1, 2, None), ("Order:1", 2, 2, None)])
+        h.next_signal("slow", timeout=30)
 
     # When the supervisor alone is SIGKILLed (not its process group): nobody reads the
     # child's output pipe any more
@@ -168,6 +169,18 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
     assert re.search(said, log, re.MULTILINE), log[-3000:]
     for sign in ("Unrecoverable error", "Broken pipe", "BrokenPipeError", "Traceback"):
         assert sign not in log, log[-3000:]
+    if when == "running a task":
+        # the running task finished and was acked; the rest wait, in order, for a successor
+        assert h.records(["Order:1"])["Order:1"] == ["start 0", "end 0"]
+        assert h.done() == 1
+        assert client.hlen(f"{namespace}unacked") == 0
+        assert client.llen(f"{namespace}{namespace}partition.p.0") == 2
+        successor = h.start_workers("successor")
+        h.wait_done(3, timeout=30, logs=["successor"])
+        assert h.records(["Order:1"])["Order:1"] == [
+            "start 0", "end 0", "start 1", "end 1", "start 2", "end 2"]
+        h.processes.signal(successor, signal.SIGTERM)
+        assert successor.wait(timeout=30) == 0
 
 
 @pytest.mark.timeout(60)

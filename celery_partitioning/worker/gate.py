@@ -82,6 +82,13 @@ def gated_strategy(runtime: PartitionRuntime, name: str,
         if runtime.consumer_qos is None:
             runtime.consumer_qos = getattr(getattr(message, "channel", None), "qos", None)
         msg = GateMessage(message, name)
+        if _stopping():
+            # Warm shutdown stops after the running task. kombu may already have handed us
+            # the next message in the same cycle: leave it unacked, so it goes back to the
+            # head of the queue for whoever takes the partition next (as an ETA hold does).
+            logger.info("%s stopping: task %s stays queued for the next worker",
+                        runtime.label, msg.task_id)
+            return None
         for gate in list(runtime.gates):
             try:
                 taken = gate(msg)
