@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from .compat import proxy_internals
 from .errors import PartitionConfigError, PartitionKeyError
 from .keys import KeyFunction
 
@@ -63,12 +64,11 @@ def _function_behind(obj: Any) -> Callable[..., Any]:
 
     if isinstance(obj, Proxy):
         # ``@app.task`` before finalization: PromiseProxy(app._task_from_fun, (fun,)).
-        args = object.__getattribute__(obj, "_Proxy__args")
+        args, local = proxy_internals(obj)
         if args and inspect.isfunction(args[0]):
             fun: Callable[..., Any] = args[0]
             return fun
         # ``@shared_task``: Proxy(task_by_cons) whose closure holds ``fun``.
-        local = object.__getattribute__(obj, "_Proxy__local")
         code = getattr(local, "__code__", None)
         closure = getattr(local, "__closure__", None) or ()
         if code is not None and "fun" in code.co_freevars:

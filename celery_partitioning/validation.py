@@ -10,6 +10,7 @@ from celery.app.routes import MapRoute, prepare
 
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
+from .state import settings_of
 from .tasks import spec_of
 
 if TYPE_CHECKING:
@@ -70,8 +71,6 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
 
 def _registry_of(tasks: Any) -> tuple[list[Any], PartitioningSettings, Any, list[str]]:
     from celery import Celery
-
-    from .app import settings_of
 
     if isinstance(tasks, Celery):
         conf = tasks.conf

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from celery_partitioning import partition_for
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.store.keys import RedisKeys
 from tests.apps.harness import Harness, keyed_events
 from tests.support.procs import Processes
 

@@ -30,7 +30,7 @@ from typing import IO, Any, Final
 
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from .lease import new_token
+from ..store.lease import new_token
 from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
 

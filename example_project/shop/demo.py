@@ -19,8 +19,8 @@ import redis
 from django.conf import settings
 from django.core.management import call_command
 
-from celery_partitioning.app import settings_of
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.state import settings_of
+from celery_partitioning.store.keys import RedisKeys
 
 from .events import append, publish, stored_events
 from .interrupt import check_interrupted, signals_as_interrupt
@@ -168,7 +168,7 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
 
 
 def _dead_letter_count(pools: dict[str, int]) -> int:
-    from celery_partitioning.deadletters import DeadLetterStore
+    from celery_partitioning.store.deadletters import DeadLetterStore
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:

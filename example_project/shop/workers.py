@@ -15,8 +15,8 @@ from typing import Any
 
 from django.conf import settings
 
-from celery_partitioning.app import settings_of
 from celery_partitioning.embedded import stop_with_parent
+from celery_partitioning.state import settings_of
 
 from .report import Console
 

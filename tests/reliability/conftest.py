@@ -182,7 +182,7 @@ class Workload:
     def diagnose(self, counts: dict[str, int] | None) -> str:
         """Where the missing messages are: queues, kombu's unacked hash, the library's keys."""
         from celery_partitioning import partition_for
-        from celery_partitioning.redis_keys import key_digest
+        from celery_partitioning.store.keys import key_digest
 
         lines = []
         if counts:

@@ -1,4 +1,8 @@
-"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers."""
+"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers.
+
+``worker``, ``status`` and ``route`` are here; ``dead-letters`` in :mod:`.deadletters`; what
+``status`` reads in :mod:`.status`.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ import click
 from celery.bin.base import CeleryCommand
 from kombu.utils.url import maybe_sanitize_url
 
-from .app import settings_of
-from .errors import PartitioningError
-from .hashing import partition_for
-from .validation import assert_valid_partition_keys
-from .worker.supervisor import EXIT_USAGE, Supervisor, select_partitions, worker_argv
+from ..errors import PartitioningError
+from ..exits import EXIT_USAGE
+from ..hashing import partition_for
+from ..state import settings_of
+from ..validation import assert_valid_partition_keys
+from ..worker.supervisor import Supervisor, select_partitions, worker_argv
 
 __all__ = ["partitioning"]
 
@@ -174,6 +179,6 @@ def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool
                    f"queue {r['queue']}")
 
 
-from .cli_deadletters import dead_letters  # noqa: E402 - issue 4: the dead-letters sub-group
+from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
 
 partitioning.add_command(dead_letters)
