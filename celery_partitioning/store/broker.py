@@ -42,7 +42,7 @@ class BrokerRedis:
     priority_steps: tuple[int, ...]
 
     def queue_list(self, queue: str, priority: int = 0) -> str:
-        """The Redis list of ``queue`` for a priority (kombu ``_q_for_pri``)."""
+        """The Redis list of ``queue`` for a priority (as kombu names it)."""
         steps = [s for s in self.priority_steps if s <= priority] or [0]
         step = steps[-1]
         return f"{self.prefix}{queue}{self.sep}{step}" if step else f"{self.prefix}{queue}"

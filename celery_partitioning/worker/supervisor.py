@@ -30,6 +30,7 @@ from typing import IO, Any, Final
 
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
+from ..exits import EXIT_OK, EXIT_UNCLEAN
 from ..store.lease import new_token
 from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
@@ -40,14 +41,8 @@ __all__ = [
     "select_partitions",
     "parse_indexes",
     "worker_argv",
-    "EXIT_OK",
-    "EXIT_UNCLEAN",
-    "EXIT_USAGE",
 ]
 
-EXIT_OK: Final = 0
-EXIT_UNCLEAN: Final = 1
-EXIT_USAGE: Final = 2
 
 #: First restart delay and its cap (seconds); a child up this long resets the backoff.
 BACKOFF_START: Final = 1.0
