@@ -99,7 +99,7 @@ def _commands_on(url: str, key: str, seconds: float) -> set[str]:
             except redis.TimeoutError:
                 continue
             if key in command:
-                seen.add(command.split()[0].upper())
+                seen.add(command.split(maxsplit=1)[0].upper())
     return seen
 
 
