@@ -1,4 +1,4 @@
-"""DCB conflict retries with real ``dcb`` partition workers on a real Redis (issue 4).
+"""DCB conflict retries with real ``dcb`` partition workers on a real Redis.
 
 Concurrent operations on DCB scopes hit injected conflicts (another writer moves the scope's
 version between the read and the append). Each is retried in place on its scope's partition:

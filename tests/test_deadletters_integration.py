@@ -1,4 +1,4 @@
-"""Dead letters, per-key parking and replay with real partition workers on a real Redis (issue 4).
+"""Dead letters, per-key parking and replay with real partition workers on a real Redis.
 
 A poison message parks its key: later messages of the key are set aside in publish order while
 other keys of the same partition go on; ``dead-letters replay`` runs them all, in order, ahead

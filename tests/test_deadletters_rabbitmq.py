@@ -1,4 +1,4 @@
-"""Parking and replay on RabbitMQ (dead-letter store on Redis), real workers (issue 4).
+"""Parking and replay on RabbitMQ (dead-letter store on Redis), real workers.
 
 RabbitMQ cannot take a message back at the head of a queue, so a replay publishes the
 messages to the back; a newer message of the key that sits ahead of them must wait.
