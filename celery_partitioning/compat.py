@@ -97,7 +97,8 @@ def redis_channel_class(base: type, name: str, fetch_of: Callable[[Any], Any]) -
         if fetch is None:
             kombu_start(self, timeout)
             return
-        fetch.start(self.brpop_timeout if timeout is None else timeout)
+        # kombu >= 5.5 reads the timeout from the transport options; 5.4 used 1 s
+        fetch.start(getattr(self, "brpop_timeout", 1) if timeout is None else timeout)
 
     def _brpop_read(self: Any, **options: Any) -> bool:
         fetch = fetch_of(self)
