@@ -71,6 +71,7 @@ def partitioning(ctx: click.Context) -> None:
     worker   run one worker per partition, supervised (the ordering promise)
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
+    purge    delete the messages waiting in partition queues
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
@@ -203,3 +204,7 @@ def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool
 from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
 
 partitioning.add_command(dead_letters)
+
+from .cli_purge import purge_command  # noqa: E402 - beside dead-letters: its own module
+
+partitioning.add_command(purge_command)
