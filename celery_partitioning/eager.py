@@ -79,12 +79,11 @@ class EagerRouting:
     around ours, as it runs before the routers when a call is published.
     """
 
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-
-    def _next_match(self, task: Any) -> dict[str, Any] | None:
-        for entry in self.app.annotations:
-            if entry is self:
+    @staticmethod
+    def _next_match(task: Any) -> dict[str, Any] | None:
+        # ``task`` is the task class being bound; its app holds the prepared annotations.
+        for entry in task.app.annotations:
+            if isinstance(entry, EagerRouting):
                 continue
             annotate = getattr(entry, "annotate", None)
             found = annotate(task) if annotate is not None else None
@@ -113,7 +112,7 @@ def install_eager_routing(app: Celery) -> None:
     elif not isinstance(entries, (list, tuple)):
         entries = [entries]
     if not any(isinstance(e, EagerRouting) for e in entries):
-        app.conf.task_annotations = [EagerRouting(app), *entries]
+        app.conf.task_annotations = [EagerRouting(), *entries]
         vars(app).pop("annotations", None)  # Celery caches the prepared list on first use
     for task in list(task_registry(app).values()):
         cls = type(task)

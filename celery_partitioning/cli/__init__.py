@@ -72,6 +72,7 @@ def partitioning(ctx: click.Context) -> None:
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
+    dead-letters  list, replay or discard dead letters and parked keys
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
