@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,17 @@ from tests.support.procs import ROOT, Processes, celery_bin
 
 pytestmark = pytest.mark.integration
 
+@pytest.fixture
+def db11(redis_url: str, namespace: str) -> Iterator[str]:
+    """Redis DB 11, where the worker tests run; this test's keys are deleted afterwards."""
+    import redis
 
-def _db11(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/11"
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+    yield url
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+        client.delete(key)
+
 
 
 def _celery(h: Harness, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -44,9 +53,9 @@ def _backlog(h: Harness) -> dict[int, int]:
 
 
 def test_purge_on_redis_asks_deletes_the_selection_and_keeps_the_rest(
-        redis_url: str, namespace: str, tmp_path: Path) -> None:
+        db11: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog on 4 partitions and one plain message on the default queue
-    url = _db11(redis_url)
+    url = db11
     h = Harness(url, url, namespace, 4, tmp_path, Processes())
     backlog = _backlog(h)
     assert all(backlog.values())
@@ -78,9 +87,9 @@ def test_purge_on_redis_asks_deletes_the_selection_and_keeps_the_rest(
 
 
 def test_purge_on_redis_refuses_a_partition_whose_lease_is_held(
-        redis_url: str, namespace: str, tmp_path: Path) -> None:
+        db11: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog, and a live worker holding partition 2's lease
-    url = _db11(redis_url)
+    url = db11
     h = Harness(url, url, namespace, 4, tmp_path, Processes())
     backlog = _backlog(h)
     lease = RedisKeys(namespace).lease(f"{namespace}partition.p.2")
@@ -106,10 +115,10 @@ def test_purge_on_redis_refuses_a_partition_whose_lease_is_held(
 
 @pytest.mark.rabbitmq
 def test_purge_on_rabbitmq_empties_partition_queues_and_refuses_a_consumed_one(
-        amqp_url: str, redis_url: str, namespace: str, tmp_path: Path) -> None:
+        amqp_url: str, db11: str, namespace: str, tmp_path: Path) -> None:
     from kombu import Connection
 
-    h = Harness(amqp_url, _db11(redis_url), namespace, 3, tmp_path, Processes())
+    h = Harness(amqp_url, db11, namespace, 3, tmp_path, Processes())
     queues = [f"{namespace}partition.p.{i}" for i in range(3)]
     try:
         backlog = _backlog(h)

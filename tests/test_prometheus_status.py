@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ from celery_partitioning.redis_keys import RedisKeys
 from celery_partitioning.status import PartitionStatus, status_json
 from tests.apps.harness import Harness, keyed_events
 from tests.support.procs import ROOT, Processes
+
+
+@pytest.fixture
+def db11(redis_url: str, namespace: str) -> Iterator[str]:
+    """Redis DB 11, where the worker tests run; this test's keys are deleted afterwards."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+    yield url
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+        client.delete(key)
+
 
 SCRIPT = ROOT / "scripts" / "prometheus_status.py"
 
@@ -62,9 +76,9 @@ def test_input_that_is_not_status_json_is_exit_2() -> None:
 
 
 @pytest.mark.integration
-def test_the_recipe_end_to_end_on_redis(redis_url: str, namespace: str, tmp_path: Path) -> None:
+def test_the_recipe_end_to_end_on_redis(db11: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog and a lease holder on partition 1
-    url = redis_url.rsplit("/", 1)[0] + "/11"
+    url = db11
     h = Harness(url, url, namespace, 3, tmp_path, Processes())
     events, _counts = keyed_events(9, 30, ms=1)
     h.publish(events)

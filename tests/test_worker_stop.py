@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,17 @@ from tests.apps.harness import Harness
 from tests.support.procs import Processes, wait_for
 
 
-def _db11(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/11"
+@pytest.fixture
+def db11(redis_url: str, namespace: str) -> Iterator[str]:
+    """Redis DB 11, where the worker tests run; this test's keys are deleted afterwards."""
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + "/11"
+    yield url
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
+        client.delete(key)
+
 
 
 @pytest.mark.integration
@@ -30,10 +40,10 @@ def _db11(url: str) -> str:
     ("supervisor", signal.SIGTERM),
 ], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
 def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
-        redis_url: str, namespace: str, tmp_path: Path, processes: Processes,
+        db11: str, namespace: str, tmp_path: Path, processes: Processes,
         target: str, sig: signal.Signals) -> None:
     # Given a supervisor in its own session (like a shell job) running one partition
-    url = _db11(redis_url)
+    url = db11
     h = Harness(url, url, namespace, 1, tmp_path, processes)
     proc = h.start_workers("workers")
     # and a task that is running when the signal comes (it holds for 4 s, then records its end)
@@ -59,10 +69,10 @@ def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
 
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
-def test_a_warm_stop_of_an_idle_group_exits_0(redis_url: str, namespace: str, tmp_path: Path,
+def test_a_warm_stop_of_an_idle_group_exits_0(db11: str, namespace: str, tmp_path: Path,
                                               processes: Processes, sig: signal.Signals) -> None:
     # Given two partition workers that ran their tasks and now wait for more
-    url = _db11(redis_url)
+    url = db11
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     proc = h.start_workers("workers")
     h.publish([(f"Order:{i}", 0, 1, None) for i in range(6)])
@@ -81,20 +91,28 @@ def test_a_warm_stop_of_an_idle_group_exits_0(redis_url: str, namespace: str, tm
     assert code == 0, log
 
 
-# Celery-free: the supervisor's rule itself, without the race of a real worker. The child acts
-# as a Celery worker does on SIGINT (prints Celery's notice, exits 1 after a warm stop) or
-# exits 1 without having taken a SIGINT (a real failure).
+# Celery-free: the supervisor's rule itself, without the race of a real worker. In "ctrl-c"
+# mode the child does what a Celery worker does on a first SIGINT (prints Celery's notice, then
+# exits 1 once stopped); in "failure" mode it exits 1 without that notice, as a worker that
+# failed would: only the first is a clean stop.
 _CHILD = """
 import os, signal, sys, time
+code = None
 def on_int(*_):
+    global code
     if os.environ["MODE"] == "ctrl-c":
         print("worker: Hitting Ctrl+C again will initiate cold shutdown, terminating all running tasks!", flush=True)
-    sys.exit(1)
+    code = 1
+def on_term(*_):
+    global code
+    if os.environ["MODE"] == "failure":
+        code = 1
 signal.signal(signal.SIGINT, on_int)
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
+signal.signal(signal.SIGTERM, on_term)
 print("running", flush=True)
-while True:
-    time.sleep(0.1)
+while code is None:
+    time.sleep(0.05)
+os._exit(code)
 """
 
 _SUPERVISED = f"""
