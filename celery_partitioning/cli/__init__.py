@@ -1,7 +1,7 @@
 """The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers.
 
-``worker``, ``status`` and ``route`` are here; ``dead-letters`` in :mod:`.deadletters`; what
-``status`` reads in :mod:`.status`.
+``worker``, ``status`` and ``route`` are here; ``dead-letters`` in :mod:`.deadletters`,
+``purge`` in :mod:`.purge`; what ``status`` reads in :mod:`.status`.
 """
 
 from __future__ import annotations
@@ -206,6 +206,6 @@ from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
 
 partitioning.add_command(dead_letters)
 
-from .cli_purge import purge_command  # noqa: E402 - beside dead-letters: its own module
+from .purge import purge_command  # noqa: E402 - the purge command
 
 partitioning.add_command(purge_command)

@@ -1,4 +1,4 @@
-"""Emptying partition queues (``celery partitioning purge``); plain ``celery purge`` skips them.
+"""``celery -A proj partitioning purge``: empty partition queues, which ``celery purge`` leaves alone.
 
 ``celery purge`` empties the queues a plain worker would consume (``task_default_queue`` and
 ``task_queues``); partition queues are declared by the partition router, not listed there, so
@@ -16,17 +16,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .app import settings_of
-from .config import redis_namespace
-from .redis_keys import RedisKeys
-from .worker.lease import parse_holder
-from .worker.recovery import BrokerRedis, broker_redis
-from .worker.supervisor import select_partitions
+import click
+from celery.bin.base import CeleryCommand
+from kombu.utils.url import maybe_sanitize_url
+
+from ..errors import PartitioningError
+from ..exits import EXIT_UNCLEAN, EXIT_USAGE
+from ..state import redis_client, redis_keys, settings_of
+from ..store.broker import BrokerRedis, broker_redis
+from ..store.lease import read_holders
+from ..worker.supervisor import select_partitions
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["QueuePlan", "plan_purge", "purge"]
+__all__ = ["QueuePlan", "plan_purge", "purge", "purge_command"]
 
 
 @dataclass(frozen=True)
@@ -47,24 +51,12 @@ def _lease_holders(app: Celery, queues: Sequence[str]) -> dict[str, str]:
     url = settings_of(app).redis_url
     if url is None or not queues:
         return {}
-    import redis
-
-    keys = RedisKeys(redis_namespace(app.conf))
-    client = redis.Redis.from_url(url)
+    client = redis_client(url)
     try:
-        with client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.get(keys.lease(queue))
-                pipe.pttl(keys.lease(queue))
-            replies = pipe.execute()
+        holders = read_holders(client, redis_keys(app), queues)
     finally:
         client.close()
-    held: dict[str, str] = {}
-    for i, queue in enumerate(queues):
-        holder = parse_holder(replies[2 * i], int(replies[2 * i + 1]))
-        if holder is not None:
-            held[queue] = holder.describe()
-    return held
+    return {queue: holder.describe() for queue, holder in holders.items() if holder is not None}
 
 
 def _declared(conn: Any, queue: str) -> tuple[int, int]:
@@ -135,3 +127,54 @@ def purge(app: Celery, queues: Sequence[str]) -> dict[str, int]:
                 with contextlib.suppress(Exception):
                     channel.close()
     return deleted
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    raise SystemExit(code)
+
+
+@click.command(name="purge", cls=CeleryCommand)
+@click.option("--pool", "pools", multiple=True, metavar="NAME",
+              help="Only this pool's partitions (repeat for several). Default: every pool.")
+@click.option("--partitions", metavar="SPEC",
+              help="Only these partition indexes of each selected pool, e.g. 0-3,7. Default: all.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--while-running", is_flag=True,
+              help="Purge partitions that a worker is consuming too (by default they are refused).")
+@click.pass_context
+def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None,
+                  force: bool, while_running: bool) -> None:
+    """Delete the messages waiting in partition queues (plain `celery purge` skips them).
+
+    Asks for confirmation unless -f. Refuses, deleting nothing, while any selected partition
+    is being consumed (its lease is held on Redis; a consumer is attached on RabbitMQ): stop
+    its worker first, or pass --while-running. Messages a worker holds (delivered, not yet
+    acked), dead letters and parked keys are kept: see `partitioning dead-letters`.
+    """
+    app = ctx.obj.app
+    broker = maybe_sanitize_url(app.conf.broker_url or "")
+    try:
+        plans = plan_purge(app, pools, partitions)
+    except PartitioningError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except (*app.connection_for_read().connection_errors, OSError) as exc:
+        _fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
+    live = [p for p in plans if p.consumer is not None]
+    if live and not while_running:
+        for p in live:
+            click.echo(f"{p.queue}: consumed by {p.consumer}", err=True)
+        _fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
+              "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
+    total = sum(p.depth for p in plans)
+    if not force:
+        click.confirm(f"Delete the {total} message(s) waiting in {len(plans)} partition queue(s) "
+                      f"on {broker}?", abort=True, err=True)
+    try:
+        deleted = purge(app, [p.queue for p in plans])
+    except (*app.connection_for_read().connection_errors, OSError) as exc:
+        _fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
+    for p in plans:
+        running = f" (while consumed by {p.consumer})" if p.consumer else ""
+        click.echo(f"{p.queue}: deleted {deleted[p.queue]} message(s){running}")
+    click.echo(f"deleted {sum(deleted.values())} message(s) from {len(plans)} partition queue(s)")
