@@ -7,28 +7,21 @@ import json
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from celery_partitioning import partition_for
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.store.keys import RedisKeys
 from tests.apps.harness import Harness, delete_amqp_queues, keyed_events
 from tests.support.procs import ROOT, Processes, celery_bin
 
 pytestmark = pytest.mark.integration
 
 @pytest.fixture
-def db11(redis_url: str, namespace: str) -> Iterator[str]:
-    """Redis DB 11, where the worker tests run; this test's keys are deleted afterwards."""
-    import redis
-
-    url = redis_url.rsplit("/", 1)[0] + "/11"
-    yield url
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-        client.delete(key)
+def db11(redis_url: str, namespace: str) -> str:
+    """Redis DB 11, where the worker tests run (``namespace`` deletes this test's keys there)."""
+    return redis_url.rsplit("/", 1)[0] + "/11"
 
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,9 @@ from tests.support.procs import Processes, wait_for
 
 
 @pytest.fixture
-def db11(redis_url: str, namespace: str) -> Iterator[str]:
-    """Redis DB 11, where the worker tests run; this test's keys are deleted afterwards."""
-    import redis
-
-    url = redis_url.rsplit("/", 1)[0] + "/11"
-    yield url
-    client = redis.Redis.from_url(url)
-    for key in client.scan_iter(match=f"*{namespace}*", count=1000):
-        client.delete(key)
+def db11(redis_url: str, namespace: str) -> str:
+    """Redis DB 11, where the worker tests run (``namespace`` deletes this test's keys there)."""
+    return redis_url.rsplit("/", 1)[0] + "/11"
 
 
 
