@@ -78,5 +78,6 @@ def test_the_sdist_carries_the_tests_docs_and_example_project(tmp_path: Path) ->
     for folder in ("tests", "example_project", "celery_partitioning", "benchmarks"):
         wanted |= {str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*.py")
                    if "__pycache__" not in p.parts}
+    wanted |= {str(p.relative_to(ROOT)) for p in (ROOT / "celery_partitioning").rglob("*.lua")}
     assert wanted - names == set()
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".sqlite3"))]
