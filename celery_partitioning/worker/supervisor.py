@@ -12,8 +12,8 @@ keeps printing to the supervisor's output and stops warmly (``orphan.py``).
 
 Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop, also the 1 Celery exits
 with after a first Ctrl-C); ``EXIT_UNCLEAN`` (1) a child exited non-zero otherwise or had to be
-killed while stopping; ``EXIT_USAGE`` (2) bad selection or
-an invalid task registry (nothing was started).
+killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry (nothing
+was started).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 60.0
 
 #: Exit status of a Celery worker after the warm shutdown a first SIGINT asks for (EX_FAILURE),
-#: and the line Celery prints when it takes that first SIGINT (celery.apps.worker.on_SIGINT).
+#: and the start of the line Celery prints when it takes that SIGINT (celery.apps.worker.on_SIGINT:
+#: "... will initiate cold shutdown, ..." in 5.5+, "... will terminate all running tasks!" before).
 _CELERY_WARM_SIGINT_EXIT: Final = 1
-_CELERY_SIGINT_NOTICE: Final = b"worker: Hitting Ctrl+C again will initiate cold shutdown"
+_CELERY_SIGINT_NOTICE: Final = b"worker: Hitting Ctrl+C again will "
 
 _RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
