@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -35,14 +36,30 @@ def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
 
-def _root_options(ctx: click.Context) -> list[str]:
+def _root_options(ctx: click.Context, command_line: list[str] | None = None) -> list[str]:
     params = ctx.find_root().params
     argv: list[str] = []
     for name, flag in _ROOT_OPTIONS:
         value = params.get(name)
+        if name == "app" and value is not None and not isinstance(value, str):
+            # Celery 5.4 hands the loaded app object, not the -A text: read that text back
+            value = _app_option(sys.argv if command_line is None else command_line)
         if value:
             argv += [flag, str(value)]
     return argv
+
+
+def _app_option(command_line: list[str]) -> str | None:
+    """The value of ``-A``/``--app`` on a ``celery`` command line (``-A x``, ``-Ax``,
+    ``--app x``, ``--app=x``), or None."""
+    for i, arg in enumerate(command_line):
+        if arg in ("-A", "--app") and i + 1 < len(command_line):
+            return command_line[i + 1]
+        if arg.startswith("--app="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-A") and len(arg) > 2 and not arg.startswith("--"):
+            return arg[2:]
+    return None
 
 
 def _fail(message: str) -> None:
