@@ -32,6 +32,8 @@ __all__ = [
     "queue_list_name",
     "redis_channel_class",
     "start_poll",
+    "reset_annotations",
+    "task_exec_options",
     "task_registry",
 ]
 
@@ -51,6 +53,18 @@ def proxy_internals(obj: Any) -> tuple[tuple[Any, ...], Any]:
     args = object.__getattribute__(obj, "_Proxy__args")
     local = object.__getattribute__(obj, "_Proxy__local")
     return tuple(args or ()), local
+
+
+def task_exec_options(task: Any) -> dict[str, Any]:
+    """The publish options a task class declares (queue, priority...), as ``apply_async``
+    merges them before it routes."""
+    options: dict[str, Any] = task._get_exec_options()
+    return options
+
+
+def reset_annotations(app: Any) -> None:
+    """Make the app prepare ``task_annotations`` again (it caches them on first use)."""
+    vars(app).pop("annotations", None)
 
 
 def task_registry(app: Any) -> Any:
@@ -210,6 +224,10 @@ def _problems_with_celery() -> list[str]:
     app = Celery("celery-partitioning-compat-check", set_as_current=False)
     if not isinstance(getattr(app, "_tasks", None), dict):
         problems.append("Celery._tasks (the task registry)")
+    from celery import Task
+
+    if not callable(getattr(Task, "_get_exec_options", None)):
+        problems.append("celery.Task._get_exec_options")
     from celery.worker import state
     from celery.worker.consumer import Consumer
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, Final
 
-from .compat import task_registry
+from .compat import reset_annotations, task_exec_options, task_registry
 from .tasks import spec_of
 
 if TYPE_CHECKING:
@@ -36,8 +36,8 @@ def _route_eagerly(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -
     if check_arguments is not None:
         # ``apply_async`` checks the arguments before it routes: a TypeError comes first.
         check_arguments(*(args or ()), **(kwargs or {}))
-    app = task._get_app()
-    routed = dict(task._get_exec_options(), **options)
+    app = task.app
+    routed = dict(task_exec_options(task), **options)
     routed = app.amqp.router.route(routed, task.name, args, kwargs, task)
     headers = routed.get("headers")
     if headers:
@@ -62,7 +62,7 @@ def around_apply_async(apply_async: ApplyAsync) -> ApplyAsync:
     @wraps(apply_async)
     def apply_async_routed(self: Any, args: Any = None, kwargs: Any = None,
                            *rest: Any, **options: Any) -> Any:
-        if self._get_app().conf.task_always_eager and spec_of(self) is not None:
+        if self.app.conf.task_always_eager and spec_of(self) is not None:
             _route_eagerly(self, args, kwargs, options)
         return apply_async(self, args, kwargs, *rest, **options)
 
@@ -113,7 +113,7 @@ def install_eager_routing(app: Celery) -> None:
         entries = [entries]
     if not any(isinstance(e, EagerRouting) for e in entries):
         app.conf.task_annotations = [EagerRouting(), *entries]
-        vars(app).pop("annotations", None)  # Celery caches the prepared list on first use
+        reset_annotations(app)  # Celery caches the prepared list on first use
     for task in list(task_registry(app).values()):
         cls = type(task)
         if cls.__dict__.get("__bound__") and not _is_wrapped(cls.apply_async):
