@@ -19,6 +19,7 @@ from .errors import PartitionConfigError
 
 __all__ = [
     "REDIS_CHANNEL_MEMBERS",
+    "REDIS_CHANNEL_OPTIONAL",
     "check_worker_internals",
     "consumer_strategies",
     "request_warm_stop",
@@ -44,8 +45,10 @@ REDIS_CHANNEL_MEMBERS: Final = {
     "_brpop_read": "method (self, **options): reads the BRPOP reply and delivers it",
     "_q_for_pri": "method (self, queue, pri): the Redis list of a queue's priority",
     "_in_poll": "attribute: the connection a blocking read is pending on",
-    "_brpop_sent_at": "attribute: when that read was sent",
 }
+#: Members newer kombu versions have (5.5+: a watchdog for a stuck BRPOP, token re-auth);
+#: kept up to date when present, not required.
+REDIS_CHANNEL_OPTIONAL: Final = ("_brpop_sent_at", "_flush_brpop_reauth")
 
 
 def proxy_internals(obj: Any) -> tuple[tuple[Any, ...], Any]:
@@ -155,7 +158,8 @@ def queue_list_name(channel: Any, queue: str) -> str:
 def start_poll(channel: Any, monotonic_now: float) -> None:
     """Tell kombu's poller a blocking read is pending on the channel's connection."""
     channel._in_poll = channel.client.connection
-    channel._brpop_sent_at = monotonic_now
+    if hasattr(channel, "_brpop_sent_at"):  # kombu 5.5+ watches for a stuck read
+        channel._brpop_sent_at = monotonic_now
 
 
 def end_poll(channel: Any) -> None:
