@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from kombu.entity import Exchange, Queue
 
+from .checkpoint import HEADER_POSITION, CheckpointField, position_of
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitionKeyError
 from .hashing import partition_for
@@ -20,6 +21,7 @@ __all__ = [
     "HEADER_INDEX",
     "HEADER_COUNT",
     "HEADER_PUBLISHED_AT",
+    "HEADER_POSITION",
     "Route",
     "PartitionRouter",
     "partition_queue",
@@ -58,6 +60,8 @@ class Route:
     index: int
     partitions: int
     queue: str
+    #: The event position of a task declared with ``checkpoint=`` (None otherwise).
+    position: int | None = None
 
 
 #: Bound on the per-task memo of key → partition index (cleared when full).
@@ -69,13 +73,22 @@ _MEMO_KEY_CHARS: Final = 1024
 class _TaskPlan:
     """Everything a partitioned task's publish needs, computed once per task."""
 
-    __slots__ = ("binder", "memo", "partitions", "pool")
+    __slots__ = ("binder", "checkpoint", "memo", "partitions", "pool")
 
-    def __init__(self, binder: KeyBinder, pool: str, partitions: int) -> None:
+    def __init__(self, binder: KeyBinder, pool: str, partitions: int,
+                 checkpoint: CheckpointField | None = None) -> None:
         self.binder = binder
         self.pool = pool
         self.partitions = partitions
+        self.checkpoint = checkpoint
         self.memo: dict[str, int] = {}
+
+    def position(self, args: Any, kwargs: Any) -> int | None:
+        """The call's event position (``checkpoint=``), validated; None without one."""
+        if self.checkpoint is None:
+            return None
+        return position_of(self.binder.task_name, self.checkpoint,
+                           self.binder.arguments(args, kwargs))
 
     def index(self, key: str) -> int:
         """The partition of ``key``, memoized: event streams repeat their keys."""
@@ -136,7 +149,7 @@ class PartitionRouter:
                         "(give @projection key=... and pool=...)"
                     )
                 plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool,
-                                 self._settings().partitions(pool))
+                                 self._settings().partitions(pool), spec.checkpoint)
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
 
@@ -147,7 +160,8 @@ class PartitionRouter:
             return None
         key = plan.binder(args, kwargs)
         index = plan.index(key)
-        return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name)
+        return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name,
+                     plan.position(args, kwargs))
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -173,6 +187,7 @@ class PartitionRouter:
         if error is not None:
             raise error
         key = plan.binder(args, kwargs)
+        position = plan.position(args, kwargs)
         index = plan.index(key)
         queue = self.queue(plan.pool, index)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
@@ -184,6 +199,8 @@ class PartitionRouter:
         headers[HEADER_POOL] = plan.pool
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = plan.partitions
+        if position is not None:
+            headers[HEADER_POSITION] = position
         if HEADER_PUBLISHED_AT not in headers:
             headers[HEADER_PUBLISHED_AT] = time.time()
         # Router results are merged *under* the call's options, so a call that passes its
