@@ -172,19 +172,17 @@ def _load(path: str) -> Any:
     return found
 
 
+#: The Django store, the default when its Django app is installed.
+DJANGO_STORE: Final = "celery_partitioning.contrib.django.checkpoints:DjangoCheckpointStore"
+
+
 def _django_store_installed() -> bool:
     import sys
 
-    if "django" not in sys.modules:
+    if "django" not in sys.modules:  # Django not in use: never import it from here
         return False
-    from django.apps import apps
-    from django.conf import settings
-
-    if not settings.configured:
-        return False
-    if apps.ready:
-        return bool(apps.is_installed("celery_partitioning.contrib.django"))
-    return "celery_partitioning.contrib.django" in getattr(settings, "INSTALLED_APPS", ())
+    module = importlib.import_module("celery_partitioning.contrib.django.checkpoints")
+    return bool(module.django_store_installed())
 
 
 def resolve_store(app: Celery) -> CheckpointStore | None:
@@ -195,7 +193,7 @@ def resolve_store(app: Celery) -> CheckpointStore | None:
     if configured is None:
         if not _django_store_installed():
             return None
-        configured = "celery_partitioning.contrib.django.checkpoints:DjangoCheckpointStore"
+        configured = DJANGO_STORE
     if isinstance(configured, str):
         configured = _load(configured)
     store = configured(app) if inspect.isclass(configured) or (

@@ -27,7 +27,24 @@ from ...checkpoint import Mark
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["DjangoCheckpointStore"]
+__all__ = ["DjangoCheckpointStore", "django_store_installed"]
+
+#: The AppConfig module that owns the checkpoint table.
+APP_MODULE = "celery_partitioning.contrib.django"
+
+
+def django_store_installed() -> bool:
+    """Whether Django is configured with ``celery_partitioning.contrib.django`` installed."""
+    from django.apps import apps
+    from django.conf import settings
+
+    import os
+
+    if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        return False
+    if apps.ready:
+        return bool(apps.is_installed(APP_MODULE))
+    return APP_MODULE in getattr(settings, "INSTALLED_APPS", ())
 
 
 class DjangoCheckpointStore:
