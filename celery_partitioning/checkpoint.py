@@ -339,3 +339,43 @@ def checkpoint_problems(tasks: Any) -> list[str]:
                     else f"task {task.name}")
             problems.append(f"{what}: has checkpoint= but {problem}")
     return problems
+
+
+def checkpoint_stats(app: Celery) -> dict[str, Any] | None:
+    """Per projection with a checkpoint: keys, applied, skipped (for ``status``); None if none.
+
+    Imports the app's task modules (to know which tasks have ``checkpoint=``) and asks the
+    store for ``stats()`` when it has one; a store without it, or one that cannot be read,
+    gives ``{"error": ...}``.
+    """
+    from .tasks import spec_of
+
+    app.loader.import_default_modules()
+    names = sorted({spec.projection or task.name for task in app.tasks.values()
+                    if (spec := spec_of(task)) is not None and spec.checkpoint is not None})
+    if not names:
+        return None
+    try:
+        store = checkpoint_store_of(app)
+        stats = getattr(store, "stats", None)
+        if stats is None:
+            return {"error": f"the checkpoint store {store!r} has no stats()"}
+        found: dict[str, Any] = stats()
+    except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
+        return {"error": f"cannot read the checkpoints: {type(exc).__name__}: {exc}"}
+    return {name: found.get(name, {"keys": 0, "applied": 0, "skipped": 0, "last_update": None})
+            for name in names}
+
+
+def render_checkpoint_stats(stats: Mapping[str, Any]) -> str:
+    """The checkpoint table under ``status``: one line per projection."""
+    if "error" in stats:
+        return f"checkpoints: {stats['error']}"
+    header = ("PROJECTION", "KEYS", "APPLIED", "SKIPPED", "LAST UPDATE")
+    table = [header] + [
+        (name, str(row["keys"]), str(row["applied"]), str(row["skipped"]), row["last_update"] or "-")
+        for name, row in stats.items()
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                     for line in table)

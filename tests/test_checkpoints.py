@@ -342,6 +342,14 @@ def test_sigkill_after_commit_before_ack_reruns_a_message_but_checkpoints_skip_i
     # and without it every rerun applied its event a second time
     assert plain == expected + sum(kill_at)
     assert "skipped, already applied" in log.read_text()
+    # and `status --json` shows the checkpoint's counts
+    status = subprocess.run([celery_bin(), "-A", "tests.apps.checkpoint_app", "partitioning",
+                             "status", "--json"], env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)["checkpoints"]
+    assert shown["totals"]["skipped"] == len(kill_at) and shown["totals"]["applied"] == messages
+    assert shown["totals"]["keys"] == 1 and shown["totalsById"]["keys"] == 0
 
 
 def test_a_bound_task_gets_itself_and_its_checkpoint() -> None:

@@ -35,10 +35,10 @@ APP_MODULE = "celery_partitioning.contrib.django"
 
 def django_store_installed() -> bool:
     """Whether Django is configured with ``celery_partitioning.contrib.django`` installed."""
+    import os
+
     from django.apps import apps
     from django.conf import settings
-
-    import os
 
     if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
         return False
