@@ -280,48 +280,44 @@ def _run_in_app(env: dict[str, str], code: str) -> Any:
     return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
 
 
-def _read(db: str) -> tuple[int | None, int | None, list[Any] | None]:
-    """(checked total, plain total, checkpoint row) straight from the SQLite file."""
+def _read(db: str) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """(account -> total, projection -> [position, applied, skipped]) straight from the file."""
     import sqlite3
 
     conn = sqlite3.connect(db, timeout=30)
     try:
         totals = dict(conn.execute("SELECT account, total FROM totals").fetchall())
-        row = conn.execute("SELECT position, applied, skipped FROM celery_partitioning_checkpoint "
-                           "WHERE projection = 'totals' AND key = 'Account:checked'").fetchone()
+        rows = {p: [pos, applied, skipped] for p, pos, applied, skipped in conn.execute(
+            "SELECT projection, position, applied, skipped FROM celery_partitioning_checkpoint")}
     finally:
         conn.close()
-    return totals.get("checked"), totals.get("plain"), None if row is None else list(row)
+    return totals, rows
 
 
-@pytest.mark.integration
-def test_sigkill_after_commit_before_ack_reruns_a_message_but_checkpoints_skip_it(
-        ca_env: dict[str, str], namespace: str, redis_url: str, processes: Processes,
-        tmp_path: Path) -> None:
+def _run_with_kills(tasks: dict[str, str], messages: int, kill_at: list[int], env: dict[str, str],
+                    namespace: str, redis_url: str, processes: Processes,
+                    log: Path) -> tuple[int, dict[str, int], dict[str, list[int]]]:
+    """Publish seq 1..messages to each task (account = its key in ``tasks``), SIGKILL the worker
+    after each message of ``kill_at`` committed and before its ack; wait until all ran."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    messages, kill_at = 12, [4, 9]
-    env = {**ca_env, "CP_BLOCK_AT": ",".join(map(str, kill_at))}
+    env = {**env, "CP_BLOCK_AT": ",".join(map(str, kill_at))}
     _run_in_app(env, "ca.create_tables()")
-    # Given a partition worker, and the events 1..12 of two accounts: one projection with a
-    # checkpoint, the same read-modify-write without one
-    log = tmp_path / "worker.log"
     worker = processes.start([celery_bin(), "-A", "tests.apps.checkpoint_app", "partitioning",
                               "worker", "-l", "info"], env=env, log=log)
     _run_in_app(env, f"""
         for seq in range(1, {messages} + 1):
-            ca.add_checked.delay(account="checked", amount=seq, seq=seq)
-            ca.add_plain.delay(account="plain", amount=seq, seq=seq)
+            for account, task in {tasks!r}.items():
+                getattr(ca, task).delay(account=account, amount=seq, seq=seq)
     """)
 
     def blocked_pids() -> list[tuple[bytes, int]]:
         found = [(k, int(client.get(k) or 0)) for k in client.scan_iter(match=f"{namespace}blocked:*")]
         return [(k, pid) for k, pid in found if pid]
 
-    # When the worker is SIGKILLed after each chosen message committed, before its ack
     killed = 0
-    while killed < 2 * len(kill_at):
+    while killed < len(tasks) * len(kill_at):
         wait_for(lambda: bool(blocked_pids()) or not alive(worker.pid), 90,
                  f"a worker blocked before its ack ({killed} kills so far; see {log})")
         assert alive(worker.pid), log.read_text()[-3000:]
@@ -330,21 +326,40 @@ def test_sigkill_after_commit_before_ack_reruns_a_message_but_checkpoints_skip_i
             os.kill(pid, 9)
             killed += 1
             wait_for(lambda p=pid: not alive(p), 10, "the killed worker to go")
+    expected = sum(range(1, messages + 1))
+
+    def all_ran() -> bool:
+        totals, _ = _read(env["CP_DB"])
+        return len(totals) == len(tasks) and min(totals.values()) >= expected
+
+    wait_for(all_ran, 120, f"every message to run (see {log})", interval=0.5)
+    totals, rows = _read(env["CP_DB"])
+    return killed, totals, rows
+
+
+@pytest.mark.integration
+def test_sigkill_after_commit_before_ack_reruns_a_message_but_checkpoints_skip_it(
+        ca_env: dict[str, str], namespace: str, redis_url: str, processes: Processes,
+        tmp_path: Path) -> None:
+    # Given a partition worker, and the events 1..12 of two accounts: one projection with a
+    # checkpoint, the same read-modify-write without one
+    messages, kill_at, log = 12, [4, 9], tmp_path / "worker.log"
+    # When the worker is SIGKILLed after each of two messages committed, before its ack
+    killed, totals, rows = _run_with_kills(
+        {"checked": "add_checked", "plain": "add_plain"}, messages, kill_at, ca_env, namespace,
+        redis_url, processes, log)
+    assert killed == 4
     expected = sum(range(1, messages + 1))  # the sequential replay
-    db = env["CP_DB"]
-    wait_for(lambda: (_read(db)[2] or [0])[0] == messages and (_read(db)[1] or 0) >= expected,
-             120, f"every message to run (see {log})", interval=0.5)
-    checked, plain, row = _read(db)
-    position, applied, skipped = row or [None, None, None]
     # Then with the checkpoint the total equals the sequential replay: each rerun was skipped
-    assert checked == expected and position == messages
-    assert applied == messages and skipped == len(kill_at)
+    assert totals["checked"] == expected
+    assert rows["totals"] == [messages, messages, len(kill_at)]
     # and without it every rerun applied its event a second time
-    assert plain == expected + sum(kill_at)
+    assert totals["plain"] == expected + sum(kill_at)
     assert "skipped, already applied" in log.read_text()
     # and `status --json` shows the checkpoint's counts
     status = subprocess.run([celery_bin(), "-A", "tests.apps.checkpoint_app", "partitioning",
-                             "status", "--json"], env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                             "status", "--json"],
+                            env={**os.environ, **ca_env, "PYTHONPATH": str(ROOT)},
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)["checkpoints"]
@@ -352,17 +367,16 @@ def test_sigkill_after_commit_before_ack_reruns_a_message_but_checkpoints_skip_i
     assert shown["totals"]["keys"] == 1 and shown["totalsById"]["keys"] == 0
 
 
-def test_a_bound_task_gets_itself_and_its_checkpoint() -> None:
-    store = MemoryStore()
-    app = _app(store)
-    app.conf.task_always_eager = True
-
-    @app.task(name="t.bound", bind=True, shared=False)
-    @cp.partitioned(lambda a: f"acct:{a['account']}", pool="entity", checkpoint="seq")
-    def bound(self: Any, account: str, seq: int) -> str:
-        return f"{self.name} {account} {seq}"
-
-    app.finalize()
-    assert bound.delay("a", 5).get() == "t.bound a 5"
-    assert bound.delay("a", 5).get() is None
-    assert store.positions == {("t.bound", "acct:a"): 5}
+@pytest.mark.integration
+def test_without_positions_a_rerun_is_skipped_by_its_message_id(
+        ca_env: dict[str, str], namespace: str, redis_url: str, processes: Processes,
+        tmp_path: Path) -> None:
+    # Given a projection that deduplicates by message id (checkpoint=MESSAGE_ID)
+    messages, kill_at = 8, [3, 6]
+    # When its worker is SIGKILLed after two messages committed, before their acks
+    killed, totals, rows = _run_with_kills({"byid": "add_by_id"}, messages, kill_at, ca_env,
+                                           namespace, redis_url, processes, tmp_path / "worker.log")
+    # Then the reruns were skipped: the total is the sequential replay's
+    assert killed == 2
+    assert totals["byid"] == sum(range(1, messages + 1))
+    assert rows["totalsById"] == [None, messages, len(kill_at)]
