@@ -380,3 +380,62 @@ def test_without_positions_a_rerun_is_skipped_by_its_message_id(
     assert killed == 2
     assert totals["byid"] == sum(range(1, messages + 1))
     assert rows["totalsById"] == [None, messages, len(kill_at)]
+
+
+class Sqlite3Store:
+    """The protocol on a plain DB-API connection (what an SQLAlchemy store looks like)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    @contextlib.contextmanager
+    def atomic(self, mark: Mark) -> Iterator[bool]:
+        with self.conn:  # sqlite3: commit on success, roll back on an exception
+            advanced = self.conn.execute(
+                "UPDATE checkpoints SET position = ? WHERE projection = ? AND key = ? "
+                "AND position < ?", (mark.position, mark.projection, mark.key, mark.position),
+            ).rowcount
+            if not advanced:
+                try:
+                    self.conn.execute("INSERT INTO checkpoints VALUES (?, ?, ?)",
+                                      (mark.projection, mark.key, mark.position))
+                except Exception:  # the unique (projection, key): at or below the checkpoint
+                    yield False
+                    return
+            yield True
+
+
+def test_a_failing_body_rolls_back_with_its_checkpoint_and_runs_again(tmp_path: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "own.sqlite3", isolation_level="DEFERRED")
+    conn.execute("CREATE TABLE checkpoints (projection TEXT, key TEXT, position INTEGER, "
+                 "PRIMARY KEY (projection, key))")
+    conn.execute("CREATE TABLE totals (key TEXT PRIMARY KEY, total INTEGER)")
+    conn.commit()
+    # Given an app whose checkpoint store is a custom object (no Django)
+    app = _app(Sqlite3Store(conn))
+    app.conf.task_always_eager = True
+    fail = {"on": True}
+
+    @app.task(name="t.total", shared=False)
+    @cp.partitioned(lambda a: f"acct:{a['account']}", pool="entity", checkpoint="seq")
+    def total(account: str, amount: int, seq: int) -> None:
+        conn.execute("INSERT INTO totals VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                     "total = total + excluded.total", (account, amount))
+        if fail["on"]:
+            raise RuntimeError("the database write after this one failed")
+
+    app.finalize()
+    cp.assert_valid_partition_keys(app)  # a custom store satisfies the start-up check
+    # When the body fails after writing, Then its write and its checkpoint are rolled back
+    with pytest.raises(RuntimeError):
+        total.apply(("a", 5, 1), throw=True)
+    assert conn.execute("SELECT count(*) FROM totals").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM checkpoints").fetchone() == (0,)
+    # and the same message applies once it succeeds, once only
+    fail["on"] = False
+    total.apply(("a", 5, 1))
+    total.apply(("a", 5, 1))
+    assert conn.execute("SELECT total FROM totals").fetchall() == [(5,)]
+    assert conn.execute("SELECT position FROM checkpoints").fetchall() == [(1,)]
