@@ -131,6 +131,9 @@ def test_eager_calls_go_through_the_checkpoint() -> None:
     assert store.positions == {("orderSummary", "Order:ord-1"): 4} and store.skipped == 2
     # the plain function stays callable without Celery (no checkpoint then)
     assert summary.run("ord-1", {"position": 1}) == "applied 1"
+    # and an eager call without a usable position fails like a publish would
+    with pytest.raises(cp.PartitionKeyError, match="gave '5'"):
+        summary.delay("ord-1", {"position": "5"}).get()
 
 
 def test_bad_declarations_are_refused_when_declared() -> None:
