@@ -279,7 +279,9 @@ def checkpointed(fun: Callable[..., Any], checkpoint: CheckpointField,
                 "store; add 'celery_partitioning.contrib.django' to INSTALLED_APPS or set "
                 "partitioning_checkpoint_store"
             )
-        key = getattr(request, "partition_key", None)
+        from .router import HEADER_KEY
+
+        key = getattr(request, HEADER_KEY, None)  # the key the message was routed by
         if not isinstance(key, str) or not key:
             key = binders(task)(call_args, kwargs)
         position = getattr(request, HEADER_POSITION, None)
