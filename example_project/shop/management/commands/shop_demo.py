@@ -69,7 +69,10 @@ class Command(BaseCommand):
                                "partitioned mode with --workers auto or supervisor")
         if options["chaos"] and options["kills"] < 1:
             raise CommandError("--kills must be at least 1")
-        self._reexec_if_needed(options["unordered"], not options["no_checkpoints"], options["chaos"])
+        # --unordered is plain Celery: no partitioning, and no checkpoints either (they rely on
+        # per-key order: an event overtaken by a later one would be skipped as already applied).
+        checkpoints = not options["no_checkpoints"] and not options["unordered"]
+        self._reexec_if_needed(options["unordered"], checkpoints, options["chaos"])
         from shop.demo import DemoOptions, run_demo
         from shop.interrupt import was_interrupted
 
@@ -81,7 +84,7 @@ class Command(BaseCommand):
             plain_workers=options["plain_workers"], plain_concurrency=options["plain_concurrency"],
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
             chaos=options["chaos"], kills=options["kills"],
-            checkpoints=not options["no_checkpoints"],
+            checkpoints=checkpoints,
         )
         try:
             result = run_demo(demo, self.stdout._out)
