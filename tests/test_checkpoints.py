@@ -208,8 +208,6 @@ CONCURRENCY = textwrap.dedent("""
     from django.db import connection, connections
 
     ca.create_tables()
-    with connection.cursor() as cur:
-        cur.execute("CREATE TABLE applied (projection TEXT, mark TEXT)")
     store = DjangoCheckpointStore(ca.app)
     THREADS, MARKS = 6, 40
     start = threading.Barrier(THREADS)
@@ -226,8 +224,8 @@ CONCURRENCY = textwrap.dedent("""
                         outcomes.append(fresh)
                         if fresh:
                             with connection.cursor() as cur:
-                                cur.execute("INSERT INTO applied VALUES (%s, %s)",
-                                            [projection, str(i)])
+                                cur.execute("INSERT INTO applied (projection, mark) "
+                                            "VALUES (%s, %s)", [projection, str(i)])
         finally:
             connections.close_all()
 
@@ -235,7 +233,7 @@ CONCURRENCY = textwrap.dedent("""
     for t in threads: t.start()
     for t in threads: t.join(120)
     with connection.cursor() as cur:
-        cur.execute("SELECT projection, mark FROM applied ORDER BY rowid")
+        cur.execute("SELECT projection, mark FROM applied ORDER BY id")
         applied = cur.fetchall()
     from celery_partitioning.contrib.django.models import Checkpoint
     rows = {c.projection: [c.position, c.applied, c.skipped, len(c.recent_ids)]
@@ -245,10 +243,39 @@ CONCURRENCY = textwrap.dedent("""
 """)
 
 
-def test_two_transactions_for_one_key_never_both_commit(tmp_path: Path) -> None:
+@pytest.fixture
+def postgres_db() -> Iterator[str]:
+    """A fresh PostgreSQL database on the local socket (skips on a laptop without; fails in CI)."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    name = f"cp_checkpoints_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(host=os.environ.get("CP_PG_HOST", "/var/run/postgresql"),
+                                user="postgres", dbname="postgres", autocommit=True,
+                                connect_timeout=5)
+    except psycopg.Error as exc:
+        message = f"PostgreSQL not reachable: {exc}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true)")
+        pytest.skip(message)
+    try:
+        admin.execute(f"CREATE DATABASE {name}")
+        yield name
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_two_transactions_for_one_key_never_both_commit(database: str, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
     # Given six threads racing through the same marks of one key, on a WAL SQLite file
+    # (one writer at a time) or on PostgreSQL (row locks, READ COMMITTED)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CP_DB": str(tmp_path / "race.sqlite3"),
            "CP_REDIS_URL": "memory://"}
+    if database == "postgresql":
+        env["CP_PG_DB"] = request.getfixturevalue("postgres_db")
     proc = subprocess.run([sys.executable, "-c", CONCURRENCY], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr

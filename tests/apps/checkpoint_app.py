@@ -1,6 +1,7 @@
 """A Django-backed app for the checkpoint tests: read-modify-write totals, with and without a checkpoint.
 
-Environment: ``CP_REDIS_URL`` (broker), ``CP_NS`` (key prefix), ``CP_DB`` (SQLite file, WAL).
+Environment: ``CP_REDIS_URL`` (broker), ``CP_NS`` (key prefix), ``CP_DB`` (SQLite file, WAL),
+or ``CP_PG_DB`` (a PostgreSQL database name on the local socket, trust auth) instead.
 ``add_checked`` keeps its checkpoint in the same transaction as the total; ``add_plain`` is
 the same body without one. Both run on the single partition of pool ``entity``.
 
@@ -25,16 +26,19 @@ import celery_partitioning as cp
 REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/15")
 NS = os.environ.get("CP_NS", "cpcheck:")
 DB = os.environ.get("CP_DB", "/tmp/cp-checkpoints.sqlite3")
+PG_DB = os.environ.get("CP_PG_DB", "")
 BLOCK_AT = {int(s) for s in os.environ.get("CP_BLOCK_AT", "").split(",") if s.strip()}
+
+_SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": DB,
+           "OPTIONS": {"timeout": 60, "transaction_mode": "IMMEDIATE",
+                       "init_command": "PRAGMA journal_mode=WAL;"}}
+_POSTGRES = {"ENGINE": "django.db.backends.postgresql", "NAME": PG_DB,
+             "HOST": os.environ.get("CP_PG_HOST", "/var/run/postgresql"), "USER": "postgres"}
 
 if not settings.configured:
     settings.configure(
         INSTALLED_APPS=["celery_partitioning.contrib.django"],
-        DATABASES={"default": {
-            "ENGINE": "django.db.backends.sqlite3", "NAME": DB,
-            "OPTIONS": {"timeout": 60, "transaction_mode": "IMMEDIATE",
-                        "init_command": "PRAGMA journal_mode=WAL;"},
-        }},
+        DATABASES={"default": _POSTGRES if PG_DB else _SQLITE},
         USE_TZ=True,
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )
@@ -65,6 +69,9 @@ def create_tables() -> None:
     with connection.cursor() as cur:
         cur.execute("CREATE TABLE IF NOT EXISTS totals (account TEXT PRIMARY KEY, total INTEGER, "
                     "runs INTEGER)")
+        serial = "SERIAL" if connection.vendor == "postgresql" else "INTEGER"
+        cur.execute(f"CREATE TABLE IF NOT EXISTS applied (id {serial} PRIMARY KEY, "
+                    "projection TEXT, mark TEXT)")
 
 
 def add_to_total(account: str, amount: int) -> None:
