@@ -469,3 +469,30 @@ def test_a_failing_body_rolls_back_with_its_checkpoint_and_runs_again(tmp_path: 
     total.apply(("a", 5, 1))
     assert conn.execute("SELECT total FROM totals").fetchall() == [(5,)]
     assert conn.execute("SELECT position FROM checkpoints").fetchall() == [(1,)]
+
+
+def test_an_unknown_checkpoint_database_fails_validation_naming_the_setting(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import os
+        os.environ["CP_REDIS_URL"] = "memory://"
+        from django.conf import settings
+        settings.configure(INSTALLED_APPS=["celery_partitioning.contrib.django"],
+                           DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                                                  "NAME": ":memory:"}})
+        import django
+        django.setup()
+        from tests.apps import checkpoint_app as ca
+        import celery_partitioning as cp
+        ca.app.conf.partitioning_checkpoint_database = "projections"
+        try:
+            cp.assert_valid_partition_keys(ca.app)
+        except cp.PartitionConfigError as exc:
+            print(exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 partitioning problem(s)" in proc.stdout  # add_checked and add_by_id
+    assert "projection 'totals' (task cp.add_checked): has checkpoint= but setting " \
+           "partitioning_checkpoint_database (Django: CELERY_PARTITIONING_CHECKPOINT_DATABASE) " \
+           "is 'projections', which is not in DATABASES (default)" in proc.stdout

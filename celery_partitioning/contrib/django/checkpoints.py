@@ -56,6 +56,16 @@ class DjangoCheckpointStore:
 
             using = settings_of(app).checkpoint_database
         self.using = using or "default"
+        from django.db import connections
+
+        if self.using not in connections.settings:
+            from ...errors import PartitionConfigError
+
+            raise PartitionConfigError(
+                f"setting partitioning_checkpoint_database (Django: "
+                f"CELERY_PARTITIONING_CHECKPOINT_DATABASE) is {self.using!r}, which is not in "
+                f"DATABASES ({', '.join(connections.settings)}); use the projections' database"
+            )
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """The transaction a body and its checkpoint share (override to wrap it, e.g. a lock)."""
