@@ -11,44 +11,41 @@ message at or below the checkpoint is skipped (acked, logged at info, counted).
 
 The Django store is ``celery_partitioning.contrib.django.checkpoints.DjangoCheckpointStore``;
 any other database plugs in through the small :class:`CheckpointStore` protocol.
+
+This module is a leaf (the decorators and the router use it); what runs a body inside its
+checkpoint, finds the store and checks for one at start-up is ``checkpointing``, which
+``install(app)`` attaches to the app.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from .errors import PartitionConfigError, PartitionKeyError
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 __all__ = [
     "HEADER_POSITION",
     "MESSAGE_ID",
+    "RUNNER_ATTRIBUTE",
     "Mark",
     "CheckpointStore",
     "CheckpointField",
     "check_checkpoint",
     "position_of",
     "checkpointed",
-    "checkpoint_store_of",
 ]
-
-logger = logging.getLogger("celery_partitioning.checkpoint")
 
 #: Message header: the event position of a call of a task declared with ``checkpoint=``.
 HEADER_POSITION: Final = "partition_position"
 #: Largest position accepted (a signed 64-bit database column holds it).
 MAX_POSITION: Final = 2**63 - 1
-#: Attribute of the Celery app holding its resolved checkpoint store.
-_STORE_ATTRIBUTE: Final = "_celery_partitioning_checkpoints"
+#: Attribute of the Celery app holding its ``checkpointing.CheckpointRunner`` (set by install).
+RUNNER_ATTRIBUTE: Final = "_celery_partitioning_checkpoints"
 
 
 class _MessageId:
@@ -153,88 +150,6 @@ def position_of(task_name: str, checkpoint: CheckpointField, named: Mapping[str,
     return value
 
 
-def _load(path: str) -> Any:
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    if not module or not attr:
-        raise PartitionConfigError(
-            f"setting partitioning_checkpoint_store is {path!r}; use 'package.module:Class'"
-        )
-    try:
-        found = importlib.import_module(module)
-        for part in attr.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as exc:
-        raise PartitionConfigError(
-            f"setting partitioning_checkpoint_store is {path!r}, which cannot be imported: {exc}"
-        ) from None
-    return found
-
-
-#: The Django store, the default when its Django app is installed.
-DJANGO_STORE: Final = "celery_partitioning.contrib.django.checkpoints:DjangoCheckpointStore"
-
-
-def _django_store_installed() -> bool:
-    import sys
-
-    if "django" not in sys.modules:  # Django not in use: never import it from here
-        return False
-    module = importlib.import_module("celery_partitioning.contrib.django.checkpoints")
-    return bool(module.django_store_installed())
-
-
-def resolve_store(app: Celery) -> CheckpointStore | None:
-    """The app's checkpoint store, made from its settings (not cached), or None."""
-    from .app import settings_of
-
-    configured = settings_of(app).checkpoint_store
-    if configured is None:
-        if not _django_store_installed():
-            return None
-        configured = DJANGO_STORE
-    if isinstance(configured, str):
-        configured = _load(configured)
-    store = configured(app) if inspect.isclass(configured) or (
-        callable(configured) and not hasattr(configured, "atomic")) else configured
-    if not isinstance(store, CheckpointStore):
-        raise PartitionConfigError(
-            f"setting partitioning_checkpoint_store gave {store!r}, which has no atomic(mark) "
-            "method (see celery_partitioning.checkpoint.CheckpointStore)"
-        )
-    return store
-
-
-def checkpoint_store_of(app: Celery) -> CheckpointStore | None:
-    """The app's checkpoint store (made on first use, kept on the app), or None."""
-    found: CheckpointStore | None = vars(app).get(_STORE_ATTRIBUTE)
-    if found is None:
-        found = resolve_store(app)
-        if found is not None:
-            setattr(app, _STORE_ATTRIBUTE, found)
-    return found
-
-
-class _Binders:
-    """Per-wrapper cache of the key binder of each task the wrapped function is registered as."""
-
-    def __init__(self) -> None:
-        self.by_task: dict[str, Any] = {}
-
-    def __call__(self, task: Any) -> Any:
-        from .tasks import KeyBinder, spec_of
-
-        binder = self.by_task.get(task.name)
-        if binder is None:
-            spec = spec_of(task)
-            if spec is None or spec.key is None:
-                raise PartitionConfigError(f"task {task.name} has checkpoint= but no partition key")
-            binder = KeyBinder(task.name, spec.key, task.run)
-            self.by_task[task.name] = binder
-        return binder
-
-
 def _running_task(wrapper: Callable[..., Any]) -> Any:
     """The Celery task currently running ``wrapper`` as its body, else None (a plain call).
 
@@ -256,54 +171,6 @@ def _running_task(wrapper: Callable[..., Any]) -> Any:
     return None
 
 
-def checkpointed(fun: Callable[..., Any], checkpoint: CheckpointField,
-                 projection: str | None) -> Callable[..., Any]:
-    """Wrap a task function: when it runs as a Celery task, run it inside its checkpoint.
-
-    Called as a plain function (``task.run(...)`` outside Celery), it just runs the body.
-    Bound tasks (``bind=True``) receive the task first; it is passed through untouched.
-    """
-    binders = _Binders()
-
-    @functools.wraps(fun)
-    def run_checkpointed(*args: Any, **kwargs: Any) -> Any:
-        task = _running_task(run_checkpointed)
-        if task is None:
-            return fun(*args, **kwargs)
-        call_args = args[1:] if _is_bound(task) else args
-        request = task.request
-        store = checkpoint_store_of(task.app)
-        if store is None:
-            raise PartitionConfigError(
-                f"task {task.name} has checkpoint= but app {task.app.main!r} has no checkpoint "
-                "store; add 'celery_partitioning.contrib.django' to INSTALLED_APPS or set "
-                "partitioning_checkpoint_store"
-            )
-        from .router import HEADER_KEY
-
-        key = getattr(request, HEADER_KEY, None)  # the key the message was routed by
-        if not isinstance(key, str) or not key:
-            key = binders(task)(call_args, kwargs)
-        position = getattr(request, HEADER_POSITION, None)
-        if type(position) is not int:
-            position = position_of(task.name, checkpoint,
-                                   binders(task).arguments(call_args, kwargs))
-        from .app import settings_of
-
-        mark = Mark(projection=projection or task.name, key=key, position=position,
-                    message_id=str(request.id or ""), window=settings_of(task.app).dedupe_window)
-        with store.atomic(mark) as fresh:
-            if not fresh:
-                logger.info(
-                    "%s[%s]: skipped, already applied (projection %s, key %s, %s)",
-                    task.name, request.id, mark.projection, key,
-                    f"position {position}" if position is not None else "message id seen")
-                return None
-            return fun(*args, **kwargs)
-
-    return run_checkpointed
-
-
 def _is_bound(task: Any) -> bool:
     """Whether the task was declared with ``bind=True`` (its body receives the task first).
 
@@ -314,70 +181,28 @@ def _is_bound(task: Any) -> bool:
     return inspect.isfunction(run)
 
 
-def checkpoint_problems(tasks: Any) -> list[str]:
-    """One line per task declared with ``checkpoint=`` whose app has no checkpoint store."""
-    from .tasks import spec_of
+def checkpointed(fun: Callable[..., Any], checkpoint: CheckpointField,
+                 projection: str | None) -> Callable[..., Any]:
+    """Wrap a task function: when it runs as a Celery task, run it inside its checkpoint.
 
-    problems: list[str] = []
-    verdicts: dict[int, str | None] = {}
-    for task in sorted(tasks, key=lambda t: str(getattr(t, "name", t))):
-        spec = spec_of(task)
-        app = getattr(task, "app", None)
-        if spec is None or spec.checkpoint is None or app is None:
-            continue
-        if id(app) not in verdicts:
-            try:
-                store = resolve_store(app)
-            except PartitionConfigError as exc:
-                verdicts[id(app)] = str(exc)
-            else:
-                verdicts[id(app)] = None if store is not None else (
-                    "its app has no checkpoint store; add 'celery_partitioning.contrib.django' "
-                    "to INSTALLED_APPS, or set partitioning_checkpoint_store "
-                    "(see celery_partitioning.checkpoint.CheckpointStore)")
-        problem = verdicts[id(app)]
-        if problem is not None:
-            what = (f"projection {spec.projection!r} (task {task.name})" if spec.projection
-                    else f"task {task.name}")
-            problems.append(f"{what}: has checkpoint= but {problem}")
-    return problems
-
-
-def checkpoint_stats(app: Celery) -> dict[str, Any] | None:
-    """Per projection with a checkpoint: keys, applied, skipped (for ``status``); None if none.
-
-    Imports the app's task modules (to know which tasks have ``checkpoint=``) and asks the
-    store for ``stats()`` when it has one; a store without it, or one that cannot be read,
-    gives ``{"error": ...}``.
+    The app's ``CheckpointRunner`` (attached by ``install(app)``) does the work. Called as a
+    plain function (``task.run(...)`` outside Celery), the body just runs. Bound tasks
+    (``bind=True``) receive the task first; it is passed through untouched.
     """
-    from .tasks import spec_of
 
-    app.loader.import_default_modules()
-    names = sorted({spec.projection or task.name for task in app.tasks.values()
-                    if (spec := spec_of(task)) is not None and spec.checkpoint is not None})
-    if not names:
-        return None
-    try:
-        store = checkpoint_store_of(app)
-        stats = getattr(store, "stats", None)
-        if stats is None:
-            return {"error": f"the checkpoint store {store!r} has no stats()"}
-        found: dict[str, Any] = stats()
-    except Exception as exc:  # noqa: BLE001 - status reports, it does not fail
-        return {"error": f"cannot read the checkpoints: {type(exc).__name__}: {exc}"}
-    return {name: found.get(name, {"keys": 0, "applied": 0, "skipped": 0, "last_update": None})
-            for name in names}
+    @functools.wraps(fun)
+    def run_checkpointed(*args: Any, **kwargs: Any) -> Any:
+        task = _running_task(run_checkpointed)
+        if task is None:
+            return fun(*args, **kwargs)
+        runner = vars(task.app).get(RUNNER_ATTRIBUTE)
+        if runner is None:
+            raise PartitionConfigError(
+                f"task {task.name} has checkpoint= but celery_partitioning is not installed on "
+                f"app {task.app.main!r}; call celery_partitioning.install(app)"
+            )
+        call_args = args[1:] if _is_bound(task) else args
+        return runner.run(task, fun, args, kwargs, call_args=call_args, checkpoint=checkpoint,
+                          projection=projection)
 
-
-def render_checkpoint_stats(stats: Mapping[str, Any]) -> str:
-    """The checkpoint table under ``status``: one line per projection."""
-    if "error" in stats:
-        return f"checkpoints: {stats['error']}"
-    header = ("PROJECTION", "KEYS", "APPLIED", "SKIPPED", "LAST UPDATE")
-    table = [header] + [
-        (name, str(row["keys"]), str(row["applied"]), str(row["skipped"]), row["last_update"] or "-")
-        for name, row in stats.items()
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-                     for line in table)
+    return run_checkpointed

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.app.routes import MapRoute, prepare
 
-from .checkpoint import checkpoint_problems
+from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
 from .state import settings_of

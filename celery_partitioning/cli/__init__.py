@@ -163,7 +163,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     """Show each partition: queue depth, unacked messages, age of the oldest message,
     lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
     checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
-    from .checkpoint import checkpoint_stats, render_checkpoint_stats
+    from ..checkpointing import checkpoint_stats, render_checkpoint_stats
     from .status import collect_status, render_table, status_json
 
     app = _app(ctx)

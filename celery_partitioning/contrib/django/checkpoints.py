@@ -52,7 +52,7 @@ class DjangoCheckpointStore:
 
     def __init__(self, app: Celery | None = None, *, using: str | None = None) -> None:
         if using is None and app is not None:
-            from ...app import settings_of
+            from ...state import settings_of
 
             using = settings_of(app).checkpoint_database
         self.using = using or "default"
