@@ -45,6 +45,7 @@ __all__ = [
 
 logger = logging.getLogger("celery_partitioning.checkpoint")
 
+
 def _load(path: str) -> Any:
     module, sep, attr = path.partition(":")
     if not sep:
@@ -79,8 +80,6 @@ def _django_store_installed() -> bool:
 
 def resolve_store(app: Celery) -> CheckpointStore | None:
     """The app's checkpoint store, made from its settings (not cached), or None."""
-    from .state import settings_of
-
     configured = settings_of(app).checkpoint_store
     if configured is None:
         if not _django_store_installed():
@@ -204,6 +203,8 @@ def checkpoint_stats(app: Celery) -> dict[str, Any] | None:
         return None
     try:
         store = attach_runner(app).store
+        if store is None:
+            return {"error": "the app has no checkpoint store"}
         stats = getattr(store, "stats", None)
         if stats is None:
             return {"error": f"the checkpoint store {store!r} has no stats()"}
