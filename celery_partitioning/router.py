@@ -83,12 +83,13 @@ class _TaskPlan:
         self.checkpoint = checkpoint
         self.memo: dict[str, int] = {}
 
-    def position(self, args: Any, kwargs: Any) -> int | None:
-        """The call's event position (``checkpoint=``), validated; None without one."""
+    def key_and_position(self, args: Any, kwargs: Any) -> tuple[str, int | None]:
+        """The call's key and event position (``checkpoint=``; else None), binding it once."""
         if self.checkpoint is None:
-            return None
-        return position_of(self.binder.task_name, self.checkpoint,
-                           self.binder.arguments(args, kwargs))
+            return self.binder(args, kwargs), None
+        named = self.binder.arguments(args, kwargs)
+        return (self.binder.key_of(named),
+                position_of(self.binder.task_name, self.checkpoint, named))
 
     def index(self, key: str) -> int:
         """The partition of ``key``, memoized: event streams repeat their keys."""
@@ -158,10 +159,10 @@ class PartitionRouter:
         plan = self._plan(name, task)
         if plan is None:
             return None
-        key = plan.binder(args, kwargs)
+        key, position = plan.key_and_position(args, kwargs)
         index = plan.index(key)
         return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name,
-                     plan.position(args, kwargs))
+                     position)
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -186,8 +187,7 @@ class PartitionRouter:
         error = self._registry_error()
         if error is not None:
             raise error
-        key = plan.binder(args, kwargs)
-        position = plan.position(args, kwargs)
+        key, position = plan.key_and_position(args, kwargs)
         index = plan.index(key)
         queue = self.queue(plan.pool, index)
         if options.get("queue") is not None or options.get("routing_key") is not None or (

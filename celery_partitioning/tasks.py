@@ -282,7 +282,10 @@ class KeyBinder:
         return named
 
     def __call__(self, args: Any, kwargs: Any) -> str:
-        named = self.arguments(args, kwargs)
+        return self.key_of(self.arguments(args, kwargs))
+
+    def key_of(self, named: Mapping[str, Any]) -> str:
+        """The key of a call whose arguments are already bound by name (``arguments``)."""
         try:
             key = self.key(named)
         except PartitionKeyError as exc:
