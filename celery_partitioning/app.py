@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from .checkpointing import attach_runner
 from .eager import install_eager_routing
 from .errors import PartitionKeyError
 from .router import Route
@@ -41,6 +42,7 @@ def install(app: Celery) -> Partitioning:
     state, made = attach(app)
     if not made:
         return state
+    attach_runner(app)  # runs the bodies of checkpoint= tasks inside their checkpoints
 
     def on_configured(sender: Any = None, **_: Any) -> None:
         _prepend_router(state)

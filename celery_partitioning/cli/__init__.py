@@ -161,7 +161,9 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys. Read only."""
+    lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
+    checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
+    from ..checkpointing import checkpoint_stats, render_checkpoint_stats
     from .status import collect_status, render_table, status_json
 
     app = _app(ctx)
@@ -176,14 +178,18 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             click.echo(f"Error: cannot read the partitions from "
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)
             raise SystemExit(1) from None
+        checkpoints = checkpoint_stats(app)
         if as_json:
-            click.echo(status_json(rows))
+            click.echo(status_json(rows, checkpoints))
         else:
             if watch:
                 click.clear()
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if checkpoints is not None:
+                click.echo("")
+                click.echo(render_checkpoint_stats(checkpoints))
         if not watch:
             return
         try:

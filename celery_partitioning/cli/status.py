@@ -168,6 +168,10 @@ def render_table(rows: Sequence[PartitionStatus]) -> str:
                      for line in table)
 
 
-def status_json(rows: Sequence[PartitionStatus]) -> str:
-    """The machine form of ``status --json``: ``{"partitions": [...]}``."""
-    return json.dumps({"partitions": [r.as_dict() for r in rows]}, indent=2)
+def status_json(rows: Sequence[PartitionStatus], checkpoints: Any = None) -> str:
+    """The machine form of ``status --json``: ``{"partitions": [...]}``, and ``"checkpoints"``
+    (per projection: keys, applied, skipped, last_update) when tasks declare ``checkpoint=``."""
+    found: dict[str, Any] = {"partitions": [r.as_dict() for r in rows]}
+    if checkpoints is not None:
+        found["checkpoints"] = checkpoints
+    return json.dumps(found, indent=2)

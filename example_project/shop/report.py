@@ -61,6 +61,13 @@ class DemoResult:
     retries: int = 0
     dead_letters: int = 0
     drain_seconds: float = 0.0
+    checkpoints: bool = True
+    #: Messages that started again after their worker was killed (before the ack).
+    reruns: int = 0
+    #: Messages the checkpoints skipped (already applied).
+    skipped: int = 0
+    #: ``--chaos``: kills performed, by kind.
+    chaos: dict[str, Any] = field(default_factory=dict)
     checks: list[ProjectionCheck] = field(default_factory=list)
 
     @property
@@ -75,6 +82,8 @@ class DemoResult:
             "throughput": self.throughput, "busy_ms": self.busy_ms, "dcb_conflicts": self.dcb_conflicts,
             "retries": self.retries, "dead_letters": self.dead_letters,
             "drain_seconds": round(self.drain_seconds, 2),
+            "checkpoints": self.checkpoints, "reruns": self.reruns,
+            "skipped_by_checkpoint": self.skipped, "chaos": self.chaos,
             "mismatches": {c.name: len(c.mismatches) for c in self.checks},
             "total_mismatches": self.mismatches,
             "examples": [m.describe() for c in self.checks for m in c.mismatches[:2]],
@@ -93,6 +102,12 @@ def print_table(result: DemoResult, pools: dict[str, int], console: Console) -> 
     say(f"  drain time      {result.drain_seconds:>7.1f}   s (publish + process)")
     say(f"  retries         {result.retries:>7}   ({result.dcb_conflicts} DCB conflicts retried)")
     say(f"  dead letters    {result.dead_letters:>7}")
+    if result.chaos:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.chaos["by_kind"].items()))
+        say(f"  SIGKILLs        {result.chaos['kills']:>7}   ({kinds})")
+    say(f"  ran again       {result.reruns:>7}   messages started again after a kill")
+    say(f"  skipped         {result.skipped:>7}   by the checkpoints (already applied)"
+        if result.checkpoints else f"  skipped         {'-':>7}   checkpoints OFF")
     say("")
     say(f"  {'pool':<10} {'partitions':>10} {'tasks':>7} {'tasks/s':>8} {'ms/task':>8}")
     for pool, count in pools.items():
@@ -117,6 +132,10 @@ def print_table(result: DemoResult, pools: dict[str, int], console: Console) -> 
     say("")
     if not result.drained:
         say("NOT VERIFIED: the workers did not finish (see the worker logs).")
+    elif result.mode == "partitioned" and not result.checkpoints and result.mismatches:
+        say(f"DEMONSTRATED: without checkpoints {result.mismatches} rows differ from the "
+            f"sequential replay ({result.reruns} messages ran again; run without "
+            "--no-checkpoints: 0).")
     elif result.mode == "partitioned":
         say("VERIFIED: every projection equals the sequential replay of the same events."
             if result.verified else

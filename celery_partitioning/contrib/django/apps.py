@@ -54,6 +54,7 @@ class CeleryPartitioningConfig(AppConfig):
     name = "celery_partitioning.contrib.django"
     label = "celery_partitioning"
     verbose_name = "Celery partitioning"
+    default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
         checks.register(check_partitioned_tasks, "celery_partitioning")
