@@ -4,7 +4,8 @@ CPR_BROKER: broker URL (Redis or RabbitMQ); CPR_STORE: Redis for leases and dead
 (default: the broker when it is Redis); CPR_RECORDS: Redis the task writes its records to
 (kept separate so a broker restart does not fail the task itself); CPR_NS: unique namespace
 (kombu global_keyprefix, queue prefix, record keys); CPR_PARTITIONS: partitions of pool ``p``;
-CPR_LEASE_TTL: lease TTL in seconds.
+CPR_LEASE_TTL: lease TTL in seconds; CPR_CONF: more settings as a JSON object (e.g. a Sentinel
+broker's ``broker_transport_options``, merged with the ``global_keyprefix``).
 
 The task ``reliability.record(key, seq, ms)`` appends ``start <seq>`` / ``end <seq>`` to
 ``{ns}rec:<key_digest(key)>`` (checked by tests.support.ordering; the key text itself never
@@ -16,6 +17,7 @@ The task ``reliability.fail(key)`` always raises: its message becomes a dead let
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -43,11 +45,13 @@ def _key(args: Any) -> str:
 
 
 def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: float = 2.0,
-             store: str | None = None) -> Celery:
+             store: str | None = None, conf: dict[str, Any] | None = None) -> Celery:
     """A fresh app; the tests' producers build theirs with the same arguments as the workers."""
     app = Celery(f"{ns}reliability", broker=broker, set_as_current=False)
+    extra = dict(conf or {})
+    transport_options = {**extra.pop("broker_transport_options", {}), "global_keyprefix": ns}
     app.conf.update(
-        broker_transport_options={"global_keyprefix": ns},  # Redis only; others ignore it
+        broker_transport_options=transport_options,  # Redis only; others ignore it
         partitioning_pools={"p": partitions},
         partitioning_queue_prefix=f"{ns}partition",
         partitioning_lease_ttl=lease_ttl,
@@ -55,6 +59,7 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         worker_hijack_root_logger=True,
+        **extra,
     )
     cp.install(app)
     client = redis.Redis.from_url(records)
@@ -90,4 +95,5 @@ app = make_app(
     partitions=int(os.environ.get("CPR_PARTITIONS", "4")),
     lease_ttl=float(os.environ.get("CPR_LEASE_TTL", "2")),
     store=os.environ.get("CPR_STORE") or None,
+    conf=json.loads(os.environ.get("CPR_CONF") or "{}"),
 )
