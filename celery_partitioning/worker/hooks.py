@@ -40,6 +40,7 @@ from .failures import install_failure_handling
 from .gate import GateStep
 from .guard import misroute_guard
 from .orphan import start_supervisor_watch, supervisor_gone
+from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
@@ -199,8 +200,11 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     state = partitioning_of(app)
     settings = state.settings
     pool, index = parse_partition(value, settings)
+    degraded = check_guarantees(app)  # refuses a setup that cannot keep a guarantee
     with app.connection_for_read() as conn:
         transport = str(conn.transport.driver_type)
+    if transport == "amqp":
+        declare_partition_queues(app, [(pool, index)])  # another queue type: one clear error
     runtime = PartitionRuntime(
         app=app, settings=settings, pool=pool, index=index,
         queue=settings.queue_name(pool, index),
@@ -216,6 +220,7 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     runtime.on_started.append(install_failure_handling)  # parking gate, in-place retry
     attach_runtime(app, runtime)
     _force_task_options(app)
+    warn_degraded(runtime.label, degraded)
 
     broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
     if broker is not None and settings.redis is not None:

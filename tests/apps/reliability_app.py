@@ -13,6 +13,9 @@ becomes part of a Redis key name, as in the library), ``start|end <pid> <key> <s
 ``{ns}part:<pool.index>`` (two processes must never run one partition at once), and adds
 ``<key> <seq>`` to the set ``{ns}done`` when it ends (distinct completions).
 The task ``reliability.fail(key)`` always raises: its message becomes a dead letter.
+The task ``reliability.flaky(key, seq, fails, ms)`` records like ``record`` but raises
+``self.retry()`` on its first ``fails`` attempts (in place: the same delivery runs again);
+each attempt appends ``<key> <seq> <attempt> <x-delivery-count or 0>`` to ``{ns}attempts``.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import celery_partitioning as cp
 from celery_partitioning.store.keys import key_digest
 from celery_partitioning.worker import current_runtime
 
-__all__ = ["make_app", "app", "RECORD_TASK", "FAIL_TASK", "record_list"]
+__all__ = ["make_app", "app", "RECORD_TASK", "FAIL_TASK", "FLAKY_TASK", "record_list"]
 
 RECORD_TASK = "reliability.record"
 FAIL_TASK = "reliability.fail"
+FLAKY_TASK = "reliability.flaky"
 
 
 def record_list(ns: str, key: str) -> str:
@@ -72,6 +76,26 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
         pid = os.getpid()
         client.rpush(f"{ns}part:{label}", f"start {pid} {key} {seq}")
         client.rpush(record_list(ns, key), f"start {seq}")
+        if ms:
+            time.sleep(ms / 1000)
+        client.rpush(record_list(ns, key), f"end {seq}")
+        client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
+        client.sadd(f"{ns}done", f"{key_digest(key)} {seq}")
+
+    @app.task(name=FLAKY_TASK, shared=False, bind=True)
+    @cp.partitioned(_key, pool="p")
+    def flaky(self: Any, key: str, seq: int, fails: int = 1, ms: int = 1) -> None:
+        runtime = current_runtime(app)
+        label = runtime.label if runtime is not None else "none"
+        pid = os.getpid()
+        attempt = int(client.incr(f"{ns}tries:{key_digest(key)}:{seq}"))
+        deliveries = self.request.get("x-delivery-count") or 0
+        client.rpush(f"{ns}attempts", f"{key_digest(key)} {seq} {attempt} {deliveries}")
+        client.rpush(f"{ns}part:{label}", f"start {pid} {key} {seq}")
+        client.rpush(record_list(ns, key), f"start {seq}")
+        if attempt <= fails:
+            client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
+            raise self.retry(countdown=0.05, max_retries=fails + 5)
         if ms:
             time.sleep(ms / 1000)
         client.rpush(record_list(ns, key), f"end {seq}")
