@@ -106,6 +106,7 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     app.conf.update(FORCED_WORKER_SETTINGS)
     if scheme in TRANSPORTS and not app.conf.broker_transport:
         app.conf.broker_transport = TRANSPORTS[scheme]
+    if scheme in TRANSPORTS and app.conf.broker_transport == TRANSPORTS[scheme]:
         for name, transport in TRANSPORTS.items():  # also after a failover to another URL
             compat.use_transport_for_scheme(name, transport)
     app.conf.worker_consumer = PARTITION_CONSUMER
