@@ -24,7 +24,10 @@ Knobs: CP_SENTINEL_EVENTS (CI 1,000; soak 4,000), CP_SENTINEL_KEYS (100; 300).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +37,7 @@ import pytest
 from celery_partitioning.store.keys import RedisKeys
 from tests.reliability.conftest import Workload, keyed_events, size
 from tests.reliability.sentinel import SentinelSetup
-from tests.support.procs import Processes, wait_for
+from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -108,4 +111,13 @@ def test_master_killed_and_replica_promoted_mid_run(workload_factory: Callable[.
     assert "no lease" not in log and "dead letters and parking are off" not in log
     if not wait:
         assert restarts == 0, "a holder did not survive the failover: " + w.log_tail()
+    # The operator's view goes through the same sentinels: the new master, every lease held.
+    status = subprocess.run([celery_bin(), "-A", "tests.apps.reliability_app", "partitioning",
+                             "status", "--json"], env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                       **w.env()},
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)["partitions"]
+    assert [(r["depth"], r["unacked"]) for r in rows] == [(0, 0)] * w.partitions, rows
+    assert all(r["consumer"] for r in rows), rows
     supervisor.send_signal(signal.SIGTERM)
