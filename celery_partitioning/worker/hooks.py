@@ -226,9 +226,10 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
     if broker is not None and settings.redis is not None:
         ttl = settings.lease_ttl
+        replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
         lease_client = redis_client(
-            settings.redis, timeout=max(0.2, ttl / 4) + settings.wait_for_replicas_timeout,
-            replicas=replicas_of(settings))
+            settings.redis, replicas=replicas,
+            timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
         lease = Lease(lease_client, runtime.keys.lease(runtime.queue), ttl,
                       node=runtime.hostname, token=os.environ.get(LEASE_TOKEN_ENV),
                       takeover=os.environ.get(LEASE_TAKEOVER_ENV))
