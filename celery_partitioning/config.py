@@ -202,7 +202,10 @@ def _conf_value(conf: Mapping[str, Any], name: str) -> Any:
     # Celery's Settings resolve broker_url / result_backend through properties that read
     # CELERY_BROKER_URL / CELERY_RESULT_BACKEND first (what ``celery -b`` exports).
     resolved = isinstance(getattr(type(conf), name, None), property)
-    return getattr(conf, name) if resolved else conf.get(name)
+    value = getattr(conf, name) if resolved else conf.get(name)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ";".join(value)  # Celery also takes a list of failover URLs
+    return value
 
 
 def _options(conf: Mapping[str, Any], name: str) -> Mapping[str, Any]:

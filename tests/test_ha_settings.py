@@ -33,6 +33,11 @@ def test_a_sentinel_broker_is_the_store_as_kombu_reads_it() -> None:
     assert "secret" not in repr(store) and "secret" not in store.describe()
 
 
+def test_a_list_of_sentinel_urls_reads_as_the_joined_string() -> None:
+    listed = read_settings({**SENTINEL, "broker_url": SENTINEL["broker_url"].split(";")}).redis
+    assert listed == read_settings(SENTINEL).redis
+
+
 def test_a_sentinel_store_of_its_own_takes_its_own_transport_options() -> None:
     settings = read_settings({"broker_url": "amqp://x", "partitioning_redis_url": "sentinel://h:1/2",
                               "partitioning_redis_transport_options": {"master_name": "store"}})

@@ -40,8 +40,9 @@ _REDIS_FAMILY: Final = ("redis", "rediss", "sentinel", "socket", "unix", "redis+
 
 def broker_scheme(app: Celery) -> str:
     """The scheme of the app's broker URL (``redis``, ``sentinel``, ``amqp``...)."""
-    url = str(app.conf.broker_url or "amqp://")
-    return url.split(";", 1)[0].strip().split("://", 1)[0].lower()
+    url = app.conf.broker_url or "amqp://"
+    first = url[0] if isinstance(url, (list, tuple)) and url else url
+    return str(first).split(";", 1)[0].strip().split("://", 1)[0].lower()
 
 
 def guarantee_problems(settings: PartitioningSettings, scheme: str,
