@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from .eager import install_eager_routing
 from .errors import PartitionKeyError
 from .router import Route
 from .state import Partitioning, attach, partitioning_of
@@ -41,10 +42,14 @@ def install(app: Celery) -> Partitioning:
     if not made:
         return state
 
-    if app.configured:
+    def on_configured(sender: Any = None, **_: Any) -> None:
         _prepend_router(state)
+        install_eager_routing(app)  # eager calls are routed and validated as publishes are
+
+    if app.configured:
+        on_configured()
     else:
-        app.on_after_configure.connect(lambda sender, **_: _prepend_router(state), weak=False)
+        app.on_after_configure.connect(on_configured, weak=False)
 
     def on_finalized(sender: Any = None, **_: Any) -> None:
         state.registry_error = check_at_finalize(app)

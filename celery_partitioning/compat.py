@@ -32,6 +32,8 @@ __all__ = [
     "queue_list_name",
     "redis_channel_class",
     "start_poll",
+    "reset_annotations",
+    "task_exec_options",
     "task_registry",
     "use_transport_for_scheme",
 ]
@@ -52,6 +54,18 @@ def proxy_internals(obj: Any) -> tuple[tuple[Any, ...], Any]:
     args = object.__getattribute__(obj, "_Proxy__args")
     local = object.__getattribute__(obj, "_Proxy__local")
     return tuple(args or ()), local
+
+
+def task_exec_options(task: Any) -> dict[str, Any]:
+    """The publish options a task class declares (queue, priority...), as ``apply_async``
+    merges them before it routes."""
+    options: dict[str, Any] = task._get_exec_options()
+    return options
+
+
+def reset_annotations(app: Any) -> None:
+    """Make the app prepare ``task_annotations`` again (it caches them on first use)."""
+    vars(app).pop("annotations", None)
 
 
 def task_registry(app: Any) -> Any:
@@ -98,7 +112,8 @@ def redis_channel_class(base: type, name: str, fetch_of: Callable[[Any], Any]) -
         if fetch is None:
             kombu_start(self, timeout)
             return
-        fetch.start(self.brpop_timeout if timeout is None else timeout)
+        # kombu >= 5.5 reads the timeout from the transport options; 5.4 used 1 s
+        fetch.start(getattr(self, "brpop_timeout", 1) if timeout is None else timeout)
 
     def _brpop_read(self: Any, **options: Any) -> bool:
         fetch = fetch_of(self)
@@ -230,6 +245,10 @@ def _problems_with_celery() -> list[str]:
     app = Celery("celery-partitioning-compat-check", set_as_current=False)
     if not isinstance(getattr(app, "_tasks", None), dict):
         problems.append("Celery._tasks (the task registry)")
+    from celery import Task
+
+    if not callable(getattr(Task, "_get_exec_options", None)):
+        problems.append("celery.Task._get_exec_options")
     from celery.worker import state
     from celery.worker.consumer import Consumer
 

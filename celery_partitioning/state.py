@@ -2,16 +2,17 @@
 
 ``install(app)`` hangs a :class:`Partitioning` object off the app; every other module finds
 it here (``partitioning_of``, ``settings_of``), so no module needs ``app.py`` (which wires
-everything) to look something up. This module imports only the pure core; the Redis client
-library is imported when a client is first made, never by a producer that only publishes.
+everything) to look something up. This module imports only the pure core and the task look-up
+(``discovery``); the Redis client library is imported when a client is first made, never by a
+producer that only publishes.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from .compat import task_registry
 from .config import PartitioningSettings, RedisTarget, read_settings, redis_namespace
+from .discovery import TaskLookup
 from .errors import PartitionConfigError
 from .router import PartitionRouter
 
@@ -37,7 +38,7 @@ class Partitioning:
         self.registry_error: PartitionConfigError | None = None
         self.router = PartitionRouter(
             settings=lambda: self.settings,
-            lookup_task=self._lookup_task,
+            lookup_task=TaskLookup(app),  # imports the app's task modules once for an unknown name
             exchange=lambda: self.app.amqp.default_exchange,
             registry_error=lambda: self.registry_error,
         )
@@ -48,10 +49,6 @@ class Partitioning:
         if self._settings is None:
             self._settings = read_settings(self.app.conf)
         return self._settings
-
-    def _lookup_task(self, name: str) -> Any:
-        # The registry itself: looking a name up must not finalize the app.
-        return task_registry(self.app).get(name)
 
 
 def attach(app: Celery) -> tuple[Partitioning, bool]:
@@ -188,6 +185,9 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
     import redis
 
     if isinstance(target, str):
+        if target.startswith("sentinel://"):
+            raise PartitionConfigError("a sentinel:// URL needs its master_name and sentinel "
+                                       "options: pass the settings' RedisTarget (settings.redis)")
         target = RedisTarget(url=target)
     cls = _client_class(replicas)
     timeouts = {} if timeout is None else {"socket_timeout": timeout,

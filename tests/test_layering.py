@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,13 @@ def test_exit_codes_are_defined_in_one_module() -> None:
     defined = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                if any(line.startswith("EXIT_") for line in p.read_text().splitlines())}
     assert defined == {"exits.py"}
+
+
+def test_no_private_celery_or_kombu_member_outside_compat() -> None:
+    # Underscore members of objects this package does not own (Celery tasks and apps, kombu
+    # channels and messages) are reached through compat.py only.
+    pattern = re.compile(r"\.(_get_exec_options|_get_app|_tasks|_raw|_delivered|_deliver|"
+                         r"_brpop_\w+|_in_poll|_q_for_pri|_queue_cycle|_conninfo|_Proxy__\w+)\b")
+    offenders = {str(p.relative_to(PACKAGE)): pattern.findall(p.read_text())
+                 for p in PACKAGE.rglob("*.py") if p.name != "compat.py"}
+    assert {name: found for name, found in offenders.items() if found} == {}
