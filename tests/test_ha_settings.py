@@ -95,6 +95,14 @@ def test_a_setup_that_cannot_keep_a_guarantee_is_named(conf: dict[str, Any], sch
         assert problems and problems[0].startswith(refused), problems
 
 
+def test_quorum_partition_queues_need_celery_5_5() -> None:
+    settings = read_settings({"broker_url": "amqp://x", "partitioning_redis_url": "redis://h/0",
+                              "partitioning_queue_type": "quorum"})
+    assert guarantee_problems(settings, "amqp", None, (5, 5)) == []
+    problems = guarantee_problems(settings, "amqp", None, (5, 4))
+    assert problems and problems[0].startswith("partitioning_queue_type"), problems
+
+
 def test_a_foreign_transport_on_redis_is_refused() -> None:
     problems = guarantee_problems(read_settings({"broker_url": "redis://h/0"}), "redis",
                                   "kombu.transport.redis:Transport")

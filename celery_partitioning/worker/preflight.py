@@ -46,8 +46,13 @@ def broker_scheme(app: Celery) -> str:
 
 
 def guarantee_problems(settings: PartitioningSettings, scheme: str,
-                       broker_transport: str | None) -> list[str]:
+                       broker_transport: str | None,
+                       celery_version: tuple[int, ...] | None = None) -> list[str]:
     """Why a partition worker on this setup could not keep every guarantee (one line each)."""
+    if celery_version is None:
+        import celery
+
+        celery_version = tuple(celery.VERSION[:2])
     problems: list[str] = []
     redis_family = scheme in _REDIS_FAMILY or scheme.endswith("+socket")
     if redis_family:
@@ -65,6 +70,11 @@ def guarantee_problems(settings: PartitioningSettings, scheme: str,
                 "(exclusive consumer), dead letters and parking; set it or leave it unset to "
                 "use the broker")
     elif scheme in _AMQP:
+        if settings.queue_type == "quorum" and celery_version < (5, 5):
+            problems.append(
+                "partitioning_queue_type: quorum partition queues need Celery 5.5 or later "
+                "(older workers ask for global QoS, which quorum queues refuse); upgrade "
+                "Celery or keep classic queues")
         if settings.redis is None:
             problems.append(
                 "partitioning_redis_url: without a Redis store dead letters, parking and "
