@@ -7,7 +7,8 @@ when busy partition workers are SIGKILLed three times while the stream drains,
 then every partition queue is a quorum queue with ``x-single-active-consumer`` and an explicit
 ``x-delivery-limit``; every event ran, every key in publish order, no partition ran two tasks
 at once; and an in-place retry never cost a delivery (every attempt of a retried message that
-no kill touched saw the same ``x-delivery-count``).
+no kill touched saw the same ``x-delivery-count``), while a crash costs exactly one and the
+message runs again first.
 
 Also: a partition queue that exists with another type stops ``celery partitioning worker`` at
 start with one line saying how to migrate, and a setup without a guarantee is refused at start
@@ -139,6 +140,42 @@ def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retrie
         assert set(attempts) == flaky_digests
         assert len(retried_in_place) >= len(flaky) - len(killed), (
             "a retried message was redelivered without a kill", attempts)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0, w.log_tail()
+    finally:
+        w.processes.kill_all()
+        delete_queues(amqp_url, queues)
+
+
+@pytest.mark.timeout(120)
+def test_a_crash_redelivery_counts_one_delivery_and_runs_first(
+        workload_factory: Callable[..., Workload], amqp_url: str, records_url: str) -> None:
+    # Given one quorum partition whose first message fails twice (retried in place), then holds
+    # its worker for 3 s on its third attempt; 20 more messages behind it
+    w = workload_factory(1, broker=amqp_url, store=records_url, ms=3000,
+                         conf={"partitioning_queue_type": "quorum"})
+    queues = [f"{w.ns}partition.p.0"]
+    events = [("Order:held", 0)] + [("Order:held", seq) for seq in range(1, 11)] + [
+        ("Order:other", seq) for seq in range(10)]
+    counts = {"Order:held": 11, "Order:other": 10}
+    try:
+        supervisor = w.start_workers()
+        publish(w, events[:1], flaky=set(events[:1]))
+        w.ms = 1
+        publish(w, events[1:], flaky=set())
+        wait_for(lambda: int(w.redis.llen(f"{w.ns}attempts")) >= 3 and bool(w.busy_pids()), 60,
+                 "the held message's third attempt to start")
+        # When its worker is SIGKILLed inside it
+        victim = next(iter(w.busy_pids()))
+        os.kill(victim, signal.SIGKILL)
+        w.wait_done(len(events), timeout=60, counts=counts)
+        # Then the in-place retries cost no delivery, the crash cost one: RabbitMQ returned the
+        # message to the head and it ran again (and succeeded) before anything behind it
+        runs = [raw.decode().split(" ")[2:] for raw in w.redis.lrange(f"{w.ns}attempts", 0, -1)]
+        assert runs == [["1", "0"], ["2", "0"], ["3", "0"], ["4", "1"]], runs
+        report = w.report(counts)
+        assert report.ok and report.reruns == 3, report.summary()
+        assert not w.partition_overlaps({victim})
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=60) == 0, w.log_tail()
     finally:
