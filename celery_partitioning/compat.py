@@ -36,6 +36,7 @@ __all__ = [
     "reset_annotations",
     "task_exec_options",
     "task_registry",
+    "use_transport_for_scheme",
 ]
 
 #: The private members of ``kombu.transport.redis.Channel`` the loss-free fetch relies on,
@@ -184,6 +185,23 @@ def held_delivery_tags(qos: Any) -> list[str]:
         return []
 
 
+def use_transport_for_scheme(scheme: str, transport: str) -> None:
+    """Make kombu resolve URL scheme ``scheme`` to ``transport`` (a dotted path) in this process.
+
+    ``broker_transport`` only applies to the first connection: when a connection is lost,
+    kombu's ``Connection.switch`` moves to the next ``;``-separated broker URL and takes the
+    transport from its scheme again (for ``sentinel://`` URLs: kombu's own SentinelTransport,
+    without the loss-free fetch). A partition worker process registers its transports under
+    the schemes instead (``kombu.transport.TRANSPORT_ALIASES``; ``_transport_cache`` forgets
+    an earlier resolution).
+    """
+    from kombu import transport as kombu_transport
+
+    kombu_transport.TRANSPORT_ALIASES[scheme] = transport
+    cache: dict[Any, Any] = getattr(kombu_transport, "_transport_cache", {})
+    cache.pop(scheme, None)
+
+
 # -- the start-up check ---------------------------------------------------------------------
 
 def _versions() -> str:
@@ -208,8 +226,11 @@ def _problems_with_redis_channel() -> list[str]:
                             f"{list(inspect.signature(method).parameters)}, expected {wanted}")
     if not hasattr(kombu_redis.Channel, "QoS") or not hasattr(kombu_redis.QoS, "append"):
         problems.append("kombu.transport.redis.QoS.append")
+    from kombu import transport as kombu_transport
     from kombu.transport import virtual
 
+    if not isinstance(getattr(kombu_transport, "TRANSPORT_ALIASES", None), dict):
+        problems.append("kombu.transport.TRANSPORT_ALIASES")
     if not hasattr(virtual.Transport, "_deliver"):
         problems.append("kombu.transport.virtual.Transport._deliver")
     return problems

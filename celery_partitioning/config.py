@@ -17,7 +17,8 @@ from kombu.utils.url import maybe_sanitize_url
 from .errors import PartitionConfigError
 from .keys import RECOMMENDED_PARALLELISM
 
-__all__ = ["PartitioningSettings", "read_settings", "DEFAULTS", "redis_namespace"]
+__all__ = ["PartitioningSettings", "RedisTarget", "read_settings", "DEFAULTS", "redis_namespace",
+           "QUEUE_TYPES", "SENTINEL_PORT"]
 
 #: Largest accepted pool size: one single-concurrency worker process per partition.
 MAX_PARTITIONS: Final = 4096
@@ -26,6 +27,15 @@ MAX_PARTITIONS: Final = 4096
 _POOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://", "redis+socket://")
+_SENTINEL_SCHEME: Final = "sentinel://"
+#: Port of a sentinel whose URL names none (kombu's default for ``sentinel://``).
+SENTINEL_PORT: Final = 26379
+#: RabbitMQ queue types a partition queue may have (``x-queue-type``).
+QUEUE_TYPES: Final = ("classic", "quorum")
+#: Default ``x-delivery-limit`` of quorum partition queues: high enough that no crash loop or
+#: redelivery storm reaches it (RabbitMQ 4 would drop a message after 20 deliveries), and a
+#: positive number, which every RabbitMQ version reads the same way.
+DEFAULT_DELIVERY_LIMIT: Final = 1_000_000
 
 #: Every setting, by its ``app.conf`` name, with its default.
 DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
@@ -37,6 +47,12 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_checkpoint_store": None,
         "partitioning_checkpoint_database": "default",
         "partitioning_dedupe_window": 100,
+        "partitioning_redis_transport_options": None,
+        "partitioning_wait_for_replicas": 0,
+        "partitioning_wait_for_replicas_timeout": 1.0,
+        "partitioning_queue_type": None,
+        "partitioning_delivery_limit": DEFAULT_DELIVERY_LIMIT,
+        "partitioning_allow_degraded": False,
     }
 )
 
@@ -52,6 +68,61 @@ def _bad(name: str, problem: str, fix: str) -> PartitionConfigError:
 
 
 @dataclass(frozen=True)
+class RedisTarget:
+    """How to reach one Redis: a plain URL, or a master found through Redis Sentinel.
+
+    A Sentinel target is read as kombu reads a ``sentinel://`` broker URL: every
+    ``;``-separated URL names one sentinel; the first one's user, password and database are
+    those of the master; ``master_name`` and ``sentinel_kwargs`` come from transport options.
+    """
+
+    #: The URL as configured (``;``-separated for Sentinel); it may hold a password.
+    url: str = field(repr=False)
+    #: ``(host, port)`` of every sentinel; empty for a plain URL.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    #: The name the sentinels monitor the master under.
+    master_name: str | None = None
+    #: Keyword arguments of the connections to the sentinels (``password``, ``ssl``...).
+    sentinel_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}),
+                                               repr=False)
+    #: Keyword arguments of the connections to the master (``db``, ``password``, ``ssl``...).
+    connection_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}),
+                                                 repr=False)
+    #: Smallest number of other sentinels a sentinel must see to be believed.
+    min_other_sentinels: int = 0
+
+    @property
+    def is_sentinel(self) -> bool:
+        return bool(self.sentinels)
+
+    def describe(self) -> str:
+        """The target without secrets, for messages."""
+        if not self.is_sentinel:
+            return str(maybe_sanitize_url(self.url))
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"sentinel master {self.master_name!r} via {hosts} db {self.connection_kwargs.get('db', 0)}"
+
+    def same_server(self, other: RedisTarget | None) -> bool:
+        """Whether ``other`` is the same Redis database (same sentinels and master, or the same
+        host, port and database)."""
+        if other is None or self.is_sentinel != other.is_sentinel:
+            return False
+        if self.is_sentinel:
+            return (set(self.sentinels) == set(other.sentinels)
+                    and self.master_name == other.master_name
+                    and self.connection_kwargs.get("db", 0) == other.connection_kwargs.get("db", 0))
+        return _plain_identity(self.url) == _plain_identity(other.url)
+
+
+def _plain_identity(url: str) -> tuple[str, int, str]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    db = (parts.path or "/0").strip("/") or "0"
+    return (parts.hostname or "localhost", parts.port or 6379, db)
+
+
+@dataclass(frozen=True)
 class PartitioningSettings:
     """Validated partitioning settings of one app."""
 
@@ -63,9 +134,21 @@ class PartitioningSettings:
     queue_prefix: str = "partition"
     #: seconds an exclusive-consumer lease lives without a heartbeat.
     lease_ttl: float = 10.0
-    #: Redis holding leases, dead letters and parked keys; None → the broker's URL
-    #: when the broker is Redis, else the result backend's when that is Redis.
-    redis_url: str | None = None
+    #: Redis holding leases, dead letters and parked keys; None → the broker when the
+    #: broker is Redis (or Sentinel), else the result backend when that is Redis.
+    redis: RedisTarget | None = None
+    #: The broker, when it is a Redis (plain or Sentinel); None for other brokers.
+    broker_redis: RedisTarget | None = None
+    #: Replicas that must acknowledge each write this package makes (``WAIT``); 0: none.
+    wait_for_replicas: int = 0
+    #: Seconds a write waits for those acknowledgements before it counts as failed.
+    wait_for_replicas_timeout: float = 1.0
+    #: RabbitMQ type of the partition queues: ``"classic"`` or ``"quorum"``.
+    queue_type: str = "classic"
+    #: ``x-delivery-limit`` of quorum partition queues.
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    #: Start a partition worker even where a guarantee cannot be given (a WARNING says which).
+    allow_degraded: bool = False
     #: Where checkpoints live: a dotted path (``"pkg.module:Class"`` or ``"pkg.module.Class"``)
     #: or an object/factory; None → the Django store when its app is installed.
     checkpoint_store: Any = None
@@ -73,6 +156,11 @@ class PartitioningSettings:
     checkpoint_database: str = "default"
     #: Message ids remembered per (projection, key) by projections deduplicating by id.
     dedupe_window: int = 100
+
+    @property
+    def redis_url(self) -> str | None:
+        """The store's URL as configured (None: no Redis store)."""
+        return self.redis.url if self.redis is not None else None
 
     def queue_name(self, pool: str, index: int) -> str:
         """The one place a partition queue name is built."""
@@ -120,23 +208,115 @@ def _ttl(value: Any) -> float:
     return float(value)
 
 
-def _redis_url(conf: Mapping[str, Any]) -> str | None:
+def _conf_value(conf: Mapping[str, Any], name: str) -> Any:
+    # Celery's Settings resolve broker_url / result_backend through properties that read
+    # CELERY_BROKER_URL / CELERY_RESULT_BACKEND first (what ``celery -b`` exports).
+    resolved = isinstance(getattr(type(conf), name, None), property)
+    value = getattr(conf, name) if resolved else conf.get(name)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return ";".join(value)  # Celery also takes a list of failover URLs
+    return value
+
+
+def _options(conf: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = conf.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise _bad(name, f"is {value!r}", "use a dict")
+    return value
+
+
+def _ssl_kwargs(value: Any, name: str) -> dict[str, Any]:
+    """redis-py connection keyword arguments for Celery's ``broker_use_ssl``-style value."""
+    if not value:
+        return {}
+    if value is True:
+        return {"ssl": True}
+    if not isinstance(value, Mapping):
+        raise _bad(name, f"is {value!r}", "use True or a dict of ssl_* options")
+    return {"ssl": True, **value}
+
+
+def sentinel_target(url: str, options: Mapping[str, Any], ssl: Any, *, url_setting: str,
+                    options_setting: str) -> RedisTarget:
+    """A Sentinel :class:`RedisTarget` from ``sentinel://`` URL(s) and transport options."""
+    from kombu.utils.url import url_to_parts
+
+    sentinels: list[tuple[str, int]] = []
+    first = None
+    for part in (piece.strip() for piece in url.split(";")):
+        if not part:
+            continue
+        if not part.startswith(_SENTINEL_SCHEME):
+            raise _bad(url_setting, f"mixes {maybe_sanitize_url(part)!r} into a sentinel:// list",
+                       "list only sentinel:// URLs, separated by ';'")
+        parsed = url_to_parts(part)
+        first = first or parsed
+        sentinels.append((parsed.hostname or "127.0.0.1", int(parsed.port or SENTINEL_PORT)))
+    master_name = options.get("master_name")
+    if first is None or not isinstance(master_name, str) or not master_name:
+        raise _bad(options_setting, "has no master_name for the sentinel:// URL of "
+                   f"{url_setting}", "set master_name to the name the sentinels monitor")
+    sentinel_kwargs = options.get("sentinel_kwargs") or {}
+    if not isinstance(sentinel_kwargs, Mapping):
+        raise _bad(options_setting, f"has sentinel_kwargs={sentinel_kwargs!r}", "use a dict")
+    vhost = str(first.path or "0").strip("/") or "0"
+    if not vhost.isdigit():
+        raise _bad(url_setting, f"names the database {vhost!r}", "use a number, e.g. /0")
+    connection: dict[str, Any] = {"db": int(vhost)}
+    if first.username:
+        connection["username"] = first.username
+    if first.password:
+        connection["password"] = first.password
+    connection.update(_ssl_kwargs(ssl, options_setting))
+    min_other = options.get("min_other_sentinels", 0)
+    return RedisTarget(url=url, sentinels=tuple(sentinels), master_name=master_name,
+                       sentinel_kwargs=MappingProxyType(dict(sentinel_kwargs)),
+                       connection_kwargs=MappingProxyType(connection),
+                       min_other_sentinels=int(min_other or 0))
+
+
+def _target(url: str, conf: Mapping[str, Any], *, url_setting: str, options_setting: str,
+            ssl_setting: str | None) -> RedisTarget | None:
+    """The RedisTarget of a (possibly ``;``-separated) URL setting, None if not Redis."""
+    if url.startswith(_SENTINEL_SCHEME):
+        ssl = conf.get(ssl_setting) if ssl_setting else _options(conf, options_setting).get("ssl")
+        return sentinel_target(url, _options(conf, options_setting), ssl,
+                               url_setting=url_setting, options_setting=options_setting)
+    first = url.split(";", maxsplit=1)[0].strip()
+    if first.startswith(_REDIS_SCHEMES):
+        return RedisTarget(url=first)
+    return None
+
+
+def _broker_redis(conf: Mapping[str, Any]) -> RedisTarget | None:
+    value = _conf_value(conf, "broker_url")
+    if not isinstance(value, str):
+        return None
+    return _target(value, conf, url_setting="broker_url",
+                   options_setting="broker_transport_options", ssl_setting="broker_use_ssl")
+
+
+def _redis(conf: Mapping[str, Any], broker: RedisTarget | None) -> RedisTarget | None:
     explicit = conf.get("partitioning_redis_url")
     if explicit is not None:
-        if not isinstance(explicit, str) or not explicit.startswith(_REDIS_SCHEMES):
+        if not isinstance(explicit, str) or not explicit.startswith(
+                (*_REDIS_SCHEMES, _SENTINEL_SCHEME)):
             shown = maybe_sanitize_url(explicit) if isinstance(explicit, str) else explicit
             raise _bad("partitioning_redis_url", f"is {shown!r}",
-                       "use a redis://, rediss:// or unix:// URL")
-        return explicit
-    for name in ("broker_url", "result_backend"):
-        # Celery's Settings resolve these two through properties that read CELERY_BROKER_URL /
-        # CELERY_RESULT_BACKEND first (what ``celery -b`` exports): use them where present.
-        resolved = isinstance(getattr(type(conf), name, None), property)
-        value = getattr(conf, name) if resolved else conf.get(name)
-        if isinstance(value, str):
-            first = value.split(";")[0].strip()
-            if first.startswith(_REDIS_SCHEMES):
-                return first
+                       "use a redis://, rediss://, unix:// or sentinel:// URL")
+        if explicit.startswith(_SENTINEL_SCHEME) and not conf.get(
+                "partitioning_redis_transport_options") and broker is not None and broker.is_sentinel:
+            # The store is (in the same Sentinel setup as) the broker: its options apply.
+            return _target(explicit, conf, url_setting="partitioning_redis_url",
+                           options_setting="broker_transport_options", ssl_setting="broker_use_ssl")
+        return _target(explicit, conf, url_setting="partitioning_redis_url",
+                       options_setting="partitioning_redis_transport_options", ssl_setting=None)
+    if broker is not None:
+        return broker
+    backend = _conf_value(conf, "result_backend")
+    if isinstance(backend, str):
+        return _target(backend, conf, url_setting="result_backend",
+                       options_setting="result_backend_transport_options", ssl_setting=None)
     return None
 
 
@@ -154,6 +334,43 @@ def _dedupe_window(value: Any) -> int:
     return value
 
 
+def _replicas(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
+        raise _bad("partitioning_wait_for_replicas", f"is {value!r}",
+                   "use the number of replicas that must acknowledge each write (0 to 16; 0: "
+                   "do not wait)")
+    return value
+
+
+def _seconds(name: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise _bad(name, f"is {value!r}", f"use a number of seconds from {low:g} to {high:g}")
+    return float(value)
+
+
+def _queue_type(conf: Mapping[str, Any]) -> str:
+    explicit = conf.get("partitioning_queue_type")
+    name, value = ("partitioning_queue_type", explicit) if explicit is not None else (
+        "task_default_queue_type", conf.get("task_default_queue_type") or "classic")
+    if value not in QUEUE_TYPES:
+        raise _bad(name, f"is {value!r}", "use 'classic' or 'quorum'")
+    return str(value)
+
+
+def _delivery_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+        raise _bad("partitioning_delivery_limit", f"is {value!r}",
+                   f"use a positive number of deliveries (default {DEFAULT_DELIVERY_LIMIT:,}) "
+                   "that no crash loop reaches")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, f"is {value!r}", "use True or False")
+    return value
+
+
 def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
     """Read and validate the partitioning settings from an ``app.conf``-like mapping."""
 
@@ -161,14 +378,27 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         value = conf.get(name)
         return DEFAULTS[name] if value is None else value
 
+    broker = _broker_redis(conf)
+    ttl, wait = _ttl(get("partitioning_lease_ttl")), get("partitioning_wait_for_replicas_timeout")
+    replicas = _replicas(get("partitioning_wait_for_replicas"))
+    if replicas and not isinstance(wait, bool) and isinstance(wait, (int, float)) and wait > ttl / 4:
+        raise _bad("partitioning_wait_for_replicas_timeout", f"is {wait!r}", "use at most a "
+                   f"quarter of partitioning_lease_ttl ({ttl / 4:g} s): a lease renewal waits it")
     return PartitioningSettings(
         pools=_pools(get("partitioning_pools")),
         queue_prefix=_prefix(get("partitioning_queue_prefix")),
-        lease_ttl=_ttl(get("partitioning_lease_ttl")),
-        redis_url=_redis_url(conf),
         checkpoint_store=conf.get("partitioning_checkpoint_store"),
         checkpoint_database=_checkpoint_database(get("partitioning_checkpoint_database")),
         dedupe_window=_dedupe_window(get("partitioning_dedupe_window")),
+        lease_ttl=ttl,
+        redis=_redis(conf, broker),
+        broker_redis=broker,
+        wait_for_replicas=replicas,
+        wait_for_replicas_timeout=_seconds("partitioning_wait_for_replicas_timeout",
+                                           wait, 0.01, 60),
+        queue_type=_queue_type(conf),
+        delivery_limit=_delivery_limit(get("partitioning_delivery_limit")),
+        allow_degraded=_flag("partitioning_allow_degraded", get("partitioning_allow_degraded")),
     )
 
 

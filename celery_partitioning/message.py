@@ -311,7 +311,10 @@ def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
     with app.connection_for_write() as conn:
         driver = conn.transport.driver_type
         broker = conn.as_uri(include_password=True)
-    if driver == "redis" and settings.redis_url is not None and _same_redis(broker, settings.redis_url):
+    store = settings.redis
+    if driver == "redis" and store is not None and (
+            store.same_server(settings.broker_redis) if store.is_sentinel
+            else _same_redis(broker, store.url)):
         return None
     return publisher(app, pool, index)
 

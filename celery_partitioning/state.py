@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from .config import PartitioningSettings, read_settings, redis_namespace
+from .config import PartitioningSettings, RedisTarget, read_settings, redis_namespace
 from .discovery import TaskLookup
 from .errors import PartitionConfigError
 from .router import PartitionRouter
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .store.keys import RedisKeys
 
 __all__ = ["Partitioning", "partitioning_of", "settings_of", "attach", "redis_client", "redis_client_like",
-           "redis_keys", "STATE_ATTRIBUTE"]
+           "redis_keys", "STATE_ATTRIBUTE", "Replicas", "replicas_of"]
 
 #: Attribute of the Celery app that holds its Partitioning object.
 STATE_ATTRIBUTE: Final = "_celery_partitioning"
@@ -85,22 +85,133 @@ def redis_keys(app: Celery) -> RedisKeys:
     return RedisKeys(redis_namespace(app.conf))
 
 
-def redis_client(url: str, *, timeout: float | None = None) -> Redis:
-    """A redis-py client for ``url``; with ``timeout``, socket and connect time-outs too.
+class Replicas:
+    """``WAIT numreplicas timeout`` after every write a client makes (``partitioning_wait_for_replicas``).
 
-    Every Redis client celery-partitioning makes for its own keys comes from here.
+    A write is only as safe as the replicas that have it: Redis replicates asynchronously,
+    and a failover promotes a replica that may miss the master's last writes. With this, a
+    write counts as done once ``count`` replicas acknowledged it (``WAIT`` on the very
+    connection that wrote); else the client raises a ``redis.RedisError`` (not retried), and
+    every caller treats it as a failed write: a lease renewal fails, a dead letter is not
+    counted stored, the worker stops without acking and the message goes back to the head.
+    """
+
+    #: Commands that change nothing: no WAIT after them.
+    READS: Final = frozenset({
+        "GET", "MGET", "PTTL", "TTL", "EXISTS", "TYPE", "HGET", "HGETALL", "HMGET", "HLEN",
+        "HKEYS", "HVALS", "HEXISTS", "LRANGE", "LLEN", "LINDEX", "LPOS", "SCARD", "SMEMBERS",
+        "SISMEMBER", "ZRANGE", "ZRANGEBYSCORE", "ZCARD", "ZSCORE", "SCAN", "SSCAN", "HSCAN",
+        "INFO", "PING", "SCRIPT LOAD", "SCRIPT EXISTS", "WAIT", "ECHO", "EVALSHA_RO", "EVAL_RO",
+        "CLIENT SETNAME", "SELECT", "AUTH", "HELLO", "DBSIZE", "KEYS", "WATCH", "UNWATCH",
+        "MULTI", "ROLE",
+    })
+
+    def __init__(self, count: int, timeout: float) -> None:
+        self.count = count
+        self.timeout_ms = max(1, int(timeout * 1000))
+
+    @classmethod
+    def writes(cls, *commands: Any) -> bool:
+        """Whether any of these commands (argument tuples) may change data."""
+        return any(str(args[0]).upper() not in cls.READS for args in commands if args)
+
+    def wait(self, client: Any, connection: Any) -> None:
+        """Block until ``count`` replicas have this connection's writes; raise if they do not."""
+        import redis
+
+        connection.send_command("WAIT", self.count, self.timeout_ms)
+        acked = int(redis.Redis.parse_response(client, connection, "WAIT"))  # type: ignore[no-untyped-call]
+        if acked < self.count:
+            raise redis.exceptions.RedisError(
+                f"only {acked} of {self.count} replica(s) acknowledged a write within "
+                f"{self.timeout_ms} ms (partitioning_wait_for_replicas): it may be lost at a "
+                "failover, so it does not count as done")
+
+
+def _client_class(replicas: Replicas | None) -> Any:
+    """redis.Redis, or a subclass whose writes wait for ``replicas``."""
+    import redis
+    from redis.client import Pipeline
+
+    if replicas is None:
+        return redis.Redis
+    waiting = replicas
+
+    class WaitingPipeline(Pipeline):
+        def _execute_transaction(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+            result = super()._execute_transaction(connection, commands, raise_on_error)
+            if Replicas.writes(*(args for args, _options in commands)):
+                waiting.wait(self, connection)
+            return result
+
+        def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
+            result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
+            if Replicas.writes(*(args for args, _options in commands)):
+                waiting.wait(self, connection)
+            return result
+
+    class WaitingRedis(redis.Redis):
+        def _send_command_parse_response(self, conn: Any, command_name: Any, *args: Any,
+                                         **options: Any) -> Any:
+            result = super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[no-untyped-call]
+            if Replicas.writes(args):
+                waiting.wait(self, conn)
+            return result
+
+        def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+            return WaitingPipeline(self.connection_pool, self.response_callbacks, transaction,
+                                   shard_hint)
+
+    return WaitingRedis
+
+
+def replicas_of(settings: PartitioningSettings) -> Replicas | None:
+    """The replica acknowledgements the settings ask for, or None (do not wait)."""
+    if settings.wait_for_replicas <= 0:
+        return None
+    return Replicas(settings.wait_for_replicas, settings.wait_for_replicas_timeout)
+
+
+def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
+                 replicas: Replicas | None = None) -> Redis:
+    """A redis-py client for ``target`` (a URL, or a :class:`~.config.RedisTarget`).
+
+    Every Redis client celery-partitioning makes for its own keys comes from here. With
+    ``timeout``, socket and connect time-outs too; with ``replicas``, every write waits for
+    replica acknowledgements. A Sentinel target gives a client of the master that the
+    sentinels name *now*: after a failover its next connection goes to the new master (redis-py
+    ``Sentinel.master_for``), so no client of this package stays with a dead master.
     """
     import redis
 
-    if timeout is None:
-        return redis.Redis.from_url(url)
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if isinstance(target, str):
+        if target.startswith("sentinel://"):
+            raise PartitionConfigError("a sentinel:// URL needs its master_name and sentinel "
+                                       "options: pass the settings' RedisTarget (settings.redis)")
+        target = RedisTarget(url=target)
+    cls = _client_class(replicas)
+    timeouts = {} if timeout is None else {"socket_timeout": timeout,
+                                           "socket_connect_timeout": timeout}
+    if not target.is_sentinel:
+        client: Redis = cls.from_url(target.url, **timeouts)
+        return client
+    from redis.sentinel import Sentinel
+
+    sentinel_kwargs = {**timeouts, **target.sentinel_kwargs}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels), min_other_sentinels=target.min_other_sentinels,
+        sentinel_kwargs=sentinel_kwargs)
+    master: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        str(target.master_name), redis_class=cls, **{**timeouts, **target.connection_kwargs})
+    assert isinstance(master, redis.Redis)
+    return master
 
 
-def redis_client_like(pool: Any) -> Redis:
+def redis_client_like(pool: Any, *, replicas: Replicas | None = None) -> Redis:
     """A plain redis-py client with the connection settings of ``pool`` (kombu's Redis channel
     pool: the broker's host, credentials, TLS), without kombu's key prefixing."""
     import redis
 
-    return redis.Redis(connection_pool=redis.ConnectionPool(
+    client: Redis = _client_class(replicas)(connection_pool=redis.ConnectionPool(
         connection_class=pool.connection_class, **pool.connection_kwargs))
+    return client

@@ -21,6 +21,7 @@ from ..exits import EXIT_USAGE
 from ..hashing import partition_for
 from ..state import settings_of
 from ..validation import assert_valid_partition_keys
+from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.supervisor import Supervisor, select_partitions, worker_argv
 
 __all__ = ["partitioning"]
@@ -147,6 +148,13 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
         _fail(f"refusing to start partition workers.\n{exc}")
+    try:
+        for problem in check_guarantees(app):
+            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
+                       f"{problem}", err=True)
+        declare_partition_queues(app, [(spec.pool, spec.index) for spec in specs])
+    except PartitioningError as exc:
+        _fail(str(exc))
     raise SystemExit(Supervisor(specs, argv, stop_timeout=stop_timeout).run())
 
 

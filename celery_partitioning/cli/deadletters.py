@@ -24,11 +24,11 @@ __all__ = ["dead_letters", "replay_target", "store_for_app"]
 def store_for_app(app: Celery) -> DeadLetterStore:
     """The dead-letter store of an app (``partitioning_redis_url``, namespace of its broker)."""
     settings = settings_of(app)
-    if settings.redis_url is None:
+    if settings.redis is None:
         raise DeadLetterError(
             "no Redis store is configured for dead letters: set partitioning_redis_url "
             "(Django: CELERY_PARTITIONING_REDIS_URL), or use a Redis broker or result backend")
-    return DeadLetterStore(redis_client(settings.redis_url), redis_keys(app))
+    return DeadLetterStore(redis_client(settings.redis), redis_keys(app))
 
 
 def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Publish | None]:

@@ -48,10 +48,10 @@ class QueuePlan:
 
 def _lease_holders(app: Celery, queues: Sequence[str]) -> dict[str, str]:
     """``queue → "node (pid N)"`` for every selected queue whose lease is held (Redis store)."""
-    url = settings_of(app).redis_url
-    if url is None or not queues:
+    store = settings_of(app).redis
+    if store is None or not queues:
         return {}
-    client = redis_client(url)
+    client = redis_client(store)
     try:
         holders = read_holders(client, redis_keys(app), queues)
     finally:

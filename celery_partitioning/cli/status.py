@@ -68,9 +68,9 @@ def _head_age(broker: BrokerRedis, queue: str, now: float) -> float | None:
 
 def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], int]:
     settings = settings_of(app)
-    if settings.redis_url is None:
+    if settings.redis is None:
         return {}
-    client = redis_client(settings.redis_url)
+    client = redis_client(settings.redis)
     try:
         store = DeadLetterStore(client, redis_keys(app))
         counts: dict[tuple[str, int], int] = {}
@@ -87,9 +87,9 @@ def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], i
 
 def _leases(app: Celery, queues: Sequence[str]) -> dict[str, str | None]:
     settings = settings_of(app)
-    if settings.redis_url is None:
+    if settings.redis is None:
         return {}
-    client = redis_client(settings.redis_url)
+    client = redis_client(settings.redis)
     try:
         holders = read_holders(client, redis_keys(app), queues)
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..message import UnackedEntry, decode_payload, delivery_tag_of, mark_redelivered, priority_of
-from ..state import redis_client_like
+from ..state import redis_client, redis_client_like, replicas_of, settings_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -72,14 +72,24 @@ class BrokerRedis:
 
 
 def broker_redis(app: Celery) -> BrokerRedis | None:
-    """The app broker's kombu Redis names and a client (close it); None when not Redis."""
+    """The app broker's kombu Redis names and a client (close it); None when not Redis.
+
+    On Sentinel the client is the package's own ``master_for`` client (it follows a
+    failover by itself), not one tied to kombu's channel pool.
+    """
+    settings = settings_of(app)
+    replicas = replicas_of(settings)
     with app.connection_for_read() as conn:
         if conn.transport.driver_type != "redis":
             return None
         channel = conn.default_channel
         prefix = channel.global_keyprefix or ""
+        target = settings.broker_redis
+        client = (redis_client(target, replicas=replicas)
+                  if target is not None and target.is_sentinel
+                  else redis_client_like(channel.client.connection_pool, replicas=replicas))
         return BrokerRedis(
-            client=redis_client_like(channel.client.connection_pool),
+            client=client,
             prefix=prefix,
             unacked=prefix + channel.unacked_key,
             unacked_index=prefix + channel.unacked_index_key,

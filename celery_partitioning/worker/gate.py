@@ -21,6 +21,7 @@ from celery import bootsteps
 from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage
+from ..store.broker import restore_unacked_to_head
 from .runtime import PartitionRuntime, current_runtime
 from .transport import enable_reliable_fetch
 
@@ -114,6 +115,9 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         for name, strategy in list(strategies.items()):
             if not getattr(strategy, _WRAPPED, False):
                 strategies[name] = gated_strategy(runtime, name, strategy)
+        runtime.consumer_starts += 1
+        if runtime.consumer_starts > 1 and runtime.broker is not None:
+            _recover_after_reconnect(runtime)
         # Redis: no window where a popped message is in neither the queue nor unacked.
         if runtime.broker is not None and c.task_consumer is not None:
             assert runtime.on_malformed is not None, "failure handling sets it at start"
@@ -126,6 +130,24 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
                     runtime.label, runtime.queue, runtime.transport,
                     "lease held" if runtime.lease is not None else "no lease",
                     runtime.recovered, ", ".join(gate_name(g) for g in runtime.gates))
+
+
+def _recover_after_reconnect(runtime: PartitionRuntime) -> None:
+    """The consumer restarts after a lost broker connection (a Redis restart or failover):
+    before it consumes again, put this partition's unacked and in-transit messages back at
+    the head, as a new lease holder would. The old connection's ack may never have reached
+    the broker, and a failover may promote a replica that still holds messages this worker
+    had taken; left in ``unacked`` they would come back only after the visibility timeout,
+    behind later messages. The lease is still ours (else the heartbeat fenced this process)
+    and no task runs while the consumer restarts, so nothing else consumes the partition.
+    """
+    assert runtime.broker is not None
+    runtime.consumer_qos = None  # the old channel's; the next message names the new one
+    moved = restore_unacked_to_head(runtime.broker, runtime.queue,
+                                    runtime.keys.in_transit(runtime.queue))
+    if moved:
+        logger.warning("%s reconnected: %d unacked message(s) put back at the head of %s",
+                       runtime.label, moved, runtime.queue)
 
 
 def gate_name(gate: object) -> str:

@@ -33,13 +33,14 @@ from celery import signals
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitioningError
-from ..state import partitioning_of, redis_client, redis_keys
+from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import BrokerRedis, broker_redis, restore_unacked_to_head
 from ..store.lease import Lease
 from .failures import install_failure_handling
 from .gate import GateStep
 from .guard import misroute_guard
 from .orphan import start_supervisor_watch, supervisor_gone
+from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
@@ -105,6 +106,9 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     app.conf.update(FORCED_WORKER_SETTINGS)
     if scheme in TRANSPORTS and not app.conf.broker_transport:
         app.conf.broker_transport = TRANSPORTS[scheme]
+    if scheme in TRANSPORTS and app.conf.broker_transport == TRANSPORTS[scheme]:
+        for name, transport in TRANSPORTS.items():  # also after a failover to another URL
+            compat.use_transport_for_scheme(name, transport)
     app.conf.worker_consumer = PARTITION_CONSUMER
     app.steps["consumer"].add(GateStep)
     _connect_worker_signals(app)
@@ -155,8 +159,16 @@ def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
         def should_stop() -> bool:
             return stop.is_set() or supervisor_gone()
 
-        if not lease.try_acquire():
-            holder = lease.holder()
+        try:
+            taken = lease.try_acquire()
+        except Exception as exc:  # noqa: BLE001 - store unreachable (failover): wait below
+            logger.warning("%s lease store unreachable (%s); waiting", runtime.label, exc)
+            taken = False
+        if not taken:
+            try:
+                holder = lease.holder()
+            except Exception:  # noqa: BLE001 - only for the message
+                holder = None
             logger.warning("%s standby: partition %s is held by %s; waiting (takes over at most "
                            "%.0fs after the holder stops)", runtime.label, runtime.queue,
                            holder.describe() if holder else "another worker", lease.ttl)
@@ -189,12 +201,16 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     state = partitioning_of(app)
     settings = state.settings
     pool, index = parse_partition(value, settings)
+    degraded = check_guarantees(app)  # refuses a setup that cannot keep a guarantee
     with app.connection_for_read() as conn:
         transport = str(conn.transport.driver_type)
+    if transport == "amqp":
+        declare_partition_queues(app, [(pool, index)])  # another queue type: one clear error
     runtime = PartitionRuntime(
         app=app, settings=settings, pool=pool, index=index,
         queue=settings.queue_name(pool, index),
-        redis=redis_client(settings.redis_url) if settings.redis_url is not None else None,
+        redis=(redis_client(settings.redis, replicas=replicas_of(settings))
+               if settings.redis is not None else None),
         keys=redis_keys(app), hostname=str(worker.hostname), transport=transport,
     )
     # The event loop (kombu Hub) defers late acks to its next turn; on RabbitMQ with
@@ -205,11 +221,15 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
     runtime.on_started.append(install_failure_handling)  # parking gate, in-place retry
     attach_runtime(app, runtime)
     _force_task_options(app)
+    warn_degraded(runtime.label, degraded)
 
     broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
-    if broker is not None and settings.redis_url is not None:
+    if broker is not None and settings.redis is not None:
         ttl = settings.lease_ttl
-        lease_client = redis_client(settings.redis_url, timeout=max(0.2, ttl / 4))
+        replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
+        lease_client = redis_client(
+            settings.redis, replicas=replicas,
+            timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
         lease = Lease(lease_client, runtime.keys.lease(runtime.queue), ttl,
                       node=runtime.hostname, token=os.environ.get(LEASE_TOKEN_ENV),
                       takeover=os.environ.get(LEASE_TAKEOVER_ENV))

@@ -122,6 +122,8 @@ class PartitionRuntime:
     consumer_qos: Any = None
     #: Messages put back at the head of the queue by crash recovery at start.
     recovered: int = 0
+    #: Times the Celery consumer started (more than once: it reconnected to the broker).
+    consumer_starts: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
     broker: BrokerRedis | None = None
     #: Replaces the transaction that records a fetched message as unacked (Redis broker):

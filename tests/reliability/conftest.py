@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
+from typing import Any
 
 import pytest
 import redis
@@ -130,6 +132,8 @@ class Workload:
     store: str | None = None
     lease_ttl: float = 2.0
     ms: int = 1
+    #: More settings for workers and producer (JSON-able).
+    conf: dict[str, Any] = field(default_factory=dict)
     _app: Celery | None = field(default=None, repr=False)
 
     @property
@@ -141,13 +145,15 @@ class Workload:
                "CPR_PARTITIONS": str(self.partitions), "CPR_LEASE_TTL": str(self.lease_ttl)}
         if self.store:
             env["CPR_STORE"] = self.store
+        if self.conf:
+            env["CPR_CONF"] = json.dumps(self.conf)
         return env
 
     @property
     def app(self) -> Celery:
         if self._app is None:
             self._app = make_app(self.broker, self.records, self.ns, self.partitions, self.lease_ttl,
-                                 self.store)
+                                 self.store, self.conf)
         return self._app
 
     def start_workers(self, name: str = "workers") -> Popen[bytes]:
@@ -251,9 +257,9 @@ def workload_factory(processes: Processes, tmp_path: Path, records_url: str,
     made: list[Workload] = []
 
     def make(partitions: int, broker: str | None = None, store: str | None = None,
-             ms: int = 1) -> Workload:
+             ms: int = 1, conf: dict[str, Any] | None = None) -> Workload:
         w = Workload(broker=broker or records_url, records=records_url, ns=rel_ns, partitions=partitions,
-                     tmp=tmp_path, processes=processes, store=store, ms=ms)
+                     tmp=tmp_path, processes=processes, store=store, ms=ms, conf=dict(conf or {}))
         made.append(w)
         return w
 
