@@ -141,7 +141,11 @@ class PartitionRouter:
         return plan if isinstance(plan, _TaskPlan) else None
 
     def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
-        """The Route of a call, or None when ``name`` is not a partitioned task."""
+        """The Route of a call, or None when ``name`` is not a partitioned task.
+
+        The one place a call becomes a partition: ``explain_route``, the Celery router entry
+        (``__call__``, which ``apply_async`` and ``publish_many`` go through) all use it.
+        """
         plan = self._plan(name, task)
         if plan is None:
             return None
@@ -166,24 +170,23 @@ class PartitionRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        plan = self._plan(name, task)
-        if plan is None:
+        if self._plan(name, task) is None:
             return None
         error = self._registry_error()
         if error is not None:
             raise error
-        key = plan.binder(args, kwargs)
-        index = plan.index(key)
-        queue = self.queue(plan.pool, index)
+        route = self.route(name, args, kwargs, task)
+        assert route is not None  # planned above
+        queue = self.queue(route.pool, route.index)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
             options.get("exchange") is not None or options.get("priority")
         ):
             _reject_fixed_destination(name, options, queue)
         headers = dict(options.get("headers") or ())
-        headers[HEADER_KEY] = key
-        headers[HEADER_POOL] = plan.pool
-        headers[HEADER_INDEX] = index
-        headers[HEADER_COUNT] = plan.partitions
+        headers[HEADER_KEY] = route.key
+        headers[HEADER_POOL] = route.pool
+        headers[HEADER_INDEX] = route.index
+        headers[HEADER_COUNT] = route.partitions
         if HEADER_PUBLISHED_AT not in headers:
             headers[HEADER_PUBLISHED_AT] = time.time()
         # Router results are merged *under* the call's options, so a call that passes its
