@@ -11,7 +11,7 @@ Celery's truncation cannot apply), and hands anything else to Celery's function.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any
 
 from celery.utils.saferepr import saferepr as celery_saferepr
 
@@ -22,15 +22,12 @@ class _Fallback(Exception):
     """The value holds something only Celery's own function renders."""
 
 
-_SCALARS: Final = (int, float, bool)
-
-
 def _scalar(value: Any) -> str:
     kind = type(value)
     if kind is str:
         text: str = value
         return "'" + text.replace("'", "\\'") + "'"
-    if kind in _SCALARS:
+    if kind is int or kind is float or kind is bool:
         return str(value)
     if value is None:
         return "None"
@@ -39,51 +36,61 @@ def _scalar(value: Any) -> str:
     raise _Fallback
 
 
-def _emit(value: Any, depth: int, maxlevels: int, out: list[str], path: set[int]) -> None:
+def _render(value: Any, depth: int, maxlevels: int, path: set[int]) -> str:
+    """saferepr of ``value`` met inside ``depth`` containers; scalars are inlined (hot path)."""
     kind = type(value)
-    if kind is list:
+    if kind is dict:
+        start, end = "{", "}"
+    elif kind is list:
         start, end = "[", "]"
     elif kind is tuple:
         start, end = "(", ",)" if len(value) == 1 else ")"
-    elif kind is dict:
-        start, end = "{", "}"
     else:
-        out.append(_scalar(value))
-        return
+        return _scalar(value)
     if maxlevels and depth >= maxlevels:
-        out.append(f"{start}...{end}")
-        return
+        return f"{start}...{end}"
     if id(value) in path:
-        raise _Fallback  # recursive structure
+        raise _Fallback  # a recursive structure: Celery's marker
     path.add(id(value))
-    out.append(start)
-    first = True
+    inner = depth + 1
+    parts: list[str] = []
+    append = parts.append
     if kind is dict:
         for key, item in value.items():
-            if not first:
-                out.append(", ")
-            first = False
-            out.append(_scalar(key))
-            out.append(": ")
-            _emit(item, depth + 1, maxlevels, out, path)
+            sort = type(item)
+            if sort is str:
+                text = "'" + item.replace("'", "\\'") + "'"
+            elif sort is int or sort is bool or sort is float:
+                text = str(item)
+            elif item is None:
+                text = "None"
+            else:
+                text = _render(item, inner, maxlevels, path)
+            if type(key) is str:
+                append("'" + key.replace("'", "\\'") + "': " + text)
+            else:
+                append(_scalar(key) + ": " + text)
     else:
         for item in value:
-            if not first:
-                out.append(", ")
-            first = False
-            _emit(item, depth + 1, maxlevels, out, path)
-    out.append(end)
+            sort = type(item)
+            if sort is str:
+                append("'" + item.replace("'", "\\'") + "'")
+            elif sort is int or sort is bool or sort is float:
+                append(str(item))
+            elif item is None:
+                append("None")
+            else:
+                append(_render(item, inner, maxlevels, path))
     path.discard(id(value))
+    return start + ", ".join(parts) + end
 
 
 def saferepr(value: Any, maxlen: int | None, maxlevels: int = 3) -> str:
     """Exactly ``celery.utils.saferepr.saferepr(value, maxlen, maxlevels=maxlevels)``."""
-    out: list[str] = []
     try:
-        _emit(value, 0, maxlevels, out, set())
+        text = _render(value, 0, maxlevels, set())
     except (_Fallback, ValueError):  # ValueError: an int too long for str(); Celery's says so
         return str(celery_saferepr(value, maxlen, maxlevels=maxlevels))
-    text = "".join(out)
     if maxlen is not None and len(text) >= maxlen:
         return str(celery_saferepr(value, maxlen, maxlevels=maxlevels))  # truncation rules
     return text

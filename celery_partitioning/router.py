@@ -140,18 +140,23 @@ class PartitionRouter:
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
 
-    def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
-        """The Route of a call, or None when ``name`` is not a partitioned task.
+    def _locate(self, plan: _TaskPlan, args: Any, kwargs: Any) -> tuple[str, int, Queue]:
+        """The one place a call becomes a partition: key, index and queue.
 
-        The one place a call becomes a partition: ``explain_route``, the Celery router entry
-        (``__call__``, which ``apply_async`` and ``publish_many`` go through) all use it.
+        ``route`` (``explain_route``) and ``__call__`` (the Celery router entry, which
+        ``apply_async`` and ``publish_many`` go through) both use it.
         """
+        key = plan.binder(args, kwargs)
+        index = plan.index(key)
+        return key, index, self.queue(plan.pool, index)
+
+    def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
+        """The Route of a call, or None when ``name`` is not a partitioned task."""
         plan = self._plan(name, task)
         if plan is None:
             return None
-        key = plan.binder(args, kwargs)
-        index = plan.index(key)
-        return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name)
+        key, index, queue = self._locate(plan, args, kwargs)
+        return Route(name, key, plan.pool, index, plan.partitions, queue.name)
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -170,23 +175,22 @@ class PartitionRouter:
         task: Any = None,
         **_: Any,
     ) -> dict[str, Any] | None:
-        if self._plan(name, task) is None:
+        plan = self._plan(name, task)
+        if plan is None:
             return None
         error = self._registry_error()
         if error is not None:
             raise error
-        route = self.route(name, args, kwargs, task)
-        assert route is not None  # planned above
-        queue = self.queue(route.pool, route.index)
+        key, index, queue = self._locate(plan, args, kwargs)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
             options.get("exchange") is not None or options.get("priority")
         ):
             _reject_fixed_destination(name, options, queue)
         headers = dict(options.get("headers") or ())
-        headers[HEADER_KEY] = route.key
-        headers[HEADER_POOL] = route.pool
-        headers[HEADER_INDEX] = route.index
-        headers[HEADER_COUNT] = route.partitions
+        headers[HEADER_KEY] = key
+        headers[HEADER_POOL] = plan.pool
+        headers[HEADER_INDEX] = index
+        headers[HEADER_COUNT] = plan.partitions
         if HEADER_PUBLISHED_AT not in headers:
             headers[HEADER_PUBLISHED_AT] = time.time()
         # Router results are merged *under* the call's options, so a call that passes its
