@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
@@ -91,7 +92,7 @@ class _Outgoing:
 class _TaskPlan:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
-    __slots__ = ("check_arguments", "dump_pydantic", "exec_options", "shadow_name",
+    __slots__ = ("check_arguments", "dump_pydantic", "exec_options", "result", "shadow_name",
                  "soft_limit_error", "task")
 
     def __init__(self, task: Any) -> None:
@@ -106,6 +107,7 @@ class _TaskPlan:
         self.dump_pydantic = getattr(task, "_dump_pydantic_arguments", None)
         # None means "not set" all the way down (router, message, publish): leave those out.
         self.exec_options = {k: v for k, v in task._get_exec_options().items() if v is not None}
+        self.result = partial(task._get_app().AsyncResult, backend=task.backend, task_name=task.name)
 
 
 #: Hex digit → the same digit with the RFC 4122 variant bits (10xx) set.
@@ -172,14 +174,16 @@ class _Composer:
         return self._quorum
 
     def compose(self, position: int, sig: Any) -> _Outgoing:
-        if not isinstance(sig, Signature) or sig.subtask_type is not None:
+        # A Signature is a dict: read its fields directly (its properties cost a call each).
+        if not isinstance(sig, Signature) or sig.get("subtask_type") is not None:
             kind = getattr(sig, "subtask_type", None) or type(sig).__name__
             raise PartitionKeyError(
                 f"not a single task call ({kind}); publish_many takes task signatures such as "
                 "task.s(...); send a canvas (chain, group, chord) with apply_async"
             )
-        name = sig.task
-        options = dict(sig.options) if sig.options else {}
+        name = sig["task"]
+        options = sig.get("options")
+        options = dict(options) if options else {}
         if options and not SUPPORTED_OPTIONS.issuperset(options):
             unsupported = sorted(set(options) - SUPPORTED_OPTIONS)
             raise PartitionKeyError(
@@ -188,7 +192,7 @@ class _Composer:
             )
         plan = self._task(name)
         task = plan.task
-        args, kwargs = sig.args, sig.kwargs  # as Signature.apply_async passes them (no copies)
+        args, kwargs = sig.get("args"), sig.get("kwargs")  # as apply_async passes them: no copies
         args = () if args is None else args
         kwargs = {} if kwargs is None else kwargs
         # --- Task.apply_async
@@ -203,22 +207,21 @@ class _Composer:
         dump_pydantic = plan.dump_pydantic
         if dump_pydantic is not None and options.get("serializer") != "pickle":
             args, kwargs = dump_pydantic(args, kwargs)
-        options.setdefault("ignore_result", task.ignore_result)
         # --- Celery.send_task
-        task_id = options.pop("task_id", None) or next(self._ids)
-        countdown = options.pop("countdown", None)
-        eta = options.pop("eta", None)
-        retries = options.pop("retries", 0)
-        root_id = options.pop("root_id", None)
-        parent_id = options.pop("parent_id", None)
-        reply_to = options.pop("reply_to", None)
-        add_to_parent = options.pop("add_to_parent", True)
-        time_limit = options.pop("time_limit", None)
-        soft_time_limit = options.pop("soft_time_limit", None)
-        expires = options.pop("expires", None)
-        ignore_result = options.pop("ignore_result", None)
-        argsrepr = options.pop("argsrepr", None)
-        kwargsrepr = options.pop("kwargsrepr", None)
+        if options:
+            pop = options.pop
+            task_id = pop("task_id", None)
+            countdown, eta, retries = pop("countdown", None), pop("eta", None), pop("retries", 0)
+            root_id, parent_id = pop("root_id", None), pop("parent_id", None)
+            reply_to, add_to_parent = pop("reply_to", None), pop("add_to_parent", True)
+            time_limit, soft_time_limit = pop("time_limit", None), pop("soft_time_limit", None)
+            expires, ignore_result = pop("expires", None), pop("ignore_result", task.ignore_result)
+            argsrepr, kwargsrepr = pop("argsrepr", None), pop("kwargsrepr", None)
+        else:  # the common call: no options at all
+            task_id = countdown = eta = root_id = parent_id = reply_to = time_limit = None
+            soft_time_limit = expires = argsrepr = kwargsrepr = None
+            retries, add_to_parent, ignore_result = 0, True, task.ignore_result
+        task_id = task_id or next(self._ids)
         options = self.router.route(options, name, args, kwargs, task)
         if (eta or countdown) and self._quorum_queues():
             raise PartitionKeyError(
@@ -286,7 +289,7 @@ class _Composer:
                 f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
         # Serialized now, so an unserializable call fails before anything is sent.
         content_type, content_encoding, data = _serialize(body, serializer)
-        result = task.AsyncResult(task_id)
+        result = plan.result(task_id)  # what Task.AsyncResult(task_id) returns
         result.ignored = ignore_result
         if add_to_parent and parent:
             parent.add_trail(result)
