@@ -34,6 +34,10 @@ class Command(BaseCommand):
                             help="--unordered: prefork concurrency of each (default 4)")
         parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
         parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default .demo/logs)")
+        parser.add_argument("--publish-with", choices=["publish_many", "apply_async"],
+                            default="publish_many",
+                            help="publish each batch of tasks with publish_many (default) or one "
+                                 "apply_async per task, to compare the publish time")
         parser.add_argument("--keep-keys", action="store_true",
                             help="keep this run's Redis keys (queues, counters) afterwards")
 
@@ -64,6 +68,7 @@ class Command(BaseCommand):
             timeout=options["timeout"], workers=options["workers"],
             plain_workers=options["plain_workers"], plain_concurrency=options["plain_concurrency"],
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
+            publisher=options["publish_with"],
         )
         try:
             result = run_demo(demo, self.stdout._out)
