@@ -156,7 +156,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
                      event: bool) -> dict[str, float]:
     from kombu.serialization import dumps
 
-    from celery_partitioning import publish as pm
+    from celery_partitioning import publish, sending
     from celery_partitioning.fastrepr import saferepr
 
     global _message_size
@@ -173,7 +173,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
 
     sigs = timed("build the signatures", lambda: [task.s(*a, **k) for a, k in calls])
     composed = timed("compose (check, route, Celery message, serialize, AsyncResult)",
-                     lambda: pm._compose_all(part, sigs))
+                     lambda: publish._compose_all(part, sigs))
     timed("  in it: routing (Celery router, PartitionRouter)",
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
@@ -182,11 +182,11 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
           lambda: [dumps(m.raw_body, serializer="json") for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
-        ids = pm._uuid4_strings()
+        ids = sending.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [pm._redis_payload(channel, m, ids) for m in composed])
+              lambda: [sending._redis_payload(channel, m, ids) for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
-              lambda: pm._send_redis(conn, composed, batch, pm._Tracker(composed)))
+              lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))
     payloads = _pushed(client, namespace)
     _message_size = statistics.median(len(p) for p in payloads)
     limit_key = f"{namespace}limit"
