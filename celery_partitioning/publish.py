@@ -49,8 +49,8 @@ SUPPORTED_OPTIONS: Final = frozenset({
 class _TaskPlan:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
-    __slots__ = ("check_arguments", "dump_pydantic", "exec_options", "result", "shadow_name",
-                 "soft_limit_error", "task")
+    __slots__ = ("_template", "check_arguments", "dump_pydantic", "exec_options", "result",
+                 "shadow_name", "soft_limit_error", "task")
 
     def __init__(self, task: Any) -> None:
         from celery.app.task import Task
@@ -65,6 +65,68 @@ class _TaskPlan:
         # None means "not set" all the way down (router, message, publish): leave those out.
         self.exec_options = {k: v for k, v in task._get_exec_options().items() if v is not None}
         self.result = partial(task._get_app().AsyncResult, backend=task.backend, task_name=task.name)
+        self._template: _MessageTemplate | bool | None = False  # False: not built yet
+
+    def template(self, composer: _Composer) -> _MessageTemplate | None:
+        """The task's message template for calls without options (None: Celery's each time)."""
+        if self._template is False:
+            self._template = _MessageTemplate.build(composer, self.task)
+        return self._template  # type: ignore[return-value]
+
+
+class _MessageTemplate:
+    """Celery's task message for one task, built once by ``create_task_message`` and reused.
+
+    A call without options differs from the next one only by its task id (``id``,
+    ``root_id``, ``correlation_id``), its arguments and their reprs. ``build`` asks Celery
+    for two such messages and checks exactly that; anything else differing (a Celery that
+    adds a per-message field, sent events on) means no template: every message is then
+    built by ``create_task_message``.
+    """
+
+    __slots__ = ("embed", "headers", "reply_to")
+
+    #: Headers that carry the task id, and the reprs.
+    VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
+
+    def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
+        self.headers = headers
+        self.reply_to = reply_to
+        self.embed = embed
+
+    @classmethod
+    def build(cls, composer: _Composer, task: Any) -> _MessageTemplate | None:
+        if composer.send_sent_event:
+            return None
+
+        def sample(tag: str) -> Any:
+            return composer.amqp.create_task_message(
+                f"id-{tag}", task.name, (tag,), {tag: tag}, None, None, None, None, None, 0, None,
+                None, None, composer.reply_to, None, None, False, None, None, None, None,
+                ignore_result=task.ignore_result, argsrepr=f"a-{tag}", kwargsrepr=f"k-{tag}",
+                origin=composer.origin)
+
+        one, two = sample("1"), sample("2")
+        headers, properties, body, sent_event = one
+        expected = {"id": "id-1", "root_id": "id-1", "argsrepr": "a-1", "kwargsrepr": "k-1"}
+        if (sent_event is not None or two[3] is not None
+                or {k: headers.get(k) for k in cls.VARYING} != expected
+                or {k: v for k, v in headers.items() if k not in cls.VARYING}
+                != {k: v for k, v in two[0].items() if k not in cls.VARYING}
+                or properties != {"correlation_id": "id-1", "reply_to": composer.reply_to}
+                or two[1] != {"correlation_id": "id-2", "reply_to": composer.reply_to}
+                or not isinstance(body, tuple) or len(body) != 3
+                or body[:2] != (("1",), {"1": "1"}) or body[2] != two[2][2]):
+            return None
+        return cls(headers, composer.reply_to, body[2])
+
+    def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
+                kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
+        headers = self.headers.copy()
+        headers["id"] = headers["root_id"] = task_id
+        headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
+        return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
+                (args, kwargs, self.embed.copy()), None)
 
 
 class _Composer:
@@ -186,13 +248,23 @@ class _Composer:
             argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
         if kwargsrepr is None:
             kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        headers2, properties, body, sent_event = self.amqp.create_task_message(
-            task_id, name, args, kwargs, countdown, eta, None, None, expires, retries, None,
-            None, None, reply_to or self.reply_to, time_limit, soft_time_limit,
-            self.send_sent_event, root_id, parent_id, shadow, None,
-            ignore_result=ignore_result, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
-            origin=self.origin, **options,
-        )
+        # A call whose message only differs from the task's template by id, arguments, reprs.
+        plain = (countdown is None and eta is None and expires is None and not retries
+                 and root_id is None and parent_id is None and reply_to is None
+                 and time_limit is None and soft_time_limit is None and not shadow
+                 and ignore_result == task.ignore_result)
+        template = plan.template(self) if plain else None
+        if template is not None:
+            headers2, properties, body, sent_event = template.message(
+                task_id, args, kwargs, argsrepr, kwargsrepr)
+        else:
+            headers2, properties, body, sent_event = self.amqp.create_task_message(
+                task_id, name, args, kwargs, countdown, eta, None, None, expires, retries, None,
+                None, None, reply_to or self.reply_to, time_limit, soft_time_limit,
+                self.send_sent_event, root_id, parent_id, shadow, None,
+                ignore_result=ignore_result, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
+                origin=self.origin, **options,
+            )
         # --- AMQP.send_task_message
         queue = options.pop("queue", None)
         exchange = options.pop("exchange", None)
