@@ -184,7 +184,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
         channel = conn.default_channel
         ids = sending.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [sending._redis_payload(channel, m, ids) for m in composed])
+              lambda: [sending._redis_payload(m, ids, channel.default_priority) for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
               lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))
     payloads = _pushed(client, namespace)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from base64 import b64encode
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -168,13 +169,10 @@ def _send_redis(conn: Any, messages: Sequence[Outgoing], chunk: int, track: _Tra
         _send_redis_kombu_batch(producer, messages, chunk, track)
 
 
-#: The exchange ``Producer.publish`` falls back to for ``exchange=""`` (its delivery mode).
-_ANONYMOUS_EXCHANGE: Final = Exchange("")  # type: ignore[no-untyped-call]
-
 #: ``Producer.publish`` parameters a message's properties may carry (Celery passes leftover
 #: call options as properties, and ``publish`` binds these by name).
-_PUBLISH_PARAMETERS: Final = ("priority", "mandatory", "immediate", "expiration", "timeout",
-                              "confirm_timeout")
+_PUBLISH_PARAMETERS: Final = frozenset({"priority", "mandatory", "immediate", "expiration",
+                                        "timeout", "confirm_timeout"})
 
 
 def _plain_redis_put(msg: Outgoing) -> bool:
@@ -189,29 +187,39 @@ def _plain_redis_put(msg: Outgoing) -> bool:
             and (queue is None or (getattr(queue, "expires", None) is None and "x-expires" not in arguments)))
 
 
-def _redis_payload(channel: Any, msg: Outgoing, ids: Iterator[str]) -> str:
-    """The JSON kombu's Redis transport LPUSHes for ``msg``: ``Producer.publish`` (body bytes,
-    delivery mode, expiration), ``Channel.prepare_message`` (the envelope) and
-    ``basic_publish`` (body encoding, delivery tag and info), in their order."""
+def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int) -> str:
+    """The JSON kombu's Redis transport LPUSHes for ``msg`` (a ``_plain_redis_put`` one).
+
+    What ``Producer.publish`` (body bytes, delivery mode, expiration),
+    ``Channel.prepare_message`` (the envelope) and ``Channel.basic_publish`` (base64 body,
+    delivery tag and info) build, in their order; ``tests/test_publish_many.py`` compares
+    it with what ``apply_async`` writes, key order included.
+    """
     body, content_encoding = msg.body, msg.content_encoding
-    if isinstance(body, str):
+    if type(body) is str:
         content_encoding = content_encoding or "utf-8"
         body = body.encode(content_encoding)
     elif not content_encoding:
         content_encoding = "binary"
-    properties = dict(msg.properties)
-    named = {name: properties.pop(name) for name in _PUBLISH_PARAMETERS if name in properties}
-    properties["delivery_mode"] = maybe_delivery_mode(  # type: ignore[no-untyped-call]
-        msg.delivery_mode or _ANONYMOUS_EXCHANGE.delivery_mode)
-    if named.get("expiration") is not None:
-        properties["expiration"] = str(int(named["expiration"] * 1000))
-    message = channel.prepare_message(body, named.get("priority", 0), msg.content_type,
-                                      content_encoding, msg.headers, properties)
-    message["body"], body_encoding = channel.encode_body(message["body"], channel.body_encoding)
-    props = message["properties"]
-    props.update(body_encoding=body_encoding, delivery_tag=next(ids))
-    props["delivery_info"].update(exchange=msg.exchange, routing_key=msg.routing_key)
-    return _JSON.encode(message)  # what kombu.utils.json.dumps does, without a new encoder
+    properties = msg.properties.copy()
+    expiration = None
+    if not _PUBLISH_PARAMETERS.isdisjoint(properties):
+        for name in _PUBLISH_PARAMETERS.intersection(properties):
+            value = properties.pop(name)
+            if name == "expiration":
+                expiration = value
+    properties["delivery_mode"] = maybe_delivery_mode(msg.delivery_mode)  # type: ignore[no-untyped-call]
+    if expiration is not None:
+        properties["expiration"] = str(int(expiration * 1000))
+    info = properties.setdefault("delivery_info", {})
+    properties.setdefault("priority", default_priority)
+    properties["body_encoding"] = "base64"
+    properties["delivery_tag"] = next(ids)
+    info["exchange"], info["routing_key"] = msg.exchange, msg.routing_key
+    return _JSON.encode({  # what kombu.utils.json.dumps does, without a new encoder each time
+        "body": b64encode(body).decode(), "content-encoding": content_encoding,
+        "content-type": msg.content_type, "headers": msg.headers or {}, "properties": properties,
+    })
 
 
 def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int,
@@ -223,6 +231,7 @@ def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int
     kombu builds without retries, so a failed round trip is never replayed.
     """
     ids = uuid4_strings()
+    default_priority = channel.default_priority
     with channel.conn_or_acquire() as client:
         for part in _chunks(messages, chunk):
             pipe = client.pipeline(transaction=True)
@@ -230,7 +239,7 @@ def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int
                 queues: dict[str, list[str]] = {}
                 for msg in part:
                     _before(msg)
-                    payload = _redis_payload(channel, msg, ids)
+                    payload = _redis_payload(msg, ids, default_priority)
                     pushed = queues.get(msg.routing_key)
                     if pushed is None:
                         queues[msg.routing_key] = [payload]
