@@ -148,11 +148,16 @@ class _Tracker:
 
 
 def _declare(producer: Any, messages: Sequence[Outgoing]) -> None:
+    """Declare each queue of the batch once per connection, as ``apply_async`` does (through
+    kombu's ``maybe_declare`` and the connection's cache of declared entities)."""
     seen: dict[int, Queue] = {}
     for msg in messages:
         for entity in msg.declare:
             seen.setdefault(id(entity), entity)
+    declared = producer.channel.connection.client.declared_entities
     for entity in seen.values():
+        if entity.can_cache_declaration and hash(entity) in declared:
+            continue  # what maybe_declare would find, without binding a copy of the queue first
         maybe_declare(  # type: ignore[no-untyped-call]
             entity, producer.channel, retry=True, **messages[0].retry_policy)
 
@@ -232,34 +237,34 @@ def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int
     """
     ids = uuid4_strings()
     default_priority = channel.default_priority
-    with channel.conn_or_acquire() as client:
-        for part in _chunks(messages, chunk):
-            pipe = client.pipeline(transaction=True)
-            try:
-                queues: dict[str, list[str]] = {}
-                for msg in part:
-                    _before(msg)
-                    payload = _redis_payload(msg, ids, default_priority)
-                    pushed = queues.get(msg.routing_key)
-                    if pushed is None:
-                        queues[msg.routing_key] = [payload]
-                    else:
-                        pushed.append(payload)
-                # LPUSH q a b c leaves q exactly as LPUSH q a; LPUSH q b; LPUSH q c would:
-                # one command (and one reply) per queue instead of per message.
-                for queue, payloads in queues.items():
-                    pipe.lpush(queue, *payloads)
-            except Exception as exc:
-                pipe.reset()
-                raise track.failed(0, exc, "building a Redis pipeline") from exc
-            try:
-                pipe.execute()
-            except Exception as exc:
-                raise track.failed(len(part), exc, "a Redis MULTI/EXEC round trip") from exc
-            finally:
-                pipe.reset()
-            track.confirmed += len(part)
-            _after(part)
+    client = channel.client  # the channel's own publishing client (kombu's cached one)
+    for part in _chunks(messages, chunk):
+        pipe = client.pipeline(transaction=True)
+        try:
+            queues: dict[str, list[str]] = {}
+            for msg in part:
+                _before(msg)
+                payload = _redis_payload(msg, ids, default_priority)
+                pushed = queues.get(msg.routing_key)
+                if pushed is None:
+                    queues[msg.routing_key] = [payload]
+                else:
+                    pushed.append(payload)
+            # LPUSH q a b c leaves q exactly as LPUSH q a; LPUSH q b; LPUSH q c would:
+            # one command (and one reply) per queue instead of per message.
+            for queue, payloads in queues.items():
+                pipe.lpush(queue, *payloads)
+        except Exception as exc:
+            pipe.reset()
+            raise track.failed(0, exc, "building a Redis pipeline") from exc
+        try:
+            pipe.execute()
+        except Exception as exc:
+            raise track.failed(len(part), exc, "a Redis MULTI/EXEC round trip") from exc
+        finally:
+            pipe.reset()
+        track.confirmed += len(part)
+        _after(part)
 
 
 def _send_redis_kombu_batch(producer: Any, messages: Sequence[Outgoing], chunk: int,
