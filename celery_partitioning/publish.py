@@ -25,7 +25,7 @@ from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .sending import Outgoing, send, serialize, uuid4_strings
+from .sending import HeaderJSON, Outgoing, send, serialize, uuid4_strings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -84,7 +84,7 @@ class _MessageTemplate:
     built by ``create_task_message``.
     """
 
-    __slots__ = ("embed", "headers", "reply_to")
+    __slots__ = ("embed", "header_json", "headers", "reply_to")
 
     #: Headers that carry the task id, and the reprs.
     VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
@@ -93,6 +93,7 @@ class _MessageTemplate:
         self.headers = headers
         self.reply_to = reply_to
         self.embed = embed
+        self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
 
     @classmethod
     def build(cls, composer: _Composer, task: Any) -> _MessageTemplate | None:
@@ -252,7 +253,8 @@ class _Composer:
         plain = (countdown is None and eta is None and expires is None and not retries
                  and root_id is None and parent_id is None and reply_to is None
                  and time_limit is None and soft_time_limit is None and not shadow
-                 and ignore_result == task.ignore_result)
+                 and ignore_result == task.ignore_result and type(task_id) is str
+                 and type(argsrepr) is str and type(kwargsrepr) is str)
         template = plan.template(self) if plain else None
         if template is not None:
             headers2, properties, body, sent_event = template.message(
@@ -276,6 +278,9 @@ class _Composer:
         headers = options.pop("headers", None)
         if headers:
             headers2.update(headers)
+        header_json = None
+        if template is not None and (not headers or template.header_json.keys.isdisjoint(headers)):
+            header_json = template.header_json  # the headers are the template's, then the router's
         properties.update(options)
         qname = queue
         if queue is None and exchange is None:
@@ -312,7 +317,8 @@ class _Composer:
             headers=headers2,
             properties=properties, delivery_mode=delivery_mode,
             declare=[queue] if queue is not None else [], retry_policy=self.default_policy,
-            sent_event=sent_event, raw_body=body, result=result,
+            sent_event=sent_event, raw_body=body, result=result, header_json=header_json,
+            extra_headers=headers,
         )
 
 

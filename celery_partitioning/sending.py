@@ -15,11 +15,13 @@ Every sender keeps a ``_Tracker`` of the positions the broker confirmed, so a fa
 from __future__ import annotations
 
 import os
+import re
 import time
 from base64 import b64encode
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
-__all__ = ["Outgoing", "send", "serialize", "uuid4_strings", "CONFIRM_TIMEOUT"]
+__all__ = ["Outgoing", "HeaderJSON", "send", "serialize", "uuid4_strings", "CONFIRM_TIMEOUT"]
 
 #: Seconds to wait for the publisher confirms of one chunk (RabbitMQ).
 CONFIRM_TIMEOUT: Final = 30.0
@@ -64,6 +66,44 @@ class Outgoing:
     sent_event: dict[str, Any] | None
     raw_body: Any
     result: AsyncResult
+    #: Set when the headers are a task template's plus ``extra_headers`` (see ``HeaderJSON``).
+    header_json: HeaderJSON | None = None
+    extra_headers: dict[str, Any] | None = None
+
+
+class HeaderJSON:
+    """The JSON of a task template's headers, pre-encoded around the fields that vary.
+
+    ``_JSON.encode`` of the template's headers with a marker in each varying field, split
+    at the markers: a message's headers JSON is then the pieces joined with its own id and
+    reprs, plus the headers the router added. Same bytes as encoding the whole dict (the
+    same encoder produced the pieces), a quarter of the work.
+    """
+
+    __slots__ = ("fields", "keys", "pieces")
+
+    def __init__(self, headers: dict[str, Any], varying: Sequence[str]) -> None:
+        marked = dict(headers)
+        for name in varying:
+            marked[name] = f"\x00{name}\x00"
+        text = _JSON.encode(marked)
+        assert text.endswith("}")
+        split = re.split('"\\\\u0000(' + "|".join(map(re.escape, varying)) + ')\\\\u0000"',
+                         text[:-1])
+        self.pieces = split[0::2]
+        self.fields = split[1::2]
+        self.keys = frozenset(headers)
+
+    def encode(self, headers: dict[str, Any], extra: dict[str, Any] | None) -> str:
+        pieces, out = self.pieces, [self.pieces[0]]
+        for index, name in enumerate(self.fields, 1):
+            out.append(_quote(headers[name]))
+            out.append(pieces[index])
+        if extra:
+            out.append(", ")
+            out.append(_JSON.encode(extra)[1:-1])
+        out.append("}")
+        return "".join(out)
 
 
 #: Hex digit → the same digit with the RFC 4122 variant bits (10xx) set.
@@ -221,10 +261,19 @@ def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int) -> 
     properties["body_encoding"] = "base64"
     properties["delivery_tag"] = next(ids)
     info["exchange"], info["routing_key"] = msg.exchange, msg.routing_key
-    return _JSON.encode({  # what kombu.utils.json.dumps does, without a new encoder each time
-        "body": b64encode(body).decode(), "content-encoding": content_encoding,
-        "content-type": msg.content_type, "headers": msg.headers or {}, "properties": properties,
-    })
+    if msg.header_json is None or signals.before_task_publish.receivers:
+        return _JSON.encode({  # what kombu.utils.json.dumps does, without a new encoder each time
+            "body": b64encode(body).decode(), "content-encoding": content_encoding,
+            "content-type": msg.content_type, "headers": msg.headers or {},
+            "properties": properties,
+        })
+    # The same bytes, with the headers from their pre-encoded template (base64 needs no escapes).
+    return "".join((
+        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
+        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
+        msg.header_json.encode(msg.headers, msg.extra_headers), ', "properties": ',
+        _JSON.encode(properties), "}",
+    ))
 
 
 def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int,
