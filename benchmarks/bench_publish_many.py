@@ -87,46 +87,49 @@ def _calls(count: int, event: bool) -> list[tuple[tuple[Any, ...], dict[str, Any
 
 
 def _variants(plain: Celery, part: Celery, messages: int, batch: int, event: bool,
-              clear: Callable[[], None]) -> dict[str, Callable[[], float]]:
+              clear: Callable[[], None], cpu: dict[str, list[float]]) -> dict[str, Callable[[], float]]:
+    """name → one round (returns wall µs/msg; appends client CPU µs/msg to ``cpu[name]``)."""
     plain_task, part_task = plain.tasks["bench.many.plain"], part.tasks["bench.many.part"]
     calls = _calls(messages, event)
 
-    def loop(task: Any) -> Callable[[], float]:
-        def go() -> float:
-            start = time.perf_counter()
+    def loop(task: Any) -> Callable[[], None]:
+        def go() -> None:
             for args, kwargs in calls:
                 task.apply_async(args, kwargs)
-            return (time.perf_counter() - start) / messages * 1e6
         return go
 
-    def many() -> float:
-        start = time.perf_counter()
+    def many() -> None:
         for first in range(0, messages, batch):
             publish_many([part_task.s(*args, **kwargs) for args, kwargs in calls[first:first + batch]],
                          app=part)
-        return (time.perf_counter() - start) / messages * 1e6
 
-    def clearing(fn: Callable[[], float]) -> Callable[[], float]:
+    def timed(name: str, fn: Callable[[], None]) -> Callable[[], float]:
         def go() -> float:
             try:
-                return fn()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                cpu.setdefault(name, []).append((time.process_time() - start_cpu) / messages * 1e6)
+                return (time.perf_counter() - start) / messages * 1e6
             finally:
                 clear()
         return go
 
-    return {"apply_async (plain Celery)": clearing(loop(plain_task)),
-            "apply_async (partitioned)": clearing(loop(part_task)),
-            f"publish_many (batches of {batch})": clearing(many)}
+    return {"apply_async (plain Celery)": timed("apply_async (plain Celery)", loop(plain_task)),
+            "apply_async (partitioned)": timed("apply_async (partitioned)", loop(part_task)),
+            f"publish_many (batches of {batch})": timed(f"publish_many (batches of {batch})", many)}
 
 
-def _throughput_table(title: str, results: dict[str, list[float]]) -> Table:
-    table = Table(title, ["variant", "µs/msg median", "µs/msg best", "msg/s (median)",
-                          "speed-up vs plain apply_async (median)", "speed-up (best)"])
-    base = results["apply_async (plain Celery)"]
+def _throughput_table(title: str, results: dict[str, list[float]],
+                      cpu: dict[str, list[float]]) -> Table:
+    table = Table(title, ["variant", "wall µs/msg median", "wall µs/msg best", "msg/s (median)",
+                          "speed-up (median)", "speed-up (best)", "client CPU µs/msg median",
+                          "CPU speed-up (median)"])
+    base, base_cpu = results["apply_async (plain Celery)"], cpu["apply_async (plain Celery)"]
     for name, timings in results.items():
         med = statistics.median(timings)
+        cpu_med = statistics.median(cpu[name])
         table.add(name, med, min(timings), 1e6 / med, statistics.median(base) / med,
-                  min(base) / min(timings))
+                  min(base) / min(timings), cpu_med, statistics.median(base_cpu) / cpu_med)
     return table
 
 
@@ -154,8 +157,6 @@ _message_size = 0.0
 
 def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: int,
                      event: bool) -> dict[str, float]:
-    from kombu.serialization import dumps
-
     from celery_partitioning import publish, sending
     from celery_partitioning.fastrepr import saferepr
 
@@ -178,8 +179,8 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
                                                      for a, k in calls])
-    timed("  in it: body serialization (kombu json)",
-          lambda: [dumps(m.raw_body, serializer="json") for m in composed])
+    timed("  in it: body serialization (kombu's json encoder)",
+          lambda: [sending.serialize(m.raw_body, "json") for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
         ids = sending.uuid4_strings()
@@ -259,13 +260,15 @@ def run(messages: int, batch: int, rounds: int, event: bool, amqp_url: str | Non
         client = redis.Redis.from_url(url)
         clear = _clear_redis(client, ns)
         try:
-            variants = _variants(plain, part, messages, batch, event, clear)
+            cpu: dict[str, list[float]] = {}
+            variants = _variants(plain, part, messages, batch, event, clear, cpu)
             for publish in variants.values():  # warm up
                 publish()
+            cpu.clear()
             results = interleaved(variants, rounds)
             tables.append(_throughput_table(
                 f"Redis: publish_many vs apply_async ({rounds} interleaved rounds x {messages} "
-                f"messages, {shape}; {machine()})", results))
+                f"messages, {shape}; {machine()})", results, cpu))
             tables[-1].print()
             tables.append(_breakdown(part, url, ns, batch=batch, event=event, rounds=rounds,
                                      clear=clear))
@@ -278,14 +281,18 @@ def run(messages: int, batch: int, rounds: int, event: bool, amqp_url: str | Non
         ns = f"cpbench-many-{os.getpid()}-"
         plain, part = make_apps(amqp_url, ns)
         try:
-            variants = _variants(plain, part, messages, batch, event, _clear_amqp(amqp_url, ns))
+            amqp_cpu: dict[str, list[float]] = {}
+            variants = _variants(plain, part, messages, batch, event, _clear_amqp(amqp_url, ns),
+                                 amqp_cpu)
             for publish in variants.values():
                 publish()
-            results = interleaved(variants, max(3, rounds // 3))
+            amqp_cpu.clear()
+            amqp_rounds = max(3, rounds // 2)
+            results = interleaved(variants, amqp_rounds)
             tables.append(_throughput_table(
-                f"RabbitMQ: publish_many (publisher confirms per batch) vs apply_async "
-                f"({max(3, rounds // 3)} interleaved rounds x {messages} messages, {shape}; "
-                f"{machine()})", results))
+                f"RabbitMQ: publish_many (waits for publisher confirms) vs apply_async (does not) "
+                f"({amqp_rounds} interleaved rounds x {messages} messages, {shape}; "
+                f"{machine()})", results, amqp_cpu))
             tables[-1].print()
         finally:
             plain.close()
