@@ -84,7 +84,7 @@ class _MessageTemplate:
     built by ``create_task_message``.
     """
 
-    __slots__ = ("embed", "header_json", "headers", "reply_to")
+    __slots__ = ("embed", "header_json", "headers", "mutable", "reply_to")
 
     #: Headers that carry the task id, and the reprs.
     VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
@@ -94,6 +94,9 @@ class _MessageTemplate:
         self.reply_to = reply_to
         self.embed = embed
         self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
+        #: Headers holding a list or dict (``timelimit``, ``stamps``): copied per message, so
+        #: that a receiver changing one message's changes no other.
+        self.mutable = tuple(k for k, v in headers.items() if isinstance(v, (list, dict)))
 
     @classmethod
     def build(cls, composer: _Composer, task: Any) -> _MessageTemplate | None:
@@ -124,6 +127,8 @@ class _MessageTemplate:
     def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
                 kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
         headers = self.headers.copy()
+        for name in self.mutable:
+            headers[name] = headers[name].copy()
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
         return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
@@ -160,6 +165,8 @@ class _Composer:
         self._quorum: bool | None = None
         self._tasks: dict[str, _TaskPlan] = {}
         self._ids = uuid4_strings()
+        #: Positions whose results join the calling task's trail (``add_to_parent``).
+        self.trails: list[int] = []
 
     def _task(self, name: str) -> _TaskPlan:
         plan = self._tasks.get(name)
@@ -309,7 +316,7 @@ class _Composer:
         result = plan.result(task_id)  # what Task.AsyncResult(task_id) returns
         result.ignored = ignore_result
         if add_to_parent and parent:
-            parent.add_trail(result)
+            self.trails.append(position)  # added to the parent's trail once published
         return Outgoing(
             position=position, name=name, task_id=task_id, queue=queue, exchange=exchange,
             routing_key=routing_key, body=data, content_type=content_type,
@@ -322,8 +329,9 @@ class _Composer:
         )
 
 
-def _compose_all(app: Celery, signatures: Sequence[Any]) -> list[Outgoing]:
-    composer = _Composer(app)
+def _compose_all(app: Celery, signatures: Sequence[Any],
+                 composer: _Composer | None = None) -> list[Outgoing]:
+    composer = composer if composer is not None else _Composer(app)
     out = []
     for position, sig in enumerate(signatures):
         try:
@@ -386,6 +394,19 @@ def publish_many(
     app = _app_of(app, sigs)
     if app.conf.task_always_eager:
         return [sig.apply_async() for sig in sigs]
-    messages = _compose_all(app, sigs)
-    send(app, messages, chunk_size)
+    composer = _Composer(app)
+    messages = _compose_all(app, sigs, composer)
+    try:
+        send(app, messages, chunk_size)
+    except PublishManyError as exc:
+        _add_trails(composer, messages, set(exc.published))
+        raise
+    _add_trails(composer, messages, None)
     return [m.result for m in messages]
+
+
+def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None) -> None:
+    """Inside a task: the published calls' results join its trail, as apply_async's do."""
+    for position in composer.trails:
+        if only is None or position in only:
+            composer.parent.add_trail(messages[position].result)
