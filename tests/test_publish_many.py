@@ -183,6 +183,21 @@ def test_calls_of_plain_tasks_go_where_celery_routes_them(app: Celery, namespace
     assert len(consumed_order(client, f"{namespace}{route.queue}")) == 2
 
 
+def test_a_priority_message_goes_where_kombu_puts_it(app: Celery, namespace: str,
+                                                      client: redis.Redis) -> None:
+    # A plain task may use priorities: kombu's Redis transport keeps a list per priority step,
+    # which publish_many leaves to kombu's own publish batch.
+    plain = app.tasks["pm.plain"]
+    plain.apply_async((1,), priority=5, task_id="id-apply")
+    publish_many([plain.s(2).set(priority=5, task_id="id-many"), plain.s(3)], app=app)
+    queue = f"{namespace}{namespace}plain"
+    stepped = [k for k in lists_of(client, namespace) if k.decode().startswith(queue + "\x06\x16")]
+    assert len(stepped) == 1
+    ids = [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange(stepped[0], 0, -1))]
+    assert ids == ["id-apply", "id-many"]
+    assert [json.loads(raw)["headers"]["argsrepr"] for raw in client.lrange(queue, 0, -1)] == ["(3,)"]
+
+
 # --- all or nothing ------------------------------------------------------------------------------
 
 def _bad_calls(app: Celery, namespace: str) -> dict[str, tuple[Any, str]]:
