@@ -164,6 +164,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
     task = part.tasks["bench.many.part"]
     calls = _calls(batch, event)
     router = part.amqp.router
+    codec = sending.JSONCodec()
     out: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -180,12 +181,13 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
                                                      for a, k in calls])
     timed("  in it: body serialization (kombu's json encoder)",
-          lambda: [sending.serialize(m.raw_body, "json") for m in composed])
+          lambda: [codec.serialize(m.raw_body, "json") for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
         ids = sending.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [sending._redis_payload(m, ids, channel.default_priority) for m in composed])
+              lambda: [sending._redis_payload(m, ids, channel.default_priority, codec)
+                       for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
               lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))
     payloads = _pushed(client, namespace)

@@ -25,7 +25,7 @@ from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .sending import HeaderJSON, Outgoing, send, serialize, uuid4_strings
+from .sending import HeaderJSON, JSONCodec, Outgoing, send, uuid4_strings
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -165,6 +165,7 @@ class _Composer:
         self._quorum: bool | None = None
         self._tasks: dict[str, _TaskPlan] = {}
         self._ids = uuid4_strings()
+        self.codec = JSONCodec()
         #: Positions whose results join the calling task's trail (``add_to_parent``).
         self.trails: list[int] = []
 
@@ -312,7 +313,7 @@ class _Composer:
             raise PartitionKeyError(
                 f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
         # Serialized now, so an unserializable call fails before anything is sent.
-        content_type, content_encoding, data = serialize(body, serializer)
+        content_type, content_encoding, data = self.codec.serialize(body, serializer)
         result = plan.result(task_id)  # what Task.AsyncResult(task_id) returns
         result.ignored = ignore_result
         if add_to_parent and parent:

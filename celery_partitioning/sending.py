@@ -14,6 +14,7 @@ Every sender keeps a ``_Tracker`` of the positions the broker confirmed, so a fa
 
 from __future__ import annotations
 
+import json.encoder
 import os
 import re
 import time
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
-__all__ = ["Outgoing", "HeaderJSON", "send", "serialize", "uuid4_strings", "CONFIRM_TIMEOUT"]
+__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "send", "serialize", "uuid4_strings", "CONFIRM_TIMEOUT"]
 
 #: Seconds to wait for the publisher confirms of one chunk (RabbitMQ).
 CONFIRM_TIMEOUT: Final = 30.0
@@ -97,14 +98,15 @@ class HeaderJSON:
         self.fields = split[1::2]
         self.keys = frozenset(headers)
 
-    def encode(self, headers: dict[str, Any], extra: dict[str, Any] | None) -> str:
+    def encode(self, headers: dict[str, Any], extra: dict[str, Any] | None,
+               codec: JSONCodec) -> str:
         pieces, out = self.pieces, [self.pieces[0]]
         for index, name in enumerate(self.fields, 1):
             out.append(_quote(headers[name]))
             out.append(pieces[index])
         if extra:
             out.append(", ")
-            out.append(_JSON.encode(extra)[1:-1])
+            out.append(codec.encode(extra)[1:-1])
         out.append("}")
         return "".join(out)
 
@@ -127,17 +129,45 @@ _JSON: Final = JSONEncoder()
 
 
 def serialize(body: Any, serializer: str) -> tuple[str, str, Any]:
-    """kombu's serialization, as ``Producer.publish`` does it: (content type, encoding, data).
-
-    kombu's stock ``json`` (the default) is run with one reused encoder: the same output
-    without building an encoder per message.
-    """
-    if serializer == "json" and _stock_json():
-        try:
-            return "application/json", "utf-8", _JSON.encode(body)
-        except Exception as exc:  # what kombu's registry raises for an unserializable body
-            raise EncodeError(exc) from exc
+    """kombu's serialization, as ``Producer.publish`` does it: (content type, encoding, data)."""
     return _kombu_dumps(body, serializer=serializer)  # type: ignore[no-any-return,no-untyped-call]
+
+
+class JSONCodec:
+    """kombu's JSON, with the encoder built once per batch instead of once per call.
+
+    ``kombu.utils.json.dumps`` (so ``json.dumps``) builds a new encoder object for every
+    value: that costs more than encoding a small dict. This builds the same C encoder the
+    standard library would (kombu's ``default``, ASCII output, ``", "`` and ``": "``) and
+    reuses it, so the output is the same bytes. One per batch and thread: its circular
+    reference markers are per encoder.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        make = getattr(json.encoder, "c_make_encoder", None)
+        self._encoder = None if make is None else make(
+            {}, _JSON.default, _quote, None, ": ", ", ", False, False, True)
+
+    def encode(self, value: Any) -> str:
+        if self._encoder is None:
+            return _JSON.encode(value)
+        try:
+            return "".join(self._encoder(value, 0))
+        except BaseException:
+            self._reset()  # its markers may keep the failed value's containers
+            raise
+
+    def serialize(self, body: Any, serializer: str) -> tuple[str, str, Any]:
+        """``serialize``, with this encoder while kombu's registry maps json to its own."""
+        if serializer == "json" and _stock_json():
+            try:
+                return "application/json", "utf-8", self.encode(body)
+            except Exception as exc:  # what kombu's registry raises for an unserializable body
+                raise EncodeError(exc) from exc
+        return serialize(body, serializer)
 
 
 def _stock_json() -> bool:
@@ -252,7 +282,8 @@ def _plain_redis_put(msg: Outgoing) -> bool:
             and (queue is None or (getattr(queue, "expires", None) is None and "x-expires" not in arguments)))
 
 
-def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int) -> str:
+def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
+                   codec: JSONCodec) -> str:
     """The JSON kombu's Redis transport LPUSHes for ``msg`` (a ``_plain_redis_put`` one).
 
     What ``Producer.publish`` (body bytes, delivery mode, expiration),
@@ -282,7 +313,7 @@ def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int) -> 
     properties["delivery_tag"] = next(ids)
     info["exchange"], info["routing_key"] = msg.exchange, msg.routing_key
     if msg.header_json is None or signals.before_task_publish.receivers:
-        return _JSON.encode({  # what kombu.utils.json.dumps does, without a new encoder each time
+        return codec.encode({  # what kombu.utils.json.dumps does
             "body": b64encode(body).decode(), "content-encoding": content_encoding,
             "content-type": msg.content_type, "headers": msg.headers or {},
             "properties": properties,
@@ -291,8 +322,8 @@ def _redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int) -> 
     return "".join((
         '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
         ', "content-type": ', _quote(msg.content_type), ', "headers": ',
-        msg.header_json.encode(msg.headers, msg.extra_headers), ', "properties": ',
-        _JSON.encode(properties), "}",
+        msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
+        codec.encode(properties), "}",
     ))
 
 
@@ -306,6 +337,7 @@ def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int
     """
     ids = uuid4_strings()
     default_priority = channel.default_priority
+    codec = JSONCodec()
     client = channel.client  # the channel's own publishing client (kombu's cached one)
     for part in _chunks(messages, chunk):
         pipe = client.pipeline(transaction=True)
@@ -313,7 +345,7 @@ def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int
             queues: dict[str, list[str]] = {}
             for msg in part:
                 _before(msg)
-                payload = _redis_payload(msg, ids, default_priority)
+                payload = _redis_payload(msg, ids, default_priority, codec)
                 pushed = queues.get(msg.routing_key)
                 if pushed is None:
                     queues[msg.routing_key] = [payload]
