@@ -157,14 +157,14 @@ _message_size = 0.0
 
 def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: int,
                      event: bool) -> dict[str, float]:
-    from celery_partitioning import publish, sending
+    from celery_partitioning import payload, publish, sending
     from celery_partitioning.fastrepr import saferepr
 
     global _message_size
     task = part.tasks["bench.many.part"]
     calls = _calls(batch, event)
     router = part.amqp.router
-    codec = sending.JSONCodec()
+    codec = payload.JSONCodec()
     out: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -184,9 +184,9 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
           lambda: [codec.serialize(m.raw_body, "json") for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
-        ids = sending.uuid4_strings()
+        ids = payload.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [sending._redis_payload(m, ids, channel.default_priority, codec)
+              lambda: [payload.redis_payload(m, ids, channel.default_priority, codec)
                        for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
               lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))

@@ -25,7 +25,8 @@ from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .sending import HeaderJSON, JSONCodec, Outgoing, send, uuid4_strings
+from .payload import HeaderJSON, JSONCodec, Outgoing, uuid4_strings
+from .sending import send
 
 if TYPE_CHECKING:
     from celery import Celery
