@@ -385,8 +385,8 @@ def publish_many(
       ``published``, ``unconfirmed`` and ``not_sent``.
     * ``before_task_publish`` fires for each message before its chunk is sent;
       ``after_task_publish`` after the broker confirmed the chunk (only when receivers
-      are connected). Under ``task_always_eager`` every call runs eagerly through
-      ``apply_async``, in order.
+      are connected). Under ``task_always_eager`` every call is checked as above first,
+      then each runs eagerly through its ``apply_async``, in order.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -394,10 +394,10 @@ def publish_many(
     if not sigs:
         return []
     app = _app_of(app, sigs)
+    composer = _Composer(app)
+    messages = _compose_all(app, sigs, composer)  # every check first, in eager mode too
     if app.conf.task_always_eager:
         return [sig.apply_async() for sig in sigs]
-    composer = _Composer(app)
-    messages = _compose_all(app, sigs, composer)
     try:
         send(app, messages, chunk_size)
     except PublishManyError as exc:

@@ -294,11 +294,24 @@ def test_results_are_usable_with_a_result_backend(redis_url: str, namespace: str
         app.close()
 
 
-def test_eager_mode_runs_every_call_through_apply_async(redis_url: str, namespace: str) -> None:
+def test_eager_mode_checks_every_call_then_runs_each_through_apply_async(
+        redis_url: str, namespace: str) -> None:
     app = make_app(redis_url, namespace, task_always_eager=True)
+    ran: list[int] = []
+
+    @app.task(name="pm.recorded", shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def recorded(order_id: str, seq: int) -> int:
+        ran.append(seq)
+        return seq
+
     try:
-        plain = app.tasks["pm.plain"]
-        assert [r.get() for r in publish_many([plain.s(1), plain.s(2)], app=app)] == [2, 4]
+        assert [r.get() for r in publish_many([recorded.s("ord-1", 0), recorded.s("ord-1", 1)],
+                                              app=app)] == [0, 1]
+        assert ran == [0, 1]
+        with pytest.raises(PartitionKeyError, match="call 1"):
+            publish_many([recorded.s("ord-1", 2), recorded.s(seq=3)], app=app)
+        assert ran == [0, 1]  # the good call before the bad one did not run either
     finally:
         app.close()
 
