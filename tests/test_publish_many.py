@@ -280,6 +280,50 @@ def test_publish_signals_fire_per_message_after_before(app: Celery) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_task_sent_events_are_sent_when_the_app_asks_for_them(redis_url: str,
+                                                             namespace: str) -> None:
+    import threading
+
+    app = make_app(redis_url, namespace, task_send_sent_event=True)
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+    conn = app.connection_for_read()
+
+    def on_sent(event: dict[str, Any]) -> None:
+        seen.append(event)
+        receiver.should_stop = len(seen) >= 3
+
+    receiver = app.events.Receiver(conn, handlers={"task-sent": on_sent})
+    consume_ready = receiver.on_consume_ready
+
+    def on_consume_ready(*args: Any, **kwargs: Any) -> None:
+        consume_ready(*args, **kwargs)
+        ready.set()
+
+    receiver.on_consume_ready = on_consume_ready
+
+    def listen() -> None:
+        for _ in receiver.consume(safety_interval=0.2, wakeup=False):
+            pass  # until on_sent has seen three, or the test is over (should_stop)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        assert ready.wait(20)
+        task = app.tasks["pm.item_added"]
+        results = publish_many([task.s(f"ord-{i}", i) for i in range(3)], app=app)
+        listener.join(timeout=20)
+    finally:
+        receiver.should_stop = True
+        listener.join(timeout=5)
+        conn.close()
+        app.close()
+    assert [e["uuid"] for e in seen] == [r.id for r in results]
+    route = explain_route(app, "pm.item_added", "ord-0", 0)
+    assert seen[0]["queue"] == route.queue and seen[0]["name"] == "pm.item_added"
+
+
+@pytest.mark.timeout(60)
 def test_results_are_usable_with_a_result_backend(redis_url: str, namespace: str) -> None:
     from celery.contrib.testing.worker import start_worker
 
