@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TEST_REDIS_URL ?= $(or $(REDIS_URL),redis://127.0.0.1:6379/15)
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: help install demo test lint unit integration bench soak clean
+.PHONY: help install demo test lint unit integration bench soak compat clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -33,6 +33,23 @@ test: lint  ## lint, then the whole suite against a real Redis (a private one is
 unit: $(BIN)/.installed  ## only the tests that need no broker
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
+#: The oldest Celery and kombu setup.cfg allows, in a virtualenv of their own.
+OLDEST_VENV ?= .venv-oldest
+COMPAT_TESTS ?= tests/test_layering.py tests/test_routing.py tests/test_binding.py tests/test_retry.py \
+	tests/test_worker_guards.py tests/test_worker_parts.py tests/test_worker_ordering.py \
+	tests/test_retry_integration.py
+
+$(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" "celery==5.4.0" "kombu==5.4.0"
+	touch $@
+
+compat: $(BIN)/.installed $(OLDEST_VENV)/bin/.installed  ## the worker guarantees on the oldest supported Celery/kombu (5.4)
+	$(OLDEST_VENV)/bin/python -c "import celery, kombu; print('compat: celery', celery.__version__, 'kombu', kombu.__version__)"
+	$(BIN)/python -m celery_partitioning.embedded --url "$(TEST_REDIS_URL)" -- \
+		$(OLDEST_VENV)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
+
 bench: $(BIN)/.installed  ## benchmarks against plain Celery in the same run (see benchmarks/README.md)
 	$(BIN)/python -m celery_partitioning.embedded --url "$(TEST_REDIS_URL)" -- \
 		$(BIN)/python benchmarks/run_all.py
@@ -42,4 +59,4 @@ soak: $(BIN)/.installed  ## the reliability suite at full size (minutes)
 		env CP_SOAK=1 $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
 clean:  ## remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -17,8 +17,8 @@ from celery import Celery
 import celery_partitioning
 from benchmarks.common import Table, env_int, machine
 from celery_partitioning import create_entity_partition_key, partition_for, partitioned
-from celery_partitioning.app import partitioning_of
 from celery_partitioning.hashing import jump_hash, key_hash
+from celery_partitioning.state import partitioning_of
 
 GOAL_US = 5.0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .app import explain_route, install
+from .checkpoint import MESSAGE_ID, CheckpointStore, Mark
 from .dcb import DCBConflict, with_dcb_retry
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .hashing import partition_for
@@ -22,6 +23,8 @@ from .validation import assert_valid_partition_keys
 __version__ = "0.1.0"
 
 __all__ = [
+    "MESSAGE_ID",
+    "CheckpointStore",
     "DCBConflict",
     "GLOBAL_PARTITION_KEY",
     "PartitionConfigError",
@@ -37,6 +40,7 @@ __all__ = [
     "explain_route",
     "get_recommended_parallelism",
     "install",
+    "Mark",
     "partition_for",
     "partitioned",
     "projection",

@@ -1,91 +1,57 @@
-"""``install(app)``: wire the partition router, queues and start-up checks into a Celery app."""
+"""``install(app)`` wires partitioning into a Celery app; ``explain_route`` asks the router.
+
+A producer process that installs partitioning and publishes loads no worker code and no
+Redis client: the worker side is imported by the ``celeryd_init`` signal, which only a
+``celery worker`` process sends.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from .config import PartitioningSettings, read_settings
-from .errors import PartitionConfigError, PartitionKeyError
-from .router import PartitionRouter, Route
+from .checkpointing import attach_runner
+from .eager import install_eager_routing
+from .errors import PartitionKeyError
+from .router import Route
+from .state import Partitioning, attach, partitioning_of
 from .validation import check_at_finalize, check_at_worker_start
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install", "Partitioning", "explain_route", "settings_of", "partitioning_of"]
-
-#: Attribute of the Celery app that holds its Partitioning object.
-STATE_ATTRIBUTE: Final = "_celery_partitioning"
+__all__ = ["install", "explain_route"]
 
 
-class Partitioning:
-    """The partitioning state of one Celery app (settings, router, registry verdict)."""
-
-    def __init__(self, app: Celery) -> None:
-        self.app = app
-        self._settings: PartitioningSettings | None = None
-        self.registry_error: PartitionConfigError | None = None
-        self.router = PartitionRouter(
-            settings=lambda: self.settings,
-            lookup_task=self._lookup_task,
-            exchange=lambda: self.app.amqp.default_exchange,
-            registry_error=lambda: self.registry_error,
-        )
-
-    @property
-    def settings(self) -> PartitioningSettings:
-        """The app's validated settings, read once on first use."""
-        if self._settings is None:
-            self._settings = read_settings(self.app.conf)
-        return self._settings
-
-    def _lookup_task(self, name: str) -> Any:
-        # The registry itself: looking a name up must not finalize the app.
-        return self.app._tasks.get(name)
-
-    def _prepend_router(self) -> None:
-        conf = self.app.conf
-        routes = conf.get("task_routes")
-        existing = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
-        if not any(r is self.router for r in existing):
-            conf.task_routes = (self.router, *existing)
-        amqp = vars(self.app).get("amqp")
-        router = vars(amqp).get("router") if amqp is not None else None
-        if router is not None and not any(r is self.router for r in router.routes):
-            router.routes = [self.router, *router.routes]
-
-
-def partitioning_of(app: Celery) -> Partitioning:
-    """The Partitioning object of an installed app; ``PartitionConfigError`` if not installed."""
-    state = vars(app).get(STATE_ATTRIBUTE)
-    if not isinstance(state, Partitioning):
-        raise PartitionConfigError(
-            f"celery_partitioning is not installed on app {app.main!r}; "
-            "call celery_partitioning.install(app) where the app is created"
-        )
-    return state
-
-
-def settings_of(app: Celery) -> PartitioningSettings:
-    """The partitioning settings of an app (installed or not)."""
-    state = vars(app).get(STATE_ATTRIBUTE)
-    return state.settings if isinstance(state, Partitioning) else read_settings(app.conf)
+def _prepend_router(state: Partitioning) -> None:
+    """Put the partition router first in ``task_routes`` (and in a router already built)."""
+    conf = state.app.conf
+    routes = conf.get("task_routes")
+    existing = [] if routes is None else list(routes) if isinstance(routes, (list, tuple)) else [routes]
+    if not any(r is state.router for r in existing):
+        conf.task_routes = (state.router, *existing)
+    amqp = vars(state.app).get("amqp")
+    router = vars(amqp).get("router") if amqp is not None else None
+    if router is not None and not any(r is state.router for r in router.routes):
+        router.routes = [state.router, *router.routes]
 
 
 def install(app: Celery) -> Partitioning:
     """Install partitioning on ``app``: router, queue declaration, start-up checks. Idempotent."""
-    state = vars(app).get(STATE_ATTRIBUTE)
-    if isinstance(state, Partitioning):
+    state, made = attach(app)
+    if not made:
         return state
-    state = Partitioning(app)
-    setattr(app, STATE_ATTRIBUTE, state)
+    attach_runner(app)  # runs the bodies of checkpoint= tasks inside their checkpoints
+
+    def on_configured(sender: Any = None, **_: Any) -> None:
+        _prepend_router(state)
+        install_eager_routing(app)  # eager calls are routed and validated as publishes are
 
     if app.configured:
-        state._prepend_router()
+        on_configured()
     else:
-        app.on_after_configure.connect(lambda sender, **_: state._prepend_router(), weak=False)
+        app.on_after_configure.connect(on_configured, weak=False)
 
     def on_finalized(sender: Any = None, **_: Any) -> None:
         state.registry_error = check_at_finalize(app)
@@ -95,16 +61,20 @@ def install(app: Celery) -> Partitioning:
     else:
         app.on_after_finalize.connect(on_finalized, weak=False)
 
+    def on_celeryd_init(sender: Any = None, instance: Any = None, options: Any = None,
+                        **_: Any) -> None:
+        # Only a `celery worker` process gets here: load the worker side now.
+        if getattr(instance, "app", None) is app:
+            from .worker.hooks import configure_worker
+
+            configure_worker(app, dict(options or {}))
+
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             check_at_worker_start(app)
 
+    signals.celeryd_init.connect(on_celeryd_init, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
-
-    # Partition worker processes (``celery partitioning worker``): lease, recovery, gates.
-    from .worker.hooks import install_worker_hooks
-
-    install_worker_hooks(app)
     return state
 
 

@@ -34,6 +34,9 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_queue_prefix": "partition",
         "partitioning_lease_ttl": 10.0,
         "partitioning_redis_url": None,
+        "partitioning_checkpoint_store": None,
+        "partitioning_checkpoint_database": "default",
+        "partitioning_dedupe_window": 100,
     }
 )
 
@@ -63,6 +66,13 @@ class PartitioningSettings:
     #: Redis holding leases, dead letters and parked keys; None → the broker's URL
     #: when the broker is Redis, else the result backend's when that is Redis.
     redis_url: str | None = None
+    #: Where checkpoints live: a dotted path (``"pkg.module:Class"`` or ``"pkg.module.Class"``)
+    #: or an object/factory; None → the Django store when its app is installed.
+    checkpoint_store: Any = None
+    #: The Django database alias whose transaction holds a task body and its checkpoint.
+    checkpoint_database: str = "default"
+    #: Message ids remembered per (projection, key) by projections deduplicating by id.
+    dedupe_window: int = 100
 
     def queue_name(self, pool: str, index: int) -> str:
         """The one place a partition queue name is built."""
@@ -130,6 +140,20 @@ def _redis_url(conf: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _checkpoint_database(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad("partitioning_checkpoint_database", f"is {value!r}",
+                   "use a database alias from DATABASES, such as 'default'")
+    return value
+
+
+def _dedupe_window(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
+        raise _bad("partitioning_dedupe_window", f"is {value!r}",
+                   "use an int from 1 to 10000 (message ids kept per projection and key)")
+    return value
+
+
 def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
     """Read and validate the partitioning settings from an ``app.conf``-like mapping."""
 
@@ -142,6 +166,9 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         queue_prefix=_prefix(get("partitioning_queue_prefix")),
         lease_ttl=_ttl(get("partitioning_lease_ttl")),
         redis_url=_redis_url(conf),
+        checkpoint_store=conf.get("partitioning_checkpoint_store"),
+        checkpoint_database=_checkpoint_database(get("partitioning_checkpoint_database")),
+        dedupe_window=_dedupe_window(get("partitioning_dedupe_window")),
     )
 
 

@@ -31,7 +31,7 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
-from .errors import PartitionConfigError, PartitioningError, PartitionKeyError
+from .errors import DCBConflict, PartitionConfigError, PartitionKeyError
 from .keys import KeyFunction, create_dcb_partition_key
 from .tasks import partitioned
 
@@ -55,27 +55,6 @@ MAX_BACKOFF: Final = 30.0
 #: (``"tenant:{tenant_id}:reservation:{reservation_id}"``), or a function of the arguments
 #: mapping (like a key function) returning the scope key.
 ScopeKey = str | Callable[[Mapping[str, Any]], str]
-
-
-class DCBConflict(PartitioningError):
-    """An optimistic-concurrency conflict on a DCB scope: the scope moved since it was read.
-
-    Raise it from a ``with_dcb_retry`` task to have the operation retried in place on the
-    scope's ``dcb`` partition.
-    """
-
-    def __init__(self, scope_key: str, expected_version: Any = None,
-                 actual_version: Any = None) -> None:
-        super().__init__(scope_key, expected_version, actual_version)
-        self.scope_key = scope_key
-        self.expected_version = expected_version
-        self.actual_version = actual_version
-
-    def __str__(self) -> str:
-        versions = ""
-        if self.expected_version is not None or self.actual_version is not None:
-            versions = f" (expected version {self.expected_version!r}, found {self.actual_version!r})"
-        return f"DCB conflict on scope {self.scope_key!r}{versions}"
 
 
 def dcb_backoff(retries: int, rng: Callable[[], float] = random.random) -> float:

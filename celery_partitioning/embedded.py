@@ -60,8 +60,10 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
     """Whether a Redis at ``url`` answers PING within ``timeout`` seconds."""
     import redis
 
+    from .state import redis_client
+
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        client = redis_client(url, timeout=timeout)
         try:
             return bool(client.ping())
         finally:

@@ -69,10 +69,13 @@ def _id_text(value: object) -> str | None:
 
 
 def _read_id(args: Mapping[str, Any], fields: tuple[str, ...], describe: str) -> str:
+    present_none: list[str] = []
     try:
         for field in fields:
             value = args.get(field)
             if value is None:
+                if field in args:
+                    present_none.append(field)
                 continue
             if type(value) is str and value:
                 return value
@@ -86,6 +89,12 @@ def _read_id(args: Mapping[str, Any], fields: tuple[str, ...], describe: str) ->
         raise PartitionKeyError(
             f"{describe} takes a mapping of the call's arguments, got {type(args).__name__}"
         ) from None
+    if present_none:
+        raise PartitionKeyError(
+            f"{describe}: argument {' and '.join(map(repr, present_none))} "
+            f"{'is' if len(present_none) == 1 else 'are'} present but None; "
+            "pass the id (a non-empty str or an int)"
+        )
     raise PartitionKeyError(
         f"{describe}: none of the arguments {', '.join(map(repr, fields))} is present; "
         f"the call has {sorted(map(str, args)) or 'no arguments'}"

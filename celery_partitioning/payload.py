@@ -12,7 +12,6 @@ Redis payload with what ``apply_async`` writes, byte for byte.
 
 from __future__ import annotations
 
-import json.encoder
 import os
 import re
 from base64 import b64encode
@@ -25,9 +24,10 @@ from celery import signals
 from kombu.entity import Exchange, Queue, maybe_delivery_mode
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps as _kombu_dumps
-from kombu.serialization import registry as serialization_registry
 from kombu.utils.json import JSONEncoder
 from kombu.utils.json import dumps as kombu_json_dumps
+
+from .compat import c_json_encoder_factory, registered_serializer
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult
@@ -136,7 +136,7 @@ class JSONCodec:
         self._reset()
 
     def _reset(self) -> None:
-        make = getattr(json.encoder, "c_make_encoder", None)
+        make = c_json_encoder_factory()
         self._encoder = None if make is None else make(
             {}, _JSON.default, _quote, None, ": ", ", ", False, False, True)
 
@@ -162,7 +162,7 @@ class JSONCodec:
 def _stock_json() -> bool:
     """Whether kombu's registry still maps ``json`` to ``kombu.utils.json.dumps`` (a program
     may register its own)."""
-    codec = getattr(serialization_registry, "_encoders", {}).get("json")
+    codec = registered_serializer("json")
     return codec is not None and tuple(codec) == (
         "application/json", "utf-8", kombu_json_dumps)
 

@@ -23,6 +23,7 @@ from celery.utils.quorum_queues import detect_quorum_queues
 from celery.utils.time import subtract_datetimes
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
+from .compat import task_exec_options
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
 from .payload import HeaderJSON, JSONCodec, Outgoing, uuid4_strings
@@ -64,8 +65,8 @@ class _TaskPlan:
         self.shadow_name = task.shadow_name if custom else None  # the default returns None
         self.dump_pydantic = getattr(task, "_dump_pydantic_arguments", None)
         # None means "not set" all the way down (router, message, publish): leave those out.
-        self.exec_options = {k: v for k, v in task._get_exec_options().items() if v is not None}
-        self.result = partial(task._get_app().AsyncResult, backend=task.backend, task_name=task.name)
+        self.exec_options = {k: v for k, v in task_exec_options(task).items() if v is not None}
+        self.result = partial(task.app.AsyncResult, backend=task.backend, task_name=task.name)
         self._template: _MessageTemplate | bool | None = False  # False: not built yet
 
     def template(self, composer: _Composer) -> _MessageTemplate | None:
@@ -164,19 +165,19 @@ class _Composer:
         self.origin = anon_nodename()
         self.parent = app.current_worker_task
         self._quorum: bool | None = None
-        self._tasks: dict[str, _TaskPlan] = {}
+        self._plans: dict[str, _TaskPlan] = {}
         self._ids = uuid4_strings()
         self.codec = JSONCodec()
         #: Positions whose results join the calling task's trail (``add_to_parent``).
         self.trails: list[int] = []
 
     def _task(self, name: str) -> _TaskPlan:
-        plan = self._tasks.get(name)
+        plan = self._plans.get(name)
         if plan is None:
             task = self.app.tasks.get(name)
             if task is None:
                 raise PartitionKeyError(f"unknown task {name!r}; is its module imported?")
-            plan = self._tasks[name] = _TaskPlan(task)
+            plan = self._plans[name] = _TaskPlan(task)
         return plan
 
     def _quorum_queues(self) -> bool:

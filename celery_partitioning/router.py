@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from kombu.entity import Exchange, Queue
 
+from .checkpoint import HEADER_POSITION, CheckpointField, position_of
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitionKeyError
 from .hashing import partition_for
@@ -20,6 +21,7 @@ __all__ = [
     "HEADER_INDEX",
     "HEADER_COUNT",
     "HEADER_PUBLISHED_AT",
+    "HEADER_POSITION",
     "Route",
     "PartitionRouter",
     "partition_queue",
@@ -58,6 +60,8 @@ class Route:
     index: int
     partitions: int
     queue: str
+    #: The event position of a task declared with ``checkpoint=`` (None otherwise).
+    position: int | None = None
 
 
 #: Bound on the per-task memo of key → partition index (cleared when full).
@@ -69,13 +73,23 @@ _MEMO_KEY_CHARS: Final = 1024
 class _TaskPlan:
     """Everything a partitioned task's publish needs, computed once per task."""
 
-    __slots__ = ("binder", "memo", "partitions", "pool")
+    __slots__ = ("binder", "checkpoint", "memo", "partitions", "pool")
 
-    def __init__(self, binder: KeyBinder, pool: str, partitions: int) -> None:
+    def __init__(self, binder: KeyBinder, pool: str, partitions: int,
+                 checkpoint: CheckpointField | None = None) -> None:
         self.binder = binder
         self.pool = pool
         self.partitions = partitions
+        self.checkpoint = checkpoint
         self.memo: dict[str, int] = {}
+
+    def key_and_position(self, args: Any, kwargs: Any) -> tuple[str, int | None]:
+        """The call's key and event position (``checkpoint=``; else None), binding it once."""
+        if self.checkpoint is None:
+            return self.binder(args, kwargs), None
+        named = self.binder.arguments(args, kwargs)
+        return (self.binder.key_of(named),
+                position_of(self.binder.task_name, self.checkpoint, named))
 
     def index(self, key: str) -> int:
         """The partition of ``key``, memoized: event streams repeat their keys."""
@@ -136,27 +150,27 @@ class PartitionRouter:
                         "(give @projection key=... and pool=...)"
                     )
                 plan = _TaskPlan(KeyBinder(name, spec.key, task.run), pool,
-                                 self._settings().partitions(pool))
+                                 self._settings().partitions(pool), spec.checkpoint)
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
 
-    def _locate(self, plan: _TaskPlan, args: Any, kwargs: Any) -> tuple[str, int, Queue]:
-        """The one place a call becomes a partition: key, index and queue.
+    def _locate(self, plan: _TaskPlan, args: Any, kwargs: Any) -> tuple[str, int | None, int, Queue]:
+        """The one place a call becomes a partition: key, event position, index and queue.
 
         ``route`` (``explain_route``) and ``__call__`` (the Celery router entry, which
         ``apply_async`` and ``publish_many`` go through) both use it.
         """
-        key = plan.binder(args, kwargs)
+        key, position = plan.key_and_position(args, kwargs)
         index = plan.index(key)
-        return key, index, self.queue(plan.pool, index)
+        return key, position, index, self.queue(plan.pool, index)
 
     def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
         """The Route of a call, or None when ``name`` is not a partitioned task."""
         plan = self._plan(name, task)
         if plan is None:
             return None
-        key, index, queue = self._locate(plan, args, kwargs)
-        return Route(name, key, plan.pool, index, plan.partitions, queue.name)
+        key, position, index, queue = self._locate(plan, args, kwargs)
+        return Route(name, key, plan.pool, index, plan.partitions, queue.name, position)
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -181,7 +195,7 @@ class PartitionRouter:
         error = self._registry_error()
         if error is not None:
             raise error
-        key, index, queue = self._locate(plan, args, kwargs)
+        key, position, index, queue = self._locate(plan, args, kwargs)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
             options.get("exchange") is not None or options.get("priority")
         ):
@@ -191,6 +205,8 @@ class PartitionRouter:
         headers[HEADER_POOL] = plan.pool
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = plan.partitions
+        if position is not None:
+            headers[HEADER_POSITION] = position
         if HEADER_PUBLISHED_AT not in headers:
             headers[HEADER_PUBLISHED_AT] = time.time()
         # Router results are merged *under* the call's options, so a call that passes its

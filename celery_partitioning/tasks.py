@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+from .checkpoint import CheckpointField, check_checkpoint, checkpointed
+from .compat import proxy_internals
 from .errors import PartitionConfigError, PartitionKeyError
 from .keys import KeyFunction
 
@@ -26,11 +28,13 @@ SPEC_ATTRIBUTE: Final = "__partitioning__"
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """How one task is partitioned: its key function, pool and projection name."""
+    """How one task is partitioned: its key function, pool, projection name and checkpoint."""
 
     key: KeyFunction | None
     pool: str | None
     projection: str | None = None
+    #: The event position (argument name or function), MESSAGE_ID, or None (no checkpoint).
+    checkpoint: CheckpointField | None = None
 
     @property
     def effective_pool(self) -> str | None:
@@ -63,12 +67,11 @@ def _function_behind(obj: Any) -> Callable[..., Any]:
 
     if isinstance(obj, Proxy):
         # ``@app.task`` before finalization: PromiseProxy(app._task_from_fun, (fun,)).
-        args = object.__getattribute__(obj, "_Proxy__args")
+        args, local = proxy_internals(obj)
         if args and inspect.isfunction(args[0]):
             fun: Callable[..., Any] = args[0]
             return fun
         # ``@shared_task``: Proxy(task_by_cons) whose closure holds ``fun``.
-        local = object.__getattribute__(obj, "_Proxy__local")
         code = getattr(local, "__code__", None)
         closure = getattr(local, "__closure__", None) or ()
         if code is not None and "fun" in code.co_freevars:
@@ -90,6 +93,17 @@ def _function_behind(obj: Any) -> Callable[..., Any]:
 
 
 def _attach(obj: T, spec: PartitionSpec) -> T:
+    if spec.checkpoint is not None:
+        # The body must run inside the checkpoint's transaction: wrap the function itself,
+        # before Celery makes a task of it.
+        if not inspect.isfunction(obj):
+            raise PartitionConfigError(
+                f"checkpoint=: put @partitioned/@projection directly above the function, below "
+                f"@app.task / @shared_task (it wraps the task body), got {obj!r}"
+            )
+        wrapped = checkpointed(obj, spec.checkpoint, spec.projection)
+        setattr(wrapped, SPEC_ATTRIBUTE, spec)
+        return wrapped  # type: ignore[return-value]
     fun = _function_behind(obj)
     if inspect.ismethod(fun):
         fun = fun.__func__
@@ -97,7 +111,9 @@ def _attach(obj: T, spec: PartitionSpec) -> T:
     return obj
 
 
-def partitioned(key: KeyFunction, *, pool: str) -> Callable[[T], T]:
+def partitioned(
+    key: KeyFunction, *, pool: str, checkpoint: CheckpointField | None = None
+) -> Callable[[T], T]:
     """Route every call of the decorated task by ``key`` onto a partition of ``pool``.
 
     Works above or below ``@app.task`` / ``@shared_task``::
@@ -105,10 +121,16 @@ def partitioned(key: KeyFunction, *, pool: str) -> Callable[[T], T]:
         @app.task
         @partitioned(create_entity_partition_key("Order"), pool="entity")
         def order_summary_on_item_added(order_id, sku, qty): ...
+
+    ``checkpoint`` (an argument name or a function of the arguments giving the event
+    position, or ``MESSAGE_ID``) runs the body in one transaction with its checkpoint row
+    (see ``celery_partitioning.checkpoint``); then the decorator must sit below ``@app.task``.
     """
     _check_key(key, "@partitioned")
     _check_pool(pool, "@partitioned")
-    spec = PartitionSpec(key=key, pool=pool)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, "@partitioned")
+    spec = PartitionSpec(key=key, pool=pool, checkpoint=checkpoint)
 
     def decorate(obj: T) -> T:
         return _attach(obj, spec)
@@ -117,13 +139,15 @@ def partitioned(key: KeyFunction, *, pool: str) -> Callable[[T], T]:
 
 
 def projection(
-    name: str, *, key: KeyFunction | None = None, pool: str | None = None
+    name: str, *, key: KeyFunction | None = None, pool: str | None = None,
+    checkpoint: CheckpointField | None = None,
 ) -> Callable[[T], T]:
     """Mark a task as the projection ``name``, partitioned by ``key`` on ``pool``.
 
     A projection without a key is accepted here and reported by
     ``assert_valid_partition_keys`` (and at worker start). Without ``pool``, a key made
     by a helper uses its strategy's pool (``create_entity_partition_key`` → ``entity``).
+    ``checkpoint``: as for ``partitioned``; the checkpoint row is per (``name``, key).
     """
     if not isinstance(name, str) or not name:
         raise PartitionConfigError(f"@projection: name must be a non-empty str, got {name!r}")
@@ -131,7 +155,9 @@ def projection(
         _check_key(key, f"@projection({name!r})")
     if pool is not None:
         _check_pool(pool, f"@projection({name!r})")
-    spec = PartitionSpec(key=key, pool=pool, projection=name)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, f"@projection({name!r})")
+    spec = PartitionSpec(key=key, pool=pool, projection=name, checkpoint=checkpoint)
 
     def decorate(obj: T) -> T:
         return _attach(obj, spec)
@@ -256,7 +282,10 @@ class KeyBinder:
         return named
 
     def __call__(self, args: Any, kwargs: Any) -> str:
-        named = self.arguments(args, kwargs)
+        return self.key_of(self.arguments(args, kwargs))
+
+    def key_of(self, named: Mapping[str, Any]) -> str:
+        """The key of a call whose arguments are already bound by name (``arguments``)."""
         try:
             key = self.key(named)
         except PartitionKeyError as exc:

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery.app.routes import MapRoute, prepare
 
+from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
+from .state import settings_of
 from .tasks import spec_of
 
 if TYPE_CHECKING:
@@ -71,8 +73,6 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
 def _registry_of(tasks: Any) -> tuple[list[Any], PartitioningSettings, Any, list[str]]:
     from celery import Celery
 
-    from .app import settings_of
-
     if isinstance(tasks, Celery):
         conf = tasks.conf
         extra = []
@@ -96,10 +96,11 @@ def assert_valid_partition_keys(tasks: Any) -> None:
 
     ``tasks`` is a Celery app (all its registered tasks) or an iterable of tasks.
     Checks: a projection without a key or pool, an unknown pool, a queue, exchange,
-    routing key or priority fixed on a partitioned task or in ``task_routes``.
+    routing key or priority fixed on a partitioned task or in ``task_routes``, a
+    ``checkpoint=`` in an app without a checkpoint store.
     """
     listed, settings, routes, problems = _registry_of(tasks)
-    problems = problems + find_problems(listed, settings, routes)
+    problems = problems + find_problems(listed, settings, routes) + checkpoint_problems(listed)
     if problems:
         raise PartitionConfigError(
             f"{len(problems)} partitioning problem(s) in the task registry:\n"

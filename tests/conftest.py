@@ -9,6 +9,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.support.env import in_ci
 from tests.support.procs import Processes
 
 #: Default Redis for tests; `make test` exports REDIS_URL.
@@ -16,13 +17,9 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def _unavailable(what: str, url: str, exc: BaseException) -> None:
     message = f"{what} not reachable at {url}: {exc}"
-    if _in_ci():
+    if in_ci():
         pytest.fail(message + " (CI=true: a missing broker fails the run)")
     pytest.skip(message)
 
@@ -54,18 +51,32 @@ def amqp_url() -> str:
     return url
 
 
+#: Redis database numbers tests write to besides REDIS_URL's own: worker tests use 11, the
+#: failures app 12 (on REDIS_URL's server).
+TEST_DATABASES = (11, 12)
+
+
+def test_database_urls(redis_url: str) -> list[str]:
+    """REDIS_URL and the other databases tests write to, on the same server."""
+    base = redis_url.rsplit("/", 1)[0]
+    return [redis_url, *(f"{base}/{db}" for db in TEST_DATABASES)]
+
+
 @pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
-    """A unique key prefix for one test; every Redis key under it is deleted afterwards."""
+    """A unique key prefix for one test; every Redis key containing it is deleted afterwards,
+    in every database tests use (REDIS_URL's and :data:`TEST_DATABASES`)."""
     import redis
 
     ns = f"cptest-{uuid.uuid4().hex[:10]}:"
     yield ns
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{ns}*", count=1000):
-        client.delete(key)
-    for key in client.scan_iter(match=f"*{ns}*", count=1000):
-        client.delete(key)
+    for url in test_database_urls(redis_url):
+        client = redis.Redis.from_url(url)
+        try:
+            for key in client.scan_iter(match=f"*{ns}*", count=1000):
+                client.delete(key)
+        finally:
+            client.close()
 
 
 @pytest.fixture

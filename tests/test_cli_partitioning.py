@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from celery_partitioning import partition_for
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.store.keys import RedisKeys
 from tests.apps.harness import Harness, keyed_events
 from tests.support.procs import Processes
 
@@ -175,3 +175,23 @@ def test_status_says_when_the_broker_cannot_be_reached_without_leaking_its_passw
     assert result.returncode == 1
     assert "cannot read the partitions from redis://:**@127.0.0.1:1/0" in result.stderr
     assert "s3cret" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("command_line", [
+    ["celery", "-A", "proj.app", "partitioning", "worker"],
+    ["celery", "-Aproj.app", "partitioning", "worker"],
+    ["celery", "--app", "proj.app", "partitioning", "worker"],
+    ["celery", "--app=proj.app", "partitioning", "worker"],
+])
+def test_children_get_the_app_option_as_typed_even_when_celery_loaded_it_already(
+        command_line: list[str]) -> None:
+    # Given a root command whose app option Celery has already turned into the app (5.4)
+    import click
+
+    from celery_partitioning.cli import _root_options
+
+    root = click.Context(click.Command("celery"))
+    root.params = {"app": object(), "loader": None, "config": None, "workdir": None}
+    child = click.Context(click.Command("worker"), parent=root)
+    # Then the children are started with the text that was typed
+    assert _root_options(child, command_line) == ["-A", "proj.app"]

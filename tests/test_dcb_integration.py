@@ -1,4 +1,4 @@
-"""DCB conflict retries with real ``dcb`` partition workers on a real Redis (issue 4).
+"""DCB conflict retries with real ``dcb`` partition workers on a real Redis.
 
 Concurrent operations on DCB scopes hit injected conflicts (another writer moves the scope's
 version between the read and the append). Each is retried in place on its scope's partition:
@@ -83,7 +83,7 @@ def test_concurrent_dcb_operations_with_conflicts_apply_once_in_order(
     assert client.lrange(f"{fa.NS}attempts:{x_scope}", 0, -1) == ["0"] * 5
     assert log(exhausted) == []
     # with the scope's next operation parked behind it, not run
-    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.store.keys import RedisKeys
 
     wait_for(lambda: client.llen(RedisKeys(fa.NS).parked("dcb", f"dcb:{x_scope}")) == 1, 10,
              "res-x op 1 parked")

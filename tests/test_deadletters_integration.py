@@ -1,4 +1,4 @@
-"""Dead letters, per-key parking and replay with real partition workers on a real Redis (issue 4).
+"""Dead letters, per-key parking and replay with real partition workers on a real Redis.
 
 A poison message parks its key: later messages of the key are set aside in publish order while
 other keys of the same partition go on; ``dead-letters replay`` runs them all, in order, ahead
@@ -42,7 +42,7 @@ def orders_on_one_partition(fa: ModuleType, count: int) -> tuple[int, list[str]]
 
 
 def parked_len(client: redis.Redis, fa: ModuleType, order: str) -> int:
-    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.store.keys import RedisKeys
 
     return int(client.llen(RedisKeys(fa.NS).parked("entity", f"Order:{order}")))
 
@@ -122,8 +122,8 @@ def test_discard_drops_the_parked_messages_with_a_record_and_unparks_the_key(
     fa.step.delay(p, 2)
     wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 2"], 30, "P2 to run")
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [f"{key} 0", f"{key} 2"]
-    from celery_partitioning.deadletters import DeadLetterStore
-    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.store.deadletters import DeadLetterStore
+    from celery_partitioning.store.keys import RedisKeys
 
     (event,) = DeadLetterStore(client, RedisKeys(fa.NS)).history("entity")
     assert event["action"] == "discard" and event["key"] == key and event["at"]
@@ -176,7 +176,7 @@ def test_sigkill_while_parked_and_while_replaying_loses_nothing(
 def test_the_cli_needs_a_celery_app() -> None:
     from click.testing import CliRunner
 
-    from celery_partitioning.cli_deadletters import dead_letters
+    from celery_partitioning.cli.deadletters import dead_letters
 
     result = CliRunner().invoke(dead_letters, ["list"])
     assert result.exit_code == 2 and "no Celery app" in result.output

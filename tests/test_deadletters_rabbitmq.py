@@ -1,4 +1,4 @@
-"""Parking and replay on RabbitMQ (dead-letter store on Redis), real workers (issue 4).
+"""Parking and replay on RabbitMQ (dead-letter store on Redis), real workers.
 
 RabbitMQ cannot take a message back at the head of a queue, so a replay publishes the
 messages to the back; a newer message of the key that sits ahead of them must wait.
@@ -47,7 +47,7 @@ def fa(redis_url: str, amqp_url: str, namespace: str,
 def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
     fa: ModuleType, processes: Processes, tmp_path: Path
 ) -> None:
-    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.store.keys import RedisKeys
 
     client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
     first = fa.cp.explain_route(fa.app, "fail.step", "p0", 0).index

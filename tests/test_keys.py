@@ -15,6 +15,7 @@ from celery_partitioning import (
     create_scope_key,
     get_recommended_parallelism,
 )
+from celery_partitioning.keys import KeyFunction
 
 
 def test_global_key_is_the_constant_global() -> None:
@@ -50,6 +51,29 @@ def test_entity_key_names_missing_fields_and_what_it_saw() -> None:
         create_entity_partition_key("Order")({"sku": "x", "qty": 1})
     message = str(err.value)
     assert "'order_id'" in message and "'stream_id'" in message and "['qty', 'sku']" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "args", "named"),
+    [
+        (create_entity_partition_key("Order"), {"order_id": None, "sku": "x"}, "'order_id' is"),
+        (create_entity_partition_key("Order", field="ref"), {"ref": None}, "'ref' is"),
+        (create_customer_partition_key(), {"customer_id": None}, "'customer_id' is"),
+        (create_saga_partition_key(), {"correlation_id": None, "correlationId": None},
+         "'correlation_id' and 'correlationId' are"),
+    ],
+)
+def test_an_id_passed_as_none_is_named_as_present_but_none(
+        key: KeyFunction, args: dict[str, object], named: str) -> None:
+    with pytest.raises(PartitionKeyError) as err:
+        key(args)
+    message = str(err.value)
+    assert f"argument {named} present but None" in message
+    assert "none of the arguments" not in message
+
+
+def test_a_present_none_does_not_hide_a_later_present_id() -> None:
+    assert create_entity_partition_key("Order")({"stream_id": None, "order_id": "o-1"}) == "Order:o-1"
 
 
 @pytest.mark.parametrize("bad", ["", 1.5, True, ["o"], {"a": 1}])

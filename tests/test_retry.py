@@ -15,7 +15,7 @@ from celery.app.trace import build_tracer
 from celery.exceptions import MaxRetriesExceededError
 
 import celery_partitioning as cp
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.worker.parking import InFlight
 from celery_partitioning.worker.retry import InPlaceRetry, RetryInPlace
 

@@ -1,4 +1,4 @@
-"""In-place retries with real partition workers on a real Redis (issue 4).
+"""In-place retries with real partition workers on a real Redis.
 
 A partitioned task that retries keeps its place: the partition waits out the backoff and
 runs the same message again before anything published after it.

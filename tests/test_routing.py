@@ -195,7 +195,7 @@ def test_the_partitions_own_queue_is_allowed(app: Celery, published: list[Publis
         (lambda a: "", ("o",), "returned ''"),
         (lambda a: 42, ("o",), "returned 42"),
         (lambda a: a["missing"], ("o",), "raised KeyError"),
-        (create_entity_partition_key("Order"), (None,), "none of the arguments"),
+        (create_entity_partition_key("Order"), (None,), "argument 'order_id' is present but None"),
     ],
 )
 def test_bad_keys_fail_at_publish_naming_task_function_and_arguments(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from celery_partitioning import partition_for
-from celery_partitioning.redis_keys import RedisKeys
-from celery_partitioning.worker.lease import parse_holder
+from celery_partitioning.store.keys import RedisKeys
+from celery_partitioning.store.lease import parse_holder
 from tests.apps.harness import HOLD_MS, Harness, keyed_events, rerun_in_place
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes, alive, wait_for

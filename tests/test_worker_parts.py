@@ -20,10 +20,10 @@ import redis
 
 from celery_partitioning.config import PartitioningSettings
 from celery_partitioning.errors import PartitionConfigError
+from celery_partitioning.message import PartitionMessage
+from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
+from celery_partitioning.store.lease import Lease, parse_holder
 from celery_partitioning.worker.gate import hold_until_eta
-from celery_partitioning.worker.lease import Lease, parse_holder
-from celery_partitioning.worker.recovery import broker_redis, restore_unacked_to_head
-from celery_partitioning.worker.runtime import GateMessage
 from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
 from tests.support.procs import ROOT, Processes, alive, wait_for
 
@@ -57,8 +57,8 @@ def test_selection_defaults_to_every_partition_of_every_pool() -> None:
 
 # -- ETA hold -------------------------------------------------------------------------------
 
-def _msg(headers: dict[str, Any]) -> GateMessage:
-    return GateMessage(SimpleNamespace(headers=headers, body=b"", properties={}, delivery_info={}),
+def _msg(headers: dict[str, Any]) -> PartitionMessage:
+    return PartitionMessage(SimpleNamespace(headers=headers, body=b"", properties={}, delivery_info={}),
                        "t")
 
 
@@ -117,9 +117,17 @@ def test_standby_acquires_within_the_ttl_after_the_holder_stops_renewing(
     holder = Lease(client, key, 1.0, token="h")
     assert holder.try_acquire()  # and never renews: as if SIGKILLed
     standby = Lease(client, key, 1.0, token="s")
-    started = time.monotonic()
-    assert standby.acquire(lambda: time.monotonic() - started > 10)
-    assert 0.5 < time.monotonic() - started < 2.0
+    # While the holder's lease lives, the standby cannot take it...
+    assert not standby.try_acquire()
+    # ...and it does as soon as the lease runs out, which it polls for
+    seen_alive: list[bool] = []
+
+    def give_up() -> bool:
+        seen_alive.append(client.exists(key) == 1)
+        return len(seen_alive) > 200  # 200 polls of at most 0.1 s: the TTL is 1 s
+    assert standby.acquire(give_up)
+    assert parse_holder(client.get(key)).token == "s"  # type: ignore[union-attr]
+    assert seen_alive[0] and not all(seen_alive)  # it waited while held, not a fixed time
     standby.release()
 
 
@@ -128,11 +136,13 @@ def test_a_holder_that_loses_its_lease_fences_itself(lease_key: tuple[redis.Redi
     client, key = lease_key
     reasons: list[str] = []
     lease = Lease(client, key, 1.0, token="mine", fence=reasons.append)
+    beats: list[int] = []
+    lease.on_beat.append(lambda: beats.append(client.pttl(key)))
     assert lease.try_acquire()
     lease.start_heartbeat()
-    time.sleep(0.5)
+    wait_for(lambda: bool(beats), 5, "a renewal")
     assert parse_holder(client.get(key)).token == "mine"  # type: ignore[union-attr]
-    assert client.pttl(key) > 600  # renewed
+    assert beats[0] > 0  # on_beat runs only after a successful renewal
     client.set(key, "thief|h|1|x", px=5000)  # someone else holds it now
     wait_for(lambda: bool(reasons), 3, "the fence")
     assert "lost the lease" in reasons[0]
@@ -194,7 +204,7 @@ def test_recovery_puts_only_its_queues_unacked_messages_back_at_the_head_in_orde
 @pytest.mark.integration
 def test_recovery_also_returns_messages_caught_between_fetch_and_unacked_once_each(
         redis_url: str, namespace: str) -> None:
-    from celery_partitioning.redis_keys import RedisKeys
+    from celery_partitioning.store.keys import RedisKeys
     from tests.apps.ordering_app import make_app
 
     url = _db11(redis_url)
@@ -237,30 +247,41 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
         redis_url: str, namespace: str, command: str) -> None:
     from kombu import Connection, Consumer, Queue
 
-    from celery_partitioning.redis_keys import RedisKeys
-    from celery_partitioning.worker.fetch import Registration, install_reliable_fetch
+    from celery_partitioning.store.broker import Registration
+    from celery_partitioning.store.keys import RedisKeys
+    from celery_partitioning.worker.transport import TRANSPORTS, enable_reliable_fetch
     from tests.apps.ordering_app import make_app
 
     url = _db11(redis_url)
     queue = f"{namespace}partition.p.0"
     in_transit = RedisKeys(namespace).in_transit(queue)
     client = redis.Redis.from_url(url)
-    conn = Connection(url, transport_options={"global_keyprefix": namespace})
+    conn = Connection(url, transport=TRANSPORTS["redis"],
+                      transport_options={"global_keyprefix": namespace})
     channel = conn.channel()
     producer = conn.Producer(channel)
-    for n in range(3):
+    producer.publish({"n": 0}, routing_key=queue, exchange="", declare=[Queue(queue, routing_key=queue)])
+    client.lpush(namespace + queue, b"\xff not a kombu message")  # malformed, between good ones
+    for n in range(1, 4):
         producer.publish({"n": n}, routing_key=queue, exchange="", declare=[Queue(queue, routing_key=queue)])
     channel.qos.restore_at_shutdown = False
     received: list[int] = []
     killed = {"now": False}
 
+    malformed: list[tuple[bytes, str]] = []
+
     def register_or_die(registration: Registration) -> None:
         if killed["now"]:
             raise RuntimeError("SIGKILL between the fetch and the unacked record")
-        channel._celery_partitioning_reliable.transaction(registration)
+        channel._celery_partitioning_fetch.transaction(registration)
 
-    assert install_reliable_fetch(channel, queue, in_transit, client, register=register_or_die)
-    channel._celery_partitioning_reliable.command = command  # Redis < 6.2 has no BLMOVE
+    def on_malformed(item: bytes, problem: str) -> None:
+        malformed.append((item, problem))
+        client.lrem(in_transit, 1, item)
+
+    enable_reliable_fetch(channel, queue, in_transit, client, on_malformed=on_malformed,
+                          register=register_or_die)
+    channel._celery_partitioning_fetch.command = command  # Redis < 6.2 has no BLMOVE
     consumer = Consumer(channel, queues=[Queue(queue, routing_key=queue)], accept=["json"],
                         callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
     consumer.consume()
@@ -268,6 +289,12 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
     # A normal fetch: recorded as unacked, gone from the in-transit list, then acked
     conn.drain_events(timeout=5)
     assert received == [0] and client.llen(in_transit) == 0
+
+    # A malformed item: handed to on_malformed, not delivered; the consumer goes on to the next
+    conn.drain_events(timeout=5)
+    assert [(item, "not JSON" in why) for item, why in malformed] == \
+        [(b"\xff not a kombu message", True)]
+    assert received == [0, 1] and client.llen(in_transit) == 0
 
     # Killed right after the fetch: the message is in the in-transit list, not lost
     killed["now"] = True
@@ -287,7 +314,7 @@ def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it
     order = []
     while (m := ch.basic_get(queue, no_ack=True)) is not None:
         order.append(json.loads(m.body)["n"])
-    assert order == [1, 2]
+    assert order == [2, 3]
     fresh.release()
     conn.release()
 

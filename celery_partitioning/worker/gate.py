@@ -11,7 +11,6 @@ messages first, celery#3640); then the original strategy runs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,15 +18,15 @@ from typing import Any, Final
 
 from celery import bootsteps
 
-from .fetch import install_reliable_fetch
-from .runtime import GateMessage, PartitionRuntime, current_runtime
+from .. import compat
+from ..exits import EXIT_KEEP_MESSAGE, exit_now
+from ..message import PartitionMessage
+from .runtime import PartitionRuntime, current_runtime
+from .transport import enable_reliable_fetch
 
-__all__ = ["GateStep", "gated_strategy", "EXIT_GATE_FAILED"]
+__all__ = ["GateStep", "gated_strategy", "gate_name"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-#: Exit status of a worker whose gate raised: it stops rather than run or reorder a message.
-EXIT_GATE_FAILED: Final = 70
 
 #: Attribute marking a strategy this module already wrapped.
 _WRAPPED: Final = "__partition_gated__"
@@ -46,13 +45,7 @@ def _eta_of(headers: dict[str, Any]) -> float | None:
     return eta.timestamp()
 
 
-def _stopping() -> bool:
-    from celery.worker import state
-
-    return state.should_stop is not None or state.should_terminate is not None
-
-
-def hold_until_eta(runtime: PartitionRuntime, msg: GateMessage) -> bool:
+def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
     """Wait for the message's ETA in place; False if the worker is stopping meanwhile.
 
     The message stays unacked while we wait; when the worker stops first it goes back
@@ -66,7 +59,7 @@ def hold_until_eta(runtime: PartitionRuntime, msg: GateMessage) -> bool:
         logger.info("%s task %s has an ETA in %.1fs: the partition waits for it (FIFO)",
                     runtime.label, msg.task_id, delay)
         while (left := eta - time.time()) > 0:
-            if _stopping():
+            if compat.stop_requested():
                 return False
             time.sleep(min(left, 0.5))
     # Run it now, in order: Celery must not schedule it aside.
@@ -81,8 +74,8 @@ def gated_strategy(runtime: PartitionRuntime, name: str,
     def gated(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
         if runtime.consumer_qos is None:
             runtime.consumer_qos = getattr(getattr(message, "channel", None), "qos", None)
-        msg = GateMessage(message, name)
-        if _stopping():
+        msg = PartitionMessage(message, name)
+        if compat.stop_requested():
             # Warm shutdown stops after the running task. kombu may already have handed us
             # the next message in the same cycle: leave it unacked, so it goes back to the
             # head of the queue for whoever takes the partition next (as an ETA hold does).
@@ -92,13 +85,10 @@ def gated_strategy(runtime: PartitionRuntime, name: str,
         for gate in list(runtime.gates):
             try:
                 taken = gate(msg)
-            except Exception:
-                logger.critical("%s gate %r failed on message %s (task %s); stopping this worker "
-                                "without acking so the message is not run out of order",
-                                runtime.label, gate, msg.task_id, name, exc_info=True)
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
-                os._exit(EXIT_GATE_FAILED)
+            except Exception:  # noqa: BLE001 - exit_now logs the traceback
+                exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
+                         "this worker without acking so the message is not run out of order",
+                         runtime.label, gate_name(gate), msg.task_id, name, exc_info=True)
             if taken:
                 return None
         if not hold_until_eta(runtime, msg):
@@ -120,24 +110,25 @@ class GateStep(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime = current_runtime(c.app)
         if runtime is None:
             return
-        for name, strategy in list(c.strategies.items()):
+        strategies = compat.consumer_strategies(c)
+        for name, strategy in list(strategies.items()):
             if not getattr(strategy, _WRAPPED, False):
-                c.strategies[name] = gated_strategy(runtime, name, strategy)
+                strategies[name] = gated_strategy(runtime, name, strategy)
         # Redis: no window where a popped message is in neither the queue nor unacked.
-        if (runtime.broker is not None and c.task_consumer is not None
-                and not install_reliable_fetch(c.task_consumer.channel, runtime.queue,
-                                               runtime.keys.in_transit(runtime.queue),
-                                               runtime.broker.client,
-                                               register=runtime.fetch_register)):
-            logger.warning("%s could not switch to loss-free fetching (kombu changed?); "
-                           "a SIGKILL right after a fetch may lose that message",
-                           runtime.label)
+        if runtime.broker is not None and c.task_consumer is not None:
+            assert runtime.on_malformed is not None, "failure handling sets it at start"
+            enable_reliable_fetch(c.task_consumer.channel, runtime.queue,
+                                  runtime.keys.in_transit(runtime.queue), runtime.broker.client,
+                                  on_malformed=runtime.on_malformed,
+                                  register=runtime.fetch_register)
         # Logging is set up after worker_init, so the start-up summary is said here.
         logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; gates: %s)",
                     runtime.label, runtime.queue, runtime.transport,
                     "lease held" if runtime.lease is not None else "no lease",
-                    runtime.recovered, ", ".join(_gate_name(g) for g in runtime.gates))
+                    runtime.recovered, ", ".join(gate_name(g) for g in runtime.gates))
 
 
-def _gate_name(gate: object) -> str:
-    return str(getattr(gate, "__qualname__", None) or type(gate).__name__)
+def gate_name(gate: object) -> str:
+    """How log lines name a gate: its ``__name__`` (a function's, or a gate object's own)."""
+    name = getattr(gate, "__name__", None)
+    return str(name) if isinstance(name, str) and name else type(gate).__name__

@@ -10,44 +10,20 @@ headers, to its right queue, then acked here. It never runs on the wrong partiti
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from ..app import partitioning_of
 from ..errors import PartitioningError
 from ..hashing import partition_for
+from ..message import PartitionMessage, republish
 from ..router import HEADER_COUNT, HEADER_INDEX
-from .runtime import Gate, GateMessage
+from .runtime import Gate
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["belongs_here", "misroute_guard", "republish"]
+__all__ = ["belongs_here", "misroute_guard"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-#: Message properties that travel with a re-published message.
-_KEPT_PROPERTIES = ("correlation_id", "reply_to", "delivery_mode", "expiration", "message_id",
-                    "timestamp", "type", "user_id", "app_id")
-
-
-def republish(runtime: PartitionRuntime, msg: GateMessage, pool: str, index: int,
-              headers: dict[str, Any]) -> None:
-    """Publish ``msg``'s raw body with ``headers`` to partition ``index`` of ``pool``."""
-    queue = partitioning_of(runtime.app).router.queue(pool, index)
-    raw = msg.message
-    properties = {k: v for k, v in msg.properties.items() if k in _KEPT_PROPERTIES and v is not None}
-    with runtime.app.producer_or_acquire() as producer:
-        producer.publish(
-            raw.body,
-            exchange=queue.exchange,
-            routing_key=queue.routing_key,
-            declare=[queue],
-            headers=headers,
-            content_type=raw.content_type,
-            content_encoding=raw.content_encoding,
-            retry=True,
-            **properties,
-        )
 
 
 def belongs_here(runtime: PartitionRuntime, pool: str, key: str) -> bool:
@@ -62,7 +38,7 @@ def belongs_here(runtime: PartitionRuntime, pool: str, key: str) -> bool:
 def misroute_guard(runtime: PartitionRuntime) -> Gate:
     """The gate that re-publishes messages whose key maps to another partition."""
 
-    def guard(msg: GateMessage) -> bool:
+    def guard(msg: PartitionMessage) -> bool:
         key, pool = msg.partition_key, msg.partition_pool
         if key is None or pool is None:
             return False  # not a partitioned message: nothing to check
@@ -78,7 +54,7 @@ def misroute_guard(runtime: PartitionRuntime) -> Gate:
         headers = dict(msg.headers)
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = count
-        republish(runtime, msg, pool, index, headers)
+        republish(runtime.app, pool, index, msg.payload(), headers)
         msg.ack()
         logger.warning("%s misrouted message %s (task %s, key %r) moved to %s: the key maps "
                        "to partition %d of %d of pool %r", runtime.label, msg.task_id,
@@ -86,4 +62,5 @@ def misroute_guard(runtime: PartitionRuntime) -> Gate:
                        count, pool)
         return True
 
+    guard.__name__ = "misroute guard"
     return guard

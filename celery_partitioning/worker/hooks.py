@@ -1,14 +1,18 @@
 """Wiring a partition worker process: Celery signals → runtime, lease, recovery, gates.
 
-Any other worker of the app: ``celeryd_init`` refuses a ``-Q`` naming a partition queue
-(``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
+``install(app)`` imports this module only in a ``celery worker`` process, at ``celeryd_init``
+(:func:`configure_worker`). Any other worker of the app: a ``-Q`` naming a partition queue
+is refused (``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
 
 In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
 
-1. ``celeryd_init``: start watching the supervisor (``orphan.py``: if it dies, keep the
+1. ``celeryd_init``: check the Celery/kombu internals this package relies on
+   (``compat.py``); start watching the supervisor (``orphan.py``: if it dies, keep the
    output flowing and stop warmly); check ``-Q`` is the partition queue, make it the
    router's kombu Queue (RabbitMQ declares it with ``x-single-active-consumer``), force
-   ``acks_late``, ``reject_on_worker_lost``, prefetch 1 and rate limits off.
+   ``acks_late``, ``reject_on_worker_lost``, prefetch 1 and rate limits off; select the
+   loss-free Redis transport (``transport.py``), the consumer that dead-letters malformed
+   messages (``consumer.py``) and the gate step (``gate.py``).
 2. ``worker_init`` (after the registry check): build the PartitionRuntime; on a Redis
    broker take the lease (a standby waits here, before consuming anything) and start its
    heartbeat; put the partition's unacked messages back at the head of its queue; run the
@@ -26,15 +30,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery import signals
 
-from ..config import PartitioningSettings, redis_namespace
+from .. import compat
+from ..config import PartitioningSettings
 from ..errors import PartitioningError
-from ..redis_keys import RedisKeys
+from ..state import partitioning_of, redis_client, redis_keys
+from ..store.broker import BrokerRedis, broker_redis, restore_unacked_to_head
+from ..store.lease import Lease
+from .failures import install_failure_handling
 from .gate import GateStep
 from .guard import misroute_guard
-from .lease import Lease
 from .orphan import start_supervisor_watch, supervisor_gone
-from .recovery import BrokerRedis, broker_redis, restore_unacked_to_head
-from .retry import install_failure_handling
 from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
@@ -44,16 +49,19 @@ from .runtime import (
     current_runtime,
     parse_partition,
 )
+from .transport import TRANSPORTS
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["install_worker_hooks", "FORCED_WORKER_SETTINGS", "ALLOW_PLAIN_CONSUMER_ENV"]
+__all__ = ["configure_worker", "FORCED_WORKER_SETTINGS", "ALLOW_PLAIN_CONSUMER_ENV"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
 #: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee).
 ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
+#: The Celery consumer class of a partition worker (``worker_consumer``).
+PARTITION_CONSUMER: Final = "celery_partitioning.worker.consumer:PartitionConsumer"
 #: Settings every partition worker runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
     "worker_prefetch_multiplier": 1,
@@ -68,9 +76,8 @@ def _partition_env() -> str | None:
     return os.environ.get(PARTITION_ENV) or None
 
 
-def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
-    from ..app import partitioning_of
-
+def configure_worker(app: Celery, options: dict[str, Any]) -> None:
+    """``celeryd_init`` of any ``celery worker`` of an installed app (see the module docstring)."""
     state = partitioning_of(app)
     wanted = options.get("queues")
     names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
@@ -78,8 +85,10 @@ def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
     if value is None:
         _refuse_partition_queues(state.settings, names)
         return
+    scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[-1]
     try:
         pool, index = parse_partition(value, state.settings)
+        compat.check_worker_internals(redis_broker=scheme in TRANSPORTS)
     except PartitioningError as exc:
         raise SystemExit(f"celery-partitioning: {exc}") from None
     start_supervisor_watch(f"{pool}.{index}", _stop_warmly)
@@ -94,6 +103,11 @@ def _configure_worker(app: Celery, options: dict[str, Any]) -> None:
                          f"with concurrency 1 (-c 1), got {concurrency}")
     app.amqp.queues.add(queue)
     app.conf.update(FORCED_WORKER_SETTINGS)
+    if scheme in TRANSPORTS and not app.conf.broker_transport:
+        app.conf.broker_transport = TRANSPORTS[scheme]
+    app.conf.worker_consumer = PARTITION_CONSUMER
+    app.steps["consumer"].add(GateStep)
+    _connect_worker_signals(app)
 
 
 def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -> None:
@@ -126,10 +140,7 @@ def _force_task_options(app: Celery) -> None:
 def _stop_warmly() -> None:
     """What Celery's SIGTERM handler does, minus printing: the consume loop stops after the
     current task and the lease is released. Also works before that handler is installed."""
-    from celery.worker import state
-
-    if state.should_stop is None:
-        state.should_stop = 0
+    compat.request_warm_stop()
 
 
 def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
@@ -172,43 +183,33 @@ def _start_runtime(app: Celery, worker: Any) -> None:
 
 
 def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
-    from ..app import partitioning_of
-
     value = _partition_env()
     if value is None or current_runtime(app) is not None:
         return
     state = partitioning_of(app)
     settings = state.settings
     pool, index = parse_partition(value, settings)
-    transport = worker._conninfo.transport.driver_type
-    redis_client = None
-    if settings.redis_url is not None:
-        import redis
-
-        redis_client = redis.Redis.from_url(settings.redis_url)
+    with app.connection_for_read() as conn:
+        transport = str(conn.transport.driver_type)
     runtime = PartitionRuntime(
         app=app, settings=settings, pool=pool, index=index,
-        queue=settings.queue_name(pool, index), redis=redis_client,
-        keys=RedisKeys(redis_namespace(app.conf)), hostname=str(worker.hostname),
-        transport=transport,
+        queue=settings.queue_name(pool, index),
+        redis=redis_client(settings.redis_url) if settings.redis_url is not None else None,
+        keys=redis_keys(app), hostname=str(worker.hostname), transport=transport,
     )
     # The event loop (kombu Hub) defers late acks to its next turn; on RabbitMQ with
     # prefetch 1 that stalled a solo worker for whole timer periods (seen: 10 s between
     # tasks). The plain consume loop acks at once. The Hub step is built after worker_init.
     worker.use_eventloop = False
     runtime.gates.append(misroute_guard(runtime))
-    runtime.on_started.append(install_failure_handling)  # issue 4: parking gate, in-place retry
+    runtime.on_started.append(install_failure_handling)  # parking gate, in-place retry
     attach_runtime(app, runtime)
     _force_task_options(app)
 
     broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
     if broker is not None and settings.redis_url is not None:
-        import redis
-
         ttl = settings.lease_ttl
-        lease_client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=max(0.2, ttl / 4),
-            socket_connect_timeout=max(0.2, ttl / 4))
+        lease_client = redis_client(settings.redis_url, timeout=max(0.2, ttl / 4))
         lease = Lease(lease_client, runtime.keys.lease(runtime.queue), ttl,
                       node=runtime.hostname, token=os.environ.get(LEASE_TOKEN_ENV),
                       takeover=os.environ.get(LEASE_TAKEOVER_ENV))
@@ -216,12 +217,7 @@ def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
         _take_lease(runtime, lease)
 
         def refresh_held() -> None:
-            qos = runtime.consumer_qos
-            delivered = getattr(qos, "_delivered", None)
-            try:
-                tags = list(delivered or ())
-            except RuntimeError:  # changed under us by the consumer: next beat
-                return
+            tags = compat.held_delivery_tags(runtime.consumer_qos)
             if tags:
                 broker.refresh(tags)
 
@@ -247,14 +243,8 @@ def _stop_runtime(app: Celery) -> None:
         runtime.lease.release()
 
 
-def install_worker_hooks(app: Celery) -> None:
-    """Connect the partition-worker signal handlers for ``app`` (install() calls this once)."""
-    app.steps["consumer"].add(GateStep)
-
-    def on_celeryd_init(sender: Any = None, instance: Any = None, options: Any = None,
-                        **_: Any) -> None:
-        if getattr(instance, "app", None) is app:
-            _configure_worker(app, dict(options or {}))
+def _connect_worker_signals(app: Celery) -> None:
+    """The runtime starts at ``worker_init`` (a standby waits there) and stops at shutdown."""
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
@@ -264,6 +254,5 @@ def install_worker_hooks(app: Celery) -> None:
         if getattr(sender, "app", None) is app:
             _stop_runtime(app)
 
-    signals.celeryd_init.connect(on_celeryd_init, weak=False)
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.worker_shutdown.connect(on_worker_shutdown, weak=False)

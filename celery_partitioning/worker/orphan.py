@@ -107,9 +107,11 @@ class SupervisorWatch:
         while os.getppid() == self.supervisor_pid:
             time.sleep(self.interval)
         self._take_over_output()
-        self.gone.set()
+        # Say it before anyone can act on it: once ``gone`` is set the process may stop and
+        # exit, and this daemon thread would die before its line is written.
         logger.warning("%s supervisor (pid %d) is gone: warm shutdown", self.label,
                        self.supervisor_pid)
+        self.gone.set()
         self.on_gone()
 
     def _take_over_output(self) -> None:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ..deadletters import DeadLetterStore, GateResult, Publish
-from .runtime import GateMessage
+from ..message import PartitionMessage, Publish
+from ..store.deadletters import DeadLetterStore, GateResult
+from .guard import belongs_here
 
 if TYPE_CHECKING:
-    from .fetch import Registration
+    from ..store.broker import Registration
     from .runtime import PartitionRuntime
 
-__all__ = ["InFlight", "InFlightEntry", "ParkingGate", "raw_payload"]
+__all__ = ["InFlight", "InFlightEntry", "ParkingGate"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
@@ -61,34 +60,6 @@ class InFlight:
         return len(self._entries)
 
 
-def raw_payload(message: Any) -> str:
-    """The message as kombu's Redis transport stores it (JSON text), to re-queue it unchanged.
-
-    Redis (virtual) transport messages carry their payload; others (py-amqp) are rebuilt in
-    the same shape, with the body base64-encoded.
-    """
-    raw = getattr(message, "_raw", None)
-    if isinstance(raw, dict):
-        return json.dumps(raw)
-    body = message.body
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    properties = dict(message.properties or {})
-    properties.pop("application_headers", None)
-    properties["body_encoding"] = "base64"
-    properties["delivery_info"] = {
-        k: v for k, v in dict(message.delivery_info or {}).items()
-        if k in ("exchange", "routing_key")
-    }
-    return json.dumps({
-        "body": base64.b64encode(body or b"").decode("ascii"),
-        "content-type": message.content_type,
-        "content-encoding": message.content_encoding,
-        "headers": dict(message.headers or {}),
-        "properties": properties,
-    }, default=str)
-
-
 class ParkingGate:
     """A runtime gate: set aside (and ack) messages of parked keys; remember the others.
 
@@ -100,6 +71,9 @@ class ParkingGate:
     unacked, so a message that runs costs no round trip of the gate's own.
     """
 
+    #: How the start-up line names this gate.
+    __name__ = "parking gate"
+
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
                  inflight: InFlight, publish: Publish | None = None) -> None:
         self.runtime = runtime
@@ -110,10 +84,8 @@ class ParkingGate:
         #: Verdicts decided at receive (and the raw payload), by delivery tag, until asked.
         self._decided: dict[Any, tuple[GateResult, str]] = {}
 
-    def _applies(self, message: GateMessage) -> bool:
+    def _applies(self, message: PartitionMessage) -> bool:
         """Would this gate be asked about ``message`` (by the gate chain, after the guard)?"""
-        from .guard import belongs_here
-
         pool, key = message.partition_pool, message.partition_key
         return (pool is not None and key is not None and message.task_id is not None
                 and message.task_name in self.runtime.app.tasks
@@ -121,21 +93,22 @@ class ParkingGate:
 
     def register(self, registration: Registration) -> None:
         """Record a fetched message as unacked and, if the gate will be asked, decide it too."""
-        message = GateMessage(registration.message, str(registration.message.headers.get("task")))
+        message = PartitionMessage(registration.message, str(registration.message.headers.get("task")))
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None or not self._applies(message):
+            assert self.runtime.broker is not None, "register is used on a Redis broker only"
             with self.runtime.broker.client.pipeline() as pipe:  # the fetch's own transaction
                 registration.queue(pipe)
                 pipe.execute()
             return
-        raw = raw_payload(message.message)
+        raw = message.payload()
         result = self.store.receive(pool, key, task_id, raw, self.runtime.queue,
                                     registration=registration)
         while len(self._decided) >= MAX_DECIDED:
             self._decided.pop(next(iter(self._decided)))
         self._decided[registration.delivery_tag] = (result, raw)
 
-    def __call__(self, message: GateMessage) -> bool:
+    def __call__(self, message: PartitionMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
             return False
@@ -143,7 +116,7 @@ class ParkingGate:
         if decided is not None:
             result, raw = decided
         else:
-            raw = raw_payload(message.message)
+            raw = message.payload()
             result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
                                       publish=self.publish)
         verdict = result.verdict

@@ -27,12 +27,9 @@ from __future__ import annotations
 import base64
 import functools
 import inspect
-import json
 import logging
-import os
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,33 +37,23 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 
-from ..deadletters import (
-    REASON_DCB_MAX_RETRIES,
-    REASON_ERROR,
-    REASON_MAX_RETRIES,
-    DeadLetter,
-    DeadLetterStore,
-    Publish,
-    now_iso,
-    requeue_method,
-)
+from .. import compat
+from ..message import Publish
+from ..store.attempts import AttemptRecord, AttemptStore
+from ..store.deadletters import DeadLetterStore
 from ..tasks import spec_of
-from .parking import InFlight, ParkingGate
+from .parking import InFlight
 
 if TYPE_CHECKING:
+    from .failures import DeadLetters
     from .runtime import PartitionRuntime
 
-__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "install_failure_handling",
-           "retry_arguments"]
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "retry_arguments"]
 
 logger = logging.getLogger("celery_partitioning.retry")
 
-#: How long an attempt record outlives its last retry (seconds).
-ATTEMPTS_TTL: Final = 7 * 24 * 3600
 #: Longest single sleep of a backoff wait: how quickly a warm shutdown is noticed.
 WAIT_SLICE: Final = 0.1
-#: Exit status of a worker that must stop without acking (message returns to the head).
-EXIT_KEEP_MESSAGE: Final = 70
 #: Attribute marking a task instance as patched.
 PATCHED: Final = "_celery_partitioning_in_place"
 
@@ -160,12 +147,6 @@ def _decode_call(call: dict[str, str]) -> tuple[tuple[Any, ...], dict[str, Any]]
     return tuple(args), dict(kwargs)
 
 
-def _should_stop() -> bool:
-    from celery.worker import state
-
-    return bool(state.should_stop is not None or state.should_terminate is not None)
-
-
 def _delay_of(app: Any, eta: Any, countdown: Any) -> float:
     if eta is not None:
         if isinstance(eta, datetime):
@@ -207,12 +188,15 @@ class InPlaceRetry:
     """Patches the partitioned tasks of one partition worker (see the module docstring)."""
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
-                 inflight: InFlight, sleep: Callable[[float], None] = time.sleep,
-                 publish: Publish | None = None) -> None:
+                 inflight: InFlight, *, sleep: Callable[[float], None] = time.sleep,
+                 publish: Publish | None = None, dead_letters: DeadLetters | None = None) -> None:
         self.runtime = runtime
         self.store = store
         self.inflight = inflight
         self.publish = publish
+        self.dead_letters = dead_letters
+        self.attempts = (AttemptStore(runtime.redis, runtime.keys)
+                         if runtime.redis is not None else None)
         self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
 
@@ -309,7 +293,14 @@ class InPlaceRetry:
                     pending, attempt.pending = attempt.pending, None
                     args, kwargs = self._next_attempt(task, request, pending)
                     continue
-                self._dead_letter(task, request, exc, attempt)
+                if self.dead_letters is not None:
+                    entry = self.inflight.get(request.id)
+                    self.dead_letters.task_failed(task, request, exc, entry,
+                                                  exhausted=attempt.exhausted)
+                else:
+                    logger.error("%s[%s] failed (%s) and no Redis store is configured "
+                                 "(partitioning_redis_url): not dead-lettered, key not parked",
+                                 task.name, request.id, exc)
                 raise
             if attempt.pending is not None:  # retry(throw=False), then returned
                 pending, attempt.pending = attempt.pending, None
@@ -349,7 +340,7 @@ class InPlaceRetry:
             remaining = resume_at - time.time()
             if remaining <= 0:
                 return
-            if _should_stop():
+            if compat.stop_requested():
                 logger.warning("shutdown during an in-place retry wait: the message stays "
                                "unacked and goes back to the head of %s", self.runtime.queue)
                 raise WorkerShutdown(0)
@@ -358,13 +349,8 @@ class InPlaceRetry:
     # -- the attempt record (survives a crash) -----------------------------------------
     def _remember(self, task_id: str, retries: int, resume_at: float,
                   call: dict[str, str] | None) -> None:
-        client = self.runtime.redis
-        if client is None:
-            return
-        record: dict[str, Any] = {"retries": retries, "resume_at": resume_at}
-        if call is not None:
-            record["call"] = call
-        client.set(self.runtime.keys.attempts(task_id), json.dumps(record), ex=ATTEMPTS_TTL)
+        if self.attempts is not None:
+            self.attempts.save(task_id, AttemptRecord(retries, resume_at, call))
 
     def _resume(self, request: Any, attempt: _Attempt, args: Any, kwargs: Any) -> tuple[Any, Any]:
         """After a crash: continue the retry count, the arguments and the wait where they were.
@@ -372,29 +358,25 @@ class InPlaceRetry:
         The parking gate read the record already for the messages it let through (in the
         script that received them); others are read here.
         """
-        client = self.runtime.redis
-        if client is None:
+        if self.attempts is None:
             attempt.recorded = False
             return args, kwargs
         entry = self.inflight.get(request.id)
         if entry is not None and entry.attempts_read:
             raw: Any = entry.attempts
         else:
-            raw = client.get(self.runtime.keys.attempts(request.id))
+            raw = self.attempts.load_raw(request.id)
         attempt.recorded = raw is not None
-        if raw is None:
+        record = AttemptRecord.parse(raw)
+        if record is None:
             return args, kwargs
-        try:
-            record = json.loads(raw)
-            retries, resume_at = int(record["retries"]), float(record["resume_at"])
-        except (ValueError, KeyError, TypeError):
-            return args, kwargs
+        retries, resume_at = record.retries, record.resume_at
         if retries > (request.retries or 0):
             logger.info("%s resumes at retry %d", request.id, retries)
             request.retries = retries
-            if isinstance(record.get("call"), dict):
+            if record.call is not None:
                 try:
-                    args, kwargs = _decode_call(record["call"])
+                    args, kwargs = _decode_call(record.call)
                 except Exception:  # an unreadable record must not lose the message
                     logger.exception("%s: the arguments its last retry gave cannot be read; "
                                      "it resumes with the message's own", request.id)
@@ -410,81 +392,18 @@ class InPlaceRetry:
         """
         task_id = attempt.task_id
         entry = self.inflight.pop(task_id)
-        client = self.runtime.redis
-        if client is not None and attempt.recorded:
-            client.delete(self.runtime.keys.attempts(task_id))
+        if self.attempts is not None and attempt.recorded:
+            self.attempts.forget(task_id)
         if self.store is not None and entry is not None and entry.replaying:
             self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue,
                                 publish=self.publish)
 
-    # -- dead letters -----------------------------------------------------------------
-    def _dead_letter(self, task: Any, request: Any, exc: BaseException,
-                     attempt: _Attempt) -> None:
-        from ..dcb import DCBConflict
-
-        entry = self.inflight.get(request.id)
-        key = entry.key if entry is not None else getattr(request, "partition_key", None)
-        if not isinstance(key, str) or not key:
-            logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
-                         task.name, request.id)
-            return
-        if isinstance(exc, DCBConflict) and attempt.exhausted:
-            reason = REASON_DCB_MAX_RETRIES
-        elif attempt.exhausted:
-            reason = REASON_MAX_RETRIES
-        else:
-            reason = REASON_ERROR
-        letter = DeadLetter(
-            pool=entry.pool if entry is not None else self.runtime.pool, key=key,
-            task=task.name, id=request.id,
-            args=str(getattr(request, "argsrepr", None) or repr(request.args)),
-            kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
-            error=f"{type(exc).__name__}: {exc}",
-            traceback="".join(traceback.format_exception(exc)),
-            attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
-            partition=self.runtime.index, queue=self.runtime.queue,
-            hostname=self.runtime.hostname or None,
-            raw=entry.raw if entry is not None else None,
-        )
-        if self.store is None:
-            logger.error("%s[%s] failed (%s) and no Redis store is configured "
-                         "(partitioning_redis_url): not dead-lettered, key %r not parked",
-                         task.name, request.id, letter.error, key)
-            return
-        try:
-            parked_now = self.store.dead_letter(letter, self.runtime.queue, publish=self.publish)
-        except Exception:
-            logger.critical("%s[%s] failed and its dead letter could not be stored; stopping "
-                            "without acking so the message comes back", task.name, request.id,
-                            exc_info=True)
-            os._exit(EXIT_KEEP_MESSAGE)
-        logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
-                     task.name, request.id, reason, letter.attempts, letter.error, key,
-                     self.runtime.pool, "is parked" if parked_now else "was parked already")
-
 
 def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,
-                          inflight: InFlight, publish: Publish | None = None) -> InPlaceRetry:
+                          inflight: InFlight, publish: Publish | None = None,
+                          dead_letters: DeadLetters | None = None) -> InPlaceRetry:
     """Patch the runtime's partitioned tasks for in-place retry and dead letters."""
-    patcher = InPlaceRetry(runtime, store, inflight, publish=publish)
+    patcher = InPlaceRetry(runtime, store, inflight, publish=publish, dead_letters=dead_letters)
     count = patcher.patch_all()
     logger.info("partition %s: in-place retry on %d partitioned task(s)", runtime.label, count)
     return patcher
-
-
-def install_failure_handling(runtime: PartitionRuntime) -> None:
-    """The ``on_started`` hook: parking gate + in-place retry + dead letters on this partition."""
-    store = DeadLetterStore(runtime.redis, runtime.keys) if runtime.redis is not None else None
-    inflight = InFlight()
-    publish = requeue_method(runtime.app, runtime.pool, runtime.index) if store else None
-    if store is not None:
-        gate = ParkingGate(runtime, store, inflight, publish)
-        runtime.gates.append(gate)
-        if publish is None and runtime.broker is not None:
-            # the store is on the broker's Redis: decide the gate as the message is received
-            runtime.fetch_register = gate.register
-    else:
-        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
-                       "dead letters and parking are off", runtime.label)
-    enable_in_place_retry(runtime, store, inflight, publish)
-

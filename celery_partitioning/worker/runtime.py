@@ -5,7 +5,7 @@ the supervisor (``celery partitioning worker``) starts with the environment vari
 ``PARTITION_ENV`` set to ``"pool:index"``. ``install(app)`` wires signal handlers that, in
 such a process only, build a :class:`PartitionRuntime` and hang it off the app.
 
-Hook points for other parts of the package (issue 4 builds on these):
+Hook points for other parts of the package (failure handling builds on these):
 
 ``current_runtime(app) -> PartitionRuntime | None``
     The runtime of this process, or None outside a partition worker. It exists from the
@@ -17,7 +17,7 @@ Hook points for other parts of the package (issue 4 builds on these):
     ``settings.redis_url``, or None when no Redis store is configured), ``keys``
     (``RedisKeys`` under the app's namespace), ``hostname`` (the Celery node name).
 
-``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[GateMessage], bool]``
+``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[PartitionMessage], bool]``
     Called, in list order, for every message the partition worker receives, BEFORE Celery
     builds a request for it. A gate returns True when it has taken the message (re-published
     it, set it aside, acked it): the message is then not run and later gates are not asked.
@@ -29,14 +29,15 @@ Hook points for other parts of the package (issue 4 builds on these):
     After the gates, a message with a future ETA blocks the partition until its time
     (FIFO is kept; Celery would otherwise hold it aside and run later messages first).
 
-``GateMessage``
+``PartitionMessage`` (``celery_partitioning.message``, the codec)
     ``headers``, ``body`` (raw bytes, still serialized), ``properties``, ``delivery_info``,
     ``task_name``, ``task_id``, ``partition_key`` / ``partition_pool`` / ``partition_index``
     (from the headers; None on messages that are not partitioned), ``message`` (the raw
-    kombu message) and ``ack()``.
+    kombu message), ``payload()`` and ``ack()``. A gate has a ``__name__`` people can read:
+    the start-up line lists the gates by it.
 
 ``PartitionRuntime.fetch_register``
-    On a Redis broker, a ``fetch.Register`` that replaces the transaction recording a
+    On a Redis broker, a ``store.broker.Register`` that replaces the transaction recording a
     fetched message as unacked (it must do the same, atomically, and may do more in it).
 
 ``PartitionRuntime.on_started: list[Callable[[PartitionRuntime], None]]``
@@ -53,13 +54,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from ..redis_keys import RedisKeys
-from ..router import HEADER_INDEX, HEADER_KEY, HEADER_POOL
+from ..message import PartitionMessage
+from ..store.keys import RedisKeys
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .lease import Lease
+    from ..store.broker import BrokerRedis, Register
+    from ..store.lease import Lease
+    from .failures import DeadLetters
 
 __all__ = [
     "PARTITION_ENV",
@@ -67,7 +70,6 @@ __all__ = [
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
     "Gate",
-    "GateMessage",
     "PartitionRuntime",
     "current_runtime",
     "attach_runtime",
@@ -89,59 +91,8 @@ SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
 RUNTIME_ATTRIBUTE: Final = "_celery_partitioning_runtime"
 
 
-@dataclass(frozen=True)
-class GateMessage:
-    """One received message, as the gates see it (before Celery makes a request of it)."""
-
-    #: The raw kombu message.
-    message: Any
-    #: The task name from the message (``headers["task"]``).
-    task_name: str
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        headers = self.message.headers
-        return headers if isinstance(headers, dict) else {}
-
-    @property
-    def body(self) -> Any:
-        return self.message.body
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return dict(self.message.properties or {})
-
-    @property
-    def delivery_info(self) -> dict[str, Any]:
-        return dict(self.message.delivery_info or {})
-
-    @property
-    def task_id(self) -> str | None:
-        value = self.headers.get("id")
-        return value if isinstance(value, str) else None
-
-    @property
-    def partition_key(self) -> str | None:
-        value = self.headers.get(HEADER_KEY)
-        return value if isinstance(value, str) and value else None
-
-    @property
-    def partition_pool(self) -> str | None:
-        value = self.headers.get(HEADER_POOL)
-        return value if isinstance(value, str) and value else None
-
-    @property
-    def partition_index(self) -> int | None:
-        value = self.headers.get(HEADER_INDEX)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    def ack(self) -> None:
-        """Acknowledge the message: the broker forgets it."""
-        self.message.ack()
-
-
 #: A gate: True when it has taken the message, which must then not run.
-Gate = Callable[[GateMessage], bool]
+Gate = Callable[[PartitionMessage], bool]
 
 
 @dataclass(eq=False)
@@ -172,10 +123,16 @@ class PartitionRuntime:
     #: Messages put back at the head of the queue by crash recovery at start.
     recovered: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
-    broker: Any = None
-    #: Replaces the transaction that records a fetched message as unacked (Redis broker;
-    #: ``fetch.Register``): the parking gate sets it to decide in that same script.
-    fetch_register: Callable[..., None] | None = None
+    broker: BrokerRedis | None = None
+    #: Replaces the transaction that records a fetched message as unacked (Redis broker):
+    #: the parking gate sets it to decide in that same script.
+    fetch_register: Register | None = None
+    #: Stores a message that cannot run at all (dead letter, reason MALFORMED); set by the
+    #: failure handling. Called with the raw bytes (or payload text) and why.
+    on_malformed: Callable[[bytes | str, str], None] | None = None
+    #: Writes dead letters (None without a Redis store); the consumer uses it for malformed
+    #: messages it received.
+    dead_letters: DeadLetters | None = None
 
     @property
     def label(self) -> str:

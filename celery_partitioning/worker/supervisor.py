@@ -10,9 +10,10 @@ SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeo
 second signal kills them at once. If the supervisor is killed alone, each child notices,
 keeps printing to the supervisor's output and stops warmly (``orphan.py``).
 
-Exit status: ``EXIT_OK`` (0) every child stopped cleanly; ``EXIT_UNCLEAN`` (1) a child
-exited non-zero or had to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or
-an invalid task registry (nothing was started).
+Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop, also the 1 Celery exits
+with after a first Ctrl-C); ``EXIT_UNCLEAN`` (1) a child exited non-zero otherwise or had to be
+killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry (nothing
+was started).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import IO, Any, Final
 
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from .lease import new_token
+from ..exits import EXIT_OK, EXIT_UNCLEAN
+from ..store.lease import new_token
 from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
 
@@ -40,19 +42,19 @@ __all__ = [
     "select_partitions",
     "parse_indexes",
     "worker_argv",
-    "EXIT_OK",
-    "EXIT_UNCLEAN",
-    "EXIT_USAGE",
 ]
 
-EXIT_OK: Final = 0
-EXIT_UNCLEAN: Final = 1
-EXIT_USAGE: Final = 2
 
 #: First restart delay and its cap (seconds); a child up this long resets the backoff.
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 60.0
+
+#: Exit status of a Celery worker after the warm shutdown a first SIGINT asks for (EX_FAILURE),
+#: and the start of the line Celery prints when it takes that SIGINT (celery.apps.worker.on_SIGINT:
+#: "... will initiate cold shutdown, ..." in 5.5+, "... will terminate all running tasks!" before).
+_CELERY_WARM_SIGINT_EXIT: Final = 1
+_CELERY_SIGINT_NOTICE: Final = b"worker: Hitting Ctrl+C again will "
 
 _RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -134,6 +136,8 @@ class _Child:
     failures: int = 0
     restart_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
+    #: The running process said it took a SIGINT (Ctrl-C) as a warm shutdown.
+    took_sigint: bool = False
 
 
 class Supervisor:
@@ -166,8 +170,10 @@ class Supervisor:
             except (OSError, ValueError):
                 self._out_gone = True
 
-    def _pump(self, label: str, stream: IO[bytes]) -> None:
+    def _pump(self, label: str, stream: IO[bytes], child: _Child | None = None) -> None:
         for raw in iter(stream.readline, b""):
+            if child is not None and _CELERY_SIGINT_NOTICE in raw:
+                child.took_sigint = True
             self.say(label, raw.decode("utf-8", "replace"))
         stream.close()
 
@@ -194,8 +200,9 @@ class Supervisor:
         finally:
             os.close(output.write_fd)
         child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
+        child.took_sigint = False
         reader = threading.Thread(target=self._pump,
-                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb")),
+                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb"), child),
                                   name=f"out-{child.spec.label}", daemon=True)
         reader.start()
         child.threads = [reader]
@@ -272,6 +279,8 @@ class Supervisor:
                 break
             self._wake.clear()
             self._wake.wait(0.1)
+        # Once a child exited, and its output is read to the end: was its stop clean?
+        killed = not clean
         for child in live:
             assert child.proc is not None
             code = child.proc.wait()
@@ -280,7 +289,16 @@ class Supervisor:
             # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
             # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
             # from before it consumes until then, so no task was cut short: still clean.
-            if code not in (0, -signal.SIGTERM):
+            clean_codes = {0, -signal.SIGTERM}
+            if child.took_sigint and not killed and self._signals == seen:
+                # Ctrl-C in a terminal sends SIGINT to the whole process group, children
+                # included, and Celery takes a first SIGINT as a *warm* shutdown that exits
+                # with EX_FAILURE (celery.apps.worker.install_worker_int_handler); our SIGTERM
+                # turns that into 0 only if it lands before the child acts on the SIGINT. A
+                # second Ctrl-C, which would cut tasks short, reaches us too: then the children
+                # were killed above, and the stop is not clean anyway.
+                clean_codes.add(_CELERY_WARM_SIGINT_EXIT)
+            if code not in clean_codes:
                 clean = False
                 self.say("supervisor", f"{child.spec.label} stopped with code {code}")
         self.say("supervisor", "stopped cleanly" if clean else "stopped; not every worker "

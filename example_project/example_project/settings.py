@@ -9,6 +9,9 @@ Environment variables (all optional):
 ``SHOP_NAMESPACE``       Redis key prefix (kombu ``global_keyprefix``) isolating one run
 ``SHOP_QUEUE_PREFIX``    partition queue prefix (default ``shop``)
 ``SHOP_GLOBAL_WRITE_DELAY_MS``  pause between read and write in the global rollup (default 10)
+``SHOP_CHECKPOINTS``     ``1`` (default): projections commit a checkpoint with their rows;
+                         ``0``: the same tasks without (to show what at-least-once does)
+``SHOP_CHAOS``           ``1`` while ``shop_demo --chaos`` runs: workers take part in its kills
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ SHOP_NAMESPACE = os.environ.get("SHOP_NAMESPACE", "")
 SHOP_ORDERING = os.environ.get("SHOP_ORDERING", "partitioned")
 SHOP_TENANT = "acme"
 SHOP_GLOBAL_WRITE_DELAY_MS = int(os.environ.get("SHOP_GLOBAL_WRITE_DELAY_MS", "10"))
+SHOP_CHECKPOINTS = os.environ.get("SHOP_CHECKPOINTS", "1") != "0"
+SHOP_CHAOS = os.environ.get("SHOP_CHAOS", "") == "1"
 _QUEUE_PREFIX = os.environ.get("SHOP_QUEUE_PREFIX", "shop")
 
 # ---- Celery (read by example_project/celery.py with namespace="CELERY") -------------------
@@ -119,6 +124,10 @@ CELERY_PARTITIONING_POOLS = _pools(
     os.environ.get("SHOP_POOLS", "entity=4,customer=2,saga=2,global=1,dcb=2")
 )
 CELERY_PARTITIONING_QUEUE_PREFIX = _QUEUE_PREFIX
+# Checkpoints live in the default database (the projections' own), in a transaction that
+# first takes the SQLite write lock of shop.dblock (see LockedCheckpointStore).
+CELERY_PARTITIONING_CHECKPOINT_STORE = "shop.dblock:LockedCheckpointStore"
+CELERY_PARTITIONING_CHECKPOINT_DATABASE = "default"
 #: ``plain`` runs the same tasks through plain Celery routing (one queue, many workers).
 CELERY_SHOP_ORDERING = SHOP_ORDERING
 CELERY_TASK_DEFAULT_QUEUE = f"{_QUEUE_PREFIX}.plain" if SHOP_ORDERING == "plain" else "celery"

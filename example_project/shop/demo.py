@@ -3,6 +3,9 @@
 Run it with ``make demo`` (or ``python example_project/manage.py shop_demo``). Partitioned
 mode runs the affinity workers of every pool; ``--unordered`` runs the very same tasks through
 plain Celery routing (one queue, several prefork workers) to show what per-key order prevents.
+``--chaos`` SIGKILLs partition workers during the run (``shop.chaos``) and still verifies
+every projection: the checkpoints skip what a killed worker's messages would apply twice;
+``--chaos --no-checkpoints`` shows what at-least-once delivery does without them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import redis
 from django.conf import settings
 from django.core.management import call_command
 
-from celery_partitioning.app import settings_of
-from celery_partitioning.redis_keys import RedisKeys
+from celery_partitioning.state import settings_of
+from celery_partitioning.store.keys import RedisKeys
 
+from .chaos import ChaosMonkey
 from .events import append, signatures_for, stored_events
 from .interrupt import check_interrupted, signals_as_interrupt
 from .models import (
@@ -59,11 +63,16 @@ class DemoOptions:
     log_dir: Path | None = None
     keep_keys: bool = False
     publisher: str = "publish_many"  # publish_many | apply_async (one call per task, to compare)
+    chaos: bool = False
+    kills: int = 12
+    checkpoints: bool = True
 
 
 def _reset_database() -> None:
+    from celery_partitioning.contrib.django.models import Checkpoint
+
     call_command("migrate", verbosity=0, interactive=False)
-    for model in (StoredEvent, OrderSummary, ProductCatalog, CustomerOrderHistory,
+    for model in (Checkpoint, StoredEvent, OrderSummary, ProductCatalog, CustomerOrderHistory,
                   OrderWithInventory, DailySalesSummary, InventoryReservation):
         model.objects.all().delete()
 
@@ -154,7 +163,8 @@ def _counts(snapshot: dict[str, float], kind: str) -> dict[str, int]:
 
 
 def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str | None,
-           workers: Workers, console: Console, timeout: float, started: float) -> None:
+           workers: Workers, console: Console, timeout: float, started: float,
+           monkey: ChaosMonkey | None = None) -> None:
     client = redis.Redis.from_url(settings.REDIS_URL)
     progress = progress_of(app)
     watched = _watched_queues(app, pools, plain_queue)
@@ -173,6 +183,10 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
             console.status(f"[{elapsed:5.1f}s] " + " | ".join(parts))
             finished = (sum(done.values()) >= sum(published.values())
                         and not any(depths.values()))
+            if monkey is not None and not monkey.finished:
+                total = sum(published.values())
+                monkey.step(sum(done.values()) / total if total else 0.0, console.say)
+                finished = False  # every planned kill happens before the run counts as over
             quiet = quiet + 1 if finished else 0
             if quiet >= 3:
                 result.drained = True
@@ -185,20 +199,28 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
             if elapsed > timeout:
                 console.say(f"error: not drained after {timeout:.0f} s")
                 break
-            time.sleep(0.25)
+            time.sleep(0.1 if monkey is not None else 0.25)
     finally:
         console.clear()
         client.close()
 
 
 def _dead_letter_count(pools: dict[str, int]) -> int:
-    from celery_partitioning.deadletters import DeadLetterStore
+    from celery_partitioning.store.deadletters import DeadLetterStore
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
         return len(DeadLetterStore(client, RedisKeys(settings.SHOP_NAMESPACE)).find(pools))
     finally:
         client.close()
+
+
+def _skipped_by_checkpoints() -> int:
+    from django.db.models import Sum
+
+    from celery_partitioning.contrib.django.models import Checkpoint
+
+    return int(Checkpoint.objects.aggregate(n=Sum("skipped"))["n"] or 0)
 
 
 def _cleanup_keys() -> None:
@@ -243,6 +265,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     progress_of(app).reset()
     plan = plan_stream(options.events, options.seed)
     workers = Workers(worker_env(), log_dir)
+    monkey: ChaosMonkey | None = None
     try:
         with signals_as_interrupt():
             try:
@@ -251,6 +274,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 else:
                     how = workers.start_partitioned(app, pools, options.workers)
                 console.say(f"workers: {how}; logs in {log_dir}")
+                console.say("checkpoints: " + ("on (body and checkpoint in one transaction)"
+                                               if options.checkpoints else "OFF"))
                 ready = wait_ready(app, workers.nodes, workers, console)
                 check_interrupted()
                 console.say(f"workers ready in {ready:.1f} s; publishing {len(plan.commands)} "
@@ -263,10 +288,20 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 console.say(f"published {published.events} events as {published.tasks} tasks in "
                             f"{time.monotonic() - started:.1f} s ({published.seconds:.2f} s of it "
                             f"in {options.publisher}); draining")
-                _drain(result, app, pools, plain_queue, workers, console, options.timeout, started)
+                if options.chaos:
+                    supervisor = workers.supervisor_pid
+                    if supervisor is None:
+                        raise RuntimeError("--chaos needs the supervisor, which is not running")
+                    monkey = ChaosMonkey(supervisor, list(pools), options.kills, options.seed)
+                    console.say(f"chaos: {options.kills} SIGKILLs of partition workers, spread "
+                                "over the run")
+                _drain(result, app, pools, plain_queue, workers, console, options.timeout, started,
+                       monkey)
                 result.drain_seconds = time.monotonic() - started
                 snap = progress_of(app).snapshot()
             finally:
+                if monkey is not None:
+                    monkey.stop()
                 workers.stop()
         result.dead_letters = _dead_letter_count(pools)
     finally:
@@ -284,6 +319,11 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     result.orders, result.customers = plan.orders, plan.customers
     result.publisher, result.publish_seconds = options.publisher, published.seconds
     result.publish_tasks = published.tasks
+    result.checkpoints = options.checkpoints
+    result.reruns = sum(_counts(snap, "reruns").values())
+    result.skipped = _skipped_by_checkpoints()
+    if monkey is not None:
+        result.chaos = monkey.summary()
     history = stored_events()
     result.events = len(history)
     result.checks = verify(history)

@@ -1,9 +1,11 @@
 """Progress counters for the demo: tasks published and finished, per pool, in one Redis hash.
 
 Every publish of a shop task counts ``published:<pool>`` (Celery's ``before_task_publish``,
-for tasks published by workers; the demo's own publisher counts each batch in one call, see
-``count_publishes_in_bulk``) and every finished run counts ``done:<pool>`` (``task_postrun``).
-All work is finished when they are equal and the queues are empty.
+also for tasks published by workers; the demo's own publisher counts each batch in one call,
+see ``count_publishes_in_bulk``) and every finished message counts ``done:<pool>``
+(``task_postrun``, once per message even when a killed worker's message runs again). All
+work is finished when they are equal and the queues are empty. A message that starts a
+second time (its worker was killed before the ack) counts ``reruns:<pool>``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,24 @@ import redis
 from celery import Celery, signals
 from django.conf import settings
 
+from .chaos import maybe_stall_after_commit
+
 __all__ = ["Progress", "progress_of", "connect_signals", "count_publishes_in_bulk", "pool_of"]
+
+#: KEYS: token set, counters hash. ARGV: token, field. Counts ``field`` when the token was seen.
+_COUNT_IF_SEEN = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+"""
+#: KEYS: token set, counters hash. ARGV: token ('' = always count), busy ms, now, done field,
+#: busy field, failed field ('' = not failed), last field. Counts a message once.
+_COUNT_ONCE = """
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[4], 1)
+redis.call('HINCRBYFLOAT', KEYS[2], ARGV[5], ARGV[2])
+if ARGV[6] ~= '' then redis.call('HINCRBY', KEYS[2], ARGV[6], 1) end
+redis.call('HSET', KEYS[2], ARGV[7], ARGV[3])
+return 1
+"""
 
 #: Attribute of the Celery app holding this process's Progress.
 _ATTRIBUTE = "_shop_progress"
@@ -37,21 +56,25 @@ class Progress:
             pipe.hincrby(self.key, field, amount)
         pipe.execute()
 
-    def finished(self, pool: str, failed: bool, busy_ms: float) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hincrby(self.key, f"done:{pool}", 1)
-        pipe.hincrbyfloat(self.key, f"busy_ms:{pool}", busy_ms)
-        if failed:
-            pipe.hincrby(self.key, f"failed:{pool}", 1)
-        pipe.hset(self.key, f"last:{pool}", repr(time.time()))
-        pipe.execute()
+    def started(self, pool: str, token: str) -> None:
+        """A message starts; a token (task id and retry count) seen before is a rerun."""
+        self.redis.eval(_COUNT_IF_SEEN, 2, f"{self.key}:started", self.key, token,
+                        f"reruns:{pool}")
+
+    def finished(self, pool: str, failed: bool, busy_ms: float, token: str = "") -> None:
+        # One script: a worker killed half-way through must not leave the token recorded
+        # and the message uncounted (its rerun would then never count it).
+        fields = [f"done:{pool}", f"busy_ms:{pool}", f"failed:{pool}" if failed else "",
+                  f"last:{pool}"]
+        self.redis.eval(_COUNT_ONCE, 2, f"{self.key}:finished", self.key, token or "",
+                        repr(busy_ms), repr(time.time()), *fields)
 
     def snapshot(self) -> dict[str, float]:
         raw: dict[bytes, bytes] = self.redis.hgetall(self.key)  # type: ignore[assignment]
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def reset(self) -> None:
-        self.redis.delete(self.key)
+        self.redis.delete(self.key, f"{self.key}:started", f"{self.key}:finished")
 
 
 def progress_of(app: Celery) -> Progress:
@@ -84,10 +107,18 @@ def _on_publish(sender: Any = None, **_: Any) -> None:
         progress_of(app).count(f"published:{pool}")
 
 
+def _token(request: Any) -> str:
+    return f"{request.id}:{request.retries or 0}"
+
+
 def _on_prerun(sender: Any = None, **_: Any) -> None:
     request = getattr(sender, "request", None)
     if request is not None:
         request.shop_started = time.perf_counter()
+        request.shop_token = _token(request)
+        pool = pool_of(sender.app, str(getattr(sender, "name", "")))
+        if pool is not None and request.id:
+            progress_of(sender.app).started(pool, request.shop_token)
 
 
 def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
@@ -100,7 +131,8 @@ def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
         started = getattr(sender.request, "shop_started", None)
         busy = 0.0 if started is None else (time.perf_counter() - started) * 1000
         progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"),
-                                  busy_ms=busy)
+                                  busy_ms=busy, token=getattr(sender.request, "shop_token", ""))
+        maybe_stall_after_commit(pool)
 
 
 def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:

@@ -64,6 +64,13 @@ class DemoResult:
     publisher: str = "publish_many"
     publish_seconds: float = 0.0
     publish_tasks: int = 0
+    checkpoints: bool = True
+    #: Messages that started again after their worker was killed (before the ack).
+    reruns: int = 0
+    #: Messages the checkpoints skipped (already applied).
+    skipped: int = 0
+    #: ``--chaos``: kills performed, by kind.
+    chaos: dict[str, Any] = field(default_factory=dict)
     checks: list[ProjectionCheck] = field(default_factory=list)
 
     @property
@@ -80,6 +87,8 @@ class DemoResult:
             "drain_seconds": round(self.drain_seconds, 2),
             "publisher": self.publisher, "publish_seconds": round(self.publish_seconds, 3),
             "publish_tasks": self.publish_tasks,
+            "checkpoints": self.checkpoints, "reruns": self.reruns,
+            "skipped_by_checkpoint": self.skipped, "chaos": self.chaos,
             "mismatches": {c.name: len(c.mismatches) for c in self.checks},
             "total_mismatches": self.mismatches,
             "examples": [m.describe() for c in self.checks for m in c.mismatches[:2]],
@@ -101,6 +110,12 @@ def print_table(result: DemoResult, pools: dict[str, int], console: Console) -> 
         f"{result.publisher}, {rate:,.0f} tasks/s)")
     say(f"  retries         {result.retries:>7}   ({result.dcb_conflicts} DCB conflicts retried)")
     say(f"  dead letters    {result.dead_letters:>7}")
+    if result.chaos:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(result.chaos["by_kind"].items()))
+        say(f"  SIGKILLs        {result.chaos['kills']:>7}   ({kinds})")
+    say(f"  ran again       {result.reruns:>7}   messages started again after a kill")
+    say(f"  skipped         {result.skipped:>7}   by the checkpoints (already applied)"
+        if result.checkpoints else f"  skipped         {'-':>7}   checkpoints OFF")
     say("")
     say(f"  {'pool':<10} {'partitions':>10} {'tasks':>7} {'tasks/s':>8} {'ms/task':>8}")
     for pool, count in pools.items():
@@ -125,6 +140,10 @@ def print_table(result: DemoResult, pools: dict[str, int], console: Console) -> 
     say("")
     if not result.drained:
         say("NOT VERIFIED: the workers did not finish (see the worker logs).")
+    elif result.mode == "partitioned" and not result.checkpoints and result.mismatches:
+        say(f"DEMONSTRATED: without checkpoints {result.mismatches} rows differ from the "
+            f"sequential replay ({result.reruns} messages ran again; run without "
+            "--no-checkpoints: 0).")
     elif result.mode == "partitioned":
         say("VERIFIED: every projection equals the sequential replay of the same events."
             if result.verified else

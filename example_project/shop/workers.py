@@ -15,8 +15,8 @@ from typing import Any
 
 from django.conf import settings
 
-from celery_partitioning.app import settings_of
 from celery_partitioning.embedded import stop_with_parent
+from celery_partitioning.state import settings_of
 
 from .report import Console
 
@@ -91,6 +91,14 @@ class Workers:
         self.nodes = count
         return f"{count} plain workers x {concurrency} processes on one queue {queue!r}"
 
+    @property
+    def supervisor_pid(self) -> int | None:
+        """The pid of ``celery partitioning worker`` when the demo runs it, else None."""
+        for name, proc in self.procs:
+            if name == "supervisor" and proc.poll() is None:
+                return proc.pid
+        return None
+
     def dead(self) -> list[str]:
         return [name for name, proc in self.procs if proc.poll() is not None]
 
@@ -128,6 +136,8 @@ def worker_env() -> dict[str, str]:
         "SHOP_QUEUE_PREFIX": settings.CELERY_PARTITIONING_QUEUE_PREFIX,
         "SHOP_POOLS": ",".join(f"{p}={n}" for p, n in settings.CELERY_PARTITIONING_POOLS.items()),
         "SHOP_GLOBAL_WRITE_DELAY_MS": str(settings.SHOP_GLOBAL_WRITE_DELAY_MS),
+        "SHOP_CHECKPOINTS": "1" if settings.SHOP_CHECKPOINTS else "0",
+        "SHOP_CHAOS": "1" if settings.SHOP_CHAOS else "",
     }
 
 

@@ -24,7 +24,7 @@ import redis
 from celery import Celery
 
 import celery_partitioning as cp
-from celery_partitioning.redis_keys import key_digest
+from celery_partitioning.store.keys import key_digest
 from celery_partitioning.worker import current_runtime
 
 __all__ = ["make_app", "app", "RECORD_TASK", "FAIL_TASK", "record_list"]

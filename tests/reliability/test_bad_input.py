@@ -498,7 +498,7 @@ def test_adversarial_keys_route_as_data(memory_app: MemoryApp, key: str) -> None
 
 def test_huge_keys_do_not_grow_the_routers_memo(memory_app: MemoryApp) -> None:
     """The router memoizes key → partition; megabyte keys must not be kept (memory bound)."""
-    from celery_partitioning.app import partitioning_of
+    from celery_partitioning.state import partitioning_of
 
     plan: Any = partitioning_of(memory_app.app).router._plan("rel.item_added", memory_app.item_added)
     memory_app.item_added.apply_async(("small-key", "s"))

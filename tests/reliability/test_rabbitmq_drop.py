@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.reliability.conftest import Workload, keyed_events, size
+from tests.support.env import missing
 from tests.support.procs import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
@@ -68,7 +69,7 @@ def delete_queues(url: str, names: list[str]) -> None:
 def test_rabbitmq_closing_worker_connections_loses_and_reorders_nothing(
         amqp_url: str, workload_factory: Callable[..., Workload], say: Callable[[str], None]) -> None:
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not on PATH: cannot drop connections")
+        missing("rabbitmqctl is not on PATH: cannot drop connections")
     events_total = size("AMQP_DROP_EVENTS", 800, 4000)
     keys = size("AMQP_DROP_KEYS", 80, 300)
     w = workload_factory(4, broker=amqp_url, ms=5)

@@ -24,8 +24,8 @@ import redis
 
 from celery_partitioning import PartitionConfigError
 from celery_partitioning.config import read_settings
-from celery_partitioning.deadletters import DeadLetter, DeadLetterStore, now_iso
-from celery_partitioning.redis_keys import RedisKeys, key_digest
+from celery_partitioning.store.deadletters import DeadLetter, DeadLetterStore, now_iso
+from celery_partitioning.store.keys import RedisKeys, key_digest
 from tests.apps.reliability_app import FAIL_TASK, RECORD_TASK
 from tests.reliability.adversarial import ADVERSARIAL_KEYS
 from tests.reliability.conftest import PrivateRedis, Workload

@@ -19,8 +19,8 @@ def check_partitioned_tasks(app_configs: Any = None, **_: Any) -> list[checks.Ch
     """Django system check: the current Celery app's partitioning settings and registry."""
     from celery import current_app
 
-    from ...app import STATE_ATTRIBUTE
     from ...errors import PartitioningError
+    from ...state import STATE_ATTRIBUTE
     from ...validation import assert_valid_partition_keys
 
     app = current_app._get_current_object()
@@ -54,6 +54,7 @@ class CeleryPartitioningConfig(AppConfig):
     name = "celery_partitioning.contrib.django"
     label = "celery_partitioning"
     verbose_name = "Celery partitioning"
+    default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
         checks.register(check_partitioned_tasks, "celery_partitioning")

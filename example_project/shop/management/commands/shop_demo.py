@@ -38,18 +38,29 @@ class Command(BaseCommand):
                             default="publish_many",
                             help="publish each batch of tasks with publish_many (default) or one "
                                  "apply_async per task, to compare the publish time")
+        parser.add_argument("--chaos", action="store_true",
+                            help="SIGKILL partition workers during the run (at least --kills times), "
+                                 "then verify; prints how many messages ran again and were skipped")
+        parser.add_argument("--kills", type=int, default=12,
+                            help="--chaos: how many SIGKILLs, spread over the run (default 12)")
+        parser.add_argument("--no-checkpoints", action="store_true",
+                            help="declare the projections without checkpoints (with --chaos: the "
+                                 "damage at-least-once delivery does)")
         parser.add_argument("--keep-keys", action="store_true",
                             help="keep this run's Redis keys (queues, counters) afterwards")
 
-    def _reexec_if_needed(self, unordered: bool) -> None:
-        # The routing mode and the key namespace are settings, read when Django and Celery
-        # start: when they do not match the request, start again with them in the environment.
+    def _reexec_if_needed(self, unordered: bool, checkpoints: bool, chaos: bool) -> None:
+        # The routing mode, the checkpoints, the chaos hooks and the key namespace are
+        # settings, read when Django and Celery start: when they do not match the request,
+        # start again with them in the environment.
         wanted = "plain" if unordered else "partitioned"
-        if wanted == settings.SHOP_ORDERING and settings.SHOP_NAMESPACE:
+        if (wanted == settings.SHOP_ORDERING and settings.SHOP_NAMESPACE
+                and checkpoints == settings.SHOP_CHECKPOINTS and chaos == settings.SHOP_CHAOS):
             return
         if os.environ.get("SHOP_DEMO_REEXEC") == "1":
             raise CommandError("could not set SHOP_ORDERING/SHOP_NAMESPACE for the demo")
         env = {**os.environ, "SHOP_ORDERING": wanted, "SHOP_DEMO_REEXEC": "1",
+               "SHOP_CHECKPOINTS": "1" if checkpoints else "0", "SHOP_CHAOS": "1" if chaos else "",
                "SHOP_NAMESPACE": settings.SHOP_NAMESPACE or f"shopdemo-{uuid.uuid4().hex[:8]}:"}
         manage = Path(__file__).resolve().parents[3] / "manage.py"
         sys.stdout.flush()
@@ -57,7 +68,15 @@ class Command(BaseCommand):
         os.execve(sys.executable, [sys.executable, str(manage), *sys.argv[1:]], env)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        self._reexec_if_needed(options["unordered"])
+        if options["chaos"] and (options["unordered"] or options["workers"] == "children"):
+            raise CommandError("--chaos kills the supervisor's partition workers: it needs the "
+                               "partitioned mode with --workers auto or supervisor")
+        if options["chaos"] and options["kills"] < 1:
+            raise CommandError("--kills must be at least 1")
+        # --unordered is plain Celery: no partitioning, and no checkpoints either (they rely on
+        # per-key order: an event overtaken by a later one would be skipped as already applied).
+        checkpoints = not options["no_checkpoints"] and not options["unordered"]
+        self._reexec_if_needed(options["unordered"], checkpoints, options["chaos"])
         from shop.demo import DemoOptions, run_demo
         from shop.interrupt import was_interrupted
 
@@ -69,6 +88,8 @@ class Command(BaseCommand):
             plain_workers=options["plain_workers"], plain_concurrency=options["plain_concurrency"],
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
             publisher=options["publish_with"],
+            chaos=options["chaos"], kills=options["kills"],
+            checkpoints=checkpoints,
         )
         try:
             result = run_demo(demo, self.stdout._out)
@@ -80,5 +101,8 @@ class Command(BaseCommand):
                 self.stderr.write(f"demo failed: {exc}")
                 sys.exit(1)
             raise
-        if not result.drained or (not options["unordered"] and not result.verified):
+        # The comparison modes (--unordered, --no-checkpoints) demonstrate damage: they fail
+        # only when the run did not finish.
+        demonstrating = options["unordered"] or options["no_checkpoints"]
+        if not result.drained or (not demonstrating and not result.verified):
             sys.exit(1)

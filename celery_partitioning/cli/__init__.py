@@ -1,8 +1,13 @@
-"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers."""
+"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers.
+
+``worker``, ``status`` and ``route`` are here; ``dead-letters`` in :mod:`.deadletters`,
+``purge`` in :mod:`.purge`; what ``status`` reads in :mod:`.status`.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -10,11 +15,13 @@ import click
 from celery.bin.base import CeleryCommand
 from kombu.utils.url import maybe_sanitize_url
 
-from .app import settings_of
-from .errors import PartitioningError
-from .hashing import partition_for
-from .validation import assert_valid_partition_keys
-from .worker.supervisor import EXIT_USAGE, Supervisor, select_partitions, worker_argv
+from ..config import redis_namespace
+from ..errors import PartitionConfigError, PartitioningError
+from ..exits import EXIT_USAGE
+from ..hashing import partition_for
+from ..state import settings_of
+from ..validation import assert_valid_partition_keys
+from ..worker.supervisor import Supervisor, select_partitions, worker_argv
 
 __all__ = ["partitioning"]
 
@@ -29,14 +36,30 @@ def _app(ctx: click.Context) -> Any:
     return ctx.obj.app
 
 
-def _root_options(ctx: click.Context) -> list[str]:
+def _root_options(ctx: click.Context, command_line: list[str] | None = None) -> list[str]:
     params = ctx.find_root().params
     argv: list[str] = []
     for name, flag in _ROOT_OPTIONS:
         value = params.get(name)
+        if name == "app" and value is not None and not isinstance(value, str):
+            # Celery 5.4 hands the loaded app object, not the -A text: read that text back
+            value = _app_option(sys.argv if command_line is None else command_line)
         if value:
             argv += [flag, str(value)]
     return argv
+
+
+def _app_option(command_line: list[str]) -> str | None:
+    """The value of ``-A``/``--app`` on a ``celery`` command line (``-A x``, ``-Ax``,
+    ``--app x``, ``--app=x``), or None."""
+    for i, arg in enumerate(command_line):
+        if arg in ("-A", "--app") and i + 1 < len(command_line):
+            return command_line[i + 1]
+        if arg.startswith("--app="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-A") and len(arg) > 2 and not arg.startswith("--"):
+            return arg[2:]
+    return None
 
 
 def _fail(message: str) -> None:
@@ -44,7 +67,19 @@ def _fail(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
-@click.group(name="partitioning")
+class _SettingsCheckedGroup(click.Group):
+    """Notes whether the command line asks for help, which must work with bad settings too."""
+
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        ctx.meta[_ASKS_HELP] = any(arg in ("--help", *ctx.help_option_names) for arg in args)
+        return super().resolve_command(ctx, args)
+
+
+_ASKS_HELP = "celery_partitioning.asks_help"
+
+
+@click.group(name="partitioning", cls=_SettingsCheckedGroup)
 @click.pass_context
 def partitioning(ctx: click.Context) -> None:
     """Partitioned queues: per-key FIFO with parallelism across keys.
@@ -53,7 +88,17 @@ def partitioning(ctx: click.Context) -> None:
     worker   run one worker per partition, supervised (the ordering promise)
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
+    purge    delete the messages waiting in partition queues
+    dead-letters  list, replay or discard dead letters and parked keys
     """
+    # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
+    app = getattr(ctx.obj, "app", None)
+    if app is not None and not ctx.meta.get(_ASKS_HELP):
+        try:
+            settings_of(app)
+            redis_namespace(app.conf)
+        except PartitionConfigError as exc:
+            _fail(str(exc))
 
 
 @partitioning.command(cls=CeleryCommand)
@@ -116,7 +161,9 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys. Read only."""
+    lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
+    checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
+    from ..checkpointing import checkpoint_stats, render_checkpoint_stats
     from .status import collect_status, render_table, status_json
 
     app = _app(ctx)
@@ -131,14 +178,18 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             click.echo(f"Error: cannot read the partitions from "
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)
             raise SystemExit(1) from None
+        checkpoints = checkpoint_stats(app)
         if as_json:
-            click.echo(status_json(rows))
+            click.echo(status_json(rows, checkpoints))
         else:
             if watch:
                 click.clear()
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if checkpoints is not None:
+                click.echo("")
+                click.echo(render_checkpoint_stats(checkpoints))
         if not watch:
             return
         try:
@@ -174,6 +225,10 @@ def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool
                    f"queue {r['queue']}")
 
 
-from .cli_deadletters import dead_letters  # noqa: E402 - issue 4: the dead-letters sub-group
+from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
 
 partitioning.add_command(dead_letters)
+
+from .purge import purge_command  # noqa: E402 - the purge command
+
+partitioning.add_command(purge_command)

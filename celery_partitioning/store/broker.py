@@ -1,4 +1,4 @@
-"""Crash recovery on Redis: a partition's unacked messages go back to the HEAD of its queue.
+"""kombu's Redis broker layout, and the partition's unacked messages in it: crash recovery.
 
 kombu's Redis transport (``kombu/transport/redis.py``) keeps each delivered, not yet acked
 message in the hash ``unacked`` (delivery tag → JSON ``[payload, exchange, routing_key]``)
@@ -13,20 +13,20 @@ the head, in one WATCH/MULTI transaction on both keys (as kombu's own ``restore_
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ..message import UnackedEntry, decode_payload, delivery_tag_of, mark_redelivered, priority_of
+from ..state import redis_client_like
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unacked_by_queue"]
-
-logger = logging.getLogger("celery_partitioning.worker")
+__all__ = ["BrokerRedis", "Register", "Registration", "broker_redis", "restore_unacked_to_head",
+           "unacked_by_queue"]
 
 
 @dataclass
@@ -42,7 +42,7 @@ class BrokerRedis:
     priority_steps: tuple[int, ...]
 
     def queue_list(self, queue: str, priority: int = 0) -> str:
-        """The Redis list of ``queue`` for a priority (kombu ``_q_for_pri``)."""
+        """The Redis list of ``queue`` for a priority (as kombu names it)."""
         steps = [s for s in self.priority_steps if s <= priority] or [0]
         step = steps[-1]
         return f"{self.prefix}{queue}{self.sep}{step}" if step else f"{self.prefix}{queue}"
@@ -73,18 +73,13 @@ class BrokerRedis:
 
 def broker_redis(app: Celery) -> BrokerRedis | None:
     """The app broker's kombu Redis names and a client (close it); None when not Redis."""
-    import redis
-
     with app.connection_for_read() as conn:
         if conn.transport.driver_type != "redis":
             return None
         channel = conn.default_channel
-        pool = channel.client.connection_pool
-        client = redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, **pool.connection_kwargs))
         prefix = channel.global_keyprefix or ""
         return BrokerRedis(
-            client=client,
+            client=redis_client_like(channel.client.connection_pool),
             prefix=prefix,
             unacked=prefix + channel.unacked_key,
             unacked_index=prefix + channel.unacked_index_key,
@@ -93,12 +88,36 @@ def broker_redis(app: Celery) -> BrokerRedis | None:
         )
 
 
-def _routing_key(raw: bytes | str) -> tuple[dict[str, Any], str] | None:
-    try:
-        payload, _exchange, routing_key = json.loads(raw)
-    except (ValueError, TypeError):
-        return None
-    return (payload, routing_key) if isinstance(payload, dict) else None
+@dataclass(frozen=True)
+class Registration:
+    """A fetched message to record as unacked, and to take off the in-transit list, atomically.
+
+    Names are complete (kombu's ``global_keyprefix`` included), for a plain client.
+    """
+
+    #: The kombu message (its ``headers``, ``_raw``...).
+    message: Any
+    delivery_tag: str
+    #: kombu's ``unacked`` hash field value: JSON ``[payload, exchange, routing_key]``.
+    entry: str
+    #: Delivery time (kombu's ``unacked_index`` score).
+    score: float
+    unacked: str
+    unacked_index: str
+    in_transit: str
+    #: The raw item to remove from ``in_transit`` (None: not fetched by us, nothing to remove).
+    item: bytes | None
+
+    def queue(self, pipe: Any) -> None:
+        """Queue the commands on a MULTI pipeline (the caller executes it)."""
+        pipe.zadd(self.unacked_index, {self.delivery_tag: self.score})
+        pipe.hset(self.unacked, self.delivery_tag, self.entry)
+        if self.item is not None:
+            pipe.lrem(self.in_transit, 1, self.item)
+
+
+#: Carries out one Registration in a single atomic step (the parking gate's ``register``).
+Register = Callable[[Registration], None]
 
 
 def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:
@@ -107,30 +126,21 @@ def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:
     scores = dict(broker.client.zrange(broker.unacked_index, 0, -1, withscores=True))
     found: dict[str, list[float]] = {}
     for tag, raw in entries.items():
-        parsed = _routing_key(raw)
-        if parsed is not None:
-            found.setdefault(parsed[1], []).append(float(scores.get(tag, 0.0)))
+        entry = UnackedEntry.parse(raw)
+        if entry is not None:
+            found.setdefault(entry.routing_key, []).append(float(scores.get(tag, 0.0)))
     return found
-
-
-def _priority(payload: dict[str, Any]) -> int:
-    value = (payload.get("properties") or {}).get("priority")
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _delivery_tag(payload: dict[str, Any]) -> str | None:
-    tag = (payload.get("properties") or {}).get("delivery_tag")
-    return str(tag) if tag is not None else None
 
 
 def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | None = None) -> int:
     """Put ``queue``'s unacked messages back at its head in delivery order; return how many.
 
-    Also the messages a dead worker had moved to the ``in_transit`` list (``fetch.py``)
-    but not yet registered as unacked: they are newer than any registered one. A message in
-    both places (killed between the two steps) goes back once. Other queues' entries are not
-    touched. Atomic: the transaction is retried if anyone (kombu's own visibility restore,
-    an ack) changes the keys meanwhile.
+    Also the messages a dead worker had moved to the ``in_transit`` list (the loss-free
+    fetch) but not yet registered as unacked: they are newer than any registered one. A
+    message in both places (killed between the two steps) goes back once. Other queues'
+    entries are not touched. Atomic: the transaction is retried if anyone (kombu's own
+    visibility restore, an ack) changes the keys meanwhile. An in-transit item that is not
+    a message at all goes back too, unchanged: the worker dead-letters it when it fetches it.
     """
     moved = 0
     watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
@@ -139,30 +149,30 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
         nonlocal moved
         entries = pipe.hgetall(broker.unacked)
         scores = dict(pipe.zrange(broker.unacked_index, 0, -1, withscores=True))
-        mine: list[tuple[float, bytes, dict[str, Any]]] = []
+        mine: list[tuple[float, bytes, UnackedEntry]] = []
         for tag, raw in entries.items():
-            parsed = _routing_key(raw)
-            if parsed is not None and parsed[1] == queue:
-                mine.append((float(scores.get(tag, 0.0)), tag, parsed[0]))
+            entry = UnackedEntry.parse(raw)
+            if entry is not None and entry.routing_key == queue:
+                mine.append((float(scores.get(tag, 0.0)), tag, entry))
         mine.sort(key=lambda item: (item[0], item[1]))
-        oldest_first = [payload for _score, _tag, payload in mine]
-        known = {_delivery_tag(p) for p in oldest_first}
+        oldest_first: list[tuple[int, str | bytes]] = []
+        for _score, _tag, entry in mine:
+            mark_redelivered(entry.payload)
+            oldest_first.append((entry.priority, json.dumps(entry.payload)))
+        known = {delivery_tag_of(entry.payload) for _s, _t, entry in mine}
         # The in-transit list gets LPUSHed (BLMOVE ... LEFT): its oldest item is at the right.
         for raw in reversed(pipe.lrange(in_transit, 0, -1) if in_transit else []):
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(payload, dict) and _delivery_tag(payload) not in known:
-                oldest_first.append(payload)
+            payload = decode_payload(raw)
+            if payload is None:
+                oldest_first.append((0, raw))
+            elif delivery_tag_of(payload) not in known:
+                mark_redelivered(payload)
+                oldest_first.append((priority_of(payload), json.dumps(payload)))
         pipe.multi()
         # BRPOP takes from the right: push the newest first, the oldest last (= next).
-        for payload in reversed(oldest_first):
-            with contextlib.suppress(KeyError, TypeError):
-                payload["headers"]["redelivered"] = True
-                payload["properties"]["delivery_info"]["redelivered"] = True
-            pipe.rpush(broker.queue_list(queue, _priority(payload)), json.dumps(payload))
-        for _score, tag, _payload in mine:
+        for priority, item in reversed(oldest_first):
+            pipe.rpush(broker.queue_list(queue, priority), item)
+        for _score, tag, _entry in mine:
             pipe.hdel(broker.unacked, tag)
             pipe.zrem(broker.unacked_index, tag)
         if in_transit:

@@ -1,6 +1,6 @@
 """Dead-letter store and per-key parking: every Redis read and write for them lives here.
 
-Layout (names from :class:`~celery_partitioning.redis_keys.RedisKeys`, key text hashed):
+Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`, key text hashed):
 
 * ``dl:{pool}`` hash, key digest → JSON :class:`DeadLetter`. A field present means the key
   is **parked**: the partition's gate sets its later messages aside instead of running them.
@@ -22,39 +22,32 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from .deadletter_scripts import DEAD_LETTER_LUA, FINISHED_LUA, GATE_LUA, RECEIVE_LUA
-from .errors import PartitioningError
-from .redis_keys import RedisKeys, key_digest
+from ..errors import DeadLetterError
+from ..message import MessageSummary, Publish, message_summary
+from .keys import RedisKeys, key_digest
+from .scripts import scripts_for
 
 if TYPE_CHECKING:
-    from celery import Celery
     from redis import Redis
 
-    from .worker.fetch import Registration
+    from .broker import Registration
 
 __all__ = [
     "DeadLetter",
-    "DeadLetterError",
     "DeadLetterStore",
     "DeadLetterView",
     "GateResult",
     "GateVerdict",
-    "Publish",
-    "ParkedMessage",
     "REASON_ERROR",
     "REASON_MAX_RETRIES",
     "REASON_DCB_MAX_RETRIES",
-    "message_summary",
+    "REASON_MALFORMED",
     "now_iso",
-    "broker_publisher",
-    "replay_target",
-    "requeue_method",
-    "store_for_app",
 ]
 
 #: Reason of a dead letter: the task raised and had no retry policy left to apply.
@@ -63,6 +56,9 @@ REASON_ERROR: Final = "ERROR"
 REASON_MAX_RETRIES: Final = "MAX_RETRIES_EXCEEDED"
 #: Reason of a dead letter: a ``with_dcb_retry`` task still conflicted on its last attempt.
 REASON_DCB_MAX_RETRIES: Final = "DCB_MAX_RETRIES_EXCEEDED"
+#: Reason of a dead letter: the message could not be run at all (not a kombu message, an
+#: undecodable body, an unknown task); its ``error`` says which.
+REASON_MALFORMED: Final = "MALFORMED"
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
@@ -84,15 +80,6 @@ class GateResult:
         if verdict not in ("run", "parked", "deferred", "duplicate"):
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
-
-#: Re-publishes one raw message (JSON kombu payload) to its partition queue, through the
-#: broker. None means "push onto the head of the queue's Redis list" (Redis broker).
-Publish = Callable[[str], None]
-
-
-class DeadLetterError(PartitioningError):
-    """A dead-letter command could not be carried out (unknown key, replayed already...)."""
-
 
 def now_iso() -> str:
     """The current UTC time as stored in records."""
@@ -119,6 +106,16 @@ class DeadLetter:
     hostname: str | None = None
     #: The original kombu payload (JSON text), re-queued unchanged by replay.
     raw: str | None = None
+    #: ``"base64"`` when ``raw`` holds bytes that are not UTF-8 text (a malformed message).
+    raw_encoding: str | None = None
+
+    def raw_bytes(self) -> bytes | None:
+        """The original message exactly as it was received (None when unknown)."""
+        if self.raw is None:
+            return None
+        if self.raw_encoding == "base64":
+            return base64.b64decode(self.raw)
+        return self.raw.encode("utf-8")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -131,21 +128,11 @@ class DeadLetter:
 
 
 @dataclass(frozen=True)
-class ParkedMessage:
-    """A summary of one parked message (from its raw payload)."""
-
-    id: str
-    task: str
-    args: str
-    kwargs: str
-
-
-@dataclass(frozen=True)
 class DeadLetterView:
     """A dead letter with the messages parked behind it (what ``list`` shows)."""
 
     dead_letter: DeadLetter
-    parked: tuple[ParkedMessage, ...] = field(default=())
+    parked: tuple[MessageSummary, ...] = field(default=())
 
     def as_dict(self, with_raw: bool = False) -> dict[str, Any]:
         data = asdict(self.dead_letter)
@@ -156,44 +143,13 @@ class DeadLetterView:
         return data
 
 
-def message_summary(raw: str | bytes) -> ParkedMessage:
-    """Task id, name and argument reprs of a raw kombu payload (Celery protocol 2, or 1)."""
-    payload = json.loads(raw)
-    headers = payload.get("headers") or {}
-    props = payload.get("properties") or {}
-    task_id = headers.get("id") or props.get("correlation_id") or "?"
-    task = headers.get("task")
-    args, kwargs = headers.get("argsrepr"), headers.get("kwargsrepr")
-    if task is None or args is None:
-        try:  # protocol 1 keeps everything in the (base64 JSON) body
-            body = payload.get("body") or ""
-            if props.get("body_encoding") == "base64":
-                body = base64.b64decode(body).decode("utf-8")
-            decoded = json.loads(body)
-            if isinstance(decoded, dict):
-                task = task or decoded.get("task")
-                task_id = decoded.get("id", task_id)
-                args = args or repr(decoded.get("args"))
-                kwargs = kwargs or repr(decoded.get("kwargs"))
-            elif isinstance(decoded, list) and len(decoded) >= 2:
-                args = args or repr(decoded[0])
-                kwargs = kwargs or repr(decoded[1])
-        except (ValueError, TypeError):
-            pass
-    return ParkedMessage(id=str(task_id), task=str(task or "?"), args=str(args or ""),
-                         kwargs=str(kwargs or ""))
-
-
 class DeadLetterStore:
     """Dead letters and parked keys of one app namespace, on one Redis client."""
 
     def __init__(self, client: Redis, keys: RedisKeys) -> None:
         self.client = client
         self.keys = keys
-        self._gate = client.register_script(GATE_LUA)
-        self._dead_letter = client.register_script(DEAD_LETTER_LUA)
-        self._finished = client.register_script(FINISHED_LUA)
-        self._receive = client.register_script(RECEIVE_LUA)
+        self._scripts = scripts_for(client)
 
     # -- worker side ------------------------------------------------------------------
     def _key_names(self, pool: str, key: str) -> list[str]:
@@ -217,7 +173,7 @@ class DeadLetterStore:
     def check(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
               publish: Publish | None = None) -> GateResult:
         """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
-        reply = self._gate(keys=[*self._script_keys(pool, key, queue, publish),
+        reply = self._scripts.check(keys=[*self._script_keys(pool, key, queue, publish),
                                  self.keys.attempts(task_id)],
                            args=[key_digest(key), task_id, raw])
         result = GateResult.parse(reply)
@@ -232,7 +188,7 @@ class DeadLetterStore:
         For a Redis broker whose Redis holds this store (re-queueing by head push): the
         names in ``registration`` (``worker.fetch.Registration``) are on this client.
         """
-        reply = self._receive(
+        reply = self._scripts.receive(
             keys=[*self._script_keys(pool, key, queue, None), self.keys.attempts(task_id),
                   registration.unacked_index, registration.unacked, registration.in_transit],
             args=[key_digest(key), task_id, raw, registration.delivery_tag,
@@ -243,16 +199,16 @@ class DeadLetterStore:
     def dead_letter(self, letter: DeadLetter, queue: str, *,
                     publish: Publish | None = None) -> bool:
         """Store a dead letter and park its key; False if the key was parked already."""
-        stored = self._dead_letter(
+        stored = self._scripts.dead_letter(
             keys=self._script_keys(letter.pool, letter.key, queue, publish),
-            args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw or ""],
+            args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw_bytes() or b""],
         )
         return bool(stored)
 
     def finished(self, pool: str, key: str, task_id: str, queue: str, *,
                  publish: Publish | None = None) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
-        self._finished(keys=self._script_keys(pool, key, queue, publish),
+        self._scripts.finished(keys=self._script_keys(pool, key, queue, publish),
                        args=[key_digest(key), task_id])
         if publish is not None:
             self.flush_outbox(pool, key, publish)
@@ -337,7 +293,7 @@ class DeadLetterStore:
         )
 
     def replay(self, pool: str, key: str, queue: str, *,
-               publish: Publish | None = None) -> list[ParkedMessage]:
+               publish: Publish | None = None) -> list[MessageSummary]:
         """Re-queue the dead letter and the parked messages of ``key``, in order, and unpark it.
 
         In one transaction: the messages go to the consuming end of kombu's Redis list of
@@ -370,7 +326,8 @@ class DeadLetterStore:
                         raise DeadLetterError(
                             f"the dead letter of key {key!r} (task {letter.id}) has no stored "
                             "message to replay; discard it and re-send the task")
-                    raws: list[str | bytes] = [letter.raw, *pipe.lrange(parked_list, 0, -1)]
+                    raws: list[str | bytes] = [letter.raw_bytes() or b"",
+                                               *pipe.lrange(parked_list, 0, -1)]
                     messages = [message_summary(r) for r in raws]
                     pipe.multi()
                     if publish is None:
@@ -393,7 +350,7 @@ class DeadLetterStore:
                 self.flush_outbox(pool, key, publish)
             return messages
 
-    def discard(self, pool: str, key: str) -> list[ParkedMessage]:
+    def discard(self, pool: str, key: str) -> list[MessageSummary]:
         """Drop the dead letter and parked messages of ``key``, unpark it, log what was dropped."""
         from redis.exceptions import WatchError
 
@@ -408,8 +365,8 @@ class DeadLetterStore:
                         raise self._missing(pool, key, "discard")
                     letter = DeadLetter.from_json(record)
                     raws = pipe.lrange(parked_list, 0, -1)
-                    messages = [message_summary(letter.raw)] if letter.raw else [
-                        ParkedMessage(letter.id, letter.task, letter.args, letter.kwargs)]
+                    messages = [message_summary(letter.raw_bytes() or b"")] if letter.raw else [
+                        MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)]
                     messages += [message_summary(r) for r in raws]
                     pipe.multi()
                     pipe.srem(ids, *[m.id for m in messages])
@@ -426,7 +383,7 @@ class DeadLetterStore:
 
     @staticmethod
     def _event(action: str, pool: str, key: str, letter: DeadLetter,
-               messages: Sequence[ParkedMessage], **extra: Any) -> dict[str, Any]:
+               messages: Sequence[MessageSummary], **extra: Any) -> dict[str, Any]:
         return {
             "action": action,
             "at": now_iso(),
@@ -440,83 +397,3 @@ class DeadLetterStore:
 
 def _text(raw: str | bytes) -> str:
     return raw.decode("utf-8") if isinstance(raw, bytes) else raw
-
-
-def store_for_app(app: Celery) -> DeadLetterStore:
-    """The dead-letter store of an app (``partitioning_redis_url``, namespace of its broker)."""
-    import redis
-
-    from .app import settings_of
-    from .config import redis_namespace
-
-    settings = settings_of(app)
-    if settings.redis_url is None:
-        raise DeadLetterError(
-            "no Redis store is configured for dead letters: set partitioning_redis_url "
-            "(Django: CELERY_PARTITIONING_REDIS_URL), or use a Redis broker or result backend")
-    return DeadLetterStore(redis.Redis.from_url(settings.redis_url), RedisKeys(redis_namespace(app.conf)))
-
-
-def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Publish | None]:
-    """The queue a replay of ``key`` goes to, and how (see :func:`requeue_method`)."""
-    from .app import settings_of
-    from .hashing import partition_for
-
-    settings = settings_of(app)
-    index = partition_for(key, settings.partitions(pool))
-    return settings.queue_name(pool, index), requeue_method(app, pool, index)
-
-
-def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
-    """None when re-queued messages can be pushed onto the head of the queue's Redis list in
-    the store's own transaction (the broker is the store's Redis); else a publisher.
-
-    Through a publisher (RabbitMQ, or a Redis broker apart from the store) messages go to
-    the back of the queue; ordering then rests on the gate deferring newer messages of the
-    key until the re-queued ones are done.
-    """
-    from .app import settings_of
-
-    settings = settings_of(app)
-    with app.connection_for_write() as conn:
-        driver = conn.transport.driver_type
-        broker = conn.as_uri(include_password=True)
-    if driver == "redis" and settings.redis_url is not None and _same_redis(broker, settings.redis_url):
-        return None
-    return broker_publisher(app, pool, index)
-
-
-def broker_publisher(app: Celery, pool: str, index: int) -> Publish:
-    """Publish raw kombu payloads (as stored) to partition ``index`` of ``pool``, unchanged."""
-    from .app import partitioning_of
-
-    queue = partitioning_of(app).router.queue(pool, index)
-
-    def publish(raw: str) -> None:
-        payload = json.loads(raw)
-        props = dict(payload.get("properties") or {})
-        body: Any = payload.get("body") or ""
-        if props.get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        options = {name: props[name] for name in ("correlation_id", "reply_to", "delivery_mode")
-                   if props.get(name) is not None}
-        with app.producer_or_acquire() as producer:
-            producer.publish(
-                body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
-                headers=dict(payload.get("headers") or {}),
-                content_type=payload.get("content-type") or "application/json",
-                content_encoding=payload.get("content-encoding") or "utf-8",
-                retry=True, **options)
-
-    return publish
-
-
-def _same_redis(a: str, b: str) -> bool:
-    from urllib.parse import urlsplit
-
-    def norm(url: str) -> tuple[str, int, str]:
-        parts = urlsplit(url)
-        db = (parts.path or "/0").strip("/") or "0"
-        return (parts.hostname or "localhost", parts.port or 6379, db)
-
-    return norm(a) == norm(b)

@@ -9,13 +9,33 @@ from typing import TYPE_CHECKING, Any
 import click
 from redis.exceptions import RedisError
 
-from .deadletters import DeadLetterError, DeadLetterStore, DeadLetterView, replay_target, store_for_app
-from .errors import PartitioningError
+from ..errors import DeadLetterError, PartitioningError
+from ..hashing import partition_for
+from ..message import Publish, requeue_method
+from ..state import redis_client, redis_keys, settings_of
+from ..store.deadletters import DeadLetterStore, DeadLetterView
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["dead_letters"]
+__all__ = ["dead_letters", "replay_target", "store_for_app"]
+
+
+def store_for_app(app: Celery) -> DeadLetterStore:
+    """The dead-letter store of an app (``partitioning_redis_url``, namespace of its broker)."""
+    settings = settings_of(app)
+    if settings.redis_url is None:
+        raise DeadLetterError(
+            "no Redis store is configured for dead letters: set partitioning_redis_url "
+            "(Django: CELERY_PARTITIONING_REDIS_URL), or use a Redis broker or result backend")
+    return DeadLetterStore(redis_client(settings.redis_url), redis_keys(app))
+
+
+def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Publish | None]:
+    """The queue a replay of ``key`` goes to, and how (see ``message.requeue_method``)."""
+    settings = settings_of(app)
+    index = partition_for(key, settings.partitions(pool))
+    return settings.queue_name(pool, index), requeue_method(app, pool, index)
 
 
 def _app(ctx: click.Context) -> Celery:
@@ -26,8 +46,6 @@ def _app(ctx: click.Context) -> Celery:
 
 
 def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
-    from .app import settings_of
-
     settings = settings_of(app)
     for pool in wanted:
         settings.partitions(pool)  # PartitionConfigError naming the known pools

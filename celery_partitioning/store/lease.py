@@ -12,52 +12,26 @@ its successor, which may then take the lease over at once instead of waiting out
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["Lease", "LeaseHolder", "parse_holder", "EXIT_FENCED", "new_token"]
+from ..exits import EXIT_FENCED, exit_now
+from .keys import RedisKeys
+from .scripts import scripts_for
+
+__all__ = ["Lease", "LeaseHolder", "parse_holder", "new_token", "read_holders"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Exit status of a worker that ended itself because it lost (or could not renew) its lease.
-EXIT_FENCED: Final = 75
-
 #: Share of the TTL after the last good renewal at which a holder fences itself.
 FENCE_AFTER: Final = 0.7
-
-# KEYS[1] lease; ARGV: value, ttl ms, takeover token ("" for none).
-_ACQUIRE: Final = """
-local current = redis.call('GET', KEYS[1])
-if (not current) or current == ARGV[1]
-   or (ARGV[3] ~= '' and string.sub(current, 1, string.len(ARGV[3]) + 1) == ARGV[3] .. '|') then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-# KEYS[1] lease; ARGV: value, ttl ms.
-_RENEW: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-# KEYS[1] lease; ARGV: value.
-_RELEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 
 def new_token() -> str:
     """A random lease token (hex, no ``|``)."""
@@ -88,6 +62,17 @@ def parse_holder(value: bytes | str | None, ttl_ms: int = -1) -> LeaseHolder | N
     return LeaseHolder(token, host, int(pid) if pid.isdigit() else 0, node, ttl_ms)
 
 
+def read_holders(client: Any, keys: RedisKeys, queues: Sequence[str]) -> dict[str, LeaseHolder | None]:
+    """Who holds the lease of each partition queue (None: free), in one round trip."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.get(keys.lease(queue))
+            pipe.pttl(keys.lease(queue))
+        replies = pipe.execute()
+    return {queue: parse_holder(replies[2 * i], int(replies[2 * i + 1]))
+            for i, queue in enumerate(queues)}
+
+
 class Lease:
     """The lease of one partition queue, for this process."""
 
@@ -95,6 +80,7 @@ class Lease:
                  token: str | None = None, takeover: str | None = None,
                  fence: Callable[[str], None] | None = None) -> None:
         self.client = client
+        self._scripts = scripts_for(client)
         self.key = key
         self.ttl = ttl
         self.token = token or new_token()
@@ -125,7 +111,8 @@ class Lease:
     def try_acquire(self) -> bool:
         """Take the lease if it is free, ours, or held by the token we may take over."""
         started = time.monotonic()
-        ok = bool(self.client.eval(_ACQUIRE, 1, self.key, self.value, self.ttl_ms, self.takeover))
+        ok = bool(self._scripts.lease_acquire(keys=[self.key],
+                                               args=[self.value, self.ttl_ms, self.takeover]))
         if ok:
             self._held = True
             self._last_ok = started
@@ -168,7 +155,8 @@ class Lease:
         while not self._stop.wait(wait):
             started = time.monotonic()
             try:
-                renewed = bool(self.client.eval(_RENEW, 1, self.key, self.value, self.ttl_ms))
+                renewed = bool(self._scripts.lease_renew(keys=[self.key],
+                                                         args=[self.value, self.ttl_ms]))
             except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
                 if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
                     self._fence(f"could not renew the lease {self.key} for "
@@ -202,7 +190,7 @@ class Lease:
         if self._held:
             self._held = False
             try:
-                self.client.eval(_RELEASE, 1, self.key, self.value)
+                self._scripts.lease_release(keys=[self.key], args=[self.value])
             except Exception as exc:  # noqa: BLE001 - it expires by itself
                 logger.warning("could not release the lease %s (%s); it expires in %.0fs",
                                self.key, exc, self.ttl)
@@ -210,9 +198,5 @@ class Lease:
 
 def _exit_fenced(reason: str) -> None:
     """End the process now: a holder that may have lost its lease must not run a task."""
-    logger.critical("celery-partitioning: %s; stopping this worker at once so two workers "
-                    "never consume one partition", reason)
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    os._exit(EXIT_FENCED)
+    exit_now(EXIT_FENCED, "celery-partitioning: %s; stopping this worker at once so two "
+                          "workers never consume one partition", reason)

@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .app import settings_of
-from .config import redis_namespace
-from .hashing import partition_for
-from .redis_keys import RedisKeys
-from .router import HEADER_PUBLISHED_AT
-from .worker.lease import parse_holder
-from .worker.recovery import BrokerRedis, broker_redis, unacked_by_queue
+from ..hashing import partition_for
+from ..router import HEADER_PUBLISHED_AT
+from ..state import redis_client, redis_keys, settings_of
+from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
+from ..store.deadletters import DeadLetterStore
+from ..store.lease import read_holders
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -71,13 +70,9 @@ def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], i
     settings = settings_of(app)
     if settings.redis_url is None:
         return {}
-    import redis
-
-    from .deadletters import DeadLetterStore
-
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url)
     try:
-        store = DeadLetterStore(client, RedisKeys(redis_namespace(app.conf)))
+        store = DeadLetterStore(client, redis_keys(app))
         counts: dict[tuple[str, int], int] = {}
         for view in store.find(pools):
             letter = view.dead_letter
@@ -94,23 +89,12 @@ def _leases(app: Celery, queues: Sequence[str]) -> dict[str, str | None]:
     settings = settings_of(app)
     if settings.redis_url is None:
         return {}
-    import redis
-
-    keys = RedisKeys(redis_namespace(app.conf))
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url)
     try:
-        with client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.get(keys.lease(queue))
-                pipe.pttl(keys.lease(queue))
-            replies = pipe.execute()
+        holders = read_holders(client, redis_keys(app), queues)
     finally:
         client.close()
-    found: dict[str, str | None] = {}
-    for i, queue in enumerate(queues):
-        holder = parse_holder(replies[2 * i], int(replies[2 * i + 1]))
-        found[queue] = holder.describe() if holder else None
-    return found
+    return {queue: holder.describe() if holder else None for queue, holder in holders.items()}
 
 
 def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
@@ -139,10 +123,10 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
         try:
             leases = _leases(app, [q for _, _, q in parts])
             unacked = unacked_by_queue(broker)
-            keys = RedisKeys(redis_namespace(app.conf))
+            keys = redis_keys(app)
             for pool, index, queue in parts:
                 delivered = unacked.get(queue, [])
-                # Fetched and not yet recorded by kombu (fetch.py): normally for a moment only.
+                # Fetched and not yet recorded by kombu (worker/transport.py): normally for a moment only.
                 in_transit = int(broker.client.llen(keys.in_transit(queue)))
                 ages = [now - min(delivered)] if delivered else []
                 head = _head_age(broker, queue, now)
@@ -184,6 +168,10 @@ def render_table(rows: Sequence[PartitionStatus]) -> str:
                      for line in table)
 
 
-def status_json(rows: Sequence[PartitionStatus]) -> str:
-    """The machine form of ``status --json``: ``{"partitions": [...]}``."""
-    return json.dumps({"partitions": [r.as_dict() for r in rows]}, indent=2)
+def status_json(rows: Sequence[PartitionStatus], checkpoints: Any = None) -> str:
+    """The machine form of ``status --json``: ``{"partitions": [...]}``, and ``"checkpoints"``
+    (per projection: keys, applied, skipped, last_update) when tasks declare ``checkpoint=``."""
+    found: dict[str, Any] = {"partitions": [r.as_dict() for r in rows]}
+    if checkpoints is not None:
+        found["checkpoints"] = checkpoints
+    return json.dumps(found, indent=2)

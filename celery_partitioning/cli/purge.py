@@ -1,0 +1,180 @@
+"""``celery -A proj partitioning purge``: empty partition queues, which ``celery purge`` leaves alone.
+
+``celery purge`` empties the queues a plain worker would consume (``task_default_queue`` and
+``task_queues``); partition queues are declared by the partition router, not listed there, so
+it leaves them alone. ``plan_purge`` reads the selected partition queues (depth; consumers on
+AMQP) and their leases (Redis) and changes nothing; ``purge`` deletes the waiting messages:
+on Redis every priority list of the queue (kombu's own names, ``global_keyprefix`` included),
+on AMQP with ``queue.purge``. Messages a worker holds (delivered, not acked), dead letters
+and parked keys are not touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import click
+from celery.bin.base import CeleryCommand
+from kombu.utils.url import maybe_sanitize_url
+
+from ..errors import PartitioningError
+from ..exits import EXIT_UNCLEAN, EXIT_USAGE
+from ..state import redis_client, redis_keys, settings_of
+from ..store.broker import BrokerRedis, broker_redis
+from ..store.lease import read_holders
+from ..worker.supervisor import select_partitions
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["QueuePlan", "plan_purge", "purge", "purge_command"]
+
+
+@dataclass(frozen=True)
+class QueuePlan:
+    """One selected partition queue before purging."""
+
+    pool: str
+    index: int
+    queue: str
+    #: Messages waiting (0 when the queue was never declared).
+    depth: int
+    #: Who consumes it: the lease holder (Redis) or "N consumer(s)" (AMQP); None when idle.
+    consumer: str | None
+
+
+def _lease_holders(app: Celery, queues: Sequence[str]) -> dict[str, str]:
+    """``queue → "node (pid N)"`` for every selected queue whose lease is held (Redis store)."""
+    url = settings_of(app).redis_url
+    if url is None or not queues:
+        return {}
+    client = redis_client(url)
+    try:
+        holders = read_holders(client, redis_keys(app), queues)
+    finally:
+        client.close()
+    return {queue: holder.describe() for queue, holder in holders.items() if holder is not None}
+
+
+def _declared(conn: Any, queue: str) -> tuple[int, int]:
+    """AMQP: ``(messages, consumers)`` of a queue; ``(0, 0)`` when the broker does not know it."""
+    channel = conn.channel()
+    try:
+        _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
+        return int(depth), int(consumers or 0)
+    except conn.channel_errors:
+        return 0, 0
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def plan_purge(app: Celery, pools: Sequence[str] = (), partitions: str | None = None) -> list[QueuePlan]:
+    """The selected partition queues with their depth and consumer; changes nothing."""
+    specs = select_partitions(settings_of(app), pools, partitions)
+    held = _lease_holders(app, [s.queue for s in specs])
+    plans: list[QueuePlan] = []
+    broker = broker_redis(app)
+    if broker is not None:
+        try:
+            for spec in specs:
+                plans.append(QueuePlan(spec.pool, spec.index, spec.queue, broker.depth(spec.queue),
+                                       held.get(spec.queue)))
+        finally:
+            broker.close()
+        return plans
+    with app.connection_for_write() as conn:
+        for spec in specs:
+            depth, consumers = _declared(conn, spec.queue)
+            consumer = held.get(spec.queue) or (f"{consumers} consumer(s)" if consumers else None)
+            plans.append(QueuePlan(spec.pool, spec.index, spec.queue, depth, consumer))
+    return plans
+
+
+def _purge_redis(broker: BrokerRedis, queue: str) -> int:
+    # One MULTI per queue: the count is exactly what was deleted.
+    with broker.client.pipeline(transaction=True) as pipe:
+        for name in broker.queue_lists(queue):
+            pipe.llen(name)
+            pipe.delete(name)
+        replies = pipe.execute()
+    return sum(int(n) for n in replies[::2])
+
+
+def purge(app: Celery, queues: Sequence[str]) -> dict[str, int]:
+    """Delete the waiting messages of ``queues``: ``queue → messages deleted``."""
+    deleted: dict[str, int] = {}
+    broker = broker_redis(app)
+    if broker is not None:
+        try:
+            for queue in queues:
+                deleted[queue] = _purge_redis(broker, queue)
+        finally:
+            broker.close()
+        return deleted
+    with app.connection_for_write() as conn:
+        for queue in queues:
+            if _declared(conn, queue) == (0, 0):
+                deleted[queue] = 0  # nothing there (purging an unknown queue closes the channel)
+                continue
+            channel = conn.channel()
+            try:
+                deleted[queue] = int(channel.queue_purge(queue=queue) or 0)
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    return deleted
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"Error: {message}", err=True)
+    raise SystemExit(code)
+
+
+@click.command(name="purge", cls=CeleryCommand)
+@click.option("--pool", "pools", multiple=True, metavar="NAME",
+              help="Only this pool's partitions (repeat for several). Default: every pool.")
+@click.option("--partitions", metavar="SPEC",
+              help="Only these partition indexes of each selected pool, e.g. 0-3,7. Default: all.")
+@click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--while-running", is_flag=True,
+              help="Purge partitions that a worker is consuming too (by default they are refused).")
+@click.pass_context
+def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None,
+                  force: bool, while_running: bool) -> None:
+    """Delete the messages waiting in partition queues (plain `celery purge` skips them).
+
+    Asks for confirmation unless -f. Refuses, deleting nothing, while any selected partition
+    is being consumed (its lease is held on Redis; a consumer is attached on RabbitMQ): stop
+    its worker first, or pass --while-running. Messages a worker holds (delivered, not yet
+    acked), dead letters and parked keys are kept: see `partitioning dead-letters`.
+    """
+    app = ctx.obj.app
+    broker = maybe_sanitize_url(app.conf.broker_url or "")
+    try:
+        plans = plan_purge(app, pools, partitions)
+    except PartitioningError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    except (*app.connection_for_read().connection_errors, OSError) as exc:
+        _fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
+    live = [p for p in plans if p.consumer is not None]
+    if live and not while_running:
+        for p in live:
+            click.echo(f"{p.queue}: consumed by {p.consumer}", err=True)
+        _fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
+              "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
+    total = sum(p.depth for p in plans)
+    if not force:
+        click.confirm(f"Delete the {total} message(s) waiting in {len(plans)} partition queue(s) "
+                      f"on {broker}?", abort=True, err=True)
+    try:
+        deleted = purge(app, [p.queue for p in plans])
+    except (*app.connection_for_read().connection_errors, OSError) as exc:
+        _fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
+    for p in plans:
+        running = f" (while consumed by {p.consumer})" if p.consumer else ""
+        click.echo(f"{p.queue}: deleted {deleted[p.queue]} message(s){running}")
+    click.echo(f"deleted {sum(deleted.values())} message(s) from {len(plans)} partition queue(s)")

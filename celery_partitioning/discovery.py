@@ -1,0 +1,56 @@
+"""Finding a task by name for the router, importing the app's task modules once if needed.
+
+A producer that publishes by name (``app.send_task("shop.tasks.x")``) may never have
+imported ``shop.tasks``: Django's ``app.autodiscover_tasks()`` is lazy, and plain Celery
+imports ``imports``/``include`` only in workers. Routing such a name as unknown would send a
+partitioned task to the default queue. So the first time the router meets a name the
+registry does not hold, ``TaskLookup`` imports the app's task modules
+(``app.loader.import_default_modules()``, which also runs the lazy autodiscovery) and
+finalizes the app when that is allowed, then looks again. A name still unknown after that
+is not a task of this app: Celery routes it as usual.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .compat import task_registry
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["TaskLookup"]
+
+
+class TaskLookup:
+    """``lookup(name)`` → the app's task of that name or None; imports task modules once."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._imported = False
+        self._lock = threading.RLock()
+
+    def _registered(self, name: str) -> Any:
+        # The registry itself: a look-up alone must not finalize the app.
+        return task_registry(self.app).get(name)
+
+    def _import_task_modules(self) -> None:
+        with self._lock:
+            if self._imported:
+                return
+            self._imported = True  # also guards a task module that publishes while imported
+            try:
+                self.app.loader.import_default_modules()
+                if not self.app.finalized and self.app.autofinalize:
+                    self.app.finalize(auto=True)  # evaluates the @app.task / @shared_task just imported
+            except BaseException:
+                self._imported = False  # a broken task module fails this call, and the next
+                raise
+
+    def __call__(self, name: str) -> Any:
+        task = self._registered(name)
+        if task is None and not self._imported:
+            self._import_task_modules()
+            task = self._registered(name)
+        return task

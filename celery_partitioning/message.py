@@ -1,0 +1,327 @@
+"""The message codec: one owner for reading a raw kombu message and re-publishing it unchanged.
+
+Partition workers, the parking gate, crash recovery, the dead-letter store and replay all
+see messages in one of two shapes: a live kombu ``Message`` (what a consumer receives) or
+its *raw payload*, the JSON text kombu's Redis transport keeps in its lists and ``unacked``
+hash (``{"body", "content-encoding", "content-type", "headers", "properties"}``, the body
+base64-encoded). This module converts between them, reads the partition headers, says what
+is wrong with a malformed message, and re-publishes a payload to a partition queue with all
+its headers and properties, whatever the broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from .compat import kombu_payload
+from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL
+from .state import partitioning_of, settings_of
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = [
+    "KEPT_PROPERTIES",
+    "MessageSummary",
+    "PartitionMessage",
+    "Publish",
+    "UnackedEntry",
+    "decode_payload",
+    "envelope_problem",
+    "mark_redelivered",
+    "message_summary",
+    "payload_id",
+    "payload_of",
+    "publisher",
+    "republish",
+    "requeue_method",
+]
+
+#: Message properties that travel with a re-published message (every AMQP basic property
+#: a Celery message may carry, except ``priority``, which partitioned messages never have).
+KEPT_PROPERTIES: Final = ("correlation_id", "reply_to", "delivery_mode", "expiration",
+                          "message_id", "timestamp", "type", "user_id", "app_id")
+#: The keys of a kombu Redis payload.
+_ENVELOPE: Final = ("body", "headers", "properties")
+
+#: Re-publishes one raw payload to its partition queue. None where a re-queue is instead
+#: pushed onto the head of the queue's Redis list, inside the store's own transaction.
+Publish = Callable[[str], None]
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int_header(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_header(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True)
+class PartitionMessage:
+    """A received kombu message, as the partition worker's gates see it."""
+
+    #: The raw kombu message.
+    message: Any
+    #: The task name from the message (``headers["task"]``).
+    task_name: str
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        headers = self.message.headers
+        return headers if isinstance(headers, dict) else {}
+
+    @property
+    def body(self) -> Any:
+        return self.message.body
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        return dict(self.message.properties or {})
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        return dict(self.message.delivery_info or {})
+
+    @property
+    def task_id(self) -> str | None:
+        return _str_header(self.headers.get("id"))
+
+    @property
+    def partition_key(self) -> str | None:
+        return _str_header(self.headers.get(HEADER_KEY))
+
+    @property
+    def partition_pool(self) -> str | None:
+        return _str_header(self.headers.get(HEADER_POOL))
+
+    @property
+    def partition_index(self) -> int | None:
+        return _int_header(self.headers.get(HEADER_INDEX))
+
+    @property
+    def partition_count(self) -> int | None:
+        return _int_header(self.headers.get(HEADER_COUNT))
+
+    def payload(self) -> str:
+        """The raw payload (JSON text) of this message: see :func:`payload_of`."""
+        return payload_of(self.message)
+
+    def ack(self) -> None:
+        """Acknowledge the message: the broker forgets it."""
+        self.message.ack()
+
+
+def payload_of(message: Any) -> str:
+    """A kombu message as kombu's Redis transport stores it (JSON text), to re-queue it as is.
+
+    Redis (virtual transport) messages carry their payload; others (py-amqp) are rebuilt in
+    the same shape, with the body base64-encoded.
+    """
+    raw = kombu_payload(message)
+    if raw is not None:
+        return json.dumps(raw)
+    body = message.body
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    properties = dict(message.properties or {})
+    properties.pop("application_headers", None)
+    properties["body_encoding"] = "base64"
+    properties["delivery_info"] = {
+        k: v for k, v in dict(message.delivery_info or {}).items()
+        if k in ("exchange", "routing_key")
+    }
+    return json.dumps({
+        "body": base64.b64encode(body or b"").decode("ascii"),
+        "content-type": message.content_type,
+        "content-encoding": message.content_encoding,
+        "headers": dict(message.headers or {}),
+        "properties": properties,
+    }, default=str)
+
+
+def decode_payload(raw: str | bytes) -> dict[str, Any] | None:
+    """The payload as a dict, or None when it is not a JSON object."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def envelope_problem(raw: str | bytes) -> str | None:
+    """Why ``raw`` is not a message kombu's Redis transport can deliver (None: it is one)."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, TypeError):
+        return "not JSON: not a kombu message"
+    if not isinstance(payload, dict) or not all(k in payload for k in _ENVELOPE):
+        return "JSON but not a kombu message envelope (body, headers, properties)"
+    if not isinstance(payload["properties"], dict) or not isinstance(payload["headers"], dict):
+        return "a kombu envelope whose headers or properties are not objects"
+    return None
+
+
+def payload_id(raw: str | bytes) -> str:
+    """The task id of a raw payload, else a digest of its bytes (stable, for idempotency)."""
+    payload = decode_payload(raw)
+    if payload is not None:
+        headers = payload.get("headers")
+        props = payload.get("properties")
+        for found in ((headers or {}).get("id") if isinstance(headers, dict) else None,
+                      (props or {}).get("correlation_id") if isinstance(props, dict) else None):
+            if isinstance(found, str) and found:
+                return found
+    data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+    return "raw-" + hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+@dataclass(frozen=True)
+class UnackedEntry:
+    """One entry of kombu's Redis ``unacked`` hash: ``[payload, exchange, routing_key]``."""
+
+    payload: dict[str, Any]
+    routing_key: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> UnackedEntry | None:
+        try:
+            payload, _exchange, routing_key = json.loads(raw)
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(payload, dict) or not isinstance(routing_key, str):
+            return None
+        return cls(payload, routing_key)
+
+    @property
+    def priority(self) -> int:
+        return priority_of(self.payload)
+
+
+def priority_of(payload: dict[str, Any]) -> int:
+    value = (payload.get("properties") or {}).get("priority")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def delivery_tag_of(payload: dict[str, Any]) -> str | None:
+    tag = (payload.get("properties") or {}).get("delivery_tag")
+    return str(tag) if tag is not None else None
+
+
+def mark_redelivered(payload: dict[str, Any]) -> None:
+    """Flag a payload going back to its queue after a crash as redelivered (as kombu does)."""
+    headers = payload.get("headers")
+    if isinstance(headers, dict):
+        headers["redelivered"] = True
+    properties = payload.get("properties")
+    info = properties.get("delivery_info") if isinstance(properties, dict) else None
+    if isinstance(info, dict):
+        info["redelivered"] = True
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """Task id, name and argument reprs of one raw message (what ``dead-letters list`` shows)."""
+
+    id: str
+    task: str
+    args: str
+    kwargs: str
+
+
+def message_summary(raw: str | bytes) -> MessageSummary:
+    """Summarize a raw payload (Celery protocol 2, or 1); anything else as ``?``."""
+    payload = decode_payload(raw)
+    if payload is None:
+        return MessageSummary(id=payload_id(raw), task="?", args="", kwargs="")
+    headers = _mapping(payload.get("headers"))
+    props = _mapping(payload.get("properties"))
+    task_id = headers.get("id") or props.get("correlation_id") or "?"
+    task = headers.get("task")
+    args, kwargs = headers.get("argsrepr"), headers.get("kwargsrepr")
+    if task is None or args is None:
+        try:  # protocol 1 keeps everything in the (base64 JSON) body
+            body = payload.get("body") or ""
+            if props.get("body_encoding") == "base64":
+                body = base64.b64decode(body).decode("utf-8")
+            decoded = json.loads(body)
+            if isinstance(decoded, dict):
+                task = task or decoded.get("task")
+                task_id = decoded.get("id", task_id)
+                args = args or repr(decoded.get("args"))
+                kwargs = kwargs or repr(decoded.get("kwargs"))
+            elif isinstance(decoded, list) and len(decoded) >= 2:
+                args = args or repr(decoded[0])
+                kwargs = kwargs or repr(decoded[1])
+        except (ValueError, TypeError):
+            pass
+    return MessageSummary(id=str(task_id), task=str(task or "?"), args=str(args or ""),
+                          kwargs=str(kwargs or ""))
+
+
+def republish(app: Celery, pool: str, index: int, raw: str | bytes,
+              headers: dict[str, Any] | None = None) -> None:
+    """Publish a raw payload to partition ``index`` of ``pool``: same body, headers (or
+    ``headers``), content type and properties; through the app's broker, whatever it is."""
+    payload = decode_payload(raw)
+    if payload is None:
+        raise ValueError("cannot re-publish a message that is not a kombu payload")
+    queue = partitioning_of(app).router.queue(pool, index)
+    props = payload.get("properties") or {}
+    body: Any = payload.get("body") or ""
+    if props.get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    options = {name: props[name] for name in KEPT_PROPERTIES if props.get(name) is not None}
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
+            headers=dict(payload.get("headers") or {}) if headers is None else headers,
+            content_type=payload.get("content-type") or "application/json",
+            content_encoding=payload.get("content-encoding") or "utf-8",
+            retry=True, **options)
+
+
+def publisher(app: Celery, pool: str, index: int) -> Publish:
+    """A :data:`Publish` to partition ``index`` of ``pool`` (see :func:`republish`)."""
+
+    def publish(raw: str) -> None:
+        republish(app, pool, index, raw)
+
+    return publish
+
+
+def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
+    """None when re-queued messages can be pushed onto the head of the queue's Redis list in
+    the store's own transaction (the broker is the store's Redis); else a publisher.
+
+    Through a publisher (RabbitMQ, or a Redis broker apart from the store) messages go to
+    the back of the queue; ordering then rests on the gate deferring newer messages of the
+    key until the re-queued ones are done.
+    """
+    settings = settings_of(app)
+    with app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+        broker = conn.as_uri(include_password=True)
+    if driver == "redis" and settings.redis_url is not None and _same_redis(broker, settings.redis_url):
+        return None
+    return publisher(app, pool, index)
+
+
+def _same_redis(a: str, b: str) -> bool:
+    from urllib.parse import urlsplit
+
+    def norm(url: str) -> tuple[str, int, str]:
+        parts = urlsplit(url)
+        db = (parts.path or "/0").strip("/") or "0"
+        return (parts.hostname or "localhost", parts.port or 6379, db)
+
+    return norm(a) == norm(b)

@@ -1,0 +1,53 @@
+"""The Lua scripts of the store: real ``.lua`` files in ``scripts/``, loaded once, run by SHA.
+
+Each script is the concatenation of its parts (the dead-letter scripts share
+``prelude.lua`` and ``gate.lua``); every file documents its KEYS and ARGV in its header.
+:func:`scripts_for` registers them on a redis-py client: a call runs ``EVALSHA`` and loads
+the script only if the server does not know it yet (a restarted or failed-over Redis).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Final
+
+__all__ = ["SCRIPTS", "Scripts", "script_source", "scripts_for"]
+
+#: Script name → the files it is made of, in order.
+SCRIPTS: Final = {
+    "check": ("prelude", "gate", "check"),
+    "receive": ("prelude", "gate", "receive"),
+    "finished": ("prelude", "finished"),
+    "dead_letter": ("prelude", "dead_letter"),
+    "lease_acquire": ("lease_acquire",),
+    "lease_renew": ("lease_renew",),
+    "lease_release": ("lease_release",),
+}
+
+
+@cache
+def script_source(name: str) -> str:
+    """The Lua text of script ``name`` (its parts joined), read from the package once."""
+    folder = resources.files(__package__).joinpath("scripts")
+    return "\n".join(folder.joinpath(f"{part}.lua").read_text(encoding="utf-8")
+                     for part in SCRIPTS[name])
+
+
+@dataclass(frozen=True)
+class Scripts:
+    """The store's scripts registered on one client: call ``scripts.check(keys=..., args=...)``."""
+
+    check: Any
+    receive: Any
+    finished: Any
+    dead_letter: Any
+    lease_acquire: Any
+    lease_renew: Any
+    lease_release: Any
+
+
+def scripts_for(client: Any) -> Scripts:
+    """Every script registered on ``client`` (no round trip until the first call)."""
+    return Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPTS})

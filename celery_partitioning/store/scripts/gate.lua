@@ -1,0 +1,39 @@
+-- gate.lua: the parking gate, as a function of the scripts that include it (after prelude.lua).
+--
+-- KEYS[8] the task id's in-place retry record (string)
+-- gate(id, raw) returns {verdict, attempt record ('' if none; read only for 'run'),
+-- 1 if the message belongs to a replay in flight (its end must be reported) else 0}.
+-- Verdicts: run, parked (set aside), deferred (behind a replay), duplicate (stored already).
+-- ``replaying`` holds the replayed messages until they are done (not merely received), so
+-- one that comes back after a crash is still recognized as older than the deferred ones.
+local attempts = KEYS[8]
+
+local function gate(id, raw)
+  -- the happy path: nothing replayed, stored or parked for the key (what the checks below
+  -- would conclude from these very keys, in two commands)
+  if redis.call('EXISTS', replaying, ids) == 0 and redis.call('HEXISTS', dl, digest) == 0 then
+    return {'run', redis.call('GET', attempts) or '', 0}
+  end
+  if redis.call('SISMEMBER', replaying, id) == 1 then
+    if redis.call('HEXISTS', dl, digest) == 0 then
+      return {'run', redis.call('GET', attempts) or '', 1}
+    end
+    -- the replay's dead letter failed again: the rest of the replay is parked again, in order
+    redis.call('SREM', replaying, id)
+    if redis.call('SADD', ids, id) == 1 then redis.call('RPUSH', parked, raw) end
+    drain_deferred()
+    return {'parked', '', 0}
+  end
+  if redis.call('SISMEMBER', ids, id) == 1 then return {'duplicate', '', 0} end
+  if redis.call('SCARD', replaying) > 0 then
+    redis.call('SADD', ids, id)
+    redis.call('RPUSH', deferred, raw)
+    return {'deferred', '', 0}
+  end
+  if redis.call('HEXISTS', dl, digest) == 1 then
+    redis.call('SADD', ids, id)
+    redis.call('RPUSH', parked, raw)
+    return {'parked', '', 0}
+  end
+  return {'run', redis.call('GET', attempts) or '', 0}
+end

@@ -1,0 +1,168 @@
+"""What happens to a message that fails for good, or cannot run at all: a dead letter.
+
+* A partitioned task that raised with no retry left (``DeadLetters.task_failed``): its
+  message becomes a dead letter with the error and traceback, and its key is parked.
+* A malformed message (``DeadLetters.malformed``): bytes that are not a kombu message, a
+  body that cannot be decoded, a message that is not a task or names an unknown task. It
+  goes to the pool's dead letters with its raw bytes and the reason (``MALFORMED``), and
+  the worker goes on. If it carries a partition key, that key is parked like any other
+  (its later messages wait for the operator); otherwise it is filed under the key
+  ``malformed:<id>``, which nothing else uses, so it holds nothing up.
+
+Either way a store that cannot be written stops the worker without acking
+(``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
+:func:`install_failure_handling` wires this, the parking gate and in-place retry into a
+partition worker at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DCBConflict
+from ..exits import EXIT_KEEP_MESSAGE, exit_now
+from ..message import Publish, decode_payload, message_summary, payload_id, requeue_method
+from ..router import HEADER_KEY, HEADER_POOL
+from ..store.deadletters import (
+    REASON_DCB_MAX_RETRIES,
+    REASON_ERROR,
+    REASON_MALFORMED,
+    REASON_MAX_RETRIES,
+    DeadLetter,
+    DeadLetterStore,
+    now_iso,
+)
+from .parking import InFlight, InFlightEntry, ParkingGate
+from .retry import enable_in_place_retry
+
+if TYPE_CHECKING:
+    from .runtime import PartitionRuntime
+
+__all__ = ["DeadLetters", "install_failure_handling", "malformed_key"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+
+def malformed_key(raw: bytes | str) -> str:
+    """The dead-letter key of a malformed message that names no partition key."""
+    return f"malformed:{payload_id(raw)}"
+
+
+def _as_text(raw: bytes | str) -> tuple[str, str | None]:
+    """``raw`` as stored in a dead letter: the text, and ``"base64"`` if it is not UTF-8."""
+    if isinstance(raw, str):
+        return raw, None
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        import base64
+
+        return base64.b64encode(raw).decode("ascii"), "base64"
+
+
+class DeadLetters:
+    """Writes the dead letters of one partition worker."""
+
+    def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
+                 publish: Publish | None) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.publish = publish
+
+    def _store(self, letter: DeadLetter, what: str) -> bool:
+        try:
+            return self.store.dead_letter(letter, self.runtime.queue, publish=self.publish)
+        except Exception:  # noqa: BLE001 - exit_now logs the traceback
+            exit_now(EXIT_KEEP_MESSAGE, "%s %s and its dead letter could not be stored; "
+                     "stopping without acking so the message comes back", self.runtime.label,
+                     what, exc_info=True)
+
+    def task_failed(self, task: Any, request: Any, exc: BaseException,
+                    entry: InFlightEntry | None, *, exhausted: bool) -> None:
+        """A partitioned task failed for good: dead-letter its message and park its key."""
+        key = entry.key if entry is not None else getattr(request, "partition_key", None)
+        if not isinstance(key, str) or not key:
+            logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
+                         task.name, request.id)
+            return
+        if isinstance(exc, DCBConflict) and exhausted:
+            reason = REASON_DCB_MAX_RETRIES
+        elif exhausted:
+            reason = REASON_MAX_RETRIES
+        else:
+            reason = REASON_ERROR
+        runtime = self.runtime
+        letter = DeadLetter(
+            pool=entry.pool if entry is not None else runtime.pool, key=key,
+            task=task.name, id=request.id,
+            args=str(getattr(request, "argsrepr", None) or repr(request.args)),
+            kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
+            partition=runtime.index, queue=runtime.queue, hostname=runtime.hostname or None,
+            raw=entry.raw if entry is not None else None,
+        )
+        parked_now = self._store(letter, f"{task.name}[{request.id}] failed")
+        logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
+                     task.name, request.id, reason, letter.attempts, letter.error, key,
+                     letter.pool, "is parked" if parked_now else "was parked already")
+
+    def malformed(self, raw: bytes | str, problem: str) -> DeadLetter:
+        """Dead-letter a message that cannot run at all; the caller then acks / drops it."""
+        runtime = self.runtime
+        payload = decode_payload(raw) or {}
+        headers = payload.get("headers")
+        named_key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
+        named_pool = headers.get(HEADER_POOL) if isinstance(headers, dict) else None
+        key = named_key if isinstance(named_key, str) and named_key else malformed_key(raw)
+        pool = named_pool if isinstance(named_pool, str) and named_pool in runtime.settings.pools \
+            else runtime.pool
+        summary = message_summary(raw)
+        text, encoding = _as_text(raw)
+        letter = DeadLetter(
+            pool=pool, key=key, task=summary.task, id=summary.id if summary.id != "?" else
+            payload_id(raw), args=summary.args, kwargs=summary.kwargs,
+            error=f"malformed message: {problem}", traceback="", attempts=0,
+            failed_at=now_iso(), reason=REASON_MALFORMED, partition=runtime.index,
+            queue=runtime.queue, hostname=runtime.hostname or None, raw=text,
+            raw_encoding=encoding)
+        self._store(letter, f"malformed message {letter.id}")
+        logger.error("%s malformed message %s dead-lettered under key %r of pool %s: %s "
+                     "(see `celery partitioning dead-letters list`)", runtime.label, letter.id,
+                     key, pool, problem)
+        return letter
+
+
+def install_failure_handling(runtime: PartitionRuntime) -> None:
+    """The ``on_started`` hook: parking gate + in-place retry + dead letters on this partition."""
+    store = DeadLetterStore(runtime.redis, runtime.keys) if runtime.redis is not None else None
+    inflight = InFlight()
+    publish = requeue_method(runtime.app, runtime.pool, runtime.index) if store else None
+    dead_letters = DeadLetters(runtime, store, publish) if store is not None else None
+    if store is not None and dead_letters is not None:
+        gate = ParkingGate(runtime, store, inflight, publish)
+        runtime.gates.append(gate)
+        if publish is None and runtime.broker is not None:
+            # the store is on the broker's Redis: decide the gate as the message is received
+            runtime.fetch_register = gate.register
+        runtime.on_malformed = _malformed_in_transit(runtime, dead_letters)
+        runtime.dead_letters = dead_letters
+    else:
+        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
+                       "dead letters and parking are off", runtime.label)
+    enable_in_place_retry(runtime, store, inflight, publish, dead_letters=dead_letters)
+
+
+def _malformed_in_transit(runtime: PartitionRuntime, dead_letters: DeadLetters) -> Any:
+    """The loss-free fetch's ``on_malformed``: dead-letter the item, then take it off the
+    in-transit list (a crash in between brings it back; storing it again is a no-op)."""
+
+    def on_malformed(raw: bytes | str, problem: str) -> None:
+        dead_letters.malformed(raw, problem)
+        if runtime.broker is not None:
+            runtime.broker.client.lrem(runtime.keys.in_transit(runtime.queue), 1, raw)
+
+    return on_malformed

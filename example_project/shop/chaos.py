@@ -1,0 +1,186 @@
+"""``shop_demo --chaos``: SIGKILL partition workers while the demo runs.
+
+Kills are real ``SIGKILL``s of the supervisor's child ``celery worker`` processes, spread over
+the run (the n-th kill waits until about n/(N+1) of the tasks are done). Three kinds:
+
+* ``random``: any live partition worker, whatever it is doing (often idle or mid-task);
+* ``after-commit``: a worker of a chosen pool that has just committed a task and not acked it
+  yet (the moment at-least-once delivery runs a message twice);
+* ``mid-global``: the global rollup's worker in the middle of a task, between its read and
+  its write.
+
+For the last two the demo arms a Redis flag; the first worker of that pool to reach the
+moment (``task_postrun``, or the rollup's pause) takes the flag, writes its pid and waits,
+at most ``STALL_SECONDS``, for the kill. An armed kill nobody takes within ``ARM_TIMEOUT``
+becomes a random kill. Workers take part only when ``SHOP_CHAOS=1`` (set by the demo).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from django.conf import settings
+
+__all__ = ["ChaosMonkey", "Kill", "maybe_stall_mid_task", "maybe_stall_after_commit",
+           "children_of"]
+
+#: Longest a worker waits for its announced kill (then it simply goes on).
+STALL_SECONDS = 10.0
+#: Longest an armed kill waits for a worker to take it.
+ARM_TIMEOUT = 4.0
+
+
+def _keys() -> tuple[str, str]:
+    prefix = f"{settings.SHOP_NAMESPACE}shop:chaos"
+    return f"{prefix}:arm", f"{prefix}:armed"
+
+
+def _stall_if_armed(wanted: str) -> None:
+    """Worker side: take the armed kill ``wanted`` if it is there, announce our pid, wait."""
+    arm, armed = _keys()
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        # Only the first worker to compare-and-delete the flag takes the kill.
+        if client.get(arm) != wanted.encode() or not client.delete(arm):
+            return
+        client.set(armed, f"{wanted}:{os.getpid()}")
+    finally:
+        client.close()
+    deadline = time.monotonic() + STALL_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def maybe_stall_mid_task() -> None:
+    """Called by the global rollup between its read and its write."""
+    if settings.SHOP_CHAOS:
+        _stall_if_armed("mid:global")
+
+
+def maybe_stall_after_commit(pool: str) -> None:
+    """Called from ``task_postrun`` (the task committed; the message is not acked yet)."""
+    if settings.SHOP_CHAOS:
+        _stall_if_armed(f"commit:{pool}")
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of ``pid`` (Linux ``/proc``), empty if it is gone."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found.extend(int(p) for p in (task / "children").read_text().split())
+    return sorted(set(found))
+
+
+def _partition_of(pid: int) -> str:
+    """The partition queue a worker consumes (its ``-Q`` argument), for the log line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    for flag, value in itertools.pairwise(argv):
+        if flag in (b"-Q", b"--queues"):
+            return value.decode(errors="replace")
+    return "?"
+
+
+@dataclass
+class Kill:
+    kind: str
+    pool: str
+    pid: int
+    at: float
+
+
+@dataclass
+class ChaosMonkey:
+    """Demo side: arms and performs ``kills`` SIGKILLs spread over the drain."""
+
+    supervisor_pid: int
+    pools: list[str]
+    kills: int = 12
+    seed: int = 7
+    done: list[Kill] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)
+    _armed_at: float | None = None
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+        # Two kills on the global rollup mid-task, every other one after a commit (cycling
+        # through the pools), the rest random.
+        commit_pools = [p for p in ("entity", "global", "customer", "entity", "saga", "global")
+                        if p in self.pools]
+        plan = []
+        for n in range(self.kills):
+            if n in (1, 3) and "global" in self.pools:
+                plan.append("mid:global")
+            elif n % 2 == 0 and commit_pools:
+                plan.append(f"commit:{commit_pools[(n // 2) % len(commit_pools)]}")
+            else:
+                plan.append("random")
+        self.plan = plan
+        self._client = redis.Redis.from_url(settings.REDIS_URL)
+        self._client.delete(*_keys())
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) >= self.kills
+
+    def _kill(self, kind: str, pool: str, pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            self.done.append(Kill(kind, pool, pid, time.monotonic()))
+
+    def _random_kill(self, note: Callable[[str], None]) -> None:
+        children = children_of(self.supervisor_pid)
+        if children:
+            pid = self._rng.choice(children)
+            label = _partition_of(pid)
+            self._kill("random", label, pid)
+            note(f"chaos: SIGKILL #{len(self.done)} {label} worker pid {pid} (random)")
+
+    def step(self, done_fraction: float, note: Callable[[str], None]) -> None:
+        """One look: perform a taken armed kill, give up a stale one, or start the next."""
+        arm, armed = _keys()
+        if self._armed_at is not None:
+            taken = self._client.getdel(armed)
+            if taken:
+                what, _, pid = taken.decode().rpartition(":")
+                moment, _, pool = what.partition(":")
+                label = "after-commit" if moment == "commit" else "mid-task"
+                self._kill(label, pool, int(pid))
+                note(f"chaos: SIGKILL #{len(self.done)} {pool} worker pid {pid} ({label})")
+                self._armed_at = None
+            elif time.monotonic() - self._armed_at > ARM_TIMEOUT and self._client.delete(arm):
+                self._armed_at = None  # nobody took it: fall back to a random kill
+                self._random_kill(note)
+            return
+        if self.finished or done_fraction < 0.9 * (len(self.done) + 1) / (self.kills + 1):
+            return
+        kind = self.plan[len(self.done)]
+        if kind == "random":
+            self._random_kill(note)
+        else:
+            self._client.set(arm, kind)
+            self._armed_at = time.monotonic()
+
+    def stop(self) -> None:
+        self._client.delete(*_keys())
+        self._client.close()
+
+    def summary(self) -> dict[str, Any]:
+        kinds: dict[str, int] = {}
+        for kill in self.done:
+            kinds[kill.kind] = kinds.get(kill.kind, 0) + 1
+        return {"kills": len(self.done), "by_kind": kinds}
