@@ -59,7 +59,7 @@ def make_app(broker: str, ns: str, **conf: Any) -> Celery:
 
 def queue_key(ns: str, app: Celery, index: int) -> str:
     """kombu's Redis list of partition ``index`` (under the app's global_keyprefix)."""
-    return f"{ns}{cp.app.settings_of(app).queue_name('entity', index)}"
+    return f"{ns}{cp.state.settings_of(app).queue_name('entity', index)}"
 
 
 def consumed_order(client: redis.Redis, key: str) -> list[dict[str, Any]]:

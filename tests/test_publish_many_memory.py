@@ -54,7 +54,7 @@ def test_calls_arrive_in_order_with_the_partition_headers(app: Celery) -> None:
 
     seen = []
     for index in range(3):
-        queue = cp.app.settings_of(app).queue_name("p", index)
+        queue = cp.state.settings_of(app).queue_name("p", index)
         for message in drain(app, queue):
             key, seq = message.decode()[0]
             assert message.headers["partition_key"] == f"K:{key}"
@@ -74,4 +74,4 @@ def test_a_bad_call_publishes_nothing(app: Celery) -> None:
     with pytest.raises(PartitionKeyError, match="call 6"):
         publish_many(sigs, app=app)
     for index in range(3):
-        assert drain(app, cp.app.settings_of(app).queue_name("p", index)) == []
+        assert drain(app, cp.state.settings_of(app).queue_name("p", index)) == []
