@@ -24,11 +24,19 @@ if str(ROOT) not in sys.path:
 
 
 def _benchmarks() -> dict[str, Callable[[], None]]:
-    from benchmarks import bench_drain, bench_keyhash, bench_publish, bench_resize, bench_skew
+    from benchmarks import (
+        bench_drain,
+        bench_keyhash,
+        bench_publish,
+        bench_publish_many,
+        bench_resize,
+        bench_skew,
+    )
 
     return {
         "keyhash": bench_keyhash.main,
         "publish": bench_publish.main,
+        "many": bench_publish_many.main,
         "resize": bench_resize.main,
         "skew": bench_skew.main,
         "drain": bench_drain.main,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .app import explain_route, install
 from .checkpoint import MESSAGE_ID, CheckpointStore, Mark
 from .dcb import DCBConflict, with_dcb_retry
-from .errors import PartitionConfigError, PartitioningError, PartitionKeyError
+from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .hashing import partition_for
 from .keys import (
     GLOBAL_PARTITION_KEY,
@@ -16,6 +16,7 @@ from .keys import (
     create_scope_key,
     get_recommended_parallelism,
 )
+from .publish import publish_many
 from .tasks import partitioned, projection
 from .validation import assert_valid_partition_keys
 
@@ -29,6 +30,7 @@ __all__ = [
     "PartitionConfigError",
     "PartitionKeyError",
     "PartitioningError",
+    "PublishManyError",
     "assert_valid_partition_keys",
     "create_customer_partition_key",
     "create_dcb_partition_key",
@@ -42,5 +44,6 @@ __all__ = [
     "partition_for",
     "partitioned",
     "projection",
+    "publish_many",
     "with_dcb_retry",
 ]

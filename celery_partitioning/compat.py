@@ -37,6 +37,8 @@ __all__ = [
     "task_exec_options",
     "task_registry",
     "use_transport_for_scheme",
+    "c_json_encoder_factory",
+    "registered_serializer",
 ]
 
 #: The private members of ``kombu.transport.redis.Channel`` the loss-free fetch relies on,
@@ -69,6 +71,23 @@ def task_exec_options(task: Any) -> dict[str, Any]:
 def reset_annotations(app: Any) -> None:
     """Make the app prepare ``task_annotations`` again (it caches them on first use)."""
     vars(app).pop("annotations", None)
+
+
+def c_json_encoder_factory() -> Any:
+    """The standard library's C JSON encoder factory (what ``json.dumps`` builds each call),
+    or None on an interpreter without it."""
+    import json.encoder
+
+    return getattr(json.encoder, "c_make_encoder", None)
+
+
+def registered_serializer(name: str) -> Any:
+    """kombu's registry entry for serializer ``name`` (content type, encoding, encoder), or
+    None: a program may have registered its own."""
+    from kombu.serialization import registry
+
+    encoders: dict[str, Any] = getattr(registry, "_encoders", {})
+    return encoders.get(name)
 
 
 def task_registry(app: Any) -> Any:

@@ -171,15 +171,23 @@ class PartitionRouter:
             self._plans[name] = plan
         return plan if isinstance(plan, _TaskPlan) else None
 
+    def _locate(self, plan: _TaskPlan, args: Any, kwargs: Any) -> tuple[str, int | None, int, Queue]:
+        """The one place a call becomes a partition: key, event position, index and queue.
+
+        ``route`` (``explain_route``) and ``__call__`` (the Celery router entry, which
+        ``apply_async`` and ``publish_many`` go through) both use it.
+        """
+        key, position = plan.key_and_position(args, kwargs)
+        index = plan.index(key)
+        return key, position, index, self.queue(plan.pool, index)
+
     def route(self, name: str, args: Any, kwargs: Any, task: Any = None) -> Route | None:
         """The Route of a call, or None when ``name`` is not a partitioned task."""
         plan = self._plan(name, task)
         if plan is None:
             return None
-        key, position = plan.key_and_position(args, kwargs)
-        index = plan.index(key)
-        return Route(name, key, plan.pool, index, plan.partitions, self.queue(plan.pool, index).name,
-                     position)
+        key, position, index, queue = self._locate(plan, args, kwargs)
+        return Route(name, key, plan.pool, index, plan.partitions, queue.name, position)
 
     def queue(self, pool: str, index: int) -> Queue:
         """The (cached) kombu Queue of one partition."""
@@ -204,9 +212,7 @@ class PartitionRouter:
         error = self._registry_error()
         if error is not None:
             raise error
-        key, position = plan.key_and_position(args, kwargs)
-        index = plan.index(key)
-        queue = self.queue(plan.pool, index)
+        key, position, index, queue = self._locate(plan, args, kwargs)
         if options.get("queue") is not None or options.get("routing_key") is not None or (
             options.get("exchange") is not None or options.get("priority")
         ):

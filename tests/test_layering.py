@@ -169,7 +169,8 @@ OWNERS = {
     "._deliver(": {"compat.py"},
     "state.should_stop": {"compat.py"},
     "os._exit(": {"exits.py"},
-    "producer.publish(": {"message.py"},
+    # re-publishing a received message, and sending new ones in batches (publish_many)
+    "producer.publish(": {"message.py", "sending.py"},
 }
 
 

@@ -26,7 +26,7 @@ from celery_partitioning.state import settings_of
 from celery_partitioning.store.keys import RedisKeys
 
 from .chaos import ChaosMonkey
-from .events import append, publish, stored_events
+from .events import append, signatures_for, stored_events
 from .interrupt import check_interrupted, signals_as_interrupt
 from .models import (
     CustomerOrderHistory,
@@ -38,7 +38,7 @@ from .models import (
     StoredEvent,
 )
 from .orders import OrderBook
-from .progress import progress_of
+from .progress import count_publishes_in_bulk, progress_of
 from .report import Console, DemoResult, print_table
 from .stream import StreamPlan, plan_stream
 from .verify import verify
@@ -62,6 +62,7 @@ class DemoOptions:
     json_path: Path | None = None
     log_dir: Path | None = None
     keep_keys: bool = False
+    publisher: str = "publish_many"  # publish_many | apply_async (one call per task, to compare)
     chaos: bool = False
     kills: int = 12
     checkpoints: bool = True
@@ -76,9 +77,19 @@ def _reset_database() -> None:
         model.objects.all().delete()
 
 
-def _publish_stream(plan: StreamPlan, tenant: str) -> tuple[int, int]:
-    """Run the commands, store their events, publish them; returns (events, tasks)."""
+@dataclass
+class Published:
+    events: int = 0
+    tasks: int = 0
+    seconds: float = 0.0  # spent publishing tasks (not running commands or storing events)
+
+
+def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> Published:
+    """Run the commands, store their events, publish their tasks (in position order)."""
+    from celery_partitioning import publish_many
+
     from .inventory import reserve_inventory
+    from .progress import pool_of
 
     book = OrderBook(plan.prices)
     handlers: dict[str, Callable[..., list[dict[str, Any]]]] = {
@@ -86,32 +97,45 @@ def _publish_stream(plan: StreamPlan, tenant: str) -> tuple[int, int]:
         "RemoveItem": book.remove_item, "SubmitOrder": book.submit_order,
         "ChangePrice": book.change_price,
     }
-    events = tasks = 0
+    done = Published()
     pending: list[dict[str, Any]] = []
+    progress = progress_of(app)
 
     def flush() -> None:
         # One transaction per batch keeps the event store fast while the workers write too;
-        # events are published in position order.
-        nonlocal events, tasks
+        # the batch's tasks go out in one publish_many, in event position order.
+        calls = []
         for event in append(pending):
-            events += 1
-            tasks += publish(event)
+            done.events += 1
+            calls.extend(signatures_for(event))
             if event["type"] == "OrderSubmitted":
                 order_id = event["order_id"]
-                reserve_inventory.apply_async(kwargs={
-                    "tenant_id": tenant, "reservation_id": f"res-{order_id}",
-                    "order_id": order_id, "correlation_id": event["correlation_id"],
-                    "lines": event["lines"], "contend": order_id in plan.contended,
-                })
-                tasks += 1
+                calls.append(reserve_inventory.s(
+                    tenant_id=tenant, reservation_id=f"res-{order_id}", order_id=order_id,
+                    correlation_id=event["correlation_id"], lines=event["lines"],
+                    contend=order_id in plan.contended))
         pending.clear()
+        counts: dict[str, int] = {}
+        for call in calls:
+            pool = pool_of(app, call.task)
+            if pool is not None:
+                counts[f"published:{pool}"] = counts.get(f"published:{pool}", 0) + 1
+        progress.count_many(counts)  # before the workers can count them done
+        started = time.perf_counter()
+        if publisher == "apply_async":
+            for call in calls:
+                call.apply_async()
+        else:
+            publish_many(calls, app=app)
+        done.seconds += time.perf_counter() - started
+        done.tasks += len(calls)
 
     for command in plan.commands:
         pending.extend(handlers[command.name](**command.args))
         if len(pending) >= PUBLISH_BATCH:
             flush()
     flush()
-    return events, tasks
+    return done
 
 
 def _watched_queues(app: Any, pools: dict[str, int], plain_queue: str | None) -> list[tuple[str, str]]:
@@ -258,10 +282,12 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                             f"commands ({plan.orders} orders, {plan.customers} customers)")
                 started_wall = time.time()
                 started = time.monotonic()
-                events, tasks = _publish_stream(plan, settings.SHOP_TENANT)
+                count_publishes_in_bulk()
+                published = _publish_stream(app, plan, settings.SHOP_TENANT, options.publisher)
                 check_interrupted()
-                console.say(f"published {events} events as {tasks} tasks in "
-                            f"{time.monotonic() - started:.1f} s; draining")
+                console.say(f"published {published.events} events as {published.tasks} tasks in "
+                            f"{time.monotonic() - started:.1f} s ({published.seconds:.2f} s of it "
+                            f"in {options.publisher}); draining")
                 if options.chaos:
                     supervisor = workers.supervisor_pid
                     if supervisor is None:
@@ -291,6 +317,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     result.dcb_conflicts = int(snap.get("dcb_conflicts", 0))
     result.retries = int(snap.get("retries", 0)) + result.dcb_conflicts
     result.orders, result.customers = plan.orders, plan.customers
+    result.publisher, result.publish_seconds = options.publisher, published.seconds
+    result.publish_tasks = published.tasks
     result.checkpoints = options.checkpoints
     result.reruns = sum(_counts(snap, "reruns").values())
     result.skipped = _skipped_by_checkpoints()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.canvas import Signature
+
+from celery_partitioning import publish_many
+
 from .dblock import write_transaction
 from .models import StoredEvent
 from .projections import by_name
 
-__all__ = ["append", "append_to_scope", "publish", "stored_events"]
+__all__ = ["append", "append_to_scope", "publish", "signatures_for", "stored_events"]
 
 
 def _stream_of(event: dict[str, Any]) -> str:
@@ -45,17 +49,23 @@ def stored_events() -> list[dict[str, Any]]:
     return [{**row.data, "position": row.position} for row in StoredEvent.objects.order_by("position")]
 
 
-def publish(event: dict[str, Any]) -> int:
-    """Publish one stored event to the tasks of the projections it updates; return how many."""
+def signatures_for(event: dict[str, Any]) -> list[Signature]:
+    """The task calls of the projections one stored event updates, in a fixed order."""
     from .tasks import PROJECTION_TASKS
 
-    sent = 0
+    calls = []
     for name, (task, key_field) in PROJECTION_TASKS.items():
         if event["type"] not in by_name(name).events:
             continue
         kwargs: dict[str, Any] = {"event": event}
         if key_field is not None:
             kwargs[key_field] = event[key_field]
-        task.apply_async(kwargs=kwargs)
-        sent += 1
-    return sent
+        calls.append(task.s(**kwargs))
+    return calls
+
+
+def publish(event: dict[str, Any]) -> int:
+    """Publish one stored event to the tasks of the projections it updates; return how many."""
+    calls = signatures_for(event)
+    publish_many(calls)
+    return len(calls)

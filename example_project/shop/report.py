@@ -61,6 +61,9 @@ class DemoResult:
     retries: int = 0
     dead_letters: int = 0
     drain_seconds: float = 0.0
+    publisher: str = "publish_many"
+    publish_seconds: float = 0.0
+    publish_tasks: int = 0
     checkpoints: bool = True
     #: Messages that started again after their worker was killed (before the ack).
     reruns: int = 0
@@ -82,6 +85,8 @@ class DemoResult:
             "throughput": self.throughput, "busy_ms": self.busy_ms, "dcb_conflicts": self.dcb_conflicts,
             "retries": self.retries, "dead_letters": self.dead_letters,
             "drain_seconds": round(self.drain_seconds, 2),
+            "publisher": self.publisher, "publish_seconds": round(self.publish_seconds, 3),
+            "publish_tasks": self.publish_tasks,
             "checkpoints": self.checkpoints, "reruns": self.reruns,
             "skipped_by_checkpoint": self.skipped, "chaos": self.chaos,
             "mismatches": {c.name: len(c.mismatches) for c in self.checks},
@@ -100,6 +105,9 @@ def print_table(result: DemoResult, pools: dict[str, int], console: Console) -> 
     say(f"  tasks           {sum(result.done.values()):>7}   done of {sum(result.published.values())} "
         f"published, {result.failed} failed")
     say(f"  drain time      {result.drain_seconds:>7.1f}   s (publish + process)")
+    rate = result.publish_tasks / result.publish_seconds if result.publish_seconds else 0.0
+    say(f"  publish time    {result.publish_seconds:>7.2f}   s ({result.publish_tasks} tasks with "
+        f"{result.publisher}, {rate:,.0f} tasks/s)")
     say(f"  retries         {result.retries:>7}   ({result.dcb_conflicts} DCB conflicts retried)")
     say(f"  dead letters    {result.dead_letters:>7}")
     if result.chaos:

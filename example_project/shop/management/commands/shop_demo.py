@@ -34,6 +34,10 @@ class Command(BaseCommand):
                             help="--unordered: prefork concurrency of each (default 4)")
         parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
         parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default .demo/logs)")
+        parser.add_argument("--publish-with", choices=["publish_many", "apply_async"],
+                            default="publish_many",
+                            help="publish each batch of tasks with publish_many (default) or one "
+                                 "apply_async per task, to compare the publish time")
         parser.add_argument("--chaos", action="store_true",
                             help="SIGKILL partition workers during the run (at least --kills times), "
                                  "then verify; prints how many messages ran again and were skipped")
@@ -83,6 +87,7 @@ class Command(BaseCommand):
             timeout=options["timeout"], workers=options["workers"],
             plain_workers=options["plain_workers"], plain_concurrency=options["plain_concurrency"],
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
+            publisher=options["publish_with"],
             chaos=options["chaos"], kills=options["kills"],
             checkpoints=checkpoints,
         )
