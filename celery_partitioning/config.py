@@ -166,6 +166,12 @@ class PartitioningSettings:
         """The one place a partition queue name is built."""
         return f"{self.queue_prefix}.{pool}.{index}"
 
+    @property
+    def idle_queue_name(self) -> str:
+        """The queue a partition worker process's own Celery consumer listens on: nothing is
+        ever sent there (its partitions are consumed by threads); Celery needs one."""
+        return f"{self.queue_prefix}.idle"
+
     def partitions(self, pool: str) -> int:
         """The number of partitions of ``pool``; ``PartitionConfigError`` if unknown."""
         try:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -22,7 +23,8 @@ from ..hashing import partition_for
 from ..state import settings_of
 from ..validation import assert_valid_partition_keys
 from ..worker.preflight import check_guarantees, declare_partition_queues
-from ..worker.supervisor import Supervisor, select_partitions, worker_argv
+from ..worker.runtime import EVENTS_ENV
+from ..worker.supervisor import Supervisor, select_partitions, spread, worker_argv
 
 __all__ = ["partitioning"]
 
@@ -86,7 +88,7 @@ def partitioning(ctx: click.Context) -> None:
     """Partitioned queues: per-key FIFO with parallelism across keys.
 
     \b
-    worker   run one worker per partition, supervised (the ordering promise)
+    worker   run the partition workers, supervised (the ordering promise)
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
@@ -110,36 +112,51 @@ def partitioning(ctx: click.Context) -> None:
                    "(a StatefulSet ordinal / systemd instance). Default: all.")
 @click.option("-l", "--loglevel", default="info", show_default=True,
               help="Log level of the partition workers.")
+@click.option("--processes", type=int, default=None, metavar="P",
+              help="Worker processes to spread the selected partitions over (each partition "
+                   "is a thread of one of them). Default: the number of CPUs, at most the "
+                   "number of partitions.")
+@click.option("--without-events", is_flag=True,
+              help="Do not send task events (on by default, for Flower and `celery events`).")
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
-           stop_timeout: float, dry_run: bool, worker_args: tuple[str, ...]) -> None:
-    """Run and supervise one worker process per selected partition.
+           processes: int | None, without_events: bool, stop_timeout: float, dry_run: bool,
+           worker_args: tuple[str, ...]) -> None:
+    """Run and supervise the partition workers: a few processes, a thread per partition.
 
-    Each child is `celery worker -Q <partition queue> -P solo -c 1 --prefetch-multiplier 1`
-    with acks_late, reject_on_worker_lost and rate limits off. On a Redis broker it holds
-    the partition's lease (a second worker on the same partition waits as a standby) and
-    puts a crashed predecessor's unacked message back at the head of the queue before it
-    consumes. A child that dies is restarted with backoff; SIGTERM/SIGINT stop all children
-    warmly. Exit status: 0 clean stop, 1 a child did not stop cleanly, 2 bad usage or an
-    invalid task registry. Arguments after `--` are passed on to every `celery worker`.
+    The selected partitions are dealt over --processes `celery worker` processes; each
+    consumes every partition it hosts in a thread of its own, strictly one message at a time
+    and in queue order, the partitions in parallel. Each process is a Celery node (`celery
+    inspect`, task events, `celery control shutdown`). On a Redis broker each partition holds
+    its lease (a second worker on the same partition waits as a standby) and puts a crashed
+    predecessor's messages back at the head of its queue before it consumes. A process that
+    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Exit status: 0 clean
+    stop, 1 a worker did not stop cleanly, 2 bad usage or an invalid task registry.
+    Arguments after `--` are passed on to every `celery worker`.
     """
     app = _app(ctx)
+    settings = settings_of(app)
     try:
-        specs = select_partitions(settings_of(app), pools, partitions)
+        selected = select_partitions(settings, pools, partitions)
+        if processes is None:
+            processes = max(1, min(os.cpu_count() or 1, len(selected)))
+        specs = spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
     argv_prefix = _root_options(ctx)
     extra = list(worker_args)
 
     def argv(spec: Any) -> list[str]:
-        return worker_argv(spec, argv_prefix, loglevel, extra)
+        return worker_argv(spec, argv_prefix, loglevel, extra,
+                           idle_queue=settings.idle_queue_name, events=not without_events)
 
     if dry_run:
         for spec in specs:
+            click.echo(f"# {spec.label}: {spec.describe}")
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in argv(spec)))
         return
@@ -152,10 +169,11 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         for problem in check_guarantees(app):
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
-        declare_partition_queues(app, [(spec.pool, spec.index) for spec in specs])
+        declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
     except PartitioningError as exc:
         _fail(str(exc))
-    raise SystemExit(Supervisor(specs, argv, stop_timeout=stop_timeout).run())
+    env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
+    raise SystemExit(Supervisor(specs, argv, env=env, stop_timeout=stop_timeout).run())
 
 
 @partitioning.command(cls=CeleryCommand)

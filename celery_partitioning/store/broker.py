@@ -14,8 +14,6 @@ the head, in one WATCH/MULTI transaction on both keys (as kombu's own ``restore_
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +23,7 @@ from ..state import redis_client, redis_client_like, replicas_of, settings_of
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["BrokerRedis", "Register", "Registration", "broker_redis", "restore_unacked_to_head",
+__all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head",
            "unacked_by_queue"]
 
 
@@ -40,6 +38,8 @@ class BrokerRedis:
     unacked_index: str
     sep: str
     priority_steps: tuple[int, ...]
+    #: ``BLMOVE`` or ``BRPOPLPUSH``, found on first use.
+    _move: str | None = None
 
     def queue_list(self, queue: str, priority: int = 0) -> str:
         """The Redis list of ``queue`` for a priority (as kombu names it)."""
@@ -58,14 +58,27 @@ class BrokerRedis:
                 pipe.llen(name)
             return sum(int(n) for n in pipe.execute())
 
-    def refresh(self, tags: Iterable[str]) -> None:
-        """Move delivery times of still-held messages to now, so kombu's
-        visibility-timeout restore (run by any worker) never re-delivers them."""
-        now = time.time()
-        with self.client.pipeline(transaction=False) as pipe:
-            for tag in tags:
-                pipe.zadd(self.unacked_index, {tag: now}, xx=True)
-            pipe.execute()
+    @property
+    def errors(self) -> tuple[type[BaseException], ...]:
+        """What a lost or stalled connection to the broker raises."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        return (RedisConnectionError, RedisTimeoutError, OSError)
+
+    def fetch(self, queue: str, in_transit: str, timeout: float) -> bytes | None:
+        """Take the head of ``queue`` into ``in_transit`` atomically, waiting up to ``timeout``
+        seconds: ``BLMOVE ... RIGHT LEFT`` (``BRPOPLPUSH`` before Redis 6.2)."""
+        if self._move is None:
+            version = str(self.client.info("server").get("redis_version", "0"))
+            parts = [int(p) for p in version.split(".")[:2] if p.isdigit()] + [0, 0]
+            self._move = "BLMOVE" if (parts[0], parts[1]) >= (6, 2) else "BRPOPLPUSH"
+        source = self.queue_list(queue)
+        if self._move == "BLMOVE":
+            item: bytes | None = self.client.blmove(source, in_transit, timeout, "RIGHT", "LEFT")
+        else:
+            item = self.client.brpoplpush(source, in_transit, max(1, int(timeout)))
+        return item
 
     def close(self) -> None:
         self.client.close()
@@ -96,38 +109,6 @@ def broker_redis(app: Celery) -> BrokerRedis | None:
             sep=channel.sep,
             priority_steps=tuple(sorted(channel.priority_steps)),
         )
-
-
-@dataclass(frozen=True)
-class Registration:
-    """A fetched message to record as unacked, and to take off the in-transit list, atomically.
-
-    Names are complete (kombu's ``global_keyprefix`` included), for a plain client.
-    """
-
-    #: The kombu message (its ``headers``, ``_raw``...).
-    message: Any
-    delivery_tag: str
-    #: kombu's ``unacked`` hash field value: JSON ``[payload, exchange, routing_key]``.
-    entry: str
-    #: Delivery time (kombu's ``unacked_index`` score).
-    score: float
-    unacked: str
-    unacked_index: str
-    in_transit: str
-    #: The raw item to remove from ``in_transit`` (None: not fetched by us, nothing to remove).
-    item: bytes | None
-
-    def queue(self, pipe: Any) -> None:
-        """Queue the commands on a MULTI pipeline (the caller executes it)."""
-        pipe.zadd(self.unacked_index, {self.delivery_tag: self.score})
-        pipe.hset(self.unacked, self.delivery_tag, self.entry)
-        if self.item is not None:
-            pipe.lrem(self.in_transit, 1, self.item)
-
-
-#: Carries out one Registration in a single atomic step (the parking gate's ``register``).
-Register = Callable[[Registration], None]
 
 
 def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:

@@ -35,7 +35,6 @@ from .scripts import scripts_for
 if TYPE_CHECKING:
     from redis import Redis
 
-    from .broker import Registration
 
 __all__ = [
     "DeadLetter",
@@ -180,21 +179,6 @@ class DeadLetterStore:
         if publish is not None:
             self.flush_outbox(pool, key, publish)
         return result
-
-    def receive(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
-                registration: Registration) -> GateResult:
-        """Record a fetched message as unacked and :meth:`check` it, in one script.
-
-        For a Redis broker whose Redis holds this store (re-queueing by head push): the
-        names in ``registration`` (``worker.fetch.Registration``) are on this client.
-        """
-        reply = self._scripts.receive(
-            keys=[*self._script_keys(pool, key, queue, None), self.keys.attempts(task_id),
-                  registration.unacked_index, registration.unacked, registration.in_transit],
-            args=[key_digest(key), task_id, raw, registration.delivery_tag,
-                  repr(registration.score), registration.entry,
-                  b"" if registration.item is None else registration.item])
-        return GateResult.parse(reply)
 
     def dead_letter(self, letter: DeadLetter, queue: str, *,
                     publish: Publish | None = None) -> bool:

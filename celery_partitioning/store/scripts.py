@@ -18,7 +18,6 @@ __all__ = ["SCRIPTS", "Scripts", "script_source", "scripts_for"]
 #: Script name → the files it is made of, in order.
 SCRIPTS: Final = {
     "check": ("prelude", "gate", "check"),
-    "receive": ("prelude", "gate", "receive"),
     "finished": ("prelude", "finished"),
     "dead_letter": ("prelude", "dead_letter"),
     "lease_acquire": ("lease_acquire",),
@@ -40,7 +39,6 @@ class Scripts:
     """The store's scripts registered on one client: call ``scripts.check(keys=..., args=...)``."""
 
     check: Any
-    receive: Any
     finished: Any
     dead_letter: Any
     lease_acquire: Any

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .runtime import PARTITION_ENV, Gate, PartitionRuntime, current_runtime
+from .runtime import PARTITIONS_ENV, Gate, PartitionRuntime, WorkerRuntime, current_runtime
 
-__all__ = ["PARTITION_ENV", "Gate", "PartitionRuntime", "current_runtime"]
+__all__ = ["PARTITIONS_ENV", "Gate", "PartitionRuntime", "WorkerRuntime", "current_runtime"]

@@ -2,8 +2,9 @@
 
 * A partitioned task that raised with no retry left (``DeadLetters.task_failed``): its
   message becomes a dead letter with the error and traceback, and its key is parked.
-* A malformed message (``DeadLetters.malformed``): bytes that are not a kombu message, a
-  body that cannot be decoded, a message that is not a task or names an unknown task. It
+* A malformed message (``DeadLetters.malformed``, called by the partition thread): bytes
+  that are not a kombu message, a body that cannot be decoded, a message that is not a task
+  or names an unknown task. It
   goes to the pool's dead letters with its raw bytes and the reason (``MALFORMED``), and
   the worker goes on. If it carries a partition key, that key is parked like any other
   (its later messages wait for the operator); otherwise it is filed under the key
@@ -11,8 +12,7 @@
 
 Either way a store that cannot be written stops the worker without acking
 (``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
-:func:`install_failure_handling` wires this, the parking gate and in-place retry into a
-partition worker at start.
+:func:`install_failure_handling` wires this and the parking gate into a partition at start.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from ..store.deadletters import (
     DeadLetterStore,
     now_iso,
 )
-from .parking import InFlight, InFlightEntry, ParkingGate
-from .retry import enable_in_place_retry
+from .parking import InFlightEntry, ParkingGate
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
@@ -137,32 +136,16 @@ class DeadLetters:
 
 
 def install_failure_handling(runtime: PartitionRuntime) -> None:
-    """The ``on_started`` hook: parking gate + in-place retry + dead letters on this partition."""
-    store = DeadLetterStore(runtime.redis, runtime.keys) if runtime.redis is not None else None
-    inflight = InFlight()
-    publish = requeue_method(runtime.app, runtime.pool, runtime.index) if store else None
-    dead_letters = DeadLetters(runtime, store, publish) if store is not None else None
-    if store is not None and dead_letters is not None:
-        gate = ParkingGate(runtime, store, inflight, publish)
-        runtime.gates.append(gate)
-        if publish is None and runtime.broker is not None:
-            # the store is on the broker's Redis: decide the gate as the message is received
-            runtime.fetch_register = gate.register
-        runtime.on_malformed = _malformed_in_transit(runtime, dead_letters)
-        runtime.dead_letters = dead_letters
-    else:
+    """A partition's parking gate and dead letters (its thread calls this before consuming)."""
+    from .parking import InFlight
+
+    runtime.inflight = InFlight()
+    if runtime.redis is None:
         logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
                        "dead letters and parking are off", runtime.label)
-    enable_in_place_retry(runtime, store, inflight, publish, dead_letters=dead_letters)
-
-
-def _malformed_in_transit(runtime: PartitionRuntime, dead_letters: DeadLetters) -> Any:
-    """The loss-free fetch's ``on_malformed``: dead-letter the item, then take it off the
-    in-transit list (a crash in between brings it back; storing it again is a no-op)."""
-
-    def on_malformed(raw: bytes | str, problem: str) -> None:
-        dead_letters.malformed(raw, problem)
-        if runtime.broker is not None:
-            runtime.broker.client.lrem(runtime.keys.in_transit(runtime.queue), 1, raw)
-
-    return on_malformed
+        return
+    store = DeadLetterStore(runtime.redis, runtime.keys)
+    publish = requeue_method(runtime.app, runtime.pool, runtime.index)
+    runtime.store, runtime.publish = store, publish
+    runtime.dead_letters = DeadLetters(runtime, store, publish)
+    runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))

@@ -1,80 +1,78 @@
-"""Wiring a partition worker process: Celery signals → runtime, lease, recovery, gates.
+"""Wiring a partition worker process: Celery signals and a worker bootstep → partition threads.
 
 ``install(app)`` imports this module only in a ``celery worker`` process, at ``celeryd_init``
 (:func:`configure_worker`). Any other worker of the app: a ``-Q`` naming a partition queue
 is refused (``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
 
-In a process started with ``PARTITION_ENV`` (the supervisor's children) only:
+In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
 
-1. ``celeryd_init``: check the Celery/kombu internals this package relies on
-   (``compat.py``); start watching the supervisor (``orphan.py``: if it dies, keep the
-   output flowing and stop warmly); check ``-Q`` is the partition queue, make it the
-   router's kombu Queue (RabbitMQ declares it with ``x-single-active-consumer``), force
-   ``acks_late``, ``reject_on_worker_lost``, prefetch 1 and rate limits off; select the
-   loss-free Redis transport (``transport.py``), the consumer that dead-letters malformed
-   messages (``consumer.py``) and the gate step (``gate.py``).
-2. ``worker_init`` (after the registry check): build the PartitionRuntime; on a Redis
-   broker take the lease (a standby waits here, before consuming anything) and start its
-   heartbeat; put the partition's unacked messages back at the head of its queue; run the
-   ``on_started`` hooks.
-3. ``worker_shutdown``: release the lease (kombu has restored unacked messages by then).
+1. ``celeryd_init``: check the Celery/kombu internals this package relies on (``compat``);
+   watch the supervisor (``orphan.py``); check ``-Q`` is the idle queue (the process is a
+   real Celery node, for remote control, events and heartbeats, but its own consumer takes no
+   task: every partition is consumed by a thread); force ``acks_late`` and rate limits off;
+   turn task events on (unless ``--without-events``); add :class:`PartitionsStep`.
+2. ``worker_init`` (after the registry check): refuse a setup that cannot keep a guarantee,
+   build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: lease,
+   misroute guard, parking gate, dead letters) and patch partitioned tasks for in-place retry.
+3. The worker starts :class:`PartitionsStep`: one thread per partition
+   (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
+4. A warm stop (SIGTERM, SIGINT, ``celery control shutdown``, the supervisor gone) closes
+   the step first: no partition starts another message, running tasks finish, leases are
+   released; then Celery stops the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
+import time
 from typing import TYPE_CHECKING, Any, Final
 
-from celery import signals
+from celery import bootsteps, signals
+from kombu.entity import Queue
 
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitioningError
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
-from ..store.broker import BrokerRedis, broker_redis, restore_unacked_to_head
+from ..store.broker import broker_redis
 from ..store.lease import Lease
+from .executor import Executor
 from .failures import install_failure_handling
-from .gate import GateStep
 from .guard import misroute_guard
-from .orphan import start_supervisor_watch, supervisor_gone
+from .orphan import start_supervisor_watch
+from .partition import PartitionThread
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
+from .retry import enable_in_place_retry
 from .runtime import (
+    EVENTS_ENV,
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
-    PARTITION_ENV,
+    PARTITIONS_ENV,
     PartitionRuntime,
-    attach_runtime,
-    current_runtime,
-    parse_partition,
+    WorkerRuntime,
+    attach_worker,
+    current_worker,
+    parse_partitions,
 )
-from .transport import TRANSPORTS
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["configure_worker", "FORCED_WORKER_SETTINGS", "ALLOW_PLAIN_CONSUMER_ENV"]
+__all__ = ["configure_worker", "PartitionsStep", "FORCED_WORKER_SETTINGS",
+           "ALLOW_PLAIN_CONSUMER_ENV"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
 #: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee).
 ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
-#: The Celery consumer class of a partition worker (``worker_consumer``).
-PARTITION_CONSUMER: Final = "celery_partitioning.worker.consumer:PartitionConsumer"
-#: Settings every partition worker runs with, whatever the app says.
+#: Settings every partition worker process runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
     "worker_prefetch_multiplier": 1,
     "worker_concurrency": 1,
     "worker_disable_rate_limits": True,
     "task_acks_late": True,
-    "task_reject_on_worker_lost": True,
 }
-
-
-def _partition_env() -> str | None:
-    return os.environ.get(PARTITION_ENV) or None
 
 
 def configure_worker(app: Celery, options: dict[str, Any]) -> None:
@@ -82,36 +80,39 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     state = partitioning_of(app)
     wanted = options.get("queues")
     names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
-    value = _partition_env()
+    value = os.environ.get(PARTITIONS_ENV) or None
     if value is None:
         _refuse_partition_queues(state.settings, names)
         return
-    scheme = str(app.conf.broker_url or "").split("://", 1)[0].split("+")[-1]
+    settings = state.settings
     try:
-        pool, index = parse_partition(value, state.settings)
-        compat.check_worker_internals(redis_broker=scheme in TRANSPORTS)
+        hosted = parse_partitions(value, settings)
+        compat.check_worker_internals()
     except PartitioningError as exc:
         raise SystemExit(f"celery-partitioning: {exc}") from None
-    start_supervisor_watch(f"{pool}.{index}", _stop_warmly)
-    queue = state.router.queue(pool, index)
-    if names != [queue.name]:
-        raise SystemExit(f"celery-partitioning: a worker for partition {pool}.{index} must "
-                         f"consume exactly its queue: -Q {queue.name} (got {names or 'none'}); "
-                         "start it with `celery partitioning worker`")
+    label = ",".join(f"{pool}.{index}" for pool, index in hosted)
+    start_supervisor_watch(label, compat.request_warm_stop)
+    idle = settings.idle_queue_name
+    if names != [idle]:
+        raise SystemExit(f"celery-partitioning: a partition worker process consumes its "
+                         f"partitions in threads and only the idle queue itself: -Q {idle} "
+                         f"(got {names or 'none'}); start it with `celery partitioning worker`")
     concurrency = options.get("concurrency")
     if concurrency not in (None, 1):
-        raise SystemExit(f"celery-partitioning: partition worker {pool}.{index} must run "
-                         f"with concurrency 1 (-c 1), got {concurrency}")
-    app.amqp.queues.add(queue)
+        raise SystemExit(f"celery-partitioning: a partition worker process runs with -c 1 "
+                         f"(its partitions are threads), got {concurrency}")
+    app.amqp.queues.add(Queue(idle, app.amqp.default_exchange, routing_key=idle,  # type: ignore[no-untyped-call]
+                              durable=False, auto_delete=True))
     app.conf.update(FORCED_WORKER_SETTINGS)
-    if scheme in TRANSPORTS and not app.conf.broker_transport:
-        app.conf.broker_transport = TRANSPORTS[scheme]
-    if scheme in TRANSPORTS and app.conf.broker_transport == TRANSPORTS[scheme]:
-        for name, transport in TRANSPORTS.items():  # also after a failover to another URL
-            compat.use_transport_for_scheme(name, transport)
-    app.conf.worker_consumer = PARTITION_CONSUMER
-    app.steps["consumer"].add(GateStep)
-    _connect_worker_signals(app)
+    if os.environ.get(EVENTS_ENV, "1") != "0":
+        app.conf.worker_send_task_events = True
+    app.steps["worker"].add(PartitionsStep)
+
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _build_runtime(app, sender, hosted)
+
+    signals.worker_init.connect(on_worker_init, weak=False)
 
 
 def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -> None:
@@ -135,57 +136,11 @@ def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -
         f"{ALLOW_PLAIN_CONSUMER_ENV}=1 if you accept losing the ordering guarantee")
 
 
-def _force_task_options(app: Celery) -> None:
-    for task in app.tasks.values():
-        task.acks_late = True
-        task.reject_on_worker_lost = True
-
-
-def _stop_warmly() -> None:
-    """What Celery's SIGTERM handler does, minus printing: the consume loop stops after the
-    current task and the lease is released. Also works before that handler is installed."""
-    compat.request_warm_stop()
-
-
-def _take_lease(runtime: PartitionRuntime, lease: Lease) -> None:
-    """Block as a standby until the lease is ours; exit 0 if told to stop first."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        def should_stop() -> bool:
-            return stop.is_set() or supervisor_gone()
-
-        try:
-            taken = lease.try_acquire()
-        except Exception as exc:  # noqa: BLE001 - store unreachable (failover): wait below
-            logger.warning("%s lease store unreachable (%s); waiting", runtime.label, exc)
-            taken = False
-        if not taken:
-            try:
-                holder = lease.holder()
-            except Exception:  # noqa: BLE001 - only for the message
-                holder = None
-            logger.warning("%s standby: partition %s is held by %s; waiting (takes over at most "
-                           "%.0fs after the holder stops)", runtime.label, runtime.queue,
-                           holder.describe() if holder else "another worker", lease.ttl)
-            if not lease.acquire(should_stop, runtime.label):
-                logger.warning("%s stopped while standby", runtime.label)
-                raise SystemExit(0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    lease.start_heartbeat()
-
-
-def _start_runtime(app: Celery, worker: Any) -> None:
+def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
     # Celery logs and swallows exceptions from signal receivers; a partition worker that
-    # could not take its lease or recover its queue must not consume: exit instead.
+    # cannot keep its guarantees must not consume: exit instead.
     try:
-        _start_runtime_or_raise(app, worker)
+        _build_runtime_or_raise(app, worker, hosted)
     except PartitioningError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"celery-partitioning: {exc}") from None
@@ -194,85 +149,115 @@ def _start_runtime(app: Celery, worker: Any) -> None:
         raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
 
 
-def _start_runtime_or_raise(app: Celery, worker: Any) -> None:
-    value = _partition_env()
-    if value is None or current_runtime(app) is not None:
+def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
+    if current_worker(app) is not None:
         return
-    state = partitioning_of(app)
-    settings = state.settings
-    pool, index = parse_partition(value, settings)
+    settings = partitioning_of(app).settings
     degraded = check_guarantees(app)  # refuses a setup that cannot keep a guarantee
     with app.connection_for_read() as conn:
         transport = str(conn.transport.driver_type)
     if transport == "amqp":
-        declare_partition_queues(app, [(pool, index)])  # another queue type: one clear error
-    runtime = PartitionRuntime(
-        app=app, settings=settings, pool=pool, index=index,
-        queue=settings.queue_name(pool, index),
-        redis=(redis_client(settings.redis, replicas=replicas_of(settings))
-               if settings.redis is not None else None),
-        keys=redis_keys(app), hostname=str(worker.hostname), transport=transport,
-    )
-    # The event loop (kombu Hub) defers late acks to its next turn; on RabbitMQ with
-    # prefetch 1 that stalled a solo worker for whole timer periods (seen: 10 s between
-    # tasks). The plain consume loop acks at once. The Hub step is built after worker_init.
-    worker.use_eventloop = False
-    runtime.gates.append(misroute_guard(runtime))
-    runtime.on_started.append(install_failure_handling)  # parking gate, in-place retry
-    attach_runtime(app, runtime)
-    _force_task_options(app)
-    warn_degraded(runtime.label, degraded)
-
-    broker: BrokerRedis | None = broker_redis(app) if transport == "redis" else None
-    if broker is not None and settings.redis is not None:
-        ttl = settings.lease_ttl
-        replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
-        lease_client = redis_client(
-            settings.redis, replicas=replicas,
-            timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
-        lease = Lease(lease_client, runtime.keys.lease(runtime.queue), ttl,
-                      node=runtime.hostname, token=os.environ.get(LEASE_TOKEN_ENV),
-                      takeover=os.environ.get(LEASE_TAKEOVER_ENV))
-        runtime.lease = lease
-        _take_lease(runtime, lease)
-
-        def refresh_held() -> None:
-            tags = compat.held_delivery_tags(runtime.consumer_qos)
-            if tags:
-                broker.refresh(tags)
-
-        lease.on_beat.append(refresh_held)
-    if broker is not None:
-        runtime.broker = broker
-        runtime.recovered = restore_unacked_to_head(broker, runtime.queue,
-                                                    runtime.keys.in_transit(runtime.queue))
-        if runtime.recovered:
-            logger.warning("%s crash recovery: %d unacked message(s) put back at the head of %s",
-                           runtime.label, runtime.recovered, runtime.queue)
-    for hook in list(runtime.on_started):
-        try:
-            hook(runtime)
-        except Exception:
-            logger.critical("%s on_started hook %r failed", runtime.label, hook, exc_info=True)
-            raise SystemExit(f"celery-partitioning: start-up hook {hook!r} failed") from None
+        declare_partition_queues(app, hosted)  # another queue type: one clear error
+    hostname = str(worker.hostname)
+    runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
+                            events=bool(app.conf.worker_send_task_events))
+    broker = broker_redis(app) if transport == "redis" else None
+    store = (redis_client(settings.redis, replicas=replicas_of(settings))
+             if settings.redis is not None else None)
+    keys = redis_keys(app)
+    for task in app.tasks.values():
+        task.acks_late = True
+    for pool, index in hosted:
+        partition = PartitionRuntime(
+            app=app, settings=settings, pool=pool, index=index,
+            queue=settings.queue_name(pool, index), redis=store, keys=keys,
+            hostname=hostname, transport=transport, broker=broker, worker=runtime)
+        if broker is not None and settings.redis is not None:
+            partition.lease = _lease(partition, settings)
+        partition.gates.append(misroute_guard(partition))
+        install_failure_handling(partition)  # the parking gate, dead letters
+        runtime.partitions.append(partition)
+        warn_degraded(partition.label, degraded)
+    first = runtime.partitions[0]
+    runtime.retry = enable_in_place_retry(first, first.store, first.inflight or _no_inflight(),
+                                          first.publish, dead_letters=first.dead_letters)
+    runtime.executor = Executor(app, worker)
+    attach_worker(app, runtime)
 
 
-def _stop_runtime(app: Celery) -> None:
-    runtime = current_runtime(app)
-    if runtime is not None and runtime.lease is not None:
-        runtime.lease.release()
+def _no_inflight() -> Any:
+    from .parking import InFlight
+
+    return InFlight()
 
 
-def _connect_worker_signals(app: Celery) -> None:
-    """The runtime starts at ``worker_init`` (a standby waits there) and stops at shutdown."""
+def _lease(partition: PartitionRuntime, settings: PartitioningSettings) -> Lease:
+    assert settings.redis is not None
+    ttl = settings.lease_ttl
+    replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
+    client = redis_client(
+        settings.redis, replicas=replicas,
+        timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
+    return Lease(client, partition.keys.lease(partition.queue), ttl,
+                 node=f"{partition.hostname}#{partition.label}",
+                 token=os.environ.get(LEASE_TOKEN_ENV),
+                 takeover=os.environ.get(LEASE_TAKEOVER_ENV))
 
-    def on_worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            _start_runtime(app, sender)
 
-    def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is app:
-            _stop_runtime(app)
+class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Worker bootstep: a thread per hosted partition, started with the worker, stopped
+    first when it stops (running tasks finish, leases are released)."""
 
-    signals.worker_init.connect(on_worker_init, weak=False)
-    signals.worker_shutdown.connect(on_worker_shutdown, weak=False)
+    label = "partitions"
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.threads: list[PartitionThread] = []
+
+    def create(self, parent: Any) -> PartitionsStep:
+        return self
+
+    def start(self, parent: Any) -> None:
+        runtime = current_worker(parent.app)
+        if runtime is None or self.threads:
+            return
+        for partition in runtime.partitions:
+            thread = PartitionThread(partition)
+            thread.start()
+            self.threads.append(thread)
+        logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
+                    len(self.threads), runtime.label)
+
+    def close(self, parent: Any) -> None:
+        """Warm stop: no further message anywhere; wait for the running ones."""
+        runtime = current_worker(parent.app)
+        if runtime is None:
+            return
+        if not runtime.stop_event.is_set():
+            logger.info("%s: warm stop: every partition finishes its task and starts no other",
+                        parent.hostname)
+        runtime.stop_event.set()
+        for thread in self.threads:
+            while thread.is_alive():
+                if compat.terminate_requested():
+                    return  # cold shutdown: the process ends now; messages recover at the head
+                thread.join(timeout=0.2)
+
+    def stop(self, parent: Any) -> None:
+        self.close(parent)
+
+    def terminate(self, parent: Any) -> None:
+        runtime = current_worker(parent.app)
+        if runtime is not None:
+            runtime.stop_event.set()
+
+    def shutdown(self, parent: Any) -> None:
+        self.terminate(parent)
+
+
+def wait_consuming(step: PartitionsStep, timeout: float) -> bool:
+    """Whether every partition thread of ``step`` consumes within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    return all(thread.consuming.wait(max(0.0, deadline - time.monotonic()))
+               for thread in step.threads)

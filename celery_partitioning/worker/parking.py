@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from ..message import PartitionMessage, Publish
-from ..store.deadletters import DeadLetterStore, GateResult
-from .guard import belongs_here
+from ..store.deadletters import DeadLetterStore
 
 if TYPE_CHECKING:
-    from ..store.broker import Registration
     from .runtime import PartitionRuntime
 
 __all__ = ["InFlight", "InFlightEntry", "ParkingGate"]
@@ -20,8 +18,6 @@ logger = logging.getLogger("celery_partitioning.parking")
 
 #: More messages than this passed the gate without finishing: forget the oldest.
 MAX_INFLIGHT: Final = 64
-#: More verdicts than this decided at receive and not yet asked for: forget the oldest.
-MAX_DECIDED: Final = 64
 
 
 @dataclass(frozen=True)
@@ -66,9 +62,8 @@ class ParkingGate:
     Idempotent by task id: a message stored but not acked (a crash in between) is
     recognized when it comes back, and only acked.
 
-    On a Redis broker whose Redis holds the store, :meth:`register` is the reliable fetch's
-    ``Register``: the gate is decided in the very script that records the message as
-    unacked, so a message that runs costs no round trip of the gate's own.
+    One ``EVALSHA`` per message (the ``check`` script), which also returns the task's
+    in-place retry record, so the retry code needs no read of its own.
     """
 
     #: How the start-up line names this gate.
@@ -81,44 +76,14 @@ class ParkingGate:
         self.inflight = inflight
         #: How deferred messages are re-queued (None: Redis head push; see deadletters).
         self.publish = publish
-        #: Verdicts decided at receive (and the raw payload), by delivery tag, until asked.
-        self._decided: dict[Any, tuple[GateResult, str]] = {}
-
-    def _applies(self, message: PartitionMessage) -> bool:
-        """Would this gate be asked about ``message`` (by the gate chain, after the guard)?"""
-        pool, key = message.partition_pool, message.partition_key
-        return (pool is not None and key is not None and message.task_id is not None
-                and message.task_name in self.runtime.app.tasks
-                and belongs_here(self.runtime, pool, key))
-
-    def register(self, registration: Registration) -> None:
-        """Record a fetched message as unacked and, if the gate will be asked, decide it too."""
-        message = PartitionMessage(registration.message, str(registration.message.headers.get("task")))
-        key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
-        if key is None or pool is None or task_id is None or not self._applies(message):
-            assert self.runtime.broker is not None, "register is used on a Redis broker only"
-            with self.runtime.broker.client.pipeline() as pipe:  # the fetch's own transaction
-                registration.queue(pipe)
-                pipe.execute()
-            return
-        raw = message.payload()
-        result = self.store.receive(pool, key, task_id, raw, self.runtime.queue,
-                                    registration=registration)
-        while len(self._decided) >= MAX_DECIDED:
-            self._decided.pop(next(iter(self._decided)))
-        self._decided[registration.delivery_tag] = (result, raw)
 
     def __call__(self, message: PartitionMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
             return False
-        decided = self._decided.pop(getattr(message.message, "delivery_tag", None), None)
-        if decided is not None:
-            result, raw = decided
-        else:
-            raw = message.payload()
-            result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
-                                      publish=self.publish)
+        raw = message.payload()
+        result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
+                                  publish=self.publish)
         verdict = result.verdict
         if verdict == "run":
             self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,

@@ -19,15 +19,14 @@ from typing import TYPE_CHECKING, Final
 
 from ..errors import PartitionConfigError
 from ..state import partitioning_of
-from .transport import TRANSPORTS
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from ..config import PartitioningSettings
 
-__all__ = ["guarantee_problems", "check_guarantees", "declare_partition_queues", "broker_scheme",
-           "MIGRATION_DOC"]
+__all__ = ["REDIS_SCHEMES", "guarantee_problems", "check_guarantees", "declare_partition_queues",
+           "broker_scheme", "MIGRATION_DOC"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -35,6 +34,8 @@ logger = logging.getLogger("celery_partitioning.worker")
 MIGRATION_DOC: Final = "docs/deployment.md, 'Changing a partition queue's type'"
 #: Broker URL schemes of RabbitMQ (AMQP 0.9.1).
 _AMQP: Final = ("amqp", "amqps", "pyamqp", "librabbitmq")
+#: Redis broker URL schemes a partition worker consumes with its loss-free fetch and lease.
+REDIS_SCHEMES: Final = ("redis", "rediss", "sentinel")
 _REDIS_FAMILY: Final = ("redis", "rediss", "sentinel", "socket", "unix", "redis+socket")
 
 
@@ -56,14 +57,10 @@ def guarantee_problems(settings: PartitioningSettings, scheme: str,
     problems: list[str] = []
     redis_family = scheme in _REDIS_FAMILY or scheme.endswith("+socket")
     if redis_family:
-        if scheme not in TRANSPORTS:
+        if scheme not in REDIS_SCHEMES:
             problems.append(
                 f"broker_url: a {scheme}:// Redis broker has no loss-free fetch and no lease "
                 "here; use a redis://, rediss:// or sentinel:// URL")
-        elif broker_transport and broker_transport != TRANSPORTS[scheme]:
-            problems.append(
-                f"broker_transport is {broker_transport!r}: partition workers on Redis need "
-                "their own transport (loss-free fetch, crash recovery); remove the setting")
         if settings.redis is None:
             problems.append(
                 "partitioning_redis_url: a Redis broker needs a Redis store for the lease "

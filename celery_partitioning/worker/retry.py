@@ -43,6 +43,7 @@ from ..store.attempts import AttemptRecord, AttemptStore
 from ..store.deadletters import DeadLetterStore
 from ..tasks import spec_of
 from .parking import InFlight
+from .runtime import current_runtime
 
 if TYPE_CHECKING:
     from .failures import DeadLetters
@@ -184,27 +185,63 @@ def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
                        request.id, exc_info=True)
 
 
+@dataclass(frozen=True)
+class _Partition:
+    """The per-partition state a retry or a dead letter needs."""
+
+    runtime: PartitionRuntime
+    store: DeadLetterStore | None
+    inflight: InFlight
+    publish: Publish | None
+    dead_letters: DeadLetters | None
+
+
 class InPlaceRetry:
-    """Patches the partitioned tasks of one partition worker (see the module docstring)."""
+    """Patches the partitioned tasks of a partition worker process (see the module docstring)."""
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
                  inflight: InFlight, *, sleep: Callable[[float], None] = time.sleep,
                  publish: Publish | None = None, dead_letters: DeadLetters | None = None) -> None:
-        self.runtime = runtime
-        self.store = store
-        self.inflight = inflight
-        self.publish = publish
-        self.dead_letters = dead_letters
+        self.app = runtime.app
+        self._default = _Partition(runtime, store, inflight, publish, dead_letters)
         self.attempts = (AttemptStore(runtime.redis, runtime.keys)
                          if runtime.redis is not None else None)
         self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
 
+    def _partition(self) -> _Partition:
+        """The partition of the calling thread (one patcher serves every partition of the
+        process); the one it was made with outside a partition thread."""
+        bound = current_runtime(self.app)
+        if bound is None or bound.inflight is None:
+            return self._default
+        return _Partition(bound, bound.store, bound.inflight, bound.publish, bound.dead_letters)
+
+    @property
+    def runtime(self) -> PartitionRuntime:
+        return self._partition().runtime
+
+    @property
+    def store(self) -> DeadLetterStore | None:
+        return self._partition().store
+
+    @property
+    def inflight(self) -> InFlight:
+        return self._partition().inflight
+
+    @property
+    def publish(self) -> Publish | None:
+        return self._partition().publish
+
+    @property
+    def dead_letters(self) -> DeadLetters | None:
+        return self._partition().dead_letters
+
     # -- patching ---------------------------------------------------------------------
     def patch_all(self) -> int:
         """Patch every partitioned task of the app; returns how many."""
         count = 0
-        for task in list(self.runtime.app.tasks.values()):
+        for task in list(self.app.tasks.values()):
             if spec_of(task) is not None and self.patch(task):
                 count += 1
         return count
@@ -340,9 +377,11 @@ class InPlaceRetry:
             remaining = resume_at - time.time()
             if remaining <= 0:
                 return
-            if compat.stop_requested():
+            runtime = self.runtime
+            stopping = getattr(runtime, "stopping", None)
+            if compat.stop_requested() or (stopping is not None and stopping()):
                 logger.warning("shutdown during an in-place retry wait: the message stays "
-                               "unacked and goes back to the head of %s", self.runtime.queue)
+                               "unacked and goes back to the head of %s", runtime.queue)
                 raise WorkerShutdown(0)
             self._sleep(min(WAIT_SLICE, remaining))
 
@@ -391,12 +430,13 @@ class InPlaceRetry:
         The happy path (no attempt record, not part of a replay) costs no Redis call.
         """
         task_id = attempt.task_id
-        entry = self.inflight.pop(task_id)
+        partition = self._partition()
+        entry = partition.inflight.pop(task_id)
         if self.attempts is not None and attempt.recorded:
             self.attempts.forget(task_id)
-        if self.store is not None and entry is not None and entry.replaying:
-            self.store.finished(entry.pool, entry.key, task_id, self.runtime.queue,
-                                publish=self.publish)
+        if partition.store is not None and entry is not None and entry.replaying:
+            partition.store.finished(entry.pool, entry.key, task_id, partition.runtime.queue,
+                                     publish=partition.publish)
 
 
 def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,

@@ -1,103 +1,101 @@
-"""The partition runtime: what one partition worker process knows, and the hook points on it.
+"""The partition runtime: what a partition worker process hosts, and the hook points on it.
 
-A partition worker is a plain ``celery worker`` process (``-P solo -c 1 -Q <queue>``) that
-the supervisor (``celery partitioning worker``) starts with the environment variable
-``PARTITION_ENV`` set to ``"pool:index"``. ``install(app)`` wires signal handlers that, in
-such a process only, build a :class:`PartitionRuntime` and hang it off the app.
+A partition worker process is a ``celery worker`` (a real Celery node: remote control,
+events, heartbeats) that the supervisor (``celery partitioning worker``) starts with
+``PARTITIONS_ENV`` set to the partitions it hosts (``"entity:0,entity:3,global:0"``). Each
+partition is consumed by a thread of its own (``worker/partition.py``), strictly one message
+at a time and in queue order; the partitions of a process run in parallel.
 
-Hook points for other parts of the package (failure handling builds on these):
+Hook points for other parts of the package:
 
 ``current_runtime(app) -> PartitionRuntime | None``
-    The runtime of this process, or None outside a partition worker. It exists from the
-    ``worker_init`` signal on (before the lease is taken).
+    The partition the *calling thread* consumes (inside a task: the task's partition), or
+    None outside a partition thread.
 
-``PartitionRuntime`` attributes
-    ``app``, ``settings`` (PartitioningSettings), ``pool`` (str), ``index`` (int),
-    ``queue`` (the partition queue name), ``redis`` (a redis-py client for
-    ``settings.redis_url``, or None when no Redis store is configured), ``keys``
-    (``RedisKeys`` under the app's namespace), ``hostname`` (the Celery node name).
+``PartitionRuntime`` (one per partition)
+    ``app``, ``settings``, ``pool``, ``index``, ``queue``, ``label`` (``"pool.index"``),
+    ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
+    ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
+    ``gates``, and the failure handling's per-partition state (``store``, ``inflight``,
+    ``publish``, ``dead_letters``).
 
 ``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[PartitionMessage], bool]``
-    Called, in list order, for every message the partition worker receives, BEFORE Celery
-    builds a request for it. A gate returns True when it has taken the message (re-published
-    it, set it aside, acked it): the message is then not run and later gates are not asked.
-    The misroute guard is the first gate and the parking gate the second; append yours
-    (``runtime.gates.append(gate)``): on a Redis broker the parking gate is decided as
-    the message is received (``fetch_register``), so no gate may come between the two.
-    A gate that raises stops the worker process at once (``os._exit``), without acking:
-    the message goes back to the head of the queue by crash recovery, order intact.
-    After the gates, a message with a future ETA blocks the partition until its time
-    (FIFO is kept; Celery would otherwise hold it aside and run later messages first).
+    Called, in list order, for every message of the partition before Celery makes a request
+    of it. A gate returns True when it has taken the message (re-published it, set it aside,
+    acked it): the message is then not run and later gates are not asked. The misroute
+    guard is first, the parking gate second. A gate that raises stops the process at once
+    without acking: the message goes back to the head of its queue by crash recovery.
+    After the gates, a message with a future ETA holds its partition until its time.
+    A gate has a ``__name__`` people can read: the start-up line lists the gates by it.
 
-``PartitionMessage`` (``celery_partitioning.message``, the codec)
-    ``headers``, ``body`` (raw bytes, still serialized), ``properties``, ``delivery_info``,
-    ``task_name``, ``task_id``, ``partition_key`` / ``partition_pool`` / ``partition_index``
-    (from the headers; None on messages that are not partitioned), ``message`` (the raw
-    kombu message), ``payload()`` and ``ack()``. A gate has a ``__name__`` people can read:
-    the start-up line lists the gates by it.
-
-``PartitionRuntime.fetch_register``
-    On a Redis broker, a ``store.broker.Register`` that replaces the transaction recording a
-    fetched message as unacked (it must do the same, atomically, and may do more in it).
-
-``PartitionRuntime.on_started: list[Callable[[PartitionRuntime], None]]``
-    Run once, in order, after the lease is held and crash recovery is done, before the
-    worker consumes its first message (still inside ``worker_init``: every task is
-    registered). Use it to patch partitioned tasks (in-place retry).
+``WorkerRuntime`` (one per process)
+    The hosted partitions, the process-wide stop flag (``stopping()``: a warm shutdown, a
+    ``celery control shutdown`` or the supervisor gone) and the in-place retry patcher.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from ..message import PartitionMessage
+from ..message import PartitionMessage, Publish
 from ..store.keys import RedisKeys
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from ..store.broker import BrokerRedis, Register
+    from ..store.broker import BrokerRedis
+    from ..store.deadletters import DeadLetterStore
     from ..store.lease import Lease
     from .failures import DeadLetters
+    from .parking import InFlight
 
 __all__ = [
-    "PARTITION_ENV",
+    "PARTITIONS_ENV",
     "LEASE_TOKEN_ENV",
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
+    "EVENTS_ENV",
     "Gate",
     "PartitionRuntime",
+    "WorkerRuntime",
     "current_runtime",
-    "attach_runtime",
-    "parse_partition",
+    "current_worker",
+    "attach_worker",
+    "bind_thread",
+    "parse_partitions",
 ]
 
-#: Set by the supervisor on each child ``celery worker``: ``"pool:index"``.
-PARTITION_ENV: Final = "CELERY_PARTITIONING_PARTITION"
-#: Set by the supervisor: the lease token the child must use (random when unset).
+#: Set by the supervisor on each child ``celery worker``: ``"pool:index,pool:index,..."``.
+PARTITIONS_ENV: Final = "CELERY_PARTITIONING_PARTITIONS"
+#: Set by the supervisor: the lease token the child uses for all its partitions.
 LEASE_TOKEN_ENV: Final = "CELERY_PARTITIONING_LEASE_TOKEN"
 #: Set by the supervisor on a restarted child: the token of its predecessor, which the
-#: supervisor saw die, so the new child may take the lease over without waiting the TTL.
+#: supervisor saw die, so the new child may take its leases over without waiting the TTL.
 LEASE_TAKEOVER_ENV: Final = "CELERY_PARTITIONING_LEASE_TAKEOVER"
 #: Set by the supervisor: its pid; a child whose parent changes (supervisor gone) stops
 #: warmly (``orphan.py``).
 SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
+#: ``0`` when the supervisor was told not to send task events (``--without-events``).
+EVENTS_ENV: Final = "CELERY_PARTITIONING_EVENTS"
 
-#: Attribute of the Celery app that holds the PartitionRuntime of this process.
-RUNTIME_ATTRIBUTE: Final = "_celery_partitioning_runtime"
-
+#: Attribute of the Celery app that holds the WorkerRuntime of this process.
+WORKER_ATTRIBUTE: Final = "_celery_partitioning_worker"
 
 #: A gate: True when it has taken the message, which must then not run.
 Gate = Callable[[PartitionMessage], bool]
 
+_thread = threading.local()
+
 
 @dataclass(eq=False)
 class PartitionRuntime:
-    """The state of one partition worker process."""
+    """The state of one partition of a partition worker process."""
 
     app: Celery
     settings: PartitioningSettings
@@ -105,66 +103,106 @@ class PartitionRuntime:
     index: int
     #: The partition queue name.
     queue: str
-    #: A redis-py client for ``settings.redis_url`` (leases, dead letters), or None.
+    #: A redis-py client for the store (leases, dead letters), or None.
     redis: Any
     keys: RedisKeys
-    #: The Celery node name of this worker.
+    #: The Celery node name of this worker process.
     hostname: str = ""
-    #: Called for every received message before it runs; see the module docstring.
-    gates: list[Gate] = field(default_factory=list)
-    #: Called after the lease is held and recovery done, before consuming.
-    on_started: list[Callable[[PartitionRuntime], None]] = field(default_factory=list)
-    #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
-    lease: Lease | None = None
     #: kombu's transport driver type: ``"redis"``, ``"amqp"``, ...
     transport: str = ""
-    #: The kombu QoS of the consuming channel, once a message arrived (for the heartbeat).
-    consumer_qos: Any = None
+    #: Called for every received message before it runs; see the module docstring.
+    gates: list[Gate] = field(default_factory=list)
+    #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
+    lease: Lease | None = None
     #: Messages put back at the head of the queue by crash recovery at start.
     recovered: int = 0
-    #: Times the Celery consumer started (more than once: it reconnected to the broker).
-    consumer_starts: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
     broker: BrokerRedis | None = None
-    #: Replaces the transaction that records a fetched message as unacked (Redis broker):
-    #: the parking gate sets it to decide in that same script.
-    fetch_register: Register | None = None
-    #: Stores a message that cannot run at all (dead letter, reason MALFORMED); set by the
-    #: failure handling. Called with the raw bytes (or payload text) and why.
-    on_malformed: Callable[[bytes | str, str], None] | None = None
-    #: Writes dead letters (None without a Redis store); the consumer uses it for malformed
-    #: messages it received.
+    #: The dead-letter store (None without a Redis store) and how re-queues are published.
+    store: DeadLetterStore | None = None
+    publish: Publish | None = None
+    #: Messages let through by the parking gate, until they finish.
+    inflight: InFlight | None = None
+    #: Writes dead letters (None without a Redis store).
     dead_letters: DeadLetters | None = None
+    #: The process this partition runs in.
+    worker: WorkerRuntime | None = None
 
     @property
     def label(self) -> str:
         """``pool.index``: how log lines name this partition."""
         return f"{self.pool}.{self.index}"
 
+    def stopping(self) -> bool:
+        """The process is stopping: start no further message."""
+        return self.worker is not None and self.worker.stopping()
 
-def parse_partition(value: str, settings: PartitioningSettings) -> tuple[str, int]:
-    """Parse ``"pool:index"`` (``PARTITION_ENV``) against the settings."""
-    pool, sep, raw = value.rpartition(":")
-    if not sep or not pool or not raw.isdigit():
-        raise PartitionConfigError(
-            f"{PARTITION_ENV}={value!r} is not 'pool:index' (for example 'entity:3')"
-        )
-    index = int(raw)
-    count = settings.partitions(pool)
-    if index >= count:
-        raise PartitionConfigError(
-            f"{PARTITION_ENV}={value!r}: pool {pool!r} has partitions 0-{count - 1} "
-            "(setting partitioning_pools)"
-        )
-    return pool, index
+
+@dataclass(eq=False)
+class WorkerRuntime:
+    """The state of one partition worker process."""
+
+    app: Celery
+    settings: PartitioningSettings
+    hostname: str
+    transport: str
+    partitions: list[PartitionRuntime] = field(default_factory=list)
+    #: Set when the process stops (warm shutdown, control shutdown, supervisor gone).
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    #: Task events on (``-E``) unless the supervisor was told otherwise.
+    events: bool = True
+    #: Process-wide helpers, set at start (the in-place retry patcher, the executor).
+    retry: Any = None
+    executor: Any = None
+
+    def stopping(self) -> bool:
+        return self.stop_event.is_set() or compat.stop_requested()
+
+    @property
+    def label(self) -> str:
+        """How log lines name this process: its partitions."""
+        return ",".join(p.label for p in self.partitions)
+
+
+def parse_partitions(value: str, settings: PartitioningSettings) -> list[tuple[str, int]]:
+    """Parse ``"pool:index,pool:index"`` (``PARTITIONS_ENV``) against the settings."""
+    found: list[tuple[str, int]] = []
+    for item in value.split(","):
+        pool, sep, raw = item.strip().rpartition(":")
+        if not sep or not pool or not raw.isdigit():
+            raise PartitionConfigError(
+                f"{PARTITIONS_ENV}={value!r}: {item!r} is not 'pool:index' (for example "
+                "'entity:3')")
+        index = int(raw)
+        count = settings.partitions(pool)
+        if index >= count:
+            raise PartitionConfigError(
+                f"{PARTITIONS_ENV}={value!r}: pool {pool!r} has partitions 0-{count - 1} "
+                "(setting partitioning_pools)")
+        if (pool, index) not in found:
+            found.append((pool, index))
+    if not found:
+        raise PartitionConfigError(f"{PARTITIONS_ENV} is empty: no partition to run")
+    return found
 
 
 def current_runtime(app: Celery) -> PartitionRuntime | None:
-    """The PartitionRuntime of this process, or None when it is not a partition worker."""
-    runtime = vars(app).get(RUNTIME_ATTRIBUTE)
-    return runtime if isinstance(runtime, PartitionRuntime) else None
+    """The partition the calling thread consumes, or None outside a partition thread."""
+    runtime = getattr(_thread, "runtime", None)
+    return runtime if isinstance(runtime, PartitionRuntime) and runtime.app is app else None
 
 
-def attach_runtime(app: Celery, runtime: PartitionRuntime) -> None:
-    """Hang ``runtime`` off ``app`` (one per process)."""
-    setattr(app, RUNTIME_ATTRIBUTE, runtime)
+def bind_thread(runtime: PartitionRuntime | None) -> None:
+    """Make ``runtime`` the calling thread's partition (a partition thread does, at start)."""
+    _thread.runtime = runtime
+
+
+def current_worker(app: Celery) -> WorkerRuntime | None:
+    """The WorkerRuntime of this process, or None when it is not a partition worker."""
+    worker = vars(app).get(WORKER_ATTRIBUTE)
+    return worker if isinstance(worker, WorkerRuntime) else None
+
+
+def attach_worker(app: Celery, worker: WorkerRuntime) -> None:
+    """Hang ``worker`` off ``app`` (one per process)."""
+    setattr(app, WORKER_ATTRIBUTE, worker)

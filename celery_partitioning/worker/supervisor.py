@@ -1,11 +1,15 @@
-"""The supervisor behind ``celery partitioning worker``: one child worker per partition.
+"""The supervisor behind ``celery partitioning worker``: a few processes, many partitions each.
 
-Each child is a real ``celery worker`` process (``-P solo -c 1 -Q <partition queue>``,
-prefetch 1, no gossip/mingle/heartbeat, node name ``pool.index@host``) started with
-``PARTITION_ENV`` so the runtime hooks take over inside it. The supervisor prefixes every
-line a child prints with ``[pool.index]``, restarts a child that dies (backoff 1 s, 2 s,
-4 s ... 30 s, reset after a minute of good health) and hands the dead child's lease token to
-its successor, which then takes the partition over at once instead of after the lease TTL.
+The selected partitions are dealt over ``--processes`` child processes (``spread``). Each
+child is a real ``celery worker`` (``-P solo -c 1 -Q <idle queue>``, task events on, node
+name ``partitions<n>@host``, or ``pool.index@host`` when it hosts one partition) started
+with ``PARTITIONS_ENV`` naming its partitions, which it consumes in a thread each (see
+``hooks.py``). The supervisor prefixes every line a child prints with its label
+(``[w0]``, or ``[pool.index]``), restarts a child that dies (backoff 1 s, 2 s, 4 s ... 30 s
+while it keeps dying within seconds of its start; a child that ran a while is restarted
+after 1 s) and hands the dead child's lease token to its successor, which then takes its
+partitions over at once instead of after the lease TTL. A child that exits 0 on its own
+was told to stop (``celery control shutdown``): the supervisor stops the others and exits.
 SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeout``); a
 second signal kills them at once. If the supervisor is killed alone, each child notices,
 keeps printing to the supervisor's output and stops warmly (``orphan.py``).
@@ -34,10 +38,12 @@ from ..errors import PartitionConfigError
 from ..exits import EXIT_OK, EXIT_UNCLEAN
 from ..store.lease import new_token
 from .orphan import ChildOutput
-from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITION_ENV, SUPERVISOR_PID_ENV
+from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITIONS_ENV, SUPERVISOR_PID_ENV
 
 __all__ = [
     "ChildSpec",
+    "PartitionSpec",
+    "spread",
     "Supervisor",
     "select_partitions",
     "parse_indexes",
@@ -45,10 +51,11 @@ __all__ = [
 ]
 
 
-#: First restart delay and its cap (seconds); a child up this long resets the backoff.
+#: First restart delay and its cap (seconds); a child up this long resets the backoff (it
+#: did work: a crash loop dies within seconds of its start).
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
-HEALTHY_AFTER: Final = 60.0
+HEALTHY_AFTER: Final = 10.0
 
 #: Exit status of a Celery worker after the warm shutdown a first SIGINT asks for (EX_FAILURE),
 #: and the start of the line Celery prints when it takes that SIGINT (celery.apps.worker.on_SIGINT:
@@ -60,7 +67,7 @@ _RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 @dataclass(frozen=True)
-class ChildSpec:
+class PartitionSpec:
     """One partition to run: pool, index and queue name."""
 
     pool: str
@@ -70,6 +77,47 @@ class ChildSpec:
     @property
     def label(self) -> str:
         return f"{self.pool}.{self.index}"
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """One worker process and the partitions it hosts (one thread each)."""
+
+    partitions: tuple[PartitionSpec, ...]
+    #: Its place among the supervisor's processes (0, 1, ...).
+    number: int = 0
+
+    @property
+    def label(self) -> str:
+        """How its log lines are prefixed: the partition when it hosts one, else ``w<n>``."""
+        return self.partitions[0].label if len(self.partitions) == 1 else f"w{self.number}"
+
+    @property
+    def node(self) -> str:
+        """Its Celery node name (``%h`` is the host)."""
+        return f"{self.label}@%h" if len(self.partitions) == 1 else f"partitions{self.number}@%h"
+
+    @property
+    def env_value(self) -> str:
+        """``PARTITIONS_ENV``: ``"pool:index,pool:index"``."""
+        return ",".join(f"{p.pool}:{p.index}" for p in self.partitions)
+
+    @property
+    def describe(self) -> str:
+        return ", ".join(p.label for p in self.partitions)
+
+
+def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
+    """Deal the partitions over ``processes`` processes, in turn (deterministic: partition i
+    goes to process i mod P), so every process gets a share of every pool."""
+    if not partitions:
+        raise PartitionConfigError("no partition selected: check --pool and --partitions")
+    if not 1 <= processes <= len(partitions):
+        raise PartitionConfigError(
+            f"--processes {processes}: choose 1 to {len(partitions)} (one process cannot host "
+            f"less than one of the {len(partitions)} selected partition(s))")
+    return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
+            enumerate(range(processes))]
 
 
 def parse_indexes(text: str) -> list[int]:
@@ -90,11 +138,11 @@ def parse_indexes(text: str) -> list[int]:
 
 
 def select_partitions(settings: PartitioningSettings, pools: Sequence[str] = (),
-                      partitions: str | None = None) -> list[ChildSpec]:
+                      partitions: str | None = None) -> list[PartitionSpec]:
     """The partitions to run: ``pools`` (default all) by ``partitions`` (default all)."""
     chosen = list(dict.fromkeys(pools)) or list(settings.pools)
     indexes = parse_indexes(partitions) if partitions else None
-    specs: list[ChildSpec] = []
+    specs: list[PartitionSpec] = []
     for pool in chosen:
         count = settings.partitions(pool)
         wanted = indexes if indexes is not None else list(range(count))
@@ -103,18 +151,18 @@ def select_partitions(settings: PartitioningSettings, pools: Sequence[str] = (),
             raise PartitionConfigError(
                 f"--partitions {partitions}: pool {pool!r} has partitions 0-{count - 1}, not "
                 f"{', '.join(map(str, beyond))} (choose the pool with --pool)")
-        specs.extend(ChildSpec(pool, i, settings.queue_name(pool, i)) for i in wanted)
+        specs.extend(PartitionSpec(pool, i, settings.queue_name(pool, i)) for i in wanted)
     return specs
 
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
-                extra: Sequence[str] = ()) -> list[str]:
-    """The command line of one partition's ``celery worker`` child."""
+                extra: Sequence[str] = (), *, idle_queue: str, events: bool = True) -> list[str]:
+    """The command line of one partition worker process (a ``celery worker``)."""
     return [
         sys.executable, "-m", "celery", *celery_options, "worker",
-        "-Q", spec.queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-n", f"{spec.pool}.{spec.index}@%h", "-l", loglevel, *extra,
+        "-Q", idle_queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
+        "--without-gossip", "--without-mingle", *(["-E"] if events else []),
+        "-n", spec.node, "-l", loglevel, *extra,
     ]
 
 
@@ -180,7 +228,7 @@ class Supervisor:
     # -- children -----------------------------------------------------------------------
     def _start(self, child: _Child) -> None:
         child.previous_token, child.token = child.token, new_token()
-        env = {**self.env, PARTITION_ENV: f"{child.spec.pool}:{child.spec.index}",
+        env = {**self.env, PARTITIONS_ENV: child.spec.env_value,
                LEASE_TOKEN_ENV: child.token, SUPERVISOR_PID_ENV: str(os.getpid())}
         env.pop(LEASE_TAKEOVER_ENV, None)
         if child.previous_token:
@@ -206,7 +254,8 @@ class Supervisor:
                                   name=f"out-{child.spec.label}", daemon=True)
         reader.start()
         child.threads = [reader]
-        self.say("supervisor", f"started {child.spec.label} (pid {proc.pid}) on {child.spec.queue}")
+        self.say("supervisor", f"started {child.spec.label} (pid {proc.pid}) for "
+                               f"{child.spec.describe}")
 
     def _reap(self, child: _Child) -> None:
         proc = child.proc
@@ -216,6 +265,15 @@ class Supervisor:
         if code is None:
             return
         lived = time.monotonic() - child.started_at
+        if code == 0 and not self._signals:
+            # Celery exits 0 after a warm stop nobody here asked for: `celery control
+            # shutdown` reached it (and its siblings): stop the fleet, restart nothing.
+            self.say("supervisor", f"{child.spec.label} (pid {proc.pid}) stopped on its own "
+                                   "(celery control shutdown?): stopping every worker")
+            child.proc = None
+            self._signals += 1
+            self._wake.set()
+            return
         if lived >= HEALTHY_AFTER:
             child.failures = 0
         delay = min(BACKOFF_MAX, BACKOFF_START * 2 ** child.failures)

@@ -1,7 +1,8 @@
 """Bare partition workers of tests/apps/failures_app, started by a test that controls restarts.
 
 A bare worker is exactly what ``celery partitioning worker`` starts for one partition: a solo
-``celery worker`` on the partition queue with the partition in its environment.
+``celery worker`` on the idle queue with the partition in its environment (it consumes the
+partition in a thread).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ def env_of(fa: ModuleType, **extra: str) -> dict[str, str]:
 def start_partition_worker(processes: Processes, fa: ModuleType, pool: str, index: int,
                            log: Path) -> Any:
     """A bare partition worker of ``pool`` partition ``index``, logging to ``log``."""
-    queue = fa.app.conf.partitioning_queue_prefix + f".{pool}.{index}"
-    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", queue, "-P", "solo",
+    idle = fa.app.conf.partitioning_queue_prefix + ".idle"
+    argv = [celery_bin(), "-A", "tests.apps.failures_app", "worker", "-Q", idle, "-P", "solo",
             "-c", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-n", f"{pool}.{index}-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
-    return processes.start(argv, env=env_of(fa, CELERY_PARTITIONING_PARTITION=f"{pool}:{index}"),
+            "-n", f"{pool}.{index}-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
+    return processes.start(argv, env=env_of(fa, CELERY_PARTITIONING_PARTITIONS=f"{pool}:{index}"),
                            log=log)

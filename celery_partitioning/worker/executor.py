@@ -1,0 +1,105 @@
+"""Running one received message as Celery's own consumer would, in the partition's thread.
+
+Celery hands each task message to the task's *strategy* (``Task.start_strategy``: request
+class, ``Received task`` log, ``task_received`` signal, ``task-received`` event, revoke
+checks, ``task_reserved``), which passes the request to the consumer's ``on_task_request``
+and from there to the pool. A partition thread does the same with its own stand-in for the
+consumer: the strategy is Celery's, and the "pool" runs the traced task right here, in the
+calling thread (Celery's ``apply_target``, as its solo pool does). So ``task_prerun`` /
+``task_postrun`` / ``task_success`` / ``task_failure`` / ``task_retry``, result backends,
+``bind=True`` request fields, ``acks_late``, ``inspect active`` (the worker's shared
+``active_requests``) and task events behave as on a plain worker, while each partition still
+runs one message at a time. Strategies are built per task and per event dispatcher (a
+reconnecting worker makes a new one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.app.trace import build_tracer
+from celery.concurrency.base import BasePool, apply_target
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["Executor", "InlinePool"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+
+class InlinePool(BasePool):  # type: ignore[misc]
+    """A pool that runs each task in the calling thread (a partition thread)."""
+
+    body_can_be_buffer = True
+
+    def __init__(self) -> None:
+        super().__init__(limit=1)
+        self.on_apply = apply_target
+
+
+class _ConsumerView:
+    """What a Celery strategy reads of its consumer, for one partition worker process."""
+
+    disable_rate_limits = True
+
+    def __init__(self, app: Celery, worker: Any, pool: InlinePool) -> None:
+        self.app = app
+        self._worker = worker
+        self.pool = pool
+        self.hostname = worker.hostname
+        consumer = getattr(worker, "consumer", None)
+        self.connection_errors = tuple(getattr(consumer, "connection_errors", ()) or ())
+        self.event_dispatcher = getattr(consumer, "event_dispatcher", None)
+        self.controller = worker
+        self.timer = worker.timer
+        self.task_buckets: dict[str, Any] = {}
+
+    def on_task_request(self, request: Any) -> None:
+        request.execute_using_pool(self.pool)
+
+    def apply_eta_task(self, request: Any) -> None:  # pragma: no cover - ETAs are held before
+        raise RuntimeError("a partition worker holds an ETA message before its strategy runs")
+
+    _limit_task = _limit_post_eta = apply_eta_task
+
+
+class Executor:
+    """Runs messages through Celery's strategies, inline (one instance per process)."""
+
+    def __init__(self, app: Celery, worker: Any) -> None:
+        self.app = app
+        self.worker = worker
+        self.pool = InlinePool()
+        self._lock = threading.Lock()
+        self._strategies: dict[tuple[str, int], Any] = {}
+
+    def _strategy(self, name: str) -> Any:
+        consumer = getattr(self.worker, "consumer", None)
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        cache_key = (name, id(dispatcher))
+        strategy = self._strategies.get(cache_key)
+        if strategy is None:
+            with self._lock:
+                strategy = self._strategies.get(cache_key)
+                if strategy is None:
+                    task = self.app.tasks[name]
+                    if getattr(task, "__trace__", None) is None:
+                        # Celery builds tracers when its consumer starts; a partition may
+                        # receive its first message before that.
+                        task.__trace__ = build_tracer(name, task, self.app.loader,
+                                                      self.worker.hostname, app=self.app)
+                    view = _ConsumerView(self.app, self.worker, self.pool)
+                    strategy = task.start_strategy(self.app, view)
+                    self._strategies[cache_key] = strategy
+        return strategy
+
+    def run(self, name: str, message: Any) -> None:
+        """Run ``message`` of task ``name`` to the end (acked by Celery's acks_late path).
+
+        Raises what Celery's consumer would treat as an invalid message (``InvalidTaskError``,
+        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task.
+        """
+        self._strategy(name)(message, None, message.ack_log_error, message.reject_log_error, [])

@@ -1,0 +1,329 @@
+"""One partition, consumed by a thread of its own: one message at a time, in queue order.
+
+On Redis the thread takes the partition's lease (a second process on the partition waits
+here as a standby), puts what a dead predecessor held back at the head of the queue, then
+loops: ``BLMOVE queue in-transit RIGHT LEFT`` takes the next message and parks it in the
+partition's in-transit list in one atomic step (so a SIGKILL never loses it; the in-transit
+list *is* the partition's unacked record), the message runs, and its ack takes it off that
+list. On RabbitMQ the thread owns a connection and a channel with prefetch 1 on the
+partition's single-active-consumer queue (the broker lets one consumer at a time receive).
+
+Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
+all becomes a dead letter; the gates (misroute guard, parking gate) may take it; a future
+ETA holds the partition until its time; and the task runs through Celery's own strategy, in
+this thread (``executor.py``). A warm stop lets the running task finish and puts a message
+fetched meanwhile back at the head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from celery.exceptions import InvalidTaskError, WorkerShutdown, WorkerTerminate
+from kombu.exceptions import ContentDisallowed, DecodeError
+
+from .. import compat
+from ..exits import EXIT_KEEP_MESSAGE, exit_now
+from ..message import PartitionMessage, envelope_problem, payload_of
+from ..state import partitioning_of
+from ..store.broker import restore_unacked_to_head
+from .runtime import PartitionRuntime, bind_thread
+
+__all__ = ["PartitionThread", "hold_until_eta", "gate_name"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Seconds a blocking fetch waits before the thread checks whether it should stop.
+FETCH_TIMEOUT: Final = 1
+#: First and longest pause before a fetch is tried again after a broker error.
+RETRY_START: Final = 0.5
+RETRY_MAX: Final = 5.0
+
+
+def gate_name(gate: object) -> str:
+    """How log lines name a gate: its ``__name__`` (a function's, or a gate object's own)."""
+    name = getattr(gate, "__name__", None)
+    return str(name) if isinstance(name, str) and name else type(gate).__name__
+
+
+def _eta_of(headers: dict[str, Any]) -> float | None:
+    raw = headers.get("eta")
+    if not raw or not isinstance(raw, str):
+        return None
+    try:
+        eta = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return eta.timestamp()
+
+
+def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
+    """Wait for the message's ETA in place; False if the worker stops meanwhile.
+
+    The message stays unacked while its partition waits (Celery would hold it aside and run
+    later messages first); a stop puts it back at the head of the queue.
+    """
+    eta = _eta_of(msg.headers)
+    if eta is None:
+        return True
+    delay = eta - time.time()
+    if delay > 0:
+        logger.info("%s task %s has an ETA in %.1fs: the partition waits for it (FIFO)",
+                    runtime.label, msg.task_id, delay)
+        while (left := eta - time.time()) > 0:
+            if runtime.stopping():
+                return False
+            time.sleep(min(left, 0.5))
+    # Run it now, in order: Celery must not schedule it aside.
+    msg.headers["eta"] = None
+    return True
+
+
+class _RedisAck:
+    """The channel of a message fetched from Redis: its ack takes it off the in-transit list."""
+
+    no_ack_consumers = None
+
+    def __init__(self, client: Any, in_transit: str, source: str, item: bytes) -> None:
+        self.client = client
+        self.in_transit = in_transit
+        self.source = source
+        self.item = item
+
+    def basic_ack(self, delivery_tag: Any = None, multiple: bool = False) -> None:
+        self.client.lrem(self.in_transit, 1, self.item)
+
+    def basic_reject(self, delivery_tag: Any = None, requeue: bool = False) -> None:
+        if not requeue:
+            self.basic_ack(delivery_tag)
+            return
+        self.to_head()
+
+    def to_head(self) -> None:
+        """Back to the head of the queue (consumed next), in one transaction."""
+        with self.client.pipeline() as pipe:
+            pipe.lrem(self.in_transit, 1, self.item)
+            pipe.rpush(self.source, self.item)
+            pipe.execute()
+
+    def decode_body(self, body: Any, encoding: Any = None) -> Any:
+        return compat.decode_virtual_body(body, encoding)
+
+
+class PartitionThread(threading.Thread):
+    """Consumes one partition until the process stops."""
+
+    def __init__(self, runtime: PartitionRuntime) -> None:
+        super().__init__(name=f"partition-{runtime.label}", daemon=True)
+        self.runtime = runtime
+        #: Set once the partition consumes (lease held, recovery done).
+        self.consuming = threading.Event()
+
+    # -- the thread -------------------------------------------------------------------------
+    def run(self) -> None:
+        runtime = self.runtime
+        bind_thread(runtime)
+        try:
+            if runtime.broker is not None:
+                self._run_redis()
+            else:
+                self._run_amqp()
+        except BaseException:  # noqa: BLE001 - our own failure: no partition may go on half-broken
+            exit_now(EXIT_KEEP_MESSAGE, "%s partition thread failed; stopping this process "
+                     "without acking (its partitions recover at the head)", runtime.label,
+                     exc_info=True)
+        finally:
+            if runtime.lease is not None:
+                runtime.lease.release()
+            logger.info("%s stopped", runtime.label)
+
+    def _announce(self) -> None:
+        runtime = self.runtime
+        logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; gates: %s)",
+                    runtime.label, runtime.queue, runtime.transport,
+                    "lease held" if runtime.lease is not None else "no lease",
+                    runtime.recovered, ", ".join(gate_name(g) for g in runtime.gates))
+        self.consuming.set()
+
+    # -- Redis ----------------------------------------------------------------------------
+    def _take_lease(self) -> bool:
+        runtime = self.runtime
+        lease = runtime.lease
+        if lease is None:
+            return True
+        try:
+            taken = lease.try_acquire()
+        except Exception as exc:  # noqa: BLE001 - store unreachable (failover): wait below
+            logger.warning("%s lease store unreachable (%s); waiting", runtime.label, exc)
+            taken = False
+        if not taken:
+            try:
+                holder = lease.holder()
+            except Exception:  # noqa: BLE001 - only for the message
+                holder = None
+            logger.warning("%s standby: partition %s is held by %s; waiting (takes over at most "
+                           "%.0fs after the holder stops)", runtime.label, runtime.queue,
+                           holder.describe() if holder else "another worker", lease.ttl)
+            if not lease.acquire(runtime.stopping, runtime.label):
+                logger.warning("%s stopped while standby", runtime.label)
+                return False
+        lease.start_heartbeat()
+        return True
+
+    def _recover(self) -> None:
+        runtime = self.runtime
+        assert runtime.broker is not None
+        moved = restore_unacked_to_head(runtime.broker, runtime.queue,
+                                        runtime.keys.in_transit(runtime.queue))
+        runtime.recovered += moved
+        if moved:
+            logger.warning("%s crash recovery: %d message(s) put back at the head of %s",
+                           runtime.label, moved, runtime.queue)
+
+    def _run_redis(self) -> None:
+        runtime = self.runtime
+        broker = runtime.broker
+        assert broker is not None
+        if not self._take_lease():
+            return
+        self._recover()
+        client = broker.client
+        source = broker.queue_list(runtime.queue)
+        in_transit = runtime.keys.in_transit(runtime.queue)
+        self._announce()
+        pause = RETRY_START
+        while not runtime.stopping():
+            try:
+                item = broker.fetch(runtime.queue, in_transit, FETCH_TIMEOUT)
+            except broker.errors as exc:
+                logger.warning("%s broker unreachable (%s); retrying in %.1fs", runtime.label,
+                               exc, pause)
+                time.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
+                with contextlib.suppress(*broker.errors):
+                    self._recover()  # what the lost connection held goes back to the head
+                continue
+            pause = RETRY_START
+            if item is None:
+                continue
+            channel = _RedisAck(client, in_transit, source, item)
+            if runtime.stopping():
+                channel.to_head()
+                break
+            self._handle_raw(item, channel)
+
+    def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
+        problem = envelope_problem(item)
+        if problem is not None:
+            self._malformed_raw(item, problem)
+            channel.basic_ack()
+            return
+        message = compat.virtual_message(json.loads(item), channel)
+        if not self.handle(message):
+            channel.to_head()
+
+    def _malformed_raw(self, raw: bytes | str, problem: str) -> None:
+        dead_letters = self.runtime.dead_letters
+        if dead_letters is None:
+            exit_now(EXIT_KEEP_MESSAGE, "%s malformed message (%s) and no dead-letter store: "
+                     "stopping without dropping it", self.runtime.label, problem)
+        dead_letters.malformed(raw, problem)
+
+    # -- RabbitMQ -------------------------------------------------------------------------
+    def _run_amqp(self) -> None:
+        from kombu.messaging import Consumer
+
+        runtime = self.runtime
+        app = runtime.app
+        queue = partitioning_of(app).router.queue(runtime.pool, runtime.index)
+        with app.connection_for_read() as probe:
+            errors = (OSError, *probe.connection_errors, *probe.channel_errors)
+        pause = RETRY_START
+        started = False
+        while not runtime.stopping():
+            try:
+                with app.connection_for_read(heartbeat=0) as conn:
+                    conn.ensure_connection(max_retries=3)
+                    channel = conn.channel()
+                    channel.basic_qos(0, 1, False)
+                    consumer = Consumer(  # type: ignore[no-untyped-call]
+                        channel, queues=[queue], on_message=self._on_amqp,
+                        accept=app.conf.accept_content, prefetch_count=1)
+                    consumer.consume()  # type: ignore[no-untyped-call]
+                    if not started:
+                        started = True
+                        self._announce()
+                    pause = RETRY_START
+                    while not runtime.stopping():
+                        try:
+                            conn.drain_events(timeout=FETCH_TIMEOUT)
+                        except TimeoutError:
+                            continue
+                    consumer.cancel()  # type: ignore[no-untyped-call]
+            except errors as exc:
+                if runtime.stopping():
+                    return
+                logger.warning("%s broker unreachable (%s); reconnecting in %.1fs", runtime.label,
+                               exc, pause)
+                time.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
+
+    def _on_amqp(self, message: Any) -> None:
+        if self.runtime.stopping():
+            message.requeue()  # RabbitMQ puts it back in its place: the head
+            return
+        if not self.handle(message):
+            message.requeue()
+
+    # -- every message ----------------------------------------------------------------------
+    def handle(self, message: Any) -> bool:
+        """Run, set aside or dead-letter one message; False when it must go back to the head
+        (the process stops first)."""
+        runtime = self.runtime
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name = headers.get("task")
+        if not isinstance(name, str) or not name:
+            return self._malformed(message, "not a Celery task message (no task name)")
+        if name not in runtime.app.tasks:
+            return self._malformed(message, f"unknown task {name!r} (not registered in this "
+                                            "worker: is its module imported?)")
+        msg = PartitionMessage(message, name)
+        for gate in list(runtime.gates):
+            try:
+                taken = gate(msg)
+            except Exception:  # noqa: BLE001 - exit_now logs the traceback
+                exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
+                         "without acking so the message is not run out of order",
+                         runtime.label, gate_name(gate), msg.task_id, name, exc_info=True)
+            if taken:
+                return True
+        if not hold_until_eta(runtime, msg):
+            return False
+        executor = runtime.worker.executor if runtime.worker is not None else None
+        assert executor is not None, "the worker runtime starts the executor first"
+        try:
+            executor.run(name, message)
+        except (ContentDisallowed, DecodeError) as exc:
+            return self._malformed(message, f"the body cannot be decoded "
+                                            f"({message.content_type}): {exc}")
+        except (WorkerShutdown, WorkerTerminate):
+            # a shutdown during an in-place retry wait: not acked, back to the head
+            logger.warning("%s stopping during task %s: it goes back to the head of %s",
+                           runtime.label, msg.task_id, runtime.queue)
+            return message.acknowledged  # type: ignore[no-any-return]
+        except InvalidTaskError as exc:
+            return self._malformed(message, f"invalid task message: {exc}")
+        return True
+
+    def _malformed(self, message: Any, problem: str) -> bool:
+        self._malformed_raw(payload_of(message), problem)
+        message.ack()
+        return True
