@@ -17,6 +17,7 @@ import re
 from base64 import b64encode
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as _quote
 from typing import TYPE_CHECKING, Any, Final
 
@@ -228,3 +229,13 @@ def redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
         msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
         codec.encode(properties), "}",
     ))
+
+
+def subtract_datetimes(end: datetime, start: datetime) -> timedelta:
+    """The time between two datetimes, naive ones taken as UTC (what Celery 5.5+ computes for
+    ``expires``; Celery 5.4 has no helper for it)."""
+    from celery.utils.time import maybe_make_aware
+
+    delta: timedelta = (maybe_make_aware(end).astimezone(UTC)
+                        - maybe_make_aware(start).astimezone(UTC))
+    return delta

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
-from celery.utils.quorum_queues import detect_quorum_queues
-from celery.utils.time import subtract_datetimes
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
 from .compat import task_exec_options
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .payload import HeaderJSON, JSONCodec, Outgoing, uuid4_strings
+from .payload import HeaderJSON, JSONCodec, Outgoing, subtract_datetimes, uuid4_strings
 from .sending import send
 
 if TYPE_CHECKING:
@@ -181,9 +179,15 @@ class _Composer:
         return plan
 
     def _quorum_queues(self) -> bool:
+        """Whether the app declares quorum queues on RabbitMQ (as Celery 5.5+ checks before it
+        turns a countdown into native delayed delivery); read here, Celery 5.4 has no helper."""
         if self._quorum is None:
             with self.app.connection_for_write() as conn:
-                self._quorum = detect_quorum_queues(self.app, conn.transport.driver_type)[0]
+                rabbitmq = conn.transport.driver_type == "amqp"
+            queues = self.app.amqp.queues
+            self._quorum = rabbitmq and any(
+                (queues[name].queue_arguments or {}).get("x-queue-type") == "quorum"
+                for name in queues)
         return self._quorum
 
     def compose(self, position: int, sig: Any) -> Outgoing:
