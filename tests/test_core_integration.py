@@ -18,7 +18,7 @@ from tests.support.procs import Processes, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
 
-PARTITION = "CELERY_PARTITIONING_PARTITION"
+PARTITIONS = "CELERY_PARTITIONING_PARTITIONS"
 ALLOW_PLAIN = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
 
 
@@ -56,12 +56,12 @@ def test_one_worker_on_one_partition_runs_its_messages_in_publish_order(
     route0 = {f"Order:{o}" for o in per_key if core_app.cp.explain_route(
         core_app.app, "core.item_added", o, 0).index == 0}
     assert 0 < len(route0) < 40  # both partitions have keys
-    queue0 = f"{namespace}partition.entity.0"
     queue1 = f"{namespace}partition.entity.1"
     expected0 = [p for p in published if p.split(" ")[0] in route0]
 
     # When one real partition worker consumes partition 0 only
-    proc = processes.start(worker_argv(queue0), env={**env, PARTITION: "entity:0"},
+    proc = processes.start(worker_argv(f"{namespace}partition.idle"),
+                           env={**env, PARTITIONS: "entity:0"},
                            log=tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{namespace}ran") >= len(expected0), 60,
              f"{len(expected0)} messages of partition 0 to run")
@@ -181,7 +181,7 @@ def test_a_countdown_message_holds_its_partition_instead_of_being_overtaken(
     redis_url: str, namespace: str, processes: Processes, tmp_path: Path, core_app: ModuleType,
 ) -> None:
     """Plain Celery keeps a countdown message aside and runs later ones first (celery#3640)."""
-    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, PARTITION: "entity:0"}
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, PARTITIONS: "entity:0"}
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     order = next(f"ord-{i}" for i in range(100)
                  if core_app.cp.explain_route(core_app.app, "core.item_added", f"ord-{i}", 0).index == 0)
@@ -190,7 +190,7 @@ def test_a_countdown_message_holds_its_partition_instead_of_being_overtaken(
     for seq in range(1, 5):
         core_app.item_added.apply_async((order, seq))
     # When a partition worker consumes the partition
-    processes.start(worker_argv(f"{namespace}partition.entity.0"), env=env, log=tmp_path / "worker.log")
+    processes.start(worker_argv(f"{namespace}partition.idle"), env=env, log=tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{namespace}ran") >= 5, 60, "the five events")
     # Then the countdown held the partition: the events ran in publish order
     assert client.lrange(f"{namespace}ran", 0, -1) == [f"Order:{order} {seq}" for seq in range(5)]

@@ -133,35 +133,6 @@ def test_the_gate_tells_a_running_message_its_attempt_record_and_whether_it_is_r
     assert store.check(POOL, key, "later", raw("later"), QUEUE) == GateResult("run", None, False)
 
 
-def test_receive_records_the_message_as_unacked_and_gates_it_in_one_step(
-        store: DeadLetterStore) -> None:
-    from celery_partitioning.store.broker import Registration
-
-    key, ns = "Order:1", store.keys.namespace
-    in_transit = store.keys.in_transit(QUEUE)
-
-    def receive(task_id: str) -> GateResult:
-        item = raw(task_id).encode()
-        store.client.lpush(in_transit, item)  # where the fetch (BLMOVE) put it
-        registration = Registration(
-            message=None, delivery_tag=f"tag-{task_id}", entry=f"[{raw(task_id)}, \"\", \"q\"]",
-            score=123.5, unacked=f"{ns}unacked", unacked_index=f"{ns}unacked_index",
-            in_transit=in_transit, item=item)
-        return store.receive(POOL, key, task_id, raw(task_id), QUEUE, registration=registration)
-
-    store.client.set(store.keys.attempts("m0"), '{"retries": 1, "resume_at": 0}')
-    assert receive("m0") == GateResult("run", '{"retries": 1, "resume_at": 0}', False)
-    assert store.client.hget(f"{ns}unacked", "tag-m0") == f"[{raw('m0')}, \"\", \"q\"]".encode()
-    assert store.client.zscore(f"{ns}unacked_index", "tag-m0") == 123.5
-    assert store.client.llen(in_transit) == 0
-    store.dead_letter(letter(key, "m0"), QUEUE)
-    assert receive("m1") == GateResult("parked")  # stored, and unacked until the worker acks
-    assert store.client.hexists(f"{ns}unacked", "tag-m1") and store.client.llen(in_transit) == 0
-    assert receive("m1") == GateResult("duplicate")
-    view = store.get(POOL, key)
-    assert view is not None and [p.id for p in view.parked] == ["m1"]
-
-
 def test_a_replay_that_fails_again_parks_the_rest_in_their_original_order(store: DeadLetterStore) -> None:
     key = "Order:1"
     store.gate(POOL, key, "m0", raw("m0"), QUEUE)

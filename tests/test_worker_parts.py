@@ -23,7 +23,7 @@ from celery_partitioning.errors import PartitionConfigError
 from celery_partitioning.message import PartitionMessage
 from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
 from celery_partitioning.store.lease import Lease, parse_holder
-from celery_partitioning.worker.gate import hold_until_eta
+from celery_partitioning.worker.partition import hold_until_eta
 from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
 from tests.support.procs import ROOT, Processes, alive, wait_for
 
@@ -241,91 +241,13 @@ def test_recovery_also_returns_messages_caught_between_fetch_and_unacked_once_ea
     assert client.llen(in_transit) == 0 and client.hlen(f"{namespace}unacked") == 0
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("command", ["BLMOVE", "BRPOPLPUSH"])
-def test_reliable_fetch_keeps_a_popped_message_in_transit_until_kombu_records_it(
-        redis_url: str, namespace: str, command: str) -> None:
-    from kombu import Connection, Consumer, Queue
-
-    from celery_partitioning.store.broker import Registration
-    from celery_partitioning.store.keys import RedisKeys
-    from celery_partitioning.worker.transport import TRANSPORTS, enable_reliable_fetch
-    from tests.apps.ordering_app import make_app
-
-    url = _db11(redis_url)
-    queue = f"{namespace}partition.p.0"
-    in_transit = RedisKeys(namespace).in_transit(queue)
-    client = redis.Redis.from_url(url)
-    conn = Connection(url, transport=TRANSPORTS["redis"],
-                      transport_options={"global_keyprefix": namespace})
-    channel = conn.channel()
-    producer = conn.Producer(channel)
-    producer.publish({"n": 0}, routing_key=queue, exchange="", declare=[Queue(queue, routing_key=queue)])
-    client.lpush(namespace + queue, b"\xff not a kombu message")  # malformed, between good ones
-    for n in range(1, 4):
-        producer.publish({"n": n}, routing_key=queue, exchange="", declare=[Queue(queue, routing_key=queue)])
-    channel.qos.restore_at_shutdown = False
-    received: list[int] = []
-    killed = {"now": False}
-
-    malformed: list[tuple[bytes, str]] = []
-
-    def register_or_die(registration: Registration) -> None:
-        if killed["now"]:
-            raise RuntimeError("SIGKILL between the fetch and the unacked record")
-        channel._celery_partitioning_fetch.transaction(registration)
-
-    def on_malformed(item: bytes, problem: str) -> None:
-        malformed.append((item, problem))
-        client.lrem(in_transit, 1, item)
-
-    enable_reliable_fetch(channel, queue, in_transit, client, on_malformed=on_malformed,
-                          register=register_or_die)
-    channel._celery_partitioning_fetch.command = command  # Redis < 6.2 has no BLMOVE
-    consumer = Consumer(channel, queues=[Queue(queue, routing_key=queue)], accept=["json"],
-                        callbacks=[lambda body, message: (received.append(body["n"]), message.ack())])
-    consumer.consume()
-
-    # A normal fetch: recorded as unacked, gone from the in-transit list, then acked
-    conn.drain_events(timeout=5)
-    assert received == [0] and client.llen(in_transit) == 0
-
-    # A malformed item: handed to on_malformed, not delivered; the consumer goes on to the next
-    conn.drain_events(timeout=5)
-    assert [(item, "not JSON" in why) for item, why in malformed] == \
-        [(b"\xff not a kombu message", True)]
-    assert received == [0, 1] and client.llen(in_transit) == 0
-
-    # Killed right after the fetch: the message is in the in-transit list, not lost
-    killed["now"] = True
-    with pytest.raises(RuntimeError):
-        conn.drain_events(timeout=5)
-    assert client.llen(in_transit) == 1 and client.hlen(f"{namespace}unacked") == 0
-
-    # and recovery puts it back ahead of the rest
-    broker = broker_redis(make_app(url, url, namespace, 1))
-    assert broker is not None
-    try:
-        assert restore_unacked_to_head(broker, queue, in_transit) == 1
-    finally:
-        broker.close()
-    fresh = Connection(url, transport_options={"global_keyprefix": namespace})
-    ch = fresh.channel()
-    order = []
-    while (m := ch.basic_get(queue, no_ack=True)) is not None:
-        order.append(json.loads(m.body)["n"])
-    assert order == [2, 3]
-    fresh.release()
-    conn.release()
-
-
 # -- supervisor ------------------------------------------------------------------------------
 
 _CHILD = """
 import os, signal, sys, time
 print("token", os.environ["CELERY_PARTITIONING_LEASE_TOKEN"],
       "takeover", os.environ.get("CELERY_PARTITIONING_LEASE_TAKEOVER", "-"),
-      "partition", os.environ["CELERY_PARTITIONING_PARTITION"], flush=True)
+      "partition", os.environ["CELERY_PARTITIONING_PARTITIONS"], flush=True)
 if os.environ["MODE"] == "crash" and not os.environ.get("CELERY_PARTITIONING_LEASE_TAKEOVER"):
     sys.exit(3)
 if os.environ["MODE"] == "stubborn":
@@ -341,8 +263,8 @@ def _supervised(child: str) -> str:
     """A script that runs a Supervisor of one partition whose child is ``child``'s code."""
     return f"""
 import sys
-from celery_partitioning.worker.supervisor import ChildSpec, Supervisor
-specs = [ChildSpec("p", 0, "q.p.0")]
+from celery_partitioning.worker.supervisor import ChildSpec, PartitionSpec, Supervisor
+specs = [ChildSpec((PartitionSpec("p", 0, "q.p.0"),))]
 sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {child!r}], stop_timeout=1.0).run())
 """
 

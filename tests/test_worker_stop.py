@@ -110,8 +110,8 @@ os._exit(code)
 
 _SUPERVISED = f"""
 import sys
-from celery_partitioning.worker.supervisor import ChildSpec, Supervisor
-specs = [ChildSpec("p", 0, "q.p.0")]
+from celery_partitioning.worker.supervisor import ChildSpec, PartitionSpec, Supervisor
+specs = [ChildSpec((PartitionSpec("p", 0, "q.p.0"),))]
 sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {_CHILD!r}], stop_timeout=10.0).run())
 """
 

@@ -18,7 +18,6 @@ becomes a random kill. Workers take part only when ``SHOP_CHAOS=1`` (set by the 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import random
 import signal
@@ -83,13 +82,14 @@ def children_of(pid: int) -> list[int]:
 
 
 def _partition_of(pid: int) -> str:
-    """The partition queue a worker consumes (its ``-Q`` argument), for the log line."""
+    """The partitions a worker process hosts (from its environment), for the log line."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return "?"
-    for flag, value in itertools.pairwise(argv):
-        if flag in (b"-Q", b"--queues"):
+    for entry in environ:
+        name, _, value = entry.partition(b"=")
+        if name == b"CELERY_PARTITIONING_PARTITIONS":
             return value.decode(errors="replace")
     return "?"
 

@@ -61,22 +61,25 @@ class Workers:
     def start_partitioned(self, app: Any, pools: dict[str, int], mode: str) -> str:
         celery = _celery_bin()
         use_supervisor = mode == "supervisor" or (mode == "auto" and _supervisor_available())
-        self.nodes = sum(pools.values())
+        partitions = sum(pools.values())
         if use_supervisor:
             self.signal_group = False
+            # the command's default: one process per CPU, each hosting a share of the partitions
+            self.nodes = max(1, min(os.cpu_count() or 1, partitions))
             self._start("supervisor", [celery, "-A", "example_project", "partitioning", "worker",
                                        "-l", "warning"])
-            return "celery -A example_project partitioning worker (one process per partition)"
+            return (f"celery -A example_project partitioning worker ({partitions} partitions "
+                    f"in {self.nodes} processes, a thread each)")
         host = socket.gethostname()
         names = settings_of(app)
-        for pool, count in pools.items():
-            for index in range(count):
-                self._start(f"{pool}-{index}", [
-                    celery, "-A", "example_project", "worker", "-Q", names.queue_name(pool, index),
-                    "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-l", "warning",
-                    "-n", f"shop-{pool}-{index}@{host}", "--without-gossip", "--without-mingle",
-                ], {"CELERY_PARTITIONING_PARTITION": f"{pool}:{index}"})
-        return f"{self.nodes} partition workers (celery worker -P solo -Q <partition queue>)"
+        hosted = ",".join(f"{pool}:{index}" for pool, count in pools.items() for index in range(count))
+        self.nodes = 1
+        self._start("partitions", [
+            celery, "-A", "example_project", "worker", "-Q", names.idle_queue_name,
+            "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "-l", "warning", "-E",
+            "-n", f"shop-partitions@{host}", "--without-gossip", "--without-mingle",
+        ], {"CELERY_PARTITIONING_PARTITIONS": hosted})
+        return f"one partition worker process, {partitions} partitions in threads"
 
     def start_plain(self, count: int, concurrency: int) -> str:
         celery = _celery_bin()
