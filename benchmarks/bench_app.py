@@ -12,8 +12,8 @@ started, connected and holding a message when the clock starts: start-up is not 
 from __future__ import annotations
 
 import os
+import threading
 import time
-from dataclasses import dataclass
 
 import redis
 from celery import Celery
@@ -30,9 +30,9 @@ def plain_queue(ns: str) -> str:
     return f"{ns}plain"
 
 
-@dataclass
-class _Gate:
-    """Per process: whether this worker has seen the benchmark's start signal yet."""
+class _Gate(threading.local):
+    """Per worker thread (a partition, or a plain worker's pool slot): whether it has seen
+    the benchmark's start signal yet."""
 
     open: bool = False
 
@@ -58,7 +58,7 @@ def make_app(broker: str, ns: str, partitions: int) -> Celery:
 
     def work(ms: float) -> None:
         if not gate.open:
-            client.sadd(f"{ns}ready", os.getpid())
+            client.sadd(f"{ns}ready", f"{os.getpid()}:{threading.get_ident()}")
             while not client.exists(f"{ns}go"):
                 time.sleep(0.002)
             gate.open = True

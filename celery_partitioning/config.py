@@ -168,8 +168,7 @@ class PartitioningSettings:
 
     @property
     def idle_queue_name(self) -> str:
-        """The queue a partition worker process's own Celery consumer listens on: nothing is
-        ever sent there (its partitions are consumed by threads); Celery needs one."""
+        """Where a partition worker process's own consumer listens (nothing is sent there)."""
         return f"{self.queue_prefix}.idle"
 
     def partitions(self, pool: str) -> int:
@@ -333,18 +332,9 @@ def _checkpoint_database(value: Any) -> str:
     return value
 
 
-def _dedupe_window(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10000:
-        raise _bad("partitioning_dedupe_window", f"is {value!r}",
-                   "use an int from 1 to 10000 (message ids kept per projection and key)")
-    return value
-
-
-def _replicas(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 16:
-        raise _bad("partitioning_wait_for_replicas", f"is {value!r}",
-                   "use the number of replicas that must acknowledge each write (0 to 16; 0: "
-                   "do not wait)")
+def _int(name: str, value: Any, low: int, high: int, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(name, f"is {value!r}", fix)
     return value
 
 
@@ -363,14 +353,6 @@ def _queue_type(conf: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def _delivery_limit(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
-        raise _bad("partitioning_delivery_limit", f"is {value!r}",
-                   f"use a positive number of deliveries (default {DEFAULT_DELIVERY_LIMIT:,}) "
-                   "that no crash loop reaches")
-    return value
-
-
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _bad(name, f"is {value!r}", "use True or False")
@@ -386,7 +368,9 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
 
     broker = _broker_redis(conf)
     ttl, wait = _ttl(get("partitioning_lease_ttl")), get("partitioning_wait_for_replicas_timeout")
-    replicas = _replicas(get("partitioning_wait_for_replicas"))
+    replicas = _int("partitioning_wait_for_replicas", get("partitioning_wait_for_replicas"), 0, 16,
+                    "use the number of replicas that must acknowledge each write (0 to 16; 0: "
+                    "do not wait)")
     if replicas and not isinstance(wait, bool) and isinstance(wait, (int, float)) and wait > ttl / 4:
         raise _bad("partitioning_wait_for_replicas_timeout", f"is {wait!r}", "use at most a "
                    f"quarter of partitioning_lease_ttl ({ttl / 4:g} s): a lease renewal waits it")
@@ -395,7 +379,9 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         queue_prefix=_prefix(get("partitioning_queue_prefix")),
         checkpoint_store=conf.get("partitioning_checkpoint_store"),
         checkpoint_database=_checkpoint_database(get("partitioning_checkpoint_database")),
-        dedupe_window=_dedupe_window(get("partitioning_dedupe_window")),
+        dedupe_window=_int("partitioning_dedupe_window", get("partitioning_dedupe_window"), 1,
+                           10000, "use an int from 1 to 10000 (message ids kept per projection "
+                           "and key)"),
         lease_ttl=ttl,
         redis=_redis(conf, broker),
         broker_redis=broker,
@@ -403,7 +389,9 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         wait_for_replicas_timeout=_seconds("partitioning_wait_for_replicas_timeout",
                                            wait, 0.01, 60),
         queue_type=_queue_type(conf),
-        delivery_limit=_delivery_limit(get("partitioning_delivery_limit")),
+        delivery_limit=_int("partitioning_delivery_limit", get("partitioning_delivery_limit"), 1,
+                            2**31 - 1, f"use a positive number of deliveries (default "
+                            f"{DEFAULT_DELIVERY_LIMIT:,}) that no crash loop reaches"),
         allow_degraded=_flag("partitioning_allow_degraded", get("partitioning_allow_degraded")),
     )
 

@@ -58,12 +58,16 @@ def test_worker_rejects_a_bad_partition_selection_before_starting_anything(tmp_p
     assert "has partitions 0-3, not 4, 5" in beyond.stderr
     garbled = h.cli("worker", "--partitions", "a-b")
     assert garbled.returncode == 2 and "is not an index or a range" in garbled.stderr
-    dry = h.cli("worker", "--partitions", "1,3", "--dry-run")
+    dry = h.cli("worker", "--partitions", "1,3", "--processes", "2", "--dry-run")
     assert dry.returncode == 0
-    lines = dry.stdout.splitlines()
+    lines = [line for line in dry.stdout.splitlines() if not line.startswith("#")]
+    assert dry.stdout.splitlines()[0] == "# p.1: p.1"
     assert len(lines) == 2
-    assert "-Q cpw-cli:partition.p.1 -P solo -c 1 --prefetch-multiplier 1" in lines[0]
-    assert "-n p.3@%h" in lines[1]
+    assert "-Q cpw-cli:partition.idle -P solo -c 1 --prefetch-multiplier 1" in lines[0]
+    assert "-n p.1@%h" in lines[0] and "-n p.3@%h" in lines[1]
+    one = h.cli("worker", "--partitions", "1,3", "--processes", "1", "--dry-run")
+    assert one.stdout.splitlines()[0] == "# w0: p.1, p.3"
+    assert "-n partitions0@%h" in one.stdout
 
 
 def test_dry_run_masks_passwords_and_passes_root_options_on(tmp_path: Path) -> None:
@@ -81,7 +85,7 @@ def test_dry_run_masks_passwords_and_passes_root_options_on(tmp_path: Path) -> N
     assert "s3cret" not in result.stdout
     # the broker reaches children through CELERY_BROKER_URL, never their command line
     assert " -b " not in result.stdout
-    assert "-m celery -A tests.apps.ordering_app worker -Q cpw-cli:partition.p.0" in result.stdout
+    assert "-m celery -A tests.apps.ordering_app worker -Q cpw-cli:partition.idle" in result.stdout
     assert result.stdout.rstrip().endswith("--max-tasks-per-child 9")
 
 

@@ -6,6 +6,7 @@ runs the patched task the way a partition worker would, with no Redis store.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -264,7 +265,8 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
                                          label="entity.0")
     inflight = InFlight()
     patcher = InPlaceRetry(runtime, None, inflight)
-    patcher.store = types.SimpleNamespace(finished=store.finished_call)  # type: ignore[assignment]
+    patcher._default = dataclasses.replace(  # the partition's store, seen by the patcher
+        patcher._default, store=types.SimpleNamespace(finished=store.finished_call))
     patcher.patch_all()
     record = RedisKeys("unit:").attempts
 
@@ -330,7 +332,7 @@ MERGE_CASES = [
 def test_retry_arguments_merge_as_celery_merges_them(
         cur_args: tuple[Any, ...], cur_kwargs: dict[str, Any], args: Any, kwargs: Any,
         want_args: tuple[Any, ...], want_kwargs: dict[str, Any]) -> None:
-    from celery_partitioning.worker.retry import retry_arguments
+    from celery_partitioning.worker.retry_semantics import retry_arguments
 
     app = make_app()
 

@@ -52,6 +52,7 @@ def test_self_retry_runs_in_place_before_later_messages_of_the_partition(
     proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 7, 40, "7 runs")
     processes.signal(proc, signal.SIGTERM)
+    proc.wait(timeout=60)  # a warm stop: the last task records its end before the worker exits
     # Then A0 ran three times in a row, then the rest in publish order
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
         f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 0 try2",
@@ -77,6 +78,7 @@ def test_autoretry_exhausted_becomes_a_dead_letter_with_its_attempts(
     wait_for(lambda: client.llen(f"{fa.NS}ran") >= 4, 40, "4 runs")
     wait_for(lambda: client.hlen(f"{fa.NS}cp:dl:entity") == 1, 10, "the dead letter")
     processes.signal(proc, signal.SIGTERM)
+    proc.wait(timeout=60)  # a warm stop: the last task records its end before the worker exits
     # Then it ran 3 times in place (backoff), B ran, A1 did not run: it is parked
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [f"Order:{a} 0"] * 3 + [f"Order:{b} 0"]
     (record,) = [json.loads(v) for v in client.hvals(f"{fa.NS}cp:dl:entity")]

@@ -63,7 +63,7 @@ def _msg(headers: dict[str, Any]) -> PartitionMessage:
 
 
 def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta() -> None:
-    runtime = SimpleNamespace(label="p.0")
+    runtime = SimpleNamespace(label="p.0", stopping=lambda: False)
     eta = datetime.now(UTC) + timedelta(seconds=0.4)
     msg = _msg({"id": "x", "eta": eta.isoformat()})
     started = time.monotonic()

@@ -24,15 +24,12 @@ Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 
 from __future__ import annotations
 
-import base64
 import functools
-import inspect
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
@@ -43,13 +40,14 @@ from ..store.attempts import AttemptRecord, AttemptStore
 from ..store.deadletters import DeadLetterStore
 from ..tasks import spec_of
 from .parking import InFlight
+from .retry_semantics import decode_call, delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
 
 if TYPE_CHECKING:
     from .failures import DeadLetters
     from .runtime import PartitionRuntime
 
-__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "retry_arguments"]
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry"]
 
 logger = logging.getLogger("celery_partitioning.retry")
 
@@ -57,47 +55,6 @@ logger = logging.getLogger("celery_partitioning.retry")
 WAIT_SLICE: Final = 0.1
 #: Attribute marking a task instance as patched.
 PATCHED: Final = "_celery_partitioning_in_place"
-
-
-def retry_arguments(run: Callable[..., Any], current_args: Any, current_kwargs: Any,
-                    args: Any, kwargs: Any) -> tuple[Any, Any]:
-    """The arguments of the next attempt, merged exactly as Celery's ``Task.retry`` does.
-
-    Neither given: the current ones. Both given: those. Only ``args`` given: they replace the
-    positional arguments and the current keyword arguments stay, except those the new positional
-    ones now fill. Only ``kwargs`` given: they replace the current values of the same names,
-    positional ones included (celery/celery#6494). Pure.
-    """
-    current_args = () if current_args is None else current_args
-    current_kwargs = {} if current_kwargs is None else current_kwargs
-    if not ((args is not None and kwargs is None and current_kwargs)
-            or (kwargs is not None and args is None and current_args)):
-        return (current_args if args is None else args,
-                current_kwargs if kwargs is None else kwargs)
-    try:
-        signature = inspect.signature(run)
-    except (TypeError, ValueError):
-        return (current_args if args is None else args,
-                current_kwargs if kwargs is None else kwargs)
-    if args is not None:
-        positional = [p for p in signature.parameters.values()
-                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        merged = dict(current_kwargs)
-        for parameter in positional[:len(args)]:
-            if parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD:
-                merged.pop(parameter.name, None)
-        return args, merged
-    try:
-        bound = signature.bind_partial(*current_args)
-    except TypeError:
-        return current_args, kwargs
-    rest = dict(kwargs or {})
-    for name in list(rest):
-        if (name in bound.arguments
-                and signature.parameters[name].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD):
-            bound.arguments[name] = rest.pop(name)
-    return bound.args, {**bound.kwargs, **rest}
 
 
 class RetryInPlace(Retry):  # type: ignore[misc]
@@ -125,42 +82,6 @@ class _Attempt:
     recorded: bool = True
     #: The arguments the message carries; a retry that changes them records the new ones.
     message_call: tuple[Any, Any] = ((), {})
-
-
-def _encode_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
-    """Arguments a retry changed, serialized as the task's messages are (for the attempt record)."""
-    from kombu import serialization
-
-    dumps: Callable[..., tuple[str, str, bytes | str]] = serialization.dumps
-    serializer = getattr(task, "serializer", None) or task.app.conf.task_serializer
-    content_type, encoding, body = dumps([list(args), kwargs], serializer=serializer)
-    raw = body if isinstance(body, bytes) else body.encode(encoding)
-    return {"content_type": content_type, "encoding": encoding,
-            "body": base64.b64encode(raw).decode("ascii")}
-
-
-def _decode_call(call: dict[str, str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    from kombu import serialization
-
-    loads: Callable[..., Any] = serialization.loads
-    args, kwargs = loads(base64.b64decode(call["body"]), call["content_type"], call["encoding"],
-                         accept={call["content_type"]})
-    return tuple(args), dict(kwargs)
-
-
-def _delay_of(app: Any, eta: Any, countdown: Any) -> float:
-    if eta is not None:
-        if isinstance(eta, datetime):
-            from celery.utils.time import maybe_make_aware
-
-            aware = maybe_make_aware(eta, app.timezone)
-            return max(0.0, float((aware - app.now()).total_seconds()))
-        raise TypeError(f"eta must be a datetime, got {eta!r}")
-    if countdown is None:
-        return 0.0
-    if isinstance(countdown, timedelta):
-        return max(0.0, countdown.total_seconds())
-    return max(0.0, float(countdown))
 
 
 def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
@@ -282,7 +203,7 @@ class InPlaceRetry:
             raise task.MaxRetriesExceededError(
                 f"Can't retry {task.name}[{request.id}] args:{new_args} kwargs:{new_kwargs}",
                 task_args=new_args, task_kwargs=new_kwargs)
-        signal = RetryInPlace(_delay_of(task.app, eta, countdown), exc, new_args, new_kwargs)
+        signal = RetryInPlace(delay_of(task.app, eta, countdown), exc, new_args, new_kwargs)
         if throw:
             raise signal
         attempt.pending = signal
@@ -356,7 +277,7 @@ class InPlaceRetry:
             attempt.recorded = True
             if (args, kwargs) != (tuple(attempt.message_call[0]), dict(attempt.message_call[1])):
                 try:
-                    call = _encode_call(task, args, kwargs)
+                    call = encode_call(task, args, kwargs)
                 except Exception:  # Celery could not have published them either; keep going
                     logger.warning("%s[%s]: the arguments of its retry cannot be serialized; a "
                                    "crash during the backoff would resume with the message's own",
@@ -415,7 +336,7 @@ class InPlaceRetry:
             request.retries = retries
             if record.call is not None:
                 try:
-                    args, kwargs = _decode_call(record.call)
+                    args, kwargs = decode_call(record.call)
                 except Exception:  # an unreadable record must not lose the message
                     logger.exception("%s: the arguments its last retry gave cannot be read; "
                                      "it resumes with the message's own", request.id)
