@@ -173,7 +173,7 @@ def replicas_of(settings: PartitioningSettings) -> Replicas | None:
 
 
 def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
-                 replicas: Replicas | None = None) -> Redis:
+                 replicas: Replicas | None = None, max_connections: int | None = None) -> Redis:
     """A redis-py client for ``target`` (a URL, or a :class:`~.config.RedisTarget`).
 
     Every Redis client celery-partitioning makes for its own keys comes from here. With
@@ -181,6 +181,8 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
     replica acknowledgements. A Sentinel target gives a client of the master that the
     sentinels name *now*: after a failover its next connection goes to the new master (redis-py
     ``Sentinel.master_for``), so no client of this package stays with a dead master.
+    ``max_connections``: how many threads may use the client at once (redis-py's default
+    pool holds 100; a process hosting many partitions shares one client among them).
     """
     import redis
 
@@ -190,10 +192,11 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
                                        "options: pass the settings' RedisTarget (settings.redis)")
         target = RedisTarget(url=target)
     cls = _client_class(replicas)
-    timeouts = {} if timeout is None else {"socket_timeout": timeout,
-                                           "socket_connect_timeout": timeout}
+    timeouts: dict[str, Any] = {} if timeout is None else {"socket_timeout": timeout,
+                                                           "socket_connect_timeout": timeout}
+    pool = {} if max_connections is None else {"max_connections": max_connections}
     if not target.is_sentinel:
-        client: Redis = cls.from_url(target.url, **timeouts)
+        client: Redis = cls.from_url(target.url, **timeouts, **pool)
         return client
     from redis.sentinel import Sentinel
 
@@ -202,7 +205,8 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
         list(target.sentinels), min_other_sentinels=target.min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs)
     master: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        str(target.master_name), redis_class=cls, **{**timeouts, **target.connection_kwargs})
+        str(target.master_name), redis_class=cls,
+        **{**timeouts, **pool, **target.connection_kwargs})
     assert isinstance(master, redis.Redis)
     return master
 

@@ -132,7 +132,8 @@ def test_a_partition_whose_task_hangs_does_not_hold_up_the_others_and_the_toolbo
     shut = subprocess.run([celery_bin(), "-A", "tests.apps.ordering_app", "control", "shutdown",
                            "-t", "10"], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
-    assert shut.returncode == 0, shut.stderr
+    # (a worker shutting down sends no reply, so the command may say none came: that is Celery)
+    assert shut.returncode == 0 or "No nodes replied" in shut.stderr, shut.stderr
     assert sup.wait(timeout=90) == 0, h.log_text("w")[-3000:]
     assert h.records([slow_key])[slow_key] == ["start 0", "end 0"]
     assert "restarting" not in h.log_text("w")

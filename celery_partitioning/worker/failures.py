@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DCBConflict
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import Publish, decode_payload, message_summary, payload_id, requeue_method
+from ..message import (
+    Publish,
+    decode_payload,
+    message_summary,
+    payload_id,
+    publisher,
+    requeue_method,
+)
 from ..router import HEADER_KEY, HEADER_POOL
 from ..store.deadletters import (
     REASON_DCB_MAX_RETRIES,
@@ -135,8 +142,9 @@ class DeadLetters:
         return letter
 
 
-def install_failure_handling(runtime: PartitionRuntime) -> None:
-    """A partition's parking gate and dead letters (its thread calls this before consuming)."""
+def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None = None) -> None:
+    """A partition's parking gate and dead letters. ``head_push``: whether re-queues go onto the
+    head of the queue's Redis list (the same for every partition of a process: ask once)."""
     from .parking import InFlight
 
     runtime.inflight = InFlight()
@@ -145,7 +153,10 @@ def install_failure_handling(runtime: PartitionRuntime) -> None:
                        "dead letters and parking are off", runtime.label)
         return
     store = DeadLetterStore(runtime.redis, runtime.keys)
-    publish = requeue_method(runtime.app, runtime.pool, runtime.index)
+    if head_push is None:
+        publish = requeue_method(runtime.app, runtime.pool, runtime.index)
+    else:
+        publish = None if head_push else publisher(runtime.app, runtime.pool, runtime.index)
     runtime.store, runtime.publish = store, publish
     runtime.dead_letters = DeadLetters(runtime, store, publish)
     runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))

@@ -161,21 +161,27 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
     hostname = str(worker.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
                             events=bool(app.conf.worker_send_task_events))
-    broker = broker_redis(app) if transport == "redis" else None
-    store = (redis_client(settings.redis, replicas=replicas_of(settings))
+    # One store client for the process (short commands; a connection per busy thread), and one
+    # broker client per partition (its blocking fetch holds a connection the whole time).
+    store = (redis_client(settings.redis, replicas=replicas_of(settings),
+                          max_connections=2 * len(hosted) + 16)
              if settings.redis is not None else None)
     keys = redis_keys(app)
     for task in app.tasks.values():
         task.acks_late = True
+    head_push: bool | None = None
     for pool, index in hosted:
         partition = PartitionRuntime(
             app=app, settings=settings, pool=pool, index=index,
             queue=settings.queue_name(pool, index), redis=store, keys=keys,
-            hostname=hostname, transport=transport, broker=broker, worker=runtime)
-        if broker is not None and settings.redis is not None:
+            hostname=hostname, transport=transport, worker=runtime,
+            broker=broker_redis(app) if transport == "redis" else None)
+        if partition.broker is not None and settings.redis is not None:
             partition.lease = _lease(partition, settings)
         partition.gates.append(misroute_guard(partition))
-        install_failure_handling(partition)  # the parking gate, dead letters
+        install_failure_handling(partition, head_push)  # the parking gate, dead letters
+        if head_push is None and partition.store is not None:
+            head_push = partition.publish is None
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
     first = runtime.partitions[0]
