@@ -27,6 +27,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
     from benchmarks import (
         bench_drain,
         bench_keyhash,
+        bench_memory,
         bench_publish,
         bench_publish_many,
         bench_resize,
@@ -40,6 +41,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         "resize": bench_resize.main,
         "skew": bench_skew.main,
         "drain": bench_drain.main,
+        "memory": bench_memory.main,
     }
 
 

@@ -300,17 +300,20 @@ def test_supervisor_exit_code_says_a_child_had_to_be_killed(processes: Processes
 
 
 _FLOODING_CHILD = """
-import os, threading, time
+import os, sys, threading, time
 from celery_partitioning.worker.orphan import start_supervisor_watch
 gone = threading.Event()
 start_supervisor_watch("p.0", gone.set)
-print("running pid", os.getpid(), flush=True)
+def say(line):  # one write per line: the watch thread's own line cannot land inside it
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+say(f"running pid {os.getpid()}")
 n = 0
 while not gone.is_set():
-    print("line", n, "x" * 200, flush=True)  # fills a 64 KiB pipe in well under a second
+    say(f"line {n} {'x' * 200}")  # fills a 64 KiB pipe in well under a second
     n += 1
     time.sleep(0.001)
-print("stopped warmly after line", n - 1, flush=True)
+say(f"stopped warmly after line {n - 1}")
 """
 
 
