@@ -62,9 +62,11 @@ class BrokerRedis:
     def errors(self) -> tuple[type[BaseException], ...]:
         """What a lost or stalled connection to the broker raises."""
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import ReadOnlyError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        return (RedisConnectionError, RedisTimeoutError, OSError)
+        # ReadOnlyError: a demoted master, still answering, during a failover
+        return (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
     def fetch(self, queue: str, in_transit: str, timeout: float) -> bytes | None:
         """Take the head of ``queue`` into ``in_transit`` atomically, waiting up to ``timeout``

@@ -27,6 +27,9 @@ from typing import Any, Final
 
 from celery.exceptions import InvalidTaskError, WorkerShutdown, WorkerTerminate
 from kombu.exceptions import ContentDisallowed, DecodeError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
@@ -39,6 +42,8 @@ __all__ = ["PartitionThread", "hold_until_eta", "gate_name"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
+#: A store or broker that does not answer (a failover): wait and recover, do not stop.
+_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 #: Seconds a blocking fetch waits before the thread checks whether it should stop.
 FETCH_TIMEOUT: Final = 1
 #: First and longest pause before a fetch is tried again after a broker error.
@@ -97,9 +102,14 @@ class _RedisAck:
         self.in_transit = in_transit
         self.source = source
         self.item = item
+        #: The ack could not reach Redis (a failover): the thread retries it before it fetches
+        #: again, so a message that ran never comes back behind later ones.
+        self.ack_pending = False
 
     def basic_ack(self, delivery_tag: Any = None, multiple: bool = False) -> None:
+        self.ack_pending = True
         self.client.lrem(self.in_transit, 1, self.item)
+        self.ack_pending = False
 
     def basic_reject(self, delivery_tag: Any = None, requeue: bool = False) -> None:
         if not requeue:
@@ -218,7 +228,38 @@ class PartitionThread(threading.Thread):
             if runtime.stopping():
                 channel.to_head()
                 break
-            self._handle_raw(item, channel)
+            try:
+                self._handle_raw(item, channel)
+            except broker.errors as exc:
+                # the store or the broker went away mid-message (a failover): the message is
+                # still in the in-transit list; recovery puts it back at the head
+                logger.warning("%s broker unreachable while handling a message (%s); it goes "
+                               "back to the head", runtime.label, exc)
+                self._settle(channel, broker.errors, recover=True)
+                continue
+            if channel.ack_pending:
+                self._settle(channel, broker.errors, recover=False)
+
+    def _settle(self, channel: _RedisAck, errors: tuple[type[BaseException], ...],
+                recover: bool) -> None:
+        """Retry, with backoff, the ack a lost connection refused (``recover=False``: the
+        message ran) or the recovery of what the in-transit list holds (``recover=True``),
+        until Redis answers again; no further message is fetched before."""
+        pause = RETRY_START
+        while True:
+            try:
+                if recover:
+                    self._recover()
+                else:
+                    channel.basic_ack()
+                return
+            except errors as exc:
+                if self.runtime.stopping():
+                    return  # the next holder's recovery settles it
+                logger.warning("%s broker unreachable (%s); retrying in %.1fs",
+                               self.runtime.label, exc, pause)
+                time.sleep(pause)
+                pause = min(RETRY_MAX, pause * 2)
 
     def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
         problem = envelope_problem(item)
@@ -299,6 +340,8 @@ class PartitionThread(threading.Thread):
         for gate in list(runtime.gates):
             try:
                 taken = gate(msg)
+            except _UNREACHABLE:
+                raise  # the partition loop puts the message back at the head and waits
             except Exception:  # noqa: BLE001 - exit_now logs the traceback
                 exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
                          "without acking so the message is not run out of order",
