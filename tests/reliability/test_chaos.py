@@ -70,6 +70,8 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
     started = time.monotonic()
     for chunk in chunks:
         time.sleep(interval)
+        # A worker process to kill (one killed just before may still be restarting: wait for it)
+        wait_for(lambda: bool(live_children(supervisor.pid)), 60, "a live worker process")
         children = live_children(supervisor.pid)
         busy = w.busy_pids()
         # Prefer a worker that is inside a task right now: that is the hard case.

@@ -23,8 +23,8 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 
@@ -99,14 +99,20 @@ def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retrie
         kills = 3
         chunks = [rest[i * len(rest) // kills:(i + 1) * len(rest) // kills] for i in range(kills)]
         killed: set[int] = set()
-        for chunk in chunks:
-            time.sleep(2)
+        victims: list[Any] = []
+
+        def inside_a_task() -> bool:
             busy = w.busy_pids()
-            victims = [c for c in live_children(supervisor.pid) if c.pid in busy]
-            if victims:
-                os.kill(victims[0].pid, signal.SIGKILL)
-                killed.add(victims[0].pid)
+            victims[:] = [c for c in live_children(supervisor.pid)
+                          if c.pid in busy and c.pid not in killed]
+            return bool(victims)
+
+        for chunk in chunks:
             publish(w, chunk, flaky)
+            # a worker process inside a task (the previous victim's successor may still start)
+            wait_for(inside_a_task, 60, "a worker process inside a task", interval=0.01)
+            os.kill(victims[0].pid, signal.SIGKILL)
+            killed.add(victims[0].pid)
         w.wait_done(events_total, timeout=120, counts=counts)
 
         # (queue statistics of quorum queues lag by a few seconds)
