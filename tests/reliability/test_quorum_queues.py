@@ -30,6 +30,7 @@ import pytest
 
 from celery_partitioning.config import DEFAULT_DELIVERY_LIMIT
 from celery_partitioning.store.keys import key_digest
+from tests.apps.harness import delete_amqp_queues
 from tests.apps.reliability_app import FLAKY_TASK, RECORD_TASK
 from tests.reliability.conftest import Workload, keyed_events, size
 from tests.reliability.test_chaos import live_children
@@ -50,23 +51,6 @@ def rabbit_queues(names: Iterable[str]) -> dict[str, dict[str, object]]:
     return {q["name"]: {"type": q["type"], "messages": q["messages"],
                         "arguments": {a[0]: a[2] for a in q["arguments"]}}
             for q in json.loads(listed.stdout) if q["name"] in wanted}
-
-
-def delete_queues(url: str, names: Iterable[str]) -> None:
-    from kombu import Connection
-
-    with Connection(url, connect_timeout=5) as conn:
-        for name in names:
-            channel = conn.channel()
-            try:
-                channel.queue_delete(queue=name)
-            except Exception:
-                pass
-            finally:
-                try:
-                    channel.close()
-                except Exception:
-                    pass
 
 
 def publish(w: Workload, events: list[tuple[str, int]], flaky: set[tuple[str, int]]) -> None:
@@ -150,7 +134,7 @@ def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retrie
         assert supervisor.wait(timeout=60) == 0, w.log_tail()
     finally:
         w.processes.kill_all()
-        delete_queues(amqp_url, queues)
+        delete_amqp_queues(amqp_url, queues)
 
 
 @pytest.mark.timeout(120)
@@ -186,7 +170,7 @@ def test_a_crash_redelivery_counts_one_delivery_and_runs_first(
         assert supervisor.wait(timeout=60) == 0, w.log_tail()
     finally:
         w.processes.kill_all()
-        delete_queues(amqp_url, queues)
+        delete_amqp_queues(amqp_url, queues)
 
 
 def run_worker_command(w: Workload, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -223,7 +207,7 @@ def test_a_partition_queue_of_another_type_stops_the_start_with_the_migration(
         assert "[supervisor]" not in done.stdout  # no partition worker was started
         assert rabbit_queues(queues)[queues[0]]["type"] == "classic"  # nothing changed
     finally:
-        delete_queues(amqp_url, queues)
+        delete_amqp_queues(amqp_url, queues)
 
 
 @pytest.mark.parametrize(("conf", "store", "setting"), [
@@ -257,4 +241,4 @@ def test_the_opt_out_starts_with_a_warning(workload_factory: Callable[..., Workl
         assert supervisor.wait(timeout=60) == 0, w.log_tail()
     finally:
         w.processes.kill_all()
-        delete_queues(amqp_url, queues)
+        delete_amqp_queues(amqp_url, queues)
