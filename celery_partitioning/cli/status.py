@@ -126,7 +126,7 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
             keys = redis_keys(app)
             for pool, index, queue in parts:
                 delivered = unacked.get(queue, [])
-                # Fetched and not yet recorded by kombu (worker/transport.py): normally for a moment only.
+                # The message a partition thread holds (its in-transit list is its unacked record).
                 in_transit = int(broker.client.llen(keys.in_transit(queue)))
                 ages = [now - min(delivered)] if delivered else []
                 head = _head_age(broker, queue, now)
