@@ -88,7 +88,7 @@ def test_partition_queues_follow_the_default_queue_type_and_keep_a_single_consum
 ])
 def test_a_setup_that_cannot_keep_a_guarantee_is_named(conf: dict[str, Any], scheme: str,
                                                        refused: str | None) -> None:
-    problems = guarantee_problems(read_settings(conf), scheme, None)
+    problems = guarantee_problems(read_settings(conf), scheme)
     if refused is None:
         assert problems == []
     else:
@@ -98,16 +98,16 @@ def test_a_setup_that_cannot_keep_a_guarantee_is_named(conf: dict[str, Any], sch
 def test_quorum_partition_queues_need_celery_5_5() -> None:
     settings = read_settings({"broker_url": "amqp://x", "partitioning_redis_url": "redis://h/0",
                               "partitioning_queue_type": "quorum"})
-    assert guarantee_problems(settings, "amqp", None, (5, 5)) == []
-    problems = guarantee_problems(settings, "amqp", None, (5, 4))
+    assert guarantee_problems(settings, "amqp", (5, 5)) == []
+    problems = guarantee_problems(settings, "amqp", (5, 4))
     assert problems and problems[0].startswith("partitioning_queue_type"), problems
 
 
 def test_a_foreign_transport_on_redis_is_no_problem() -> None:
     # Partition threads fetch with their own Redis client, whatever kombu transport the app
     # names for publishing and remote control.
-    assert guarantee_problems(read_settings({"broker_url": "redis://h/0"}), "redis",
-                              "kombu.transport.redis:Transport") == []
+    conf = {"broker_url": "redis://h/0", "broker_transport": "kombu.transport.redis:Transport"}
+    assert guarantee_problems(read_settings(conf), "redis") == []
 
 
 @pytest.mark.integration

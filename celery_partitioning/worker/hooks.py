@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import bootsteps, signals
@@ -185,16 +184,11 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
     first = runtime.partitions[0]
-    runtime.retry = enable_in_place_retry(first, first.store, first.inflight or _no_inflight(),
-                                          first.publish, dead_letters=first.dead_letters)
+    assert first.inflight is not None, "install_failure_handling gives every partition one"
+    runtime.retry = enable_in_place_retry(first, first.store, first.inflight, first.publish,
+                                          dead_letters=first.dead_letters)
     runtime.executor = Executor(app, worker)
     attach_worker(app, runtime)
-
-
-def _no_inflight() -> Any:
-    from .parking import InFlight
-
-    return InFlight()
 
 
 def _lease(partition: PartitionRuntime, settings: PartitioningSettings) -> Lease:
@@ -260,10 +254,3 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def shutdown(self, parent: Any) -> None:
         self.terminate(parent)
-
-
-def wait_consuming(step: PartitionsStep, timeout: float) -> bool:
-    """Whether every partition thread of ``step`` consumes within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    return all(thread.consuming.wait(max(0.0, deadline - time.monotonic()))
-               for thread in step.threads)

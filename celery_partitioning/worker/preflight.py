@@ -47,7 +47,6 @@ def broker_scheme(app: Celery) -> str:
 
 
 def guarantee_problems(settings: PartitioningSettings, scheme: str,
-                       broker_transport: str | None,
                        celery_version: tuple[int, ...] | None = None) -> list[str]:
     """Why a partition worker on this setup could not keep every guarantee (one line each)."""
     if celery_version is None:
@@ -89,9 +88,7 @@ def check_guarantees(app: Celery) -> list[str]:
     """Refuse (``PartitionConfigError``, one line) a setup that cannot keep a guarantee, or,
     with ``partitioning_allow_degraded``, return what is missing (the caller warns)."""
     settings = partitioning_of(app).settings
-    transport = app.conf.broker_transport
-    problems = guarantee_problems(settings, broker_scheme(app),
-                                  transport if isinstance(transport, str) else None)
+    problems = guarantee_problems(settings, broker_scheme(app))
     if problems and not settings.allow_degraded:
         raise PartitionConfigError(
             f"refusing to start partition workers: {problems[0]} (or set "
