@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.support.env import in_ci
+from tests.support.env import WORKER_DB, in_ci, worker_db_url
 from tests.support.procs import Processes
 
 #: Default Redis for tests; `make test` exports REDIS_URL.
@@ -53,13 +53,19 @@ def amqp_url() -> str:
 
 #: Redis database numbers tests write to besides REDIS_URL's own: worker tests use 11, the
 #: failures app 12 (on REDIS_URL's server).
-TEST_DATABASES = (11, 12)
+TEST_DATABASES = (WORKER_DB, 12)
 
 
 def test_database_urls(redis_url: str) -> list[str]:
     """REDIS_URL and the other databases tests write to, on the same server."""
     base = redis_url.rsplit("/", 1)[0]
     return [redis_url, *(f"{base}/{db}" for db in TEST_DATABASES)]
+
+
+@pytest.fixture
+def db11(redis_url: str, namespace: str) -> str:
+    """The worker tests' database (``namespace`` deletes this test's keys there)."""
+    return worker_db_url(redis_url)
 
 
 @pytest.fixture

@@ -18,12 +18,6 @@ from tests.support.procs import ROOT, Processes, celery_bin
 
 pytestmark = pytest.mark.integration
 
-@pytest.fixture
-def db11(redis_url: str, namespace: str) -> str:
-    """Redis DB 11, where the worker tests run (``namespace`` deletes this test's keys there)."""
-    return redis_url.rsplit("/", 1)[0] + "/11"
-
-
 
 def _celery(h: Harness, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """``celery -A tests.apps.ordering_app ARGS`` with ``stdin`` as the terminal's answers."""

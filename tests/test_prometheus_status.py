@@ -16,13 +16,6 @@ from celery_partitioning.store.keys import RedisKeys
 from tests.apps.harness import Harness, keyed_events
 from tests.support.procs import ROOT, Processes
 
-
-@pytest.fixture
-def db11(redis_url: str, namespace: str) -> str:
-    """Redis DB 11, where the worker tests run (``namespace`` deletes this test's keys there)."""
-    return redis_url.rsplit("/", 1)[0] + "/11"
-
-
 SCRIPT = ROOT / "scripts" / "prometheus_status.py"
 
 

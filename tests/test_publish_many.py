@@ -27,6 +27,7 @@ from celery_partitioning import (
     publish_many,
 )
 from tests.apps.harness import Harness, delete_amqp_queues, keyed_events
+from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes
 
@@ -479,9 +480,6 @@ def test_a_rabbitmq_connection_closed_mid_batch_is_reported_without_false_claims
 
 # --- real partition workers ----------------------------------------------------------------------
 
-def _db11(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/11"
-
 
 def _publish_and_drain(h: Harness) -> None:
     events, counts = keyed_events(keys=80, total=1200, ms=0, seed=16)
@@ -499,7 +497,7 @@ def _publish_and_drain(h: Harness) -> None:
 @pytest.mark.timeout(240)
 def test_partition_workers_run_a_published_batch_in_per_key_order_on_redis(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = _db11(redis_url)
+    url = worker_db_url(redis_url)
     _publish_and_drain(Harness(url, url, namespace, 4, tmp_path, processes))
 
 
@@ -507,7 +505,7 @@ def test_partition_workers_run_a_published_batch_in_per_key_order_on_redis(
 @pytest.mark.timeout(240)
 def test_partition_workers_run_a_published_batch_in_per_key_order_on_rabbitmq(
         amqp_url: str, redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    h = Harness(amqp_url, _db11(redis_url), namespace, 4, tmp_path, processes)
+    h = Harness(amqp_url, worker_db_url(redis_url), namespace, 4, tmp_path, processes)
     try:
         _publish_and_drain(h)
     finally:

@@ -24,6 +24,7 @@ from tests.apps.harness import (
     keyed_events,
     rerun_in_place,
 )
+from tests.support.env import worker_db_url
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes
 
@@ -33,9 +34,6 @@ PARTITIONS = 4
 KEYS = 120
 EVENTS = 2000
 
-
-def _db11(url: str) -> str:
-    return url.rsplit("/", 1)[0] + "/11"
 
 
 def _slow_targets(events: list, partitions: int) -> list[tuple[str, int]]:
@@ -94,7 +92,7 @@ def _run_kill_scenario(h: Harness) -> None:
 @pytest.mark.timeout(240)
 def test_sigkilled_partition_workers_keep_per_key_order_on_redis(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = _db11(redis_url)
+    url = worker_db_url(redis_url)
     h = Harness(url, url, namespace, PARTITIONS, tmp_path, processes)
     _run_kill_scenario(h)
     # Nothing left behind: queues drained, nothing unacked for our queues.
@@ -108,7 +106,7 @@ def test_sigkilled_partition_workers_keep_per_key_order_on_redis(
 @pytest.mark.timeout(240)
 def test_sigkilled_partition_workers_keep_per_key_order_on_rabbitmq(
         amqp_url: str, redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    store = _db11(redis_url)
+    store = worker_db_url(redis_url)
     h = Harness(amqp_url, store, namespace, PARTITIONS, tmp_path, processes)
     queues = [f"{namespace}partition.p.{i}" for i in range(PARTITIONS)]
     try:

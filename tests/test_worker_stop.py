@@ -18,13 +18,6 @@ from tests.apps.harness import Harness
 from tests.support.procs import Processes, wait_for
 
 
-@pytest.fixture
-def db11(redis_url: str, namespace: str) -> str:
-    """Redis DB 11, where the worker tests run (``namespace`` deletes this test's keys there)."""
-    return redis_url.rsplit("/", 1)[0] + "/11"
-
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize(("target", "sig"), [
     ("group", signal.SIGINT),     # Ctrl-C in a terminal
