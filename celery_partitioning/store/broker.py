@@ -23,7 +23,7 @@ from ..state import redis_client, redis_client_like, replicas_of, settings_of
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head",
+__all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachable_errors",
            "unacked_by_queue"]
 
 
@@ -61,12 +61,7 @@ class BrokerRedis:
     @property
     def errors(self) -> tuple[type[BaseException], ...]:
         """What a lost or stalled connection to the broker raises."""
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import ReadOnlyError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        # ReadOnlyError: a demoted master, still answering, during a failover
-        return (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
+        return unreachable_errors()
 
     def fetch(self, queue: str, in_transit: str, timeout: float) -> bytes | None:
         """Take the head of ``queue`` into ``in_transit`` atomically, waiting up to ``timeout``
@@ -84,6 +79,16 @@ class BrokerRedis:
 
     def close(self) -> None:
         self.client.close()
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis (broker or store) that is gone or failing over raises: a lost or stalled
+    connection, or ``READONLY`` from a demoted master that still answers."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ReadOnlyError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError)
 
 
 def broker_redis(app: Celery) -> BrokerRedis | None:

@@ -17,7 +17,6 @@ fetched meanwhile back at the head.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -27,23 +26,18 @@ from typing import Any, Final
 
 from celery.exceptions import InvalidTaskError, WorkerShutdown, WorkerTerminate
 from kombu.exceptions import ContentDisallowed, DecodeError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, envelope_problem, payload_of
 from ..state import partitioning_of
-from ..store.broker import restore_unacked_to_head
+from ..store.broker import restore_unacked_to_head, unreachable_errors
 from .runtime import PartitionRuntime, bind_thread
 
 __all__ = ["PartitionThread", "hold_until_eta", "gate_name"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: A store or broker that does not answer (a failover): wait and recover, do not stop.
-_UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 #: Seconds a blocking fetch waits before the thread checks whether it should stop.
 FETCH_TIMEOUT: Final = 1
 #: First and longest pause before a fetch is tried again after a broker error.
@@ -92,6 +86,23 @@ def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
     return True
 
 
+class _Backoff:
+    """Pauses between attempts at a broker that does not answer: 0.5 s, doubling, up to 5 s."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.pause = RETRY_START
+
+    def wait(self, exc: BaseException, doing: str = "retrying") -> None:
+        logger.warning("%s broker unreachable (%s); %s in %.1fs", self.label, exc, doing,
+                       self.pause)
+        time.sleep(self.pause)
+        self.pause = min(RETRY_MAX, self.pause * 2)
+
+    def reset(self) -> None:
+        self.pause = RETRY_START
+
+
 class _RedisAck:
     """The channel of a message fetched from Redis: its ack takes it off the in-transit list."""
 
@@ -136,6 +147,8 @@ class PartitionThread(threading.Thread):
         self.runtime = runtime
         #: Set once the partition consumes (lease held, recovery done).
         self.consuming = threading.Event()
+        #: A Redis (broker or store) that is gone: wait and recover, do not stop the process.
+        self.unreachable = unreachable_errors()
 
     # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:
@@ -209,19 +222,13 @@ class PartitionThread(threading.Thread):
         source = broker.queue_list(runtime.queue)
         in_transit = runtime.keys.in_transit(runtime.queue)
         self._announce()
-        pause = RETRY_START
         while not runtime.stopping():
             try:
                 item = broker.fetch(runtime.queue, in_transit, FETCH_TIMEOUT)
             except broker.errors as exc:
-                logger.warning("%s broker unreachable (%s); retrying in %.1fs", runtime.label,
-                               exc, pause)
-                time.sleep(pause)
-                pause = min(RETRY_MAX, pause * 2)
-                with contextlib.suppress(*broker.errors):
-                    self._recover()  # what the lost connection held goes back to the head
+                logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
+                self._settle(None, recover=True)  # what the lost connection held: to the head
                 continue
-            pause = RETRY_START
             if item is None:
                 continue
             channel = _RedisAck(client, in_transit, source, item)
@@ -235,31 +242,27 @@ class PartitionThread(threading.Thread):
                 # still in the in-transit list; recovery puts it back at the head
                 logger.warning("%s broker unreachable while handling a message (%s); it goes "
                                "back to the head", runtime.label, exc)
-                self._settle(channel, broker.errors, recover=True)
+                self._settle(channel, recover=True)
                 continue
             if channel.ack_pending:
-                self._settle(channel, broker.errors, recover=False)
+                self._settle(channel, recover=False)
 
-    def _settle(self, channel: _RedisAck, errors: tuple[type[BaseException], ...],
-                recover: bool) -> None:
+    def _settle(self, channel: _RedisAck | None, recover: bool) -> None:
         """Retry, with backoff, the ack a lost connection refused (``recover=False``: the
         message ran) or the recovery of what the in-transit list holds (``recover=True``),
         until Redis answers again; no further message is fetched before."""
-        pause = RETRY_START
+        backoff = _Backoff(self.runtime.label)
         while True:
             try:
-                if recover:
+                if recover or channel is None:
                     self._recover()
                 else:
                     channel.basic_ack()
                 return
-            except errors as exc:
+            except self.unreachable as exc:
                 if self.runtime.stopping():
                     return  # the next holder's recovery settles it
-                logger.warning("%s broker unreachable (%s); retrying in %.1fs",
-                               self.runtime.label, exc, pause)
-                time.sleep(pause)
-                pause = min(RETRY_MAX, pause * 2)
+                backoff.wait(exc)
 
     def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
         problem = envelope_problem(item)
@@ -287,7 +290,7 @@ class PartitionThread(threading.Thread):
         queue = partitioning_of(app).router.queue(runtime.pool, runtime.index)
         with app.connection_for_read() as probe:
             errors = (OSError, *probe.connection_errors, *probe.channel_errors)
-        pause = RETRY_START
+        backoff = _Backoff(runtime.label)
         started = False
         while not runtime.stopping():
             try:
@@ -302,7 +305,7 @@ class PartitionThread(threading.Thread):
                     if not started:
                         started = True
                         self._announce()
-                    pause = RETRY_START
+                    backoff.reset()
                     while not runtime.stopping():
                         try:
                             conn.drain_events(timeout=FETCH_TIMEOUT)
@@ -312,10 +315,7 @@ class PartitionThread(threading.Thread):
             except errors as exc:
                 if runtime.stopping():
                     return
-                logger.warning("%s broker unreachable (%s); reconnecting in %.1fs", runtime.label,
-                               exc, pause)
-                time.sleep(pause)
-                pause = min(RETRY_MAX, pause * 2)
+                backoff.wait(exc, "reconnecting")
 
     def _on_amqp(self, message: Any) -> None:
         if self.runtime.stopping():
@@ -340,7 +340,7 @@ class PartitionThread(threading.Thread):
         for gate in list(runtime.gates):
             try:
                 taken = gate(msg)
-            except _UNREACHABLE:
+            except self.unreachable:
                 raise  # the partition loop puts the message back at the head and waits
             except Exception:  # noqa: BLE001 - exit_now logs the traceback
                 exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
