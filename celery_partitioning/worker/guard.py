@@ -21,18 +21,9 @@ from .runtime import Gate
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["belongs_here", "misroute_guard"]
+__all__ = ["misroute_guard"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-
-def belongs_here(runtime: PartitionRuntime, pool: str, key: str) -> bool:
-    """False when the guard moves a message with these headers elsewhere (it runs here else)."""
-    try:
-        index = partition_for(key, runtime.settings.partitions(pool))
-    except PartitioningError:
-        return True
-    return (pool, index) == (runtime.pool, runtime.index)
 
 
 def misroute_guard(runtime: PartitionRuntime) -> Gate:

@@ -30,8 +30,7 @@ from typing import Final
 
 from .runtime import SUPERVISOR_PID_ENV
 
-__all__ = ["OUTPUT_FDS_ENV", "ChildOutput", "SupervisorWatch", "start_supervisor_watch",
-           "supervisor_gone"]
+__all__ = ["OUTPUT_FDS_ENV", "ChildOutput", "SupervisorWatch", "start_supervisor_watch"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -168,8 +167,3 @@ def start_supervisor_watch(label: str, on_gone: Callable[[], None]) -> Superviso
         _watch = SupervisorWatch(int(parent), label, os.environ.get(OUTPUT_FDS_ENV), on_gone)
         _watch.start()
     return _watch
-
-
-def supervisor_gone() -> bool:
-    """True once this child's supervisor is known to be gone."""
-    return _watch is not None and _watch.gone.is_set()
