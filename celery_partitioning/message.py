@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .compat import kombu_payload
+from .config import RedisTarget
 from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL
 from .state import partitioning_of, settings_of
 
@@ -312,19 +313,8 @@ def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
         driver = conn.transport.driver_type
         broker = conn.as_uri(include_password=True)
     store = settings.redis
-    if driver == "redis" and store is not None and (
-            store.same_server(settings.broker_redis) if store.is_sentinel
-            else _same_redis(broker, store.url)):
+    # Sentinel: the settings name the broker's sentinels; otherwise the live broker's address
+    live = settings.broker_redis if store is not None and store.is_sentinel else RedisTarget(url=broker)
+    if driver == "redis" and store is not None and store.same_server(live):
         return None
     return publisher(app, pool, index)
-
-
-def _same_redis(a: str, b: str) -> bool:
-    from urllib.parse import urlsplit
-
-    def norm(url: str) -> tuple[str, int, str]:
-        parts = urlsplit(url)
-        db = (parts.path or "/0").strip("/") or "0"
-        return (parts.hostname or "localhost", parts.port or 6379, db)
-
-    return norm(a) == norm(b)
