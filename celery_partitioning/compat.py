@@ -12,6 +12,7 @@ instead of running without a guarantee.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 from typing import Any
 
@@ -20,18 +21,41 @@ from .errors import PartitionConfigError
 __all__ = [
     "c_json_encoder_factory",
     "check_worker_internals",
+    "clear_exit_handlers",
     "decode_virtual_body",
     "kombu_payload",
     "proxy_internals",
     "registered_serializer",
     "request_warm_stop",
     "reset_annotations",
+    "run_after_fork_handlers",
+    "run_exit_handlers",
     "stop_requested",
     "task_exec_options",
     "task_registry",
     "terminate_requested",
     "virtual_message",
 ]
+
+def clear_exit_handlers() -> None:
+    """Forget the ``atexit`` handlers a forked child inherited from its parent (the stdlib
+    has no public call for it; multiprocessing's fork children skip them with ``os._exit``)."""
+    atexit._clear()
+
+
+def run_after_fork_handlers() -> None:
+    """In a forked child: what multiprocessing runs in its fork children, so the app, its
+    control and result backends drop the parent's connection pools (Celery and kombu
+    register their cleanups with ``multiprocessing.util.register_after_fork``)."""
+    from multiprocessing import util
+
+    getattr(util, "_run_after_forkers")()  # noqa: B009 - not in the stubs
+
+
+def run_exit_handlers() -> None:
+    """Run the ``atexit`` handlers now (a forked child leaves with ``os._exit``)."""
+    atexit._run_exitfuncs()
+
 
 def proxy_internals(obj: Any) -> tuple[tuple[Any, ...], Any]:
     """The arguments and the factory of a ``celery.local.Proxy`` (without evaluating it)."""

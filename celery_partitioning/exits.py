@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Final, NoReturn
 
+from . import compat
+
 __all__ = ["EXIT_OK", "EXIT_UNCLEAN", "EXIT_USAGE", "EXIT_KEEP_MESSAGE", "EXIT_FENCED",
-           "exit_now"]
+           "exit_now", "exit_forked_child"]
 
 #: Every worker stopped cleanly; nothing was cut short.
 EXIT_OK: Final = 0
@@ -37,4 +40,16 @@ def exit_now(status: int, message: str, *args: object, exc_info: bool = False) -
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
+    os._exit(status)
+
+
+def exit_forked_child(status: int) -> NoReturn:
+    """End a forked child as a normal interpreter exit would, but never return into the code
+    it was forked from: run the exit handlers the child registered (Celery's pidfile
+    release, the orphan output drain), shut logging down, flush, ``os._exit``."""
+    compat.run_exit_handlers()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os._exit(status)

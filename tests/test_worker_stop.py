@@ -81,31 +81,31 @@ def test_a_warm_stop_of_an_idle_group_exits_0(db11: str, namespace: str, tmp_pat
 # mode the child does what a Celery worker does on a first SIGINT (prints Celery's notice, then
 # exits 1 once stopped); in "failure" mode it exits 1 without that notice, as a worker that
 # failed would: only the first is a clean stop.
-_CHILD = """
+_SUPERVISED = """
 import os, signal, sys, time
-code = None
-def on_int(*_):
-    global code
-    if os.environ["MODE"] == "ctrl-c":
-        print("worker: Hitting Ctrl+C again will initiate cold shutdown, terminating all running tasks!", flush=True)
-    code = 1
-def on_term(*_):
-    global code
-    if os.environ["MODE"] == "failure":
-        code = 1
-signal.signal(signal.SIGINT, on_int)
-signal.signal(signal.SIGTERM, on_term)
-print("running", flush=True)
-while code is None:
-    time.sleep(0.05)
-os._exit(code)
-"""
-
-_SUPERVISED = f"""
-import sys
 from celery_partitioning.worker.supervisor import ChildSpec, PartitionSpec, Supervisor
+
+def child(spec):
+    code = None
+    def on_int(*_):
+        nonlocal code
+        if os.environ["MODE"] == "ctrl-c":
+            print("worker: Hitting Ctrl+C again will initiate cold shutdown, terminating all "
+                  "running tasks!", flush=True)
+        code = 1
+    def on_term(*_):
+        nonlocal code
+        if os.environ["MODE"] == "failure":
+            code = 1
+    signal.signal(signal.SIGINT, on_int)
+    signal.signal(signal.SIGTERM, on_term)
+    print("running", flush=True)
+    while code is None:
+        time.sleep(0.05)
+    return code
+
 specs = [ChildSpec((PartitionSpec("p", 0, "q.p.0"),))]
-sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {_CHILD!r}], stop_timeout=10.0).run())
+sys.exit(Supervisor(specs, child, stop_timeout=10.0).run())
 """
 
 

@@ -24,7 +24,7 @@ from ..state import settings_of
 from ..validation import assert_valid_partition_keys
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.runtime import EVENTS_ENV
-from ..worker.supervisor import Supervisor, select_partitions, spread, worker_argv
+from ..worker.supervisor import Supervisor, run_celery, select_partitions, spread, worker_argv
 
 __all__ = ["partitioning"]
 
@@ -158,7 +158,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         for spec in specs:
             click.echo(f"# {spec.label}: {spec.describe}")
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
-                                for arg in argv(spec)))
+                                for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
     app.loader.import_default_modules()
     try:
@@ -173,7 +173,18 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     except PartitioningError as exc:
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
-    raise SystemExit(Supervisor(specs, argv, env=env, stop_timeout=stop_timeout).run())
+    _preload_worker_modules()
+    raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
+                                stop_timeout=stop_timeout).run())
+
+
+def _preload_worker_modules() -> None:
+    """Import what every partition worker process imports, once, before they are forked
+    from this process: they share these pages instead of each loading its own copy."""
+    import celery.apps.worker
+    import celery.worker.consumer  # noqa: F401
+
+    from ..worker import hooks  # noqa: F401
 
 
 @partitioning.command(cls=CeleryCommand)

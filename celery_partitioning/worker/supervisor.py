@@ -1,18 +1,20 @@
 """The supervisor behind ``celery partitioning worker``: a few processes, many partitions each.
 
 The selected partitions are dealt over ``--processes`` child processes (``spread``). Each
-child is a real ``celery worker`` (``-P solo -c 1 -Q <idle queue>``, task events on, node
-name ``partitions<n>@host``, or ``pool.index@host`` when it hosts one partition) started
-with ``PARTITIONS_ENV`` naming its partitions, which it consumes in a thread each (see
-``hooks.py``). The supervisor prefixes every line a child prints with its label
-(``[w0]``, or ``[pool.index]``), restarts a child that dies (backoff 1 s, 2 s, 4 s ... 30 s
-while it keeps dying within seconds of its start; a child that ran a while is restarted
-after 1 s) and hands the dead child's lease token to its successor, which then takes its
-partitions over at once instead of after the lease TTL. A child that exits 0 on its own
-was told to stop (``celery control shutdown``): the supervisor stops the others and exits.
-SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeout``); a
-second signal kills them at once. If the supervisor is killed alone, each child notices,
-keeps printing to the supervisor's output and stops warmly (``orphan.py``).
+child is forked from the supervisor, which has imported and checked the app, so the children
+share its pages (``forked.py``), and runs a real ``celery worker`` (``-P solo -c 1 -Q <idle
+queue>``, task events on, node name ``partitions<n>@host``, or ``pool.index@host`` when it
+hosts one partition; :func:`worker_argv`) with ``PARTITIONS_ENV`` naming its partitions,
+which it consumes in a thread each (see ``hooks.py``). The supervisor prefixes every line a
+child prints with its label (``[w0]``, or ``[pool.index]``), restarts a child that dies
+(backoff 1 s, 2 s, 4 s ... 30 s while it keeps dying within seconds of its start; a child
+that ran a while is restarted after 1 s) and hands the dead child's lease token to its
+successor, which then takes its partitions over at once instead of after the lease TTL. A
+child that exits 0 on its own was told to stop (``celery control shutdown``): the supervisor
+stops the others and exits. SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL
+after ``stop_timeout``); a second signal kills them at once. If the supervisor is killed
+alone, each child notices, keeps printing to the supervisor's output and stops warmly
+(``orphan.py``).
 
 Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop, also the 1 Celery exits
 with after a first Ctrl-C); ``EXIT_UNCLEAN`` (1) a child exited non-zero otherwise or had to be
@@ -24,19 +26,19 @@ from __future__ import annotations
 
 import os
 import re
+import selectors
 import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any, Final
 
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
 from ..exits import EXIT_OK, EXIT_UNCLEAN
 from ..store.lease import new_token
+from .forked import ForkedProcess, exit_status, fork_child
 from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITIONS_ENV, SUPERVISOR_PID_ENV
 
@@ -47,6 +49,7 @@ __all__ = [
     "Supervisor",
     "select_partitions",
     "parse_indexes",
+    "run_celery",
     "worker_argv",
 ]
 
@@ -157,13 +160,25 @@ def select_partitions(settings: PartitioningSettings, pools: Sequence[str] = (),
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
                 extra: Sequence[str] = (), *, idle_queue: str, events: bool = True) -> list[str]:
-    """The command line of one partition worker process (a ``celery worker``)."""
+    """The ``celery`` arguments of one partition worker process (a ``celery worker``)."""
     return [
-        sys.executable, "-m", "celery", *celery_options, "worker",
+        *celery_options, "worker",
         "-Q", idle_queue, "-P", "solo", "-c", "1", "--prefetch-multiplier", "1",
         "--without-gossip", "--without-mingle", *(["-E"] if events else []),
         "-n", spec.node, "-l", loglevel, *extra,
     ]
+
+
+def run_celery(args: Sequence[str]) -> int:
+    """Run ``celery <args>`` in this process (a forked child) and return its exit status."""
+    from celery.bin.celery import celery
+
+    sys.argv = ["celery", *args]
+    try:
+        celery.main(args=list(args), prog_name="celery", auto_envvar_prefix="CELERY")
+    except SystemExit as exc:
+        return exit_status(exc.code)
+    return 0
 
 
 def _dup_fileno(stream: IO[str]) -> int | None:
@@ -177,30 +192,35 @@ def _dup_fileno(stream: IO[str]) -> int | None:
 @dataclass
 class _Child:
     spec: ChildSpec
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ForkedProcess | None = None
     token: str = ""
     previous_token: str = ""
     started_at: float = 0.0
     failures: int = 0
     restart_at: float | None = None
-    threads: list[threading.Thread] = field(default_factory=list)
+    #: The read end of its output pipe (None once at its end) and the unfinished last line.
+    output_fd: int | None = None
+    partial: bytes = b""
     #: The running process said it took a SIGINT (Ctrl-C) as a warm shutdown.
     took_sigint: bool = False
 
 
 class Supervisor:
-    """Runs and supervises one child worker per partition until told to stop."""
+    """Forks and supervises the partition worker processes until told to stop.
 
-    def __init__(self, specs: Iterable[ChildSpec], argv: Callable[[ChildSpec], list[str]], *,
+    Single-threaded: children's output is read in the main loop, so no other thread can
+    hold a lock when a child is forked (``forked.py``).
+    """
+
+    def __init__(self, specs: Iterable[ChildSpec], main: Callable[[ChildSpec], int], *,
                  env: Mapping[str, str] | None = None, stop_timeout: float = 60.0,
                  out: IO[str] | None = None) -> None:
         self.children = [_Child(spec) for spec in specs]
-        self.argv = argv
+        self.main = main
         self.env = dict(os.environ if env is None else env)
         self.stop_timeout = stop_timeout
         self.out = out if out is not None else sys.stdout
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._selector = selectors.DefaultSelector()
         self._signals = 0
         self._out_fd: int | None = None
         self._out_gone = False
@@ -209,24 +229,61 @@ class Supervisor:
     def say(self, label: str, line: str) -> None:
         """Print one prefixed line; once our output is gone (terminal closed, the reader of
         our pipe died) drop lines instead of dying, so supervising, and children, go on."""
-        with self._lock:
-            if self._out_gone:
-                return
-            try:
-                self.out.write(f"[{label}] {line.rstrip()}\n")
-                self.out.flush()
-            except (OSError, ValueError):
-                self._out_gone = True
+        if self._out_gone:
+            return
+        try:
+            self.out.write(f"[{label}] {line.rstrip()}\n")
+            self.out.flush()
+        except (OSError, ValueError):
+            self._out_gone = True
 
-    def _pump(self, label: str, stream: IO[bytes], child: _Child | None = None) -> None:
-        for raw in iter(stream.readline, b""):
-            if child is not None and _CELERY_SIGINT_NOTICE in raw:
-                child.took_sigint = True
-            self.say(label, raw.decode("utf-8", "replace"))
-        stream.close()
+    def _line(self, child: _Child, raw: bytes) -> None:
+        if _CELERY_SIGINT_NOTICE in raw:
+            child.took_sigint = True
+        self.say(child.spec.label, raw.decode("utf-8", "replace"))
+
+    def _pump(self, timeout: float) -> None:
+        """Forward what the children printed, waiting up to ``timeout`` for some."""
+        if not self._selector.get_map():
+            time.sleep(timeout)
+            return
+        for key, _events in self._selector.select(timeout):
+            child: _Child = key.data
+            try:
+                data = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                *lines, child.partial = (child.partial + data).split(b"\n")
+                for raw in lines:
+                    self._line(child, raw)
+            else:
+                self._close_output(child)
+
+    def _close_output(self, child: _Child) -> None:
+        if child.output_fd is None:
+            return
+        if child.partial:
+            self._line(child, child.partial)
+            child.partial = b""
+        self._selector.unregister(child.output_fd)
+        os.close(child.output_fd)
+        child.output_fd = None
+
+    def _drain_output(self, seconds: float) -> None:
+        """After the children exited: forward the rest of their output (a task's own
+        subprocess may hold a pipe open: stop waiting after ``seconds``)."""
+        deadline = time.monotonic() + seconds
+        while self._selector.get_map() and time.monotonic() < deadline:
+            self._pump(0.05)
+        for child in self.children:
+            self._close_output(child)
 
     # -- children -----------------------------------------------------------------------
     def _start(self, child: _Child) -> None:
+        self._close_output(child)  # the previous process's pipe, if it is still open
         child.previous_token, child.token = child.token, new_token()
         env = {**self.env, PARTITIONS_ENV: child.spec.env_value,
                LEASE_TOKEN_ENV: child.token, SUPERVISOR_PID_ENV: str(os.getpid())}
@@ -238,22 +295,21 @@ class Supervisor:
         # killed its writes cannot fail, and it carries on printing where we did (orphan.py).
         output = ChildOutput.open(self._out_fd)
         env.update(output.env)
+        ours = [c.output_fd for c in self.children if c.output_fd is not None]
         try:
-            proc = subprocess.Popen(self.argv(child.spec), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=output.write_fd, stderr=subprocess.STDOUT,
-                                    pass_fds=output.pass_fds)
+            proc = fork_child(lambda: self.main(child.spec), env=env,
+                              output_fd=output.write_fd,
+                              close_fds=[*ours, self._selector.fileno()])
         except BaseException:
             os.close(output.read_fd)
             raise
         finally:
             os.close(output.write_fd)
+        os.set_blocking(output.read_fd, False)
+        child.output_fd, child.partial = output.read_fd, b""
+        self._selector.register(output.read_fd, selectors.EVENT_READ, child)
         child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
         child.took_sigint = False
-        reader = threading.Thread(target=self._pump,
-                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb"), child),
-                                  name=f"out-{child.spec.label}", daemon=True)
-        reader.start()
-        child.threads = [reader]
         self.say("supervisor", f"started {child.spec.label} (pid {proc.pid}) for "
                                f"{child.spec.describe}")
 
@@ -272,7 +328,6 @@ class Supervisor:
                                    "(celery control shutdown?): stopping every worker")
             child.proc = None
             self._signals += 1
-            self._wake.set()
             return
         if lived >= HEALTHY_AFTER:
             child.failures = 0
@@ -285,7 +340,6 @@ class Supervisor:
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signals += 1
-        self._wake.set()
 
     # -- main loop ----------------------------------------------------------------------
     def run(self) -> int:
@@ -307,7 +361,7 @@ class Supervisor:
                     self._reap(child)
                     if child.restart_at is not None and now >= child.restart_at:
                         self._start(child)
-                self._wake.wait(0.2)
+                self._pump(0.2)
             return self._stop_all()
         finally:
             for sig, handler in previous.items():
@@ -335,15 +389,13 @@ class Supervisor:
                         child.proc.wait()
                         clean = False
                 break
-            self._wake.clear()
-            self._wake.wait(0.1)
-        # Once a child exited, and its output is read to the end: was its stop clean?
+            self._pump(0.1)
+        # Once every child exited, and its output is read to the end: was its stop clean?
+        self._drain_output(2.0)
         killed = not clean
         for child in live:
             assert child.proc is not None
             code = child.proc.wait()
-            for thread in child.threads:
-                thread.join(timeout=2)
             # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
             # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
             # from before it consumes until then, so no task was cut short: still clean.
