@@ -14,8 +14,13 @@ partition's keys run on it alone, so the busiest partition (hash imbalance) boun
 drain; the table shows that bound beside the measurement. After each drain the resident
 memory (RSS, and USS: memory unique to the process) of every worker is read.
 
+Then the thread runtime (:func:`runtime`): 26 partitions as threads of 2 processes against a
+process per partition (2 ms tasks) and against 2 plain solo workers (no-op tasks).
+
     python -m benchmarks.bench_drain   # BENCH_DRAIN_MESSAGES=1000 BENCH_DRAIN_WORKERS=1,2,4,8
                                        # BENCH_DRAIN_MS=0,2 BENCH_DRAIN_KEYS=256
+                                       # BENCH_DRAIN_PARTITIONS=26 BENCH_DRAIN_PROCESSES=2
+                                       # BENCH_DRAIN_ROUNDS=3 BENCH_DRAIN_RUNTIME_ONLY=1
 """
 
 from __future__ import annotations
@@ -105,7 +110,9 @@ def _memory(pids: list[int]) -> tuple[list[int], list[int]]:
 
 
 def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_dir: Path,
-          url: str | None = None) -> Run:
+          url: str | None = None, processes: int | None = None) -> Run:
+    """Drain ``messages`` with ``workers`` plain solo workers or a pool of ``workers``
+    partitions (on ``processes`` processes: the command's default when None)."""
     url = url or redis_url()
     ns = bench_namespace(f"drain{workers}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": url, "BENCH_NS": ns,
@@ -120,10 +127,12 @@ def drain(variant: str, workers: int, ms: float, messages: int, keys: int, log_d
         with app.producer_or_acquire() as producer:
             for i in range(messages):
                 task.apply_async((names[i % keys],), {"ms": ms}, producer=producer)
-        log = log_dir / f"{variant}-{workers}-{ms:g}ms.log"
+        log = log_dir / f"{variant}-{workers}-{processes}-{ms:g}ms.log"
         if variant == "partitioned":
+            spread = [] if processes is None else ["--processes", str(processes)]
             procs.append(_start([_celery(), "-A", "benchmarks.bench_app", "partitioning", "worker",
-                                 "-l", "warning", "--stop-timeout", str(STOP_TIMEOUT)], env, log))
+                                 "-l", "warning", "--stop-timeout", str(STOP_TIMEOUT), *spread],
+                                env, log))
             expected_ready = len(load)
         else:
             for i in range(workers):
@@ -224,15 +233,60 @@ def main() -> None:
                      ["task", "N", "plain", "partitioned", "extra per message", "more (+) / fewer (-)"])
     private = _private_redis(log_dir)
     url = private[0] if private else None
+    only_runtime = os.environ.get("BENCH_DRAIN_RUNTIME_ONLY") == "1"
     try:
-        _matrix(durations, worker_counts, messages, keys, log_dir, url, drains, memory, commands)
+        if not only_runtime:
+            _matrix(durations, worker_counts, messages, keys, log_dir, url, drains, memory, commands)
+        threads = runtime(messages, keys, log_dir, url)
     finally:
         if private:
             _stop([private[1]])
-    drains.print()
-    memory.print()
-    if private:
-        commands.print()
+    if not only_runtime:
+        drains.print()
+        memory.print()
+        if private:
+            commands.print()
+    threads.print()
+
+
+def runtime(messages: int, keys: int, log_dir: Path, url: str | None) -> Table:
+    """The thread runtime against a process per partition and against plain solo workers.
+
+    * 26 partitions, 2 ms (I/O-bound) tasks: ``--processes 2`` (a thread per partition)
+      against ``--processes 26`` (a process per partition, as before threads);
+    * 26 partitions, no-op (CPU-bound) tasks, ``--processes 2`` against 2 plain solo workers.
+
+    ``BENCH_DRAIN_ROUNDS`` interleaved rounds (default 3); the median ratio is the result.
+    """
+    partitions = env_int("BENCH_DRAIN_PARTITIONS", 26)
+    processes = env_int("BENCH_DRAIN_PROCESSES", 2)
+    rounds = env_int("BENCH_DRAIN_ROUNDS", 3)
+    table = Table(f"Thread runtime, {partitions} partitions, {messages:,} messages over {keys} keys "
+                  f"({machine()})", ["task", "compared", "round", "baseline s", "threads s", "ratio"])
+    def threads(ms: float) -> Run:
+        return drain("partitioned", partitions, ms, messages, keys, log_dir, url, processes)
+
+    def baseline(ms: float) -> Run:
+        if ms:  # a process per partition
+            return drain("partitioned", partitions, ms, messages, keys, log_dir, url, partitions)
+        return drain("plain", processes, ms, messages, keys, log_dir, url)
+
+    for ms in (2.0, 0.0):
+        label = "no-op" if not ms else f"{ms:g} ms"
+        compared = (f"--processes {processes} / --processes {partitions}" if ms else
+                    f"--processes {processes} / {processes} plain solo workers")
+        ratios = []
+        for i in range(rounds):
+            if i % 2:  # interleave: neither side always runs first
+                mine, base = threads(ms), baseline(ms)
+            else:
+                base, mine = baseline(ms), threads(ms)
+            ratios.append(mine.seconds / base.seconds)
+            table.add(label, compared, i + 1, base.seconds, mine.seconds, ratios[-1])
+            sys.stdout.write(f"  {label} {compared}, round {i + 1}: {ratios[-1]:.2f}\n")
+            sys.stdout.flush()
+        table.add(label, compared, "median", "", "", statistics.median(ratios))
+    return table
 
 
 def _matrix(durations: list[int], worker_counts: list[int], messages: int, keys: int, log_dir: Path,
