@@ -256,12 +256,16 @@ while True:
 """
 
 def _supervised(child: str) -> str:
-    """A script that runs a Supervisor of one partition whose child is ``child``'s code."""
+    """A script that runs a Supervisor of one partition whose (forked) child runs ``child``'s
+    code as its main module."""
     return f"""
 import sys
 from celery_partitioning.worker.supervisor import ChildSpec, PartitionSpec, Supervisor
+def child(spec):
+    exec(compile({child!r}, "<child>", "exec"), {{"__name__": "__main__"}})
+    return 0
 specs = [ChildSpec((PartitionSpec("p", 0, "q.p.0"),))]
-sys.exit(Supervisor(specs, lambda s: [sys.executable, "-c", {child!r}], stop_timeout=1.0).run())
+sys.exit(Supervisor(specs, child, stop_timeout=1.0).run())
 """
 
 
