@@ -208,7 +208,13 @@ def partition_worker_app(request: pytest.FixtureRequest) -> Celery:
     param = getattr(request, "param", None)
     if param is not None:
         return param
-    app: Celery = request.getfixturevalue("celery_app")
+    try:
+        app: Celery = request.getfixturevalue("celery_app")
+    except pytest.FixtureLookupError:
+        raise pytest.UsageError(
+            "partition_worker needs an app: override the partition_worker_app fixture to return "
+            "yours, or load Celery's pytest plugin for its celery_app fixture "
+            "(pytest_plugins = ('celery.contrib.pytest',))") from None
     install(app)
     for module in request.getfixturevalue("celery_includes"):
         app.loader.import_task_module(module)
