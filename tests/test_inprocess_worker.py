@@ -151,6 +151,7 @@ def test_it_starts_twice_and_leaves_nothing_behind(shop: Shop, redis_url: str) -
             assert len(leases) == 4 and all(client.exists(key) for key in leases)
         took = time.monotonic() - started
         print(f"round {round_}: start, one task, warm stop in {took:.2f}s")
+        assert took < 5, "a partitioned task end to end in-process: well under 5 s (about 0.3 s)"
         # nothing left: threads joined, leases released, tasks as they were, runtime detached
         assert not [t for t in threading.enumerate() if t.name.startswith("partition")]
         assert not any(client.exists(key) for key in leases)
