@@ -3,6 +3,7 @@ in the test process, on a real broker, started and stopped as often as a test su
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -77,9 +78,15 @@ def shop(redis_url: str, namespace: str) -> Iterator[Shop]:
     yield Shop(_app(redis_url, redis_url, namespace))
 
 
-def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop) -> None:
+def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     # Given the app's partition workers running in this process
+    caplog.set_level(logging.INFO, logger="celery_partitioning.worker")
     with start_partition_worker(shop.app) as worker:
+        # each partition's start-up line names its gates for people
+        consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
+        assert len(consuming) == 5
+        assert all(line.endswith("gates: misroute guard, parking gate)") for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice
         results = [shop.step.delay(order, seq, "twice" if seq == 1 else "")
