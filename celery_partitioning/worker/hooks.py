@@ -16,9 +16,10 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
    misroute guard, parking gate, dead letters) and patch partitioned tasks for in-place retry.
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
-4. A warm stop (SIGTERM, SIGINT, ``celery control shutdown``, the supervisor gone) closes
-   the step first: no partition starts another message, running tasks finish, leases are
-   released; then Celery stops the rest.
+4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
+   closes the step first: no partition starts another message, running tasks finish, leases
+   are released; then Celery stops the rest. The step makes a first SIGINT exit 0 as SIGTERM
+   does (Celery's own exits 1); a second SIGINT is Celery's cold shutdown.
 """
 
 from __future__ import annotations
@@ -237,6 +238,9 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime = current_worker(parent.app)
         if runtime is None or self.threads:
             return
+        # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
+        # warm stop that exits 0, as SIGTERM is.
+        compat.install_warm_sigint(parent)
         for partition in runtime.partitions:
             thread = PartitionThread(partition)
             thread.start()
