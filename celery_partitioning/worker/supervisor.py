@@ -14,9 +14,9 @@ SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL after ``stop_timeo
 second signal kills them at once. If the supervisor is killed alone, each child notices,
 keeps printing to the supervisor's output and stops warmly (``orphan.py``).
 
-Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop, also the 1 Celery exits
-with after a first Ctrl-C); ``EXIT_UNCLEAN`` (1) a child exited non-zero otherwise or had to be
-killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry (nothing
+Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop: a child exits 0 after
+SIGTERM or a first SIGINT, ``hooks.py``); ``EXIT_UNCLEAN`` (1) a child exited non-zero or had
+to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry (nothing
 was started).
 """
 
@@ -56,12 +56,6 @@ __all__ = [
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 10.0
-
-#: Exit status of a Celery worker after the warm shutdown a first SIGINT asks for (EX_FAILURE),
-#: and the start of the line Celery prints when it takes that SIGINT (celery.apps.worker.on_SIGINT:
-#: "... will initiate cold shutdown, ..." in 5.5+, "... will terminate all running tasks!" before).
-_CELERY_WARM_SIGINT_EXIT: Final = 1
-_CELERY_SIGINT_NOTICE: Final = b"worker: Hitting Ctrl+C again will "
 
 _RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -184,8 +178,6 @@ class _Child:
     failures: int = 0
     restart_at: float | None = None
     threads: list[threading.Thread] = field(default_factory=list)
-    #: The running process said it took a SIGINT (Ctrl-C) as a warm shutdown.
-    took_sigint: bool = False
 
 
 class Supervisor:
@@ -218,10 +210,8 @@ class Supervisor:
             except (OSError, ValueError):
                 self._out_gone = True
 
-    def _pump(self, label: str, stream: IO[bytes], child: _Child | None = None) -> None:
+    def _pump(self, label: str, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
-            if child is not None and _CELERY_SIGINT_NOTICE in raw:
-                child.took_sigint = True
             self.say(label, raw.decode("utf-8", "replace"))
         stream.close()
 
@@ -248,9 +238,8 @@ class Supervisor:
         finally:
             os.close(output.write_fd)
         child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
-        child.took_sigint = False
         reader = threading.Thread(target=self._pump,
-                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb"), child),
+                                  args=(child.spec.label, os.fdopen(output.read_fd, "rb")),
                                   name=f"out-{child.spec.label}", daemon=True)
         reader.start()
         child.threads = [reader]
@@ -338,7 +327,6 @@ class Supervisor:
             self._wake.clear()
             self._wake.wait(0.1)
         # Once a child exited, and its output is read to the end: was its stop clean?
-        killed = not clean
         for child in live:
             assert child.proc is not None
             code = child.proc.wait()
@@ -347,16 +335,7 @@ class Supervisor:
             # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
             # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
             # from before it consumes until then, so no task was cut short: still clean.
-            clean_codes = {0, -signal.SIGTERM}
-            if child.took_sigint and not killed and self._signals == seen:
-                # Ctrl-C in a terminal sends SIGINT to the whole process group, children
-                # included, and Celery takes a first SIGINT as a *warm* shutdown that exits
-                # with EX_FAILURE (celery.apps.worker.install_worker_int_handler); our SIGTERM
-                # turns that into 0 only if it lands before the child acts on the SIGINT. A
-                # second Ctrl-C, which would cut tasks short, reaches us too: then the children
-                # were killed above, and the stop is not clean anyway.
-                clean_codes.add(_CELERY_WARM_SIGINT_EXIT)
-            if code not in clean_codes:
+            if code not in (0, -signal.SIGTERM):
                 clean = False
                 self.say("supervisor", f"{child.spec.label} stopped with code {code}")
         self.say("supervisor", "stopped cleanly" if clean else "stopped; not every worker "
