@@ -93,6 +93,8 @@ class _Thread(PartitionThread):
     def __init__(self, owner: InProcessWorker, *args: Any) -> None:
         super().__init__(*args)
         self.owner = owner
+        #: It stopped where a worker process would have ended (``owner.failures`` says why).
+        self.failed = False
 
     def run(self) -> None:
         raise_instead_of_exit(self.owner.failed)
@@ -121,6 +123,11 @@ class InProcessWorker:
     # -- what went wrong in a partition ------------------------------------------------------
     def failed(self, error: ThreadExit | str) -> None:
         """A partition stopped where a worker process would have ended: stop them all."""
+        thread = threading.current_thread()
+        if isinstance(thread, _Thread):
+            if thread.failed:
+                return  # the same failure, unwinding through the thread's last resort
+            thread.failed = True
         self.failures.append(error.reason if isinstance(error, ThreadExit) else error)
         if self.runtime is not None:
             self.runtime.stop_event.set()
