@@ -23,6 +23,7 @@ __all__ = [
     "check_worker_internals",
     "clear_exit_handlers",
     "decode_virtual_body",
+    "install_warm_sigint",
     "kombu_payload",
     "proxy_internals",
     "registered_serializer",
@@ -121,6 +122,16 @@ def request_warm_stop() -> None:
         state.should_stop = 0
 
 
+def install_warm_sigint(worker: Any) -> None:
+    """Make a first SIGINT (Ctrl-C) the warm shutdown SIGTERM is, exiting 0 when nothing was cut
+    short; Celery's own exits 1 after it. Celery's notice and its second-SIGINT cold shutdown
+    stay. Call it in the main thread after Celery installed its handlers (a bootstep's start)."""
+    from celery.apps import worker as apps_worker
+
+    apps_worker._shutdown_handler(worker, sig="SIGINT", how="Warm",
+                                  callback=apps_worker.on_SIGINT, exitcode=0)
+
+
 def virtual_message(payload: dict[str, Any], channel: Any) -> Any:
     """A kombu message (as kombu's Redis transport delivers it) made of a raw payload; acks go
     to ``channel`` (``basic_ack``/``basic_reject``/``decode_body``)."""
@@ -189,6 +200,13 @@ def _problems_with_celery() -> list[str]:
             problems.append(f"celery.worker.state.{flag}")
     if not callable(getattr(Task, "start_strategy", None)):
         problems.append("celery.Task.start_strategy (the message handler a worker uses)")
+    from celery.apps import worker as apps_worker
+
+    handler = getattr(apps_worker, "_shutdown_handler", None)
+    if (not callable(handler) or not callable(getattr(apps_worker, "on_SIGINT", None))
+            or not {"sig", "how", "callback", "exitcode"} <= set(inspect.signature(handler).parameters)):
+        problems.append("celery.apps.worker._shutdown_handler(worker, sig, how, callback, "
+                        "exitcode) and on_SIGINT (the Ctrl-C handler)")
     return problems
 
 

@@ -10,12 +10,16 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 from typing import Final, NoReturn
+
+from celery.exceptions import WorkerTerminate
 
 from . import compat
 
 __all__ = ["EXIT_OK", "EXIT_UNCLEAN", "EXIT_USAGE", "EXIT_KEEP_MESSAGE", "EXIT_FENCED",
-           "exit_now", "exit_forked_child"]
+           "exit_now", "exit_forked_child", "ThreadExit", "raise_instead_of_exit"]
 
 #: Every worker stopped cleanly; nothing was cut short.
 EXIT_OK: Final = 0
@@ -30,16 +34,48 @@ EXIT_KEEP_MESSAGE: Final = 70
 EXIT_FENCED: Final = 75
 
 
+class ThreadExit(WorkerTerminate):  # type: ignore[misc]
+    """What :func:`exit_now` raises instead of ending the process, in a thread that asked for
+    it (:func:`raise_instead_of_exit`: the partition threads of an in-process worker).
+
+    A ``WorkerTerminate``, so that raised inside a task it leaves the message unacked as a
+    cold stop does (Celery does not turn it into a ``WorkerLostError`` that would ack it).
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.reason} (exit status {self.status})"
+
+
+_thread = threading.local()
+
+
+def raise_instead_of_exit(on_exit: Callable[[ThreadExit], None]) -> None:
+    """In the calling thread, make :func:`exit_now` call ``on_exit`` and raise ``ThreadExit``
+    instead of ending the process (a test process hosting partition threads must go on)."""
+    _thread.on_exit = on_exit
+
+
 def exit_now(status: int, message: str, *args: object, exc_info: bool = False) -> NoReturn:
     """Log ``message`` as CRITICAL, flush every log handler, and end the process at once.
 
     ``os._exit``: no cleanup runs, so nothing is acked and no lease is released; the
-    partition's successor recovers the held message at the head of the queue.
+    partition's successor recovers the held message at the head of the queue. In a thread
+    marked by :func:`raise_instead_of_exit`, raises :class:`ThreadExit` instead.
     """
     logging.getLogger("celery_partitioning.worker").critical(message, *args, exc_info=exc_info)
     for handler in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             handler.flush()
+    on_exit = getattr(_thread, "on_exit", None)
+    if on_exit is not None:
+        error = ThreadExit(status, message % args if args else message)
+        on_exit(error)
+        raise error
     os._exit(status)
 
 

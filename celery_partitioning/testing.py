@@ -1,29 +1,37 @@
-"""Testing partitioned tasks without a broker: routing assertions and a pytest plugin.
+"""Testing partitioned tasks: routing assertions, in-process partition workers, a pytest plugin.
 
 A *call* is a Celery signature, ``task.s(*args, **kwargs)``, so a test names a call exactly
 as the code under test makes it. ``route_of`` gives its ``Route`` (``explain_route``: the
 key function runs, nothing is published); ``assert_same_partition`` and ``assert_routes_to``
 turn that into assertions whose failures show every route involved.
 
+``start_partition_worker(app)`` runs the app's partition workers as threads of the calling
+process (the real partition threads: lease, order, in-place retry, parking, dead letters) for
+the duration of a ``with`` block.
+
 Installed with the package, pytest loads this module as a plugin (entry point ``pytest11``
-``celery_partitioning``), which adds the fixture ``partition_routes``: a ``RouteRecorder``
-of every partitioned call the test publishes or runs eagerly (``task_always_eager``).
+``celery_partitioning``), which adds the fixtures ``partition_routes`` (a ``RouteRecorder``
+of every partitioned call the test publishes or runs eagerly) and ``partition_worker`` (the
+partition workers of ``partition_worker_app``, in-process, for the test).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from celery import signals
 
-from .app import explain_route
+from .app import explain_route, install
 from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL, Route
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from .worker.inprocess import InProcessWorker
 
 __all__ = [
     "route_of",
@@ -31,7 +39,11 @@ __all__ = [
     "assert_routes_to",
     "RecordedRoute",
     "RouteRecorder",
+    "start_partition_worker",
     "partition_routes",
+    "partition_worker_app",
+    "partition_worker_pools",
+    "partition_worker",
 ]
 
 
@@ -152,6 +164,32 @@ class RouteRecorder:
         self.routes.clear()
 
 
+# -- partition workers in this process -------------------------------------------------------
+
+@contextmanager
+def start_partition_worker(app: Celery, pools: str | Iterable[str] | None = None, *,
+                           start_timeout: float = 15.0,
+                           stop_timeout: float = 30.0) -> Iterator[InProcessWorker]:
+    """Run the partition workers of ``app`` in this process while the block runs.
+
+    ``pools``: a pool name or names (default: every pool). Returns once every partition
+    of them consumes (``start_timeout``: a lease held by another worker on the same Redis
+    fails here, naming it); on leaving the block, a warm stop: no partition starts another
+    message, running tasks finish (``stop_timeout``), leases are released. Tasks run in the
+    partition threads exactly as in ``celery partitioning worker``: one message at a time
+    per partition, in queue order, retries in place, dead letters and parked keys; without
+    remote control and task events. A partition that fails where a worker process would
+    exit stops, keeps its message, and makes the block raise ``InProcessWorkerError``.
+
+    Tasks must be registered on ``app`` before the block starts.
+    """
+    from .worker.inprocess import InProcessWorker
+
+    with InProcessWorker(app, pools, start_timeout=start_timeout,
+                         stop_timeout=stop_timeout) as worker:
+        yield worker
+
+
 # -- pytest plugin (entry point pytest11) ------------------------------------------------------
 
 @pytest.fixture
@@ -159,3 +197,40 @@ def partition_routes() -> Iterator[RouteRecorder]:
     """Every partitioned call this test publishes or runs eagerly, as ``RecordedRoute``s."""
     with RouteRecorder() as recorder:
         yield recorder
+
+
+@pytest.fixture
+def partition_worker_app(request: pytest.FixtureRequest) -> Celery:
+    """The app ``partition_worker`` runs. Override this fixture to return your own app, or
+    parametrize it (``indirect=True``); by default it is Celery's ``celery_app`` fixture (its
+    configuration from your ``celery_config`` fixture, its task modules from
+    ``celery_includes``) with partitioning installed on it."""
+    param = getattr(request, "param", None)
+    if param is not None:
+        return param
+    try:
+        app: Celery = request.getfixturevalue("celery_app")
+    except pytest.FixtureLookupError:
+        raise pytest.UsageError(
+            "partition_worker needs an app: override the partition_worker_app fixture to return "
+            "yours, or load Celery's pytest plugin for its celery_app fixture "
+            "(pytest_plugins = ('celery.contrib.pytest',))") from None
+    install(app)
+    for module in request.getfixturevalue("celery_includes"):
+        app.loader.import_task_module(module)
+    return app
+
+
+@pytest.fixture
+def partition_worker_pools() -> str | Iterable[str] | None:
+    """The pools ``partition_worker`` runs (default: all); override to narrow them."""
+    return None
+
+
+@pytest.fixture
+def partition_worker(partition_worker_app: Celery,
+                     partition_worker_pools: str | Iterable[str] | None) -> Iterator[InProcessWorker]:
+    """The partition workers of ``partition_worker_app``, in this process, for one test
+    (:func:`start_partition_worker`): started before the test, warmly stopped after it."""
+    with start_partition_worker(partition_worker_app, partition_worker_pools) as worker:
+        yield worker

@@ -43,6 +43,12 @@ def test_the_documented_example_passes_through_the_installed_plugin(pytester: py
     result.assert_outcomes(passed=4)
 
 
+def test_the_in_process_example_of_the_docs_is_the_test_ci_runs() -> None:
+    example = (DOC.parent.parent / "tests" / "test_docs_testing_example.py").read_text()
+    section = DOC.read_text().split("### The example CI runs", 1)[1]
+    assert f"```python\n{example}```" in section, "docs/testing.md and its example test differ"
+
+
 def test_the_plugin_is_registered_under_its_name(pytestconfig: pytest.Config) -> None:
     plugin = pytestconfig.pluginmanager.get_plugin("celery_partitioning")
     assert plugin is not None and plugin.__name__ == "celery_partitioning.testing"

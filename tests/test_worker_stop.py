@@ -1,21 +1,22 @@
 """A warm stop of `celery partitioning worker` exits 0 when nothing was cut short, whichever
 signal (SIGINT, as Ctrl-C in a terminal, or SIGTERM) reaches it, alone or with its whole
 process group. Real supervisor and workers on Redis: the task running at the signal must
-finish (recorded by the task itself), and the exit status must be 0. Celery exits 1 after the
-warm shutdown a first SIGINT asks for; whether the supervisor's SIGTERM lands before that is a
-race, so the rule is also tested without Celery, where it is not."""
+finish (recorded by the task itself), and the exit status must be 0. That holds because a
+partition worker process itself takes a first SIGINT as a warm stop and exits 0 (Celery's own
+handler exits 1), which is also tested on one process alone."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
-import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.apps.harness import Harness
-from tests.support.procs import Processes, wait_for
+from tests.support.procs import Processes, celery_bin
 
 
 @pytest.mark.integration
@@ -77,50 +78,41 @@ def test_a_warm_stop_of_an_idle_group_exits_0(db11: str, namespace: str, tmp_pat
     assert code == 0, log
 
 
-# Celery-free: the supervisor's rule itself, without the race of a real worker. In "ctrl-c"
-# mode the child does what a Celery worker does on a first SIGINT (prints Celery's notice, then
-# exits 1 once stopped); in "failure" mode it exits 1 without that notice, as a worker that
-# failed would: only the first is a clean stop.
-_SUPERVISED = """
-import os, signal, sys, time
-from celery_partitioning.worker.supervisor import ChildSpec, PartitionSpec, Supervisor
-
-def child(spec):
-    code = None
-    def on_int(*_):
-        nonlocal code
-        if os.environ["MODE"] == "ctrl-c":
-            print("worker: Hitting Ctrl+C again will initiate cold shutdown, terminating all "
-                  "running tasks!", flush=True)
-        code = 1
-    def on_term(*_):
-        nonlocal code
-        if os.environ["MODE"] == "failure":
-            code = 1
-    signal.signal(signal.SIGINT, on_int)
-    signal.signal(signal.SIGTERM, on_term)
-    print("running", flush=True)
-    while code is None:
-        time.sleep(0.05)
-    return code
-
-specs = [ChildSpec((PartitionSpec("p", 0, "q.p.0"),))]
-sys.exit(Supervisor(specs, child, stop_timeout=10.0).run())
-"""
+def _bare_worker(h: Harness, processes: Processes, name: str) -> subprocess.Popen[bytes]:
+    """One partition worker process, exactly as the supervisor starts it (partition p.0)."""
+    argv = [celery_bin(), "-A", "tests.apps.ordering_app", "worker", "-Q", f"{h.ns}partition.idle",
+            "-P", "solo", "-c", "1", "--prefetch-multiplier", "1", "--without-gossip",
+            "--without-mingle", "-n", f"p.0-{uuid.uuid4().hex[:6]}@%h", "-l", "info"]
+    return processes.start(argv, env={**h.env(), "CELERY_PARTITIONING_PARTITIONS": "p:0"},
+                           log=h.log(name))
 
 
-@pytest.mark.parametrize(("mode", "clean"), [("ctrl-c", True), ("failure", False)])
-def test_exit_1_is_clean_only_after_the_childs_own_warm_sigint(
-        processes: Processes, tmp_path: Path, mode: str, clean: bool) -> None:
-    log = tmp_path / "supervisor.log"
-    proc = processes.start([sys.executable, "-c", _SUPERVISED], env={"MODE": mode}, log=log)
-    wait_for(lambda: "[p.0] running" in log.read_text(), 20, "the child")
+@pytest.mark.integration
+@pytest.mark.parametrize("signals", [1, 2], ids=["one SIGINT", "two SIGINTs"])
+def test_a_partition_worker_takes_a_first_sigint_as_a_warm_stop_and_exits_0(
+        db11: str, namespace: str, tmp_path: Path, processes: Processes, signals: int) -> None:
+    # Given a partition worker process (no supervisor) inside a task that holds for 4 s
+    h = Harness(db11, db11, namespace, 1, tmp_path, processes)
+    proc = _bare_worker(h, processes, "child")
+    h.publish([("Order:1", 0, 4000, "started")])
+    h.next_signal("started")
 
-    processes.signal(proc, signal.SIGINT)  # Ctrl-C: the supervisor and its child
+    # When it gets SIGINT (Ctrl-C), once, or twice
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3 if signals > 1 else 0)
+    try:
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the worker did not stop within 60 s\n" + h.log_text("child")) from None
 
-    code = proc.wait(timeout=20)
-    text = log.read_text()
-    if clean:
-        assert code == 0 and "stopped cleanly" in text, text
+    log = h.log_text("child")
+    if signals == 1:
+        # Then the first is a warm stop: the task finished, and the process exits 0 (not
+        # Celery's 1), so a supervisor sees a clean stop without reading Celery's output
+        assert h.records(["Order:1"]) == {"Order:1": ["start 0", "end 0"]}, log
+        assert code == 0, log
     else:
-        assert code == 1 and "p.0 stopped with code 1" in text, text
+        # the second is Celery's cold shutdown: the task is cut short, the exit is not clean
+        assert h.records(["Order:1"]) == {"Order:1": ["start 0"]}, log
+        assert code != 0, log

@@ -16,15 +16,17 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
    misroute guard, parking gate, dead letters) and patch partitioned tasks for in-place retry.
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
-4. A warm stop (SIGTERM, SIGINT, ``celery control shutdown``, the supervisor gone) closes
-   the step first: no partition starts another message, running tasks finish, leases are
-   released; then Celery stops the rest.
+4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
+   closes the step first: no partition starts another message, running tasks finish, leases
+   are released; then Celery stops the rest. The step makes a first SIGINT exit 0 as SIGTERM
+   does (Celery's own exits 1); a second SIGINT is Celery's cold shutdown.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import bootsteps, signals
@@ -58,7 +60,7 @@ from .runtime import (
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["configure_worker", "PartitionsStep", "FORCED_WORKER_SETTINGS",
+__all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER_SETTINGS",
            "ALLOW_PLAIN_CONSUMER_ENV"]
 
 logger = logging.getLogger("celery_partitioning.worker")
@@ -151,13 +153,26 @@ def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> N
 def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
     if current_worker(app) is not None:
         return
+    attach_worker(app, build_runtime(app, worker, hosted))
+
+
+def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
+                  fence: Callable[[str], None] | None = None) -> WorkerRuntime:
+    """The WorkerRuntime of the partitions ``hosted`` (not yet attached to ``app``, no thread
+    started): one PartitionRuntime per partition with its lease, misroute guard, parking gate
+    and dead letters, the partitioned tasks patched for in-place retry, and the executor.
+
+    ``node`` is the Celery node the tasks run in (a ``WorkController``, or a stand-in with
+    ``hostname``, ``timer``, ``state`` and ``consumer``); ``fence`` is what a lease holder that
+    lost its lease does (default: end the process at once).
+    """
     settings = partitioning_of(app).settings
     degraded = check_guarantees(app)  # refuses a setup that cannot keep a guarantee
     with app.connection_for_read() as conn:
         transport = str(conn.transport.driver_type)
     if transport == "amqp":
         declare_partition_queues(app, hosted)  # another queue type: one clear error
-    hostname = str(worker.hostname)
+    hostname = str(node.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
                             events=bool(app.conf.worker_send_task_events))
     # One store client for the process (short commands; a connection per busy thread), and one
@@ -176,7 +191,7 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
             hostname=hostname, transport=transport, worker=runtime,
             broker=broker_redis(app) if transport == "redis" else None)
         if partition.broker is not None and settings.redis is not None:
-            partition.lease = _lease(partition, settings)
+            partition.lease = _lease(partition, settings, fence)
         partition.gates.append(misroute_guard(partition))
         install_failure_handling(partition, head_push)  # the parking gate, dead letters
         if head_push is None and partition.store is not None:
@@ -187,11 +202,12 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
     assert first.inflight is not None, "install_failure_handling gives every partition one"
     runtime.retry = enable_in_place_retry(first, first.store, first.inflight, first.publish,
                                           dead_letters=first.dead_letters)
-    runtime.executor = Executor(app, worker)
-    attach_worker(app, runtime)
+    runtime.executor = Executor(app, node)
+    return runtime
 
 
-def _lease(partition: PartitionRuntime, settings: PartitioningSettings) -> Lease:
+def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
+           fence: Callable[[str], None] | None) -> Lease:
     assert settings.redis is not None
     ttl = settings.lease_ttl
     replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
@@ -201,7 +217,7 @@ def _lease(partition: PartitionRuntime, settings: PartitioningSettings) -> Lease
     return Lease(client, partition.keys.lease(partition.queue), ttl,
                  node=f"{partition.hostname}#{partition.label}",
                  token=os.environ.get(LEASE_TOKEN_ENV),
-                 takeover=os.environ.get(LEASE_TAKEOVER_ENV))
+                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence)
 
 
 class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -222,6 +238,9 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime = current_worker(parent.app)
         if runtime is None or self.threads:
             return
+        # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
+        # warm stop that exits 0, as SIGTERM is.
+        compat.install_warm_sigint(parent)
         for partition in runtime.partitions:
             thread = PartitionThread(partition)
             thread.start()

@@ -142,6 +142,9 @@ class _RedisAck:
 class PartitionThread(threading.Thread):
     """Consumes one partition until the process stops."""
 
+    #: Seconds a blocking fetch waits before the thread checks whether it should stop.
+    fetch_timeout: float = FETCH_TIMEOUT
+
     def __init__(self, runtime: PartitionRuntime) -> None:
         super().__init__(name=f"partition-{runtime.label}", daemon=True)
         self.runtime = runtime
@@ -224,7 +227,7 @@ class PartitionThread(threading.Thread):
         self._announce()
         while not runtime.stopping():
             try:
-                item = broker.fetch(runtime.queue, in_transit, FETCH_TIMEOUT)
+                item = broker.fetch(runtime.queue, in_transit, self.fetch_timeout)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
                 self._settle(None, recover=True)  # what the lost connection held: to the head
@@ -308,7 +311,7 @@ class PartitionThread(threading.Thread):
                     backoff.reset()
                     while not runtime.stopping():
                         try:
-                            conn.drain_events(timeout=FETCH_TIMEOUT)
+                            conn.drain_events(timeout=self.fetch_timeout)
                         except TimeoutError:
                             continue
                     consumer.cancel()  # type: ignore[no-untyped-call]

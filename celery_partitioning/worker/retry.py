@@ -129,6 +129,8 @@ class InPlaceRetry:
                          if runtime.redis is not None else None)
         self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
+        #: The tasks this patcher patched, with what their instance held before.
+        self._patched: list[tuple[Any, dict[str, Any]]] = []
 
     def _partition(self) -> _Partition:
         """The partition of the calling thread (one patcher serves every partition of the
@@ -172,10 +174,22 @@ class InPlaceRetry:
             return False
         original_run = task.run
         original_retry = task.retry
+        own = vars(task)
+        self._patched.append((task, {name: own[name] for name in ("run", "retry") if name in own}))
         task.retry = functools.partial(self._retry, task, original_retry)
         task.run = functools.wraps(original_run)(functools.partial(self._run, task, original_run))
         setattr(task, PATCHED, True)
         return True
+
+    def unpatch_all(self) -> None:
+        """Give back the tasks this patcher patched as they were (an in-process worker stops)."""
+        for task, before in reversed(self._patched):
+            for name in ("run", "retry", PATCHED):
+                if name in before:
+                    setattr(task, name, before[name])
+                elif name in vars(task):
+                    delattr(task, name)
+        self._patched.clear()
 
     # -- task.retry -------------------------------------------------------------------
     def _retry(self, task: Any, original: Callable[..., Any], args: Any = None,  # noqa: PLR0917

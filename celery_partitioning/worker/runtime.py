@@ -203,6 +203,10 @@ def current_worker(app: Celery) -> WorkerRuntime | None:
     return worker if isinstance(worker, WorkerRuntime) else None
 
 
-def attach_worker(app: Celery, worker: WorkerRuntime) -> None:
-    """Hang ``worker`` off ``app`` (one per process)."""
-    setattr(app, WORKER_ATTRIBUTE, worker)
+def attach_worker(app: Celery, worker: WorkerRuntime | None) -> None:
+    """Hang ``worker`` off ``app`` (one per process); None takes it off (an in-process worker
+    that stopped)."""
+    if worker is None:
+        vars(app).pop(WORKER_ATTRIBUTE, None)
+    else:
+        setattr(app, WORKER_ATTRIBUTE, worker)

@@ -16,10 +16,10 @@ after ``stop_timeout``); a second signal kills them at once. If the supervisor i
 alone, each child notices, keeps printing to the supervisor's output and stops warmly
 (``orphan.py``).
 
-Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop, also the 1 Celery exits
-with after a first Ctrl-C); ``EXIT_UNCLEAN`` (1) a child exited non-zero otherwise or had to be
-killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry (nothing
-was started).
+Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop: a child exits 0 after
+SIGTERM or a first SIGINT, ``hooks.py``); ``EXIT_UNCLEAN`` (1) a child exited non-zero or had
+to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry
+(nothing was started).
 """
 
 from __future__ import annotations
@@ -59,12 +59,6 @@ __all__ = [
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 10.0
-
-#: Exit status of a Celery worker after the warm shutdown a first SIGINT asks for (EX_FAILURE),
-#: and the start of the line Celery prints when it takes that SIGINT (celery.apps.worker.on_SIGINT:
-#: "... will initiate cold shutdown, ..." in 5.5+, "... will terminate all running tasks!" before).
-_CELERY_WARM_SIGINT_EXIT: Final = 1
-_CELERY_SIGINT_NOTICE: Final = b"worker: Hitting Ctrl+C again will "
 
 _RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -201,8 +195,6 @@ class _Child:
     #: The read end of its output pipe (None once at its end) and the unfinished last line.
     output_fd: int | None = None
     partial: bytes = b""
-    #: The running process said it took a SIGINT (Ctrl-C) as a warm shutdown.
-    took_sigint: bool = False
 
 
 class Supervisor:
@@ -238,8 +230,6 @@ class Supervisor:
             self._out_gone = True
 
     def _line(self, child: _Child, raw: bytes) -> None:
-        if _CELERY_SIGINT_NOTICE in raw:
-            child.took_sigint = True
         self.say(child.spec.label, raw.decode("utf-8", "replace"))
 
     def _pump(self, timeout: float) -> None:
@@ -309,7 +299,6 @@ class Supervisor:
         child.output_fd, child.partial = output.read_fd, b""
         self._selector.register(output.read_fd, selectors.EVENT_READ, child)
         child.proc, child.started_at, child.restart_at = proc, time.monotonic(), None
-        child.took_sigint = False
         self.say("supervisor", f"started {child.spec.label} (pid {proc.pid}) for "
                                f"{child.spec.describe}")
 
@@ -392,23 +381,13 @@ class Supervisor:
             self._pump(0.1)
         # Once every child exited, and its output is read to the end: was its stop clean?
         self._drain_output(2.0)
-        killed = not clean
         for child in live:
             assert child.proc is not None
             code = child.proc.wait()
             # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
             # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
             # from before it consumes until then, so no task was cut short: still clean.
-            clean_codes = {0, -signal.SIGTERM}
-            if child.took_sigint and not killed and self._signals == seen:
-                # Ctrl-C in a terminal sends SIGINT to the whole process group, children
-                # included, and Celery takes a first SIGINT as a *warm* shutdown that exits
-                # with EX_FAILURE (celery.apps.worker.install_worker_int_handler); our SIGTERM
-                # turns that into 0 only if it lands before the child acts on the SIGINT. A
-                # second Ctrl-C, which would cut tasks short, reaches us too: then the children
-                # were killed above, and the stop is not clean anyway.
-                clean_codes.add(_CELERY_WARM_SIGINT_EXIT)
-            if code not in clean_codes:
+            if code not in (0, -signal.SIGTERM):
                 clean = False
                 self.say("supervisor", f"{child.spec.label} stopped with code {code}")
         self.say("supervisor", "stopped cleanly" if clean else "stopped; not every worker "

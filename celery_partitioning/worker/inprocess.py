@@ -1,0 +1,244 @@
+"""Partition workers inside the calling process (a test): the real partition threads, no
+``celery worker`` process around them.
+
+:class:`InProcessWorker` builds the WorkerRuntime a partition worker process builds
+(``hooks.build_runtime``: leases, misroute guard, parking gate, dead letters, in-place retry,
+the executor) and starts one :class:`~.partition.PartitionThread` per partition, as the
+``PartitionsStep`` bootstep does. Tasks run through Celery's strategy and request classes in
+those threads, as in a partition worker process; what the Celery node would add around them
+is left out: no remote control, no heartbeats, no task events (the executor sees no
+consumer). The node is a stand-in with a host name, a timer (strategies only read it for
+ETAs, which a partition holds itself) and Celery's worker state (revoked ids, active requests).
+
+Where a partition worker process would end itself (``exits.exit_now``: a gate failed, a dead
+letter could not be stored; a lost lease), the partition stops instead, the message it held
+stays unacked, and :meth:`InProcessWorker.close` raises :class:`InProcessWorkerError` saying
+why. ``close`` is a warm stop: no partition starts another message, a running task finishes,
+the threads are joined, leases released, the tasks un-patched, the clients closed, so that a
+later start on the same app begins afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from kombu.asynchronous.timer import Timer
+
+from ..errors import PartitionConfigError, PartitioningError
+from ..exits import ThreadExit, raise_instead_of_exit
+from ..state import partitioning_of
+from ..validation import assert_valid_partition_keys
+from .hooks import build_runtime
+from .partition import PartitionThread
+from .runtime import WorkerRuntime, attach_worker, current_worker
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["InProcessWorker", "InProcessWorkerError", "hosted_partitions"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Seconds a blocking fetch waits before the thread checks whether it should stop.
+FETCH_TIMEOUT: Final = 0.2
+#: Seconds ``start`` waits for every partition to consume (a lease held elsewhere...).
+START_TIMEOUT: Final = 15.0
+#: Seconds ``close`` waits for running tasks to finish.
+STOP_TIMEOUT: Final = 30.0
+
+
+class InProcessWorkerError(PartitioningError):
+    """An in-process partition worker could not start, or a partition of it stopped early."""
+
+
+class _Node:
+    """What the executor and Celery's strategies read of the Celery node they run in."""
+
+    consumer = None  # no event dispatcher: no task events
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.timer = Timer()  # type: ignore[no-untyped-call]
+
+    @property
+    def state(self) -> Any:
+        from celery.worker import state
+
+        return state
+
+
+def hosted_partitions(app: Celery, pools: str | Iterable[str] | None) -> list[tuple[str, int]]:
+    """Every partition of ``pools`` (a name, names, or None: every pool of the app)."""
+    settings = partitioning_of(app).settings
+    names = list(settings.pools) if pools is None else [pools] if isinstance(pools, str) else list(pools)
+    unknown = [name for name in names if name not in settings.pools]
+    if unknown or not names:
+        raise PartitionConfigError(f"no pool {', '.join(map(repr, unknown)) or '(none given)'} "
+                                   f"in partitioning_pools (pools: {', '.join(settings.pools)})")
+    return [(pool, index) for pool in names for index in range(settings.partitions(pool))]
+
+
+class _Thread(PartitionThread):
+    """A partition thread whose fatal errors stop it instead of ending the process."""
+
+    fetch_timeout = FETCH_TIMEOUT  # a test waits this long, at most, for the warm stop
+
+    def __init__(self, owner: InProcessWorker, *args: Any) -> None:
+        super().__init__(*args)
+        self.owner = owner
+        #: It stopped where a worker process would have ended (``owner.failures`` says why).
+        self.failed = False
+
+    def run(self) -> None:
+        raise_instead_of_exit(self.owner.failed)
+        # Celery's tracer finds the task through the current app (thread-local), which in a
+        # worker process is the worker's app.
+        self.runtime.app.set_current()
+        with contextlib.suppress(ThreadExit):  # recorded by owner.failed; message kept
+            super().run()
+
+
+class InProcessWorker:
+    """The partition workers of ``app`` (``pools``: None for all) as threads of this process."""
+
+    def __init__(self, app: Celery, pools: str | Iterable[str] | None = None, *,
+                 start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.app = app
+        self.hosted = hosted_partitions(app, pools)
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.hostname = f"partitions-{os.getpid()}-{threading.get_ident()}@{socket.gethostname()}"
+        self.runtime: WorkerRuntime | None = None
+        self.threads: list[_Thread] = []
+        self.failures: list[str] = []
+        self._before: dict[Any, dict[str, Any]] = {}
+
+    # -- what went wrong in a partition ------------------------------------------------------
+    def failed(self, error: ThreadExit | str) -> None:
+        """A partition stopped where a worker process would have ended: stop them all."""
+        thread = threading.current_thread()
+        if isinstance(thread, _Thread):
+            if thread.failed:
+                return  # the same failure, unwinding through the thread's last resort
+            thread.failed = True
+        self.failures.append(error.reason if isinstance(error, ThreadExit) else error)
+        if self.runtime is not None:
+            self.runtime.stop_event.set()
+
+    def _fence(self, reason: str) -> None:
+        logger.critical("celery-partitioning: %s; stopping the in-process partition worker",
+                        reason)
+        self.failed(reason)
+
+    # -- start -------------------------------------------------------------------------------
+    def start(self) -> InProcessWorker:
+        """Build the runtime, start a thread per partition, return once every one consumes."""
+        app = self.app
+        if current_worker(app) is not None:
+            raise InProcessWorkerError(f"app {app.main!r} already runs partition workers in this "
+                                       "process; stop them first")
+        assert_valid_partition_keys(app)
+        # What building the runtime changes on the tasks, to give back at close.
+        self._before = {task: {name: vars(task)[name] for name in ("acks_late", "__trace__")
+                               if name in vars(task)} for task in app.tasks.values()}
+        runtime = build_runtime(app, _Node(self.hostname), self.hosted, fence=self._fence)
+        self.runtime = runtime
+        attach_worker(app, runtime)
+        try:
+            for partition in runtime.partitions:
+                thread = _Thread(self, partition)
+                thread.start()
+                self.threads.append(thread)
+            self._wait_consuming()
+        except BaseException:
+            self.close(raise_failures=False)
+            raise
+        logger.info("%s: %d partition(s) consuming in this process: %s", self.hostname,
+                    len(self.threads), runtime.label)
+        return self
+
+    def _wait_consuming(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        for thread in self.threads:
+            while not thread.consuming.wait(0.05):
+                if not thread.is_alive() or self.failures:
+                    raise InProcessWorkerError(
+                        f"partition {thread.runtime.label} stopped before it consumed: "
+                        f"{'; '.join(self.failures) or 'see the log'}")
+                if time.monotonic() > deadline:
+                    raise InProcessWorkerError(
+                        f"partition {thread.runtime.label} does not consume after "
+                        f"{self.start_timeout:.0f}s: {_why_waiting(thread)}")
+
+    # -- stop --------------------------------------------------------------------------------
+    def close(self, *, raise_failures: bool = True) -> None:
+        """Warm stop: no further message; running tasks finish; everything given back."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        runtime.stop_event.set()
+        deadline = time.monotonic() + self.stop_timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        running = [t.runtime.label for t in self.threads if t.is_alive()]
+        if running:
+            raise InProcessWorkerError(
+                f"partition(s) {', '.join(running)} still run a task {self.stop_timeout:.0f}s "
+                "after the warm stop; their threads are left running")
+        self.threads.clear()
+        self.runtime = None
+        if runtime.retry is not None:
+            runtime.retry.unpatch_all()
+        for task, before in self._before.items():
+            for name in ("acks_late", "__trace__"):
+                if name in before:
+                    setattr(task, name, before[name])
+                elif name in vars(task):
+                    delattr(task, name)
+        attach_worker(self.app, None)
+        _close_clients(runtime)
+        if self.failures and raise_failures:
+            raise InProcessWorkerError("; ".join(self.failures))
+
+    def __enter__(self) -> InProcessWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(raise_failures=exc[0] is None)
+
+
+def _why_waiting(thread: PartitionThread) -> str:
+    lease = thread.runtime.lease
+    if lease is None:
+        return "see the log"
+    try:
+        holder = lease.holder()
+    except Exception as exc:  # noqa: BLE001 - only for the message
+        return f"its lease store does not answer ({exc})"
+    if holder is None:
+        return "its lease is free; see the log"
+    return (f"its lease is held by {holder.describe()} (another worker on this Redis: stop it, "
+            "or use a database of your own)")
+
+
+def _close_clients(runtime: WorkerRuntime) -> None:
+    clients: list[Any] = []
+    for partition in runtime.partitions:
+        clients += [partition.redis, partition.broker.client if partition.broker else None,
+                    partition.lease.client if partition.lease else None]
+    seen: set[int] = set()
+    for client in clients:
+        if client is not None and id(client) not in seen:
+            seen.add(id(client))
+            try:
+                client.close()
+                client.connection_pool.disconnect()
+            except Exception:
+                logger.debug("closing a Redis client failed", exc_info=True)
