@@ -1,23 +1,30 @@
-"""The parking gate: a message whose key is parked is set aside in order instead of running."""
+"""The parking gate: a message whose key is parked (behind a dead letter, or while it waits out
+a retry backoff) is set aside in order instead of running; and the keys of a partition in
+retry backoff, released when due."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..message import PartitionMessage, Publish
+from ..store.backoff import BackoffStore
 from ..store.deadletters import DeadLetterStore
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["InFlight", "InFlightEntry", "ParkingGate"]
+__all__ = ["BackoffKeys", "InFlight", "InFlightEntry", "ParkingGate"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
 #: More messages than this passed the gate without finishing: forget the oldest.
 MAX_INFLIGHT: Final = 64
+#: Longest time the partition thread trusts what it knows of its keys in backoff without
+#: reading the schedule again (it sets every key aside itself; this is only a safety net).
+RECHECK: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,3 +103,35 @@ class ParkingGate:
         logger.warning("%s[%s]: key %r of pool %s %s", message.task_name, task_id, key, pool, what)
         message.ack()
         return True
+
+
+class BackoffKeys:
+    """The keys of one partition waiting out a retry backoff (``store/backoff.py``).
+
+    Only the partition's own thread sets its keys aside, so it knows when the next one is due
+    and reads Redis only then (and at start, for what a predecessor left): between messages
+    :meth:`release_due` usually costs no Redis call.
+    """
+
+    def __init__(self, runtime: PartitionRuntime, store: BackoffStore,
+                 publish: Publish | None = None) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.publish = publish
+        #: When the schedule must be read next (epoch s); 0: at once.
+        self.next_check = 0.0
+
+    def set_aside(self, pool: str, key: str, task_id: str, raw: str, due: float) -> None:
+        """Set ``key`` aside until ``due`` with ``raw`` (the retried message) first."""
+        self.store.set_aside(pool, key, task_id, raw, due=due, queue=self.runtime.queue,
+                             publish=self.publish)
+        self.next_check = min(self.next_check, due)
+
+    def release_due(self) -> float:
+        """Let the keys that are due run again; returns the seconds until the next is due."""
+        now = time.time()
+        if now < self.next_check:
+            return self.next_check - now
+        wait = self.store.release_due(self.runtime.queue, publish=self.publish, now=now)
+        self.next_check = now + min(wait, RECHECK)
+        return self.next_check - now
