@@ -20,17 +20,34 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ..message import Publish
+from .attempts import ATTEMPTS_TTL, AttemptRecord
 from .deadletters import DeadLetterStore, _text
 from .keys import key_digest
 
-__all__ = ["BackoffStore", "BackoffSummary"]
+__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "new_token", "with_token"]
 
 #: Most keys one release pass lets go (the rest go on the next pass, right after).
 RELEASE_BATCH: Final = 100
+#: Header of the copy of a retried message set aside with its key: the token its attempt
+#: record names. Another delivery of the task id (the original, redelivered by a broker after
+#: a crash between setting the copy aside and the ack) is older: the gate drops it.
+BACKOFF_HEADER: Final = "partition_backoff"
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def with_token(raw: str, token: str) -> str:
+    """The kombu payload ``raw`` with ``token`` in its :data:`BACKOFF_HEADER` header."""
+    payload = json.loads(raw)
+    payload["headers"] = {**(payload.get("headers") or {}), BACKOFF_HEADER: token}
+    return json.dumps(payload)
 
 
 @dataclass(frozen=True)
@@ -58,15 +75,26 @@ class BackoffStore:
         self.client = store.client
         self.keys = store.keys
 
-    def set_aside(self, pool: str, key: str, task_id: str, raw: str, *, due: float, queue: str,
-                  publish: Publish | None = None) -> None:
-        """Store the retried message ``raw`` as the first set-aside message of ``key`` until
-        ``due``; the caller then acks the message it ran. Idempotent by task id."""
+    def set_aside(self, pool: str, key: str, task_id: str, raw: str, record: AttemptRecord, *,
+                  queue: str, publish: Publish | None = None,
+                  in_transit: tuple[str, bytes] | None = None) -> None:
+        """Set ``key`` aside until ``record.resume_at`` with a copy of the retried message
+        ``raw`` first (marked with ``record.token``), and save its attempt ``record``, in one
+        script. With ``in_transit`` (where the delivery that ran waits, when it came from this
+        Redis) that delivery is acked in the same script; otherwise the caller acks it.
+        Idempotent by task id."""
+        if record.token is None:
+            raise ValueError("a message set aside needs a token in its attempt record")
         store = self.store
+        due = record.resume_at
         marker = json.dumps({"id": task_id, "due": due})
+        acked = in_transit if publish is None else None
         store.scripts.backoff(
-            keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue)],
-            args=[key_digest(key), task_id, raw, repr(due), _member(pool, key), marker])
+            keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue),
+                  acked[0] if acked else "", self.keys.attempts(task_id)],
+            args=[key_digest(key), task_id, with_token(raw, record.token), repr(due),
+                  _member(pool, key), marker, acked[1] if acked else b"", record.to_json(),
+                  ATTEMPTS_TTL])
         if publish is not None:  # a replayed message's deferred ones may have been released
             store.flush_outbox(pool, key, publish)
 

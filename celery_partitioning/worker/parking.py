@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..message import PartitionMessage, Publish
-from ..store.backoff import BackoffStore
+from ..store.attempts import AttemptRecord
+from ..store.backoff import BACKOFF_HEADER, BackoffStore
 from ..store.deadletters import DeadLetterStore
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class InFlightEntry:
     attempts_read: bool = False
     #: The message belongs to a replay in flight: the store must hear when it is done.
     replaying: bool = True
+    #: Where a message fetched from Redis waits until acked (in-transit list, item).
+    in_transit: tuple[str, bytes] | None = None
 
 
 class InFlight:
@@ -84,6 +87,15 @@ class ParkingGate:
         #: How deferred messages are re-queued (None: Redis head push; see deadletters).
         self.publish = publish
 
+    @staticmethod
+    def _stale(message: PartitionMessage, attempts: str | None, replaying: bool) -> bool:
+        """A delivery of a task id whose copy was set aside with its key, other than that copy."""
+        if not replaying or not attempts:
+            return False
+        record = AttemptRecord.parse(attempts)
+        return (record is not None and record.token is not None
+                and message.headers.get(BACKOFF_HEADER) != record.token)
+
     def __call__(self, message: PartitionMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
@@ -92,11 +104,18 @@ class ParkingGate:
         result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
                                   publish=self.publish)
         verdict = result.verdict
-        if verdict == "run":
+        if verdict == "run" and not self._stale(message, result.attempts, result.replaying):
             self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,
                                                      attempts_read=True,
-                                                     replaying=result.replaying))
+                                                     replaying=result.replaying,
+                                                     in_transit=message.in_transit))
             return False
+        if verdict == "run":
+            logger.warning("%s[%s]: an older delivery of a message whose copy waits out a retry "
+                           "backoff with key %r (a crash before its ack): dropped",
+                           message.task_name, task_id, key)
+            message.ack()
+            return True
         what = {"parked": "is parked: message set aside",
                 "deferred": "is being replayed: newer message deferred behind the replay",
                 "duplicate": "is parked: message already stored"}[verdict]
@@ -121,11 +140,14 @@ class BackoffKeys:
         #: When the schedule must be read next (epoch s); 0: at once.
         self.next_check = 0.0
 
-    def set_aside(self, pool: str, key: str, task_id: str, raw: str, due: float) -> None:
-        """Set ``key`` aside until ``due`` with ``raw`` (the retried message) first."""
-        self.store.set_aside(pool, key, task_id, raw, due=due, queue=self.runtime.queue,
-                             publish=self.publish)
-        self.next_check = min(self.next_check, due)
+    def set_aside(self, entry: InFlightEntry, task_id: str, record: AttemptRecord) -> None:
+        """Set the key of ``entry`` aside until ``record.resume_at``, a copy of its message
+        first, and save the attempt ``record``; a delivery fetched from this Redis is acked
+        in the same step."""
+        self.store.set_aside(entry.pool, entry.key, task_id, entry.raw, record,
+                             queue=self.runtime.queue, publish=self.publish,
+                             in_transit=entry.in_transit)
+        self.next_check = min(self.next_check, record.resume_at)
 
     def release_due(self) -> float:
         """Let the keys that are due run again; returns the seconds until the next is due."""

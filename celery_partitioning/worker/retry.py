@@ -30,6 +30,7 @@ Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
@@ -43,6 +44,7 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..message import Publish
 from ..store.attempts import AttemptRecord, AttemptStore
+from ..store.backoff import new_token
 from ..store.deadletters import DeadLetterStore
 from ..tasks import spec_of
 from .parking import InFlight
@@ -290,13 +292,14 @@ class InPlaceRetry:
                     logger.warning("%s[%s]: the arguments of its retry cannot be serialized; a "
                                    "crash during the backoff would resume with the message's own",
                                    task.name, request.id, exc_info=True)
-        self._remember(request.id, retries, resume_at, call)
-        if attempt is not None and self._set_aside(request.id, signal.delay, resume_at):
+        if attempt is not None and self._set_aside(request.id, signal.delay,
+                                                   AttemptRecord(retries, resume_at, call)):
             attempt.set_aside = True
             logger.info("%s[%s] retries (%d) in %.2fs, its key set aside until then: %s",
                         task.name, request.id, retries, signal.delay,
                         signal.excs or "retry requested")
             raise signal  # Celery records the retry and acks the message
+        self._remember(request.id, retries, resume_at, call)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
         _announce_retry(task, request, signal)
@@ -306,9 +309,10 @@ class InPlaceRetry:
         request.args, request.kwargs = args, kwargs
         return args, kwargs
 
-    def _set_aside(self, task_id: str, delay: float, due: float) -> bool:
-        """Set the message's key aside until ``due``, unless the delay is short enough to hold
-        the partition (or there is no store, or the message is not known to the gate)."""
+    def _set_aside(self, task_id: str, delay: float, record: AttemptRecord) -> bool:
+        """Set the message's key aside until the record's due time (a copy of the message
+        first, marked with a new token) and save the record, unless the delay is short enough
+        to hold the partition (or there is no store, or the gate did not see the message)."""
         runtime = self.runtime
         backoff = getattr(runtime, "backoff", None)
         if backoff is None or delay < runtime.settings.retry_hold_below:
@@ -316,7 +320,7 @@ class InPlaceRetry:
         entry = self.inflight.get(task_id)
         if entry is None:
             return False
-        backoff.set_aside(entry.pool, entry.key, task_id, entry.raw, due)
+        backoff.set_aside(entry, task_id, dataclasses.replace(record, token=new_token()))
         return True
 
     def _wait_until(self, resume_at: float) -> None:
