@@ -28,15 +28,15 @@ both come here) and wraps ``task.run``:
 
 Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
@@ -320,7 +320,7 @@ class InPlaceRetry:
         entry = self.inflight.get(task_id)
         if entry is None:
             return False
-        backoff.set_aside(entry, task_id, dataclasses.replace(record, token=new_token()))
+        backoff.set_aside(entry, task_id, replace(record, token=new_token()))
         return True
 
     def _wait_until(self, resume_at: float) -> None:
