@@ -95,7 +95,7 @@ class BackoffStore:
             args=[key_digest(key), task_id, with_token(raw, record.token), repr(due),
                   _member(pool, key), marker, acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
-        if publish is not None:  # a replayed message's deferred ones may have been released
+        if publish is not None:  # what an interrupted earlier release left in the outbox
             store.flush_outbox(pool, key, publish)
 
     def release_due(self, queue: str, *, publish: Publish | None = None,
