@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 def _benchmarks() -> dict[str, Callable[[], None]]:
     from benchmarks import (
+        bench_backoff,
         bench_drain,
         bench_keyhash,
         bench_memory,
@@ -42,6 +43,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         "skew": bench_skew.main,
         "drain": bench_drain.main,
         "memory": bench_memory.main,
+        "backoff": bench_backoff.main,
     }
 
 

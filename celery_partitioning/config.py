@@ -53,6 +53,7 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_queue_type": None,
         "partitioning_delivery_limit": DEFAULT_DELIVERY_LIMIT,
         "partitioning_allow_degraded": False,
+        "partitioning_retry_hold_below": 0.1,
     }
 )
 
@@ -156,6 +157,8 @@ class PartitioningSettings:
     checkpoint_database: str = "default"
     #: Message ids remembered per (projection, key) by projections deduplicating by id.
     dedupe_window: int = 100
+    #: A retry delay (s) below this holds the partition in place; a longer one sets the key aside.
+    retry_hold_below: float = 0.1
 
     @property
     def redis_url(self) -> str | None:
@@ -393,6 +396,8 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
                             2**31 - 1, f"use a positive number of deliveries (default "
                             f"{DEFAULT_DELIVERY_LIMIT:,}) that no crash loop reaches"),
         allow_degraded=_flag("partitioning_allow_degraded", get("partitioning_allow_degraded")),
+        retry_hold_below=_seconds("partitioning_retry_hold_below",
+                                  get("partitioning_retry_hold_below"), 0, 3600),
     )
 
 

@@ -16,9 +16,10 @@ in place, on that partition::
             raise DCBConflict(scope, expected_version=version)
 
 Every operation on a scope (new commands and conflict retries alike) routes by the very same
-key, so a retry never runs beside or after a newer operation on its scope: the partition
+key, so a retry never runs beside or after a newer operation on its scope: the scope's key
 waits out the backoff ``min(30 s, 0.1 s * 2**retry * U[0.5, 1.5])`` (retry = 0 for the
-first), then runs the command again. After ``max_attempts`` attempts the message becomes a
+first; below ``partitioning_retry_hold_below`` the partition waits with it), then the command
+runs again. After ``max_attempts`` attempts the message becomes a
 dead letter with reason ``DCB_MAX_RETRIES_EXCEEDED`` and the scope's key is parked until an
 operator replays or discards it (``celery -A proj partitioning dead-letters ...``). Tasks
 that touch a scope without needing conflict retries route with :func:`dcb_partition_key`.

@@ -113,6 +113,14 @@ class PartitionMessage:
     def partition_count(self) -> int | None:
         return _int_header(self.headers.get(HEADER_COUNT))
 
+    @property
+    def in_transit(self) -> tuple[str, bytes] | None:
+        """A message fetched from Redis: the in-transit list it waits in until acked, and its
+        exact bytes there (what an ack removes); None for other brokers."""
+        channel = getattr(self.message, "channel", None)
+        name, item = getattr(channel, "in_transit", None), getattr(channel, "item", None)
+        return (name, item) if isinstance(name, str) and isinstance(item, bytes) else None
+
     def payload(self) -> str:
         """The raw payload (JSON text) of this message: see :func:`payload_of`."""
         return payload_of(self.message)

@@ -36,6 +36,8 @@ METRICS: list[tuple[str, str, str, Any]] = [
      lambda row: _pid(row["consumer"])),
     ("parked_keys", "gauge", "Keys of the partition parked behind a dead letter.",
      lambda row: row["parked_keys"]),
+    ("backoff_keys", "gauge", "Keys of the partition waiting out a retry backoff.",
+     lambda row: row.get("backoff_keys", 0)),
 ]
 
 _PID = re.compile(r"\(pid (\d+)\)$")

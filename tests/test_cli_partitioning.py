@@ -102,6 +102,10 @@ def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace
     payload = {"body": "", "headers": {}, "properties": {"delivery_info": {}}}
     client.hset(f"{namespace}unacked", "tag-1", json.dumps([payload, "celery", queue0]))
     client.zadd(f"{namespace}unacked_index", {"tag-1": time.time() - 30})
+    # and, for partition 1, two keys waiting out a retry backoff
+    due = time.time() + 60
+    client.zadd(RedisKeys(namespace).backoff_schedule(f"{namespace}partition.p.1"),
+                {json.dumps(["p", "k1"]): due, json.dumps(["p", "k2"]): due + 5})
 
     # When status --json runs
     result = h.cli("status", "--json")
@@ -118,6 +122,8 @@ def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace
             assert 0 <= rows[i]["oldest_age"] < 60  # from the partition_published_at header
         assert rows[i]["parked_keys"] == 0
         assert rows[i]["queue"] == f"{namespace}partition.p.{i}"
+    assert rows[1]["backoff_keys"] == 2 and abs(rows[1]["backoff_next_due"] - due) < 0.01
+    assert [rows[i]["backoff_keys"] for i in (0, 2, 3)] == [0, 0, 0]
 
     # And status changed nothing; the table form says the same
     again = {r["index"]: r["depth"] for r in json.loads(h.cli("status", "--json").stdout)["partitions"]}
@@ -127,7 +133,7 @@ def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace
     assert table.returncode == 0
     assert "no consumer" in table.stdout and "p.0@host-a (pid 4242)" in table.stdout
     assert table.stdout.startswith(f"broker {url}")
-    assert "DEPTH" in table.stdout
+    assert "DEPTH" in table.stdout and "2 (next in " in table.stdout
 
 
 def test_worker_refuses_an_invalid_registry_before_starting_anything(tmp_path: Path) -> None:

@@ -83,3 +83,32 @@ def test_on_rabbitmq_a_replay_runs_before_a_newer_message_already_queued(
     assert report.ok and report.reruns == 1, report.summary()
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
         f"{key} 0", f"Order:{q} 0", f"{key} 0", f"{key} 1", f"{key} 2", f"{key} 3", f"{key} 4"]
+
+
+def test_on_rabbitmq_a_key_in_retry_backoff_waits_alone_and_keeps_its_order(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    first = fa.cp.explain_route(fa.app, "fail.flaky", "r0", 0).index
+    a, *others = [o for o in (f"r{i}" for i in range(500))
+                  if fa.cp.explain_route(fa.app, "fail.flaky", o, 0).index == first][:6]
+    # Given A0 fails twice (0.3 s countdown), then 25 events of 5 other keys, then A1 and A2:
+    # A1 reaches the worker either during the backoff (set aside) or ahead of the released A0
+    # (republished to the back of the queue): then it is deferred behind it
+    fa.flaky.delay(a, 0, 2, 0.3)
+    for seq in range(5):
+        for order in others:
+            fa.flaky.delay(order, seq)
+    fa.flaky.delay(a, 1)
+    fa.flaky.delay(a, 2)
+    start_partition_worker(processes, fa, "entity", first, tmp_path / "w.log")
+    wait_for(lambda: client.llen(f"{fa.NS}ran") >= 30, 60, "30 runs")
+    # Then every key ran in order, A0 three times before A1
+    keys = [f"Order:{o}" for o in (a, *others)]
+    records = {k: client.lrange(f"{fa.NS}rec:{k}", 0, -1) for k in keys}
+    report = check(records, {k: 3 if k == f"Order:{a}" else 5 for k in keys})
+    assert report.ok and report.reruns == 2, report.summary()
+    ran = client.lrange(f"{fa.NS}ran", 0, -1)
+    assert [r for r in ran if r.startswith(f"Order:{a} ")] == [
+        f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 0 try2", f"Order:{a} 1 try0",
+        f"Order:{a} 2 try0"]

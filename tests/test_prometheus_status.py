@@ -31,7 +31,8 @@ def _samples(text: str) -> dict[str, float]:
 
 def test_every_metric_of_every_partition_with_unknowns_left_out() -> None:
     rows = [
-        PartitionStatus("entity", 0, "partition.entity.0", 12, 1, 31.5, "entity.0@h1 (pid 4242)", 2),
+        PartitionStatus("entity", 0, "partition.entity.0", 12, 1, 31.5, "entity.0@h1 (pid 4242)", 2,
+                        backoff_keys=3, backoff_next_due=1_900_000_000.0),
         PartitionStatus("entity", 1, "partition.entity.1", 0, None, None, None, 0),       # AMQP-like
         PartitionStatus("global", 0, "partition.global.0", 3, None, None, "1 consumer(s)", 0),
     ]
@@ -51,8 +52,10 @@ def test_every_metric_of_every_partition_with_unknowns_left_out() -> None:
         f"celery_partitioning_lease_holder_pid{{{e0}}}": 4242,
         f"celery_partitioning_parked_keys{{{e0}}}": 2, f"celery_partitioning_parked_keys{{{e1}}}": 0,
         f"celery_partitioning_parked_keys{{{g0}}}": 0,
+        f"celery_partitioning_backoff_keys{{{e0}}}": 3, f"celery_partitioning_backoff_keys{{{e1}}}": 0,
+        f"celery_partitioning_backoff_keys{{{g0}}}": 0,
     }
-    assert result.stdout.count("# TYPE ") == 6 and "# TYPE celery_partitioning_queue_depth gauge" in result.stdout
+    assert result.stdout.count("# TYPE ") == 7 and "# TYPE celery_partitioning_queue_depth gauge" in result.stdout
 
 
 def test_input_that_is_not_status_json_is_exit_2() -> None:

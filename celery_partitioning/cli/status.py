@@ -5,8 +5,8 @@ entries routed to the queue, the oldest age is the larger of the oldest unacked 
 time since delivery and the queue head's time since publish (header
 ``partition_published_at``), the consumer is the lease holder. RabbitMQ: depth and consumer
 count come from a passive queue declare; unacked and ages are not known over AMQP (None).
-Parked keys come from the dead-letter store when a Redis store is configured. Nothing here
-changes any state.
+Parked keys, and the keys waiting out a retry backoff (how many, when the first is due), come
+from the dead-letter store when a Redis store is configured. Nothing here changes any state.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..hashing import partition_for
 from ..router import HEADER_PUBLISHED_AT
 from ..state import redis_client, redis_keys, settings_of
+from ..store.backoff import BackoffStore, BackoffSummary
 from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
 from ..store.deadletters import DeadLetterStore
 from ..store.lease import read_holders
@@ -48,6 +49,10 @@ class PartitionStatus:
     consumer: str | None
     #: Keys of this partition parked behind a dead letter.
     parked_keys: int
+    #: Keys of this partition waiting out a retry backoff (their messages set aside).
+    backoff_keys: int = 0
+    #: When the first of them is due (epoch s), None when none waits.
+    backoff_next_due: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +90,18 @@ def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], i
         client.close()
 
 
+def _backoffs(app: Celery, queues: Sequence[str]) -> dict[str, BackoffSummary]:
+    settings = settings_of(app)
+    if settings.redis is None:
+        return {}
+    client = redis_client(settings.redis)
+    try:
+        backoff = BackoffStore(DeadLetterStore(client, redis_keys(app)))
+        return {queue: backoff.summary(queue) for queue in queues}
+    finally:
+        client.close()
+
+
 def _leases(app: Celery, queues: Sequence[str]) -> dict[str, str | None]:
     settings = settings_of(app)
     if settings.redis is None:
@@ -116,6 +133,7 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
     chosen = list(pools) or list(settings.pools)
     parts = [(p, i, settings.queue_name(p, i)) for p in chosen for i in range(settings.partitions(p))]
     parked = _parked_counts(app, chosen)
+    backoffs = _backoffs(app, [q for _, _, q in parts])
     now = time.time()
     rows: list[PartitionStatus] = []
     broker = broker_redis(app)
@@ -138,13 +156,28 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
                     parked.get((pool, index), 0)))
         finally:
             broker.close()
-        return rows
+        return _with_backoffs(rows, backoffs)
     for pool, index, queue in parts:
         depth, consumers = _amqp_queue(app, queue)
         consumer = None if not consumers else f"{consumers} consumer(s)"
         rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
                                     parked.get((pool, index), 0)))
+    return _with_backoffs(rows, backoffs)
+
+
+def _with_backoffs(rows: list[PartitionStatus],
+                   backoffs: dict[str, BackoffSummary]) -> list[PartitionStatus]:
+    for row in rows:
+        summary = backoffs.get(row.queue)
+        if summary is not None:
+            row.backoff_keys, row.backoff_next_due = summary.count, summary.next_due
     return rows
+
+
+def _backoff_cell(row: PartitionStatus, now: float) -> str:
+    if not row.backoff_keys or row.backoff_next_due is None:
+        return str(row.backoff_keys)
+    return f"{row.backoff_keys} (next in {max(0.0, row.backoff_next_due - now):.1f}s)"
 
 
 def _cell(value: Any) -> str:
@@ -157,10 +190,12 @@ def _cell(value: Any) -> str:
 
 def render_table(rows: Sequence[PartitionStatus]) -> str:
     """The human table of ``status``."""
-    header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED")
+    header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED",
+              "BACKOFF")
+    now = time.time()
     table = [header] + [
         (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
-         r.consumer or "no consumer", str(r.parked_keys))
+         r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now))
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -23,11 +23,16 @@ class AttemptRecord:
     resume_at: float
     #: The serialized arguments a retry gave (``{"content_type", "encoding", "body"}``).
     call: dict[str, str] | None = None
+    #: The token of the copy set aside with its key during the backoff (``store/backoff.py``):
+    #: any other delivery of the task id is older, and is dropped.
+    token: str | None = None
 
     def to_json(self) -> str:
         record: dict[str, Any] = {"retries": self.retries, "resume_at": self.resume_at}
         if self.call is not None:
             record["call"] = self.call
+        if self.token is not None:
+            record["token"] = self.token
         return json.dumps(record)
 
     @classmethod
@@ -37,9 +42,10 @@ class AttemptRecord:
             return None
         try:
             data = json.loads(raw)
-            call = data.get("call")
+            call, token = data.get("call"), data.get("token")
             return cls(int(data["retries"]), float(data["resume_at"]),
-                       call if isinstance(call, dict) else None)
+                       call if isinstance(call, dict) else None,
+                       token if isinstance(token, str) else None)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 

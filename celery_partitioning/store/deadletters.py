@@ -11,6 +11,8 @@ Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`, key text 
   until each has reached the worker, newer messages of the key that were already in flight are
   deferred and re-queued right behind them (so a replay can never be overtaken).
 * ``dl-log:{pool}`` list of JSON records of every replay and discard (what, when).
+* ``backoff:{pool}:{digest}``: the key waits out a retry backoff; its messages are set aside
+  in ``parked`` exactly as a parked key's, and released automatically (``store/backoff.py``).
 
 Replay pushes onto kombu's Redis list in the same transaction as it unparks, so it needs the
 broker to be the Redis that holds the store (the default: ``partitioning_redis_url`` falls
@@ -148,7 +150,7 @@ class DeadLetterStore:
     def __init__(self, client: Redis, keys: RedisKeys) -> None:
         self.client = client
         self.keys = keys
-        self._scripts = scripts_for(client)
+        self.scripts = scripts_for(client)
 
     # -- worker side ------------------------------------------------------------------
     def _key_names(self, pool: str, key: str) -> list[str]:
@@ -156,10 +158,11 @@ class DeadLetterStore:
         return [k.dead_letters(pool), k.parked(pool, key), k.parked_ids(pool, key),
                 k.replaying(pool, key), k.deferred(pool, key)]
 
-    def _script_keys(self, pool: str, key: str, queue: str, publish: Publish | None) -> list[str]:
+    def script_keys(self, pool: str, key: str, queue: str, publish: Publish | None) -> list[str]:
+        """KEYS[1..8] of the scripts that start with ``prelude.lua``."""
         return [*self._key_names(pool, key),
                 self.keys.broker_queue(queue) if publish is None else "",
-                self.keys.replay_outbox(pool, key)]
+                self.keys.replay_outbox(pool, key), self.keys.backoff(pool, key)]
 
     def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
              publish: Publish | None = None) -> GateVerdict:
@@ -172,7 +175,7 @@ class DeadLetterStore:
     def check(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
               publish: Publish | None = None) -> GateResult:
         """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
-        reply = self._scripts.check(keys=[*self._script_keys(pool, key, queue, publish),
+        reply = self.scripts.check(keys=[*self.script_keys(pool, key, queue, publish),
                                  self.keys.attempts(task_id)],
                            args=[key_digest(key), task_id, raw])
         result = GateResult.parse(reply)
@@ -183,8 +186,8 @@ class DeadLetterStore:
     def dead_letter(self, letter: DeadLetter, queue: str, *,
                     publish: Publish | None = None) -> bool:
         """Store a dead letter and park its key; False if the key was parked already."""
-        stored = self._scripts.dead_letter(
-            keys=self._script_keys(letter.pool, letter.key, queue, publish),
+        stored = self.scripts.dead_letter(
+            keys=self.script_keys(letter.pool, letter.key, queue, publish),
             args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw_bytes() or b""],
         )
         return bool(stored)
@@ -192,7 +195,7 @@ class DeadLetterStore:
     def finished(self, pool: str, key: str, task_id: str, queue: str, *,
                  publish: Publish | None = None) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
-        self._scripts.finished(keys=self._script_keys(pool, key, queue, publish),
+        self.scripts.finished(keys=self.script_keys(pool, key, queue, publish),
                        args=[key_digest(key), task_id])
         if publish is not None:
             self.flush_outbox(pool, key, publish)

@@ -65,6 +65,16 @@ class RedisKeys:
         """List: newer raw messages of the key that arrived while a replay was in flight."""
         return f"{self.root}deferred:{pool}:{key_digest(partition_key)}"
 
+    def backoff(self, pool: str, partition_key: str) -> str:
+        """String: present while the key waits out a retry backoff (its messages are set aside
+        in ``parked`` like a parked key's); JSON ``{"id", "due"}`` of the retried message."""
+        return f"{self.root}backoff:{pool}:{key_digest(partition_key)}"
+
+    def backoff_schedule(self, queue: str) -> str:
+        """Sorted set: the keys of a partition waiting out a retry backoff (member: JSON
+        ``[pool, key]``), scored by the time (epoch s) their retried message is due."""
+        return f"{self.root}backoff-due:{queue}"
+
     def attempts(self, task_id: str) -> str:
         """String: in-place retries made so far by one task id (survives a worker crash)."""
         return f"{self.root}attempts:{key_digest(task_id)}"

@@ -1,7 +1,8 @@
 """The Lua scripts of the store: real ``.lua`` files in ``scripts/``, loaded once, run by SHA.
 
-Each script is the concatenation of its parts (the dead-letter scripts share
-``prelude.lua`` and ``gate.lua``); every file documents its KEYS and ARGV in its header.
+Each script is the concatenation of its parts (the dead-letter, parking and backoff
+scripts share ``prelude.lua``, the gate's scripts ``gate.lua``); every file documents its
+KEYS and ARGV in its header.
 :func:`scripts_for` registers them on a redis-py client: a call runs ``EVALSHA`` and loads
 the script only if the server does not know it yet (a restarted or failed-over Redis).
 """
@@ -20,6 +21,8 @@ SCRIPTS: Final = {
     "check": ("prelude", "gate", "check"),
     "finished": ("prelude", "finished"),
     "dead_letter": ("prelude", "dead_letter"),
+    "backoff": ("prelude", "backoff"),
+    "release": ("prelude", "release"),
     "lease_acquire": ("lease_acquire",),
     "lease_renew": ("lease_renew",),
     "lease_release": ("lease_release",),
@@ -41,6 +44,8 @@ class Scripts:
     check: Any
     finished: Any
     dead_letter: Any
+    backoff: Any
+    release: Any
     lease_acquire: Any
     lease_renew: Any
     lease_release: Any

@@ -12,7 +12,8 @@
 
 Either way a store that cannot be written stops the worker without acking
 (``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
-:func:`install_failure_handling` wires this and the parking gate into a partition at start.
+:func:`install_failure_handling` wires this, the parking gate and the keys in retry backoff
+into a partition at start.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..message import (
     requeue_method,
 )
 from ..router import HEADER_KEY, HEADER_POOL
+from ..store.backoff import BackoffStore
 from ..store.deadletters import (
     REASON_DCB_MAX_RETRIES,
     REASON_ERROR,
@@ -41,7 +43,7 @@ from ..store.deadletters import (
     DeadLetterStore,
     now_iso,
 )
-from .parking import InFlightEntry, ParkingGate
+from .parking import BackoffKeys, InFlightEntry, ParkingGate
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
@@ -159,4 +161,5 @@ def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None =
         publish = None if head_push else publisher(runtime.app, runtime.pool, runtime.index)
     runtime.store, runtime.publish = store, publish
     runtime.dead_letters = DeadLetters(runtime, store, publish)
+    runtime.backoff = BackoffKeys(runtime, BackoffStore(store), publish)
     runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))

@@ -1,23 +1,31 @@
-"""The parking gate: a message whose key is parked is set aside in order instead of running."""
+"""The parking gate: a message whose key is parked (behind a dead letter, or while it waits out
+a retry backoff) is set aside in order instead of running; and the keys of a partition in
+retry backoff, released when due."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from ..message import PartitionMessage, Publish
+from ..store.attempts import AttemptRecord
+from ..store.backoff import BACKOFF_HEADER, BackoffStore
 from ..store.deadletters import DeadLetterStore
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["InFlight", "InFlightEntry", "ParkingGate"]
+__all__ = ["BackoffKeys", "InFlight", "InFlightEntry", "ParkingGate"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
 #: More messages than this passed the gate without finishing: forget the oldest.
 MAX_INFLIGHT: Final = 64
+#: Longest time the partition thread trusts what it knows of its keys in backoff without
+#: reading the schedule again (it sets every key aside itself; this is only a safety net).
+RECHECK: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,8 @@ class InFlightEntry:
     attempts_read: bool = False
     #: The message belongs to a replay in flight: the store must hear when it is done.
     replaying: bool = True
+    #: Where a message fetched from Redis waits until acked (in-transit list, item).
+    in_transit: tuple[str, bytes] | None = None
 
 
 class InFlight:
@@ -77,6 +87,15 @@ class ParkingGate:
         #: How deferred messages are re-queued (None: Redis head push; see deadletters).
         self.publish = publish
 
+    @staticmethod
+    def _stale(message: PartitionMessage, attempts: str | None, replaying: bool) -> bool:
+        """A delivery of a task id whose copy was set aside with its key, other than that copy."""
+        if not replaying or not attempts:
+            return False
+        record = AttemptRecord.parse(attempts)
+        return (record is not None and record.token is not None
+                and message.headers.get(BACKOFF_HEADER) != record.token)
+
     def __call__(self, message: PartitionMessage) -> bool:
         key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
         if key is None or pool is None or task_id is None:
@@ -85,14 +104,56 @@ class ParkingGate:
         result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
                                   publish=self.publish)
         verdict = result.verdict
-        if verdict == "run":
+        if verdict == "run" and not self._stale(message, result.attempts, result.replaying):
             self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,
                                                      attempts_read=True,
-                                                     replaying=result.replaying))
+                                                     replaying=result.replaying,
+                                                     in_transit=message.in_transit))
             return False
+        if verdict == "run":
+            logger.warning("%s[%s]: an older delivery of a message whose copy waits out a retry "
+                           "backoff with key %r (a crash before its ack): dropped",
+                           message.task_name, task_id, key)
+            message.ack()
+            return True
         what = {"parked": "is parked: message set aside",
                 "deferred": "is being replayed: newer message deferred behind the replay",
                 "duplicate": "is parked: message already stored"}[verdict]
         logger.warning("%s[%s]: key %r of pool %s %s", message.task_name, task_id, key, pool, what)
         message.ack()
         return True
+
+
+class BackoffKeys:
+    """The keys of one partition waiting out a retry backoff (``store/backoff.py``).
+
+    Only the partition's own thread sets its keys aside, so it knows when the next one is due
+    and reads Redis only then (and at start, for what a predecessor left): between messages
+    :meth:`release_due` usually costs no Redis call.
+    """
+
+    def __init__(self, runtime: PartitionRuntime, store: BackoffStore,
+                 publish: Publish | None = None) -> None:
+        self.runtime = runtime
+        self.store = store
+        self.publish = publish
+        #: When the schedule must be read next (epoch s); 0: at once.
+        self.next_check = 0.0
+
+    def set_aside(self, entry: InFlightEntry, task_id: str, record: AttemptRecord) -> None:
+        """Set the key of ``entry`` aside until ``record.resume_at``, a copy of its message
+        first, and save the attempt ``record``; a delivery fetched from this Redis is acked
+        in the same step."""
+        self.store.set_aside(entry.pool, entry.key, task_id, entry.raw, record,
+                             queue=self.runtime.queue, publish=self.publish,
+                             in_transit=entry.in_transit)
+        self.next_check = min(self.next_check, record.resume_at)
+
+    def release_due(self) -> float:
+        """Let the keys that are due run again; returns the seconds until the next is due."""
+        now = time.time()
+        if now < self.next_check:
+            return self.next_check - now
+        wait = self.store.release_due(self.runtime.queue, publish=self.publish, now=now)
+        self.next_check = now + min(wait, RECHECK)
+        return self.next_check - now

@@ -11,8 +11,9 @@ partition's single-active-consumer queue (the broker lets one consumer at a time
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
 all becomes a dead letter; the gates (misroute guard, parking gate) may take it; a future
 ETA holds the partition until its time; and the task runs through Celery's own strategy, in
-this thread (``executor.py``). A warm stop lets the running task finish and puts a message
-fetched meanwhile back at the head.
+this thread (``executor.py``). Between messages the thread releases the keys whose retry
+backoff is over (``parking.BackoffKeys``). A warm stop lets the running task finish and puts
+a message fetched meanwhile back at the head.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 #: Seconds a blocking fetch waits before the thread checks whether it should stop.
 FETCH_TIMEOUT: Final = 1
+#: Shortest wait of a fetch (a key in retry backoff due at once must not make it block).
+FETCH_MIN: Final = 0.01
 #: First and longest pause before a fetch is tried again after a broker error.
 RETRY_START: Final = 0.5
 RETRY_MAX: Final = 5.0
@@ -226,8 +229,9 @@ class PartitionThread(threading.Thread):
         in_transit = runtime.keys.in_transit(runtime.queue)
         self._announce()
         while not runtime.stopping():
+            timeout = self._release_due()
             try:
-                item = broker.fetch(runtime.queue, in_transit, self.fetch_timeout)
+                item = broker.fetch(runtime.queue, in_transit, timeout)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
                 self._settle(None, recover=True)  # what the lost connection held: to the head
@@ -311,7 +315,7 @@ class PartitionThread(threading.Thread):
                     backoff.reset()
                     while not runtime.stopping():
                         try:
-                            conn.drain_events(timeout=self.fetch_timeout)
+                            conn.drain_events(timeout=self._release_due())
                         except TimeoutError:
                             continue
                     consumer.cancel()  # type: ignore[no-untyped-call]
@@ -326,6 +330,20 @@ class PartitionThread(threading.Thread):
             return
         if not self.handle(message):
             message.requeue()
+
+    def _release_due(self) -> float:
+        """Between messages: keys whose retry backoff is over run again (their messages go
+        back ahead of newer ones of the key); returns how long the next fetch may wait."""
+        backoff = self.runtime.backoff
+        if backoff is None:
+            return self.fetch_timeout
+        try:
+            wait = backoff.release_due()
+        except self.unreachable as exc:
+            logger.warning("%s store unreachable while releasing keys in retry backoff (%s)",
+                           self.runtime.label, exc)
+            return self.fetch_timeout
+        return max(FETCH_MIN, min(self.fetch_timeout, wait))
 
     # -- every message ----------------------------------------------------------------------
     def handle(self, message: Any) -> bool:

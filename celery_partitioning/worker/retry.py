@@ -9,13 +9,20 @@ both come here) and wraps ``task.run``:
 * ``retry`` keeps Celery's meaning (``countdown``/``eta``/``default_retry_delay``,
   ``max_retries``; ``autoretry_for`` computes ``retry_backoff``/``retry_jitter`` as usual) but,
   instead of publishing, raises :class:`RetryInPlace`;
-* the ``run`` wrapper catches it, waits out the delay with the message still unacked (so the
-  partition waits), bumps ``request.retries`` and runs the task again with the same message;
 * the retry count, the time the next attempt is due and any arguments the retry changed are
-  kept in Redis by task id, so a worker SIGKILLed during a backoff resumes the same count, the
-  same arguments and the rest of the wait when crash recovery hands the message back; a warm
-  shutdown during a wait stops the worker at once without acking, and the message goes back to
-  the head of its queue;
+  kept in Redis by task id (the attempt record), so the next attempt resumes the same count
+  and the same arguments whoever runs it;
+* a delay of at least ``partitioning_retry_hold_below`` (0.1 s) sets the message's *key*
+  aside (``parking.BackoffKeys``): the message is stored as the first set-aside message of
+  its key with its due time, later messages of the key are set aside behind it, and the
+  signal goes on to Celery, which records the retry (``RETRY`` state, ``on_retry``,
+  ``task_retry``) and acks; other keys of the partition go on. When due, the partition
+  thread re-queues the key's messages, the retried one first, and it runs again here;
+* a shorter delay is waited out in place by the ``run`` wrapper, with the message still
+  unacked (the partition waits), and the task runs again with the same message; a worker
+  SIGKILLed then resumes the rest of the wait when crash recovery hands the message back;
+  a warm shutdown during the wait stops the worker at once without acking, and the message
+  goes back to the head of its queue;
 * when no retry is left, the message becomes a dead letter and its key is parked
   (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
 
@@ -29,7 +36,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
@@ -37,6 +44,7 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..message import Publish
 from ..store.attempts import AttemptRecord, AttemptStore
+from ..store.backoff import new_token
 from ..store.deadletters import DeadLetterStore
 from ..tasks import spec_of
 from .parking import InFlight
@@ -82,6 +90,8 @@ class _Attempt:
     recorded: bool = True
     #: The arguments the message carries; a retry that changes them records the new ones.
     message_call: tuple[Any, Any] = ((), {})
+    #: The message waits out its backoff set aside with its key (Celery acks it).
+    set_aside: bool = False
 
 
 def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
@@ -236,7 +246,7 @@ class InPlaceRetry:
             result = self._attempts(task, original, request, attempt=attempt, args=args,
                                    kwargs=kwargs)
         except Exception:
-            self._finish(attempt)  # failed for good: Celery acks it
+            self._finish(attempt)  # failed for good, or set aside: Celery acks it
             raise
         else:
             self._finish(attempt)
@@ -296,6 +306,13 @@ class InPlaceRetry:
                     logger.warning("%s[%s]: the arguments of its retry cannot be serialized; a "
                                    "crash during the backoff would resume with the message's own",
                                    task.name, request.id, exc_info=True)
+        if attempt is not None and self._set_aside(request.id, signal.delay,
+                                                   AttemptRecord(retries, resume_at, call)):
+            attempt.set_aside = True
+            logger.info("%s[%s] retries (%d) in %.2fs, its key set aside until then: %s",
+                        task.name, request.id, retries, signal.delay,
+                        signal.excs or "retry requested")
+            raise signal  # Celery records the retry and acks the message
         self._remember(request.id, retries, resume_at, call)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
@@ -305,6 +322,20 @@ class InPlaceRetry:
         # As on the message Celery would have re-published: a later retry() inherits these.
         request.args, request.kwargs = args, kwargs
         return args, kwargs
+
+    def _set_aside(self, task_id: str, delay: float, record: AttemptRecord) -> bool:
+        """Set the message's key aside until the record's due time (a copy of the message
+        first, marked with a new token) and save the record, unless the delay is short enough
+        to hold the partition (or there is no store, or the gate did not see the message)."""
+        runtime = self.runtime
+        backoff = getattr(runtime, "backoff", None)
+        if backoff is None or delay < runtime.settings.retry_hold_below:
+            return False
+        entry = self.inflight.get(task_id)
+        if entry is None:
+            return False
+        backoff.set_aside(entry, task_id, replace(record, token=new_token()))
+        return True
 
     def _wait_until(self, resume_at: float) -> None:
         """Sleep until ``resume_at``; on a warm or cold shutdown stop the worker, unacked."""
@@ -367,6 +398,8 @@ class InPlaceRetry:
         task_id = attempt.task_id
         partition = self._partition()
         entry = partition.inflight.pop(task_id)
+        if attempt.set_aside:  # not done: its attempt record and replay state stay
+            return
         if self.attempts is not None and attempt.recorded:
             self.attempts.forget(task_id)
         if partition.store is not None and entry is not None and entry.replaying:

@@ -17,7 +17,8 @@ Hook points for other parts of the package:
     ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
     ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
     ``gates``, and the failure handling's per-partition state (``store``, ``inflight``,
-    ``publish``, ``dead_letters``).
+    ``publish``, ``dead_letters``, ``backoff``: its keys in retry backoff, which the
+    partition thread releases between messages).
 
 ``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[PartitionMessage], bool]``
     Called, in list order, for every message of the partition before Celery makes a request
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
     from ..store.deadletters import DeadLetterStore
     from ..store.lease import Lease
     from .failures import DeadLetters
-    from .parking import InFlight
+    from .parking import BackoffKeys, InFlight
 
 __all__ = [
     "PARTITIONS_ENV",
@@ -125,6 +126,8 @@ class PartitionRuntime:
     inflight: InFlight | None = None
     #: Writes dead letters (None without a Redis store).
     dead_letters: DeadLetters | None = None
+    #: Its keys waiting out a retry backoff (None without a Redis store).
+    backoff: BackoffKeys | None = None
     #: The process this partition runs in.
     worker: WorkerRuntime | None = None
 

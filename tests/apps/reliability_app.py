@@ -13,8 +13,9 @@ becomes part of a Redis key name, as in the library), ``start|end <pid> <key> <s
 ``{ns}part:<pool.index>`` (two processes must never run one partition at once), and adds
 ``<key> <seq>`` to the set ``{ns}done`` when it ends (distinct completions).
 The task ``reliability.fail(key)`` always raises: its message becomes a dead letter.
-The task ``reliability.flaky(key, seq, fails, ms)`` records like ``record`` but raises
-``self.retry()`` on its first ``fails`` attempts (in place: the same delivery runs again);
+The task ``reliability.flaky(key, seq, fails, ms, countdown)`` records like ``record`` but
+raises ``self.retry(countdown=...)`` on its first ``fails`` attempts (0.05 s: in place, the
+same delivery runs again; 0.1 s or more: the key is set aside until then);
 each attempt appends ``<key> <seq> <attempt> <x-delivery-count or 0>`` to ``{ns}attempts``.
 """
 
@@ -84,7 +85,8 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
 
     @app.task(name=FLAKY_TASK, shared=False, bind=True)
     @cp.partitioned(_key, pool="p")
-    def flaky(self: Any, key: str, seq: int, fails: int = 1, ms: int = 1) -> None:
+    def flaky(self: Any, key: str, seq: int, fails: int = 1, ms: int = 1,
+              countdown: float = 0.05) -> None:
         runtime = current_runtime(app)
         label = runtime.label if runtime is not None else "none"
         pid = os.getpid()
@@ -95,7 +97,7 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
         client.rpush(record_list(ns, key), f"start {seq}")
         if attempt <= fails:
             client.rpush(f"{ns}part:{label}", f"end {pid} {key} {seq}")
-            raise self.retry(countdown=0.05, max_retries=fails + 5)
+            raise self.retry(countdown=countdown, max_retries=fails + 5)
         if ms:
             time.sleep(ms / 1000)
         client.rpush(record_list(ns, key), f"end {seq}")

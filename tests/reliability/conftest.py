@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -18,7 +18,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tests.apps.reliability_app import RECORD_TASK, make_app, record_list
+from tests.apps.reliability_app import FLAKY_TASK, RECORD_TASK, make_app, record_list
 from tests.support.env import missing
 from tests.support.ordering import OrderingReport, check, concurrent_runs
 from tests.support.procs import Processes, celery_bin, wait_for
@@ -170,11 +170,18 @@ class Workload:
         path = self.log(name)
         return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
-    def publish(self, events: Iterable[Event]) -> None:
-        task = self.app.tasks[RECORD_TASK]
+    def publish(self, events: Iterable[Event], retried: Collection[Event] = (), fails: int = 2,
+                countdown: float = 0.05) -> None:
+        """Publish ``events``; those in ``retried`` retry ``fails`` times after ``countdown``
+        seconds first (below 0.1 s the partition waits in place; above, the key is set aside)."""
+        record, flaky = self.app.tasks[RECORD_TASK], self.app.tasks[FLAKY_TASK]
         with self.app.producer_or_acquire() as producer:
             for key, seq in events:
-                task.apply_async((key, seq), {"ms": self.ms}, producer=producer)
+                if (key, seq) in retried:
+                    flaky.apply_async((key, seq), {"fails": fails, "ms": self.ms,
+                                                   "countdown": countdown}, producer=producer)
+                else:
+                    record.apply_async((key, seq), {"ms": self.ms}, producer=producer)
 
     def done(self) -> int:
         return int(self.redis.scard(f"{self.ns}done"))

@@ -1,6 +1,7 @@
 """Chaos: random partition workers SIGKILLed every few seconds while a keyed stream drains.
 
-Given `celery partitioning worker` over P partitions and E events over K keys,
+Given `celery partitioning worker` over P partitions and E events over K keys, one event in
+ten retrying once after a 0.3 s backoff (its key set aside meanwhile),
 when a loop SIGKILLs a random partition worker (preferably one inside a task) every few seconds while events are published
 and drained,
 then no key ran out of order, nothing was lost, no key and no partition ever ran two tasks
@@ -56,11 +57,16 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
 
     w = workload_factory(partitions, ms=size("CHAOS_TASK_MS", 10, 10))
     events, counts = keyed_events(keys, events_total, seed)
+    retried = {event for i, event in enumerate(events) if i % 10 == 7}
+
+    def publish(part: list[tuple[str, int]]) -> None:
+        w.publish(part, retried, fails=1, countdown=0.3)
+
     supervisor = w.start_workers()
     # A third of the stream now; the rest in one chunk after each kill, so that there is
     # always work in flight when a worker dies, however fast the machine.
     head = len(events) // 3
-    w.publish(events[:head])
+    publish(events[:head])
     rest = events[head:]
     chunks = [rest[i * len(rest) // kills:(i + 1) * len(rest) // kills] for i in range(kills)]
     wait_for(lambda: w.done() > 0, 120, "the workers to start running tasks")
@@ -84,13 +90,14 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
                 busy_kills += victim.pid in busy
             except ProcessLookupError:
                 pass
-        w.publish(chunk)
+        publish(chunk)
     w.wait_done(events_total, timeout=300 if os.environ.get("CP_SOAK") else 90, counts=counts)
     elapsed = time.monotonic() - started
 
     report = w.report(counts)
     overlaps = w.partition_overlaps(killed)
-    say(f"chaos: {events_total} events, {keys} keys, {partitions} partitions, {len(killed)} SIGKILLs "
+    say(f"chaos: {events_total} events ({len(retried)} retried after a backoff), {keys} keys, "
+        f"{partitions} partitions, {len(killed)} SIGKILLs "
         f"({busy_kills} inside a task), {report.reruns} re-runs, {elapsed:.1f}s; {report.summary()}")
     assert len(killed) >= kills - 1, f"only {len(killed)} of {kills} kills happened: the test proved little"
     assert report.ok, report.summary() + "\n--- worker log\n" + w.log_tail()

@@ -31,7 +31,6 @@ import pytest
 from celery_partitioning.config import DEFAULT_DELIVERY_LIMIT
 from celery_partitioning.store.keys import key_digest
 from tests.apps.harness import delete_amqp_queues
-from tests.apps.reliability_app import FLAKY_TASK, RECORD_TASK
 from tests.reliability.conftest import Workload, keyed_events, size
 from tests.reliability.test_chaos import live_children
 from tests.support.env import missing
@@ -53,16 +52,6 @@ def rabbit_queues(names: Iterable[str]) -> dict[str, dict[str, object]]:
             for q in json.loads(listed.stdout) if q["name"] in wanted}
 
 
-def publish(w: Workload, events: list[tuple[str, int]], flaky: set[tuple[str, int]]) -> None:
-    record, retried = w.app.tasks[RECORD_TASK], w.app.tasks[FLAKY_TASK]
-    with w.app.producer_or_acquire() as producer:
-        for key, seq in events:
-            if (key, seq) in flaky:
-                retried.apply_async((key, seq), {"fails": 2, "ms": w.ms}, producer=producer)
-            else:
-                record.apply_async((key, seq), {"ms": w.ms}, producer=producer)
-
-
 @pytest.mark.timeout(240)
 def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retries(
         workload_factory: Callable[..., Workload], amqp_url: str, records_url: str,
@@ -77,7 +66,7 @@ def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retrie
     try:
         supervisor = w.start_workers()
         head = len(events) // 3
-        publish(w, events[:head], flaky)
+        w.publish(events[:head], flaky)
         wait_for(lambda: w.done() > 0, 120, "the workers to start running tasks")
         rest = events[head:]
         kills = 3
@@ -92,7 +81,7 @@ def test_quorum_partition_queues_keep_order_through_sigkills_and_in_place_retrie
             return bool(victims)
 
         for chunk in chunks:
-            publish(w, chunk, flaky)
+            w.publish(chunk, flaky)
             # a worker process inside a task (the previous victim's successor may still start)
             wait_for(inside_a_task, 60, "a worker process inside a task", interval=0.01)
             os.kill(victims[0].pid, signal.SIGKILL)
@@ -150,9 +139,9 @@ def test_a_crash_redelivery_counts_one_delivery_and_runs_first(
     counts = {"Order:held": 11, "Order:other": 10}
     try:
         supervisor = w.start_workers()
-        publish(w, events[:1], flaky=set(events[:1]))
+        w.publish(events[:1], set(events[:1]))
         w.ms = 1
-        publish(w, events[1:], flaky=set())
+        w.publish(events[1:])
         wait_for(lambda: int(w.redis.llen(f"{w.ns}attempts")) >= 3 and bool(w.busy_pids()), 60,
                  "the held message's third attempt to start")
         # When its worker is SIGKILLed inside it

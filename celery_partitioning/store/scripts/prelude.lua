@@ -1,4 +1,4 @@
--- prelude.lua: shared head of the dead-letter and parking scripts (not run on its own).
+-- prelude.lua: shared head of the dead-letter, parking and backoff scripts (not run on its own).
 --
 -- KEYS[1] dead letters hash of the pool (key digest -> JSON dead letter; present = parked)
 -- KEYS[2] parked list of the key (raw messages set aside, in arrival order)
@@ -8,9 +8,10 @@
 -- KEYS[6] kombu's Redis list of the partition queue, or '' when re-queueing publishes
 --         through the broker (then messages go to KEYS[7])
 -- KEYS[7] replay outbox list of the key
+-- KEYS[8] backoff marker of the key (present while it waits out a retry backoff)
 -- ARGV[1] key digest (store.keys.key_digest)
 local dl, parked, ids, replaying, deferred = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local queue, outbox = KEYS[6], KEYS[7]
+local queue, outbox, backoff = KEYS[6], KEYS[7], KEYS[8]
 local digest = ARGV[1]
 
 local function message_id(m)
@@ -24,25 +25,37 @@ local function message_id(m)
   return ''
 end
 
+-- The key's messages are set aside: it is parked behind a dead letter, or waits out the
+-- retry backoff of its first message.
+local function set_aside()
+  return redis.call('HEXISTS', dl, digest) == 1 or redis.call('EXISTS', backoff) == 1
+end
+
+-- Re-queue set-aside messages, oldest first, ahead of anything newer: to the head of the
+-- queue (or the outbox); each is 'replaying' until it is done.
+local function requeue(waiting)
+  for i = 1, #waiting do
+    local mid = message_id(waiting[i])
+    redis.call('SREM', ids, mid)
+    redis.call('SADD', replaying, mid)
+  end
+  if queue ~= '' then
+    for i = #waiting, 1, -1 do redis.call('RPUSH', queue, waiting[i]) end
+  else
+    for i = 1, #waiting do redis.call('RPUSH', outbox, waiting[i]) end
+  end
+end
+
 -- The last replayed message is done: the messages deferred behind the replay go next
--- (to the head of the queue), or behind the parked ones if the key was parked again.
+-- (to the head of the queue), or behind the set-aside ones if the key is set aside again.
 local function drain_deferred()
   if redis.call('SCARD', replaying) > 0 then return end
   local waiting = redis.call('LRANGE', deferred, 0, -1)
   if #waiting == 0 then return end
   redis.call('DEL', deferred)
-  if redis.call('HEXISTS', dl, digest) == 1 then
+  if set_aside() then
     for i = 1, #waiting do redis.call('RPUSH', parked, waiting[i]) end
   else
-    for i = 1, #waiting do
-      local mid = message_id(waiting[i])
-      redis.call('SREM', ids, mid)
-      redis.call('SADD', replaying, mid)
-    end
-    if queue ~= '' then
-      for i = #waiting, 1, -1 do redis.call('RPUSH', queue, waiting[i]) end
-    else
-      for i = 1, #waiting do redis.call('RPUSH', outbox, waiting[i]) end
-    end
+    requeue(waiting)
   end
 end

@@ -1,0 +1,128 @@
+"""Keys waiting out a retry backoff: parked with a due time, and replayed automatically.
+
+A partitioned task that retries after a delay of at least ``partitioning_retry_hold_below``
+does not hold its partition: its message is stored as the first set-aside message of its key
+(the parking store's ``parked`` list, ``backoff.lua``), the key gets a backoff marker, and
+the partition's schedule (a sorted set, ``RedisKeys.backoff_schedule``) gets the key with the
+time the retry is due. The parking gate then sets later messages of the key aside, in order,
+exactly as for a key parked behind a dead letter, while other keys of the partition go on.
+
+When the key is due, the partition thread releases it (``release.lua``): the set-aside
+messages are re-queued as a replay re-queues them (Redis: at the head of the queue in the
+same script; other brokers: through the key's outbox, published right after), the retried
+message first; newer messages of the key that reach the worker before them are deferred
+behind them. Everything lives in Redis, so a crashed or stopped worker, or the standby that
+takes the partition over, resumes the same keys at the same due times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ..message import Publish
+from .attempts import ATTEMPTS_TTL, AttemptRecord
+from .deadletters import DeadLetterStore, _text
+from .keys import key_digest
+
+__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "new_token", "with_token"]
+
+#: Most keys one release pass lets go (the rest go on the next pass, right after).
+RELEASE_BATCH: Final = 100
+#: Header of the copy of a retried message set aside with its key: the token its attempt
+#: record names. Another delivery of the task id (the original, redelivered by a broker after
+#: a crash between setting the copy aside and the ack) is older: the gate drops it.
+BACKOFF_HEADER: Final = "partition_backoff"
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def with_token(raw: str, token: str) -> str:
+    """The kombu payload ``raw`` with ``token`` in its :data:`BACKOFF_HEADER` header."""
+    payload = json.loads(raw)
+    payload["headers"] = {**(payload.get("headers") or {}), BACKOFF_HEADER: token}
+    return json.dumps(payload)
+
+
+@dataclass(frozen=True)
+class BackoffSummary:
+    """The keys of one partition waiting out a retry backoff."""
+
+    count: int
+    #: When the first of them is due (epoch s), None when there is none.
+    next_due: float | None
+
+    def wait(self, now: float) -> float:
+        """Seconds from ``now`` until the first key is due (0 if overdue, ``inf`` if none)."""
+        return math.inf if self.next_due is None else max(0.0, self.next_due - now)
+
+
+def _member(pool: str, key: str) -> str:
+    return json.dumps([pool, key])
+
+
+class BackoffStore:
+    """Keys in retry backoff of one app namespace, on the dead-letter store's Redis client."""
+
+    def __init__(self, store: DeadLetterStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+
+    def set_aside(self, pool: str, key: str, task_id: str, raw: str, record: AttemptRecord, *,
+                  queue: str, publish: Publish | None = None,
+                  in_transit: tuple[str, bytes] | None = None) -> None:
+        """Set ``key`` aside until ``record.resume_at`` with a copy of the retried message
+        ``raw`` first (marked with ``record.token``), and save its attempt ``record``, in one
+        script. With ``in_transit`` (where the delivery that ran waits, when it came from this
+        Redis) that delivery is acked in the same script; otherwise the caller acks it.
+        Idempotent by task id."""
+        if record.token is None:
+            raise ValueError("a message set aside needs a token in its attempt record")
+        store = self.store
+        due = record.resume_at
+        marker = json.dumps({"id": task_id, "due": due})
+        acked = in_transit if publish is None else None
+        store.scripts.backoff(
+            keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue),
+                  acked[0] if acked else "", self.keys.attempts(task_id)],
+            args=[key_digest(key), task_id, with_token(raw, record.token), repr(due),
+                  _member(pool, key), marker, acked[1] if acked else b"", record.to_json(),
+                  ATTEMPTS_TTL])
+        if publish is not None:  # what an interrupted earlier release left in the outbox
+            store.flush_outbox(pool, key, publish)
+
+    def release_due(self, queue: str, *, publish: Publish | None = None,
+                    now: float | None = None) -> float:
+        """Re-queue the messages of every key of ``queue``'s partition that is due; returns
+        the seconds until the next key is due (``inf`` when none waits)."""
+        store = self.store
+        schedule = self.keys.backoff_schedule(queue)
+        now = time.time() if now is None else now
+        due: list[Any] = self.client.zrangebyscore(schedule, "-inf", now, 0, RELEASE_BATCH)
+        for raw_member in due:
+            member = _text(raw_member)
+            pool, key = json.loads(member)
+            released = store.scripts.release(
+                keys=[*store.script_keys(pool, key, queue, publish), schedule],
+                args=[key_digest(key), member, repr(now)])
+            if released == -3 and publish is not None:
+                store.flush_outbox(pool, key, publish)
+                self.client.zrem(schedule, member)
+        return self.summary(queue).wait(now)
+
+    def summary(self, queue: str) -> BackoffSummary:
+        """How many keys of ``queue``'s partition wait, and when the first is due."""
+        schedule = self.keys.backoff_schedule(queue)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(schedule)
+            pipe.zrange(schedule, 0, 0, withscores=True)
+            count, first = pipe.execute()
+        return BackoffSummary(int(count), float(first[0][1]) if first else None)
+
