@@ -45,11 +45,13 @@ def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
     # Given a success, an in-place retry that then succeeds, and a failure
     ok = toolbox_app.echo.delay("a")
     retried = toolbox_app.echo.delay("b", retry_once=True)
+    set_aside = toolbox_app.echo.delay("d", retry_once=True, countdown=0.3)
     failed = toolbox_app.boom.delay("c")
 
     # Then the result backend has every outcome
     assert ok.get(timeout=60) == "echo a after 0 retries"
     assert retried.get(timeout=60) == "echo b after 1 retries"
+    assert set_aside.get(timeout=60) == "echo d after 1 retries"
     with pytest.raises(ValueError, match="boom c"):
         failed.get(timeout=60, propagate=True)
     assert failed.state == "FAILURE"
@@ -64,7 +66,7 @@ def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
     def fired() -> list[str]:
         return client.lrange(f"{namespace}signals", 0, -1)
 
-    wait_for(lambda: len(fired()) >= 10, 30, "the task signals")
+    wait_for(lambda: len(fired()) >= 16, 30, "the task signals")
     by_task: dict[str, list[str]] = {}
     threads: set[str] = set()
     for line in fired():
@@ -75,6 +77,10 @@ def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
     # (an in-place retry, here with no delay, runs again inside the same prerun/postrun
     # pair: the message never left its place; task_retry fires as on a plain worker)
     assert by_task[retried.id] == ["prerun", "retry", "success", "postrun:SUCCESS"], by_task
+    # (a longer backoff sets the key aside: the attempt ends as RETRY, as on a plain worker,
+    # and the message runs again when due)
+    assert by_task[set_aside.id] == ["prerun", "retry", "postrun:RETRY",
+                                     "prerun", "success", "postrun:SUCCESS"], by_task
     assert by_task[failed.id] == ["prerun", "failure", "postrun:FAILURE"], by_task
     assert threads and all(t.startswith("partition-entity.") for t in threads), threads
 

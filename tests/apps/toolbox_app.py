@@ -70,7 +70,7 @@ def _retry(request: Any, **_: Any) -> None:
 
 @app.task(bind=True, name="toolbox.echo", shared=False)
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
-def echo(self: Any, order_id: str, retry_once: bool = False) -> str:
+def echo(self: Any, order_id: str, retry_once: bool = False, countdown: float = 0) -> str:
     request = self.request
     _client.rpush(f"{NS}requests", json.dumps({
         "id": request.id, "hostname": request.hostname, "retries": request.retries,
@@ -79,7 +79,7 @@ def echo(self: Any, order_id: str, retry_once: bool = False) -> str:
         "partition_key": getattr(request, "partition_key", None),
     }))
     if retry_once and request.retries == 0:
-        raise self.retry(countdown=0, max_retries=3)
+        raise self.retry(countdown=countdown, max_retries=3)
     return f"echo {order_id} after {request.retries} retries"
 
 
