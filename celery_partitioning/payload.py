@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as _quote
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from celery import signals
 from kombu.entity import Exchange, Queue, maybe_delivery_mode
@@ -29,9 +29,6 @@ from kombu.utils.json import JSONEncoder
 from kombu.utils.json import dumps as kombu_json_dumps
 
 from .compat import c_json_encoder_factory, registered_serializer
-
-if TYPE_CHECKING:
-    from celery.result import AsyncResult
 
 __all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "serialize", "plain_redis_put", "redis_payload",
            "uuid4_strings"]
@@ -55,11 +52,10 @@ class Outgoing:
     headers: dict[str, Any]
     properties: dict[str, Any]
     delivery_mode: Any
-    declare: list[Queue]
     retry_policy: dict[str, Any]
     sent_event: dict[str, Any] | None
     raw_body: Any
-    result: AsyncResult
+    ignore_result: bool
     #: Set when the headers are a task template's plus ``extra_headers`` (see ``HeaderJSON``).
     header_json: HeaderJSON | None = None
     extra_headers: dict[str, Any] | None = None
@@ -135,6 +131,8 @@ class JSONCodec:
 
     def __init__(self) -> None:
         self._reset()
+        #: Whether kombu's registry maps json to its own encoder, read once per batch.
+        self._stock = _stock_json()
 
     def _reset(self) -> None:
         make = c_json_encoder_factory()
@@ -152,7 +150,7 @@ class JSONCodec:
 
     def serialize(self, body: Any, serializer: str) -> tuple[str, str, Any]:
         """``serialize``, with this encoder while kombu's registry maps json to its own."""
-        if serializer == "json" and _stock_json():
+        if serializer == "json" and self._stock:
             try:
                 return "application/json", "utf-8", self.encode(body)
             except Exception as exc:  # what kombu's registry raises for an unserializable body

@@ -320,8 +320,6 @@ class _Composer:
                 f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
         # Serialized now, so an unserializable call fails before anything is sent.
         content_type, content_encoding, data = self.codec.serialize(body, serializer)
-        result = plan.result(task_id)  # what Task.AsyncResult(task_id) returns
-        result.ignored = ignore_result
         if add_to_parent and parent:
             self.trails.append(position)  # added to the parent's trail once published
         return Outgoing(
@@ -330,10 +328,16 @@ class _Composer:
             content_encoding=content_encoding, serializer=serializer, compression=compression,
             headers=headers2,
             properties=properties, delivery_mode=delivery_mode,
-            declare=[queue] if queue is not None else [], retry_policy=self.default_policy,
-            sent_event=sent_event, raw_body=body, result=result, header_json=header_json,
-            extra_headers=headers,
+            retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
+            ignore_result=ignore_result, header_json=header_json, extra_headers=headers,
         )
+
+    def result(self, msg: Outgoing) -> AsyncResult:
+        """What ``Task.AsyncResult(task_id)`` returns for a sent message (made after sending:
+        a batch's messages are then lighter to keep while it is composed and sent)."""
+        result = self._plans[msg.name].result(msg.task_id)
+        result.ignored = msg.ignore_result
+        return result
 
 
 def _compose_all(app: Celery, signatures: Sequence[Any],
@@ -408,12 +412,15 @@ def publish_many(
     except PublishManyError as exc:
         _add_trails(composer, messages, set(exc.published))
         raise
-    _add_trails(composer, messages, None)
-    return [m.result for m in messages]
+    results = list(map(composer.result, messages))
+    _add_trails(composer, messages, None, results)
+    return results
 
 
-def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None) -> None:
+def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None,
+                results: Sequence[AsyncResult] | None = None) -> None:
     """Inside a task: the published calls' results join its trail, as apply_async's do."""
     for position in composer.trails:
         if only is None or position in only:
-            composer.parent.add_trail(messages[position].result)
+            composer.parent.add_trail(
+                results[position] if results is not None else composer.result(messages[position]))

@@ -45,7 +45,8 @@ def _before(msg: Outgoing) -> None:
     if signals.before_task_publish.receivers:
         signals.before_task_publish.send(
             sender=msg.name, body=msg.raw_body, exchange=msg.exchange, routing_key=msg.routing_key,
-            declare=msg.declare, headers=msg.headers, properties=msg.properties,
+            declare=[] if msg.queue is None else [msg.queue], headers=msg.headers,
+            properties=msg.properties,
             retry_policy=msg.retry_policy,
         )
         # Receivers may change the body, headers or properties they are given (as with
@@ -100,8 +101,8 @@ def _declare(producer: Any, messages: Sequence[Outgoing]) -> None:
     kombu's ``maybe_declare`` and the connection's cache of declared entities)."""
     seen: dict[int, Queue] = {}
     for msg in messages:
-        for entity in msg.declare:
-            seen.setdefault(id(entity), entity)
+        if msg.queue is not None:
+            seen.setdefault(id(msg.queue), msg.queue)
     declared = producer.channel.connection.client.declared_entities
     for entity in seen.values():
         if entity.can_cache_declaration and hash(entity) in declared:
