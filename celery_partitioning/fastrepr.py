@@ -69,9 +69,8 @@ def _render(value: Any, depth: int, maxlevels: int, path: set[int]) -> str:
                 continue
             sort = type(item)
             if sort is str:
-                if _QUOTE in item:
-                    item = item.replace(_QUOTE, _ESCAPED)
-                append(f"'{head}': '{item}'")
+                append(f"'{head}': '{item}'" if _QUOTE not in item
+                       else f"'{head}': '{item.replace(_QUOTE, _ESCAPED)}'")
             elif sort is int or sort is bool or sort is float:
                 append(f"'{head}': {item}")
             elif item is None:
@@ -82,9 +81,7 @@ def _render(value: Any, depth: int, maxlevels: int, path: set[int]) -> str:
         for item in value:
             sort = type(item)
             if sort is str:
-                if _QUOTE in item:
-                    item = item.replace(_QUOTE, _ESCAPED)
-                append(f"'{item}'")
+                append(f"'{item}'" if _QUOTE not in item else f"'{item.replace(_QUOTE, _ESCAPED)}'")
             elif sort is int or sort is bool or sort is float:
                 append(f"{item}")
             elif item is None:

@@ -199,6 +199,42 @@ def redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
         body = body.encode(content_encoding)
     elif not content_encoding:
         content_encoding = "binary"
+    if msg.header_json is None or signals.before_task_publish.receivers:
+        return codec.encode({  # what kombu.utils.json.dumps does
+            "body": b64encode(body).decode(), "content-encoding": content_encoding,
+            "content-type": msg.content_type, "headers": msg.headers or {},
+            "properties": _properties(msg, ids, default_priority),
+        })
+    # The same bytes, with the headers from their pre-encoded template (base64 needs no escapes).
+    return "".join((
+        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
+        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
+        msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
+        _template_properties(msg, ids, default_priority) or codec.encode(
+            _properties(msg, ids, default_priority)), "}",
+    ))
+
+
+def _template_properties(msg: Outgoing, ids: Iterator[str], default_priority: int) -> str | None:
+    """The JSON of ``_properties`` for a message of a task template without extra properties
+    (only its ``correlation_id`` and ``reply_to``), written directly; None for any other."""
+    properties, mode, exchange = msg.properties, msg.delivery_mode, msg.exchange
+    if len(properties) != 2:
+        return None
+    correlation_id, reply_to = properties.get("correlation_id"), properties.get("reply_to")
+    if not (type(correlation_id) is str and type(reply_to) is str and type(mode) is int and mode
+            and type(exchange) is str and type(default_priority) is int):
+        return None  # (an int is written as its str, as the JSON encoder writes it)
+    return (f'{{"correlation_id": {_quote(correlation_id)}, "reply_to": '
+            f'{_quote(reply_to)}, "delivery_mode": {mode}, "delivery_info": '
+            f'{{"exchange": {_quote(exchange)}, "routing_key": {_quote(msg.routing_key)}}}, '
+            f'"priority": {default_priority}, "body_encoding": "base64", "delivery_tag": '
+            f'{_quote(next(ids))}}}')
+
+
+def _properties(msg: Outgoing, ids: Iterator[str], default_priority: int) -> dict[str, Any]:
+    """The message properties kombu's Redis transport writes (``Producer.publish``'s delivery
+    mode and expiration, ``basic_publish``'s delivery tag and info), in their order."""
     properties = msg.properties.copy()
     expiration = None
     if not _PUBLISH_PARAMETERS.isdisjoint(properties):
@@ -214,19 +250,7 @@ def redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
     properties["body_encoding"] = "base64"
     properties["delivery_tag"] = next(ids)
     info["exchange"], info["routing_key"] = msg.exchange, msg.routing_key
-    if msg.header_json is None or signals.before_task_publish.receivers:
-        return codec.encode({  # what kombu.utils.json.dumps does
-            "body": b64encode(body).decode(), "content-encoding": content_encoding,
-            "content-type": msg.content_type, "headers": msg.headers or {},
-            "properties": properties,
-        })
-    # The same bytes, with the headers from their pre-encoded template (base64 needs no escapes).
-    return "".join((
-        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
-        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
-        msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
-        codec.encode(properties), "}",
-    ))
+    return properties
 
 
 def subtract_datetimes(end: datetime, start: datetime) -> timedelta:
