@@ -46,6 +46,13 @@ SUPPORTED_OPTIONS: Final = frozenset({
 })
 
 
+#: The options ``Celery.send_task`` takes out of a call's options before routing.
+_SEND_TASK_OPTIONS: Final = frozenset({
+    "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
+    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
+})
+
+
 class _TaskPlan:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
@@ -225,7 +232,7 @@ class _Composer:
         if dump_pydantic is not None and options.get("serializer") != "pickle":
             args, kwargs = dump_pydantic(args, kwargs)
         # --- Celery.send_task
-        if options:
+        if not _SEND_TASK_OPTIONS.isdisjoint(options):
             pop = options.pop
             task_id = pop("task_id", None)
             countdown, eta, retries = pop("countdown", None), pop("eta", None), pop("retries", 0)
@@ -234,7 +241,7 @@ class _Composer:
             time_limit, soft_time_limit = pop("time_limit", None), pop("soft_time_limit", None)
             expires, ignore_result = pop("expires", None), pop("ignore_result", task.ignore_result)
             argsrepr, kwargsrepr = pop("argsrepr", None), pop("kwargsrepr", None)
-        else:  # the common call: no options at all
+        else:  # the common call: none of those options
             task_id = countdown = eta = root_id = parent_id = reply_to = time_limit = None
             soft_time_limit = expires = argsrepr = kwargsrepr = None
             retries, add_to_parent, ignore_result = 0, True, task.ignore_result
