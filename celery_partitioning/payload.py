@@ -30,8 +30,8 @@ from kombu.utils.json import dumps as kombu_json_dumps
 
 from .compat import c_json_encoder_factory, registered_serializer
 
-__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "serialize", "plain_redis_put", "redis_payload",
-           "uuid4_strings"]
+__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "own_containers", "serialize", "plain_redis_put",
+           "redis_payload", "uuid4_strings"]
 
 
 @dataclass(slots=True)
@@ -59,6 +59,21 @@ class Outgoing:
     #: Set when the headers are a task template's plus ``extra_headers`` (see ``HeaderJSON``).
     header_json: HeaderJSON | None = None
     extra_headers: dict[str, Any] | None = None
+    #: A task template's message: these headers' values (lists, dicts) and the body's embed
+    #: dict are the template's, shared with the batch's other messages (``own_containers``).
+    shared: tuple[str, ...] | None = None
+
+
+def own_containers(msg: Outgoing) -> None:
+    """Give ``msg`` its own copies of what it shares with other messages, before a signal
+    receiver (which may change them, as with ``apply_async``) sees its headers or body."""
+    if msg.shared is not None:
+        headers = msg.headers
+        for name in msg.shared:
+            headers[name] = headers[name].copy()
+        args, kwargs, embed = msg.raw_body
+        msg.raw_body = (args, kwargs, embed.copy())
+        msg.shared = None
 
 
 class HeaderJSON:

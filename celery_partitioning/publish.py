@@ -21,7 +21,7 @@ from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
-from .compat import task_exec_options
+from .compat import result_maker, task_exec_options
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
 from .payload import HeaderJSON, JSONCodec, Outgoing, subtract_datetimes, uuid4_strings
@@ -71,7 +71,8 @@ class _TaskPlan:
         self.dump_pydantic = getattr(task, "_dump_pydantic_arguments", None)
         # None means "not set" all the way down (router, message, publish): leave those out.
         self.exec_options = {k: v for k, v in task_exec_options(task).items() if v is not None}
-        self.result = partial(task.app.AsyncResult, backend=task.backend, task_name=task.name)
+        self.result = result_maker(  # what Task.AsyncResult(task_id) returns
+            partial(task.app.AsyncResult, backend=task.backend, task_name=task.name))
         self._template: _MessageTemplate | bool | None = False  # False: not built yet
 
     def template(self, composer: _Composer) -> _MessageTemplate | None:
@@ -101,8 +102,8 @@ class _MessageTemplate:
         self.reply_to = reply_to
         self.embed = embed
         self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
-        #: Headers holding a list or dict (``timelimit``, ``stamps``): copied per message, so
-        #: that a receiver changing one message's changes no other.
+        #: Headers holding a list or dict (``timelimit``, ``stamps``): shared by the messages
+        #: until a signal receiver could change one message's (see ``message``).
         self.mutable = tuple(k for k, v in headers.items() if isinstance(v, (list, dict)))
 
     @classmethod
@@ -133,13 +134,13 @@ class _MessageTemplate:
 
     def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
                 kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
+        """A call's message. Its ``mutable`` header values and the body's embed dict are the
+        template's own: ``payload.own_containers`` copies them before a signal receiver sees them."""
         headers = self.headers.copy()
-        for name in self.mutable:
-            headers[name] = headers[name].copy()
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
         return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
-                (args, kwargs, self.embed.copy()), None)
+                (args, kwargs, self.embed), None)
 
 
 class _Composer:
@@ -337,6 +338,7 @@ class _Composer:
             properties=properties, delivery_mode=delivery_mode,
             retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
             ignore_result=ignore_result, header_json=header_json, extra_headers=headers,
+            shared=template.mutable if template is not None else None,
         )
 
     def result(self, msg: Outgoing) -> AsyncResult:

@@ -25,7 +25,15 @@ from kombu.entity import Queue
 from kombu.messaging import Producer
 
 from .errors import PublishManyError
-from .payload import JSONCodec, Outgoing, plain_redis_put, redis_payload, serialize, uuid4_strings
+from .payload import (
+    JSONCodec,
+    Outgoing,
+    own_containers,
+    plain_redis_put,
+    redis_payload,
+    serialize,
+    uuid4_strings,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,6 +51,7 @@ def _chunks(items: Sequence[Outgoing], size: int) -> Iterator[Sequence[Outgoing]
 
 def _before(msg: Outgoing) -> None:
     if signals.before_task_publish.receivers:
+        own_containers(msg)
         signals.before_task_publish.send(
             sender=msg.name, body=msg.raw_body, exchange=msg.exchange, routing_key=msg.routing_key,
             declare=[] if msg.queue is None else [msg.queue], headers=msg.headers,
@@ -57,6 +66,7 @@ def _before(msg: Outgoing) -> None:
 def _after(chunk: Sequence[Outgoing]) -> None:
     if signals.after_task_publish.receivers:
         for msg in chunk:
+            own_containers(msg)
             signals.after_task_publish.send(
                 sender=msg.name, body=msg.raw_body, headers=msg.headers,
                 exchange=msg.exchange, routing_key=msg.routing_key,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from celery import Celery, chain
+from celery.result import AsyncResult
 from celery.signals import after_task_publish, before_task_publish
 
 import celery_partitioning as cp
@@ -258,9 +260,14 @@ def test_publish_signals_fire_per_message_after_before(app: Celery) -> None:
     task = app.tasks["pm.item_added"]
     events: list[tuple[str, str]] = []
 
-    def before(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    seen: list[tuple[Any, Any]] = []
+
+    def before(sender: Any = None, headers: Any = None, body: Any = None, **_: Any) -> None:
         events.append(("before", headers["id"]))
         headers["traced"] = "yes"  # receivers may add headers, as with apply_async
+        seen.append((list(headers["timelimit"]), dict(body[2])))
+        headers["timelimit"].append("changed")  # ... or change one message's parts in place,
+        body[2]["changed"] = True  # which changes no other message's
 
     def after(sender: Any = None, headers: Any = None, **_: Any) -> None:
         events.append(("after", headers["id"]))
@@ -277,6 +284,7 @@ def test_publish_signals_fire_per_message_after_before(app: Celery) -> None:
     assert events == [("before", ids[0]), ("before", ids[1]), ("after", ids[0]), ("after", ids[1]),
                       ("before", ids[2]), ("before", ids[3]), ("after", ids[2]), ("after", ids[3]),
                       ("before", ids[4]), ("after", ids[4])]
+    assert all(timelimit == [None, None] and "changed" not in embed for timelimit, embed in seen)
     with app.connection_for_read() as conn:
         route = explain_route(app, "pm.item_added", "ord-0", 0)
         message = conn.default_channel.basic_get(route.queue, no_ack=True)
@@ -337,7 +345,13 @@ def test_results_are_usable_with_a_result_backend(redis_url: str, namespace: str
         with start_worker(app, queues=[f"{namespace}plain"], perform_ping_check=False,
                           shutdown_timeout=20):
             results = publish_many([plain.s(n) for n in range(5)], app=app)
+            called: list[str] = []
+            results[0].then(lambda result: called.append(result.id))  # its on_ready promise
             assert [r.get(timeout=20) for r in results] == [0, 2, 4, 6, 8]
+        assert called == [results[0].id]
+        assert all(isinstance(r, app.AsyncResult) for r in results)
+        copied = pickle.loads(pickle.dumps(results[1]))  # as Celery pickles results
+        assert isinstance(copied, AsyncResult) and copied.id == results[1].id
     finally:
         app.close()
 
