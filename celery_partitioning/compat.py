@@ -76,20 +76,21 @@ class _OnReady:
     """``AsyncResult.on_ready`` made on first use: the promise ``AsyncResult.__init__`` makes
     (a vine ``promise`` of a weak method: ten objects, most of what a result costs)."""
 
+    def __init__(self, promise: type) -> None:
+        self.promise = promise
+
     def __get__(self, result: Any, owner: Any = None) -> Any:
         if result is None:
             return self
-        from vine import promise  # type: ignore[import-untyped]
-
         # setdefault: two threads asking at once get the same promise.
-        return vars(result).setdefault("on_ready", promise(result._on_fulfilled, weak=True))
+        return vars(result).setdefault("on_ready", self.promise(result._on_fulfilled, weak=True))
 
 
 #: id of a result class → its subclass with a lazy ``on_ready`` (same name; pickles as the
 #: class). Weak values: a subclass (and the class, an app's) lives while results of it do.
 _LAZY_CLASSES: weakref.WeakValueDictionary[int, type] = weakref.WeakValueDictionary()
 
-#: What ``AsyncResult.__init__`` sets (Celery 5.4 to 5.7): a prototype with other attributes
+#: What ``AsyncResult.__init__`` sets (Celery 5.7, and 5.x before it): a prototype with others
 #: means results are made the usual way.
 _RESULT_ATTRIBUTES = frozenset({"app", "id", "backend", "parent", "on_ready", "_cache", "_ignored"})
 
@@ -105,13 +106,15 @@ def result_maker(make: Callable[[str], Any]) -> Callable[[str], Any]:
     state = dict(vars(prototype))
     cls = type(prototype)
     if (state.keys() != _RESULT_ATTRIBUTES or state["id"] != "prototype"
-            or state["parent"] is not None or hasattr(cls, "on_ready")):
+            or state["parent"] is not None or hasattr(cls, "on_ready")
+            or getattr(state["on_ready"], "weak", None) is not True):
         return make
-    del state["on_ready"], state["id"]
+    promise = type(state.pop("on_ready"))
+    del state["id"]
     lazy = _LAZY_CLASSES.get(id(cls))
     if lazy is None or lazy.__bases__ != (cls,):
         lazy = _LAZY_CLASSES[id(cls)] = type(cls.__name__, (cls,), {
-            "on_ready": _OnReady(), "__module__": cls.__module__,
+            "on_ready": _OnReady(promise), "__module__": cls.__module__,
             "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
     new = object.__new__
 

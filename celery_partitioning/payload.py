@@ -2,6 +2,7 @@
 
 * ``Outgoing``: one composed message (what ``publish.py`` builds, what ``sending.py`` sends);
 * ``JSONCodec``: kombu's JSON with one encoder per batch instead of one per value;
+* ``MessageTemplate``: a task's Celery message built once, for calls without options;
 * ``HeaderJSON``: a task template's headers pre-encoded around the fields that vary;
 * ``redis_payload``: the JSON kombu's Redis transport ``LPUSH``es for a message;
 * ``uuid4_strings``: task ids and delivery tags as ``uuid()`` makes them.
@@ -30,8 +31,8 @@ from kombu.utils.json import dumps as kombu_json_dumps
 
 from .compat import c_json_encoder_factory, registered_serializer
 
-__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "own_containers", "serialize", "plain_redis_put",
-           "redis_payload", "uuid4_strings"]
+__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "MessageTemplate", "own_containers", "serialize",
+           "plain_redis_put", "redis_payload", "uuid4_strings"]
 
 
 @dataclass(slots=True)
@@ -101,15 +102,81 @@ class HeaderJSON:
 
     def encode(self, headers: dict[str, Any], extra: dict[str, Any] | None,
                codec: JSONCodec) -> str:
-        pieces, out = self.pieces, [self.pieces[0]]
-        for index, name in enumerate(self.fields, 1):
-            out.append(_quote(headers[name]))
-            out.append(pieces[index])
+        pieces = self.pieces
+        if len(pieces) == 5:  # Celery's four: id, root_id, argsrepr, kwargsrepr
+            one, two, three, four = self.fields
+            out = [pieces[0], _quote(headers[one]), pieces[1], _quote(headers[two]), pieces[2],
+                   _quote(headers[three]), pieces[3], _quote(headers[four]), pieces[4]]
+        else:
+            out = [pieces[0]]
+            for index, name in enumerate(self.fields, 1):
+                out.append(_quote(headers[name]))
+                out.append(pieces[index])
         if extra:
             out.append(", ")
             out.append(codec.encode(extra)[1:-1])
         out.append("}")
         return "".join(out)
+
+
+class MessageTemplate:
+    """Celery's task message for one task, built once by ``create_task_message`` and reused.
+
+    A call without options differs from the next one only by its task id (``id``,
+    ``root_id``, ``correlation_id``), its arguments and their reprs. ``build`` asks Celery
+    for two such messages and checks exactly that; anything else differing (a Celery that
+    adds a per-message field) means no template: every message is then built by
+    ``create_task_message`` (as with sent events on: their event is per message).
+    """
+
+    __slots__ = ("embed", "header_json", "headers", "mutable", "reply_to")
+
+    #: Headers that carry the task id, and the reprs.
+    VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
+
+    def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
+        self.headers = headers
+        self.reply_to = reply_to
+        self.embed = embed
+        self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
+        #: Headers holding a list or dict (``timelimit``, ``stamps``): shared by the messages
+        #: until a signal receiver could change one message's (see ``message``).
+        self.mutable = tuple(k for k, v in headers.items() if isinstance(v, (list, dict)))
+
+    @classmethod
+    def build(cls, amqp: Any, task: Any, reply_to: str, origin: str) -> MessageTemplate | None:
+        """The template of ``task``'s messages (``amqp``: the app's ``app.amqp``), or None."""
+
+        def sample(tag: str) -> Any:
+            return amqp.create_task_message(
+                f"id-{tag}", task.name, (tag,), {tag: tag}, None, None, None, None, None, 0, None,
+                None, None, reply_to, None, None, False, None, None, None, None,
+                ignore_result=task.ignore_result, argsrepr=f"a-{tag}", kwargsrepr=f"k-{tag}",
+                origin=origin)
+
+        one, two = sample("1"), sample("2")
+        headers, properties, body, sent_event = one
+        expected = {"id": "id-1", "root_id": "id-1", "argsrepr": "a-1", "kwargsrepr": "k-1"}
+        if (sent_event is not None or two[3] is not None
+                or {k: headers.get(k) for k in cls.VARYING} != expected
+                or {k: v for k, v in headers.items() if k not in cls.VARYING}
+                != {k: v for k, v in two[0].items() if k not in cls.VARYING}
+                or properties != {"correlation_id": "id-1", "reply_to": reply_to}
+                or two[1] != {"correlation_id": "id-2", "reply_to": reply_to}
+                or not isinstance(body, tuple) or len(body) != 3
+                or body[:2] != (("1",), {"1": "1"}) or body[2] != two[2][2]):
+            return None
+        return cls(headers, reply_to, body[2])
+
+    def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
+                kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
+        """A call's message. Its ``mutable`` header values and the body's embed dict are the
+        template's own: ``own_containers`` copies them before a signal receiver sees them."""
+        headers = self.headers.copy()
+        headers["id"] = headers["root_id"] = task_id
+        headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
+        return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
+                (args, kwargs, self.embed), None)
 
 
 #: Hex digit → the same digit with the RFC 4122 variant bits (10xx) set.
