@@ -305,7 +305,8 @@ def _template_properties(msg: Outgoing, ids: Iterator[str], default_priority: in
         return None
     correlation_id, reply_to = properties.get("correlation_id"), properties.get("reply_to")
     if not (type(correlation_id) is str and type(reply_to) is str and type(mode) is int and mode
-            and type(exchange) is str and type(default_priority) is int):
+            and type(exchange) is str and type(msg.routing_key) is str
+            and type(default_priority) is int):
         return None  # (an int is written as its str, as the JSON encoder writes it)
     return (f'{{"correlation_id": {_quote(correlation_id)}, "reply_to": '
             f'{_quote(reply_to)}, "delivery_mode": {mode}, "delivery_info": '
