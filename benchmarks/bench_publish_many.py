@@ -12,8 +12,8 @@ alike), each publishing the same calls (same argument shapes):
 Then the cost per message of ``publish_many`` is broken down (Redis only) by timing its
 parts alone over the same calls: building the signatures, routing (the app's Celery
 router, which runs ``PartitionRouter``), composing Celery's task message and serializing it,
-kombu's envelope, and the broker round trip, against the pipelined-``LPUSH`` limit: the same
-final bytes pushed with a bare redis-py pipeline.
+kombu's envelope, the broker round trip and the ``AsyncResult``s, against the
+pipelined-``LPUSH`` limit: the same final bytes pushed with a bare redis-py pipeline.
 
     python -m benchmarks.bench_publish_many
     BENCH_MANY_MESSAGES=2000 BENCH_MANY_BATCH=500 BENCH_MANY_ROUNDS=15 BENCH_MANY_EVENT=1
@@ -174,8 +174,9 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
         return result
 
     sigs = timed("build the signatures", lambda: [task.s(*a, **k) for a, k in calls])
-    composed = timed("compose (check, route, Celery message, serialize, AsyncResult)",
-                     lambda: publish._compose_all(part, sigs))
+    composer = publish._Composer(part)
+    composed = timed("compose (check, route, Celery message, serialize)",
+                     lambda: publish._compose_all(part, sigs, composer))
     timed("  in it: routing (Celery router, PartitionRouter)",
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
@@ -190,6 +191,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
                        for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
               lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))
+    timed("results (an AsyncResult per message)", lambda: list(map(composer.result, composed)))
     payloads = _pushed(client, namespace)
     _message_size = statistics.median(len(p) for p in payloads)
     limit_key = f"{namespace}limit"

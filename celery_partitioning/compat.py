@@ -3,8 +3,8 @@
 celery-partitioning needs a few things Celery and kombu do not offer publicly: the function
 behind a not-yet-evaluated task proxy (``@app.task`` above ``@partitioned``), the app's task
 registry without finalizing the app, a task class's publish options, kombu's message class
-for a payload fetched from Redis by hand, and two serializer internals for fast batch
-publishing. Nothing else in the package touches a private member.
+for a payload fetched from Redis by hand, and for fast batch publishing two serializer
+internals and the attributes of an ``AsyncResult``. Nothing else in the package touches a private member.
 :func:`check_worker_internals` runs when a partition worker starts and fails the start with
 one message naming the installed versions when any of them is missing or has changed shape,
 instead of running without a guarantee.
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from .errors import PartitionConfigError
@@ -27,6 +29,7 @@ __all__ = [
     "kombu_payload",
     "proxy_internals",
     "registered_serializer",
+    "result_maker",
     "request_warm_stop",
     "reset_annotations",
     "run_after_fork_handlers",
@@ -92,6 +95,62 @@ def registered_serializer(name: str) -> Any:
 
     encoders: dict[str, Any] = getattr(registry, "_encoders", {})
     return encoders.get(name)
+
+
+class _OnReady:
+    """``AsyncResult.on_ready`` made on first use: the promise ``AsyncResult.__init__`` makes
+    (a vine ``promise`` of a weak method: ten objects, most of what a result costs)."""
+
+    def __init__(self, promise: type) -> None:
+        self.promise = promise
+
+    def __get__(self, result: Any, owner: Any = None) -> Any:
+        if result is None:
+            return self
+        # setdefault: two threads asking at once get the same promise.
+        return vars(result).setdefault("on_ready", self.promise(result._on_fulfilled, weak=True))
+
+
+#: id of a result class → its subclass with a lazy ``on_ready`` (same name; pickles as the
+#: class). Weak values: a subclass (and the class, an app's) lives while results of it do.
+_LAZY_CLASSES: weakref.WeakValueDictionary[int, type] = weakref.WeakValueDictionary()
+
+#: What ``AsyncResult.__init__`` sets (Celery 5.7, and 5.x before it): a prototype with others
+#: means results are made the usual way.
+_RESULT_ATTRIBUTES = frozenset({"app", "id", "backend", "parent", "on_ready", "_cache", "_ignored"})
+
+
+def result_maker(make: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``make`` (``app.AsyncResult`` with its backend bound), made cheaper for many results.
+
+    A prototype made by ``make`` gives the attributes; each result is a copy of them with its
+    own id, of a subclass that makes ``on_ready`` on first use. Falls back to ``make`` when
+    the prototype is not what Celery's ``__init__`` is known to build.
+    """
+    prototype = make("prototype")
+    state = dict(vars(prototype))
+    cls = type(prototype)
+    if (state.keys() != _RESULT_ATTRIBUTES or state["id"] != "prototype"
+            or state["parent"] is not None or hasattr(cls, "on_ready")
+            or getattr(state["on_ready"], "weak", None) is not True):
+        return make
+    promise = type(state.pop("on_ready"))
+    del state["id"]
+    lazy = _LAZY_CLASSES.get(id(cls))
+    if lazy is None or lazy.__bases__ != (cls,):
+        lazy = _LAZY_CLASSES[id(cls)] = type(cls.__name__, (cls,), {
+            "on_ready": _OnReady(promise), "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    new = object.__new__
+
+    def made(task_id: str) -> Any:
+        result: Any = new(lazy)
+        attributes = vars(result)
+        attributes.update(state)
+        attributes["id"] = task_id
+        return result
+
+    return made
 
 
 def task_registry(app: Any) -> Any:

@@ -11,7 +11,7 @@ Celery's truncation cannot apply), and hands anything else to Celery's function.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 from celery.utils.saferepr import saferepr as celery_saferepr
 
@@ -36,8 +36,13 @@ def _scalar(value: Any) -> str:
     raise _Fallback
 
 
+_QUOTE: Final = "'"
+_ESCAPED: Final = "\\'"
+
+
 def _render(value: Any, depth: int, maxlevels: int, path: set[int]) -> str:
-    """saferepr of ``value`` met inside ``depth`` containers; scalars are inlined (hot path)."""
+    """saferepr of ``value`` met inside ``depth`` containers; scalars are inlined (hot path:
+    one f-string per item; an ``int``, ``bool`` or ``float`` formats as its ``str``)."""
     kind = type(value)
     if kind is dict:
         start, end = "{", "}"
@@ -57,32 +62,34 @@ def _render(value: Any, depth: int, maxlevels: int, path: set[int]) -> str:
     append = parts.append
     if kind is dict:
         for key, item in value.items():
+            if type(key) is str:
+                head = key if _QUOTE not in key else key.replace(_QUOTE, _ESCAPED)
+            else:
+                append(f"{_scalar(key)}: {_render(item, inner, maxlevels, path)}")
+                continue
             sort = type(item)
             if sort is str:
-                text = "'" + item.replace("'", "\\'") + "'"
+                append(f"'{head}': '{item}'" if _QUOTE not in item
+                       else f"'{head}': '{item.replace(_QUOTE, _ESCAPED)}'")
             elif sort is int or sort is bool or sort is float:
-                text = str(item)
+                append(f"'{head}': {item}")
             elif item is None:
-                text = "None"
+                append(f"'{head}': None")
             else:
-                text = _render(item, inner, maxlevels, path)
-            if type(key) is str:
-                append("'" + key.replace("'", "\\'") + "': " + text)
-            else:
-                append(_scalar(key) + ": " + text)
+                append(f"'{head}': {_render(item, inner, maxlevels, path)}")
     else:
         for item in value:
             sort = type(item)
             if sort is str:
-                append("'" + item.replace("'", "\\'") + "'")
+                append(f"'{item}'" if _QUOTE not in item else f"'{item.replace(_QUOTE, _ESCAPED)}'")
             elif sort is int or sort is bool or sort is float:
-                append(str(item))
+                append(f"{item}")
             elif item is None:
                 append("None")
             else:
                 append(_render(item, inner, maxlevels, path))
     path.discard(id(value))
-    return start + ", ".join(parts) + end
+    return f"{start}{', '.join(parts)}{end}"
 
 
 def saferepr(value: Any, maxlen: int | None, maxlevels: int = 3) -> str:

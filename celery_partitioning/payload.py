@@ -2,6 +2,7 @@
 
 * ``Outgoing``: one composed message (what ``publish.py`` builds, what ``sending.py`` sends);
 * ``JSONCodec``: kombu's JSON with one encoder per batch instead of one per value;
+* ``MessageTemplate``: a task's Celery message built once, for calls without options;
 * ``HeaderJSON``: a task template's headers pre-encoded around the fields that vary;
 * ``redis_payload``: the JSON kombu's Redis transport ``LPUSH``es for a message;
 * ``uuid4_strings``: task ids and delivery tags as ``uuid()`` makes them.
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from json.encoder import encode_basestring_ascii as _quote
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from celery import signals
 from kombu.entity import Exchange, Queue, maybe_delivery_mode
@@ -30,11 +31,8 @@ from kombu.utils.json import dumps as kombu_json_dumps
 
 from .compat import c_json_encoder_factory, registered_serializer
 
-if TYPE_CHECKING:
-    from celery.result import AsyncResult
-
-__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "serialize", "plain_redis_put", "redis_payload",
-           "uuid4_strings"]
+__all__ = ["Outgoing", "HeaderJSON", "JSONCodec", "MessageTemplate", "own_containers", "serialize",
+           "plain_redis_put", "redis_payload", "uuid4_strings"]
 
 
 @dataclass(slots=True)
@@ -55,14 +53,28 @@ class Outgoing:
     headers: dict[str, Any]
     properties: dict[str, Any]
     delivery_mode: Any
-    declare: list[Queue]
     retry_policy: dict[str, Any]
     sent_event: dict[str, Any] | None
     raw_body: Any
-    result: AsyncResult
+    ignore_result: bool
     #: Set when the headers are a task template's plus ``extra_headers`` (see ``HeaderJSON``).
     header_json: HeaderJSON | None = None
     extra_headers: dict[str, Any] | None = None
+    #: A task template's message: these headers' values (lists, dicts) and the body's embed
+    #: dict are the template's, shared with the batch's other messages (``own_containers``).
+    shared: tuple[str, ...] | None = None
+
+
+def own_containers(msg: Outgoing) -> None:
+    """Give ``msg`` its own copies of what it shares with other messages, before a signal
+    receiver (which may change them, as with ``apply_async``) sees its headers or body."""
+    if msg.shared is not None:
+        headers = msg.headers
+        for name in msg.shared:
+            headers[name] = headers[name].copy()
+        args, kwargs, embed = msg.raw_body
+        msg.raw_body = (args, kwargs, embed.copy())
+        msg.shared = None
 
 
 class HeaderJSON:
@@ -90,15 +102,81 @@ class HeaderJSON:
 
     def encode(self, headers: dict[str, Any], extra: dict[str, Any] | None,
                codec: JSONCodec) -> str:
-        pieces, out = self.pieces, [self.pieces[0]]
-        for index, name in enumerate(self.fields, 1):
-            out.append(_quote(headers[name]))
-            out.append(pieces[index])
+        pieces = self.pieces
+        if len(pieces) == 5:  # Celery's four: id, root_id, argsrepr, kwargsrepr
+            one, two, three, four = self.fields
+            out = [pieces[0], _quote(headers[one]), pieces[1], _quote(headers[two]), pieces[2],
+                   _quote(headers[three]), pieces[3], _quote(headers[four]), pieces[4]]
+        else:
+            out = [pieces[0]]
+            for index, name in enumerate(self.fields, 1):
+                out.append(_quote(headers[name]))
+                out.append(pieces[index])
         if extra:
             out.append(", ")
             out.append(codec.encode(extra)[1:-1])
         out.append("}")
         return "".join(out)
+
+
+class MessageTemplate:
+    """Celery's task message for one task, built once by ``create_task_message`` and reused.
+
+    A call without options differs from the next one only by its task id (``id``,
+    ``root_id``, ``correlation_id``), its arguments and their reprs. ``build`` asks Celery
+    for two such messages and checks exactly that; anything else differing (a Celery that
+    adds a per-message field) means no template: every message is then built by
+    ``create_task_message`` (as with sent events on: their event is per message).
+    """
+
+    __slots__ = ("embed", "header_json", "headers", "mutable", "reply_to")
+
+    #: Headers that carry the task id, and the reprs.
+    VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
+
+    def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
+        self.headers = headers
+        self.reply_to = reply_to
+        self.embed = embed
+        self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
+        #: Headers holding a list or dict (``timelimit``, ``stamps``): shared by the messages
+        #: until a signal receiver could change one message's (see ``message``).
+        self.mutable = tuple(k for k, v in headers.items() if isinstance(v, (list, dict)))
+
+    @classmethod
+    def build(cls, amqp: Any, task: Any, reply_to: str, origin: str) -> MessageTemplate | None:
+        """The template of ``task``'s messages (``amqp``: the app's ``app.amqp``), or None."""
+
+        def sample(tag: str) -> Any:
+            return amqp.create_task_message(
+                f"id-{tag}", task.name, (tag,), {tag: tag}, None, None, None, None, None, 0, None,
+                None, None, reply_to, None, None, False, None, None, None, None,
+                ignore_result=task.ignore_result, argsrepr=f"a-{tag}", kwargsrepr=f"k-{tag}",
+                origin=origin)
+
+        one, two = sample("1"), sample("2")
+        headers, properties, body, sent_event = one
+        expected = {"id": "id-1", "root_id": "id-1", "argsrepr": "a-1", "kwargsrepr": "k-1"}
+        if (sent_event is not None or two[3] is not None
+                or {k: headers.get(k) for k in cls.VARYING} != expected
+                or {k: v for k, v in headers.items() if k not in cls.VARYING}
+                != {k: v for k, v in two[0].items() if k not in cls.VARYING}
+                or properties != {"correlation_id": "id-1", "reply_to": reply_to}
+                or two[1] != {"correlation_id": "id-2", "reply_to": reply_to}
+                or not isinstance(body, tuple) or len(body) != 3
+                or body[:2] != (("1",), {"1": "1"}) or body[2] != two[2][2]):
+            return None
+        return cls(headers, reply_to, body[2])
+
+    def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
+                kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
+        """A call's message. Its ``mutable`` header values and the body's embed dict are the
+        template's own: ``own_containers`` copies them before a signal receiver sees them."""
+        headers = self.headers.copy()
+        headers["id"] = headers["root_id"] = task_id
+        headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
+        return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
+                (args, kwargs, self.embed), None)
 
 
 #: Hex digit → the same digit with the RFC 4122 variant bits (10xx) set.
@@ -135,6 +213,8 @@ class JSONCodec:
 
     def __init__(self) -> None:
         self._reset()
+        #: Whether kombu's registry maps json to its own encoder, read once per batch.
+        self._stock = _stock_json()
 
     def _reset(self) -> None:
         make = c_json_encoder_factory()
@@ -152,7 +232,7 @@ class JSONCodec:
 
     def serialize(self, body: Any, serializer: str) -> tuple[str, str, Any]:
         """``serialize``, with this encoder while kombu's registry maps json to its own."""
-        if serializer == "json" and _stock_json():
+        if serializer == "json" and self._stock:
             try:
                 return "application/json", "utf-8", self.encode(body)
             except Exception as exc:  # what kombu's registry raises for an unserializable body
@@ -201,6 +281,43 @@ def redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
         body = body.encode(content_encoding)
     elif not content_encoding:
         content_encoding = "binary"
+    if msg.header_json is None or signals.before_task_publish.receivers:
+        return codec.encode({  # what kombu.utils.json.dumps does
+            "body": b64encode(body).decode(), "content-encoding": content_encoding,
+            "content-type": msg.content_type, "headers": msg.headers or {},
+            "properties": _properties(msg, ids, default_priority),
+        })
+    # The same bytes, with the headers from their pre-encoded template (base64 needs no escapes).
+    return "".join((
+        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
+        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
+        msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
+        _template_properties(msg, ids, default_priority) or codec.encode(
+            _properties(msg, ids, default_priority)), "}",
+    ))
+
+
+def _template_properties(msg: Outgoing, ids: Iterator[str], default_priority: int) -> str | None:
+    """The JSON of ``_properties`` for a message of a task template without extra properties
+    (only its ``correlation_id`` and ``reply_to``), written directly; None for any other."""
+    properties, mode, exchange = msg.properties, msg.delivery_mode, msg.exchange
+    if len(properties) != 2:
+        return None
+    correlation_id, reply_to = properties.get("correlation_id"), properties.get("reply_to")
+    if not (type(correlation_id) is str and type(reply_to) is str and type(mode) is int and mode
+            and type(exchange) is str and type(msg.routing_key) is str
+            and type(default_priority) is int):
+        return None  # (an int is written as its str, as the JSON encoder writes it)
+    return (f'{{"correlation_id": {_quote(correlation_id)}, "reply_to": '
+            f'{_quote(reply_to)}, "delivery_mode": {mode}, "delivery_info": '
+            f'{{"exchange": {_quote(exchange)}, "routing_key": {_quote(msg.routing_key)}}}, '
+            f'"priority": {default_priority}, "body_encoding": "base64", "delivery_tag": '
+            f'{_quote(next(ids))}}}')
+
+
+def _properties(msg: Outgoing, ids: Iterator[str], default_priority: int) -> dict[str, Any]:
+    """The message properties kombu's Redis transport writes (``Producer.publish``'s delivery
+    mode and expiration, ``basic_publish``'s delivery tag and info), in their order."""
     properties = msg.properties.copy()
     expiration = None
     if not _PUBLISH_PARAMETERS.isdisjoint(properties):
@@ -216,19 +333,7 @@ def redis_payload(msg: Outgoing, ids: Iterator[str], default_priority: int,
     properties["body_encoding"] = "base64"
     properties["delivery_tag"] = next(ids)
     info["exchange"], info["routing_key"] = msg.exchange, msg.routing_key
-    if msg.header_json is None or signals.before_task_publish.receivers:
-        return codec.encode({  # what kombu.utils.json.dumps does
-            "body": b64encode(body).decode(), "content-encoding": content_encoding,
-            "content-type": msg.content_type, "headers": msg.headers or {},
-            "properties": properties,
-        })
-    # The same bytes, with the headers from their pre-encoded template (base64 needs no escapes).
-    return "".join((
-        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(content_encoding),
-        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
-        msg.header_json.encode(msg.headers, msg.extra_headers, codec), ', "properties": ',
-        codec.encode(properties), "}",
-    ))
+    return properties
 
 
 def subtract_datetimes(end: datetime, start: datetime) -> timedelta:

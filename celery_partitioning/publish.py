@@ -21,10 +21,10 @@ from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
-from .compat import task_exec_options
+from .compat import result_maker, task_exec_options
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .payload import HeaderJSON, JSONCodec, Outgoing, subtract_datetimes, uuid4_strings
+from .payload import JSONCodec, MessageTemplate, Outgoing, subtract_datetimes, uuid4_strings
 from .sending import send
 
 if TYPE_CHECKING:
@@ -46,6 +46,13 @@ SUPPORTED_OPTIONS: Final = frozenset({
 })
 
 
+#: The options ``Celery.send_task`` takes out of a call's options before routing.
+_SEND_TASK_OPTIONS: Final = frozenset({
+    "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
+    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
+})
+
+
 class _TaskPlan:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
@@ -64,75 +71,16 @@ class _TaskPlan:
         self.dump_pydantic = getattr(task, "_dump_pydantic_arguments", None)
         # None means "not set" all the way down (router, message, publish): leave those out.
         self.exec_options = {k: v for k, v in task_exec_options(task).items() if v is not None}
-        self.result = partial(task.app.AsyncResult, backend=task.backend, task_name=task.name)
-        self._template: _MessageTemplate | bool | None = False  # False: not built yet
+        self.result = result_maker(  # what Task.AsyncResult(task_id) returns
+            partial(task.app.AsyncResult, backend=task.backend, task_name=task.name))
+        self._template: MessageTemplate | bool | None = False  # False: not built yet
 
-    def template(self, composer: _Composer) -> _MessageTemplate | None:
+    def template(self, composer: _Composer) -> MessageTemplate | None:
         """The task's message template for calls without options (None: Celery's each time)."""
         if self._template is False:
-            self._template = _MessageTemplate.build(composer, self.task)
+            self._template = None if composer.send_sent_event else MessageTemplate.build(
+                composer.amqp, self.task, composer.reply_to, composer.origin)
         return self._template  # type: ignore[return-value]
-
-
-class _MessageTemplate:
-    """Celery's task message for one task, built once by ``create_task_message`` and reused.
-
-    A call without options differs from the next one only by its task id (``id``,
-    ``root_id``, ``correlation_id``), its arguments and their reprs. ``build`` asks Celery
-    for two such messages and checks exactly that; anything else differing (a Celery that
-    adds a per-message field, sent events on) means no template: every message is then
-    built by ``create_task_message``.
-    """
-
-    __slots__ = ("embed", "header_json", "headers", "mutable", "reply_to")
-
-    #: Headers that carry the task id, and the reprs.
-    VARYING: Final = frozenset({"id", "root_id", "argsrepr", "kwargsrepr"})
-
-    def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
-        self.headers = headers
-        self.reply_to = reply_to
-        self.embed = embed
-        self.header_json = HeaderJSON(headers, ("id", "root_id", "argsrepr", "kwargsrepr"))
-        #: Headers holding a list or dict (``timelimit``, ``stamps``): copied per message, so
-        #: that a receiver changing one message's changes no other.
-        self.mutable = tuple(k for k, v in headers.items() if isinstance(v, (list, dict)))
-
-    @classmethod
-    def build(cls, composer: _Composer, task: Any) -> _MessageTemplate | None:
-        if composer.send_sent_event:
-            return None
-
-        def sample(tag: str) -> Any:
-            return composer.amqp.create_task_message(
-                f"id-{tag}", task.name, (tag,), {tag: tag}, None, None, None, None, None, 0, None,
-                None, None, composer.reply_to, None, None, False, None, None, None, None,
-                ignore_result=task.ignore_result, argsrepr=f"a-{tag}", kwargsrepr=f"k-{tag}",
-                origin=composer.origin)
-
-        one, two = sample("1"), sample("2")
-        headers, properties, body, sent_event = one
-        expected = {"id": "id-1", "root_id": "id-1", "argsrepr": "a-1", "kwargsrepr": "k-1"}
-        if (sent_event is not None or two[3] is not None
-                or {k: headers.get(k) for k in cls.VARYING} != expected
-                or {k: v for k, v in headers.items() if k not in cls.VARYING}
-                != {k: v for k, v in two[0].items() if k not in cls.VARYING}
-                or properties != {"correlation_id": "id-1", "reply_to": composer.reply_to}
-                or two[1] != {"correlation_id": "id-2", "reply_to": composer.reply_to}
-                or not isinstance(body, tuple) or len(body) != 3
-                or body[:2] != (("1",), {"1": "1"}) or body[2] != two[2][2]):
-            return None
-        return cls(headers, composer.reply_to, body[2])
-
-    def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
-                kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any, None]:
-        headers = self.headers.copy()
-        for name in self.mutable:
-            headers[name] = headers[name].copy()
-        headers["id"] = headers["root_id"] = task_id
-        headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
-        return (headers, {"correlation_id": task_id, "reply_to": self.reply_to},
-                (args, kwargs, self.embed.copy()), None)
 
 
 class _Composer:
@@ -164,6 +112,7 @@ class _Composer:
         self.parent = app.current_worker_task
         self._quorum: bool | None = None
         self._plans: dict[str, _TaskPlan] = {}
+        self._exchanges: dict[int, tuple[Any, Any, str]] = {}
         self._ids = uuid4_strings()
         self.codec = JSONCodec()
         #: Positions whose results join the calling task's trail (``add_to_parent``).
@@ -177,6 +126,15 @@ class _Composer:
                 raise PartitionKeyError(f"unknown task {name!r}; is its module imported?")
             plan = self._plans[name] = _TaskPlan(task)
         return plan
+
+    def _exchange_of(self, queue: Any) -> tuple[Any, str]:
+        """The delivery mode (or None) and type of ``queue``'s exchange, read once per queue."""
+        facts = self._exchanges.get(id(queue))
+        if facts is None or facts[0] is not queue:
+            exchange = getattr(queue, "exchange", None)
+            facts = self._exchanges[id(queue)] = (
+                queue, getattr(exchange, "delivery_mode", None), getattr(exchange, "type", "direct"))
+        return facts[1], facts[2]
 
     def _quorum_queues(self) -> bool:
         """Whether the app declares quorum queues on RabbitMQ (as Celery 5.5+ checks before it
@@ -225,7 +183,7 @@ class _Composer:
         if dump_pydantic is not None and options.get("serializer") != "pickle":
             args, kwargs = dump_pydantic(args, kwargs)
         # --- Celery.send_task
-        if options:
+        if not _SEND_TASK_OPTIONS.isdisjoint(options):
             pop = options.pop
             task_id = pop("task_id", None)
             countdown, eta, retries = pop("countdown", None), pop("eta", None), pop("retries", 0)
@@ -234,7 +192,7 @@ class _Composer:
             time_limit, soft_time_limit = pop("time_limit", None), pop("soft_time_limit", None)
             expires, ignore_result = pop("expires", None), pop("ignore_result", task.ignore_result)
             argsrepr, kwargsrepr = pop("argsrepr", None), pop("kwargsrepr", None)
-        else:  # the common call: no options at all
+        else:  # the common call: none of those options
             task_id = countdown = eta = root_id = parent_id = reply_to = time_limit = None
             soft_time_limit = expires = argsrepr = kwargsrepr = None
             retries, add_to_parent, ignore_result = 0, True, task.ignore_result
@@ -304,24 +262,22 @@ class _Composer:
                 qname, queue = queue, self.queues[queue]
             else:
                 qname = queue.name
+        queue_mode, queue_type = self._exchange_of(queue)
         if delivery_mode is None:
-            delivery_mode = getattr(getattr(queue, "exchange", None), "delivery_mode", None)
-            delivery_mode = delivery_mode or self.default_delivery_mode
+            delivery_mode = queue_mode or self.default_delivery_mode
         if exchange_type is None:
-            exchange_type = getattr(getattr(queue, "exchange", None), "type", "direct")
+            exchange_type = queue_type
         if (not exchange or not routing_key) and exchange_type == "direct":
             exchange, routing_key = "", qname
         elif exchange is None:
             assert queue is not None
             exchange = queue.exchange.name or self.default_exchange
             routing_key = routing_key or queue.routing_key or self.default_rkey
-        if exchange_type == "fanout" or getattr(getattr(queue, "exchange", None), "type", "") == "fanout":
+        if exchange_type == "fanout" or queue_type == "fanout":
             raise PartitionKeyError(
                 f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
         # Serialized now, so an unserializable call fails before anything is sent.
         content_type, content_encoding, data = self.codec.serialize(body, serializer)
-        result = plan.result(task_id)  # what Task.AsyncResult(task_id) returns
-        result.ignored = ignore_result
         if add_to_parent and parent:
             self.trails.append(position)  # added to the parent's trail once published
         return Outgoing(
@@ -330,10 +286,17 @@ class _Composer:
             content_encoding=content_encoding, serializer=serializer, compression=compression,
             headers=headers2,
             properties=properties, delivery_mode=delivery_mode,
-            declare=[queue] if queue is not None else [], retry_policy=self.default_policy,
-            sent_event=sent_event, raw_body=body, result=result, header_json=header_json,
-            extra_headers=headers,
+            retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
+            ignore_result=ignore_result, header_json=header_json, extra_headers=headers,
+            shared=template.mutable if template is not None else None,
         )
+
+    def result(self, msg: Outgoing) -> AsyncResult:
+        """What ``Task.AsyncResult(task_id)`` returns for a sent message (made after sending:
+        a batch's messages are then lighter to keep while it is composed and sent)."""
+        result = self._plans[msg.name].result(msg.task_id)
+        result.ignored = msg.ignore_result
+        return result
 
 
 def _compose_all(app: Celery, signatures: Sequence[Any],
@@ -408,12 +371,15 @@ def publish_many(
     except PublishManyError as exc:
         _add_trails(composer, messages, set(exc.published))
         raise
-    _add_trails(composer, messages, None)
-    return [m.result for m in messages]
+    results = list(map(composer.result, messages))
+    _add_trails(composer, messages, None, results)
+    return results
 
 
-def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None) -> None:
+def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None,
+                results: Sequence[AsyncResult] | None = None) -> None:
     """Inside a task: the published calls' results join its trail, as apply_async's do."""
     for position in composer.trails:
         if only is None or position in only:
-            composer.parent.add_trail(messages[position].result)
+            composer.parent.add_trail(
+                results[position] if results is not None else composer.result(messages[position]))

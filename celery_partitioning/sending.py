@@ -25,7 +25,15 @@ from kombu.entity import Queue
 from kombu.messaging import Producer
 
 from .errors import PublishManyError
-from .payload import JSONCodec, Outgoing, plain_redis_put, redis_payload, serialize, uuid4_strings
+from .payload import (
+    JSONCodec,
+    Outgoing,
+    own_containers,
+    plain_redis_put,
+    redis_payload,
+    serialize,
+    uuid4_strings,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,9 +51,11 @@ def _chunks(items: Sequence[Outgoing], size: int) -> Iterator[Sequence[Outgoing]
 
 def _before(msg: Outgoing) -> None:
     if signals.before_task_publish.receivers:
+        own_containers(msg)
         signals.before_task_publish.send(
             sender=msg.name, body=msg.raw_body, exchange=msg.exchange, routing_key=msg.routing_key,
-            declare=msg.declare, headers=msg.headers, properties=msg.properties,
+            declare=[] if msg.queue is None else [msg.queue], headers=msg.headers,
+            properties=msg.properties,
             retry_policy=msg.retry_policy,
         )
         # Receivers may change the body, headers or properties they are given (as with
@@ -56,6 +66,7 @@ def _before(msg: Outgoing) -> None:
 def _after(chunk: Sequence[Outgoing]) -> None:
     if signals.after_task_publish.receivers:
         for msg in chunk:
+            own_containers(msg)
             signals.after_task_publish.send(
                 sender=msg.name, body=msg.raw_body, headers=msg.headers,
                 exchange=msg.exchange, routing_key=msg.routing_key,
@@ -100,8 +111,8 @@ def _declare(producer: Any, messages: Sequence[Outgoing]) -> None:
     kombu's ``maybe_declare`` and the connection's cache of declared entities)."""
     seen: dict[int, Queue] = {}
     for msg in messages:
-        for entity in msg.declare:
-            seen.setdefault(id(entity), entity)
+        if msg.queue is not None:
+            seen.setdefault(id(msg.queue), msg.queue)
     declared = producer.channel.connection.client.declared_entities
     for entity in seen.values():
         if entity.can_cache_declaration and hash(entity) in declared:

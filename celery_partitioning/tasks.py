@@ -197,15 +197,46 @@ def spec_of(task: Any) -> PartitionSpec | None:
     return None
 
 
+def _checker(params: list[inspect.Parameter]) -> Callable[..., None] | None:
+    """A function that does nothing, with ``params``' names and kinds: calling it makes Python
+    check a call against the signature. None when the parameters cannot be written as a def."""
+    kinds = inspect.Parameter
+    parts: list[str] = []
+    for index, param in enumerate(params):
+        if param.kind is kinds.KEYWORD_ONLY and (
+                index == 0 or params[index - 1].kind not in (kinds.KEYWORD_ONLY,
+                                                              kinds.VAR_POSITIONAL)):
+            parts.append("*")
+        stars = "*" if param.kind is kinds.VAR_POSITIONAL else "**" if param.kind is kinds.VAR_KEYWORD else ""
+        text = stars + param.name
+        if param.default is not param.empty and param.kind not in (kinds.VAR_POSITIONAL,
+                                                                   kinds.VAR_KEYWORD):
+            text += "=None"  # the value is never used: only whether it may be left out
+        parts.append(text)
+        if param.kind is kinds.POSITIONAL_ONLY and (
+                index + 1 == len(params) or params[index + 1].kind is not kinds.POSITIONAL_ONLY):
+            parts.append("/")
+    namespace: dict[str, Any] = {}
+    try:
+        exec(f"def check({', '.join(parts)}): pass", namespace)  # names from a Signature
+    except SyntaxError:
+        return None
+    check: Callable[..., None] = namespace["check"]
+    return check
+
+
 class KeyBinder:
     """Computes a task call's partition key: binds the arguments by name, calls the key function.
 
     Binding follows Python's own rules (``inspect.Signature.bind``) for the common
-    parameter kinds, precomputed once per task, because it runs on every publish.
+    parameter kinds, precomputed once per task, because it runs on every publish: a call
+    is first checked by calling a do-nothing function with the task's parameters (Python
+    binds in C), then named by two dict updates; a call Python refuses (or that the fast
+    path does not cover) takes the step-by-step binding, which gives the reason.
     """
 
     __slots__ = (
-        "_defaults", "_keyword", "_positional", "_positional_index", "_required",
+        "_check", "_defaults", "_keyword", "_positional", "_positional_index", "_required",
         "_signature", "_var_keyword", "_var_positional", "key", "task_name",
     )
 
@@ -235,6 +266,8 @@ class KeyBinder:
         self._var_keyword = next((p.name for p in params if p.kind is kinds.VAR_KEYWORD), None)
         if self._var_positional is not None:
             self._defaults[self._var_positional] = ()
+        self._check = (_checker(params) if self._signature is not None
+                       and self._var_positional is None else None)
 
     def _mismatch(self, problem: str) -> PartitionKeyError:
         return PartitionKeyError(
@@ -246,11 +279,25 @@ class KeyBinder:
         """The call's arguments by parameter name, defaults applied, ``**kwargs`` flattened."""
         args = () if args is None else args
         kwargs = {} if kwargs is None else kwargs
-        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, Mapping):
+        if not (type(args) is tuple and type(kwargs) is dict) and (  # the usual call, checked fast
+                not isinstance(args, (list, tuple)) or not isinstance(kwargs, Mapping)):
             raise PartitionKeyError(
                 f"task {self.task_name}: args must be a list or tuple and kwargs a mapping, "
                 f"got {type(args).__name__} and {type(kwargs).__name__}"
             )
+        check = self._check
+        if check is not None:
+            try:
+                check(*args, **kwargs)
+            except TypeError:
+                pass  # the step-by-step binding below names the problem
+            else:
+                # Python accepted the call, so the binding below would name each argument
+                # like this, in this order: defaults, positional arguments, keywords.
+                named = self._defaults.copy()
+                named.update(zip(self._positional, args, strict=False))
+                named.update(kwargs)
+                return named
         if self._signature is None:
             if args:
                 raise PartitionKeyError(

@@ -61,3 +61,32 @@ def test_binding_matches_inspect(fun: Callable[..., Any], args: tuple[Any, ...],
 def test_args_and_kwargs_must_be_sequences_and_mappings(args: Any, kwargs: Any) -> None:
     with pytest.raises(PartitionKeyError, match="args must be a list or tuple"):
         KeyBinder("t", lambda a: "k", f1).arguments(args, kwargs)
+
+
+def f6(order_id: Any, sku: Any, qty: Any = 1, event: Any = None) -> None: ...
+def f7(a: Any = 0, /, b: Any = 1, **extra: Any) -> None: ...
+
+
+ORDER_CALLS: list[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = [
+    *CALLS,
+    (f6, ("o", "s"), {"qty": 2, "event": {}}), (f6, (), {"sku": "s", "order_id": "o"}),
+    (f6, ("o",), {"event": 1, "sku": "s"}), (f7, (), {"z": 1, "a": 2, "b": 3}), (f7, (5,), {"a": 1}),
+    (f1, [1, 2], {}), (f1, (1, 2), {1: 2}),  # a list of args; a non-str name (no **: refused)
+    (f5, (), {1: 2, "x": 3}),
+]
+
+
+@pytest.mark.parametrize(("fun", "args", "kwargs"), ORDER_CALLS)
+def test_fast_binding_names_the_arguments_in_the_same_order(
+        fun: Callable[..., Any], args: Any, kwargs: dict[Any, Any]) -> None:
+    """Key functions may iterate the mapping: the fast path keeps the step-by-step order."""
+    fast, slow = KeyBinder("t", lambda a: "k", fun), KeyBinder("t", lambda a: "k", fun)
+    object.__setattr__(slow, "_check", None)  # the step-by-step binding only
+    try:
+        expected = list(slow.arguments(args, kwargs).items())
+    except PartitionKeyError as exc:
+        with pytest.raises(PartitionKeyError) as raised:
+            fast.arguments(args, kwargs)
+        assert str(raised.value) == str(exc)
+    else:
+        assert list(fast.arguments(args, kwargs).items()) == expected

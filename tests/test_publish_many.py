@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import pickle
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from celery import Celery, chain
+from celery.result import AsyncResult
 from celery.signals import after_task_publish, before_task_publish
 
 import celery_partitioning as cp
@@ -128,7 +130,10 @@ def test_a_published_message_is_the_one_apply_async_writes(app: Celery, namespac
     assert by_many["headers"]["id"] == "id-many"
     assert by_many["properties"]["correlation_id"] == "id-many"
     assert comparable(by_many) == comparable(by_apply)
-    assert list(by_many) == list(by_apply)  # even the key order of kombu's envelope
+    assert list(by_many) == list(by_apply)  # even the key order of kombu's envelope,
+    for part in ("headers", "properties"):  # of its headers and properties
+        assert list(by_many[part]) == list(by_apply[part])
+    assert list(by_many["properties"]["delivery_info"]) == list(by_apply["properties"]["delivery_info"])
     assert by_many["headers"]["partition_key"] == route.key == "Order:ord-1"
     assert by_many["headers"]["partition_index"] == route.index
     assert json.loads(base64.b64decode(by_many["body"]))[1] == {"event": event}
@@ -255,9 +260,14 @@ def test_publish_signals_fire_per_message_after_before(app: Celery) -> None:
     task = app.tasks["pm.item_added"]
     events: list[tuple[str, str]] = []
 
-    def before(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    seen: list[tuple[Any, Any]] = []
+
+    def before(sender: Any = None, headers: Any = None, body: Any = None, **_: Any) -> None:
         events.append(("before", headers["id"]))
         headers["traced"] = "yes"  # receivers may add headers, as with apply_async
+        seen.append((list(headers["timelimit"]), dict(body[2])))
+        headers["timelimit"].append("changed")  # ... or change one message's parts in place,
+        body[2]["changed"] = True  # which changes no other message's
 
     def after(sender: Any = None, headers: Any = None, **_: Any) -> None:
         events.append(("after", headers["id"]))
@@ -274,6 +284,7 @@ def test_publish_signals_fire_per_message_after_before(app: Celery) -> None:
     assert events == [("before", ids[0]), ("before", ids[1]), ("after", ids[0]), ("after", ids[1]),
                       ("before", ids[2]), ("before", ids[3]), ("after", ids[2]), ("after", ids[3]),
                       ("before", ids[4]), ("after", ids[4])]
+    assert all(timelimit == [None, None] and "changed" not in embed for timelimit, embed in seen)
     with app.connection_for_read() as conn:
         route = explain_route(app, "pm.item_added", "ord-0", 0)
         message = conn.default_channel.basic_get(route.queue, no_ack=True)
@@ -334,7 +345,13 @@ def test_results_are_usable_with_a_result_backend(redis_url: str, namespace: str
         with start_worker(app, queues=[f"{namespace}plain"], perform_ping_check=False,
                           shutdown_timeout=20):
             results = publish_many([plain.s(n) for n in range(5)], app=app)
+            called: list[str] = []
+            results[0].then(lambda result: called.append(result.id))  # its on_ready promise
             assert [r.get(timeout=20) for r in results] == [0, 2, 4, 6, 8]
+        assert called == [results[0].id]
+        assert all(isinstance(r, app.AsyncResult) for r in results)
+        copied = pickle.loads(pickle.dumps(results[1]))  # as Celery pickles results
+        assert isinstance(copied, AsyncResult) and copied.id == results[1].id
     finally:
         app.close()
 
