@@ -93,6 +93,7 @@ def partitioning(ctx: click.Context) -> None:
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys
+    resize   record a new partition count for a pool (keys keep their order)
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
@@ -190,6 +191,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
     checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
     from ..checkpointing import checkpoint_stats, render_checkpoint_stats
+    from .resize import collect_resizes, render_resizes
     from .status import collect_status, render_table, status_json
 
     app = _app(ctx)
@@ -205,14 +207,20 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)
             raise SystemExit(1) from None
         checkpoints = checkpoint_stats(app)
+        resizes = collect_resizes(app, pools)
         if as_json:
-            click.echo(status_json(rows, checkpoints))
+            found = json.loads(status_json(rows, checkpoints))
+            if resizes:
+                found["resizes"] = [r.as_dict() for r in resizes]
+            click.echo(json.dumps(found, indent=2))
         else:
             if watch:
                 click.clear()
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if resizes:
+                click.echo(render_resizes(resizes))
             if checkpoints is not None:
                 click.echo("")
                 click.echo(render_checkpoint_stats(checkpoints))
@@ -258,3 +266,7 @@ partitioning.add_command(dead_letters)
 from .purge import purge_command  # noqa: E402 - the purge command
 
 partitioning.add_command(purge_command)
+
+from .resize import resize_command  # noqa: E402 - the resize command
+
+partitioning.add_command(resize_command)

@@ -224,6 +224,8 @@ class PartitionThread(threading.Thread):
         self._announce()
         while not runtime.stopping():
             try:
+                for hook in runtime.between:
+                    hook()
                 item = broker.fetch(runtime.queue, in_transit, FETCH_TIMEOUT)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)

@@ -1,0 +1,160 @@
+"""Resizing a pool: the recorded transition from N to M partitions, every Redis read and write.
+
+Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`):
+
+* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with); while a
+  resize is in flight also ``from`` (the previous count) and ``started``; ``finished`` after.
+* ``resize-drained:{pool}`` set: old partitions whose queue holds no more old-size messages.
+* ``resize-waiting:{pool}:{q}`` hash: key digest → old partition ``p``: new partition ``q``
+  holds the key until ``p`` is drained.
+* ``resize-key:{pool}:{digest}:moved`` list: the key's old-size messages taken off ``p``,
+  in queue order; ``...:held`` list: its new-size messages that reached ``q`` meanwhile.
+* ``resize-ids:{pool}`` set: task ids in those lists (a message stored but not acked before a
+  crash is recognized and only acked); ``resize-released:{pool}``: task ids released to the
+  head of their new partition (they run there, even after a crash).
+
+Every step is one Lua script (``scripts/resize_*.lua``), so a SIGKILL at any point leaves
+either the step done or not done. Releasing pushes onto kombu's Redis list of the new
+partition, so it needs the broker to be the Redis that holds the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .deadletters import now_iso
+from .keys import RedisKeys, key_digest
+from .scripts import RESIZE_SCRIPTS, script_source
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = ["ResizeState", "ResizeStore", "GateAction"]
+
+#: How a message of a key reaches the resize gate (see ``resize_gate.lua``).
+GateAction = Literal["old", "new", "unplaced", "mark"]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ResizeState:
+    """What is recorded for one pool."""
+
+    pool: str
+    #: The partition count workers must run with.
+    size: int
+    #: The previous count while a resize is in flight, else None.
+    previous: int | None = None
+    started: str | None = None
+    finished: str | None = None
+    #: Old partitions drained so far (during a resize).
+    drained: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.previous is not None
+
+
+class ResizeStore:
+    """The resize records of one app namespace, on one Redis client."""
+
+    def __init__(self, client: Redis, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+        self._scripts = {name: client.register_script(script_source(name))
+                         for name in RESIZE_SCRIPTS}
+
+    def _common(self, pool: str) -> list[str]:
+        k = self.keys
+        return [k.resize(pool), k.resize_drained(pool), k.resize_ids(pool),
+                k.resize_released(pool)]
+
+    # -- recording --------------------------------------------------------------------
+    def begin(self, pool: str, size: int, *, record: bool) -> tuple[str, ResizeState]:
+        """Check (a worker starting) or record (the resize command) ``size`` for ``pool``.
+
+        Returns the outcome (``new``, ``same``, ``started``, ``conflict``, ``mismatch``; see
+        ``resize_begin.lua``) and the state after it.
+        """
+        reply = self._scripts["resize_begin"](
+            keys=[self.keys.resize(pool), self.keys.resize_drained(pool)],
+            args=[size, now_iso(), "record" if record else "check"])
+        state = self.state(pool)
+        assert state is not None, "resize_begin records a size"
+        return _text(reply[0]), state
+
+    def state(self, pool: str) -> ResizeState | None:
+        """What is recorded for ``pool`` (None: no worker of this version ran it yet)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.resize(pool))
+            pipe.smembers(self.keys.resize_drained(pool))
+            record, drained = pipe.execute()
+        fields = {_text(k): _text(v) for k, v in record.items()}
+        if "size" not in fields:
+            return None
+        previous = fields.get("from")
+        return ResizeState(
+            pool, int(fields["size"]), int(previous) if previous else None,
+            fields.get("started"), fields.get("finished"),
+            frozenset(int(_text(i)) for i in drained) if previous else frozenset())
+
+    # -- worker side ------------------------------------------------------------------
+    def gate(self, pool: str, key: str, task_id: str, raw: str, action: GateAction, *,
+             old: int, new: int, mark: int | None) -> str:
+        """Decide for one message of a key during the resize (``resize_gate.lua``)."""
+        digest = key_digest(key)
+        lists = self.keys.resize_lists(pool) + digest
+        reply = self._scripts["resize_gate"](
+            keys=[*self._common(pool), self.keys.resize_waiting(pool, new), lists + ":moved",
+                  lists + ":held"],
+            args=[digest, task_id, raw, action, old, "" if mark is None else mark])
+        return _text(reply)
+
+    def poll(self, pool: str, here: int, queue_list: str, old_queue_list: str | None) -> tuple[bool, int]:
+        """Between two messages of partition ``here``: mark it drained if it is an old
+        partition (``old_queue_list`` given) whose queue is empty, and release to the head of
+        ``queue_list`` every key held here whose old partition is drained. Returns (whether
+        the resize is still in flight, messages released)."""
+        in_flight, released = self._scripts["resize_poll"](
+            keys=[*self._common(pool), self.keys.resize_waiting(pool, here), queue_list,
+                  old_queue_list or ""],
+            args=[self.keys.resize_lists(pool), here])
+        return bool(in_flight), int(released)
+
+    def take(self, pool: str, queue_list: str, old: int, raw: bytes | None, *,
+             task_id: str = "", key: str = "", new: int = 0) -> int:
+        """Move the head ``raw`` of old partition ``old`` (one with no partition of the new
+        size) to its key's moved list; ``raw=None`` marks ``old`` drained if its queue is empty.
+        Returns 1 moved, 2 drained, 0 the head changed (read it again)."""
+        digest = key_digest(key)
+        reply = self._scripts["resize_take"](
+            keys=[queue_list, self.keys.resize_ids(pool), self.keys.resize_waiting(pool, new),
+                  self.keys.resize_lists(pool) + digest + ":moved",
+                  self.keys.resize_drained(pool)],
+            args=[raw or b"", task_id, digest, old])
+        return int(reply)
+
+    def finish(self, pool: str, previous: int, size: int) -> bool:
+        """End the resize if every old partition is drained and no key waits; True when no
+        resize is in flight (any more)."""
+        reply = self._scripts["resize_finish"](
+            keys=[*self._common(pool),
+                  *(self.keys.resize_waiting(pool, q) for q in range(size))],
+            args=[previous, now_iso()])
+        return bool(reply)
+
+    # -- status -----------------------------------------------------------------------
+    def waiting(self, pool: str, size: int) -> dict[int, dict[int, int]]:
+        """New partition → {old partition it waits for: keys held}."""
+        found: dict[int, dict[int, int]] = {}
+        for q in range(size):
+            for old in self.client.hvals(self.keys.resize_waiting(pool, q)):
+                counts = found.setdefault(q, {})
+                p = int(_text(old))
+                counts[p] = counts.get(p, 0) + 1
+        return found
+
