@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from celery_partitioning import partition_for
+from celery_partitioning.cli.resize import collect_resizes, render_resizes
 from celery_partitioning.state import redis_keys
 from celery_partitioning.store.resize import ResizeStore
-from tests.apps.harness import HOLD_MS, Event, Harness, delete_amqp_queues, rerun_in_place
+from tests.apps.harness import HOLD_MS, Event, Harness, rerun_in_place
 from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes, wait_for
@@ -71,6 +72,14 @@ def _run_resize(h: Harness, old: int, new: int) -> None:
     result = h.cli("resize", "p", str(new), "--from", str(old), partitions=old)
     assert result.returncode == 0, result.stderr
     assert f"resize from {old} to {new} partitions recorded" in result.stdout
+    if new > old:  # once is enough: what status shows, and a worker of the old size refused
+        shown = render_resizes(collect_resizes(h.app(new)))
+        assert f"pool p: resizing from {old} to {new} partitions" in shown
+        assert f"old partition 0: draining, {BACKLOG * len(_on(names, old, 0))} message(s) stamped " \
+            f"with {old} still queued" in shown, shown
+        stale = h.cli("worker", partitions=old)
+        assert stale.returncode == 2, stale.stdout + stale.stderr
+        assert f"partitioning resize p {old}" in stale.stderr
 
     sup = h.start_workers("workers", "--processes", "2", partitions=new)
     watch = FirstRun(h, names)
@@ -114,6 +123,10 @@ def _run_resize(h: Harness, old: int, new: int) -> None:
     assert state is not None and state.size == new and state.finished
     h.processes.signal(sup, signal.SIGTERM)
     assert sup.wait(timeout=60) == 0, h.log_text("workers")[-3000:]
+
+
+def _on(names: list[str], count: int, index: int) -> list[str]:
+    return [k for k in names if partition_for(k, count) == index]
 
 
 def _never() -> object:

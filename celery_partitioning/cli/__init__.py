@@ -23,6 +23,7 @@ from ..hashing import partition_for
 from ..state import settings_of
 from ..validation import assert_valid_partition_keys
 from ..worker.preflight import check_guarantees, declare_partition_queues
+from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
 from ..worker.supervisor import Supervisor, select_partitions, spread, worker_argv
 
@@ -171,6 +172,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
+        check_recorded_sizes(app, {spec.pool for spec in selected})
     except PartitioningError as exc:
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .deadletters import now_iso
 from .keys import RedisKeys, key_digest
-from .scripts import RESIZE_SCRIPTS, script_source
+from .scripts import resize_scripts_for
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -65,8 +65,7 @@ class ResizeStore:
     def __init__(self, client: Redis, keys: RedisKeys) -> None:
         self.client = client
         self.keys = keys
-        self._scripts = {name: client.register_script(script_source(name))
-                         for name in RESIZE_SCRIPTS}
+        self._scripts = resize_scripts_for(client)
 
     def _common(self, pool: str) -> list[str]:
         k = self.keys

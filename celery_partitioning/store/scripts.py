@@ -13,7 +13,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-__all__ = ["RESIZE_SCRIPTS", "SCRIPTS", "Scripts", "script_source", "scripts_for"]
+__all__ = ["RESIZE_SCRIPTS", "SCRIPTS", "Scripts", "resize_scripts_for", "script_source",
+           "scripts_for"]
 
 #: Script name → the files it is made of, in order.
 SCRIPTS: Final = {
@@ -57,3 +58,8 @@ class Scripts:
 def scripts_for(client: Any) -> Scripts:
     """Every script registered on ``client`` (no round trip until the first call)."""
     return Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPTS})
+
+
+def resize_scripts_for(client: Any) -> dict[str, Any]:
+    """The resize scripts registered on ``client``, by name (no round trip until first use)."""
+    return {name: client.register_script(script_source(name)) for name in RESIZE_SCRIPTS}

@@ -34,13 +34,18 @@ from ..errors import PartitionConfigError
 from ..hashing import partition_for
 from ..message import PartitionMessage, decode_payload, payload_id
 from ..router import HEADER_COUNT, HEADER_KEY
+from ..state import redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
 from ..store.resize import GateAction, ResizeState, ResizeStore
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from celery import Celery
+
     from .runtime import PartitionRuntime
 
-__all__ = ["ResizeGate", "check_recorded_size"]
+__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "install_resize_gate"]
 
 logger = logging.getLogger("celery_partitioning.resize")
 
@@ -67,6 +72,20 @@ def check_recorded_size(store: ResizeStore, pool: str, size: int) -> ResizeState
                        "that moved run after their old partition's backlog", pool,
                        state.previous, state.size, state.started)
     return state
+
+
+def check_recorded_sizes(app: Celery, pools: Iterable[str]) -> None:
+    """The supervisor's check before it starts children: each pool runs its recorded size."""
+    settings = settings_of(app)
+    if settings.redis is None:
+        return
+    client = redis_client(settings.redis)
+    try:
+        store = ResizeStore(client, redis_keys(app))
+        for pool in sorted(pools):
+            check_recorded_size(store, pool, settings.partitions(pool))
+    finally:
+        client.close()
 
 
 class ResizeGate:
