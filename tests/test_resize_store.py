@@ -27,7 +27,7 @@ POOL = "p"
 def store(redis_url: str) -> Iterator[ResizeStore]:
     ns = f"cptest-resize-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis.from_url(redis_url)
-    yield ResizeStore(client, RedisKeys(ns))
+    yield ResizeStore(client, RedisKeys(ns), "partition")
     for key in client.scan_iter(match=f"{ns}*"):
         client.delete(key)
 

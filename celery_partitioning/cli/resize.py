@@ -51,7 +51,7 @@ def _store(app: Celery) -> tuple[Any, ResizeStore] | None:
     if settings.redis is None:
         return None
     client = redis_client(settings.redis)
-    return client, ResizeStore(client, redis_keys(app))
+    return client, ResizeStore(client, redis_keys(app), settings.queue_prefix)
 
 
 def collect_resizes(app: Celery, pools: Sequence[str] = ()) -> list[ResizeStatus]:
@@ -119,8 +119,8 @@ def render_resizes(rows: Sequence[ResizeStatus]) -> str:
 @click.argument("pool")
 @click.argument("size", type=int)
 @click.option("--from", "previous", type=int, default=None, metavar="N",
-              help="The pool's current partition count, when no worker of this version has "
-                   "recorded it yet. Default: the recorded size.")
+              help="The pool's current partition count, when no resize was ever recorded for "
+                   "it. Default: the recorded size, else the configured one.")
 @click.pass_context
 def resize_command(ctx: click.Context, pool: str, size: int, previous: int | None) -> None:
     """Record that POOL now has SIZE partitions (grow or shrink), then deploy the workers.

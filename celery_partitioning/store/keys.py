@@ -99,7 +99,13 @@ class RedisKeys:
         """Set: task ids released to their new partition's head: they run there."""
         return f"{self.root}resize-released:{pool}"
 
+    def resize_outbox(self, pool: str, index: int) -> str:
+        """List: released messages still to be published to partition ``index`` (a broker
+        that cannot push to the head of a queue)."""
+        return f"{self.root}resize-outbox:{pool}:{index}"
+
     def resize_lists(self, pool: str) -> str:
         """Prefix of a key's lists: ``<prefix><digest>:moved`` (old-size messages moved from
-        the old partition) and ``<prefix><digest>:held`` (new-size messages set aside)."""
+        the old partition) and ``<prefix><digest>:held`` (new-size messages set aside); set
+        ``<prefix><digest>:pending``: released ids not yet back (published releases)."""
         return f"{self.root}resize-key:{pool}:"

@@ -28,9 +28,9 @@ SCRIPTS: Final = {
 #: The scripts of a pool resize (``store/resize.py`` registers them itself).
 RESIZE_SCRIPTS: Final = {
     "resize_begin": ("resize_begin",),
-    "resize_gate": ("resize_gate",),
+    "resize_gate": ("message_id", "resize_release", "resize_gate"),
     "resize_take": ("resize_take",),
-    "resize_poll": ("message_id", "resize_poll"),
+    "resize_poll": ("message_id", "resize_release", "resize_poll"),
     "resize_finish": ("resize_finish",),
 }
 

@@ -171,7 +171,7 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
     for task in app.tasks.values():
         task.acks_late = True
     head_push: bool | None = None
-    resizes = ResizeStore(store, keys) if store is not None else None
+    resizes = ResizeStore(store, keys, settings.queue_prefix) if store is not None else None
     recorded = {pool: check_recorded_size(resizes, pool, settings.partitions(pool))
                 for pool in dict.fromkeys(pool for pool, _ in hosted)} if resizes else {}
     for pool, index in hosted:

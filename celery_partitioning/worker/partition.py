@@ -222,15 +222,17 @@ class PartitionThread(threading.Thread):
         source = broker.queue_list(runtime.queue)
         in_transit = runtime.keys.in_transit(runtime.queue)
         self._announce()
+        idle = False
         while not runtime.stopping():
             try:
                 for hook in runtime.between:
-                    hook()
+                    hook(idle)
                 item = broker.fetch(runtime.queue, in_transit, FETCH_TIMEOUT)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
                 self._settle(None, recover=True)  # what the lost connection held: to the head
                 continue
+            idle = item is None
             if item is None:
                 continue
             channel = _RedisAck(client, in_transit, source, item)
@@ -311,8 +313,11 @@ class PartitionThread(threading.Thread):
                     while not runtime.stopping():
                         try:
                             conn.drain_events(timeout=FETCH_TIMEOUT)
+                            idle = False
                         except TimeoutError:
-                            continue
+                            idle = True
+                        for hook in runtime.between:
+                            hook(idle)
                     consumer.cancel()  # type: ignore[no-untyped-call]
             except errors as exc:
                 if runtime.stopping():

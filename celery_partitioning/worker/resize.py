@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Final
 from .. import compat
 from ..errors import PartitionConfigError
 from ..hashing import partition_for
-from ..message import PartitionMessage, decode_payload, payload_id
+from ..message import PartitionMessage, Publish, decode_payload, payload_id, payload_of, publisher
 from ..router import HEADER_COUNT, HEADER_KEY
-from ..state import redis_client, redis_keys, settings_of
+from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
 from ..store.resize import GateAction, ResizeState, ResizeStore
 
@@ -81,7 +81,7 @@ def check_recorded_sizes(app: Celery, pools: Iterable[str]) -> None:
         return
     client = redis_client(settings.redis)
     try:
-        store = ResizeStore(client, redis_keys(app))
+        store = ResizeStore(client, redis_keys(app), settings.queue_prefix)
         for pool in sorted(pools):
             check_recorded_size(store, pool, settings.partitions(pool))
     finally:
@@ -96,6 +96,8 @@ class ResizeGate:
     def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
         self.runtime = runtime
         self.store = store
+        #: None: released keys go onto the head of the Redis list; else published (RabbitMQ).
+        self.publish = runtime.publish
         self.size = state.size
         self.previous = state.previous
         self.drained_here = runtime.index in state.drained
@@ -132,13 +134,14 @@ class ResizeGate:
             if action == "mark" and mark is None:
                 return False  # a key that did not move: no round trip
         elif stamp == previous:
-            if new == here:
+            if new == here and (old == here or self.publish is None):
                 return False  # runs here (a key that did not move, or one released here)
-            action = "old"
+            # published releases are counted back in
+            action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
         verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
-                                  mark=mark)
+                                  mark=mark, publish=self._publisher(new))
         if verdict == "over":
             self._over()
             return False
@@ -159,6 +162,13 @@ class ResizeGate:
         msg.ack()
         return True
 
+    def _publisher(self, index: int) -> Publish | None:
+        if self.publish is None:
+            return None
+        if index == self.runtime.index:
+            return self.publish
+        return publisher(self.runtime.app, self.runtime.pool, index)
+
     def _over(self) -> None:
         if self.previous is not None:
             logger.info("%s resize of pool %s to %d partitions is over", self.runtime.label,
@@ -167,8 +177,9 @@ class ResizeGate:
         self.orphans = []
 
     # -- between two messages ---------------------------------------------------------------
-    def between(self) -> None:
-        """Called by the partition thread before each fetch (nothing of it is in flight)."""
+    def between(self, idle: bool) -> None:
+        """Called by the partition thread between two messages (none of them in flight);
+        ``idle``: the last fetch found the queue empty."""
         now = time.monotonic()
         if now >= self._next_size_check:
             self._next_size_check = now + SIZE_CHECK_INTERVAL
@@ -178,18 +189,27 @@ class ResizeGate:
         self._next_poll = now + POLL_INTERVAL
         runtime = self.runtime
         broker = runtime.broker
-        assert broker is not None
         here, pool = runtime.index, runtime.pool
         for old in list(self.orphans):
-            if self._take(old):
+            if self._take(old) if broker is not None else self._take_published(old):
                 self.orphans.remove(old)
-        old_list = (broker.queue_list(runtime.queue)
-                    if here < self.previous and not self.drained_here else None)
-        in_flight, released = self.store.poll(pool, here, broker.queue_list(runtime.queue),
-                                              old_list)
+        old_list: str | None = None
+        if here < self.previous and not self.drained_here:
+            if broker is not None:
+                old_list = broker.queue_list(runtime.queue)
+            elif idle and _ready(runtime, here) == 0:
+                # a whole fetch timeout without a delivery, and nothing ready: nothing of the
+                # old size is left (a delivered message would have been handled meanwhile)
+                self.store.mark_drained(pool, here)
+                self.drained_here = True
+        in_flight, released = self.store.poll(
+            pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
+            old_list, publish=self.publish)
         if released:
             logger.info("%s released %d message(s) of keys whose old partition is drained "
-                        "(at the head of %s, in order)", runtime.label, released, runtime.queue)
+                        "(%s %s, in order)", runtime.label, released,
+                        "at the head of" if broker is not None else "published to",
+                        runtime.queue)
         if in_flight and self.store.finish(pool, self.previous, self.size):
             in_flight = False
         if not in_flight:
@@ -202,6 +222,36 @@ class ResizeGate:
                             "%d: stopping (restart it with the new setting)", self.runtime.label,
                             self.runtime.pool, state.size, self.size)
             compat.request_warm_stop()
+
+    def _take_published(self, old: int) -> bool:
+        """:meth:`_take` on RabbitMQ: ``basic.get`` from old partition ``old``, moved to its
+        key's moved list (the resize gate's script, idempotent by id), then acked."""
+        runtime = self.runtime
+        assert self.previous is not None
+        queue = partitioning_of(runtime.app).router.queue(runtime.pool, old)
+        with runtime.app.connection_for_read() as conn:
+            bound = queue(conn.default_channel)
+            for _ in range(TAKE_BATCH):
+                try:
+                    message = bound.get(  # type: ignore[no-untyped-call]
+                        no_ack=False, accept=runtime.app.conf.accept_content)
+                except conn.channel_errors:
+                    message = None  # never declared: nothing to drain
+                if message is None:
+                    self.store.mark_drained(runtime.pool, old)
+                    logger.info("%s old partition %d of pool %s is drained", runtime.label,
+                                old, runtime.pool)
+                    return True
+                headers = message.headers if isinstance(message.headers, dict) else {}
+                key = headers.get(HEADER_KEY)
+                if not isinstance(key, str) or not key:
+                    key = ""
+                new = partition_for(key, self.size) if key else runtime.index
+                self.store.gate(runtime.pool, key, str(headers.get("id") or payload_id(
+                    payload_of(message))), payload_of(message), "old", old=old, new=new,
+                    mark=None, publish=self._publisher(new))
+                message.ack()
+        return False
 
     def _take(self, old: int) -> bool:
         """Move up to a batch of old partition ``old``'s messages; True once it is drained."""
@@ -240,18 +290,29 @@ class ResizeGate:
         return False
 
 
+def _ready(runtime: PartitionRuntime, index: int) -> int | None:
+    """Messages ready (not delivered) in partition ``index``'s RabbitMQ queue, None if unknown."""
+    queue = runtime.settings.queue_name(runtime.pool, index)
+    with runtime.app.connection_for_read() as conn:
+        try:
+            _name, ready, _consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+        except conn.channel_errors:
+            return None
+    return int(ready)
+
+
 def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
     """Put the resize gate first in the partition's gates, and its hook between messages.
 
-    Only where released keys can be pushed onto the head of the queue's Redis list in the
-    store's own script (a Redis broker that holds the store); elsewhere a resize in flight is
-    only reported.
+    On a Redis broker released keys are pushed onto the head of the queue's Redis list in the
+    store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
+    published. A Redis broker apart from the store only reports a resize in flight.
     """
-    if runtime.broker is None or runtime.store is None or runtime.publish is not None:
+    if runtime.store is None or (runtime.broker is not None and runtime.publish is not None):
         if state.in_flight:
-            logger.error("%s resize of pool %s from %d to %d partitions in flight, but on this "
-                         "broker moved keys are not held back: their old-size messages are "
-                         "re-published behind newer ones", runtime.label, runtime.pool,
+            logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "
+                         "broker and store moved keys are not held back: their old-size messages "
+                         "are re-published behind newer ones", runtime.label, runtime.pool,
                          state.previous, state.size)
         return
     gate = ResizeGate(runtime, store, state)
