@@ -16,7 +16,7 @@ import redis
 from celery_partitioning import partition_for
 from celery_partitioning.message import payload_id
 from celery_partitioning.store.keys import RedisKeys
-from celery_partitioning.store.resize import ResizeStore
+from celery_partitioning.store.resize import RELEASING, ResizeStore
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +161,34 @@ def test_a_second_resize_waits_and_a_worker_of_another_size_is_refused(store: Re
     assert store.finish(POOL, 4, 6)
     assert store.begin(POOL, 4, record=False)[0] == "mismatch"
     assert store.begin(POOL, 8, record=True)[0] == "started"
+
+
+def test_through_a_publisher_the_key_stays_held_until_its_released_messages_are_back(
+        store: ResizeStore) -> None:
+    resize(store, 4, 6)
+    key, p, q = moved_key(4, 6)
+    sent: list[str] = []
+
+    def publish(message: str) -> None:
+        sent.append(payload_id(message))
+
+    def at_q(task_id: str) -> str:
+        return store.gate(POOL, key, task_id, raw(task_id), "new", old=p, new=q, mark=None,
+                          publish=publish)
+
+    assert at_q("n1") == "held"
+    assert store.gate(POOL, key, "o1", raw("o1"), "old", old=p, new=q, mark=None) == "moved"
+    store.mark_drained(POOL, p)
+    assert store.poll(POOL, q, None, None, publish=publish) == (True, 2)
+    assert sent == ["o1", "n1"]  # to the tail of q, in order
+    assert store.waiting(POOL, 6) == {q: {RELEASING: 1}}
+    # a newer message that reaches q before the released ones are back is held behind them
+    assert at_q("n2") == "held"
+    assert at_q("o1") == "released"
+    assert at_q("o1") == "released"  # redelivered after a crash: runs again, nothing else moves
+    assert sent == ["o1", "n1"]
+    assert at_q("n1") == "released"  # the last one back: what was held meanwhile goes now
+    assert sent == ["o1", "n1", "n2"]
+    assert at_q("n2") == "released"
+    assert store.waiting(POOL, 6) == {}
+    assert at_q("n3") == "run"

@@ -20,7 +20,7 @@ from ..exits import EXIT_USAGE
 from ..router import HEADER_COUNT
 from ..state import redis_client, redis_keys, settings_of
 from ..store.broker import broker_redis
-from ..store.resize import ResizeStore
+from ..store.resize import RELEASING, UNPLACED, ResizeStore
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -107,12 +107,18 @@ def render_resizes(rows: Sequence[ResizeStatus]) -> str:
             lines.append(f"  old partition {old}: {state}, {count} message(s) stamped with "
                          f"{r.previous} still queued")
         for new, olds in sorted(r.waiting.items()):
-            waits = ", ".join(f"{keys} key(s) for old partition {old}"
-                              if old >= 0 else f"{keys} key(s) with an unknown partition count "
-                              "(held until an operator deals with them)"
-                              for old, keys in sorted(olds.items()))
+            waits = ", ".join(_waiting(old, keys) for old, keys in sorted(olds.items()))
             lines.append(f"  partition {new} holds {waits}")
     return "\n".join(lines)
+
+
+def _waiting(old: int, keys: int) -> str:
+    if old == UNPLACED:
+        return (f"{keys} key(s) with a message of an unknown partition count (held until an "
+                "operator deals with them)")
+    if old == RELEASING:
+        return f"{keys} key(s) being released (published, not all back yet)"
+    return f"{keys} key(s) for old partition {old}"
 
 
 @click.command(name="resize", cls=CeleryCommand)

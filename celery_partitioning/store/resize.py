@@ -24,7 +24,7 @@ either the step done or not done.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ..message import Publish
 from .deadletters import now_iso
@@ -34,10 +34,16 @@ from .scripts import resize_scripts_for
 if TYPE_CHECKING:
     from redis import Redis
 
-__all__ = ["ResizeState", "ResizeStore", "GateAction"]
+__all__ = ["RELEASING", "UNPLACED", "ResizeState", "ResizeStore", "GateAction"]
 
 #: How a message of a key reaches the resize gate (see ``resize_gate.lua``).
 GateAction = Literal["old", "new", "unplaced", "mark"]
+
+
+#: In :meth:`ResizeStore.waiting`: keys held for a message of an unknown partition count.
+UNPLACED: Final = -1
+#: In :meth:`ResizeStore.waiting`: keys whose released messages are on their way back.
+RELEASING: Final = -2
 
 
 def _text(value: Any) -> str:
@@ -189,13 +195,16 @@ class ResizeStore:
 
     # -- status -----------------------------------------------------------------------
     def waiting(self, pool: str, size: int) -> dict[int, dict[int, int]]:
-        """New partition → {old partition it waits for: keys held}."""
+        """New partition → {old partition it waits for: keys held}; old partition
+        :data:`UNPLACED` for messages of an unknown count, :data:`RELEASING` for keys whose
+        released messages are published but not all back yet."""
         name = self._scoped(pool)
         found: dict[int, dict[int, int]] = {}
         for q in range(size):
             for old in self.client.hvals(self.keys.resize_waiting(name, q)):
                 counts = found.setdefault(q, {})
-                p = int(_text(old))
+                text = _text(old)
+                p = RELEASING if text == "r" else int(text)
                 counts[p] = counts.get(p, 0) + 1
         return found
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final
 from .. import compat
 from ..errors import PartitionConfigError
 from ..hashing import partition_for
-from ..message import PartitionMessage, Publish, decode_payload, payload_id, payload_of, publisher
+from ..message import PartitionMessage, Publish, decode_payload, payload_id, payload_of
 from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
@@ -163,11 +163,9 @@ class ResizeGate:
         return True
 
     def _publisher(self, index: int) -> Publish | None:
-        if self.publish is None:
-            return None
-        if index == self.runtime.index:
-            return self.publish
-        return publisher(self.runtime.app, self.runtime.pool, index)
+        """How a release to partition ``index`` is published: only its own thread releases
+        (and flushes its outbox), so that two flushers never send one message twice."""
+        return self.publish if index == self.runtime.index else None
 
     def _over(self) -> None:
         if self.previous is not None:
@@ -249,7 +247,7 @@ class ResizeGate:
                 new = partition_for(key, self.size) if key else runtime.index
                 self.store.gate(runtime.pool, key, str(headers.get("id") or payload_id(
                     payload_of(message))), payload_of(message), "old", old=old, new=new,
-                    mark=None, publish=self._publisher(new))
+                    mark=None)
                 message.ack()
         return False
 
