@@ -99,19 +99,19 @@ class ResizeGate:
         #: None: released keys go onto the head of the Redis list; else published (RabbitMQ).
         self.publish = runtime.publish
         self.size = state.size
-        self.previous = state.previous
-        self.drained_here = runtime.index in state.drained
         self._next_poll = 0.0
         self._next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
+        self._follow(state)
+
+    def _follow(self, state: ResizeState) -> None:
+        """Take the recorded resize (if any) as this partition's own."""
+        self.previous = state.previous
+        self.drained_here = self.runtime.index in state.drained
         #: Old partitions with no partition of the new size that this one empties.
         self.orphans = ([p for p in range(self.size, state.previous)
-                         if p % self.size == runtime.index]
+                         if p % self.size == self.runtime.index]
                         if state.previous is not None else [])
         self._recovered: set[int] = set()
-
-    @property
-    def active(self) -> bool:
-        return self.previous is not None
 
     # -- the gate ---------------------------------------------------------------------------
     def __call__(self, msg: PartitionMessage) -> bool:
@@ -215,6 +215,14 @@ class ResizeGate:
 
     def _check_size(self) -> None:
         state = self.store.state(self.runtime.pool)
+        if state is not None and state.size == self.size and state.in_flight \
+                and self.previous is None:
+            logger.warning("%s a resize of pool %s from %d to %d partitions was recorded after "
+                           "this worker started with %d: keys that moved are held from now on "
+                           "(record a resize before starting the workers of the new size)",
+                           self.runtime.label, self.runtime.pool, state.previous, state.size,
+                           self.size)
+            self._follow(state)
         if state is not None and state.size != self.size:
             logger.critical("%s pool %s was resized to %d partitions; this worker runs it with "
                             "%d: stopping (restart it with the new setting)", self.runtime.label,
