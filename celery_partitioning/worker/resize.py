@@ -27,12 +27,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
 from .. import compat
 from ..errors import PartitionConfigError
 from ..hashing import partition_for
-from ..message import PartitionMessage, Publish, decode_payload, payload_id, payload_of
+from ..message import (
+    PartitionMessage,
+    Publish,
+    decode_payload,
+    payload_id,
+    payload_of,
+    republish,
+)
 from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
@@ -140,8 +149,9 @@ class ResizeGate:
             action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
-        verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
-                                  mark=mark, publish=self._publisher(new))
+        with self._publishing(new) as publish:
+            verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old,
+                                      new=new, mark=mark, publish=publish)
         if verdict == "over":
             self._over()
             return False
@@ -155,17 +165,30 @@ class ResizeGate:
                          "order, and none of its messages runs until an operator deals with it",
                          runtime.label, task_id, msg.task_name, key, stamp, previous, self.size)
         else:
-            logger.info("%s key %r (task %s) %s: its old partition %d is not drained yet",
-                        runtime.label, key, task_id,
-                        {"moved": f"moved to partition {new}", "held": "held here",
-                         "duplicate": "already set aside"}.get(verdict, verdict), old)
+            logger.info("%s key %r (task %s) %s", runtime.label, key, task_id, {
+                "moved": f"set aside for partition {new}, which runs it once partition {old} "
+                         "is drained",
+                "held": f"held here, in order, until old partition {old} is drained",
+                "duplicate": "set aside already (a redelivery): acked"}.get(verdict, verdict))
         msg.ack()
         return True
 
-    def _publisher(self, index: int) -> Publish | None:
-        """How a release to partition ``index`` is published: only its own thread releases
-        (and flushes its outbox), so that two flushers never send one message twice."""
-        return self.publish if index == self.runtime.index else None
+    @contextmanager
+    def _publishing(self, index: int) -> Iterator[Publish | None]:
+        """How a release to partition ``index`` is published: None on Redis (pushed onto the
+        head in the script); else through one producer, so that released messages reach the
+        queue in the order they are sent (no broker orders across connections). Only the
+        partition's own thread releases and flushes its outbox: two flushers could send one
+        message twice."""
+        if self.publish is None or index != self.runtime.index:
+            yield None
+            return
+        app, pool = self.runtime.app, self.runtime.pool
+        with app.producer_or_acquire() as producer:
+            def publish(raw: str) -> None:
+                republish(app, pool, index, raw, producer=producer)
+
+            yield publish
 
     def _over(self) -> None:
         if self.previous is not None:
@@ -200,9 +223,10 @@ class ResizeGate:
                 # old size is left (a delivered message would have been handled meanwhile)
                 self.store.mark_drained(pool, here)
                 self.drained_here = True
-        in_flight, released = self.store.poll(
-            pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
-            old_list, publish=self.publish)
+        with self._publishing(here) as publish:
+            in_flight, released = self.store.poll(
+                pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
+                old_list, publish=publish)
         if released:
             logger.info("%s released %d message(s) of keys whose old partition is drained "
                         "(%s %s, in order)", runtime.label, released,
@@ -241,7 +265,9 @@ class ResizeGate:
                 try:
                     message = bound.get(  # type: ignore[no-untyped-call]
                         no_ack=False, accept=runtime.app.conf.accept_content)
-                except conn.channel_errors:
+                except conn.channel_errors as exc:
+                    if getattr(exc, "code", None) != 404:
+                        raise  # not "drained": the thread stops, its process is restarted
                     message = None  # never declared: nothing to drain
                 if message is None:
                     self.store.mark_drained(runtime.pool, old)
