@@ -278,9 +278,12 @@ def message_summary(raw: str | bytes) -> MessageSummary:
 
 
 def republish(app: Celery, pool: str, index: int, raw: str | bytes,
-              headers: dict[str, Any] | None = None) -> None:
+              headers: dict[str, Any] | None = None, *, producer: Any = None) -> None:
     """Publish a raw payload to partition ``index`` of ``pool``: same body, headers (or
-    ``headers``), content type and properties; through the app's broker, whatever it is."""
+    ``headers``), content type and properties; through the app's broker, whatever it is.
+
+    ``producer``: publish through this one (messages that must arrive in the order they are
+    published must share a channel: a broker orders nothing across connections)."""
     payload = decode_payload(raw)
     if payload is None:
         raise ValueError("cannot re-publish a message that is not a kombu payload")
@@ -290,8 +293,8 @@ def republish(app: Celery, pool: str, index: int, raw: str | bytes,
     if props.get("body_encoding") == "base64":
         body = base64.b64decode(body)
     options = {name: props[name] for name in KEPT_PROPERTIES if props.get(name) is not None}
-    with app.producer_or_acquire() as producer:
-        producer.publish(
+    with app.producer_or_acquire(producer) as sender:
+        sender.publish(
             body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
             headers=dict(payload.get("headers") or {}) if headers is None else headers,
             content_type=payload.get("content-type") or "application/json",

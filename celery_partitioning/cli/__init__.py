@@ -23,6 +23,7 @@ from ..hashing import partition_for
 from ..state import settings_of
 from ..validation import assert_valid_partition_keys
 from ..worker.preflight import check_guarantees, declare_partition_queues
+from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
 from ..worker.supervisor import Supervisor, run_celery, select_partitions, spread, worker_argv
 
@@ -93,6 +94,7 @@ def partitioning(ctx: click.Context) -> None:
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys
+    resize   record a new partition count for a pool (keys keep their order)
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
@@ -170,6 +172,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
+        check_recorded_sizes(app, {spec.pool for spec in selected})
     except PartitioningError as exc:
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
@@ -201,6 +204,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
     checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
     from ..checkpointing import checkpoint_stats, render_checkpoint_stats
+    from .resize import collect_resizes, render_resizes
     from .status import collect_status, render_table, status_json
 
     app = _app(ctx)
@@ -216,14 +220,20 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)
             raise SystemExit(1) from None
         checkpoints = checkpoint_stats(app)
+        resizes = collect_resizes(app, pools)
         if as_json:
-            click.echo(status_json(rows, checkpoints))
+            found = json.loads(status_json(rows, checkpoints))
+            if resizes:
+                found["resizes"] = [r.as_dict() for r in resizes]
+            click.echo(json.dumps(found, indent=2))
         else:
             if watch:
                 click.clear()
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if resizes:
+                click.echo(render_resizes(resizes))
             if checkpoints is not None:
                 click.echo("")
                 click.echo(render_checkpoint_stats(checkpoints))
@@ -269,3 +279,7 @@ partitioning.add_command(dead_letters)
 from .purge import purge_command  # noqa: E402 - the purge command
 
 partitioning.add_command(purge_command)
+
+from .resize import resize_command  # noqa: E402 - the resize command
+
+partitioning.add_command(resize_command)

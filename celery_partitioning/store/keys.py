@@ -86,3 +86,36 @@ class RedisKeys:
     def replay_outbox(self, pool: str, partition_key: str) -> str:
         """List: replayed messages still to be re-published (brokers other than this Redis)."""
         return f"{self.root}replay-outbox:{pool}:{key_digest(partition_key)}"
+
+    # -- resizing a pool (celery_partitioning.store.resize) -------------------------------
+
+    def resize(self, pool: str) -> str:
+        """Hash: the pool's recorded ``size``; during a resize also ``from`` and ``started``."""
+        return f"{self.root}resize:{pool}"
+
+    def resize_drained(self, pool: str) -> str:
+        """Set: partitions of the old size whose queue holds no more old-size messages."""
+        return f"{self.root}resize-drained:{pool}"
+
+    def resize_waiting(self, pool: str, index: int) -> str:
+        """Hash: key digest → the old partition that new partition ``index`` holds the key for."""
+        return f"{self.root}resize-waiting:{pool}:{index}"
+
+    def resize_ids(self, pool: str) -> str:
+        """Set: task ids set aside during the resize (moved or held; idempotency)."""
+        return f"{self.root}resize-ids:{pool}"
+
+    def resize_released(self, pool: str) -> str:
+        """Set: task ids released to their new partition's head: they run there."""
+        return f"{self.root}resize-released:{pool}"
+
+    def resize_outbox(self, pool: str, index: int) -> str:
+        """List: released messages still to be published to partition ``index`` (a broker
+        that cannot push to the head of a queue)."""
+        return f"{self.root}resize-outbox:{pool}:{index}"
+
+    def resize_lists(self, pool: str) -> str:
+        """Prefix of a key's lists: ``<prefix><digest>:moved`` (old-size messages moved from
+        the old partition) and ``<prefix><digest>:held`` (new-size messages set aside); set
+        ``<prefix><digest>:pending``: released ids not yet back (published releases)."""
+        return f"{self.root}resize-key:{pool}:"

@@ -38,12 +38,14 @@ from ..errors import PartitioningError
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import broker_redis
 from ..store.lease import Lease
+from ..store.resize import ResizeStore
 from .executor import Executor
 from .failures import install_failure_handling
 from .guard import misroute_guard
 from .orphan import start_supervisor_watch
 from .partition import PartitionThread
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
+from .resize import check_recorded_size, install_resize_gate
 from .retry import enable_in_place_retry
 from .runtime import (
     EVENTS_ENV,
@@ -184,6 +186,9 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     for task in app.tasks.values():
         task.acks_late = True
     head_push: bool | None = None
+    resizes = ResizeStore(store, keys, settings.queue_prefix) if store is not None else None
+    recorded = {pool: check_recorded_size(resizes, pool, settings.partitions(pool))
+                for pool in dict.fromkeys(pool for pool, _ in hosted)} if resizes else {}
     for pool, index in hosted:
         partition = PartitionRuntime(
             app=app, settings=settings, pool=pool, index=index,
@@ -194,6 +199,8 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
             partition.lease = _lease(partition, settings, fence)
         partition.gates.append(misroute_guard(partition))
         install_failure_handling(partition, head_push)  # the parking gate, dead letters
+        if resizes is not None:
+            install_resize_gate(partition, resizes, recorded[pool])  # first of the gates
         if head_push is None and partition.store is not None:
             head_push = partition.publish is None
         runtime.partitions.append(partition)

@@ -228,14 +228,18 @@ class PartitionThread(threading.Thread):
         source = broker.queue_list(runtime.queue)
         in_transit = runtime.keys.in_transit(runtime.queue)
         self._announce()
+        idle = False
         while not runtime.stopping():
             timeout = self._release_due()
             try:
+                for hook in runtime.between:
+                    hook(idle)
                 item = broker.fetch(runtime.queue, in_transit, timeout)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
                 self._settle(None, recover=True)  # what the lost connection held: to the head
                 continue
+            idle = item is None
             if item is None:
                 continue
             channel = _RedisAck(client, in_transit, source, item)
@@ -316,8 +320,11 @@ class PartitionThread(threading.Thread):
                     while not runtime.stopping():
                         try:
                             conn.drain_events(timeout=self._release_due())
+                            idle = False
                         except TimeoutError:
-                            continue
+                            idle = True
+                        for hook in runtime.between:
+                            hook(idle)
                     consumer.cancel()  # type: ignore[no-untyped-call]
             except errors as exc:
                 if runtime.stopping():

@@ -24,7 +24,8 @@ Hook points for other parts of the package:
     Called, in list order, for every message of the partition before Celery makes a request
     of it. A gate returns True when it has taken the message (re-published it, set it aside,
     acked it): the message is then not run and later gates are not asked. The misroute
-    guard is first, the parking gate second. A gate that raises stops the process at once
+    guard is first (after the resize gate, on a Redis broker holding the store), the parking
+    gate next. A gate that raises stops the process at once
     without acking: the message goes back to the head of its queue by crash recovery.
     After the gates, a message with a future ETA holds its partition until its time.
     A gate has a ``__name__`` people can read: the start-up line lists the gates by it.
@@ -113,6 +114,10 @@ class PartitionRuntime:
     transport: str = ""
     #: Called for every received message before it runs; see the module docstring.
     gates: list[Gate] = field(default_factory=list)
+    #: Called by the partition thread between two messages, when none of its messages is in
+    #: flight (the resize gate releases held keys there), with True when the last fetch
+    #: found the queue empty.
+    between: list[Callable[[bool], None]] = field(default_factory=list)
     #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
     lease: Lease | None = None
     #: Messages put back at the head of the queue by crash recovery at start.

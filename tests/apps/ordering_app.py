@@ -2,7 +2,8 @@
 
 CPW_BROKER: broker URL (Redis or RabbitMQ); CPW_REDIS: Redis for records, leases and dead
 letters; CPW_NS: unique namespace (kombu global_keyprefix, queue prefix, record keys);
-CPW_PARTITIONS: partitions of the pool ``p``; CPW_LEASE_TTL: lease TTL in seconds.
+CPW_PARTITIONS: partitions of the pool ``p``; CPW_LEASE_TTL: lease TTL in seconds;
+CPW_OWN_CONTROL=1: a control exchange of the run's own (concurrent RabbitMQ runs).
 
 The task ``ordering.record(key, seq, ms, signal)`` appends ``start <seq>`` / ``end <seq>`` to
 the list ``{ns}rec:{key}``, and ``start|end <pid> <key> <seq>`` to ``{ns}part:{label}`` (the
@@ -45,6 +46,10 @@ def make_app(broker: str, store: str, ns: str, partitions: int, lease_ttl: float
         worker_hijack_root_logger=True,
         broker_connection_retry_on_startup=True,
     )
+    if os.environ.get("CPW_OWN_CONTROL") == "1":
+        # RabbitMQ: node names (partitions0@host) are the same in every test run; a control
+        # exchange of its own keeps this run's pidbox queues apart from a concurrent run's
+        app.conf.control_exchange = f"{ns}celery"
     cp.install(app)
     client = redis.Redis.from_url(store)
 

@@ -1,0 +1,210 @@
+"""Resizing a pool: the recorded transition from N to M partitions, every Redis read and write.
+
+Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`; ``{pool}`` stands for
+``{queue_prefix}.{pool}``: a record belongs to a set of queues, whatever the broker):
+
+* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with); while a
+  resize is in flight also ``from`` (the previous count) and ``started``; ``finished`` after.
+* ``resize-drained:{pool}`` set: old partitions whose queue holds no more old-size messages.
+* ``resize-waiting:{pool}:{q}`` hash: key digest → old partition ``p``: new partition ``q``
+  holds the key until ``p`` is drained.
+* ``resize-key:{pool}:{digest}:moved`` list: the key's old-size messages taken off ``p``,
+  in queue order; ``...:held`` list: its new-size messages that reached ``q`` meanwhile.
+* ``resize-ids:{pool}`` set: task ids in those lists (a message stored but not acked before a
+  crash is recognized and only acked); ``resize-released:{pool}``: task ids released to the
+  head of their new partition (they run there, even after a crash).
+* On a broker that cannot push to the head of a queue (RabbitMQ) released messages go through
+  ``resize-outbox:{pool}:{q}`` to the tail, and the key stays held (``waiting`` = ``r``, ids
+  in ``...:pending``) until every released message is back, so newer ones cannot overtake.
+
+Every step is one Lua script (``scripts/resize_*.lua``), so a SIGKILL at any point leaves
+either the step done or not done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from ..message import Publish
+from .deadletters import now_iso
+from .keys import RedisKeys, key_digest
+from .scripts import resize_scripts_for
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = ["RELEASING", "UNPLACED", "ResizeState", "ResizeStore", "GateAction"]
+
+#: How a message of a key reaches the resize gate (see ``resize_gate.lua``).
+GateAction = Literal["old", "new", "unplaced", "mark"]
+
+
+#: In :meth:`ResizeStore.waiting`: keys held for a message of an unknown partition count.
+UNPLACED: Final = -1
+#: In :meth:`ResizeStore.waiting`: keys whose released messages are on their way back.
+RELEASING: Final = -2
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class ResizeState:
+    """What is recorded for one pool."""
+
+    pool: str
+    #: The partition count workers must run with.
+    size: int
+    #: The previous count while a resize is in flight, else None.
+    previous: int | None = None
+    started: str | None = None
+    finished: str | None = None
+    #: Old partitions drained so far (during a resize).
+    drained: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def in_flight(self) -> bool:
+        return self.previous is not None
+
+
+class ResizeStore:
+    """The resize records of one app namespace, on one Redis client."""
+
+    def __init__(self, client: Redis, keys: RedisKeys, scope: str) -> None:
+        self.client = client
+        self.keys = keys
+        #: The app's partition queue prefix: records are per set of queues, so two apps (or
+        #: test runs) with their own queues never share a pool's record, whatever the broker.
+        self.scope = scope
+        self._scripts = resize_scripts_for(client)
+
+    def _scoped(self, pool: str) -> str:
+        return f"{self.scope}.{pool}"
+
+    def _common(self, pool: str) -> list[str]:
+        k, scoped = self.keys, self._scoped(pool)
+        return [k.resize(scoped), k.resize_drained(scoped), k.resize_ids(scoped),
+                k.resize_released(scoped)]
+
+    # -- recording --------------------------------------------------------------------
+    def begin(self, pool: str, size: int, *, record: bool) -> tuple[str, ResizeState]:
+        """Check (a worker starting) or record (the resize command) ``size`` for ``pool``.
+
+        Returns the outcome (``none``, ``new``, ``same``, ``started``, ``conflict``,
+        ``mismatch``; see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
+        not recorded).
+        """
+        name = self._scoped(pool)
+        reply = self._scripts["resize_begin"](
+            keys=[self.keys.resize(name), self.keys.resize_drained(name)],
+            args=[size, now_iso(), "record" if record else "check"])
+        state = self.state(pool)
+        return _text(reply[0]), state if state is not None else ResizeState(pool, size)
+
+    def state(self, pool: str) -> ResizeState | None:
+        """What is recorded for ``pool`` (None: no resize was ever recorded for it)."""
+        name = self._scoped(pool)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.resize(name))
+            pipe.smembers(self.keys.resize_drained(name))
+            record, drained = pipe.execute()
+        fields = {_text(k): _text(v) for k, v in record.items()}
+        if "size" not in fields:
+            return None
+        previous = fields.get("from")
+        return ResizeState(
+            pool, int(fields["size"]), int(previous) if previous else None,
+            fields.get("started"), fields.get("finished"),
+            frozenset(int(_text(i)) for i in drained) if previous else frozenset())
+
+    # -- worker side ------------------------------------------------------------------
+    def gate(self, pool: str, key: str, task_id: str, raw: str, action: GateAction, *,
+             old: int, new: int, mark: int | None, publish: Publish | None = None) -> str:
+        """Decide for one message of a key during the resize (``resize_gate.lua``). With
+        ``publish`` (a broker that cannot push to the head) what it releases is published."""
+        name = self._scoped(pool)
+        digest = key_digest(key)
+        lists = self.keys.resize_lists(name) + digest
+        reply = self._scripts["resize_gate"](
+            keys=[*self._common(pool), self.keys.resize_waiting(name, new), lists + ":moved",
+                  lists + ":held", lists + ":pending" if publish else "",
+                  self.keys.resize_outbox(name, new) if publish else ""],
+            args=[digest, task_id, raw, action, old, "" if mark is None else mark])
+        if publish is not None:
+            self.flush_outbox(pool, new, publish)
+        return _text(reply)
+
+    def poll(self, pool: str, here: int, queue_list: str | None, old_queue_list: str | None, *,
+             publish: Publish | None = None) -> tuple[bool, int]:
+        """Between two messages of partition ``here``: mark it drained if it is an old
+        partition (``old_queue_list`` given) whose queue is empty, and release every key held
+        here whose old partition is drained: to the head of ``queue_list``, or (None) through
+        the partition's outbox and ``publish``. Returns (whether the resize is still in
+        flight, messages released)."""
+        name = self._scoped(pool)
+        in_flight, released = self._scripts["resize_poll"](
+            keys=[*self._common(pool), self.keys.resize_waiting(name, here), queue_list or "",
+                  old_queue_list or "", self.keys.resize_outbox(name, here)],
+            args=[self.keys.resize_lists(name), here])
+        if publish is not None:
+            self.flush_outbox(pool, here, publish)
+        return bool(in_flight), int(released)
+
+    def flush_outbox(self, pool: str, index: int, publish: Publish) -> int:
+        """Publish partition ``index``'s released messages, oldest first; each leaves the
+        outbox once sent (at least once: a crash in between sends it again)."""
+        name = self._scoped(pool)
+        outbox = self.keys.resize_outbox(name, index)
+        sent = 0
+        while (raw := self.client.lindex(outbox, 0)) is not None:
+            publish(_text(raw))
+            self.client.lpop(outbox)
+            sent += 1
+        return sent
+
+    def mark_drained(self, pool: str, index: int) -> None:
+        """Old partition ``index`` holds no more old-size messages (its queue was seen empty)."""
+        name = self._scoped(pool)
+        self.client.sadd(self.keys.resize_drained(name), index)
+
+    def take(self, pool: str, queue_list: str, old: int, raw: bytes | None, *,
+             task_id: str = "", key: str = "", new: int = 0) -> int:
+        """Move the head ``raw`` of old partition ``old`` (one with no partition of the new
+        size) to its key's moved list; ``raw=None`` marks ``old`` drained if its queue is empty.
+        Returns 1 moved, 2 drained, 0 the head changed (read it again)."""
+        name = self._scoped(pool)
+        digest = key_digest(key)
+        reply = self._scripts["resize_take"](
+            keys=[queue_list, self.keys.resize_ids(name), self.keys.resize_waiting(name, new),
+                  self.keys.resize_lists(name) + digest + ":moved",
+                  self.keys.resize_drained(name)],
+            args=[raw or b"", task_id, digest, old])
+        return int(reply)
+
+    def finish(self, pool: str, previous: int, size: int) -> bool:
+        """End the resize if every old partition is drained and no key waits; True when no
+        resize is in flight (any more)."""
+        name = self._scoped(pool)
+        reply = self._scripts["resize_finish"](
+            keys=[*self._common(pool),
+                  *(self.keys.resize_waiting(name, q) for q in range(size))],
+            args=[previous, now_iso()])
+        return bool(reply)
+
+    # -- status -----------------------------------------------------------------------
+    def waiting(self, pool: str, size: int) -> dict[int, dict[int, int]]:
+        """New partition → {old partition it waits for: keys held}; old partition
+        :data:`UNPLACED` for messages of an unknown count, :data:`RELEASING` for keys whose
+        released messages are published but not all back yet."""
+        name = self._scoped(pool)
+        found: dict[int, dict[int, int]] = {}
+        for q in range(size):
+            for old in self.client.hvals(self.keys.resize_waiting(name, q)):
+                counts = found.setdefault(q, {})
+                text = _text(old)
+                p = RELEASING if text == "r" else int(text)
+                counts[p] = counts.get(p, 0) + 1
+        return found
+

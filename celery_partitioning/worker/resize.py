@@ -1,0 +1,352 @@
+"""The resize gate: keys that moved when their pool was resized wait for their old messages.
+
+A resize of a pool from N to M partitions is recorded in Redis (``partitioning resize``,
+``store/resize.py``). While it is in flight, for a message of key ``k`` with old partition
+``p = partition_for(k, N)`` and new partition ``q = partition_for(k, M)``:
+
+* a key that did not move (``p == q``) runs at once, with no Redis round trip;
+* an old-size message of a moved key, received on ``p``, is moved (acked, kept in order in
+  the key's ``moved`` list) instead of being re-published to the tail of ``q``;
+* a new-size message of a moved key, received on ``q`` while ``p`` is not drained (or the key
+  is still held), is set aside in the key's ``held`` list;
+* old partition ``p`` is drained when its queue is empty or its consumer meets a new-size
+  message (every old-size one was queued ahead of it); the old partitions with no partition
+  of the new size (a shrink) are emptied into the moved lists by the thread of partition
+  ``p % M``;
+* between two of its messages, partition ``q`` releases every key whose old partition is
+  drained: moved messages, then held ones, to the head of its queue (one Lua script);
+* a message stamped with a count that is neither N nor M is held, in order, never run, and
+  logged as an error.
+
+When every old partition is drained and nothing is held, the resize is over and the gate
+passes everything to the misroute guard. A process that runs a pool with a size other
+than the recorded one stops warmly (it checks every few seconds) and refuses to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Final
+
+from .. import compat
+from ..errors import PartitionConfigError
+from ..hashing import partition_for
+from ..message import (
+    PartitionMessage,
+    Publish,
+    decode_payload,
+    payload_id,
+    payload_of,
+    republish,
+)
+from ..router import HEADER_COUNT, HEADER_KEY
+from ..state import partitioning_of, redis_client, redis_keys, settings_of
+from ..store.broker import restore_unacked_to_head
+from ..store.resize import GateAction, ResizeState, ResizeStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from celery import Celery
+
+    from .runtime import PartitionRuntime
+
+__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "install_resize_gate"]
+
+logger = logging.getLogger("celery_partitioning.resize")
+
+#: Seconds between two releases / drain steps of a partition during a resize.
+POLL_INTERVAL: Final = 0.1
+#: Seconds between two checks that the recorded size is still the one this process runs.
+SIZE_CHECK_INTERVAL: Final = 5.0
+#: Messages moved off an old partition with no partition of the new size, per poll.
+TAKE_BATCH: Final = 200
+
+
+def check_recorded_size(store: ResizeStore, pool: str, size: int) -> ResizeState:
+    """At start: the recorded state of ``pool``; refuses a size other than the recorded one."""
+    outcome, state = store.begin(pool, size, record=False)
+    if outcome in ("mismatch", "conflict"):
+        raise PartitionConfigError(
+            f"pool {pool!r} is recorded with {state.size} partitions"
+            + (f" (resizing from {state.previous})" if state.previous is not None else "")
+            + f" but this worker runs it with {size} (setting partitioning_pools): start the "
+            f"workers with the recorded size, or record a resize first: `celery -A <app> "
+            f"partitioning resize {pool} {size}` (see `partitioning status`)")
+    if state.in_flight:
+        logger.warning("pool %s: resize from %d to %d partitions in flight (since %s): keys "
+                       "that moved run after their old partition's backlog", pool,
+                       state.previous, state.size, state.started)
+    return state
+
+
+def check_recorded_sizes(app: Celery, pools: Iterable[str]) -> None:
+    """The supervisor's check before it starts children: each pool runs its recorded size."""
+    settings = settings_of(app)
+    if settings.redis is None:
+        return
+    client = redis_client(settings.redis)
+    try:
+        store = ResizeStore(client, redis_keys(app), settings.queue_prefix)
+        for pool in sorted(pools):
+            check_recorded_size(store, pool, settings.partitions(pool))
+    finally:
+        client.close()
+
+
+class ResizeGate:
+    """The first gate of a partition (Redis broker holding the store), and its between-hook."""
+
+    __name__ = "resize gate"
+
+    def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
+        self.runtime = runtime
+        self.store = store
+        #: None: released keys go onto the head of the Redis list; else published (RabbitMQ).
+        self.publish = runtime.publish
+        self.size = state.size
+        self._next_poll = 0.0
+        self._next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
+        self._follow(state)
+
+    def _follow(self, state: ResizeState) -> None:
+        """Take the recorded resize (if any) as this partition's own."""
+        self.previous = state.previous
+        self.drained_here = self.runtime.index in state.drained
+        #: Old partitions with no partition of the new size that this one empties.
+        self.orphans = ([p for p in range(self.size, state.previous)
+                         if p % self.size == self.runtime.index]
+                        if state.previous is not None else [])
+        self._recovered: set[int] = set()
+
+    # -- the gate ---------------------------------------------------------------------------
+    def __call__(self, msg: PartitionMessage) -> bool:
+        previous = self.previous
+        if previous is None:
+            return False
+        runtime = self.runtime
+        key, pool, task_id = msg.partition_key, msg.partition_pool, msg.task_id
+        if key is None or pool != runtime.pool or task_id is None:
+            return False
+        here, stamp = runtime.index, msg.partition_count
+        new = partition_for(key, self.size)
+        old = partition_for(key, previous)
+        mark = here if here < previous and not self.drained_here else None
+        action: GateAction
+        if stamp == self.size:
+            if new != here:
+                return False  # not this partition's under any size: the misroute guard
+            action = "new" if old != here else "mark"
+            if action == "mark" and mark is None:
+                return False  # a key that did not move: no round trip
+        elif stamp == previous:
+            if new == here and (old == here or self.publish is None):
+                return False  # runs here (a key that did not move, or one released here)
+            # published releases are counted back in
+            action = "new" if new == here else "old"
+        else:
+            action, old = "unplaced", -1
+        with self._publishing(new) as publish:
+            verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old,
+                                      new=new, mark=mark, publish=publish)
+        if verdict == "over":
+            self._over()
+            return False
+        if mark is not None and action in ("new", "mark") and verdict != "released":
+            self.drained_here = True
+        if verdict in ("run", "released"):
+            return False
+        if action == "unplaced":
+            logger.error("%s message %s (task %s, key %r) is stamped with %r partitions, neither "
+                         "the pool's previous %d nor its current %d: the key is held here, in "
+                         "order, and none of its messages runs until an operator deals with it",
+                         runtime.label, task_id, msg.task_name, key, stamp, previous, self.size)
+        else:
+            logger.info("%s key %r (task %s) %s", runtime.label, key, task_id, {
+                "moved": f"set aside for partition {new}, which runs it once partition {old} "
+                         "is drained",
+                "held": f"held here, in order, until old partition {old} is drained",
+                "duplicate": "set aside already (a redelivery): acked"}.get(verdict, verdict))
+        msg.ack()
+        return True
+
+    @contextmanager
+    def _publishing(self, index: int) -> Iterator[Publish | None]:
+        """How a release to partition ``index`` is published: None on Redis (pushed onto the
+        head in the script); else through one producer, so that released messages reach the
+        queue in the order they are sent (no broker orders across connections). Only the
+        partition's own thread releases and flushes its outbox: two flushers could send one
+        message twice."""
+        if self.publish is None or index != self.runtime.index:
+            yield None
+            return
+        app, pool = self.runtime.app, self.runtime.pool
+        with app.producer_or_acquire() as producer:
+            def publish(raw: str) -> None:
+                republish(app, pool, index, raw, producer=producer)
+
+            yield publish
+
+    def _over(self) -> None:
+        if self.previous is not None:
+            logger.info("%s resize of pool %s to %d partitions is over", self.runtime.label,
+                        self.runtime.pool, self.size)
+        self.previous = None
+        self.orphans = []
+
+    # -- between two messages ---------------------------------------------------------------
+    def between(self, idle: bool) -> None:
+        """Called by the partition thread between two messages (none of them in flight);
+        ``idle``: the last fetch found the queue empty."""
+        now = time.monotonic()
+        if now >= self._next_size_check:
+            self._next_size_check = now + SIZE_CHECK_INTERVAL
+            self._check_size()
+        if self.previous is None or now < self._next_poll:
+            return
+        self._next_poll = now + POLL_INTERVAL
+        runtime = self.runtime
+        broker = runtime.broker
+        here, pool = runtime.index, runtime.pool
+        for old in list(self.orphans):
+            if self._take(old) if broker is not None else self._take_published(old):
+                self.orphans.remove(old)
+        old_list: str | None = None
+        if here < self.previous and not self.drained_here:
+            if broker is not None:
+                old_list = broker.queue_list(runtime.queue)
+            elif idle and _ready(runtime, here) == 0:
+                # a whole fetch timeout without a delivery, and nothing ready: nothing of the
+                # old size is left (a delivered message would have been handled meanwhile)
+                self.store.mark_drained(pool, here)
+                self.drained_here = True
+        with self._publishing(here) as publish:
+            in_flight, released = self.store.poll(
+                pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
+                old_list, publish=publish)
+        if released:
+            logger.info("%s released %d message(s) of keys whose old partition is drained "
+                        "(%s %s, in order)", runtime.label, released,
+                        "at the head of" if broker is not None else "published to",
+                        runtime.queue)
+        if in_flight and self.store.finish(pool, self.previous, self.size):
+            in_flight = False
+        if not in_flight:
+            self._over()
+
+    def _check_size(self) -> None:
+        state = self.store.state(self.runtime.pool)
+        if state is not None and state.size == self.size and state.in_flight \
+                and self.previous is None:
+            logger.warning("%s a resize of pool %s from %d to %d partitions was recorded after "
+                           "this worker started with %d: keys that moved are held from now on "
+                           "(record a resize before starting the workers of the new size)",
+                           self.runtime.label, self.runtime.pool, state.previous, state.size,
+                           self.size)
+            self._follow(state)
+        if state is not None and state.size != self.size:
+            logger.critical("%s pool %s was resized to %d partitions; this worker runs it with "
+                            "%d: stopping (restart it with the new setting)", self.runtime.label,
+                            self.runtime.pool, state.size, self.size)
+            compat.request_warm_stop()
+
+    def _take_published(self, old: int) -> bool:
+        """:meth:`_take` on RabbitMQ: ``basic.get`` from old partition ``old``, moved to its
+        key's moved list (the resize gate's script, idempotent by id), then acked."""
+        runtime = self.runtime
+        assert self.previous is not None
+        queue = partitioning_of(runtime.app).router.queue(runtime.pool, old)
+        with runtime.app.connection_for_read() as conn:
+            bound = queue(conn.default_channel)
+            for _ in range(TAKE_BATCH):
+                try:
+                    message = bound.get(  # type: ignore[no-untyped-call]
+                        no_ack=False, accept=runtime.app.conf.accept_content)
+                except conn.channel_errors as exc:
+                    if getattr(exc, "code", None) != 404:
+                        raise  # not "drained": the thread stops, its process is restarted
+                    message = None  # never declared: nothing to drain
+                if message is None:
+                    self.store.mark_drained(runtime.pool, old)
+                    logger.info("%s old partition %d of pool %s is drained", runtime.label,
+                                old, runtime.pool)
+                    return True
+                headers = message.headers if isinstance(message.headers, dict) else {}
+                key = headers.get(HEADER_KEY)
+                if not isinstance(key, str) or not key:
+                    key = ""
+                new = partition_for(key, self.size) if key else runtime.index
+                self.store.gate(runtime.pool, key, str(headers.get("id") or payload_id(
+                    payload_of(message))), payload_of(message), "old", old=old, new=new,
+                    mark=None)
+                message.ack()
+        return False
+
+    def _take(self, old: int) -> bool:
+        """Move up to a batch of old partition ``old``'s messages; True once it is drained."""
+        runtime = self.runtime
+        broker = runtime.broker
+        assert broker is not None and self.previous is not None
+        queue = runtime.settings.queue_name(runtime.pool, old)
+        source = broker.queue_list(queue)
+        if old not in self._recovered:
+            # what a killed worker of the old size held goes back to the head first
+            restore_unacked_to_head(broker, queue, runtime.keys.in_transit(queue))
+            self._recovered.add(old)
+        moved = 0
+        while moved < TAKE_BATCH:
+            raw = broker.client.lindex(source, -1)
+            if raw is None:
+                if self.store.take(runtime.pool, source, old, None) == 2:
+                    logger.info("%s old partition %d of pool %s is drained", runtime.label,
+                                old, runtime.pool)
+                    return True
+                continue
+            payload = decode_payload(raw)
+            headers = payload.get("headers") if payload is not None else None
+            key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
+            if not isinstance(key, str) or not key:
+                key, new = "", runtime.index  # not a keyed message: it goes on here
+            else:
+                new = partition_for(key, self.size)
+            stamp = headers.get(HEADER_COUNT) if isinstance(headers, dict) else None
+            if stamp != self.previous:
+                logger.warning("%s message %s on old partition %d is stamped with %r "
+                               "partitions: moved to partition %d all the same",
+                               runtime.label, payload_id(raw), old, stamp, new)
+            moved += self.store.take(runtime.pool, source, old, raw, task_id=payload_id(raw),
+                                     key=key, new=new)
+        return False
+
+
+def _ready(runtime: PartitionRuntime, index: int) -> int | None:
+    """Messages ready (not delivered) in partition ``index``'s RabbitMQ queue, None if unknown."""
+    queue = runtime.settings.queue_name(runtime.pool, index)
+    with runtime.app.connection_for_read() as conn:
+        try:
+            _name, ready, _consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+        except conn.channel_errors:
+            return None
+    return int(ready)
+
+
+def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
+    """Put the resize gate first in the partition's gates, and its hook between messages.
+
+    On a Redis broker released keys are pushed onto the head of the queue's Redis list in the
+    store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
+    published. A Redis broker apart from the store only reports a resize in flight.
+    """
+    if runtime.store is None or (runtime.broker is not None and runtime.publish is not None):
+        if state.in_flight:
+            logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "
+                         "broker and store moved keys are not held back: their old-size messages "
+                         "are re-published behind newer ones", runtime.label, runtime.pool,
+                         state.previous, state.size)
+        return
+    gate = ResizeGate(runtime, store, state)
+    runtime.gates.insert(0, gate)
+    runtime.between.append(gate.between)
