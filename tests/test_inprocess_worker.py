@@ -86,7 +86,8 @@ def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
         # each partition's start-up line names its gates for people
         consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
         assert len(consuming) == 5
-        assert all(line.endswith("gates: misroute guard, parking gate)") for line in consuming)
+        assert all(line.endswith("gates: resize gate, misroute guard, parking gate)")
+                   for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice
         results = [shop.step.delay(order, seq, "twice" if seq == 1 else "")
