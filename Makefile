@@ -37,7 +37,8 @@ unit: $(BIN)/.installed  ## only the tests that need no broker
 OLDEST_VENV ?= .venv-oldest
 COMPAT_TESTS ?= tests/test_layering.py tests/test_routing.py tests/test_binding.py tests/test_retry.py \
 	tests/test_worker_guards.py tests/test_worker_parts.py tests/test_worker_ordering.py \
-	tests/test_retry_integration.py
+	tests/test_retry_integration.py tests/test_worker_stop.py tests/test_worker_toolbox.py \
+	tests/test_inprocess_worker.py tests/test_publish_many.py
 
 $(OLDEST_VENV)/bin/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)

@@ -19,7 +19,7 @@ from celery.exceptions import WorkerTerminate
 from . import compat
 
 __all__ = ["EXIT_OK", "EXIT_UNCLEAN", "EXIT_USAGE", "EXIT_KEEP_MESSAGE", "EXIT_FENCED",
-           "exit_now", "exit_forked_child", "ThreadExit", "raise_instead_of_exit"]
+           "exit_now", "exit_forked_child", "flush_standard_streams", "ThreadExit", "raise_instead_of_exit"]
 
 #: Every worker stopped cleanly; nothing was cut short.
 EXIT_OK: Final = 0
@@ -85,7 +85,13 @@ def exit_forked_child(status: int) -> NoReturn:
     release, the orphan output drain), shut logging down, flush, ``os._exit``."""
     compat.run_exit_handlers()
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    flush_standard_streams()
     os._exit(status)
+
+
+def flush_standard_streams() -> None:
+    """Flush ``sys.stdout``/``stderr`` and the original ``__stdout__``/``__stderr__``."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if stream is not None:
+                stream.flush()

@@ -106,7 +106,8 @@ class _Composer:
         self.inherit_priority = conf.task_inherit_parent_priority
         self.argsrepr_maxsize = amqp.argsrepr_maxsize
         self.kwargsrepr_maxsize = amqp.kwargsrepr_maxsize
-        self.repr_maxlevels = conf.task_repr_maxlevels
+        # Celery 5.5+ (before it, saferepr's own default: 3 levels)
+        self.repr_maxlevels = int(conf.get("task_repr_maxlevels", 3))
         self.reply_to = app.thread_oid
         self.origin = anon_nodename()
         self.parent = app.current_worker_task

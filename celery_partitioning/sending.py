@@ -117,20 +117,27 @@ def _declare(producer: Any, messages: Sequence[Outgoing]) -> None:
     for entity in seen.values():
         if entity.can_cache_declaration and hash(entity) in declared:
             continue  # what maybe_declare would find, without binding a copy of the queue first
+        # kombu 5.4's maybe_declare would declare it unbound
+        bound = entity if entity.is_bound else entity.bind(producer.channel)  # type: ignore[no-untyped-call]
         maybe_declare(  # type: ignore[no-untyped-call]
-            entity, producer.channel, retry=True, **messages[0].retry_policy)
+            bound, producer.channel, retry=True, **messages[0].retry_policy)
 
 
 def _send_redis(conn: Any, messages: Sequence[Outgoing], chunk: int, track: _Tracker) -> None:
     channel = conn.default_channel
     producer = _producer(channel)
     _declare(producer, messages)
-    if not channel.supports_batch_publish:  # e.g. retry_on_timeout set: a pipeline could replay
+    # e.g. retry_on_timeout set: a pipeline could replay (kombu 5.4 has no such property)
+    batch_safe = getattr(channel, "supports_batch_publish",
+                         not getattr(channel, "retry_on_timeout", False))
+    if not batch_safe:
         _send_each(producer, messages, track)
     elif all(map(plain_redis_put, messages)) and channel.body_encoding == "base64":
         _send_redis_pipelined(channel, messages, chunk, track)
-    else:
+    elif hasattr(producer, "batch"):
         _send_redis_kombu_batch(producer, messages, chunk, track)
+    else:  # kombu 5.4 has no publish batch
+        _send_each(producer, messages, track)
 
 
 def _send_redis_pipelined(channel: Any, messages: Sequence[Outgoing], chunk: int,

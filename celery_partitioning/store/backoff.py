@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from ..message import Publish
 from .attempts import ATTEMPTS_TTL, AttemptRecord
-from .deadletters import DeadLetterStore, _text
+from .deadletters import DeadLetterStore, as_text
 from .keys import key_digest
 
 __all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "new_token", "with_token"]
@@ -107,7 +107,7 @@ class BackoffStore:
         now = time.time() if now is None else now
         due: list[Any] = self.client.zrangebyscore(schedule, "-inf", now, 0, RELEASE_BATCH)
         for raw_member in due:
-            member = _text(raw_member)
+            member = as_text(raw_member)
             pool, key = json.loads(member)
             released = store.scripts.release(
                 keys=[*store.script_keys(pool, key, queue, publish), schedule],

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "as_text",
+    "send_outbox",
     "DeadLetter",
     "DeadLetterStore",
     "DeadLetterView",
@@ -77,7 +79,7 @@ class GateResult:
 
     @classmethod
     def parse(cls, reply: Any) -> GateResult:
-        verdict, attempts, replaying = (_text(reply[0]), _text(reply[1]) or None, bool(reply[2]))
+        verdict, attempts, replaying = (as_text(reply[0]), as_text(reply[1]) or None, bool(reply[2]))
         if verdict not in ("run", "parked", "deferred", "duplicate"):
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
@@ -144,6 +146,17 @@ class DeadLetterView:
         return data
 
 
+def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
+    """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
+    once sent. At least once: a crash between publishing and popping re-sends that message."""
+    sent = 0
+    while (raw := client.lindex(outbox, 0)) is not None:
+        publish(as_text(raw))
+        client.lpop(outbox)
+        sent += 1
+    return sent
+
+
 class DeadLetterStore:
     """Dead letters and parked keys of one app namespace, on one Redis client."""
 
@@ -201,17 +214,8 @@ class DeadLetterStore:
             self.flush_outbox(pool, key, publish)
 
     def flush_outbox(self, pool: str, key: str, publish: Publish) -> int:
-        """Publish the key's re-queued messages, oldest first; each leaves the outbox once sent.
-
-        At least once: a crash between publishing and popping re-sends that message.
-        """
-        outbox = self.keys.replay_outbox(pool, key)
-        sent = 0
-        while (raw := self.client.lindex(outbox, 0)) is not None:
-            publish(_text(raw))
-            self.client.lpop(outbox)
-            sent += 1
-        return sent
+        """Publish the key's re-queued messages (:func:`send_outbox`)."""
+        return send_outbox(self.client, self.keys.replay_outbox(pool, key), publish)
 
     def is_parked(self, pool: str, key: str) -> bool:
         return bool(self.client.hexists(self.keys.dead_letters(pool), key_digest(key)))
@@ -362,7 +366,7 @@ class DeadLetterStore:
                     pipe.delete(self.keys.attempts(letter.id))
                     pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
                         self._event("discard", pool, key, letter, messages,
-                                    raw=[letter.raw, *[_text(r) for r in raws]])))
+                                    raw=[letter.raw, *[as_text(r) for r in raws]])))
                     pipe.execute()
                     return messages
                 except WatchError:
@@ -382,5 +386,6 @@ class DeadLetterStore:
         }
 
 
-def _text(raw: str | bytes) -> str:
-    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+def as_text(value: Any) -> str:
+    """A Redis reply as text (bytes decoded as UTF-8)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -24,10 +24,10 @@ either the step done or not done.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from ..message import Publish
-from .deadletters import now_iso
+from .deadletters import as_text, now_iso, send_outbox
 from .keys import RedisKeys, key_digest
 from .scripts import resize_scripts_for
 
@@ -44,10 +44,6 @@ GateAction = Literal["old", "new", "unplaced", "mark"]
 UNPLACED: Final = -1
 #: In :meth:`ResizeStore.waiting`: keys whose released messages are on their way back.
 RELEASING: Final = -2
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class ResizeStore:
             keys=[self.keys.resize(name), self.keys.resize_drained(name)],
             args=[size, now_iso(), "record" if record else "check"])
         state = self.state(pool)
-        return _text(reply[0]), state if state is not None else ResizeState(pool, size)
+        return as_text(reply[0]), state if state is not None else ResizeState(pool, size)
 
     def state(self, pool: str) -> ResizeState | None:
         """What is recorded for ``pool`` (None: no resize was ever recorded for it)."""
@@ -110,14 +106,14 @@ class ResizeStore:
             pipe.hgetall(self.keys.resize(name))
             pipe.smembers(self.keys.resize_drained(name))
             record, drained = pipe.execute()
-        fields = {_text(k): _text(v) for k, v in record.items()}
+        fields = {as_text(k): as_text(v) for k, v in record.items()}
         if "size" not in fields:
             return None
         previous = fields.get("from")
         return ResizeState(
             pool, int(fields["size"]), int(previous) if previous else None,
             fields.get("started"), fields.get("finished"),
-            frozenset(int(_text(i)) for i in drained) if previous else frozenset())
+            frozenset(int(as_text(i)) for i in drained) if previous else frozenset())
 
     # -- worker side ------------------------------------------------------------------
     def gate(self, pool: str, key: str, task_id: str, raw: str, action: GateAction, *,
@@ -134,7 +130,7 @@ class ResizeStore:
             args=[digest, task_id, raw, action, old, "" if mark is None else mark])
         if publish is not None:
             self.flush_outbox(pool, new, publish)
-        return _text(reply)
+        return as_text(reply)
 
     def poll(self, pool: str, here: int, queue_list: str | None, old_queue_list: str | None, *,
              publish: Publish | None = None) -> tuple[bool, int]:
@@ -153,16 +149,9 @@ class ResizeStore:
         return bool(in_flight), int(released)
 
     def flush_outbox(self, pool: str, index: int, publish: Publish) -> int:
-        """Publish partition ``index``'s released messages, oldest first; each leaves the
-        outbox once sent (at least once: a crash in between sends it again)."""
-        name = self._scoped(pool)
-        outbox = self.keys.resize_outbox(name, index)
-        sent = 0
-        while (raw := self.client.lindex(outbox, 0)) is not None:
-            publish(_text(raw))
-            self.client.lpop(outbox)
-            sent += 1
-        return sent
+        """Publish partition ``index``'s released messages (:func:`~.deadletters.send_outbox`)."""
+        return send_outbox(self.client, self.keys.resize_outbox(self._scoped(pool), index),
+                           publish)
 
     def mark_drained(self, pool: str, index: int) -> None:
         """Old partition ``index`` holds no more old-size messages (its queue was seen empty)."""
@@ -203,7 +192,7 @@ class ResizeStore:
         for q in range(size):
             for old in self.client.hvals(self.keys.resize_waiting(name, q)):
                 counts = found.setdefault(q, {})
-                text = _text(old)
+                text = as_text(old)
                 p = RELEASING if text == "r" else int(text)
                 counts[p] = counts.get(p, 0) + 1
         return found

@@ -1,7 +1,8 @@
 """The Lua scripts of the store: real ``.lua`` files in ``scripts/``, loaded once, run by SHA.
 
-Each script is the concatenation of its parts (the dead-letter, parking and backoff
-scripts share ``prelude.lua``, the gate's scripts ``gate.lua``); every file documents its
+Each script is the concatenation of its parts (every script reading task ids shares
+``message_id.lua``; the dead-letter, parking and backoff scripts ``prelude.lua``, the gate's
+scripts ``gate.lua``); every file documents its
 KEYS and ARGV in its header.
 :func:`scripts_for` registers them on a redis-py client: a call runs ``EVALSHA`` and loads
 the script only if the server does not know it yet (a restarted or failed-over Redis).
@@ -19,11 +20,11 @@ __all__ = ["RESIZE_SCRIPTS", "SCRIPTS", "Scripts", "resize_scripts_for", "script
 
 #: Script name → the files it is made of, in order.
 SCRIPTS: Final = {
-    "check": ("prelude", "gate", "check"),
-    "finished": ("prelude", "finished"),
-    "dead_letter": ("prelude", "dead_letter"),
-    "backoff": ("prelude", "backoff"),
-    "release": ("prelude", "release"),
+    "check": ("message_id", "prelude", "gate", "check"),
+    "finished": ("message_id", "prelude", "finished"),
+    "dead_letter": ("message_id", "prelude", "dead_letter"),
+    "backoff": ("message_id", "prelude", "backoff"),
+    "release": ("message_id", "prelude", "release"),
     "lease_acquire": ("lease_acquire",),
     "lease_renew": ("lease_renew",),
     "lease_release": ("lease_release",),

@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 
 from .. import compat
-from ..exits import exit_forked_child
+from ..exits import exit_forked_child, flush_standard_streams
 
 __all__ = ["ForkedProcess", "fork_child", "exit_status"]
 
@@ -78,15 +78,6 @@ def exit_status(code: object) -> int:
     return 1
 
 
-def _flush_standard_streams() -> None:
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 def _become_child(env: Mapping[str, str], output_fd: int, close_fds: Iterable[int]) -> None:
     compat.clear_exit_handlers()
     compat.run_after_fork_handlers()
@@ -114,7 +105,7 @@ def fork_child(main: Callable[[], int], *, env: Mapping[str, str], output_fd: in
     """Fork a child that runs ``main()`` with ``env`` as its environment and ``output_fd`` as
     its stdout and stderr, closes ``close_fds`` (the supervisor's own descriptors) and exits
     with what ``main`` returns (or raises as ``SystemExit``; 1 for any other exception)."""
-    _flush_standard_streams()  # or the child would print the supervisor's pending output
+    flush_standard_streams()  # or the child would print the supervisor's pending output
     pid = os.fork()
     if pid:
         return ForkedProcess(pid)

@@ -21,13 +21,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from ..exits import flush_standard_streams
 from .runtime import SUPERVISOR_PID_ENV
 
 __all__ = ["OUTPUT_FDS_ENV", "ChildOutput", "SupervisorWatch", "start_supervisor_watch"]
@@ -130,12 +130,7 @@ class SupervisorWatch:
 
     def _drain_at_exit(self) -> None:
         """Forward the child's last lines: daemon threads die with the interpreter."""
-        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                pass
+        flush_standard_streams()
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)  # the last write ends of our pipe close: the pumps reach EOF
         os.dup2(devnull, 2)

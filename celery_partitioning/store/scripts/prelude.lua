@@ -1,4 +1,5 @@
--- prelude.lua: shared head of the dead-letter, parking and backoff scripts (not run on its own).
+-- prelude.lua: shared head of the dead-letter, parking and backoff scripts (not run on its own;
+-- message_id.lua comes before it).
 --
 -- KEYS[1] dead letters hash of the pool (key digest -> JSON dead letter; present = parked)
 -- KEYS[2] parked list of the key (raw messages set aside, in arrival order)
@@ -13,17 +14,6 @@
 local dl, parked, ids, replaying, deferred = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local queue, outbox, backoff = KEYS[6], KEYS[7], KEYS[8]
 local digest = ARGV[1]
-
-local function message_id(m)
-  local ok, p = pcall(cjson.decode, m)
-  if ok and type(p) == 'table' then
-    if type(p.headers) == 'table' and p.headers.id then return tostring(p.headers.id) end
-    if type(p.properties) == 'table' and p.properties.correlation_id then
-      return tostring(p.properties.correlation_id)
-    end
-  end
-  return ''
-end
 
 -- The key's messages are set aside: it is parked behind a dead letter, or waits out the
 -- retry backoff of its first message.
