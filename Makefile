@@ -57,7 +57,7 @@ bench: $(BIN)/.installed  ## benchmarks against plain Celery in the same run (se
 
 soak: $(BIN)/.installed  ## the reliability suite at full size (minutes)
 	$(BIN)/python -m celery_partitioning.embedded --url "$(TEST_REDIS_URL)" -- \
-		env CP_SOAK=1 $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
+		env CP_SOAK=1 $(BIN)/python -m pytest tests/reliability tests/test_worker_resize.py $(PYTEST_ARGS)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
