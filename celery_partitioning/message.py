@@ -303,10 +303,21 @@ def republish(app: Celery, pool: str, index: int, raw: str | bytes,
 
 
 def publisher(app: Celery, pool: str, index: int) -> Publish:
-    """A :data:`Publish` to partition ``index`` of ``pool`` (see :func:`republish`)."""
+    """A :data:`Publish` to partition ``index`` of ``pool`` (see :func:`republish`).
+
+    Every message goes through one producer of its own, on a connection of its own opened at
+    the first message and kept: the messages of a key re-queued one after the other must
+    reach the queue in that order, and a broker orders nothing across connections (the app's
+    producer pool, shared by a process's partition threads, may hand out another connection
+    at each call). Use it from one thread."""
+    held: list[Any] = []
 
     def publish(raw: str) -> None:
-        republish(app, pool, index, raw)
+        if not held:
+            from kombu.messaging import Producer
+
+            held.append(Producer(app.connection_for_write()))  # type: ignore[no-untyped-call]
+        republish(app, pool, index, raw, producer=held[0])
 
     return publish
 
