@@ -69,7 +69,8 @@ class ForkedProcess:
 
 
 def exit_status(code: object) -> int:
-    """What ``sys.exit(code)`` would make the process exit with."""
+    """What ``sys.exit(code)`` would make the process exit with (an ``int`` always: the
+    forked child's ``os._exit`` takes nothing else)."""
     if code is None:
         return 0
     if isinstance(code, int):
@@ -112,7 +113,7 @@ def fork_child(main: Callable[[], int], *, env: Mapping[str, str], output_fd: in
     code = 1
     try:
         _become_child(env, output_fd, close_fds)
-        code = main()
+        code = exit_status(main())
     except SystemExit as exc:
         code = exit_status(exc.code)
     except BaseException:  # noqa: BLE001 - whatever it is, the child must not return
