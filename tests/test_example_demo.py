@@ -98,14 +98,15 @@ def test_chaos_kills_workers_and_the_checkpoints_keep_every_projection_right(
     # Given a small stream on the affinity workers, with projections checkpointed
     out, log = tmp_path / "summary.json", tmp_path / "demo.log"
     code = _run_demo(processes, _env(redis_url, namespace, tmp_path),
-                     ["--events", "400", "--chaos", "--kills", "10", "--json", str(out),
+                     ["--events", "400", "--chaos", "--kills", "6", "--json", str(out),
                       "--log-dir", str(tmp_path / "logs")], log, timeout=240)
     summary = _summary(out, log)
     text = log.read_text()
-    # When 10 partition workers were SIGKILLed during the run, one of them mid-task on the
-    # global rollup and some right after a commit (before the ack)
+    # When 6 partition workers were SIGKILLed during the run (3 right after a commit, before
+    # the ack; 2 mid-task on the global rollup; 1 at random: `make demo DEMO_ARGS=--chaos`
+    # kills 12)
     chaos = summary["chaos"]
-    assert chaos["kills"] >= 10, text[-3000:]
+    assert chaos["kills"] >= 6, text[-3000:]
     assert chaos["by_kind"].get("mid-task", 0) >= 1 and chaos["by_kind"].get("after-commit", 0) >= 1
     assert text.count("chaos: SIGKILL #") == chaos["kills"]
     # Then messages ran again, the checkpoints skipped at least the ones already committed,
