@@ -162,4 +162,5 @@ def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None =
     runtime.store, runtime.publish = store, publish
     runtime.dead_letters = DeadLetters(runtime, store, publish)
     runtime.backoff = BackoffKeys(runtime, BackoffStore(store), publish)
+    runtime.between.append(runtime.backoff.between)
     runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))

@@ -129,7 +129,7 @@ class BackoffKeys:
 
     Only the partition's own thread sets its keys aside, so it knows when the next one is due
     and reads Redis only then (and at start, for what a predecessor left): between messages
-    :meth:`release_due` usually costs no Redis call.
+    :meth:`between` usually costs no Redis call.
     """
 
     def __init__(self, runtime: PartitionRuntime, store: BackoffStore,
@@ -149,8 +149,9 @@ class BackoffKeys:
                              in_transit=entry.in_transit)
         self.next_check = min(self.next_check, record.resume_at)
 
-    def release_due(self) -> float:
-        """Let the keys that are due run again; returns the seconds until the next is due."""
+    def between(self, idle: bool) -> float:
+        """The partition's between-hook: let the keys that are due run again; returns the
+        seconds until the next is due."""
         now = time.time()
         if now < self.next_check:
             return self.next_check - now

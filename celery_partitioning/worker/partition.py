@@ -230,10 +230,8 @@ class PartitionThread(threading.Thread):
         self._announce()
         idle = False
         while not runtime.stopping():
-            timeout = self._release_due()
+            timeout = self._between(idle)
             try:
-                for hook in runtime.between:
-                    hook(idle)
                 item = broker.fetch(runtime.queue, in_transit, timeout)
             except broker.errors as exc:
                 logger.warning("%s broker unreachable while fetching (%s)", runtime.label, exc)
@@ -317,14 +315,13 @@ class PartitionThread(threading.Thread):
                         started = True
                         self._announce()
                     backoff.reset()
+                    idle = False
                     while not runtime.stopping():
                         try:
-                            conn.drain_events(timeout=self._release_due())
+                            conn.drain_events(timeout=self._between(idle))
                             idle = False
                         except TimeoutError:
                             idle = True
-                        for hook in runtime.between:
-                            hook(idle)
                     consumer.cancel()  # type: ignore[no-untyped-call]
             except errors as exc:
                 if runtime.stopping():
@@ -338,19 +335,21 @@ class PartitionThread(threading.Thread):
         if not self.handle(message):
             message.requeue()
 
-    def _release_due(self) -> float:
-        """Between messages: keys whose retry backoff is over run again (their messages go
-        back ahead of newer ones of the key); returns how long the next fetch may wait."""
-        backoff = self.runtime.backoff
-        if backoff is None:
-            return self.fetch_timeout
-        try:
-            wait = backoff.release_due()
-        except self.unreachable as exc:
-            logger.warning("%s store unreachable while releasing keys in retry backoff (%s)",
-                           self.runtime.label, exc)
-            return self.fetch_timeout
-        return max(FETCH_MIN, min(self.fetch_timeout, wait))
+    def _between(self, idle: bool) -> float:
+        """Between two messages (none in flight): run the partition's between-hooks (keys
+        whose retry backoff is over run again, a resize releases held keys); returns how long
+        the next fetch may wait. ``idle``: the last fetch found the queue empty."""
+        wait = self.fetch_timeout
+        for hook in self.runtime.between:
+            try:
+                asked = hook(idle)
+            except self.unreachable as exc:
+                logger.warning("%s store unreachable between messages (%s)", self.runtime.label,
+                               exc)
+                continue
+            if asked is not None:
+                wait = min(wait, asked)
+        return max(FETCH_MIN, wait)
 
     # -- every message ----------------------------------------------------------------------
     def handle(self, message: Any) -> bool:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
 from .. import compat
@@ -40,7 +38,6 @@ from ..message import (
     decode_payload,
     payload_id,
     payload_of,
-    republish,
 )
 from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
@@ -149,9 +146,8 @@ class ResizeGate:
             action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
-        with self._publishing(new) as publish:
-            verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old,
-                                      new=new, mark=mark, publish=publish)
+        verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
+                                  mark=mark, publish=self._publish_to(new))
         if verdict == "over":
             self._over()
             return False
@@ -173,22 +169,13 @@ class ResizeGate:
         msg.ack()
         return True
 
-    @contextmanager
-    def _publishing(self, index: int) -> Iterator[Publish | None]:
+    def _publish_to(self, index: int) -> Publish | None:
         """How a release to partition ``index`` is published: None on Redis (pushed onto the
-        head in the script); else through one producer, so that released messages reach the
-        queue in the order they are sent (no broker orders across connections). Only the
-        partition's own thread releases and flushes its outbox: two flushers could send one
-        message twice."""
-        if self.publish is None or index != self.runtime.index:
-            yield None
-            return
-        app, pool = self.runtime.app, self.runtime.pool
-        with app.producer_or_acquire() as producer:
-            def publish(raw: str) -> None:
-                republish(app, pool, index, raw, producer=producer)
-
-            yield publish
+        head in the script) and for another partition's outbox; else this partition's own
+        publisher (one producer: released messages reach the queue in the order they are
+        sent). Only the partition's own thread releases and flushes its outbox: two flushers
+        could send one message twice."""
+        return self.publish if index == self.runtime.index else None
 
     def _over(self) -> None:
         if self.previous is not None:
@@ -198,15 +185,15 @@ class ResizeGate:
         self.orphans = []
 
     # -- between two messages ---------------------------------------------------------------
-    def between(self, idle: bool) -> None:
+    def between(self, idle: bool) -> float | None:
         """Called by the partition thread between two messages (none of them in flight);
-        ``idle``: the last fetch found the queue empty."""
+        ``idle``: the last fetch found the queue empty. Asks for no shorter fetch wait."""
         now = time.monotonic()
         if now >= self._next_size_check:
             self._next_size_check = now + SIZE_CHECK_INTERVAL
             self._check_size()
         if self.previous is None or now < self._next_poll:
-            return
+            return None
         self._next_poll = now + POLL_INTERVAL
         runtime = self.runtime
         broker = runtime.broker
@@ -223,10 +210,9 @@ class ResizeGate:
                 # old size is left (a delivered message would have been handled meanwhile)
                 self.store.mark_drained(pool, here)
                 self.drained_here = True
-        with self._publishing(here) as publish:
-            in_flight, released = self.store.poll(
-                pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
-                old_list, publish=publish)
+        in_flight, released = self.store.poll(
+            pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
+            old_list, publish=self._publish_to(here))
         if released:
             logger.info("%s released %d message(s) of keys whose old partition is drained "
                         "(%s %s, in order)", runtime.label, released,
@@ -236,6 +222,7 @@ class ResizeGate:
             in_flight = False
         if not in_flight:
             self._over()
+        return None
 
     def _check_size(self) -> None:
         state = self.store.state(self.runtime.pool)

@@ -115,9 +115,10 @@ class PartitionRuntime:
     #: Called for every received message before it runs; see the module docstring.
     gates: list[Gate] = field(default_factory=list)
     #: Called by the partition thread between two messages, when none of its messages is in
-    #: flight (the resize gate releases held keys there), with True when the last fetch
-    #: found the queue empty.
-    between: list[Callable[[bool], None]] = field(default_factory=list)
+    #: flight (due keys in retry backoff run again, the resize gate releases held keys),
+    #: with True when the last fetch found the queue empty; each returns how soon it wants to
+    #: be called again (seconds; the next fetch waits no longer), or None.
+    between: list[Callable[[bool], float | None]] = field(default_factory=list)
     #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
     lease: Lease | None = None
     #: Messages put back at the head of the queue by crash recovery at start.
