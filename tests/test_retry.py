@@ -32,7 +32,8 @@ def make_app() -> Celery:
 
 def patch(app: Celery) -> tuple[InPlaceRetry, list[float]]:
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q", redis=None,
-                                         keys=RedisKeys("unit:"), hostname="h", label="entity.0")
+                                         keys=RedisKeys("unit:"), hostname="h", label="entity.0",
+                                         backoff=None)
     waits: list[float] = []
     patcher = InPlaceRetry(runtime, None, InFlight())
     original = patcher._wait_until
@@ -262,7 +263,7 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
     store = _RecordingStore()
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q",
                                          redis=redis_calls, keys=RedisKeys("unit:"), hostname="h",
-                                         label="entity.0")
+                                         label="entity.0", backoff=None)
     inflight = InFlight()
     patcher = InPlaceRetry(runtime, None, inflight)
     patcher._default = dataclasses.replace(  # the partition's store, seen by the patcher

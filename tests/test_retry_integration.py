@@ -153,8 +153,8 @@ def test_a_standby_taking_over_during_a_backoff_resumes_the_same_attempt_and_arg
     # And A0 retrying with step+1 each time (3 s countdown), B0 behind it
     fa.moving.delay(a, 0, 0, 3.0)
     fa.flaky.delay(b, 0)
-    schedule = f"{fa.NS}cp:backoff-due:{fa.NS}partition.entity.{index}"
-    in_transit = f"{fa.NS}cp:in-transit:{fa.NS}partition.entity.{index}"
+    schedule = RedisKeys(fa.NS).backoff_schedule(f"{fa.NS}partition.entity.{index}")
+    in_transit = RedisKeys(fa.NS).in_transit(f"{fa.NS}partition.entity.{index}")
     wait_for(lambda: client.zcard(schedule) == 1 and client.llen(f"{fa.NS}ran") == 2
              and client.llen(in_transit) == 0, 30, "A set aside, B0 run and acked")
     # When the worker is SIGKILLed during the backoff: the standby takes the partition over
@@ -187,7 +187,7 @@ def test_a_warm_shutdown_during_a_backoff_leaves_the_key_waiting_in_redis(
     proc.wait(timeout=15)  # type: ignore[attr-defined]  # far less than the 30 s backoff
     # Then B0 ran, A1 did not; A waits in Redis (A0 then A1); the next worker runs them in order
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [f"Order:{a} 0 try0", f"Order:{b} 0 try0"]
-    schedule = f"{fa.NS}cp:backoff-due:{fa.NS}partition.entity.{index}"
+    schedule = RedisKeys(fa.NS).backoff_schedule(f"{fa.NS}partition.entity.{index}")
     ((member, _due),) = client.zrange(schedule, 0, -1, withscores=True)
     parked = RedisKeys(fa.NS).parked("entity", f"Order:{a}")
     assert [message_summary(m).args for m in client.lrange(parked, 0, -1)] == [

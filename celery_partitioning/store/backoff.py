@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -29,7 +28,7 @@ from .attempts import ATTEMPTS_TTL, AttemptRecord
 from .deadletters import DeadLetterStore, as_text
 from .keys import key_digest
 
-__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "new_token", "with_token"]
+__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "with_token"]
 
 #: Most keys one release pass lets go (the rest go on the next pass, right after).
 RELEASE_BATCH: Final = 100
@@ -37,10 +36,6 @@ RELEASE_BATCH: Final = 100
 #: record names. Another delivery of the task id (the original, redelivered by a broker after
 #: a crash between setting the copy aside and the ack) is older: the gate drops it.
 BACKOFF_HEADER: Final = "partition_backoff"
-
-
-def new_token() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def with_token(raw: str, token: str) -> str:

@@ -199,13 +199,15 @@ class ResizeGate:
         broker = runtime.broker
         here, pool = runtime.index, runtime.pool
         for old in list(self.orphans):
+            if self._still_consumed(old):
+                continue  # its old-size worker has not stopped yet (or its lease not expired)
             if self._take(old) if broker is not None else self._take_published(old):
                 self.orphans.remove(old)
         old_list: str | None = None
         if here < self.previous and not self.drained_here:
             if broker is not None:
                 old_list = broker.queue_list(runtime.queue)
-            elif idle and _ready(runtime, here) == 0:
+            elif idle and _declared(runtime, here)[0] == 0:
                 # a whole fetch timeout without a delivery, and nothing ready: nothing of the
                 # old size is left (a delivered message would have been handled meanwhile)
                 self.store.mark_drained(pool, here)
@@ -239,6 +241,19 @@ class ResizeGate:
                             "%d: stopping (restart it with the new setting)", self.runtime.label,
                             self.runtime.pool, state.size, self.size)
             compat.request_warm_stop()
+
+    def _still_consumed(self, old: int) -> bool:
+        """Whether a worker of the old size still consumes old partition ``old`` (Redis: its
+        lease is held; RabbitMQ: its queue has a consumer). Its queue is emptied only after
+        that worker stopped, or after its lease expired if it crashed: taking messages from
+        under a live consumer could run one of them twice, or a key's later message before
+        an earlier one it is still running."""
+        runtime = self.runtime
+        queue = runtime.settings.queue_name(runtime.pool, old)
+        if runtime.broker is not None:
+            return bool(runtime.redis.exists(runtime.keys.lease(queue)))
+        _ready, consumers = _declared(runtime, old)
+        return bool(consumers)
 
     def _take_published(self, old: int) -> bool:
         """:meth:`_take` on RabbitMQ: ``basic.get`` from old partition ``old``, moved to its
@@ -309,15 +324,17 @@ class ResizeGate:
         return False
 
 
-def _ready(runtime: PartitionRuntime, index: int) -> int | None:
-    """Messages ready (not delivered) in partition ``index``'s RabbitMQ queue, None if unknown."""
+def _declared(runtime: PartitionRuntime, index: int) -> tuple[int | None, int]:
+    """Messages ready (not delivered; None if unknown) in partition ``index``'s RabbitMQ
+    queue, and its consumers."""
     queue = runtime.settings.queue_name(runtime.pool, index)
     with runtime.app.connection_for_read() as conn:
         try:
-            _name, ready, _consumers = conn.default_channel.queue_declare(queue=queue, passive=True)
+            _name, ready, consumers = conn.default_channel.queue_declare(queue=queue,
+                                                                         passive=True)
         except conn.channel_errors:
-            return None
-    return int(ready)
+            return None, 0
+    return int(ready), int(consumers)
 
 
 def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:

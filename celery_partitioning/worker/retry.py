@@ -44,8 +44,8 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..message import Publish
 from ..store.attempts import AttemptRecord, AttemptStore
-from ..store.backoff import new_token
 from ..store.deadletters import DeadLetterStore
+from ..store.lease import new_token
 from ..tasks import spec_of
 from .parking import InFlight
 from .retry_semantics import decode_call, delay_of, encode_call, retry_arguments
@@ -328,7 +328,7 @@ class InPlaceRetry:
         first, marked with a new token) and save the record, unless the delay is short enough
         to hold the partition (or there is no store, or the gate did not see the message)."""
         runtime = self.runtime
-        backoff = getattr(runtime, "backoff", None)
+        backoff = runtime.backoff
         if backoff is None or delay < runtime.settings.retry_hold_below:
             return False
         entry = self.inflight.get(task_id)
