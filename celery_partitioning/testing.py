@@ -6,7 +6,7 @@ key function runs, nothing is published); ``assert_same_partition`` and ``assert
 turn that into assertions whose failures show every route involved.
 
 ``start_partition_worker(app)`` runs the app's partition workers as threads of the calling
-process (the real partition threads: lease, order, in-place retry, parking, dead letters) for
+process (the real partition threads: lease, order, retries, parking, dead letters) for
 the duration of a ``with`` block.
 
 Installed with the package, pytest loads this module as a plugin (entry point ``pytest11``
@@ -177,7 +177,7 @@ def start_partition_worker(app: Celery, pools: str | Iterable[str] | None = None
     fails here, naming it); on leaving the block, a warm stop: no partition starts another
     message, running tasks finish (``stop_timeout``), leases are released. Tasks run in the
     partition threads exactly as in ``celery partitioning worker``: one message at a time
-    per partition, in queue order, retries in place, dead letters and parked keys; without
+    per partition, in queue order, retries, dead letters and parked keys; without
     remote control and task events. A partition that fails where a worker process would
     exit stops, keeps its message, and makes the block raise ``InProcessWorkerError``.
 

@@ -133,8 +133,8 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
 
     Workers started with the new size keep every key's order: a key that moved waits for
     the old-size messages of its old partition, which run first; keys that did not move
-    are never delayed. Workers still running the old size stop by themselves. Follow it
-    with `partitioning status`.
+    are never held. Workers still running the old size stop by themselves once between
+    two messages (stop them first to be safe). Follow it with `partitioning status`.
     """
     app = ctx.obj.app
     settings = settings_of(app)
