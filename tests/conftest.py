@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -66,6 +67,17 @@ def test_database_urls(redis_url: str) -> list[str]:
 def db11(redis_url: str, namespace: str) -> str:
     """The worker tests' database (``namespace`` deletes this test's keys there)."""
     return worker_db_url(redis_url)
+
+
+@pytest.fixture
+def store_redis(redis_url: str, namespace: str) -> Iterator[Any]:
+    """A client of database 12, where the store tests keep their keys under ``namespace``
+    (which deletes them afterwards); closed after the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/12")
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,12 +29,8 @@ KEY = "Order:1"
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[DeadLetterStore]:
-    ns = f"cptest-backoff-{uuid.uuid4().hex[:8]}:"
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/12")
-    yield DeadLetterStore(client, RedisKeys(ns))
-    for key in client.scan_iter(match=f"{ns}*"):
-        client.delete(key)
+def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
+    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def set_aside(store: DeadLetterStore, task_id: str, due: float, *, token: str = "t1",

@@ -7,8 +7,6 @@ worker can produce is played step by step.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,12 +22,8 @@ POOL, QUEUE = "entity", "partition.entity.0"
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[DeadLetterStore]:
-    ns = f"cptest-store-{uuid.uuid4().hex[:8]}:"
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/12")
-    yield DeadLetterStore(client, RedisKeys(ns))
-    for key in client.scan_iter(match=f"{ns}*"):
-        client.delete(key)
+def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
+    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def raw(task_id: str, seq: int = 0) -> str:

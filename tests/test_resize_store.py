@@ -7,8 +7,6 @@ script decision, and each race a SIGKILL can produce, is played one call at a ti
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -24,12 +22,8 @@ POOL = "p"
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[ResizeStore]:
-    ns = f"cptest-resize-{uuid.uuid4().hex[:8]}:"
-    client = redis.Redis.from_url(redis_url)
-    yield ResizeStore(client, RedisKeys(ns), "partition")
-    for key in client.scan_iter(match=f"{ns}*"):
-        client.delete(key)
+def store(store_redis: redis.Redis, namespace: str) -> ResizeStore:
+    return ResizeStore(store_redis, RedisKeys(namespace), "partition")
 
 
 def raw(task_id: str) -> str:
