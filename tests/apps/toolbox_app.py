@@ -34,13 +34,21 @@ cp.install(app)
 _client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
 
 
+def _ours() -> bool:
+    """Record only in the worker process of this app's test (its environment names NS): a
+    test process that imported this module also fires these signals for other tests' tasks."""
+    return os.environ.get("CP_NS") == NS
+
+
 def _record(what: str, task_id: str | None) -> None:
-    _client.rpush(f"{NS}signals", f"{what} {task_id} {threading.current_thread().name}")
+    if _ours():
+        _client.rpush(f"{NS}signals", f"{what} {task_id} {threading.current_thread().name}")
 
 
 @signals.worker_process_init.connect
 def _process_init(**_: Any) -> None:
-    _client.rpush(f"{NS}process_init", str(os.getpid()))
+    if _ours():
+        _client.rpush(f"{NS}process_init", str(os.getpid()))
 
 
 @signals.task_prerun.connect
