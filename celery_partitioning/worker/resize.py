@@ -281,9 +281,9 @@ class ResizeGate:
                 if not isinstance(key, str) or not key:
                     key = ""
                 new = partition_for(key, self.size) if key else runtime.index
-                self.store.gate(runtime.pool, key, str(headers.get("id") or payload_id(
-                    payload_of(message))), payload_of(message), "old", old=old, new=new,
-                    mark=None)
+                raw = payload_of(message)
+                self.store.gate(runtime.pool, key, payload_id(raw), raw, "old", old=old,
+                                new=new, mark=None)
                 message.ack()
         return False
 
@@ -315,12 +315,13 @@ class ResizeGate:
             else:
                 new = partition_for(key, self.size)
             stamp = headers.get(HEADER_COUNT) if isinstance(headers, dict) else None
+            task_id = payload_id(raw)
             if stamp != self.previous:
                 logger.warning("%s message %s on old partition %d is stamped with %r "
                                "partitions: moved to partition %d all the same",
-                               runtime.label, payload_id(raw), old, stamp, new)
-            moved += self.store.take(runtime.pool, source, old, raw, task_id=payload_id(raw),
-                                     key=key, new=new)
+                               runtime.label, task_id, old, stamp, new)
+            moved += self.store.take(runtime.pool, source, old, raw, task_id=task_id, key=key,
+                                     new=new)
         return False
 
 
