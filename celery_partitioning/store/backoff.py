@@ -82,13 +82,12 @@ class BackoffStore:
             raise ValueError("a message set aside needs a token in its attempt record")
         store = self.store
         due = record.resume_at
-        marker = json.dumps({"id": task_id, "due": due})
         acked = in_transit if publish is None else None
         store.scripts.backoff(
             keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue),
                   acked[0] if acked else "", self.keys.attempts(task_id)],
             args=[key_digest(key), task_id, with_token(raw, record.token), repr(due),
-                  _member(pool, key), marker, acked[1] if acked else b"", record.to_json(),
+                  _member(pool, key), acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
         if publish is not None:  # what an interrupted earlier release left in the outbox
             store.flush_outbox(pool, key, publish)

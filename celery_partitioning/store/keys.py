@@ -67,7 +67,7 @@ class RedisKeys:
 
     def backoff(self, pool: str, partition_key: str) -> str:
         """String: present while the key waits out a retry backoff (its messages are set aside
-        in ``parked`` like a parked key's); JSON ``{"id", "due"}`` of the retried message."""
+        in ``parked`` like a parked key's); the retried message's task id."""
         return f"{self.root}backoff:{pool}:{key_digest(partition_key)}"
 
     def backoff_schedule(self, queue: str) -> str:
