@@ -118,6 +118,31 @@ def test_a_poison_message_is_dead_lettered_and_parks_its_key_others_go_on(shop: 
     assert shop.of("bad") == [] and shop.of(other) == [0]
 
 
+def test_a_dead_letter_that_cannot_be_stored_keeps_its_message_and_fails_the_block(
+        shop: Shop, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a store that refuses dead letters (where a worker process would exit at once,
+    # inside Celery's tracer, without acking)
+    app = shop.app
+    store = DeadLetterStore(redis.Redis.from_url(app.conf.partitioning_redis_url), redis_keys(app))
+
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise redis.ConnectionError("store down")
+
+    monkeypatch.setattr(DeadLetterStore, "dead_letter", refuse)
+    index = cp.explain_route(app, "shop.step", "bad", 0).index
+    with (pytest.raises(InProcessWorkerError),
+          start_partition_worker(app, pools="entity") as worker):
+        failed = shop.step.delay("bad", 0, "always")
+        thread = worker.threads[index]
+        thread.join(20)  # the partition stops; the test process goes on
+        assert not thread.is_alive()
+    # When the store works again, the next start recovers the message (it was not acked)
+    monkeypatch.undo()
+    with start_partition_worker(app, pools="entity"):
+        view = _wait(lambda: _parked_view(store, 0))
+    assert view.dead_letter.id == failed.id
+
+
 def _wait(probe: Any, timeout: float = 20) -> Any:
     deadline = time.monotonic() + timeout
     while not (found := probe()):
