@@ -196,7 +196,7 @@ def virtual_message(payload: dict[str, Any], channel: Any) -> Any:
     to ``channel`` (``basic_ack``/``basic_reject``/``decode_body``)."""
     from kombu.transport.virtual.base import Message
 
-    return Message(payload, channel=channel)  # type: ignore[no-untyped-call]
+    return Message(payload, channel=channel)
 
 
 def decode_virtual_body(body: Any, encoding: Any) -> Any:
@@ -204,7 +204,7 @@ def decode_virtual_body(body: Any, encoding: Any) -> Any:
     from kombu.transport.virtual.base import Channel
 
     if encoding and str(encoding).lower() != "utf-8":
-        return Channel.codecs[encoding].decode(body)  # type: ignore[no-untyped-call]
+        return Channel.codecs[encoding].decode(body)
     return body
 
 

@@ -316,7 +316,7 @@ def publisher(app: Celery, pool: str, index: int) -> Publish:
         if not held:
             from kombu.messaging import Producer
 
-            held.append(Producer(app.connection_for_write()))  # type: ignore[no-untyped-call]
+            held.append(Producer(app.connection_for_write()))
         republish(app, pool, index, raw, producer=held[0])
 
     return publish

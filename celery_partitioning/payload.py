@@ -198,7 +198,8 @@ _JSON: Final = JSONEncoder()
 
 def serialize(body: Any, serializer: str) -> tuple[str, str, Any]:
     """kombu's serialization, as ``Producer.publish`` does it: (content type, encoding, data)."""
-    return _kombu_dumps(body, serializer=serializer)  # type: ignore[no-any-return,no-untyped-call]
+    content_type, encoding, data = _kombu_dumps(body, serializer=serializer)
+    return str(content_type), str(encoding), data
 
 
 class JSONCodec:
@@ -325,7 +326,7 @@ def _properties(msg: Outgoing, ids: Iterator[str], default_priority: int) -> dic
             value = properties.pop(name)
             if name == "expiration":
                 expiration = value
-    properties["delivery_mode"] = maybe_delivery_mode(msg.delivery_mode)  # type: ignore[no-untyped-call]
+    properties["delivery_mode"] = maybe_delivery_mode(msg.delivery_mode)
     if expiration is not None:
         properties["expiration"] = str(int(expiration * 1000))
     info = properties.setdefault("delivery_info", {})

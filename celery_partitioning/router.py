@@ -62,7 +62,7 @@ def partition_queue(settings: PartitioningSettings, pool: str, index: int, excha
     """The kombu Queue of one partition, declared for a single active consumer (the one
     place a partition queue is built: publishing, workers, status and re-publishing)."""
     name = settings.queue_name(pool, index)
-    return Queue(  # type: ignore[no-untyped-call]
+    return Queue(
         name, exchange, routing_key=name, queue_arguments=queue_arguments(settings)
     )
 

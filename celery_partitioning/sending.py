@@ -74,7 +74,7 @@ def _after(chunk: Sequence[Outgoing]) -> None:
 
 
 def _producer(channel: Any) -> Any:
-    return Producer(channel)  # type: ignore[no-untyped-call]
+    return Producer(channel)
 
 
 def _publish_one(producer: Any, msg: Outgoing) -> None:
@@ -118,8 +118,8 @@ def _declare(producer: Any, messages: Sequence[Outgoing]) -> None:
         if entity.can_cache_declaration and hash(entity) in declared:
             continue  # what maybe_declare would find, without binding a copy of the queue first
         # kombu 5.4's maybe_declare would declare it unbound
-        bound = entity if entity.is_bound else entity.bind(producer.channel)  # type: ignore[no-untyped-call]
-        maybe_declare(  # type: ignore[no-untyped-call]
+        bound = entity if entity.is_bound else entity.bind(producer.channel)
+        maybe_declare(
             bound, producer.channel, retry=True, **messages[0].retry_policy)
 
 

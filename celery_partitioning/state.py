@@ -9,7 +9,7 @@ producer that only publishes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from .config import PartitioningSettings, RedisTarget, read_settings, redis_namespace
 from .discovery import TaskLookup
@@ -120,7 +120,7 @@ class Replicas:
         import redis
 
         connection.send_command("WAIT", self.count, self.timeout_ms)
-        acked = int(redis.Redis.parse_response(client, connection, "WAIT"))  # type: ignore[no-untyped-call]
+        acked = int(redis.Redis.parse_response(client, connection, "WAIT"))
         if acked < self.count:
             raise redis.exceptions.RedisError(
                 f"only {acked} of {self.count} replica(s) acknowledged a write within "
@@ -145,7 +145,7 @@ def _client_class(replicas: Replicas | None) -> Any:
             return result
 
         def _execute_pipeline(self, connection: Any, commands: Any, raise_on_error: Any) -> Any:
-            result = super()._execute_pipeline(connection, commands, raise_on_error)  # type: ignore[no-untyped-call]
+            result = cast(Any, super())._execute_pipeline(connection, commands, raise_on_error)
             if Replicas.writes(*(args for args, _options in commands)):
                 waiting.wait(self, connection)
             return result
@@ -153,7 +153,7 @@ def _client_class(replicas: Replicas | None) -> Any:
     class WaitingRedis(redis.Redis):
         def _send_command_parse_response(self, conn: Any, command_name: Any, *args: Any,
                                          **options: Any) -> Any:
-            result = super()._send_command_parse_response(conn, command_name, *args, **options)  # type: ignore[no-untyped-call]
+            result = cast(Any, super())._send_command_parse_response(conn, command_name, *args, **options)
             if Replicas.writes(args):
                 waiting.wait(self, conn)
             return result
@@ -201,10 +201,10 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
     from redis.sentinel import Sentinel
 
     sentinel_kwargs = {**timeouts, **target.sentinel_kwargs}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         list(target.sentinels), min_other_sentinels=target.min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs)
-    master: Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    master: Redis = sentinel.master_for(
         str(target.master_name), redis_class=cls,
         **{**timeouts, **pool, **target.connection_kwargs})
     assert isinstance(master, redis.Redis)

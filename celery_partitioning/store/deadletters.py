@@ -303,7 +303,7 @@ class DeadLetterStore:
         while True:
             with self.client.pipeline() as pipe:
                 try:
-                    pipe.watch(dl_hash, parked_list, ids, replaying)  # type: ignore[no-untyped-call]
+                    pipe.watch(dl_hash, parked_list, ids, replaying)
                     record = pipe.hget(dl_hash, digest)
                     if record is None:
                         pending = [message_summary(m) for m in pipe.lrange(outbox, 0, -1)]
@@ -350,7 +350,7 @@ class DeadLetterStore:
         while True:
             with self.client.pipeline() as pipe:
                 try:
-                    pipe.watch(dl_hash, parked_list, ids)  # type: ignore[no-untyped-call]
+                    pipe.watch(dl_hash, parked_list, ids)
                     record = pipe.hget(dl_hash, digest)
                     if record is None:
                         raise self._missing(pool, key, "discard")

@@ -105,7 +105,7 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     if concurrency not in (None, 1):
         raise SystemExit(f"celery-partitioning: a partition worker process runs with -c 1 "
                          f"(its partitions are threads), got {concurrency}")
-    app.amqp.queues.add(Queue(idle, app.amqp.default_exchange, routing_key=idle,  # type: ignore[no-untyped-call]
+    app.amqp.queues.add(Queue(idle, app.amqp.default_exchange, routing_key=idle,
                               durable=False, auto_delete=True))
     app.conf.update(FORCED_WORKER_SETTINGS)
     if os.environ.get(EVENTS_ENV, "1") != "0":

@@ -65,7 +65,7 @@ class _Node:
 
     def __init__(self, hostname: str) -> None:
         self.hostname = hostname
-        self.timer = Timer()  # type: ignore[no-untyped-call]
+        self.timer = Timer()
 
     @property
     def state(self) -> Any:

@@ -307,10 +307,10 @@ class PartitionThread(threading.Thread):
                     conn.ensure_connection(max_retries=3)
                     channel = conn.channel()
                     channel.basic_qos(0, 1, False)
-                    consumer = Consumer(  # type: ignore[no-untyped-call]
+                    consumer = Consumer(
                         channel, queues=[queue], on_message=self._on_amqp,
                         accept=app.conf.accept_content, prefetch_count=1)
-                    consumer.consume()  # type: ignore[no-untyped-call]
+                    consumer.consume()
                     if not started:
                         started = True
                         self._announce()
@@ -322,7 +322,7 @@ class PartitionThread(threading.Thread):
                             idle = False
                         except TimeoutError:
                             idle = True
-                    consumer.cancel()  # type: ignore[no-untyped-call]
+                    consumer.cancel()
             except errors as exc:
                 if runtime.stopping():
                     return
@@ -388,7 +388,7 @@ class PartitionThread(threading.Thread):
             # a shutdown during an in-place retry wait: not acked, back to the head
             logger.warning("%s stopping during task %s: it goes back to the head of %s",
                            runtime.label, msg.task_id, runtime.queue)
-            return message.acknowledged  # type: ignore[no-any-return]
+            return bool(message.acknowledged)
         except InvalidTaskError as exc:
             return self._malformed(message, f"invalid task message: {exc}")
         return True

@@ -121,7 +121,7 @@ def declare_partition_queues(app: Celery, names: Iterable[tuple[str, int]]) -> N
             queue = router.queue(pool, index)
             channel = conn.channel()
             try:
-                queue.bind(channel).declare()  # type: ignore[no-untyped-call]
+                queue.bind(channel).declare()
             except PreconditionFailed as exc:
                 raise PartitionConfigError(_mismatch(queue.name, settings, str(exc))) from None
             finally:

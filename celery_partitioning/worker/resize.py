@@ -265,7 +265,7 @@ class ResizeGate:
             bound = queue(conn.default_channel)
             for _ in range(TAKE_BATCH):
                 try:
-                    message = bound.get(  # type: ignore[no-untyped-call]
+                    message = bound.get(
                         no_ack=False, accept=runtime.app.conf.accept_content)
                 except conn.channel_errors as exc:
                     if getattr(exc, "code", None) != 404:
