@@ -185,8 +185,12 @@ class Lease:
                     logger.exception("lease heartbeat hook failed")
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the lease if it is still ours."""
+        """Stop the heartbeat (joined, so no renewal is in flight once this returns) and delete
+        the lease if it is still ours."""
         self._stop.set()
+        beat = self._thread
+        if beat is not None and beat is not threading.current_thread():
+            beat.join(self.ttl)
         if self._held:
             self._held = False
             try:
