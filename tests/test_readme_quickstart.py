@@ -114,6 +114,7 @@ def consumed_partitions(project: Path) -> set[str]:
 QUEUES = {f"partition.entity.{i}" for i in range(10)} | {"partition.global.0"}
 
 
+@pytest.mark.integration
 def test_the_quick_start_runs_as_written(tmp_path: Path, redis_url: str, namespace: str,
                                          processes: Processes) -> None:
     # Given a fresh Django project made of the README's Quick start
