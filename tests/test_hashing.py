@@ -20,8 +20,8 @@ from tests.support.env import missing
 #: Published vectors of the jump consistent hash (as used by reference ports such as go-jump).
 JUMP_VECTORS = [(1, 1, 0), (42, 57, 43), (0xDEAD10CC, 1, 0), (0xDEAD10CC, 666, 361), (256, 1024, 520)]
 
-#: The README's table: (key, partitions, index). Changing any of these breaks every deployment.
-README_VECTORS = [
+#: The table of docs/reference.md: (key, partitions, index). Changing any of these breaks every deployment.
+REFERENCE_VECTORS = [
     ("Order:ord-123", 10, 6),
     ("Order:ord-456", 10, 0),
     ("cust-123", 5, 2),
@@ -79,11 +79,11 @@ def test_key_hash_is_blake2b_64_big_endian() -> None:
     assert key_hash("é") == int.from_bytes(blake2b("é".encode(), digest_size=8).digest(), "big")
 
 
-def test_readme_vectors() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for key, partitions, index in README_VECTORS:
+def test_reference_vectors() -> None:
+    reference = (Path(__file__).resolve().parents[1] / "docs" / "reference.md").read_text()
+    for key, partitions, index in REFERENCE_VECTORS:
         assert partition_for(key, partitions) == index
-        assert f"| `{key}` | {partitions} | {index} |" in readme
+        assert f"| `{key}` | {partitions} | {index} |" in reference
 
 
 def test_stable_across_processes_with_different_hash_seeds() -> None:
