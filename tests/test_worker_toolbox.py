@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.env import worker_db_url
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 
@@ -23,7 +22,7 @@ from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 @pytest.mark.timeout(120)
 def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     env = {"CP_REDIS_URL": url, "CP_NS": namespace, "PYTHONPATH": str(ROOT)}
     os.environ.update(env)  # the app module below reads them at import
     try:
