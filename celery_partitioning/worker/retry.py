@@ -26,6 +26,10 @@ both come here) and wraps ``task.run``:
 * when no retry is left, the message becomes a dead letter and its key is parked
   (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
 
+Every attempt is counted as with Celery (a retry being a new message): ``request.retries`` is
+one higher in its ``task_prerun``, body and ``task_postrun``, on each path (in place,
+set aside, resumed after a crash: ``attempt_signals.py``, ``parking.resume_headers``).
+
 Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 """
 
