@@ -65,7 +65,7 @@ def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
     def fired() -> list[str]:
         return client.lrange(f"{namespace}signals", 0, -1)
 
-    wait_for(lambda: len(fired()) >= 16, 30, "the task signals")
+    wait_for(lambda: len(fired()) >= 18, 30, "the task signals")
     by_task: dict[str, list[str]] = {}
     threads: set[str] = set()
     for line in fired():
@@ -73,9 +73,10 @@ def test_signals_results_and_request_fields_behave_as_on_a_plain_worker(
         by_task.setdefault(task_id, []).append(what)
         threads.add(thread)
     assert by_task[ok.id] == ["prerun", "success", "postrun:SUCCESS"], by_task
-    # (an in-place retry, here with no delay, runs again inside the same prerun/postrun
-    # pair: the message never left its place; task_retry fires as on a plain worker)
-    assert by_task[retried.id] == ["prerun", "retry", "success", "postrun:SUCCESS"], by_task
+    # (an in-place retry, here with no delay, never leaves its place, yet each attempt has
+    # its own prerun and postrun, the first ending as RETRY, as on a plain worker)
+    assert by_task[retried.id] == ["prerun", "retry", "postrun:RETRY",
+                                   "prerun", "success", "postrun:SUCCESS"], by_task
     # (a longer backoff sets the key aside: the attempt ends as RETRY, as on a plain worker,
     # and the message runs again when due)
     assert by_task[set_aside.id] == ["prerun", "retry", "postrun:RETRY",
