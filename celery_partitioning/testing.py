@@ -17,6 +17,7 @@ partition workers of ``partition_worker_app``, in-process, for the test).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL, Route
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .store.leftovers import Leftovers
     from .worker.inprocess import InProcessWorker
 
 __all__ = [
@@ -227,10 +229,52 @@ def partition_worker_pools() -> str | Iterable[str] | None:
     return None
 
 
+def _refuse_in_memory_sqlite() -> None:
+    """Fail before starting on an in-memory SQLite Django test database (tasks would be
+    dead-lettered with "database table is locked")."""
+    if "django" not in sys.modules:
+        return  # not a Django project: nothing to check, and Django is not imported for it
+    from .contrib.django.testing import IN_MEMORY_SQLITE, in_memory_sqlite_aliases
+
+    aliases = in_memory_sqlite_aliases()
+    if aliases:
+        pytest.fail(f"database(s) {', '.join(map(repr, aliases))}: in-memory SQLite. "
+                    f"{IN_MEMORY_SQLITE}", pytrace=False)
+
+
+def _leftovers(app: Celery, pools: str | Iterable[str] | None) -> Leftovers | None:
+    """What the test may leave in the app's store (None: no Redis store configured)."""
+    from .state import redis_client, redis_keys, settings_of
+    from .store.leftovers import Leftovers
+    from .worker.inprocess import hosted_partitions
+
+    settings = settings_of(app)
+    if settings.redis is None:
+        return None
+    hosted = hosted_partitions(app, pools)
+    return Leftovers(redis_client(settings.redis), redis_keys(app), {p for p, _ in hosted},
+                     [settings.queue_name(p, i) for p, i in hosted])
+
+
 @pytest.fixture
 def partition_worker(partition_worker_app: Celery,
                      partition_worker_pools: str | Iterable[str] | None) -> Iterator[InProcessWorker]:
     """The partition workers of ``partition_worker_app``, in this process, for one test
-    (:func:`start_partition_worker`): started before the test, warmly stopped after it."""
-    with start_partition_worker(partition_worker_app, partition_worker_pools) as worker:
-        yield worker
+    (:func:`start_partition_worker`): started before the test, warmly stopped after it.
+
+    Afterwards the partition state the test added is removed (dead letters, parked and
+    set-aside messages, keys in retry backoff, attempt records), so the next test, or the next
+    run of this one, starts clean; what was there before the test is left alone."""
+    _refuse_in_memory_sqlite()
+    leftovers = _leftovers(partition_worker_app, partition_worker_pools)
+    if leftovers is not None:
+        leftovers.before()
+    try:
+        with start_partition_worker(partition_worker_app, partition_worker_pools) as worker:
+            yield worker
+    finally:
+        if leftovers is not None:
+            try:
+                leftovers.remove_added()
+            finally:
+                leftovers.client.close()

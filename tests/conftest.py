@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.env import WORKER_DB, in_ci, worker_db_url
+from tests.support.env import in_ci
 from tests.support.procs import Processes
 
 #: Default Redis for tests; `make test` exports REDIS_URL.
@@ -52,59 +52,43 @@ def amqp_url() -> str:
     return url
 
 
-#: Redis database numbers tests write to besides REDIS_URL's own: worker tests use 11, the
-#: failures app 12 (on REDIS_URL's server).
-TEST_DATABASES = (WORKER_DB, 12)
-
-
-def test_database_urls(redis_url: str) -> list[str]:
-    """REDIS_URL and the other databases tests write to, on the same server."""
-    base = redis_url.rsplit("/", 1)[0]
-    return [redis_url, *(f"{base}/{db}" for db in TEST_DATABASES)]
-
-
-@pytest.fixture
-def db11(redis_url: str, namespace: str) -> str:
-    """The worker tests' database (``namespace`` deletes this test's keys there)."""
-    return worker_db_url(redis_url)
-
-
 @pytest.fixture
 def store_redis(redis_url: str, namespace: str) -> Iterator[Any]:
-    """A client of database 12, where the store tests keep their keys under ``namespace``
-    (which deletes them afterwards); closed after the test."""
+    """A client of REDIS_URL's database, where the store tests keep their keys under
+    ``namespace`` (which deletes them afterwards); closed after the test."""
     import redis
 
-    client = redis.Redis.from_url(redis_url.rsplit("/", 1)[0] + "/12")
+    client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
 
 
 @pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
-    """A unique key prefix for one test; every Redis key containing it is deleted afterwards,
-    in every database tests use (REDIS_URL's and :data:`TEST_DATABASES`)."""
+    """A unique key prefix for one test; every Redis key containing it is deleted afterwards.
+
+    Tests keep to the one database REDIS_URL names (a developer's Redis is theirs): apps,
+    queues, stores and records are told apart by this prefix, never by a database number."""
     import redis
 
     ns = f"cptest-{uuid.uuid4().hex[:10]}:"
     yield ns
-    for url in test_database_urls(redis_url):
-        client = redis.Redis.from_url(url)
-        try:
-            for key in client.scan_iter(match=f"*{ns}*", count=1000):
-                client.delete(key)
-        finally:
-            client.close()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for key in client.scan_iter(match=f"*{ns}*", count=1000):
+            client.delete(key)
+    finally:
+        client.close()
 
 
 @pytest.fixture
 def fa(redis_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """tests/apps/failures_app on Redis DB 12 under this test's namespace (workers get the same env)."""
+    """tests/apps/failures_app on REDIS_URL under this test's namespace (workers get the same env)."""
     import importlib
 
     import redis
 
-    url = redis_url.rsplit("/", 1)[0] + "/12"
+    url = redis_url
     monkeypatch.setenv("CP_REDIS_URL", url)
     monkeypatch.setenv("CP_NS", namespace)
     module = importlib.reload(importlib.import_module("tests.apps.failures_app"))

@@ -12,7 +12,6 @@ import pytest
 from celery_partitioning import partition_for
 from celery_partitioning.store.keys import RedisKeys
 from tests.apps.harness import Harness, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.procs import Processes
 
 
@@ -90,7 +89,7 @@ def test_dry_run_masks_passwords_and_passes_root_options_on(tmp_path: Path) -> N
 def test_status_json_reports_depths_of_a_known_backlog(redis_url: str, namespace: str,
                                                        tmp_path: Path) -> None:
     # Given a backlog published with no worker running
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 4, tmp_path, Processes())
     events, _counts = keyed_events(40, 150, ms=1)
     h.publish(events)
@@ -159,7 +158,7 @@ def test_status_json_reports_depths_and_consumers_on_rabbitmq(amqp_url: str, red
                                                                namespace: str, tmp_path: Path) -> None:
     from tests.apps.harness import delete_amqp_queues
 
-    h = Harness(amqp_url, worker_db_url(redis_url), namespace, 3, tmp_path, Processes())
+    h = Harness(amqp_url, redis_url, namespace, 3, tmp_path, Processes())
     events, _counts = keyed_events(12, 40, ms=1)
     try:
         h.publish(events)

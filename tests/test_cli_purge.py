@@ -40,9 +40,9 @@ def _backlog(h: Harness) -> dict[int, int]:
 
 
 def test_purge_on_redis_asks_deletes_the_selection_and_keeps_the_rest(
-        db11: str, namespace: str, tmp_path: Path) -> None:
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog on 4 partitions and one plain message on the default queue
-    url = db11
+    url = redis_url
     h = Harness(url, url, namespace, 4, tmp_path, Processes())
     backlog = _backlog(h)
     assert all(backlog.values())
@@ -74,9 +74,9 @@ def test_purge_on_redis_asks_deletes_the_selection_and_keeps_the_rest(
 
 
 def test_purge_on_redis_refuses_a_partition_whose_lease_is_held(
-        db11: str, namespace: str, tmp_path: Path) -> None:
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog, and a live worker holding partition 2's lease
-    url = db11
+    url = redis_url
     h = Harness(url, url, namespace, 4, tmp_path, Processes())
     backlog = _backlog(h)
     lease = RedisKeys(namespace).lease(f"{namespace}partition.p.2")
@@ -102,10 +102,10 @@ def test_purge_on_redis_refuses_a_partition_whose_lease_is_held(
 
 @pytest.mark.rabbitmq
 def test_purge_on_rabbitmq_empties_partition_queues_and_refuses_a_consumed_one(
-        amqp_url: str, db11: str, namespace: str, tmp_path: Path) -> None:
+        amqp_url: str, redis_url: str, namespace: str, tmp_path: Path) -> None:
     from kombu import Connection
 
-    h = Harness(amqp_url, db11, namespace, 3, tmp_path, Processes())
+    h = Harness(amqp_url, redis_url, namespace, 3, tmp_path, Processes())
     queues = [f"{namespace}partition.p.{i}" for i in range(3)]
     try:
         backlog = _backlog(h)

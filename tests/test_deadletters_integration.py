@@ -132,6 +132,58 @@ def test_discard_drops_the_parked_messages_with_a_record_and_unparks_the_key(
     assert again.returncode == 1 and "it was discarded at" in again.stderr
 
 
+def test_discard_all_asks_then_drops_every_dead_letter_and_its_parked_messages(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    import os
+
+    from celery_partitioning.store.deadletters import DeadLetterStore
+    from celery_partitioning.store.keys import RedisKeys
+
+    def discard_all(*args: str, answer: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [celery_bin(), "-A", "tests.apps.failures_app", "partitioning", "dead-letters",
+             "discard", "--all", *args],
+            env={**os.environ, "PYTHONPATH": str(ROOT), **env_of(fa)}, cwd=ROOT, input=answer,
+            capture_output=True, text=True, timeout=60, check=False)
+
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    store = DeadLetterStore(client, RedisKeys(fa.NS))
+    index, (p, q) = orders_on_one_partition(fa, 2)
+    # Given two keys dead-lettered by a poison message, each with one message parked behind it
+    for order in (p, q):
+        client.set(f"{fa.NS}poison:{order}:0", "bad")
+        fa.step.delay(order, 0)
+        fa.step.delay(order, 1)
+    start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
+    wait_for(lambda: parked_len(client, fa, p) == 1 and parked_len(client, fa, q) == 1, 30,
+             "P1 and Q1 parked")
+    # When the operator answers no to the confirmation: nothing changes
+    refused = discard_all(answer="n\n")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "discard 2 dead letter(s) and 2 message(s) parked" in refused.stderr
+    assert len(store.find(["entity"])) == 2
+    # And a pool without dead letters has nothing to discard
+    other = discard_all("--pool", "dcb", "--yes")
+    assert other.returncode == 0 and "no dead letters in pool(s) dcb" in other.stdout, other.stderr
+    # And --all with --key is refused
+    both = discard_all("--key", f"Order:{p}", "--yes")
+    assert both.returncode == 2 and "either --key KEY or --all" in both.stderr
+    # When the operator confirms
+    done = discard_all(answer="y\n")
+    assert done.returncode == 0, done.stderr
+    assert "discarded 2 dead letter(s), 4 message(s) in all" in done.stdout
+    # Then no dead letter and nothing parked is left, each discard is logged, the keys run again
+    assert store.find(["entity", "dcb"]) == []
+    assert parked_len(client, fa, p) == 0 and parked_len(client, fa, q) == 0
+    assert sorted(e["key"] for e in store.history("entity")) == sorted([f"Order:{p}", f"Order:{q}"])
+    for order in (p, q):
+        fa.step.delay(order, 2)
+    wait_for(lambda: all(client.lrange(f"{fa.NS}rec:Order:{o}", -1, -1) == ["end 2"]
+                         for o in (p, q)), 30, "P2 and Q2 to run")
+    assert discard_all("--yes").stdout.startswith("no dead letters")
+
+
 def test_sigkill_while_parked_and_while_replaying_loses_nothing(
     fa: ModuleType, processes: Processes, tmp_path: Path
 ) -> None:

@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 @pytest.fixture
 def fa(redis_url: str, amqp_url: str, namespace: str,
        monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    url = redis_url.rsplit("/", 1)[0] + "/12"
+    url = redis_url
     monkeypatch.setenv("CP_REDIS_URL", url)
     monkeypatch.setenv("CP_BROKER_URL", amqp_url)
     monkeypatch.setenv("CP_NS", namespace)

@@ -84,6 +84,8 @@ def test_partitioned_demo_verifies_with_zero_mismatches(
                                          "orderWithInventory", "dailySalesSummary",
                                          "inventoryReservation"}
     assert summary["events"] >= 450 and summary["failed"] == 0 and summary["dead_letters"] == 0
+    # no worker was killed: no message started twice (retries are attempts, not reruns)
+    assert summary["reruns"] == 0, summary
     assert sum(summary["done"].values()) == sum(summary["published"].values()) > 1000
     # every pool did work, and the DCB conflicts happened and were retried to success
     assert set(summary["done"]) == {"entity", "customer", "saga", "global", "dcb"}

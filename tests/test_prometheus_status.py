@@ -65,9 +65,9 @@ def test_input_that_is_not_status_json_is_exit_2() -> None:
 
 
 @pytest.mark.integration
-def test_the_recipe_end_to_end_on_redis(db11: str, namespace: str, tmp_path: Path) -> None:
+def test_the_recipe_end_to_end_on_redis(redis_url: str, namespace: str, tmp_path: Path) -> None:
     # Given a backlog and a lease holder on partition 1
-    url = db11
+    url = redis_url
     h = Harness(url, url, namespace, 3, tmp_path, Processes())
     events, _counts = keyed_events(9, 30, ms=1)
     h.publish(events)

@@ -29,7 +29,6 @@ from celery_partitioning import (
     publish_many,
 )
 from tests.apps.harness import Harness, delete_amqp_queues, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes
 
@@ -514,7 +513,7 @@ def _publish_and_drain(h: Harness) -> None:
 @pytest.mark.timeout(240)
 def test_partition_workers_run_a_published_batch_in_per_key_order_on_redis(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     _publish_and_drain(Harness(url, url, namespace, 4, tmp_path, processes))
 
 
@@ -522,7 +521,7 @@ def test_partition_workers_run_a_published_batch_in_per_key_order_on_redis(
 @pytest.mark.timeout(240)
 def test_partition_workers_run_a_published_batch_in_per_key_order_on_rabbitmq(
         amqp_url: str, redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    h = Harness(amqp_url, worker_db_url(redis_url), namespace, 4, tmp_path, processes)
+    h = Harness(amqp_url, redis_url, namespace, 4, tmp_path, processes)
     try:
         _publish_and_drain(h)
     finally:

@@ -370,3 +370,31 @@ def test_a_retry_with_new_arguments_is_inherited_by_the_next_bare_retry() -> Non
     # Then the bare retry runs with the arguments of the attempt before, as Celery would
     assert run(app, "t.inherit", "o1") == (states.SUCCESS, 7)
     assert seen == [("o1", 0), ("o1", 7), ("o1", 7)]
+
+
+def test_a_message_resumed_after_a_crash_carries_its_records_count_and_due_time() -> None:
+    import json
+    import time
+    from datetime import datetime
+
+    from celery_partitioning.message import PartitionMessage
+    from celery_partitioning.store.backoff import as_first_delivery, with_token
+    from celery_partitioning.worker.parking import resume_headers
+
+    # Given the original delivery of a task id whose attempt record says retry 2, due in 30 s
+    due = time.time() + 30
+    record = json.dumps({"retries": 2, "resume_at": due})
+    message = types.SimpleNamespace(headers={"id": "t1", "retries": 0, "eta": None})
+    # When the parking gate lets it run
+    resume_headers(PartitionMessage(message, "t"), record)
+    # Then task_prerun will see retry 2, and the partition holds it until the due time
+    assert message.headers["retries"] == 2
+    assert abs(datetime.fromisoformat(message.headers["eta"]).timestamp() - due) < 0.001
+    # And a delivery that carries the count already is left as it is
+    current = types.SimpleNamespace(headers={"id": "t1", "retries": 2, "eta": None})
+    resume_headers(PartitionMessage(current, "t"), record)
+    assert current.headers == {"id": "t1", "retries": 2, "eta": None}
+    # And the copy set aside carries the new count; its dead letter starts afresh
+    copy = with_token(json.dumps({"headers": {"id": "t1", "retries": 0}, "body": ""}), "tok", 3)
+    assert json.loads(copy)["headers"] == {"id": "t1", "retries": 3, "partition_backoff": "tok"}
+    assert json.loads(as_first_delivery(copy))["headers"] == {"id": "t1", "retries": 0}

@@ -203,3 +203,58 @@ def test_a_warm_shutdown_during_a_backoff_leaves_the_key_waiting_in_redis(
     assert client.lrange(f"{fa.NS}ran", 0, -1) == [
         f"Order:{a} 0 try0", f"Order:{b} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 1 try0"]
     assert not left_behind(client, fa.NS)
+
+
+def seen(client: redis.Redis, fa: ModuleType, task_id: str) -> list[str]:
+    """What each attempt of a ``fail.flaky`` message saw (``prerun N``, ``body N``, ...)."""
+    return client.lrange(f"{fa.NS}seen:{task_id}", 0, -1)  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("countdown", "failures"), [(0.05, 2), (1.0, 2)],
+                         ids=["in-place", "set-aside"])
+def test_every_attempt_sees_its_retry_count_in_task_prerun_and_in_the_body(
+    countdown: float, failures: int, fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    # Given a message that retries twice (in place below partitioning_retry_hold_below,
+    # its key set aside at or above it), then succeeds
+    task_id = fa.flaky.delay("r0", 0, failures, countdown).id
+    # When a real partition worker runs it
+    index = fa.cp.explain_route(fa.app, "fail.flaky", "r0", 0).index
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker.log")
+    wait_for(lambda: len(seen(client, fa, task_id)) >= 9, 60, "three attempts")
+    processes.signal(proc, signal.SIGTERM)
+    proc.wait(timeout=60)
+    # Then each attempt had a prerun and a postrun, and request.retries counted as Celery
+    # counts it (0, 1, 2) in task_prerun, in the body and in task_postrun
+    assert seen(client, fa, task_id) == [
+        "prerun 0", "body 0", "postrun RETRY 0",
+        "prerun 1", "body 1", "postrun RETRY 1",
+        "prerun 2", "body 2", "postrun SUCCESS 2"]
+    assert not left_behind(client, fa.NS)
+
+
+def test_a_retry_set_aside_when_its_worker_is_sigkilled_resumes_with_its_retry_count(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    # Given a message whose first attempt retries with a 3 s countdown (its key set aside)
+    task_id = fa.flaky.delay("k0", 0, 1, 3.0).id
+    index = fa.cp.explain_route(fa.app, "fail.flaky", "k0", 0).index
+    queue = f"{fa.NS}partition.entity.{index}"
+    proc = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker1.log")
+    schedule = RedisKeys(fa.NS).backoff_schedule(queue)
+    in_transit = RedisKeys(fa.NS).in_transit(queue)
+    wait_for(lambda: client.zcard(schedule) == 1 and client.llen(in_transit) == 0
+             and len(seen(client, fa, task_id)) == 3, 30, "the key set aside, the message acked")
+    # When its worker is SIGKILLed during the backoff, and another one starts
+    processes.signal(proc, signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc2 = start_partition_worker(processes, fa, "entity", index, tmp_path / "worker2.log")
+    wait_for(lambda: len(seen(client, fa, task_id)) >= 6, 60, "the second attempt")
+    processes.signal(proc2, signal.SIGTERM)
+    proc2.wait(timeout=60)
+    # Then the second attempt ran once, with request.retries 1 from task_prerun on
+    assert seen(client, fa, task_id) == [
+        "prerun 0", "body 0", "postrun RETRY 0", "prerun 1", "body 1", "postrun SUCCESS 1"]
+    assert not left_behind(client, fa.NS)

@@ -13,7 +13,6 @@ from celery_partitioning import partition_for
 from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.lease import parse_holder
 from tests.apps.harness import HOLD_MS, Harness, keyed_events, rerun_in_place
-from tests.support.env import worker_db_url
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes, alive, wait_for
 
@@ -25,7 +24,7 @@ pytestmark = pytest.mark.integration
 def test_second_worker_on_a_partition_is_a_standby_and_takes_over_in_order(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
     # Given one partition and a first `worker` command holding its lease
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=2.0)
     queue = f"{namespace}partition.p.0"
     lease_key = RedisKeys(namespace).lease(queue)
@@ -81,7 +80,7 @@ def test_second_worker_on_a_partition_is_a_standby_and_takes_over_in_order(
 @pytest.mark.timeout(120)
 def test_warm_shutdown_mid_run_then_restart_keeps_order_and_loses_nothing(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     events, counts = keyed_events(30, 600, ms=10)
     sup = h.start_workers("run1")
@@ -112,7 +111,7 @@ def test_warm_shutdown_mid_run_then_restart_keeps_order_and_loses_nothing(
 def test_misrouted_messages_move_to_their_partition_after_a_resize(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
     # Given messages published while the pool had 2 partitions
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 4, tmp_path, processes)
     events, counts = keyed_events(24, 240, ms=2)
     moved = [k for k in counts if partition_for(k, 2) != partition_for(k, 4)]
@@ -140,7 +139,7 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path, when: str) -> None:
     # Given a partition child that holds its lease: still starting (printing its banner),
     # or inside a 3 s task with two more messages of its key queued behind it
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
     client = h.redis
@@ -183,7 +182,7 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
 @pytest.mark.timeout(60)
 def test_a_standby_stops_cleanly_on_sigterm_and_the_holder_releases_its_lease(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
     client = h.redis

@@ -18,7 +18,6 @@ import redis
 from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.lease import Lease
 from tests.apps.harness import Harness, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes, wait_for
 
@@ -103,7 +102,7 @@ def _commands_on(url: str, key: str, seconds: float) -> set[str]:
 @pytest.mark.timeout(120)
 def test_a_partition_worker_fetches_with_blmove_and_recovers_what_a_dead_one_left_in_transit(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes)
     client = h.redis
     queue = f"{namespace}partition.p.0"
@@ -154,7 +153,7 @@ def _bad_messages(h: Harness, queue: str) -> list[str]:
 @pytest.mark.timeout(120)
 def test_malformed_messages_become_dead_letters_and_the_worker_goes_on(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes)
     queue = f"{namespace}partition.p.0"
     # Given good events, then four malformed messages, then more good events, on one partition

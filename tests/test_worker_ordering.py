@@ -24,7 +24,6 @@ from tests.apps.harness import (
     keyed_events,
     rerun_in_place,
 )
-from tests.support.env import worker_db_url
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes
 
@@ -92,7 +91,7 @@ def _run_kill_scenario(h: Harness) -> None:
 @pytest.mark.timeout(240)
 def test_sigkilled_partition_workers_keep_per_key_order_on_redis(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, PARTITIONS, tmp_path, processes)
     _run_kill_scenario(h)
     # Nothing left behind: queues drained, nothing unacked for our queues.
@@ -106,7 +105,7 @@ def test_sigkilled_partition_workers_keep_per_key_order_on_redis(
 @pytest.mark.timeout(240)
 def test_sigkilled_partition_workers_keep_per_key_order_on_rabbitmq(
         amqp_url: str, redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    store = worker_db_url(redis_url)
+    store = redis_url
     h = Harness(amqp_url, store, namespace, PARTITIONS, tmp_path, processes)
     queues = [f"{namespace}partition.p.{i}" for i in range(PARTITIONS)]
     try:

@@ -25,7 +25,6 @@ from celery_partitioning.store.broker import broker_redis, restore_unacked_to_he
 from celery_partitioning.store.lease import Lease, parse_holder
 from celery_partitioning.worker.partition import hold_until_eta
 from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
-from tests.support.env import worker_db_url
 from tests.support.procs import ROOT, Processes, alive, wait_for
 
 # -- selection ------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta
 
 @pytest.fixture
 def lease_key(redis_url: str) -> Iterator[tuple[redis.Redis, str]]:
-    client = redis.Redis.from_url(worker_db_url(redis_url))
+    client = redis.Redis.from_url(redis_url)
     key = f"cptest-lease-{uuid.uuid4().hex[:8]}"
     yield client, key
     client.delete(key)
@@ -155,7 +154,7 @@ def test_recovery_puts_only_its_queues_unacked_messages_back_at_the_head_in_orde
 
     from tests.apps.ordering_app import make_app
 
-    url = worker_db_url(redis_url)
+    url = redis_url
     app = make_app(url, url, namespace, 2)
     qa, qb = f"{namespace}partition.p.0", f"{namespace}partition.p.1"
     # Given 5 messages on A and 2 on B; a consumer takes A's first 3 and B's 2 and dies
@@ -203,7 +202,7 @@ def test_recovery_also_returns_messages_caught_between_fetch_and_unacked_once_ea
     from celery_partitioning.store.keys import RedisKeys
     from tests.apps.ordering_app import make_app
 
-    url = worker_db_url(redis_url)
+    url = redis_url
     app = make_app(url, url, namespace, 1)
     queue = f"{namespace}partition.p.0"
     in_transit = RedisKeys(namespace).in_transit(queue)

@@ -27,7 +27,6 @@ from celery_partitioning.cli.resize import collect_resizes, render_resizes
 from celery_partitioning.state import redis_keys
 from celery_partitioning.store.resize import ResizeStore
 from tests.apps.harness import HOLD_MS, Event, Harness, delete_amqp_queues, rerun_in_place
-from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes, wait_for
 
@@ -146,7 +145,7 @@ def _never() -> object:
 def test_resize_keeps_every_keys_order_on_redis(old: int, new: int, redis_url: str,
                                                 namespace: str, processes: Processes,
                                                 tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, old, tmp_path, processes)
     _run_resize(h, old, new)
     client = h.redis
@@ -166,7 +165,7 @@ def test_resize_keeps_every_keys_order_on_rabbitmq(old: int, new: int, amqp_url:
                                                    redis_url: str, namespace: str,
                                                    processes: Processes, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    store = worker_db_url(redis_url)
+    store = redis_url
     monkeypatch.setenv("CPW_OWN_CONTROL", "1")
     h = Harness(amqp_url, store, namespace, old, tmp_path, processes)
     queues = [f"{namespace}partition.p.{i}" for i in range(max(old, new))]

@@ -27,10 +27,10 @@ from tests.support.procs import Processes, celery_bin
     ("supervisor", signal.SIGTERM),
 ], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
 def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
-        db11: str, namespace: str, tmp_path: Path, processes: Processes,
+        redis_url: str, namespace: str, tmp_path: Path, processes: Processes,
         target: str, sig: signal.Signals) -> None:
     # Given a supervisor in its own session (like a shell job) running one partition
-    url = db11
+    url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes)
     proc = h.start_workers("workers")
     # and a task that is running when the signal comes (it holds for 4 s, then records its end)
@@ -56,10 +56,10 @@ def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
 
 @pytest.mark.integration
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
-def test_a_warm_stop_of_an_idle_group_exits_0(db11: str, namespace: str, tmp_path: Path,
+def test_a_warm_stop_of_an_idle_group_exits_0(redis_url: str, namespace: str, tmp_path: Path,
                                               processes: Processes, sig: signal.Signals) -> None:
     # Given two partition workers that ran their tasks and now wait for more
-    url = db11
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     proc = h.start_workers("workers")
     h.publish([(f"Order:{i}", 0, 1, None) for i in range(6)])
@@ -90,9 +90,9 @@ def _bare_worker(h: Harness, processes: Processes, name: str) -> subprocess.Pope
 @pytest.mark.integration
 @pytest.mark.parametrize("signals", [1, 2], ids=["one SIGINT", "two SIGINTs"])
 def test_a_partition_worker_takes_a_first_sigint_as_a_warm_stop_and_exits_0(
-        db11: str, namespace: str, tmp_path: Path, processes: Processes, signals: int) -> None:
+        redis_url: str, namespace: str, tmp_path: Path, processes: Processes, signals: int) -> None:
     # Given a partition worker process (no supervisor) inside a task that holds for 4 s
-    h = Harness(db11, db11, namespace, 1, tmp_path, processes)
+    h = Harness(redis_url, redis_url, namespace, 1, tmp_path, processes)
     proc = _bare_worker(h, processes, "child")
     h.publish([("Order:1", 0, 4000, "started")])
     h.next_signal("started")

@@ -19,7 +19,6 @@ from celery_partitioning import partition_for
 from celery_partitioning.errors import PartitionConfigError
 from celery_partitioning.worker.supervisor import PartitionSpec, spread, worker_argv
 from tests.apps.harness import HOLD_MS, Harness, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
@@ -72,7 +71,7 @@ def test_a_partition_worker_process_is_a_celery_node_with_task_events() -> None:
 def test_the_worker_command_refuses_bad_process_counts_with_one_line(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path,
         args: list[str], says: str) -> None:
-    h = Harness(worker_db_url(redis_url), worker_db_url(redis_url), namespace, 3, tmp_path, processes)
+    h = Harness(redis_url, redis_url, namespace, 3, tmp_path, processes)
     done = h.cli("worker", *args)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -90,7 +89,7 @@ def _keys_of(partition: int, partitions: int, count: int) -> list[str]:
 @pytest.mark.timeout(150)
 def test_a_partition_whose_task_hangs_does_not_hold_up_the_others_and_the_toolbox_answers(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     # Given one worker process hosting both partitions of the pool
     sup = h.start_workers("w", "--processes", "1")
@@ -139,7 +138,7 @@ def test_a_partition_whose_task_hangs_does_not_hold_up_the_others_and_the_toolbo
 @pytest.mark.timeout(120)
 def test_every_partitioned_task_sends_events_and_status_names_process_and_thread(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     app = h.app()
     seen: list[str] = []

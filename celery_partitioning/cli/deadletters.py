@@ -1,4 +1,5 @@
-"""``celery -A proj partitioning dead-letters list|replay|discard``: operate dead letters and parked keys."""
+"""``celery -A proj partitioning dead-letters list|replay|discard [--all]``: operate dead letters
+and parked keys."""
 
 from __future__ import annotations
 
@@ -179,10 +180,63 @@ def replay_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json
 
 
 @dead_letters.command(name="discard")
-@click.option("--key", required=True, help="The parked partition key.")
+@click.option("--key", default=None, help="The parked partition key.")
+@click.option("--all", "every", is_flag=True,
+              help="Every dead letter (of --pool, else of every pool), with what is parked "
+                   "behind each.")
 @click.option("--pool", "pools", multiple=True, help="Its pool (needed if parked in several).")
+@click.option("--yes", "-y", "yes", is_flag=True, help="With --all: do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def discard_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json: bool) -> None:
-    """Drop the failed and parked messages of a key (keeping a record of them) and unpark it."""
-    _operate(ctx, pools, key, "discard", as_json)
+def discard_command(ctx: click.Context, *, key: str | None, every: bool, pools: tuple[str, ...],
+                    yes: bool, as_json: bool) -> None:
+    """Drop the failed and parked messages of a key (keeping a record of them) and unpark it.
+
+    With --all, every dead letter of the selected pools goes, each with its parked messages
+    (asks first unless --yes).
+    """
+    if every == (key is not None):
+        raise click.UsageError("pass either --key KEY or --all")
+    if key is not None:
+        _operate(ctx, pools, key, "discard", as_json)
+        return
+    _discard_all(ctx, pools, yes, as_json)
+
+
+def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json: bool) -> None:
+    app = _app(ctx)
+    store = _store(app)
+    try:
+        selected = _pools(app, pools)
+        found = store.find(selected)
+        if not found:
+            if as_json:
+                click.echo(json.dumps({"action": "discard", "pools": selected, "dead_letters": 0,
+                                       "messages": 0, "keys": []}, indent=2))
+            else:
+                click.echo(f"no dead letters in pool(s) {', '.join(selected)}; nothing discarded")
+            return
+        parked = sum(len(v.parked) for v in found)
+        if not yes:
+            click.confirm(f"discard {len(found)} dead letter(s) and {parked} message(s) parked "
+                          f"behind them in pool(s) {', '.join(selected)}?", abort=True,
+                          err=True)
+        dropped = store.discard_all(selected)
+    except PartitioningError as exc:
+        raise click.ClickException(str(exc)) from None
+    except RedisError as exc:
+        raise _unreachable(store, exc) from None
+    messages = sum(len(m) for _, m in dropped)
+    if as_json:
+        click.echo(json.dumps({
+            "action": "discard", "pools": selected, "dead_letters": len(dropped),
+            "messages": messages,
+            "keys": [{"pool": letter.pool, "key": letter.key,
+                      "messages": [m.__dict__ for m in dropped_messages]}
+                     for letter, dropped_messages in dropped]}, indent=2))
+        return
+    click.echo(f"discarded {len(dropped)} dead letter(s), {messages} message(s) in all "
+               f"(recorded in the dead-letter log); their keys are unparked")
+    for letter, dropped_messages in dropped:
+        click.echo(f"  {letter.pool}  {_short(letter.key, 40)}  {len(dropped_messages)} "
+                   "message(s)")

@@ -28,7 +28,7 @@ from .attempts import ATTEMPTS_TTL, AttemptRecord
 from .deadletters import DeadLetterStore, as_text
 from .keys import key_digest
 
-__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "with_token"]
+__all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "as_first_delivery", "with_token"]
 
 #: Most keys one release pass lets go (the rest go on the next pass, right after).
 RELEASE_BATCH: Final = 100
@@ -38,10 +38,32 @@ RELEASE_BATCH: Final = 100
 BACKOFF_HEADER: Final = "partition_backoff"
 
 
-def with_token(raw: str, token: str) -> str:
-    """The kombu payload ``raw`` with ``token`` in its :data:`BACKOFF_HEADER` header."""
+def with_token(raw: str, token: str, retries: int | None = None) -> str:
+    """The kombu payload ``raw`` with ``token`` in its :data:`BACKOFF_HEADER` header and, if
+    given, ``retries`` in its ``retries`` header: the copy set aside is the message Celery's
+    retry would have published, so ``task_prerun`` and the task see the count it carries."""
     payload = json.loads(raw)
-    payload["headers"] = {**(payload.get("headers") or {}), BACKOFF_HEADER: token}
+    headers = {**(payload.get("headers") or {}), BACKOFF_HEADER: token}
+    if retries is not None:
+        headers["retries"] = retries
+    payload["headers"] = headers
+    return json.dumps(payload)
+
+
+def as_first_delivery(raw: str) -> str:
+    """A copy set aside for a retry backoff (:func:`with_token`) as it was first published:
+    retry count 0, no token. What a dead letter keeps, so a replay starts its retries afresh
+    (the attempt record goes with the replay too); any other payload is returned unchanged."""
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        return raw
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    if not isinstance(headers, dict) or BACKOFF_HEADER not in headers:
+        return raw
+    headers = {k: v for k, v in headers.items() if k != BACKOFF_HEADER}
+    headers["retries"] = 0
+    payload["headers"] = headers
     return json.dumps(payload)
 
 
@@ -86,7 +108,7 @@ class BackoffStore:
         store.scripts.backoff(
             keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue),
                   acked[0] if acked else "", self.keys.attempts(task_id)],
-            args=[key_digest(key), task_id, with_token(raw, record.token), repr(due),
+            args=[key_digest(key), task_id, with_token(raw, record.token, record.retries), repr(due),
                   _member(pool, key), acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
         if publish is not None:  # what an interrupted earlier release left in the outbox

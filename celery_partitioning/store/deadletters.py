@@ -372,6 +372,18 @@ class DeadLetterStore:
                 except WatchError:
                     time.sleep(0.01)
 
+    def discard_all(self, pools: Iterable[str]) -> list[tuple[DeadLetter, list[MessageSummary]]]:
+        """:meth:`discard` every dead letter of ``pools``, oldest failure first; returns each
+        dead letter with the messages dropped (a key replayed or discarded meanwhile is left)."""
+        dropped: list[tuple[DeadLetter, list[MessageSummary]]] = []
+        for view in self.find(pools):
+            letter = view.dead_letter
+            try:
+                dropped.append((letter, self.discard(letter.pool, letter.key)))
+            except DeadLetterError:
+                continue
+        return dropped
+
     @staticmethod
     def _event(action: str, pool: str, key: str, letter: DeadLetter,
                messages: Sequence[MessageSummary], **extra: Any) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..message import (
     requeue_method,
 )
 from ..router import HEADER_KEY, HEADER_POOL
-from ..store.backoff import BackoffStore
+from ..store.backoff import BackoffStore, as_first_delivery
 from ..store.deadletters import (
     REASON_DCB_MAX_RETRIES,
     REASON_ERROR,
@@ -111,7 +111,7 @@ class DeadLetters:
             traceback="".join(traceback.format_exception(exc)),
             attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
             partition=runtime.index, queue=runtime.queue, hostname=runtime.hostname or None,
-            raw=entry.raw if entry is not None else None,
+            raw=as_first_delivery(entry.raw) if entry is not None else None,
         )
         parked_now = self._store(letter, f"{task.name}[{request.id}] failed")
         logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",

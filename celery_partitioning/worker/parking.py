@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from ..message import PartitionMessage, Publish
@@ -17,7 +18,7 @@ from ..store.deadletters import DeadLetterStore
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
 
-__all__ = ["BackoffKeys", "InFlight", "InFlightEntry", "ParkingGate"]
+__all__ = ["BackoffKeys", "InFlight", "InFlightEntry", "ParkingGate", "resume_headers"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
@@ -66,6 +67,27 @@ class InFlight:
         return len(self._entries)
 
 
+def resume_headers(message: PartitionMessage, attempts: str | None) -> None:
+    """A message whose task id retried before it was delivered again (the worker that waited
+    out an in-place retry was killed, or a copy set aside before this version): give it the
+    retry count and due time of its attempt record, as the message Celery's retry publishes
+    would carry them. ``task_prerun`` and ``self.request.retries`` then see the count, and
+    the partition waits for the due time (the ETA hold) before the task starts."""
+    record = AttemptRecord.parse(attempts)
+    headers = message.message.headers
+    if record is None or not isinstance(headers, dict):
+        return
+    try:
+        carried = int(headers.get("retries") or 0)
+    except (TypeError, ValueError):
+        carried = 0
+    if record.retries <= carried:
+        return
+    headers["retries"] = record.retries
+    if record.resume_at > time.time() and not headers.get("eta"):
+        headers["eta"] = datetime.fromtimestamp(record.resume_at, UTC).isoformat()
+
+
 class ParkingGate:
     """A runtime gate: set aside (and ack) messages of parked keys; remember the others.
 
@@ -105,6 +127,7 @@ class ParkingGate:
                                   publish=self.publish)
         verdict = result.verdict
         if verdict == "run" and not self._stale(message, result.attempts, result.replaying):
+            resume_headers(message, result.attempts)
             self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,
                                                      attempts_read=True,
                                                      replaying=result.replaying,

@@ -26,6 +26,10 @@ both come here) and wraps ``task.run``:
 * when no retry is left, the message becomes a dead letter and its key is parked
   (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
 
+Every attempt is counted as with Celery (a retry being a new message): ``request.retries`` is
+one higher in its ``task_prerun``, body and ``task_postrun``, on each path (in place,
+set aside, resumed after a crash: ``attempt_signals.py``, ``parking.resume_headers``).
+
 Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
 """
 
@@ -33,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,6 +50,7 @@ from ..store.attempts import AttemptRecord, AttemptStore
 from ..store.deadletters import DeadLetterStore
 from ..store.lease import new_token
 from ..tasks import spec_of
+from .attempt_signals import announce_retry, begin_attempt, end_attempt
 from .parking import InFlight
 from .retry_semantics import decode_call, delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
@@ -92,28 +96,6 @@ class _Attempt:
     message_call: tuple[Any, Any] = ((), {})
     #: The message waits out its backoff set aside with its key (Celery acks it).
     set_aside: bool = False
-
-
-def _announce_retry(task: Any, request: Any, signal: RetryInPlace) -> None:
-    """What Celery does for a retry, minus the re-publish: RETRY state, on_retry, task_retry."""
-    from celery import signals
-    from celery.app.trace import ExceptionInfo  # billiard's, as Celery uses it
-
-    exc_info = sys.exc_info()
-    if exc_info[0] is None:  # retry(throw=False): give the record a traceback all the same
-        try:
-            raise signal
-        except RetryInPlace:
-            exc_info = sys.exc_info()
-    try:
-        einfo = ExceptionInfo(exc_info)
-        if not task.ignore_result:
-            task.backend.mark_as_retry(request.id, signal.exc, einfo.traceback, request=request)
-        task.on_retry(signal.exc, request.id, request.args, request.kwargs, einfo)
-        signals.task_retry.send(sender=task, request=request, reason=signal, einfo=einfo)
-    except Exception:
-        logger.warning("%s[%s]: recording the retry failed; retrying anyway", task.name,
-                       request.id, exc_info=True)
 
 
 @dataclass(frozen=True)
@@ -316,11 +298,13 @@ class InPlaceRetry:
         self._remember(request.id, retries, resume_at, call)
         logger.info("%s[%s] retries in place (%d) in %.2fs: %s", task.name, request.id,
                     retries, signal.delay, signal.excs or "retry requested")
-        _announce_retry(task, request, signal)
+        announce_retry(task, request, signal)
+        end_attempt(task, request, request.args, request.kwargs, signal)
         self._wait_until(resume_at)
         request.retries = retries
         # As on the message Celery would have re-published: a later retry() inherits these.
         request.args, request.kwargs = args, kwargs
+        begin_attempt(task, request, args, kwargs)
         return args, kwargs
 
     def _set_aside(self, task_id: str, delay: float, record: AttemptRecord) -> bool:
@@ -376,7 +360,9 @@ class InPlaceRetry:
         if record is None:
             return args, kwargs
         retries, resume_at = record.retries, record.resume_at
-        if retries > (request.retries or 0):
+        # The parking gate gave the message the record's count already (task_prerun saw it),
+        # and a copy set aside with its key carries it: equal counts resume too.
+        if retries >= (request.retries or 0):
             logger.info("%s resumes at retry %d", request.id, retries)
             request.retries = retries
             if record.call is not None:

@@ -23,7 +23,7 @@ from django.conf import settings
 
 import celery_partitioning as cp
 
-REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = os.environ.get("CP_REDIS_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 NS = os.environ.get("CP_NS", "cpcheck:")
 DB = os.environ.get("CP_DB", "/tmp/cp-checkpoints.sqlite3")
 PG_DB = os.environ.get("CP_PG_DB", "")

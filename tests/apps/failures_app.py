@@ -4,6 +4,8 @@ CP_REDIS_URL: broker and store; CP_NS: unique namespace (key prefix, queue prefi
 CP_BROKER_URL: another broker (RabbitMQ), the store staying on CP_REDIS_URL.
 Tasks record ``start <seq>`` / ``end <seq>`` per key (tests/support/ordering.py) and a
 partition-wide ``ran`` log; faults are switched by Redis flags the test sets and clears.
+``seen:<task id>`` lists what each attempt of ``fail.flaky`` saw: ``prerun N``, ``body N``,
+``postrun STATE N`` (N: ``request.retries``), as Celery's signals and the task body see it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import celery_partitioning as cp
 from celery_partitioning import DCBConflict, with_dcb_retry
 
 NS = os.environ.get("CP_NS", "cptest-local:")
-REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = os.environ.get("CP_REDIS_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
 #: The broker: the Redis above by default; CP_BROKER_URL (e.g. RabbitMQ) to test another.
 BROKER_URL = os.environ.get("CP_BROKER_URL") or REDIS_URL
@@ -46,6 +48,31 @@ def _log(line: str) -> None:
     _client.rpush(f"{NS}ran", line)
 
 
+def _seen(task_id: str | None, what: str) -> None:
+    _client.rpush(f"{NS}seen:{task_id}", what)
+
+
+def _flaky_of_this_app(sender: Any) -> bool:
+    # A reloaded module keeps its receivers: each records only its own app's task.
+    return sender is not None and getattr(sender, "app", None) is app and \
+        getattr(sender, "name", None) == "fail.flaky"
+
+
+def _on_prerun(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    if _flaky_of_this_app(sender):
+        _seen(task_id, f"prerun {sender.request.retries}")
+
+
+def _on_postrun(sender: Any = None, task_id: str | None = None, state: str | None = None,
+                **_: Any) -> None:
+    if _flaky_of_this_app(sender):
+        _seen(task_id, f"postrun {state} {sender.request.retries}")
+
+
+signals.task_prerun.connect(_on_prerun, weak=False)
+signals.task_postrun.connect(_on_postrun, weak=False)
+
+
 @app.task(bind=True, name="fail.flaky", shared=False)
 @cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity")
 def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: float = 0.3) -> int:
@@ -53,6 +80,7 @@ def flaky(self: Any, order_id: str, seq: int, failures: int = 0, countdown: floa
     key = f"Order:{order_id}"
     record("start", key, seq)
     _log(f"{key} {seq} try{self.request.retries}")
+    _seen(self.request.id, f"body {self.request.retries}")
     if self.request.retries < failures:
         raise self.retry(countdown=countdown, max_retries=5)
     record("end", key, seq)

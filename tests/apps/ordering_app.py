@@ -75,8 +75,8 @@ def make_app(broker: str, store: str, ns: str, partitions: int, lease_ttl: float
 
 
 app = make_app(
-    broker=os.environ.get("CPW_BROKER", "redis://127.0.0.1:6379/11"),
-    store=os.environ.get("CPW_REDIS", "redis://127.0.0.1:6379/11"),
+    broker=os.environ.get("CPW_BROKER") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
+    store=os.environ.get("CPW_REDIS") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15"),
     ns=os.environ.get("CPW_NS", "cpw-local:"),
     partitions=int(os.environ.get("CPW_PARTITIONS", "4")),
     lease_ttl=float(os.environ.get("CPW_LEASE_TTL", "2")),

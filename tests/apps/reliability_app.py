@@ -113,7 +113,7 @@ def make_app(broker: str, records: str, ns: str, partitions: int, lease_ttl: flo
     return app
 
 
-_records = os.environ.get("CPR_RECORDS", "redis://127.0.0.1:6379/14")
+_records = os.environ.get("CPR_RECORDS") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 app = make_app(
     broker=os.environ.get("CPR_BROKER", _records),
     records=_records,

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability suite: Redis DB 14, a workload driver over tests.apps.reliability_app."""
+"""Fixtures of the reliability suite: REDIS_URL's database, a workload driver over tests.apps.reliability_app."""
 
 from __future__ import annotations
 
@@ -33,19 +33,16 @@ def size(name: str, ci: int, soak: int) -> int:
     return int(raw) if raw else (soak if SOAK else ci)
 
 
-def with_db(url: str, db: int) -> str:
-    return url.rsplit("/", 1)[0] + f"/{db}" if url.count("/") >= 3 else f"{url}/{db}"
-
-
 @pytest.fixture
 def records_url(redis_url: str) -> str:
-    """Redis DB 14 of the test Redis: the reliability suite's own database."""
-    return with_db(redis_url, 14)
+    """Where the reliability suite's workers record what ran: REDIS_URL itself (its keys
+    are told apart by ``rel_ns``)."""
+    return redis_url
 
 
 @pytest.fixture
 def rel_ns(records_url: str) -> Iterator[str]:
-    """A unique namespace on DB 14; its keys are deleted afterwards."""
+    """A unique namespace on REDIS_URL; its keys are deleted afterwards."""
     ns = f"cprel-{uuid.uuid4().hex[:10]}:"
     yield ns
     client = redis.Redis.from_url(records_url)

@@ -7,7 +7,7 @@ from typing import NoReturn
 
 import pytest
 
-__all__ = ["WORKER_DB", "in_ci", "missing", "worker_db_url"]
+__all__ = ["in_ci", "missing"]
 
 
 def in_ci() -> bool:
@@ -20,12 +20,3 @@ def missing(what: str) -> NoReturn:
     if in_ci():
         pytest.fail(f"{what} (CI=true: a missing tool fails the run)", pytrace=False)
     pytest.skip(what)
-
-
-#: The Redis database the worker tests' apps write to (beside REDIS_URL's own).
-WORKER_DB = 11
-
-
-def worker_db_url(redis_url: str) -> str:
-    """REDIS_URL's server, database :data:`WORKER_DB`: where worker tests run their apps."""
-    return redis_url.rsplit("/", 1)[0] + f"/{WORKER_DB}"
