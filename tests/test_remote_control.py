@@ -50,7 +50,7 @@ def test_control_commands_are_refused_and_order_is_kept_with_messages_flowing(
     [partition_node] = [n for n in nodes() if n != plain_node]
     both = [partition_node, plain_node]
     events, counts = keyed_events(10, 20 * BATCH, ms=15)
-    # one message of its own, held long enough to be running while revoke/terminate arrive
+    # one message of its own, held long enough (15 s) to be running while revoke/terminate arrive
     hold_key = "Order:held"
     pending: list[Event] = list(events)
 
@@ -112,7 +112,7 @@ def test_control_commands_are_refused_and_order_is_kept_with_messages_flowing(
         assert refused(reply, "time_limit refused", "ordering.record"), (node, reply)
 
     # When a running partitioned task is revoked with terminate, or terminated
-    held = app.tasks["ordering.record"].apply_async((hold_key, 0), {"ms": 8000, "signal": "held"})
+    held = app.tasks["ordering.record"].apply_async((hold_key, 0), {"ms": 15000, "signal": "held"})
     h.next_signal("held", timeout=60)
     for command, arguments in [
             ("revoke", {"task_id": [held.id], "terminate": True, "signal": "SIGKILL"}),
