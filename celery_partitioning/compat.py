@@ -3,8 +3,10 @@
 celery-partitioning needs a few things Celery and kombu do not offer publicly: the function
 behind a not-yet-evaluated task proxy (``@app.task`` above ``@partitioned``), the app's task
 registry without finalizing the app, a task class's publish options, kombu's message class
-for a payload fetched from Redis by hand, and for fast batch publishing two serializer
-internals and the attributes of an ``AsyncResult``. Nothing else in the package touches a private member.
+for a payload fetched from Redis by hand, for fast batch publishing two serializer
+internals and the attributes of an ``AsyncResult``, Celery's process-wide registry of remote
+control handlers, and the ``build_tracer`` name Celery's consumer module bound at import.
+Nothing else in the package touches a private member.
 :func:`check_worker_internals` runs when a partition worker starts and fails the start with
 one message naming the installed versions when any of them is missing or has changed shape,
 instead of running without a guarantee.
@@ -21,7 +23,10 @@ from typing import Any
 from .errors import PartitionConfigError
 
 __all__ = [
+    "active_task_ids",
     "c_json_encoder_factory",
+    "control_handlers",
+    "late_bound_consumer_tracers",
     "check_worker_internals",
     "clear_exit_handlers",
     "decode_virtual_body",
@@ -214,6 +219,45 @@ def kombu_payload(message: Any) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def control_handlers() -> dict[str, Any]:
+    """Celery's process-wide registry of remote control handlers (``Panel.data``: command and
+    alias name → handler), which a worker's mailbox dispatches from."""
+    from celery.worker.control import Panel
+
+    handlers = Panel.data
+    if not isinstance(handlers, dict) or not callable(handlers.get("add_consumer")):
+        raise PartitionConfigError(
+            f"this celery-partitioning cannot guard Celery's remote control with {_versions()}: "
+            "celery.worker.control.Panel.data changed or is missing. Install a supported "
+            "version (celery>=5.4,<6) or upgrade celery-partitioning")
+    return handlers
+
+
+def active_task_ids() -> set[str]:
+    """The ids of the tasks running in this worker process now."""
+    from celery.worker import state
+
+    return {request.id for request in list(state.active_requests)}
+
+
+def _current_build_tracer(*args: Any, **kwargs: Any) -> Any:
+    from celery.app import trace
+
+    return trace.build_tracer(*args, **kwargs)
+
+
+def late_bound_consumer_tracers() -> None:
+    """Make Celery's consumer build tracers with whatever ``celery.app.trace.build_tracer`` is
+    when it builds them, as a plain worker does (it imports its consumer after ``celeryd_init``
+    and ``worker_init``). A partition worker process may have imported that module earlier
+    (the supervisor preloads it before forking): its ``from ... import build_tracer`` would keep
+    the original, and an SDK that patches ``celery.app.trace`` when initialised (Sentry) would
+    see none of the tasks."""
+    from celery.worker.consumer import consumer
+
+    consumer.build_tracer = _current_build_tracer
+
+
 # -- the start-up check ---------------------------------------------------------------------
 
 def _versions() -> str:
@@ -257,6 +301,16 @@ def _problems_with_celery() -> list[str]:
     for flag in ("should_stop", "should_terminate"):
         if not hasattr(state, flag):
             problems.append(f"celery.worker.state.{flag}")
+    from celery.worker import control
+    from celery.worker.consumer import consumer
+
+    if not callable(getattr(consumer, "build_tracer", None)):
+        problems.append("celery.worker.consumer.consumer.build_tracer (how the consumer builds "
+                        "tracers)")
+    if not isinstance(getattr(control.Panel, "data", None), dict) or \
+            not hasattr(state, "active_requests"):
+        problems.append("celery.worker.control.Panel.data and celery.worker.state.active_requests "
+                        "(remote control)")
     if not callable(getattr(Task, "start_strategy", None)):
         problems.append("celery.Task.start_strategy (the message handler a worker uses)")
     from celery.apps import worker as apps_worker

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from celery.app.routes import MapRoute, prepare
+from celery.utils.time import rate
 
 from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
@@ -24,6 +25,20 @@ logger = logging.getLogger("celery_partitioning")
 #: Task options that would send a partitioned task around its partition queue.
 _FIXED_OPTIONS = ("queue", "exchange", "routing_key")
 
+#: Task options a partition worker cannot honour → the app setting Celery fills them from, and
+#: why. (A value of 0 means "none" to Celery and to this check.)
+_UNSUPPORTED_LIMITS = {
+    "rate_limit": ("task_default_rate_limit",
+                   "a rate limit holds a message back in worker memory while later ones "
+                   "overtake it, so a partition worker runs partitioned tasks without one"),
+    "time_limit": ("task_time_limit",
+                   "a partitioned task runs in a partition thread, which cannot be killed or "
+                   "interrupted at a time limit; use timeouts inside the task"),
+    "soft_time_limit": ("task_soft_time_limit",
+                        "a partitioned task runs in a partition thread, which cannot be "
+                        "interrupted at a time limit; use timeouts inside the task"),
+}
+
 
 def _routes_problem(name: str, task_routes: Any) -> str | None:
     """Whether a ``task_routes`` map sends ``name`` somewhere (callable routers are not run)."""
@@ -33,6 +48,29 @@ def _routes_problem(name: str, task_routes: Any) -> str | None:
             if found:
                 return f"task_routes sends it to {found!r}"
     return None
+
+
+def _limits_problem(task: Any) -> list[str]:
+    """``rate_limit`` / ``time_limit`` / ``soft_time_limit`` a partitioned task would not get."""
+    app = getattr(task, "app", None)
+    conf = getattr(app, "conf", None) if app is not None else None
+    problems = []
+    for option, (setting, why) in _UNSUPPORTED_LIMITS.items():
+        value = getattr(task, option, None)
+        if not value or (option == "rate_limit" and not _positive_rate(value)):
+            continue
+        inherited = conf is not None and conf.get(setting) == value
+        where = (f"{option}={value!r} (from the setting {setting}; give the task {option}=0 to "
+                 "keep it for other tasks)") if inherited else f"{option}={value!r}"
+        problems.append(f"{where}: {why}; remove it")
+    return problems
+
+
+def _positive_rate(value: Any) -> bool:
+    try:
+        return bool(rate(value) > 0)
+    except (TypeError, ValueError):
+        return True  # Celery refuses it elsewhere; here it is a limit that would be ignored
 
 
 def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
@@ -63,6 +101,7 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
         if fixed:
             problems.append(f"{what}: sets {', '.join(fixed)}, which would bypass or reorder "
                             "its partition; remove it")
+        problems.extend(f"{what}: sets {line}" for line in _limits_problem(task))
         routed = _routes_problem(name, task_routes)
         if routed:
             problems.append(f"{what}: {routed}; partitioned tasks are routed by their key, "
@@ -96,7 +135,8 @@ def assert_valid_partition_keys(tasks: Any) -> None:
 
     ``tasks`` is a Celery app (all its registered tasks) or an iterable of tasks.
     Checks: a projection without a key or pool, an unknown pool, a queue, exchange,
-    routing key or priority fixed on a partitioned task or in ``task_routes``, a
+    routing key or priority fixed on a partitioned task or in ``task_routes``, a rate limit or
+    a time limit on a partitioned task (partition workers cannot honour them), a
     ``checkpoint=`` in an app without a checkpoint store.
     """
     listed, settings, routes, problems = _registry_of(tasks)

@@ -143,3 +143,59 @@ def test_a_valid_registry_passes() -> None:
     def fine(order_id: str) -> None: ...
 
     assert_valid_partition_keys(app)
+
+
+def test_rate_and_time_limits_on_partitioned_tasks_are_refused_naming_task_and_option() -> None:
+    # Given partitioned tasks with a rate limit, a hard and a soft time limit, and plain tasks
+    # with the same options (a plain worker honours them)
+    app = make_app()
+
+    @app.task(name="lim.rate", rate_limit="10/s", shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def rated(order_id: str) -> None: ...
+
+    @app.task(name="lim.hard", time_limit=30, shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def hard(order_id: str) -> None: ...
+
+    @app.task(name="lim.soft", soft_time_limit=5, shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def soft(order_id: str) -> None: ...
+
+    @app.task(name="lim.none", rate_limit=0, shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def unlimited(order_id: str) -> None: ...
+
+    @app.task(name="plain.limited", rate_limit="1/s", time_limit=3, soft_time_limit=2, shared=False)
+    def plain() -> None: ...
+
+    # Then validation lists the three, each with its option and why
+    with pytest.raises(PartitionConfigError) as err:
+        assert_valid_partition_keys(app)
+    message = str(err.value)
+    assert "3 partitioning problem(s)" in message, message
+    assert "task lim.rate: sets rate_limit='10/s': a rate limit holds" in message
+    assert "task lim.hard: sets time_limit=30: a partitioned task runs in a partition thread" in message
+    assert "task lim.soft: sets soft_time_limit=5:" in message
+    assert "lim.none" not in message and "plain.limited" not in message
+
+
+def test_limits_from_app_settings_name_the_setting_and_the_per_task_way_out() -> None:
+    app = make_app(task_default_rate_limit="100/m", task_soft_time_limit=60)
+
+    @app.task(name="lim.inherits", shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def inherits(order_id: str) -> None: ...
+
+    @app.task(name="lim.opts_out", rate_limit=0, soft_time_limit=0, shared=False)
+    @partitioned(create_entity_partition_key("Order"), pool="entity")
+    def opts_out(order_id: str) -> None: ...
+
+    with pytest.raises(PartitionConfigError) as err:
+        assert_valid_partition_keys(app)
+    message = str(err.value)
+    assert "2 partitioning problem(s)" in message, message
+    assert ("task lim.inherits: sets rate_limit='100/m' (from the setting task_default_rate_limit; "
+            "give the task rate_limit=0 to keep it for other tasks)") in message
+    assert "soft_time_limit=60 (from the setting task_soft_time_limit;" in message
+    assert "opts_out" not in message

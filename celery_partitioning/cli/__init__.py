@@ -183,7 +183,12 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 
 def _preload_worker_modules() -> None:
     """Import what every partition worker process imports, once, before they are forked
-    from this process: they share these pages instead of each loading its own copy."""
+    from this process: they share these pages instead of each loading its own copy.
+
+    Celery's consumer module binds ``build_tracer`` when imported, before a user's worker
+    signal can initialise an SDK that patches it (Sentry): each child makes that name look
+    ``celery.app.trace`` up again (``compat.late_bound_consumer_tracers``, at ``celeryd_init``)
+    and partitions build their tracers through it when they start (``worker/executor.py``)."""
     import celery.apps.worker
     import celery.worker.consumer  # noqa: F401
 

@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from celery.app.trace import build_tracer
+from celery.app import trace
 from celery.concurrency.base import BasePool, apply_target
 
 if TYPE_CHECKING:
@@ -86,11 +86,12 @@ class Executor:
                 strategy = self._strategies.get(cache_key)
                 if strategy is None:
                     task = self.app.tasks[name]
-                    if getattr(task, "__trace__", None) is None:
-                        # Celery builds tracers when its consumer starts; a partition may
-                        # receive its first message before that.
-                        task.__trace__ = build_tracer(name, task, self.app.loader,
-                                                      self.worker.hostname, app=self.app)
+                    # Rebuilt here, not kept from whoever built one first: Celery's consumer
+                    # builds tracers when it starts (a partition may receive its first message
+                    # before that), and one built before an SDK patched build_tracer would
+                    # bypass it.
+                    task.__trace__ = trace.build_tracer(name, task, self.app.loader,
+                                                        self.worker.hostname, app=self.app)
                     view = _ConsumerView(self.app, self.worker, self.pool)
                     strategy = task.start_strategy(self.app, view)
                     self._strategies[cache_key] = strategy

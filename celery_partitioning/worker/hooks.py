@@ -1,15 +1,18 @@
 """Wiring a partition worker process: Celery signals and a worker bootstep → partition threads.
 
 ``install(app)`` imports this module only in a ``celery worker`` process, at ``celeryd_init``
-(:func:`configure_worker`). Any other worker of the app: a ``-Q`` naming a partition queue
-is refused (``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
+(:func:`configure_worker`). Every worker of the app: Celery's remote control is guarded
+(``control.py``). Any other worker of the app: a ``-Q`` naming a partition queue is refused
+(``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
 
 In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
 
 1. ``celeryd_init``: check the Celery/kombu internals this package relies on (``compat``);
-   watch the supervisor (``orphan.py``); check ``-Q`` is the idle queue (the process is a
-   real Celery node, for remote control, events and heartbeats, but its own consumer takes no
-   task: every partition is consumed by a thread); force ``acks_late`` and rate limits off;
+   watch the supervisor (``orphan.py``); let Celery's consumer build tracers through
+   ``celery.app.trace`` as it is then (SDKs patch it in worker signals); check ``-Q`` is
+   the idle queue (the process is a real Celery node, for remote control, events and
+   heartbeats, but its own consumer takes no task: every partition is consumed by a thread);
+   force ``acks_late`` and rate limits off;
    turn task events on (unless ``--without-events``); add :class:`PartitionsStep`.
 2. ``worker_init`` (after the registry check): refuse a setup that cannot keep a guarantee,
    build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: lease,
@@ -40,6 +43,7 @@ from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import broker_redis
 from ..store.lease import Lease
 from ..store.resize import ResizeStore
+from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
 from .failures import install_failure_handling
 from .guard import misroute_guard
@@ -68,8 +72,6 @@ __all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee).
-ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
 #: Settings every partition worker process runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
     "worker_prefetch_multiplier": 1,
@@ -82,6 +84,10 @@ FORCED_WORKER_SETTINGS: Final = {
 def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     """``celeryd_init`` of any ``celery worker`` of an installed app (see the module docstring)."""
     state = partitioning_of(app)
+    try:
+        install_guards()  # remote control cannot give a partition a second consumer
+    except PartitioningError as exc:
+        raise SystemExit(f"celery-partitioning: {exc}") from None
     wanted = options.get("queues")
     names = [q.strip() for q in wanted.split(",")] if isinstance(wanted, str) else list(wanted or [])
     value = os.environ.get(PARTITIONS_ENV) or None
@@ -94,6 +100,7 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
         compat.check_worker_internals()
     except PartitioningError as exc:
         raise SystemExit(f"celery-partitioning: {exc}") from None
+    compat.late_bound_consumer_tracers()
     label = ",".join(f"{pool}.{index}" for pool, index in hosted)
     start_supervisor_watch(label, compat.request_warm_stop)
     idle = settings.idle_queue_name
