@@ -150,6 +150,8 @@ def test_worker_refuses_an_invalid_registry_before_starting_anything(tmp_path: P
     assert result.returncode == 2, result.stdout + result.stderr
     assert "refusing to start partition workers" in result.stderr
     assert "core.broken_projection" in result.stderr and "core.wrong_pool" in result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("core.wrong_pool") == 1, output  # the list is printed once
     assert "[supervisor]" not in result.stdout  # nothing was started
 
 

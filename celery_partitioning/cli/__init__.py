@@ -20,8 +20,8 @@ from ..config import redis_namespace
 from ..errors import PartitionConfigError, PartitioningError
 from ..exits import EXIT_USAGE
 from ..hashing import partition_for
-from ..state import settings_of
-from ..validation import assert_valid_partition_keys
+from ..state import partitioning_of, settings_of
+from ..validation import assert_valid_partition_keys, logged_above
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
@@ -162,11 +162,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
-    app.loader.import_default_modules()
-    try:
-        assert_valid_partition_keys(app)
-    except PartitioningError as exc:
-        _fail(f"refusing to start partition workers.\n{exc}")
+    _check_registry(app)
     try:
         for problem in check_guarantees(app):
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
@@ -179,6 +175,20 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     _preload_worker_modules()
     raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
                                 stop_timeout=stop_timeout).run())
+
+
+def _check_registry(app: Any) -> None:
+    """Import the task modules and refuse an invalid registry, printing its problems once."""
+    state = partitioning_of(app)
+    if not app.finalized:
+        state.log_registry_problems = False  # reported here, not also by the finalize check
+    app.loader.import_default_modules()
+    try:
+        assert_valid_partition_keys(app)
+    except PartitioningError as exc:
+        if state.registry_problems_logged:
+            _fail(f"refusing to start partition workers: {logged_above(exc)}")
+        _fail(f"refusing to start partition workers.\n{exc}")
 
 
 def _preload_worker_modules() -> None:
