@@ -23,7 +23,7 @@ from ..exits import EXIT_USAGE
 from ..hashing import partition_for
 from ..keys import GLOBAL_PARTITION_KEY, entity_type_of
 from ..state import partitioning_of, settings_of
-from ..tasks import spec_of
+from ..tasks import pools_used_by, spec_of
 from ..validation import assert_valid_partition_keys, logged_above
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
@@ -111,10 +111,13 @@ def partitioning(ctx: click.Context) -> None:
 
 @partitioning.command(cls=CeleryCommand)
 @click.option("--pool", "pools", multiple=True, metavar="NAME",
-              help="Run only this pool's partitions (repeat for several). Default: every pool.")
+              help="Run only this pool's partitions (repeat for several). Default: the pools "
+                   "in partitioning_worker_pools, else those some registered partitioned task "
+                   "uses.")
 @click.option("--partitions", metavar="SPEC",
-              help="Run only these partition indexes of each selected pool, e.g. 0-3,7 or 3 "
-                   "(a StatefulSet ordinal / systemd instance). Default: all.")
+              help="Run only these partitions: POOL:INDEXES, several separated by commas "
+                   "(entity:0-5,global:0), or plain indexes (0-3,7 or 3) when one pool is "
+                   "selected (a StatefulSet ordinal / systemd instance). Default: all.")
 @click.option("-l", "--loglevel", default="info", show_default=True,
               help="Log level of the partition workers.")
 @click.option("--processes", type=int, default=None, metavar="P",
@@ -139,19 +142,26 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     inspect`, task events, `celery control shutdown`). On a Redis broker each partition holds
     its lease (a second worker on the same partition waits as a standby) and puts a crashed
     predecessor's messages back at the head of its queue before it consumes. A process that
-    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Exit status: 0 clean
-    stop, 1 a worker did not stop cleanly, 2 bad usage or an invalid task registry.
+    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
+    named in --partitions) only the pools some registered partitioned task uses run (or those
+    of the setting partitioning_worker_pools); the others are skipped, and said so once.
+    Exit status: 0 clean stop, 1 a worker did not stop cleanly, 2 bad usage, an invalid task
+    registry or a pool size other than the recorded one.
     Arguments after `--` are passed on to every `celery worker`.
     """
     app = _app(ctx)
     settings = settings_of(app)
+    _check_registry(app)
+    default, skipped = _default_pools(app, settings)
     try:
-        selected = select_partitions(settings, pools, partitions)
+        selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
         specs = spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
+    running = {spec.pool for spec in selected}
+    skipped_note = _skipped_note([p for p in skipped if p not in running])
     argv_prefix = _root_options(ctx)
     extra = list(worker_args)
 
@@ -160,24 +170,50 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
                            idle_queue=settings.idle_queue_name, events=not without_events)
 
     if dry_run:
+        if skipped_note:
+            click.echo(f"# {skipped_note}")
         for spec in specs:
             click.echo(f"# {spec.label}: {spec.describe}")
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
-    _check_registry(app)
     try:
         for problem in check_guarantees(app):
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
-        check_recorded_sizes(app, {spec.pool for spec in selected})
+        check_recorded_sizes(app, running, command=_app_command(ctx))
     except PartitioningError as exc:
         _fail(str(exc))
+    if skipped_note:
+        click.echo(f"[supervisor] {skipped_note}", err=False)
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
     _preload_worker_modules()
     raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
                                 stop_timeout=stop_timeout).run())
+
+
+def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
+    """The pools run without --pool, and those skipped (no registered task uses them)."""
+    if settings.worker_pools is not None:
+        return list(settings.worker_pools), []
+    used = [pool for pool in pools_used_by(app.tasks.values()) if pool in settings.pools]
+    if not used:  # no partitioned task registered at all: run everything, as before
+        return list(settings.pools), []
+    return used, [pool for pool in settings.pools if pool not in used]
+
+
+def _skipped_note(skipped: list[str]) -> str | None:
+    if not skipped:
+        return None
+    return (f"not running pool(s) {', '.join(skipped)}: no registered partitioned task uses "
+            "them (run them with --pool NAME, or list the pools in partitioning_worker_pools "
+            "when their tasks are only sent by name from elsewhere)")
+
+
+def _app_command(ctx: click.Context) -> str:
+    """``celery -A proj`` as the user typed it, for commands we suggest."""
+    return " ".join(["celery", *_root_options(ctx)])
 
 
 def _check_registry(app: Any) -> None:
