@@ -96,7 +96,7 @@ def partitioning(ctx: click.Context) -> None:
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
-    dead-letters  list, replay or discard dead letters and parked keys
+    dead-letters  list, replay or discard dead letters and parked keys; history
     resize   record a new partition count for a pool (keys keep their order)
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
@@ -357,7 +357,9 @@ def _key_hint(app: Any, key: str) -> str | None:
 
 
 from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
+from .history import history_command  # noqa: E402 - dead-letters history
 
+dead_letters.add_command(history_command)
 partitioning.add_command(dead_letters)
 
 from .purge import purge_command  # noqa: E402 - the purge command
