@@ -253,6 +253,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
     checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
     from ..checkpointing import checkpoint_stats, render_checkpoint_stats
+    from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
     from .status import collect_status, render_table, status_json
 
@@ -270,10 +271,12 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             raise SystemExit(1) from None
         checkpoints = checkpoint_stats(app)
         resizes = collect_resizes(app, pools)
+        notes = collect_pool_notes(app, pools)
         if as_json:
             found = json.loads(status_json(rows, checkpoints))
             if resizes:
                 found["resizes"] = [r.as_dict() for r in resizes]
+            found.update(notes.as_dict())
             click.echo(json.dumps(found, indent=2))
         else:
             if watch:
@@ -283,6 +286,8 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             click.echo(render_table(rows))
             if resizes:
                 click.echo(render_resizes(resizes))
+            if notes:
+                click.echo(render_pool_notes(notes, _app_command(ctx)))
             if checkpoints is not None:
                 click.echo("")
                 click.echo(render_checkpoint_stats(checkpoints))
