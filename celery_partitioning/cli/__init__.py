@@ -250,8 +250,10 @@ def _preload_worker_modules() -> None:
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
-    checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
+    lease holder (host/pid) or "no consumer", parked keys; then pools no worker runs by
+    default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
+    size other than the configured one; then, for projections with a checkpoint, the keys,
+    messages applied and messages skipped as already applied. Read only."""
     from ..checkpointing import checkpoint_stats, render_checkpoint_stats
     from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
