@@ -35,6 +35,7 @@ __all__ = [
     "proxy_internals",
     "registered_serializer",
     "result_maker",
+    "rewrite_worker_banner",
     "request_warm_stop",
     "reset_annotations",
     "run_after_fork_handlers",
@@ -194,6 +195,30 @@ def install_warm_sigint(worker: Any) -> None:
 
     apps_worker._shutdown_handler(worker, sig="SIGINT", how="Warm",
                                   callback=apps_worker.on_SIGINT, exitcode=0)
+
+
+def rewrite_worker_banner(worker: Any, rewrite: Callable[[str], str], extra: str) -> None:
+    """Have ``worker`` (``celery.apps.worker.Worker``) print ``rewrite(startup_info)`` and
+    ``extra`` after its ``extra_info`` (the ``[tasks]`` list) when it prints its banner.
+
+    ``emit_banner`` calls these two methods; they are replaced on this instance only. Best
+    effort: a Celery without them prints its own banner unchanged (nothing depends on it).
+    """
+    startup_info = getattr(worker, "startup_info", None)
+    extra_info = getattr(worker, "extra_info", None)
+    if not callable(startup_info) or not callable(extra_info):
+        return
+
+    def rewritten(*args: Any, **kwargs: Any) -> Any:
+        text = startup_info(*args, **kwargs)
+        return rewrite(text) if isinstance(text, str) else text
+
+    def with_extra(*args: Any, **kwargs: Any) -> Any:
+        text = extra_info(*args, **kwargs)
+        return (text or "") + extra if text is None or isinstance(text, str) else text
+
+    worker.startup_info = rewritten
+    worker.extra_info = with_extra
 
 
 def virtual_message(payload: dict[str, Any], channel: Any) -> Any:

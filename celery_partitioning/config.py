@@ -16,6 +16,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from .errors import PartitionConfigError
 from .keys import RECOMMENDED_PARALLELISM
+from .redis_target import RedisTarget
 
 __all__ = ["PartitioningSettings", "RedisTarget", "read_settings", "DEFAULTS", "redis_namespace",
            "QUEUE_TYPES", "SENTINEL_PORT"]
@@ -54,6 +55,7 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_delivery_limit": DEFAULT_DELIVERY_LIMIT,
         "partitioning_allow_degraded": False,
         "partitioning_retry_hold_below": 0.1,
+        "partitioning_worker_pools": None,
     }
 )
 
@@ -66,61 +68,6 @@ def _bad(name: str, problem: str, fix: str) -> PartitionConfigError:
     return PartitionConfigError(
         f"setting {name} (Django: {_django_name(name)}) {problem}; {fix}"
     )
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """How to reach one Redis: a plain URL, or a master found through Redis Sentinel.
-
-    A Sentinel target is read as kombu reads a ``sentinel://`` broker URL: every
-    ``;``-separated URL names one sentinel; the first one's user, password and database are
-    those of the master; ``master_name`` and ``sentinel_kwargs`` come from transport options.
-    """
-
-    #: The URL as configured (``;``-separated for Sentinel); it may hold a password.
-    url: str = field(repr=False)
-    #: ``(host, port)`` of every sentinel; empty for a plain URL.
-    sentinels: tuple[tuple[str, int], ...] = ()
-    #: The name the sentinels monitor the master under.
-    master_name: str | None = None
-    #: Keyword arguments of the connections to the sentinels (``password``, ``ssl``...).
-    sentinel_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}),
-                                               repr=False)
-    #: Keyword arguments of the connections to the master (``db``, ``password``, ``ssl``...).
-    connection_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}),
-                                                 repr=False)
-    #: Smallest number of other sentinels a sentinel must see to be believed.
-    min_other_sentinels: int = 0
-
-    @property
-    def is_sentinel(self) -> bool:
-        return bool(self.sentinels)
-
-    def describe(self) -> str:
-        """The target without secrets, for messages."""
-        if not self.is_sentinel:
-            return str(maybe_sanitize_url(self.url))
-        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"sentinel master {self.master_name!r} via {hosts} db {self.connection_kwargs.get('db', 0)}"
-
-    def same_server(self, other: RedisTarget | None) -> bool:
-        """Whether ``other`` is the same Redis database (same sentinels and master, or the same
-        host, port and database)."""
-        if other is None or self.is_sentinel != other.is_sentinel:
-            return False
-        if self.is_sentinel:
-            return (set(self.sentinels) == set(other.sentinels)
-                    and self.master_name == other.master_name
-                    and self.connection_kwargs.get("db", 0) == other.connection_kwargs.get("db", 0))
-        return _plain_identity(self.url) == _plain_identity(other.url)
-
-
-def _plain_identity(url: str) -> tuple[str, int, str]:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    db = (parts.path or "/0").strip("/") or "0"
-    return (parts.hostname or "localhost", parts.port or 6379, db)
 
 
 @dataclass(frozen=True)
@@ -159,6 +106,9 @@ class PartitioningSettings:
     dedupe_window: int = 100
     #: A retry delay (s) below this holds the partition in place; a longer one sets the key aside.
     retry_hold_below: float = 0.1
+    #: Pools ``partitioning worker`` runs without ``--pool``; None: the pools some registered
+    #: partitioned task uses (tasks only sent by name from elsewhere need their pool listed).
+    worker_pools: tuple[str, ...] | None = None
 
     @property
     def redis_url(self) -> str | None:
@@ -328,6 +278,20 @@ def _redis(conf: Mapping[str, Any], broker: RedisTarget | None) -> RedisTarget |
     return None
 
 
+def _worker_pools(value: Any, pools: Mapping[str, int]) -> tuple[str, ...] | None:
+    name = "partitioning_worker_pools"
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not value:
+        raise _bad(name, f"is {value!r}", 'use a non-empty list of pool names, e.g. ["entity", '
+                   '"global"], or None for the pools the registered tasks use')
+    unknown = [p for p in value if p not in pools]
+    if unknown:
+        raise _bad(name, f"names {', '.join(map(repr, unknown))}, not in partitioning_pools",
+                   f"use some of {', '.join(pools)}")
+    return tuple(p for p in pools if p in value)
+
+
 def _checkpoint_database(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise _bad("partitioning_checkpoint_database", f"is {value!r}",
@@ -377,8 +341,10 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
     if replicas and not isinstance(wait, bool) and isinstance(wait, (int, float)) and wait > ttl / 4:
         raise _bad("partitioning_wait_for_replicas_timeout", f"is {wait!r}", "use at most a "
                    f"quarter of partitioning_lease_ttl ({ttl / 4:g} s): a lease renewal waits it")
+    pools = _pools(get("partitioning_pools"))
     return PartitioningSettings(
-        pools=_pools(get("partitioning_pools")),
+        pools=pools,
+        worker_pools=_worker_pools(conf.get("partitioning_worker_pools"), pools),
         queue_prefix=_prefix(get("partitioning_queue_prefix")),
         checkpoint_store=conf.get("partitioning_checkpoint_store"),
         checkpoint_database=_checkpoint_database(get("partitioning_checkpoint_database")),

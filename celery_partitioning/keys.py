@@ -18,6 +18,7 @@ __all__ = [
     "create_dcb_partition_key",
     "create_scope_key",
     "get_recommended_parallelism",
+    "entity_type_of",
     "RECOMMENDED_PARALLELISM",
 ]
 
@@ -135,6 +136,13 @@ def create_entity_partition_key(entity_type: str, field: str | None = None) -> K
         f", field={field!r})" if field is not None else ")"
     )
     return _FieldKey(describe, fields, entity_type + ":", "entity")
+
+
+def entity_type_of(key_function: object) -> str | None:
+    """The entity type of a key function made by :func:`create_entity_partition_key`, else None."""
+    if isinstance(key_function, _FieldKey) and key_function.strategy == "entity":
+        return key_function.prefix[:-1]
+    return None
 
 
 def _plain_key(factory: str, field: str, strategy: str) -> KeyFunction:

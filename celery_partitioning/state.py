@@ -36,6 +36,10 @@ class Partitioning:
         self.app = app
         self._settings: PartitioningSettings | None = None
         self.registry_error: PartitionConfigError | None = None
+        #: Whether the registry check at finalize logs what it finds (a command that reports
+        #: the problems itself turns it off, so they are printed once), and whether it did.
+        self.log_registry_problems = True
+        self.registry_problems_logged = False
         self.router = PartitionRouter(
             settings=lambda: self.settings,
             lookup_task=TaskLookup(app),  # imports the app's task modules once for an unknown name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -17,6 +17,7 @@ __all__ = [
     "partitioned",
     "projection",
     "spec_of",
+    "pools_used_by",
     "KeyBinder",
 ]
 
@@ -195,6 +196,12 @@ def spec_of(task: Any) -> PartitionSpec | None:
         fun = getattr(fun, "__wrapped__", None)
         seen += 1
     return None
+
+
+def pools_used_by(tasks: Iterable[Any]) -> list[str]:
+    """The pools some partitioned task among ``tasks`` runs on (sorted)."""
+    used = {spec.effective_pool for spec in map(spec_of, tasks) if spec is not None}
+    return sorted(pool for pool in used if pool is not None)
 
 
 def _checker(params: list[inspect.Parameter]) -> Callable[..., None] | None:

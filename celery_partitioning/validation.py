@@ -12,13 +12,13 @@ from celery.utils.time import rate
 from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
-from .state import settings_of
+from .state import partitioning_of, settings_of
 from .tasks import spec_of
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["assert_valid_partition_keys", "find_problems"]
+__all__ = ["assert_valid_partition_keys", "find_problems", "logged_above"]
 
 logger = logging.getLogger("celery_partitioning")
 
@@ -157,9 +157,20 @@ def check_at_finalize(app: Celery) -> PartitionConfigError | None:
     try:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
-        logger.error("%s", exc)
+        state = partitioning_of(app)
+        if state.log_registry_problems:
+            logger.error("%s", exc)
+            state.registry_problems_logged = True
         return exc if isinstance(exc, PartitionConfigError) else PartitionConfigError(str(exc))
     return None
+
+
+def logged_above(exc: Exception) -> str:
+    """How to refer to an error already logged, without printing its list again."""
+    text = str(exc)
+    if "\n" in text:
+        return f"{text.splitlines()[0].rstrip(':')} (listed above)"
+    return "see the error above"
 
 
 def check_at_worker_start(app: Celery) -> None:
@@ -171,5 +182,8 @@ def check_at_worker_start(app: Celery) -> None:
     try:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
-        logger.critical("%s", exc)
+        # Printed once: the check at finalize may have logged the list already.
+        if partitioning_of(app).registry_problems_logged:
+            raise SystemExit(f"celery-partitioning: refusing to start the worker: "
+                             f"{logged_above(exc)}") from None
         raise SystemExit(f"celery-partitioning: refusing to start the worker.\n{exc}") from None

@@ -43,8 +43,34 @@ def test_route_prints_pool_partition_and_queue(tmp_path: Path) -> None:
                    "queue": f"cpw-cli:partition.p.{index}"}
     text = h.cli("route", "Order:ord-123", "--pool", "p")
     assert f"partition {index} (of 0-3)" in text.stdout and f"cpw-cli:partition.p.{index}" in text.stdout
+    assert result.stderr == ""  # an entity key: no hint
     unknown = h.cli("route", "x", "--pool", "nope")
     assert unknown.returncode == 2 and "unknown partition pool 'nope'" in unknown.stderr
+
+
+def test_route_of_a_bare_id_hints_at_the_entity_key_that_was_probably_meant(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.support.procs import ROOT, celery_bin
+
+    # Given an app whose tasks key by create_entity_partition_key("Order")
+    result = subprocess.run(
+        [celery_bin(), "-A", "tests.apps.core_app", "partitioning", "route", "ord-123", "--json"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CP_REDIS_URL": "redis://127.0.0.1:1/0",
+             "CP_NS": "cpw-hint:"}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    # Then the raw string is routed as given (exit 0, JSON on stdout) with a hint on stderr
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(r["key"], r["pool"], r["index"]) for r in rows] == [
+        ("ord-123", "entity", partition_for("ord-123", 2)), ("ord-123", "global", 0)]
+    assert result.stderr.startswith("hint: 'ord-123' has no ':'")
+    assert "did you mean Order:ord-123?" in result.stderr
+    # and a key that is its own (global) or an app without entity tasks is no surprise
+    h = _offline(tmp_path)
+    assert h.cli("route", "global").stderr == ""
+    generic = h.cli("route", "cust-9")
+    assert generic.returncode == 0 and "e.g. Order:cust-9" in generic.stderr
 
 
 def test_worker_rejects_a_bad_partition_selection_before_starting_anything(tmp_path: Path) -> None:
@@ -149,6 +175,8 @@ def test_worker_refuses_an_invalid_registry_before_starting_anything(tmp_path: P
     assert result.returncode == 2, result.stdout + result.stderr
     assert "refusing to start partition workers" in result.stderr
     assert "core.broken_projection" in result.stderr and "core.wrong_pool" in result.stderr
+    output = result.stdout + result.stderr
+    assert output.count("core.wrong_pool") == 1, output  # the list is printed once
     assert "[supervisor]" not in result.stdout  # nothing was started
 
 

@@ -99,6 +99,10 @@ def test_a_worker_with_an_invalid_registry_exits_before_consuming(
     assert proc.returncode != 0, output
     assert "core.broken_projection" in output and "has no partition key" in output
     assert "core.wrong_pool" in output and "unknown pool 'nowhere'" in output
+    # printed once (logged at finalize; the exit line only refers to it)
+    assert output.count("unknown pool 'nowhere'") == 1, output
+    assert "refusing to start the worker: 3 partitioning problem(s) in the task registry " \
+        "(listed above)" in proc.stderr
     assert client.llen(f"{namespace}ran") == 0
     assert client.llen(f"{namespace}{queue}") + client.llen(
         f"{namespace}{namespace}partition.entity.1") == 1

@@ -128,6 +128,18 @@ def test_discard_drops_the_parked_messages_with_a_record_and_unparks_the_key(
     (event,) = DeadLetterStore(client, RedisKeys(fa.NS)).history("entity")
     assert event["action"] == "discard" and event["key"] == key and event["at"]
     assert [m["id"] for m in event["messages"]] == dropped and len(event["raw"]) == 2
+    # and the record is what `dead-letters history` shows, with the payloads that were dropped
+    shown = cli(fa, "history", "--json", "--key", key)
+    assert shown.returncode == 0, shown.stderr
+    (record,) = json.loads(shown.stdout)
+    assert record["action"] == "discard" and [m["id"] for m in record["messages"]] == dropped
+    assert [json.loads(raw)["headers"]["id"] for raw in record["raw"]] == dropped
+    table = cli(fa, "history", "--pool", "entity")
+    assert table.returncode == 0 and "discard" in table.stdout and key in table.stdout
+    assert "ValueError: poison message" in table.stdout
+    assert "`dead-letters history` shows them" in out.stdout
+    assert cli(fa, "history", "--key", "Order:nobody").stdout.strip() == \
+        "no replays or discards recorded"
     again = cli(fa, "discard", "--key", key)
     assert again.returncode == 1 and "it was discarded at" in again.stderr
 

@@ -24,7 +24,11 @@ from celery_partitioning.message import PartitionMessage
 from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
 from celery_partitioning.store.lease import Lease, parse_holder
 from celery_partitioning.worker.partition import hold_until_eta
-from celery_partitioning.worker.supervisor import parse_indexes, select_partitions
+from celery_partitioning.worker.supervisor import (
+    parse_indexes,
+    parse_partition_spec,
+    select_partitions,
+)
 from tests.support.procs import ROOT, Processes, alive, wait_for
 
 # -- selection ------------------------------------------------------------------------------
@@ -44,10 +48,34 @@ def test_selection_defaults_to_every_partition_of_every_pool() -> None:
         ("entity", 0, "q.entity.0"), ("entity", 1, "q.entity.1"), ("entity", 2, "q.entity.2"),
         ("global", 0, "q.global.0")]
     assert [s.label for s in select_partitions(settings, ["entity"], "2")] == ["entity.2"]
-    with pytest.raises(PartitionConfigError, match="pool 'global' has partitions 0-0, not 2"):
-        select_partitions(settings, [], "2")
+    with pytest.raises(PartitionConfigError, match="pool 'entity' has partitions 0-2, not 5"):
+        select_partitions(settings, ["entity"], "5")
     with pytest.raises(PartitionConfigError, match="unknown partition pool"):
         select_partitions(settings, ["nope"])
+
+
+def test_partitions_name_a_pool_each_or_apply_to_the_one_selected_pool() -> None:
+    settings = PartitioningSettings(pools={"entity": 6, "global": 1, "dcb": 2}, queue_prefix="q")
+    # POOL:INDEXES, several at once; an index without a pool belongs to the pool before it
+    assert [s.label for s in select_partitions(settings, [], "entity:0-2,5,global:0")] == [
+        "entity.0", "entity.1", "entity.2", "entity.5", "global.0"]
+    assert parse_partition_spec("entity:1, dcb:0-1") == {"entity": [1], "dcb": [0, 1]}
+    # plain indexes: fine when one pool is selected (by --pool, or the default selection)
+    assert [s.label for s in select_partitions(settings, [], "0-5", default_pools=["entity"])] \
+        == [f"entity.{i}" for i in range(6)]
+    # else one clear line saying how to write it
+    with pytest.raises(PartitionConfigError, match=r"--partitions 0-5 names no pool but 3 pools "
+                       r"are selected \(entity, global, dcb\): write POOL:INDEXES, e.g. "
+                       r"entity:0-5,global:0, or choose one pool with --pool"):
+        select_partitions(settings, [], "0-5")
+    for spec, says in [("0,entity:1", "the indexes before entity: name no pool"),
+                       (":1", "names no pool"), ("entity:x", "'x' is not an index"),
+                       ("nope:0", "unknown partition pool 'nope'"),
+                       ("global:0-1", "pool 'global' has partitions 0-0, not 1")]:
+        with pytest.raises(PartitionConfigError, match=says):
+            select_partitions(settings, [], spec)
+    with pytest.raises(PartitionConfigError, match=r"names pool\(s\) entity but --pool selects dcb"):
+        select_partitions(settings, ["dcb"], "entity:0")
 
 
 # -- ETA hold -------------------------------------------------------------------------------

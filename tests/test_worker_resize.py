@@ -86,7 +86,8 @@ def _run_resize(h: Harness, old: int, new: int) -> None:
             f"with {old} still queued" in shown, shown
         stale = h.cli("worker", partitions=old)
         assert stale.returncode == 2, stale.stdout + stale.stderr
-        assert f"partitioning resize p {old}" in stale.stderr
+        assert f"is being resized from {old} to {new} partitions but this worker runs it with " \
+            f"{old}" in stale.stderr and f"start the workers with {new}" in stale.stderr
 
     sup = h.start_workers("workers", "--processes", "2", partitions=new)
     watch = FirstRun(h, names)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -20,8 +21,10 @@ from ..config import redis_namespace
 from ..errors import PartitionConfigError, PartitioningError
 from ..exits import EXIT_USAGE
 from ..hashing import partition_for
-from ..state import settings_of
-from ..validation import assert_valid_partition_keys
+from ..keys import GLOBAL_PARTITION_KEY, entity_type_of
+from ..state import partitioning_of, settings_of
+from ..tasks import pools_used_by, spec_of
+from ..validation import assert_valid_partition_keys, logged_above
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
@@ -93,7 +96,7 @@ def partitioning(ctx: click.Context) -> None:
     status   queue depth, unacked, oldest age, consumer, parked keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
-    dead-letters  list, replay or discard dead letters and parked keys
+    dead-letters  list, replay or discard dead letters and parked keys; history
     resize   record a new partition count for a pool (keys keep their order)
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
@@ -108,10 +111,13 @@ def partitioning(ctx: click.Context) -> None:
 
 @partitioning.command(cls=CeleryCommand)
 @click.option("--pool", "pools", multiple=True, metavar="NAME",
-              help="Run only this pool's partitions (repeat for several). Default: every pool.")
+              help="Run only this pool's partitions (repeat for several). Default: the pools "
+                   "in partitioning_worker_pools, else those some registered partitioned task "
+                   "uses.")
 @click.option("--partitions", metavar="SPEC",
-              help="Run only these partition indexes of each selected pool, e.g. 0-3,7 or 3 "
-                   "(a StatefulSet ordinal / systemd instance). Default: all.")
+              help="Run only these partitions: POOL:INDEXES, several separated by commas "
+                   "(entity:0-5,global:0), or plain indexes (0-3,7 or 3) when one pool is "
+                   "selected (a StatefulSet ordinal / systemd instance). Default: all.")
 @click.option("-l", "--loglevel", default="info", show_default=True,
               help="Log level of the partition workers.")
 @click.option("--processes", type=int, default=None, metavar="P",
@@ -136,19 +142,26 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     inspect`, task events, `celery control shutdown`). On a Redis broker each partition holds
     its lease (a second worker on the same partition waits as a standby) and puts a crashed
     predecessor's messages back at the head of its queue before it consumes. A process that
-    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Exit status: 0 clean
-    stop, 1 a worker did not stop cleanly, 2 bad usage or an invalid task registry.
+    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
+    named in --partitions) only the pools some registered partitioned task uses run (or those
+    of the setting partitioning_worker_pools); the others are skipped, and said so once.
+    Exit status: 0 clean stop, 1 a worker did not stop cleanly, 2 bad usage, an invalid task
+    registry or a pool size other than the recorded one.
     Arguments after `--` are passed on to every `celery worker`.
     """
     app = _app(ctx)
     settings = settings_of(app)
+    _check_registry(app)
+    default, skipped = _default_pools(app, settings)
     try:
-        selected = select_partitions(settings, pools, partitions)
+        selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
         specs = spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
+    running = {spec.pool for spec in selected}
+    skipped_note = _skipped_note([p for p in skipped if p not in running])
     argv_prefix = _root_options(ctx)
     extra = list(worker_args)
 
@@ -157,28 +170,64 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
                            idle_queue=settings.idle_queue_name, events=not without_events)
 
     if dry_run:
+        if skipped_note:
+            click.echo(f"# {skipped_note}")
         for spec in specs:
             click.echo(f"# {spec.label}: {spec.describe}")
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
-    app.loader.import_default_modules()
-    try:
-        assert_valid_partition_keys(app)
-    except PartitioningError as exc:
-        _fail(f"refusing to start partition workers.\n{exc}")
     try:
         for problem in check_guarantees(app):
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
-        check_recorded_sizes(app, {spec.pool for spec in selected})
+        check_recorded_sizes(app, running, command=_app_command(ctx))
     except PartitioningError as exc:
         _fail(str(exc))
+    if skipped_note:
+        click.echo(f"[supervisor] {skipped_note}", err=False)
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
     _preload_worker_modules()
     raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
                                 stop_timeout=stop_timeout).run())
+
+
+def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
+    """The pools run without --pool, and those skipped (no registered task uses them)."""
+    if settings.worker_pools is not None:
+        return list(settings.worker_pools), []
+    used = [pool for pool in pools_used_by(app.tasks.values()) if pool in settings.pools]
+    if not used:  # no partitioned task registered at all: run everything, as before
+        return list(settings.pools), []
+    return used, [pool for pool in settings.pools if pool not in used]
+
+
+def _skipped_note(skipped: list[str]) -> str | None:
+    if not skipped:
+        return None
+    return (f"not running pool(s) {', '.join(skipped)}: no registered partitioned task uses "
+            "them (run them with --pool NAME, or list the pools in partitioning_worker_pools "
+            "when their tasks are only sent by name from elsewhere)")
+
+
+def _app_command(ctx: click.Context) -> str:
+    """``celery -A proj`` as the user typed it, for commands we suggest."""
+    return " ".join(["celery", *_root_options(ctx)])
+
+
+def _check_registry(app: Any) -> None:
+    """Import the task modules and refuse an invalid registry, printing its problems once."""
+    state = partitioning_of(app)
+    if not app.finalized:
+        state.log_registry_problems = False  # reported here, not also by the finalize check
+    app.loader.import_default_modules()
+    try:
+        assert_valid_partition_keys(app)
+    except PartitioningError as exc:
+        if state.registry_problems_logged:
+            _fail(f"refusing to start partition workers: {logged_above(exc)}")
+        _fail(f"refusing to start partition workers.\n{exc}")
 
 
 def _preload_worker_modules() -> None:
@@ -206,9 +255,12 @@ def _preload_worker_modules() -> None:
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
-    checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
+    lease holder (host/pid) or "no consumer", parked keys; then pools no worker runs by
+    default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
+    size other than the configured one; then, for projections with a checkpoint, the keys,
+    messages applied and messages skipped as already applied. Read only."""
     from ..checkpointing import checkpoint_stats, render_checkpoint_stats
+    from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
     from .status import collect_status, render_table, status_json
 
@@ -226,10 +278,12 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             raise SystemExit(1) from None
         checkpoints = checkpoint_stats(app)
         resizes = collect_resizes(app, pools)
+        notes = collect_pool_notes(app, pools)
         if as_json:
             found = json.loads(status_json(rows, checkpoints))
             if resizes:
                 found["resizes"] = [r.as_dict() for r in resizes]
+            found.update(notes.as_dict())
             click.echo(json.dumps(found, indent=2))
         else:
             if watch:
@@ -239,6 +293,8 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             click.echo(render_table(rows))
             if resizes:
                 click.echo(render_resizes(resizes))
+            if notes:
+                click.echo(render_pool_notes(notes, _app_command(ctx)))
             if checkpoints is not None:
                 click.echo("")
                 click.echo(render_checkpoint_stats(checkpoints))
@@ -257,7 +313,13 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 @click.pass_context
 def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool) -> None:
-    """Show the partition index and queue KEY maps to, in each pool (or --pool)."""
+    """Show the partition index and queue KEY maps to, in each pool (or --pool).
+
+    KEY is the partition key exactly as the task's key function makes it: Order:ord-123 for
+    create_entity_partition_key("Order"), the bare id (cust-123, corr-123) for customer and
+    saga keys, global, dcb:tenant:T:reservation:res-456. A key without ':' gets a hint on
+    stderr (an entity key was probably meant).
+    """
     settings = settings_of(_app(ctx))
     rows: list[dict[str, Any]] = []
     try:
@@ -270,15 +332,46 @@ def route(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_json: bool
         _fail(str(exc))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    width = max(len(r["pool"]) for r in rows)
-    for r in rows:
-        click.echo(f"{r['pool']:<{width}}  partition {r['index']} (of 0-{r['partitions'] - 1})  "
-                   f"queue {r['queue']}")
+    else:
+        width = max(len(r["pool"]) for r in rows)
+        for r in rows:
+            click.echo(f"{r['pool']:<{width}}  partition {r['index']} "
+                       f"(of 0-{r['partitions'] - 1})  queue {r['queue']}")
+    hint = _key_hint(_app(ctx), key)
+    if hint:
+        click.echo(hint, err=True)  # stdout stays the answer (--json parses); exit status 0
+
+
+def _key_hint(app: Any, key: str) -> str | None:
+    """A hint when ``key`` looks like a bare id where an entity key (``Type:id``) was meant.
+
+    Customer and saga keys are bare ids and ``global`` is a key of its own, so a key without
+    ``:`` is routed as given; the hint names the entity types the app's tasks key by.
+    """
+    if ":" in key or key == GLOBAL_PARTITION_KEY:
+        return None
+    types: dict[str, set[str]] = {}
+    with contextlib.suppress(Exception):  # a hint never fails the command
+        app.loader.import_default_modules()
+        for task in list(app.tasks.values()):
+            spec = spec_of(task)
+            entity = entity_type_of(spec.key) if spec is not None else None
+            if spec is not None and entity is not None:
+                types.setdefault(entity, set()).add(spec.effective_pool or "?")
+    if types:
+        meant = " or ".join(f"{t}:{key}" for t in sorted(types))
+        pools = ", ".join(f"{t} in pool {', '.join(sorted(p))}" for t, p in sorted(types.items()))
+        return (f"hint: {key!r} has no ':', so it is routed as it is (right for customer and "
+                f"saga keys, which are bare ids); entity keys are Type:id, did you mean "
+                f"{meant}? (entity types of this app's tasks: {pools})")
+    return (f"hint: {key!r} has no ':', so it is routed as it is (right for customer and saga "
+            f"keys, which are bare ids); entity keys are Type:id, e.g. Order:{key}")
 
 
 from .deadletters import dead_letters  # noqa: E402 - the dead-letters sub-group
+from .history import history_command  # noqa: E402 - dead-letters history
 
+dead_letters.add_command(history_command)
 partitioning.add_command(dead_letters)
 
 from .purge import purge_command  # noqa: E402 - the purge command

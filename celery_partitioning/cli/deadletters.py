@@ -154,7 +154,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         return
     verb = "replayed" if action == "replay" else "discarded"
     if not where:
-        target = " (recorded in the dead-letter log)"
+        target = " (recorded: `dead-letters history` shows them)"
     elif where["via"] == "head":
         target = f" to the head of {where['queue']}"
     else:

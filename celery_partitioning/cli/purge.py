@@ -138,7 +138,9 @@ def _fail(message: str, code: int) -> None:
 @click.option("--pool", "pools", multiple=True, metavar="NAME",
               help="Only this pool's partitions (repeat for several). Default: every pool.")
 @click.option("--partitions", metavar="SPEC",
-              help="Only these partition indexes of each selected pool, e.g. 0-3,7. Default: all.")
+              help="Only these partitions: POOL:INDEXES, several separated by commas "
+                   "(entity:0-5,global:0), or plain indexes (0-3,7) when one pool is selected. "
+                   "Default: all.")
 @click.option("-f", "--force", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--while-running", is_flag=True,
               help="Purge partitions that a worker is consuming too (by default they are refused).")

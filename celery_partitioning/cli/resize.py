@@ -125,8 +125,9 @@ def _waiting(old: int, keys: int) -> str:
 @click.argument("pool")
 @click.argument("size", type=int)
 @click.option("--from", "previous", type=int, default=None, metavar="N",
-              help="The pool's current partition count, when no resize was ever recorded for "
-                   "it. Default: the recorded size, else the configured one.")
+              help="The pool's current partition count (the size its workers ran with). "
+                   "Default: the recorded size (the first worker of a pool records it), else "
+                   "the configured one.")
 @click.pass_context
 def resize_command(ctx: click.Context, pool: str, size: int, previous: int | None) -> None:
     """Record that POOL now has SIZE partitions (grow or shrink), then deploy the workers.
@@ -147,7 +148,12 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
         _usage("resizing needs a Redis store (partitioning_redis_url or a Redis broker)")
     client, store = opened
     try:
-        if store.state(pool) is None:
+        recorded = store.state(pool)
+        if recorded is not None and previous is not None and recorded.size != previous \
+                and not recorded.in_flight:
+            _usage(f"pool {pool!r} is recorded with {recorded.size} partitions, not {previous} "
+                   f"(--from): `partitioning resize {pool} {size} --from {recorded.size}`")
+        if recorded is None:
             start = previous if previous is not None else settings.partitions(pool)
             if start == size:
                 _usage(f"no size is recorded for pool {pool!r} yet: give its current partition "

@@ -3,7 +3,8 @@
 Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`; ``{pool}`` stands for
 ``{queue_prefix}.{pool}``: a record belongs to a set of queues, whatever the broker):
 
-* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with); while a
+* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with: recorded by
+  the first ``partitioning worker`` of the pool, or by ``partitioning resize``); while a
   resize is in flight also ``from`` (the previous count) and ``started``; ``finished`` after.
 * ``resize-drained:{pool}`` set: old partitions whose queue holds no more old-size messages.
 * ``resize-waiting:{pool}:{q}`` hash: key digest → old partition ``p``: new partition ``q``
@@ -85,8 +86,11 @@ class ResizeStore:
                 k.resize_released(scoped)]
 
     # -- recording --------------------------------------------------------------------
-    def begin(self, pool: str, size: int, *, record: bool) -> tuple[str, ResizeState]:
-        """Check (a worker starting) or record (the resize command) ``size`` for ``pool``.
+    def begin(self, pool: str, size: int, *, record: bool,
+              claim: bool = False) -> tuple[str, ResizeState]:
+        """Check (a worker starting) or record (the resize command) ``size`` for ``pool``;
+        ``claim`` (the first worker of a pool): record ``size`` if nothing is recorded yet,
+        else only check.
 
         Returns the outcome (``none``, ``new``, ``same``, ``started``, ``conflict``,
         ``mismatch``; see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
@@ -95,7 +99,7 @@ class ResizeStore:
         name = self._scoped(pool)
         reply = self._scripts["resize_begin"](
             keys=[self.keys.resize(name), self.keys.resize_drained(name)],
-            args=[size, now_iso(), "record" if record else "check"])
+            args=[size, now_iso(), "record" if record else "claim" if claim else "check"])
         state = self.state(pool)
         return as_text(reply[0]), state if state is not None else ResizeState(pool, size)
 

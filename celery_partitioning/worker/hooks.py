@@ -17,6 +17,7 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
 2. ``worker_init`` (after the registry check): refuse a setup that cannot keep a guarantee,
    build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: lease,
    misroute guard, parking gate, dead letters) and patch partitioned tasks for in-place retry.
+   ``celeryd_after_setup``: the banner says what runs the tasks (``banner.py``).
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
 4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
@@ -43,6 +44,7 @@ from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import broker_redis
 from ..store.lease import Lease
 from ..store.resize import ResizeStore
+from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
 from .failures import install_failure_handling
@@ -123,7 +125,14 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
         if getattr(sender, "app", None) is app:
             _build_runtime(app, sender, hosted)
 
+    def on_after_setup(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        # Sent just before Celery prints its banner: say what runs the tasks.
+        runtime = current_worker(app)
+        if getattr(instance, "app", None) is app and runtime is not None:
+            install_banner(instance, runtime, idle)
+
     signals.worker_init.connect(on_worker_init, weak=False)
+    signals.celeryd_after_setup.connect(on_after_setup, weak=False)
 
 
 def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -> None:

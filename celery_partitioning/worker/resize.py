@@ -63,16 +63,30 @@ SIZE_CHECK_INTERVAL: Final = 5.0
 TAKE_BATCH: Final = 200
 
 
-def check_recorded_size(store: ResizeStore, pool: str, size: int) -> ResizeState:
-    """At start: the recorded state of ``pool``; refuses a size other than the recorded one."""
-    outcome, state = store.begin(pool, size, record=False)
-    if outcome in ("mismatch", "conflict"):
+def check_recorded_size(store: ResizeStore, pool: str, size: int, *, claim: bool = False,
+                        command: str = "celery -A <app>") -> ResizeState:
+    """At start: the recorded state of ``pool``; refuses a size other than the recorded one.
+
+    ``claim`` (``partitioning worker`` before it starts anything): record ``size`` when the
+    pool has no recorded size yet, so a later start with another size is refused instead of
+    running moved keys out of order and stranding the queues beyond the new size.
+    """
+    outcome, state = store.begin(pool, size, record=False, claim=claim)
+    if outcome == "conflict":
         raise PartitionConfigError(
-            f"pool {pool!r} is recorded with {state.size} partitions"
-            + (f" (resizing from {state.previous})" if state.previous is not None else "")
-            + f" but this worker runs it with {size} (setting partitioning_pools): start the "
-            f"workers with the recorded size, or record a resize first: `celery -A <app> "
-            f"partitioning resize {pool} {size}` (see `partitioning status`)")
+            f"pool {pool!r} is being resized from {state.previous} to {state.size} partitions "
+            f"but this worker runs it with {size} (setting partitioning_pools): start the "
+            f"workers with {state.size} (see `{command} partitioning status`)")
+    if outcome == "mismatch":
+        raise PartitionConfigError(
+            f"pool {pool!r} is recorded with {state.size} partitions but this worker runs it "
+            f"with {size} (setting partitioning_pools); without a resize, keys that moved would "
+            f"run out of order and messages queued beyond partition {size - 1} would be "
+            f"stranded: record the change first with `{command} partitioning resize {pool} "
+            f"{size} --from {state.size}`, or set the pool back to {state.size}")
+    if outcome == "new":
+        logger.info("pool %s: partition count %d recorded (a change needs `partitioning "
+                    "resize`)", pool, size)
     if state.in_flight:
         logger.warning("pool %s: resize from %d to %d partitions in flight (since %s): keys "
                        "that moved run after their old partition's backlog", pool,
@@ -80,8 +94,10 @@ def check_recorded_size(store: ResizeStore, pool: str, size: int) -> ResizeState
     return state
 
 
-def check_recorded_sizes(app: Celery, pools: Iterable[str]) -> None:
-    """The supervisor's check before it starts children: each pool runs its recorded size."""
+def check_recorded_sizes(app: Celery, pools: Iterable[str], *, command: str = "celery -A <app>",
+                         claim: bool = True) -> None:
+    """The supervisor's check before it starts children: each pool runs its recorded size;
+    a pool with none recorded gets this one recorded (``claim``)."""
     settings = settings_of(app)
     if settings.redis is None:
         return
@@ -89,7 +105,8 @@ def check_recorded_sizes(app: Celery, pools: Iterable[str]) -> None:
     try:
         store = ResizeStore(client, redis_keys(app), settings.queue_prefix)
         for pool in sorted(pools):
-            check_recorded_size(store, pool, settings.partitions(pool))
+            check_recorded_size(store, pool, settings.partitions(pool), claim=claim,
+                                command=command)
     finally:
         client.close()
 

@@ -25,7 +25,6 @@ to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task
 from __future__ import annotations
 
 import os
-import re
 import selectors
 import signal
 import sys
@@ -34,13 +33,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final
 
-from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
 from ..exits import EXIT_OK, EXIT_UNCLEAN
 from ..store.lease import new_token
 from .forked import ForkedProcess, exit_status, fork_child
 from .orphan import ChildOutput
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITIONS_ENV, SUPERVISOR_PID_ENV
+from .selection import PartitionSpec, parse_indexes, parse_partition_spec, select_partitions
 
 __all__ = [
     "ChildSpec",
@@ -49,6 +48,7 @@ __all__ = [
     "Supervisor",
     "select_partitions",
     "parse_indexes",
+    "parse_partition_spec",
     "run_celery",
     "worker_argv",
 ]
@@ -59,21 +59,6 @@ __all__ = [
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 10.0
-
-_RANGE: Final = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-@dataclass(frozen=True)
-class PartitionSpec:
-    """One partition to run: pool, index and queue name."""
-
-    pool: str
-    index: int
-    queue: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.pool}.{self.index}"
 
 
 @dataclass(frozen=True)
@@ -115,41 +100,6 @@ def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpe
             f"less than one of the {len(partitions)} selected partition(s))")
     return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
             enumerate(range(processes))]
-
-
-def parse_indexes(text: str) -> list[int]:
-    """``"0-3,7"`` → ``[0, 1, 2, 3, 7]``; ``PartitionConfigError`` when malformed."""
-    found: set[int] = set()
-    for part in text.split(","):
-        match = _RANGE.match(part)
-        if match is None:
-            raise PartitionConfigError(
-                f"--partitions {text!r}: {part.strip()!r} is not an index or a range "
-                "(write for example 0-3,7)")
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) is not None else low
-        if high < low:
-            raise PartitionConfigError(f"--partitions {text!r}: range {low}-{high} is backwards")
-        found.update(range(low, high + 1))
-    return sorted(found)
-
-
-def select_partitions(settings: PartitioningSettings, pools: Sequence[str] = (),
-                      partitions: str | None = None) -> list[PartitionSpec]:
-    """The partitions to run: ``pools`` (default all) by ``partitions`` (default all)."""
-    chosen = list(dict.fromkeys(pools)) or list(settings.pools)
-    indexes = parse_indexes(partitions) if partitions else None
-    specs: list[PartitionSpec] = []
-    for pool in chosen:
-        count = settings.partitions(pool)
-        wanted = indexes if indexes is not None else list(range(count))
-        beyond = [i for i in wanted if i >= count]
-        if beyond:
-            raise PartitionConfigError(
-                f"--partitions {partitions}: pool {pool!r} has partitions 0-{count - 1}, not "
-                f"{', '.join(map(str, beyond))} (choose the pool with --pool)")
-        specs.extend(PartitionSpec(pool, i, settings.queue_name(pool, i)) for i in wanted)
-    return specs
 
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
