@@ -17,7 +17,6 @@ import pytest
 
 from celery_partitioning import partition_for
 from tests.apps.harness import HOLD_MS, Harness
-from tests.support.env import worker_db_url
 from tests.support.procs import Processes, celery_bin, wait_for
 
 pytest.importorskip("flower")
@@ -43,7 +42,7 @@ def _get(url: str) -> Any:
 def test_flower_lists_a_partition_queue_and_its_depth(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
     # Given a partition worker whose partition 0 runs a long task with 60 messages behind it
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     h.start_workers("partitions", "--processes", "1")
     key = next(f"Order:{n}" for n in range(100) if partition_for(f"Order:{n}", 2) == 0)

@@ -19,7 +19,6 @@ import pytest
 
 from celery_partitioning import partition_for
 from tests.apps.harness import Harness, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.ordering import check
 from tests.support.procs import Processes
 
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_a_worker_with_another_size_than_the_recorded_one_refuses_to_start(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 6, tmp_path, processes)
     # Given workers that ran the pool with 6 partitions, and were stopped
     warmup = [(f"Warm:{i}", 0, 1, None) for i in range(12)]

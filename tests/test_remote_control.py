@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests.apps.harness import Event, Harness, keyed_events
-from tests.support.env import worker_db_url
 from tests.support.ordering import check, concurrent_runs
 from tests.support.procs import Processes, celery_bin, wait_for
 
@@ -33,7 +32,7 @@ def _replies(replies: list[dict[str, Any]] | None) -> dict[str, Any]:
 def test_control_commands_are_refused_and_order_is_kept_with_messages_flowing(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
     # Given a partition worker process and a plain worker of the same app
-    url = worker_db_url(redis_url)
+    url = redis_url
     h = Harness(url, url, namespace, 2, tmp_path, processes)
     app = h.app()
     plain = f"plain{namespace[7:17]}@%h"

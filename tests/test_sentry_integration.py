@@ -18,7 +18,6 @@ import pytest
 import redis
 
 from celery_partitioning import partition_for
-from tests.support.env import worker_db_url
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 pytest.importorskip("sentry_sdk")
@@ -30,7 +29,7 @@ SIGNALS = ("celeryd_init", "worker_init", "worker_process_init")
 @pytest.mark.timeout(180)
 def test_sentry_initialised_in_each_worker_signal_captures_a_failing_partitioned_task(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
-    url = worker_db_url(redis_url)
+    url = redis_url
     env = {"CP_REDIS_URL": url, "CP_NS": namespace, "PYTHONPATH": str(ROOT)}
     os.environ.update(env)  # the app module reads them at import (this process never inits)
     try:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.env import worker_db_url
 from tests.support.procs import ROOT, Processes, celery_bin, wait_for
 
 pytest.importorskip("opentelemetry.instrumentation.celery")
@@ -26,7 +25,7 @@ def test_a_partitioned_run_span_is_a_child_of_its_publish_span(
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    url = worker_db_url(redis_url)
+    url = redis_url
     env = {"CP_REDIS_URL": url, "CP_NS": namespace, "PYTHONPATH": str(ROOT)}
     os.environ.update(env)
     try:

@@ -18,7 +18,7 @@ from celery import Celery, signals
 import celery_partitioning as cp
 
 NS = os.environ.get("CP_NS", "cptest-local:")
-REDIS_URL = os.environ.get("CP_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS_URL = os.environ.get("CP_REDIS_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 SIGNAL = os.environ.get("CP_SENTRY_SIGNAL", "")
 
 app = Celery("sentry_app", broker=REDIS_URL, set_as_current=False)
