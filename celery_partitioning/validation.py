@@ -13,7 +13,7 @@ from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
 from .state import settings_of
-from .tasks import spec_of
+from .tasks import on_failure_problem, spec_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -102,6 +102,9 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
             problems.append(f"{what}: sets {', '.join(fixed)}, which would bypass or reorder "
                             "its partition; remove it")
         problems.extend(f"{what}: sets {line}" for line in _limits_problem(task))
+        policy = on_failure_problem(spec.on_failure)
+        if policy is not None:
+            problems.append(f"{what}: partition_{policy}")
         routed = _routes_problem(name, task_routes)
         if routed:
             problems.append(f"{what}: {routed}; partitioned tasks are routed by their key, "
