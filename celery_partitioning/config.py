@@ -15,10 +15,11 @@ from typing import Any, Final
 from kombu.utils.url import maybe_sanitize_url
 
 from .errors import PartitionConfigError
+from .failure_policy import on_failure_setting
 from .keys import RECOMMENDED_PARALLELISM
 
-__all__ = ["ON_FAILURE_POLICIES", "PartitioningSettings", "RedisTarget", "read_settings",
-           "DEFAULTS", "redis_namespace", "QUEUE_TYPES", "SENTINEL_PORT"]
+__all__ = ["PartitioningSettings", "RedisTarget", "read_settings", "DEFAULTS", "redis_namespace",
+           "QUEUE_TYPES", "SENTINEL_PORT"]
 
 #: Largest accepted pool size: one single-concurrency worker process per partition.
 MAX_PARTITIONS: Final = 4096
@@ -36,10 +37,6 @@ QUEUE_TYPES: Final = ("classic", "quorum")
 #: redelivery storm reaches it (RabbitMQ 4 would drop a message after 20 deliveries), and a
 #: positive number, which every RabbitMQ version reads the same way.
 DEFAULT_DELIVERY_LIMIT: Final = 1_000_000
-
-#: What a partitioned task's failed message does to its key: ``park`` it behind the dead
-#: letter (the operator decides), or ``skip`` it (dead letter recorded, the key goes on).
-ON_FAILURE_POLICIES: Final = ("park", "skip")
 
 #: Every setting, by its ``app.conf`` name, with its default.
 DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
@@ -164,8 +161,7 @@ class PartitioningSettings:
     dedupe_window: int = 100
     #: A retry delay (s) below this holds the partition in place; a longer one sets the key aside.
     retry_hold_below: float = 0.1
-    #: The failure policy of partitioned tasks that do not choose one (``ON_FAILURE_POLICIES``).
-    on_failure: str = "park"
+    on_failure: str = "park"  # of tasks that choose none: "park" or "skip" (failure_policy.py)
 
     @property
     def redis_url(self) -> str | None:
@@ -363,14 +359,6 @@ def _queue_type(conf: Mapping[str, Any]) -> str:
     return str(value)
 
 
-def _on_failure(value: Any) -> str:
-    if value not in ON_FAILURE_POLICIES:
-        raise _bad("partitioning_on_failure", f"is {value!r}",
-                   'use "park" (the key waits behind its failed message) or "skip" (the failed '
-                   "message is dead-lettered and the key goes on)")
-    return str(value)
-
-
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise _bad(name, f"is {value!r}", "use True or False")
@@ -413,7 +401,7 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         allow_degraded=_flag("partitioning_allow_degraded", get("partitioning_allow_degraded")),
         retry_hold_below=_seconds("partitioning_retry_hold_below",
                                   get("partitioning_retry_hold_below"), 0, 3600),
-        on_failure=_on_failure(get("partitioning_on_failure")),
+        on_failure=on_failure_setting(get("partitioning_on_failure")),
     )
 
 

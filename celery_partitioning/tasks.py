@@ -9,8 +9,8 @@ from typing import Any, Final, TypeVar
 
 from .checkpoint import CheckpointField, check_checkpoint, checkpointed
 from .compat import proxy_internals
-from .config import ON_FAILURE_POLICIES
 from .errors import PartitionConfigError, PartitionKeyError
+from .failure_policy import on_failure_problem
 from .keys import KeyFunction
 
 __all__ = [
@@ -62,14 +62,6 @@ def _check_pool(pool: object, where: str) -> None:
         raise PartitionConfigError(
             f"{where}: pool must be a pool name such as 'entity' or 'global', got {pool!r}"
         )
-
-
-def on_failure_problem(value: object) -> str | None:
-    """Why ``value`` is not a failure policy (None when it is one, or unset)."""
-    if value is None or value in ON_FAILURE_POLICIES:
-        return None
-    return (f'on_failure={value!r} is not a failure policy; use "park" (the key waits behind '
-            'its failed message) or "skip" (the failed message is dead-lettered, the key goes on)')
 
 
 def _check_on_failure(value: object, where: str) -> None:

@@ -12,8 +12,9 @@ from celery.utils.time import rate
 from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
+from .failure_policy import on_failure_problem
 from .state import settings_of
-from .tasks import on_failure_problem, spec_of
+from .tasks import spec_of
 
 if TYPE_CHECKING:
     from celery import Celery
