@@ -145,7 +145,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
         where: dict[str, Any] = {}
-        skipped: list[Any] = []
+        skipped: MessageSummary | None = None
         if action == "replay":
             queue, publish = replay_target(app, pool, key)
             messages = store.replay(pool, key, queue, publish=publish)
@@ -153,7 +153,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         elif action == "skip":
             queue, publish = replay_target(app, pool, key)
             result = SkipStore(store).skip(pool, key, queue, publish=publish)
-            messages, skipped = result.released, [result.skipped]
+            messages, skipped = result.released, result.skipped
             where = {"queue": queue, "via": "head" if publish is None else "publish"}
         else:
             messages = store.discard(pool, key) if store.is_parked(pool, key) else []
@@ -168,12 +168,12 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     except RedisError as exc:
         raise _unreachable(store, exc) from None
     if as_json:
-        extra = {"skipped": skipped[0].__dict__} if skipped else {}
+        extra = {"skipped": skipped.__dict__} if skipped is not None else {}
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,
                                "messages": [m.__dict__ for m in messages]}, indent=2))
         return
-    if skipped:
-        click.echo(f"skipped {skipped[0].id} {skipped[0].task} {_short(skipped[0].args, 60)} "
+    if skipped is not None:
+        click.echo(f"skipped {skipped.id} {skipped.task} {_short(skipped.args, 60)} "
                    f"of key {key!r} (recorded in the dead-letter log, not run)")
     verb = {"replay": "replayed", "skip": "released", "discard": "discarded"}[action]
     if not where:
