@@ -15,6 +15,7 @@ from typing import Any, Final
 from kombu.utils.url import maybe_sanitize_url
 
 from .errors import PartitionConfigError
+from .failure_policy import on_failure_setting
 from .keys import RECOMMENDED_PARALLELISM
 from .redis_target import RedisTarget
 
@@ -56,6 +57,7 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_allow_degraded": False,
         "partitioning_retry_hold_below": 0.1,
         "partitioning_worker_pools": None,
+        "partitioning_on_failure": "park",
     }
 )
 
@@ -109,6 +111,7 @@ class PartitioningSettings:
     #: Pools ``partitioning worker`` runs without ``--pool``; None: the pools some registered
     #: partitioned task uses (tasks only sent by name from elsewhere need their pool listed).
     worker_pools: tuple[str, ...] | None = None
+    on_failure: str = "park"  # of tasks that choose none: "park" or "skip" (failure_policy.py)
 
     @property
     def redis_url(self) -> str | None:
@@ -364,6 +367,7 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         allow_degraded=_flag("partitioning_allow_degraded", get("partitioning_allow_degraded")),
         retry_hold_below=_seconds("partitioning_retry_hold_below",
                                   get("partitioning_retry_hold_below"), 0, 3600),
+        on_failure=on_failure_setting(get("partitioning_on_failure")),
     )
 
 

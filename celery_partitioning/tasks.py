@@ -10,6 +10,7 @@ from typing import Any, Final, TypeVar
 from .checkpoint import CheckpointField, check_checkpoint, checkpointed
 from .compat import proxy_internals
 from .errors import PartitionConfigError, PartitionKeyError
+from .failure_policy import on_failure_problem
 from .keys import KeyFunction
 
 __all__ = [
@@ -36,6 +37,9 @@ class PartitionSpec:
     projection: str | None = None
     #: The event position (argument name or function), MESSAGE_ID, or None (no checkpoint).
     checkpoint: CheckpointField | None = None
+    #: ``"park"`` / ``"skip"`` (``ON_FAILURE_POLICIES``); None: the setting
+    #: ``partitioning_on_failure``.
+    on_failure: str | None = None
 
     @property
     def effective_pool(self) -> str | None:
@@ -59,6 +63,12 @@ def _check_pool(pool: object, where: str) -> None:
         raise PartitionConfigError(
             f"{where}: pool must be a pool name such as 'entity' or 'global', got {pool!r}"
         )
+
+
+def _check_on_failure(value: object, where: str) -> None:
+    problem = on_failure_problem(value)
+    if problem is not None:
+        raise PartitionConfigError(f"{where}: {problem}")
 
 
 def _function_behind(obj: Any) -> Callable[..., Any]:
@@ -113,7 +123,8 @@ def _attach(obj: T, spec: PartitionSpec) -> T:
 
 
 def partitioned(
-    key: KeyFunction, *, pool: str, checkpoint: CheckpointField | None = None
+    key: KeyFunction, *, pool: str, checkpoint: CheckpointField | None = None,
+    on_failure: str | None = None,
 ) -> Callable[[T], T]:
     """Route every call of the decorated task by ``key`` onto a partition of ``pool``.
 
@@ -126,12 +137,17 @@ def partitioned(
     ``checkpoint`` (an argument name or a function of the arguments giving the event
     position, or ``MESSAGE_ID``) runs the body in one transaction with its checkpoint row
     (see ``celery_partitioning.checkpoint``); then the decorator must sit below ``@app.task``.
+
+    ``on_failure``: what a message that failed for good does to its key: ``"park"`` it behind
+    the dead letter until an operator replays, skips or discards, or ``"skip"``: the message is
+    dead-lettered and the key goes on. Default: the setting ``partitioning_on_failure``.
     """
     _check_key(key, "@partitioned")
     _check_pool(pool, "@partitioned")
+    _check_on_failure(on_failure, "@partitioned")
     if checkpoint is not None:
         check_checkpoint(checkpoint, "@partitioned")
-    spec = PartitionSpec(key=key, pool=pool, checkpoint=checkpoint)
+    spec = PartitionSpec(key=key, pool=pool, checkpoint=checkpoint, on_failure=on_failure)
 
     def decorate(obj: T) -> T:
         return _attach(obj, spec)
@@ -141,7 +157,7 @@ def partitioned(
 
 def projection(
     name: str, *, key: KeyFunction | None = None, pool: str | None = None,
-    checkpoint: CheckpointField | None = None,
+    checkpoint: CheckpointField | None = None, on_failure: str | None = None,
 ) -> Callable[[T], T]:
     """Mark a task as the projection ``name``, partitioned by ``key`` on ``pool``.
 
@@ -149,6 +165,7 @@ def projection(
     ``assert_valid_partition_keys`` (and at worker start). Without ``pool``, a key made
     by a helper uses its strategy's pool (``create_entity_partition_key`` → ``entity``).
     ``checkpoint``: as for ``partitioned``; the checkpoint row is per (``name``, key).
+    ``on_failure``: as for ``partitioned``.
     """
     if not isinstance(name, str) or not name:
         raise PartitionConfigError(f"@projection: name must be a non-empty str, got {name!r}")
@@ -156,9 +173,11 @@ def projection(
         _check_key(key, f"@projection({name!r})")
     if pool is not None:
         _check_pool(pool, f"@projection({name!r})")
+    _check_on_failure(on_failure, f"@projection({name!r})")
     if checkpoint is not None:
         check_checkpoint(checkpoint, f"@projection({name!r})")
-    spec = PartitionSpec(key=key, pool=pool, projection=name, checkpoint=checkpoint)
+    spec = PartitionSpec(key=key, pool=pool, projection=name, checkpoint=checkpoint,
+                         on_failure=on_failure)
 
     def decorate(obj: T) -> T:
         return _attach(obj, spec)
@@ -176,8 +195,8 @@ def _static_attr(cls: type, name: str) -> Any:
 def spec_of(task: Any) -> PartitionSpec | None:
     """The PartitionSpec of a task, or None when the task is not partitioned.
 
-    Class-based tasks declare ``partition_key``, ``partition_pool`` and
-    ``projection_name`` class attributes; decorated functions carry the spec.
+    Class-based tasks declare ``partition_key``, ``partition_pool``, ``projection_name`` and
+    ``partition_on_failure`` class attributes; decorated functions carry the spec.
     """
     cls = type(task)
     key, pool, name = (
@@ -186,7 +205,8 @@ def spec_of(task: Any) -> PartitionSpec | None:
         _static_attr(cls, "projection_name"),
     )
     if key is not None or pool is not None or name is not None:
-        return PartitionSpec(key=key, pool=pool, projection=name)
+        return PartitionSpec(key=key, pool=pool, projection=name,
+                             on_failure=_static_attr(cls, "partition_on_failure"))
     fun: Any = getattr(task, "run", None)
     seen = 0
     while fun is not None and seen < 16:

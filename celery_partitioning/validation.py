@@ -12,6 +12,7 @@ from celery.utils.time import rate
 from .checkpointing import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
+from .failure_policy import on_failure_problem
 from .state import partitioning_of, settings_of
 from .tasks import spec_of
 
@@ -102,6 +103,9 @@ def find_problems(tasks: Iterable[Any], settings: PartitioningSettings,
             problems.append(f"{what}: sets {', '.join(fixed)}, which would bypass or reorder "
                             "its partition; remove it")
         problems.extend(f"{what}: sets {line}" for line in _limits_problem(task))
+        policy = on_failure_problem(spec.on_failure)
+        if policy is not None:
+            problems.append(f"{what}: partition_{policy}")
         routed = _routes_problem(name, task_routes)
         if routed:
             problems.append(f"{what}: {routed}; partitioned tasks are routed by their key, "

@@ -112,3 +112,47 @@ def test_on_rabbitmq_a_key_in_retry_backoff_waits_alone_and_keeps_its_order(
     assert [r for r in ran if r.startswith(f"Order:{a} ")] == [
         f"Order:{a} 0 try0", f"Order:{a} 0 try1", f"Order:{a} 0 try2", f"Order:{a} 1 try0",
         f"Order:{a} 2 try0"]
+
+
+def test_on_rabbitmq_skip_runs_the_parked_messages_before_a_newer_one_already_queued(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    from celery_partitioning.store.keys import RedisKeys
+
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    first = fa.cp.explain_route(fa.app, "fail.step", "p0", 0).index
+    p, q = [o for o in (f"p{i}" for i in range(500))
+            if fa.cp.explain_route(fa.app, "fail.step", o, 0).index == first][:2]
+    key = f"Order:{p}"
+    parked = RedisKeys(fa.NS).parked("entity", key)
+    # Given P parked behind a poison P0 with four good messages P1-P4, Q done
+    client.set(f"{fa.NS}poison:{p}:0", "malformed event")
+    ids = [fa.step.delay(p, seq).id for seq in range(5)]
+    fa.step.delay(q, 0)
+    worker = start_partition_worker(processes, fa, "entity", first, tmp_path / "w1.log")
+    wait_for(lambda: client.llen(parked) == 4 and client.llen(f"{fa.NS}rec:Order:{q}") == 2, 60,
+             "P1-P4 parked and Q0 done")
+    processes.signal(worker, signal.SIGTERM)
+    worker.wait(timeout=30)
+    # And P5 published while no worker runs: it sits in the queue ahead of what skip publishes
+    fa.step.delay(p, 5)
+    # When the failed message is skipped (the fault not fixed) and a worker starts
+    out = subprocess.run(
+        [celery_bin(), "-A", "tests.apps.failures_app", "partitioning", "dead-letters", "skip",
+         "--key", key, "--json"], env={**os.environ, "PYTHONPATH": str(ROOT), **env_of(fa)},
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    import json
+
+    result = json.loads(out.stdout)
+    assert (result["skipped"]["id"], result["via"]) == (ids[0], "publish")
+    assert [m["id"] for m in result["messages"]] == ids[1:]
+    start_partition_worker(processes, fa, "entity", first, tmp_path / "w2.log")
+    wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 5"], 60, "P5 to run")
+    fa.step.delay(p, 6)
+    wait_for(lambda: client.lrange(f"{fa.NS}rec:{key}", -1, -1) == ["end 6"], 30, "P6 to run")
+    # Then P0 never ran again; P1-P4 ran in order, P5 deferred behind them, then P6
+    assert client.lrange(f"{fa.NS}ran", 0, -1) == [
+        f"{key} 0", f"Order:{q} 0", *[f"{key} {seq}" for seq in range(1, 7)]]
+    assert client.lrange(f"{fa.NS}rec:{key}", 0, -1) == ["start 0", *[
+        f"{kind} {seq}" for seq in range(1, 7) for kind in ("start", "end")]]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "celery_partitioning"
-PURE = ["keys", "hashing", "config", "redis_target", "router", "tasks", "errors", "checkpoint", "compat"]
+PURE = ["keys", "hashing", "config", "redis_target", "router", "tasks", "errors", "checkpoint", "compat",
+        "failure_policy"]
 #: What the pure core may import besides the standard library and itself.
 ALLOWED_THIRD_PARTY = {"kombu", "celery"}
 

@@ -1,5 +1,5 @@
-"""``celery -A proj partitioning dead-letters list|replay|discard [--all]``: operate dead letters
-and parked keys."""
+"""``celery -A proj partitioning dead-letters list|replay|skip|discard [--all]``: operate dead
+letters and parked keys."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from redis.exceptions import RedisError
 
 from ..errors import DeadLetterError, PartitioningError
 from ..hashing import partition_for
-from ..message import Publish, requeue_method
+from ..message import MessageSummary, Publish, requeue_method
 from ..state import redis_client, redis_keys, settings_of
 from ..store.deadletters import DeadLetterStore, DeadLetterView
+from ..store.skipping import SkipStore
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -72,6 +73,8 @@ def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool
     if explicit and len(pools) == 1:
         return pools[0]
     found = [v.dead_letter.pool for v in store.find(pools, key)]
+    if not found and action == "discard":  # only skip-policy dead letters: discard those
+        found = sorted({v.dead_letter.pool for v in SkipStore(store).find(pools, key)})
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -86,11 +89,14 @@ def _short(text: str, width: int) -> str:
 
 
 def _table(views: list[DeadLetterView]) -> str:
-    header = ("POOL", "KEY", "TASK", "TASK ID", "TRIES", "REASON", "FAILED AT", "PARKED", "ERROR")
+    header = ("POOL", "KEY", "TASK", "TASK ID", "TRIES", "REASON", "POLICY", "FAILED AT", "PARKED",
+              "ERROR")
     rows = [header] + [
         (v.dead_letter.pool, _short(v.dead_letter.key, 40), v.dead_letter.task, v.dead_letter.id,
-         str(v.dead_letter.attempts), v.dead_letter.reason, v.dead_letter.failed_at,
-         str(len(v.parked)), _short(v.dead_letter.error, 60))
+         str(v.dead_letter.attempts), v.dead_letter.reason, v.dead_letter.policy,
+         v.dead_letter.failed_at,
+         str(len(v.parked)) if v.dead_letter.policy == "park" else "-",
+         _short(v.dead_letter.error, 60))
         for v in views
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -102,7 +108,7 @@ def _table(views: list[DeadLetterView]) -> str:
 
 @click.group(name="dead-letters")
 def dead_letters() -> None:
-    """Dead letters and parked keys: list, replay (in order) or discard them."""
+    """Dead letters and parked keys: list, replay (in order), skip or discard them."""
 
 
 @dead_letters.command(name="list")
@@ -111,11 +117,14 @@ def dead_letters() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with tracebacks and parked messages).")
 @click.pass_context
 def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as_json: bool) -> None:
-    """List dead letters: the failed message of each parked key and what is parked behind it."""
+    """List dead letters: the failed message of each parked key and what is parked behind it,
+    and the failed messages of tasks with on_failure="skip" (their keys went on)."""
     app = _app(ctx)
     store = _store(app)
     try:
-        views = store.find(_pools(app, pools), key)
+        selected = _pools(app, pools)
+        views = sorted([*store.find(selected, key), *SkipStore(store).find(selected, key)],
+                       key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
     except RedisError as exc:
@@ -135,13 +144,23 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     try:
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
+        where: dict[str, Any] = {}
+        skipped: MessageSummary | None = None
         if action == "replay":
             queue, publish = replay_target(app, pool, key)
             messages = store.replay(pool, key, queue, publish=publish)
-            where: dict[str, Any] = {"queue": queue, "via": "head" if publish is None else "publish"}
+            where = {"queue": queue, "via": "head" if publish is None else "publish"}
+        elif action == "skip":
+            queue, publish = replay_target(app, pool, key)
+            result = SkipStore(store).skip(pool, key, queue, publish=publish)
+            messages, skipped = result.released, result.skipped
+            where = {"queue": queue, "via": "head" if publish is None else "publish"}
         else:
-            messages = store.discard(pool, key)
-            where = {}
+            messages = store.discard(pool, key) if store.is_parked(pool, key) else []
+            messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)
+                         for d in SkipStore(store).discard([pool], key)]
+            if not messages:
+                raise store.not_parked_error([pool], key, action)
     except DeadLetterError as exc:
         raise click.ClickException(str(exc)) from None
     except PartitioningError as exc:
@@ -149,10 +168,14 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     except RedisError as exc:
         raise _unreachable(store, exc) from None
     if as_json:
-        click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where,
+        extra = {"skipped": skipped.__dict__} if skipped is not None else {}
+        click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,
                                "messages": [m.__dict__ for m in messages]}, indent=2))
         return
-    verb = "replayed" if action == "replay" else "discarded"
+    if skipped is not None:
+        click.echo(f"skipped {skipped.id} {skipped.task} {_short(skipped.args, 60)} "
+                   f"of key {key!r} (recorded in the dead-letter log, not run)")
+    verb = {"replay": "replayed", "skip": "released", "discard": "discarded"}[action]
     if not where:
         target = " (recorded: `dead-letters history` shows them)"
     elif where["via"] == "head":
@@ -179,6 +202,20 @@ def replay_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json
     _operate(ctx, pools, key, "replay", as_json)
 
 
+@dead_letters.command(name="skip")
+@click.option("--key", required=True, help="The parked partition key.")
+@click.option("--pool", "pools", multiple=True, help="Its pool (needed if parked in several).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def skip_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json: bool) -> None:
+    """Drop the failed message (keeping a record of it), unpark the key, and run the messages
+    parked behind it next, in original order, ahead of newer messages of the key.
+
+    Skipping a key that is not parked is an error that changes nothing.
+    """
+    _operate(ctx, pools, key, "skip", as_json)
+
+
 @dead_letters.command(name="discard")
 @click.option("--key", default=None, help="The parked partition key.")
 @click.option("--all", "every", is_flag=True,
@@ -190,7 +227,8 @@ def replay_command(ctx: click.Context, key: str, pools: tuple[str, ...], as_json
 @click.pass_context
 def discard_command(ctx: click.Context, *, key: str | None, every: bool, pools: tuple[str, ...],
                     yes: bool, as_json: bool) -> None:
-    """Drop the failed and parked messages of a key (keeping a record of them) and unpark it.
+    """Drop the failed and parked messages of a key (keeping a record of them) and unpark it;
+    also drops the key's dead letters of on_failure="skip" tasks.
 
     With --all, every dead letter of the selected pools goes, each with its parked messages
     (asks first unless --yes).
@@ -209,7 +247,8 @@ def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json:
     try:
         selected = _pools(app, pools)
         found = store.find(selected)
-        if not found:
+        skipped = SkipStore(store).find(selected)
+        if not found and not skipped:
             if as_json:
                 click.echo(json.dumps({"action": "discard", "pools": selected, "dead_letters": 0,
                                        "messages": 0, "keys": []}, indent=2))
@@ -218,10 +257,12 @@ def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json:
             return
         parked = sum(len(v.parked) for v in found)
         if not yes:
-            click.confirm(f"discard {len(found)} dead letter(s) and {parked} message(s) parked "
-                          f"behind them in pool(s) {', '.join(selected)}?", abort=True,
-                          err=True)
+            click.confirm(f"discard {len(found) + len(skipped)} dead letter(s) and {parked} "
+                          f"message(s) parked behind them in pool(s) {', '.join(selected)}?",
+                          abort=True, err=True)
         dropped = store.discard_all(selected)
+        dropped += [(d, [MessageSummary(d.id, d.task, d.args, d.kwargs)])
+                    for d in SkipStore(store).discard(selected)]
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
     except RedisError as exc:

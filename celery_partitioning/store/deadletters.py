@@ -10,7 +10,9 @@ Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`, key text 
 * ``replaying`` / ``deferred``: a replay re-queues messages at the head of the partition queue;
   until each has reached the worker, newer messages of the key that were already in flight are
   deferred and re-queued right behind them (so a replay can never be overtaken).
-* ``dl-log:{pool}`` list of JSON records of every replay and discard (what, when).
+* ``dl-log:{pool}`` list of JSON records of every replay, skip and discard (what, when).
+* ``dl-skipped:{pool}`` hash, task id → JSON :class:`DeadLetter` of a task whose failure
+  policy is ``skip``: recorded only, its key is not parked (``store/skipping.py``).
 * ``backoff:{pool}:{digest}``: the key waits out a retry backoff; its messages are set aside
   in ``parked`` exactly as a parked key's, and released automatically (``store/backoff.py``).
 
@@ -84,6 +86,10 @@ class GateResult:
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
 
+#: How an error names what was done to a key last (the dead-letter log's actions).
+_PAST: Final = {"replay": "replayed", "skip": "skipped", "discard": "discarded"}
+
+
 def now_iso() -> str:
     """The current UTC time as stored in records."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -111,6 +117,9 @@ class DeadLetter:
     raw: str | None = None
     #: ``"base64"`` when ``raw`` holds bytes that are not UTF-8 text (a malformed message).
     raw_encoding: str | None = None
+    #: The task's failure policy that applied: ``"park"`` (the key waits behind it) or
+    #: ``"skip"`` (recorded only; the key went on).
+    policy: str = "park"
 
     def raw_bytes(self) -> bytes | None:
         """The original message exactly as it was received (None when unknown)."""
@@ -246,7 +255,7 @@ class DeadLetterStore:
         return sorted(views, key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
 
     def history(self, pool: str) -> list[dict[str, Any]]:
-        """Replays and discards of ``pool``, oldest first."""
+        """Replays, skips and discards of ``pool``, oldest first."""
         events: list[dict[str, Any]] = [
             json.loads(r) for r in self.client.lrange(self.keys.dead_letter_log(pool), 0, -1)]
         return events
@@ -275,7 +284,8 @@ class DeadLetterStore:
         event = self._last_event(pool, key)
         if event is not None:
             return DeadLetterError(
-                f"key {key!r} of pool {pool!r} is not parked: it was {event['action']}ed at "
+                f"key {key!r} of pool {pool!r} is not parked: it was "
+                f"{_PAST.get(event['action'], event['action'])} at "
                 f"{event['at']} ({len(event.get('messages', []))} message(s)); nothing to {action}"
             )
         return DeadLetterError(

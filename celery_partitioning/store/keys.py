@@ -45,8 +45,13 @@ class RedisKeys:
         """Hash: key digest → JSON dead-letter record; a field present means the key is parked."""
         return f"{self.root}dl:{pool}"
 
+    def skipped_dead_letters(self, pool: str) -> str:
+        """Hash: task id → JSON dead letter of a task with ``on_failure="skip"`` (its key went
+        on; nothing is parked behind it)."""
+        return f"{self.root}dl-skipped:{pool}"
+
     def dead_letter_log(self, pool: str) -> str:
-        """List: JSON records of replays and discards of the pool's dead letters (newest last)."""
+        """List: JSON records of replays, skips and discards of the pool's dead letters (newest last)."""
         return f"{self.root}dl-log:{pool}"
 
     def parked(self, pool: str, partition_key: str) -> str:

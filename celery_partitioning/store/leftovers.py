@@ -38,7 +38,8 @@ class Leftovers:
         root = self.keys.root
         patterns = [f"{root}attempts:*"]
         for pool in self.pools:
-            patterns += [self.keys.dead_letters(pool), self.keys.dead_letter_log(pool)]
+            patterns += [self.keys.dead_letters(pool), self.keys.dead_letter_log(pool),
+                         self.keys.skipped_dead_letters(pool)]
             patterns += [f"{root}{family}:{pool}:*" for family in (
                 "parked", "parked-ids", "replaying", "deferred", "backoff", "replay-outbox")]
         patterns += [self.keys.backoff_schedule(queue) for queue in self.queues]
@@ -46,7 +47,8 @@ class Leftovers:
 
     def _entries(self, name: bytes) -> tuple[str, set[bytes]] | None:
         text = name.decode("utf-8", "replace")
-        if any(text == self.keys.dead_letters(pool) for pool in self.pools):
+        if any(text in (self.keys.dead_letters(pool), self.keys.skipped_dead_letters(pool))
+               for pool in self.pools):
             return "hash", set(self.client.hkeys(name))
         if any(text == self.keys.backoff_schedule(queue) for queue in self.queues):
             return "zset", set(self.client.zrange(name, 0, -1))

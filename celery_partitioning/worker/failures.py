@@ -1,7 +1,9 @@
 """What happens to a message that fails for good, or cannot run at all: a dead letter.
 
 * A partitioned task that raised with no retry left (``DeadLetters.task_failed``): its
-  message becomes a dead letter with the error and traceback, and its key is parked.
+  message becomes a dead letter with the error and traceback, and its key is parked; with
+  the failure policy ``skip`` (``on_failure=`` / ``partitioning_on_failure``) the dead letter
+  is only recorded and the key goes on with its next message.
 * A malformed message (``DeadLetters.malformed``, called by the partition thread): bytes
   that are not a kombu message, a body that cannot be decoded, a message that is not a task
   or names an unknown task. It
@@ -43,6 +45,8 @@ from ..store.deadletters import (
     DeadLetterStore,
     now_iso,
 )
+from ..store.skipping import SkipStore
+from ..tasks import spec_of
 from .parking import BackoffKeys, InFlightEntry, ParkingGate
 
 if TYPE_CHECKING:
@@ -78,6 +82,13 @@ class DeadLetters:
         self.runtime = runtime
         self.store = store
         self.publish = publish
+        self.skips = SkipStore(store)
+
+    def policy_of(self, task: Any) -> str:
+        """The failure policy of ``task``: its own ``on_failure``, else the setting."""
+        spec = spec_of(task)
+        chosen = spec.on_failure if spec is not None else None
+        return chosen or self.runtime.settings.on_failure
 
     def _store(self, letter: DeadLetter, what: str) -> bool:
         try:
@@ -112,11 +123,28 @@ class DeadLetters:
             attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
             partition=runtime.index, queue=runtime.queue, hostname=runtime.hostname or None,
             raw=as_first_delivery(entry.raw) if entry is not None else None,
+            policy=self.policy_of(task),
         )
+        if letter.policy == "skip":
+            self._skip(letter)
+            return
         parked_now = self._store(letter, f"{task.name}[{request.id}] failed")
         logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
                      task.name, request.id, reason, letter.attempts, letter.error, key,
                      letter.pool, "is parked" if parked_now else "was parked already")
+
+    def _skip(self, letter: DeadLetter) -> None:
+        """Record the dead letter of a skip-policy task; its key is not parked (the worker
+        reports the message done as usual, which ends a replay it belonged to)."""
+        try:
+            self.skips.record(letter)
+        except Exception:  # noqa: BLE001 - exit_now logs the traceback
+            exit_now(EXIT_KEEP_MESSAGE, "%s %s[%s] failed and its dead letter could not be "
+                     "stored; stopping without acking so the message comes back",
+                     self.runtime.label, letter.task, letter.id, exc_info=True)
+        logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; on_failure=skip: key %r of "
+                     "pool %s goes on", letter.task, letter.id, letter.reason, letter.attempts,
+                     letter.error, letter.key, letter.pool)
 
     def malformed(self, raw: bytes | str, problem: str) -> DeadLetter:
         """Dead-letter a message that cannot run at all; the caller then acks / drops it."""

@@ -116,6 +116,23 @@ def step(order_id: str, seq: int) -> None:
     record("end", key, seq)
 
 
+@app.task(name="fail.skipping", shared=False, autoretry_for=(ConnectionError,), max_retries=1,
+          retry_backoff=0.2, retry_backoff_max=1, retry_jitter=False)
+@cp.partitioned(cp.create_entity_partition_key("Order"), pool="entity", on_failure="skip")
+def skipping(order_id: str, seq: int) -> None:
+    """``step`` with the failure policy ``skip``: a poisoned message is dead-lettered, the key
+    goes on; a ``transient`` one retries once (its key set aside 0.2 s), then the same."""
+    key = f"Order:{order_id}"
+    record("start", key, seq)
+    _log(f"{key} {seq}")
+    fault = _client.get(f"{NS}poison:{order_id}:{seq}")
+    if fault == "transient":
+        raise ConnectionError(f"transient fault on {key} {seq}")
+    if fault:
+        raise ValueError(f"poison message {key} {seq}")
+    record("end", key, seq)
+
+
 @app.task(name="dcb.reserve", shared=False)
 @with_dcb_retry(scope_key="tenant:{tenant_id}:reservation:{reservation_id}", max_attempts=5)
 def reserve(tenant_id: str, reservation_id: str, op: int) -> None:
