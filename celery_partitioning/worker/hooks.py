@@ -26,18 +26,20 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import bootsteps, signals
 from kombu.entity import Queue
+from kombu.exceptions import OperationalError
 
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitioningError
 from ..exits import EXIT_UNCLEAN
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
-from ..store.broker import broker_redis
+from ..store.broker import broker_redis, unreachable_errors
 from ..store.lease import Lease
 from ..store.resize import ResizeStore
 from .executor import Executor
@@ -68,6 +70,12 @@ __all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER
 
 logger = logging.getLogger("celery_partitioning.worker")
 
+#: First and longest pause between two start-up attempts while Redis cannot be reached.
+START_RETRY_FIRST: Final = 0.5
+START_RETRY_MAX: Final = 5.0
+#: Seconds any command of a partition worker's store client may wait (the store's commands
+#: and scripts are short; a longer silence is a server gone without a reset).
+STORE_SOCKET_TIMEOUT: Final = 10.0
 #: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee).
 ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
 #: Settings every partition worker process runs with, whatever the app says.
@@ -144,13 +152,34 @@ def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> N
     # Celery logs and swallows exceptions from signal receivers; a partition worker that
     # cannot keep its guarantees must not consume: exit instead.
     try:
-        _build_runtime_or_raise(app, worker, hosted)
+        _build_runtime_when_reachable(app, worker, hosted)
     except PartitioningError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"celery-partitioning: {exc}") from None
     except Exception as exc:
         logger.critical("celery-partitioning: partition worker start-up failed", exc_info=True)
         raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
+
+
+def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
+    """Build the runtime, waiting while the broker or the store cannot be reached.
+
+    A process restarted during a failover (a holder that fenced itself) finds no master
+    until the sentinels promote one: it waits here, saying so, as Celery waits for its broker
+    at start-up, instead of exiting 1 and being restarted with a growing backoff.
+    """
+    unreachable: tuple[type[BaseException], ...] = (*unreachable_errors(), OperationalError)
+    pause = START_RETRY_FIRST
+    while True:
+        try:
+            _build_runtime_or_raise(app, worker, hosted)
+            return
+        except unreachable as exc:
+            logger.warning("celery-partitioning: the broker or the partitioning store is "
+                           "unreachable at start-up (%s: %s; a failover in progress?); "
+                           "trying again in %.1fs", type(exc).__name__, exc, pause)
+            time.sleep(pause)
+            pause = min(START_RETRY_MAX, pause * 2)
 
 
 def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
@@ -181,7 +210,7 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     # One store client for the process (short commands; a connection per busy thread), and one
     # broker client per partition (its blocking fetch holds a connection the whole time).
     store = (redis_client(settings.redis, replicas=replicas_of(settings),
-                          max_connections=2 * len(hosted) + 16)
+                          max_connections=2 * len(hosted) + 16, timeout=STORE_SOCKET_TIMEOUT)
              if settings.redis is not None else None)
     keys = redis_keys(app)
     for task in app.tasks.values():
