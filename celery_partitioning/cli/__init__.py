@@ -197,9 +197,12 @@ def _preload_worker_modules() -> None:
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=float, default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
+@click.option("--stall-after", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="Call a partition STALLED when its lease holder took no message for this "
+                   "long while its queue has messages.")
 @click.pass_context
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
-           interval: float) -> None:
+           interval: float, stall_after: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
     lease holder (host/pid) or "no consumer", parked keys; then, for projections with a
     checkpoint, the keys, messages applied and messages skipped as already applied. Read only."""
@@ -214,7 +217,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
         _fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
     while True:
         try:
-            rows = collect_status(app, pools)
+            rows = collect_status(app, pools, stall_after=stall_after)
         except (*app.connection_for_read().connection_errors, OSError) as exc:
             click.echo(f"Error: cannot read the partitions from "
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)

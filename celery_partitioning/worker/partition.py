@@ -84,6 +84,7 @@ def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
             if runtime.stopping():
                 return False
             time.sleep(min(left, 0.5))
+            runtime.progress.turned()  # waiting on purpose, not stuck
     # Run it now, in order: Celery must not schedule it aside.
     msg.headers["eta"] = None
     return True
@@ -159,7 +160,7 @@ class PartitionThread(threading.Thread):
     # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:
         runtime = self.runtime
-        runtime.progress.thread = self
+        runtime.progress.bind()
         bind_thread(runtime)
         try:
             if runtime.broker is not None:
@@ -255,8 +256,7 @@ class PartitionThread(threading.Thread):
                 channel.to_head()
                 break
             try:
-                with progress.busy():
-                    self._handle_raw(item, channel)
+                self._handle_raw(item, channel)
             except broker.errors as exc:
                 # the store or the broker went away mid-message (a failover): the message is
                 # still in the in-transit list; recovery puts it back at the head

@@ -5,9 +5,10 @@ whatever the partition thread does. A partition thread stuck outside a task (a f
 never returns, a lock never released) would then hold its partition forever and consume
 nothing, with no error (issue 27). So the thread stamps every turn of its loop here, and the
 heartbeat asks :meth:`Progress.stall` before it counts a renewal as good: a thread that has
-not turned for ``STALL_FENCE_AFTER`` seconds while not running a task fences the process
-(exit 75, the supervisor restarts it, the successor recovers at the head), after logging
-where the thread waits. A task may run as long as it likes (``busy``).
+not turned for ``STALL_FENCE_AFTER`` seconds while not inside a task's body fences the
+process (exit 75, the supervisor restarts it, the successor recovers at the head), after
+logging where the thread waits. A task body may run as long as it likes (Celery's
+``task_prerun``/``task_postrun`` mark it); an ack or a gate's Redis call may not hang.
 
 The heartbeat also records when the thread last took a message (``store/progress.py``), so
 ``celery partitioning status`` shows a partition that stalls while its queue fills.
@@ -15,12 +16,10 @@ The heartbeat also records when the thread last took a message (``store/progress
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
 from typing import Any, Final
 
 from ..store.keys import RedisKeys
@@ -28,10 +27,34 @@ from ..store.progress import write_progress
 
 __all__ = ["Progress", "STALL_FENCE_AFTER"]
 
-#: Seconds a partition thread may go without turning its loop, outside a task, before the
-#: heartbeat fences its process. Every wait of the loop is bounded far below this (a fetch by
-#: its socket time-out, a broker error by the retry pause).
-STALL_FENCE_AFTER: Final = 30.0
+#: Seconds a partition thread may go without turning its loop, outside a task body, before
+#: the heartbeat fences its process. Every wait of the loop is bounded far below this (a
+#: fetch or an ack by the socket time-out and redis-py's retries, a broker error by the retry
+#: pause).
+STALL_FENCE_AFTER: Final = 60.0
+
+_current = threading.local()
+
+
+def _task_started(**_: Any) -> None:
+    progress = getattr(_current, "progress", None)
+    if isinstance(progress, Progress):
+        progress._busy += 1
+
+
+def _task_ended(**_: Any) -> None:
+    progress = getattr(_current, "progress", None)
+    if isinstance(progress, Progress):
+        progress._busy = max(0, progress._busy - 1)
+        progress.turned()
+
+
+def _track_task_bodies() -> None:
+    """Mark task bodies on every partition thread of the process (connected once)."""
+    from celery import signals
+
+    signals.task_prerun.connect(_task_started, weak=False, dispatch_uid="cp-progress-start")
+    signals.task_postrun.connect(_task_ended, weak=False, dispatch_uid="cp-progress-end")
 
 
 class Progress:
@@ -54,15 +77,11 @@ class Progress:
         self.consumed_at = time.time()
         self.turned()
 
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """A message is being handled: its task may take as long as it takes."""
-        self._busy += 1
-        try:
-            yield
-        finally:
-            self._busy -= 1
-            self.turned()
+    def bind(self) -> None:
+        """The calling thread is the partition's (its task bodies count as busy)."""
+        _track_task_bodies()
+        self.thread = threading.current_thread()
+        _current.progress = self
 
     def stall(self) -> str | None:
         """Why the thread counts as stalled (with where it waits), or None."""
