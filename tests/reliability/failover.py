@@ -49,9 +49,11 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
+        # quick_exits: a process restarted while no master was named waits for one; it must
+        # not exit at once (issue 27: exit 1 after 0.0 s, then a growing restart backoff)
         return (self.report is not None and self.report.ok and not self.overlaps
                 and self.done == self.events and self.resumed_after is not None
-                and self.resumed_after <= RESUME_WITHIN)
+                and self.resumed_after <= RESUME_WITHIN and not self.quick_exits)
 
     def line(self) -> str:
         report = self.report
