@@ -25,6 +25,7 @@ from ..validation import assert_valid_partition_keys
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
+from ..worker.startup import when_reachable
 from ..worker.supervisor import Supervisor, run_celery, select_partitions, spread, worker_argv
 
 __all__ = ["partitioning"]
@@ -167,12 +168,19 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
         _fail(f"refusing to start partition workers.\n{exc}")
-    try:
-        for problem in check_guarantees(app):
-            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
-                       f"{problem}", err=True)
+
+    def checks() -> list[str]:
+        problems = check_guarantees(app)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
         check_recorded_sizes(app, {spec.pool for spec in selected})
+        return problems
+
+    try:
+        # a fleet started during a failover waits for a master, as its children do
+        for problem in when_reachable(checks, lambda line: click.echo(line, err=True),
+                                      "partition worker checks"):
+            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
+                       f"{problem}", err=True)
     except PartitioningError as exc:
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}

@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from celery import bootsteps, signals
 from kombu.entity import Queue
-from kombu.exceptions import OperationalError
 
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitioningError
 from ..exits import EXIT_UNCLEAN
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
-from ..store.broker import broker_redis, unreachable_errors
+from ..store.broker import broker_redis
 from ..store.lease import Lease
 from ..store.resize import ResizeStore
 from .executor import Executor
@@ -61,6 +59,7 @@ from .runtime import (
     current_worker,
     parse_partitions,
 )
+from .startup import when_reachable
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -70,9 +69,6 @@ __all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: First and longest pause between two start-up attempts while Redis cannot be reached.
-START_RETRY_FIRST: Final = 0.5
-START_RETRY_MAX: Final = 5.0
 #: Seconds any command of a partition worker's store client may wait (the store's commands
 #: and scripts are short; a longer silence is a server gone without a reset).
 STORE_SOCKET_TIMEOUT: Final = 10.0
@@ -162,24 +158,11 @@ def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> N
 
 
 def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    """Build the runtime, waiting while the broker or the store cannot be reached.
-
-    A process restarted during a failover (a holder that fenced itself) finds no master
-    until the sentinels promote one: it waits here, saying so, as Celery waits for its broker
-    at start-up, instead of exiting 1 and being restarted with a growing backoff.
-    """
-    unreachable: tuple[type[BaseException], ...] = (*unreachable_errors(), OperationalError)
-    pause = START_RETRY_FIRST
-    while True:
-        try:
-            _build_runtime_or_raise(app, worker, hosted)
-            return
-        except unreachable as exc:
-            logger.warning("celery-partitioning: the broker or the partitioning store is "
-                           "unreachable at start-up (%s: %s; a failover in progress?); "
-                           "trying again in %.1fs", type(exc).__name__, exc, pause)
-            time.sleep(pause)
-            pause = min(START_RETRY_MAX, pause * 2)
+    """Build the runtime, waiting while the broker or the store cannot be reached: a process
+    restarted during a failover (a holder that fenced itself) finds no master until the
+    sentinels promote one (``startup.py``)."""
+    when_reachable(lambda: _build_runtime_or_raise(app, worker, hosted), logger.warning,
+                   "partition worker start-up")
 
 
 def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:

@@ -239,27 +239,23 @@ class Supervisor:
             return
         for key, _events in self._selector.select(timeout):
             child: _Child = key.data
-            if not self._read_output(child):
+            if self._read_output(child) is False:
                 self._close_output(child)
 
-    def _read_output(self, child: _Child) -> bool:
-        """Forward what is in the child's pipe now; False at its end."""
+    def _read_output(self, child: _Child) -> bool | None:
+        """Forward what is in the child's pipe now: True if something was, None if nothing
+        is there yet, False at its end."""
         assert child.output_fd is not None
         try:
             data = os.read(child.output_fd, 65536)
         except BlockingIOError:
-            return True
+            return None
         except OSError:
             data = b""
-        if not data:
-            return False
-        self._forward(child, data)
-        return True
-
-    def _forward(self, child: _Child, data: bytes) -> None:
         *lines, child.partial = (child.partial + data).split(b"\n")
         for raw in lines:
             self._line(child, raw)
+        return bool(data)
 
     def _read_rest(self, child: _Child) -> None:
         """Forward everything a child that exited left in its pipe (its last words: why it
@@ -267,16 +263,12 @@ class Supervisor:
         for _ in range(1024):  # bounded: a grandchild may still write to the pipe
             if child.output_fd is None:
                 return
-            try:
-                pending = os.read(child.output_fd, 65536)
-            except BlockingIOError:
-                break
-            except OSError:
-                pending = b""
-            if not pending:
+            got = self._read_output(child)
+            if got is False:
                 self._close_output(child)
                 return
-            self._forward(child, pending)
+            if got is None:
+                break
         if child.partial:
             self._line(child, child.partial)
             child.partial = b""
