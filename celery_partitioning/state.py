@@ -27,6 +27,8 @@ __all__ = ["Partitioning", "partitioning_of", "settings_of", "attach", "redis_cl
 
 #: Attribute of the Celery app that holds its Partitioning object.
 STATE_ATTRIBUTE: Final = "_celery_partitioning"
+#: Seconds a query to one sentinel may wait (unless ``sentinel_kwargs`` say otherwise).
+SENTINEL_TIMEOUT: Final = 2.0
 
 
 class Partitioning:
@@ -204,7 +206,11 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
         return client
     from redis.sentinel import Sentinel
 
-    sentinel_kwargs = {**timeouts, **target.sentinel_kwargs}
+    # A sentinel that does not answer must not hold a connect (master discovery moves on to
+    # the next one); the user's sentinel_kwargs still win.
+    sentinel_kwargs = {"socket_timeout": SENTINEL_TIMEOUT,
+                       "socket_connect_timeout": SENTINEL_TIMEOUT,
+                       **timeouts, **target.sentinel_kwargs}
     sentinel = Sentinel(
         list(target.sentinels), min_other_sentinels=target.min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs)
@@ -215,11 +221,16 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
     return master
 
 
-def redis_client_like(pool: Any, *, replicas: Replicas | None = None) -> Redis:
+def redis_client_like(pool: Any, *, replicas: Replicas | None = None,
+                      timeout: float | None = None) -> Redis:
     """A plain redis-py client with the connection settings of ``pool`` (kombu's Redis channel
-    pool: the broker's host, credentials, TLS), without kombu's key prefixing."""
+    pool: the broker's host, credentials, TLS), without kombu's key prefixing; ``timeout``:
+    socket and connect time-outs instead of kombu's."""
     import redis
 
+    kwargs = dict(pool.connection_kwargs)
+    if timeout is not None:
+        kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
     client: Redis = _client_class(replicas)(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **pool.connection_kwargs))
+        connection_class=pool.connection_class, **kwargs))
     return client

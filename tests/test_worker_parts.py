@@ -24,6 +24,7 @@ from celery_partitioning.message import PartitionMessage
 from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
 from celery_partitioning.store.lease import Lease, parse_holder
 from celery_partitioning.worker.partition import hold_until_eta
+from celery_partitioning.worker.progress import Progress
 from celery_partitioning.worker.supervisor import (
     parse_indexes,
     parse_partition_spec,
@@ -86,7 +87,7 @@ def _msg(headers: dict[str, Any]) -> PartitionMessage:
 
 
 def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta() -> None:
-    runtime = SimpleNamespace(label="p.0", stopping=lambda: False)
+    runtime = SimpleNamespace(label="p.0", stopping=lambda: False, progress=Progress())
     eta = datetime.now(UTC) + timedelta(seconds=0.4)
     msg = _msg({"id": "x", "eta": eta.isoformat()})
     started = time.monotonic()

@@ -28,6 +28,7 @@ from ..validation import assert_valid_partition_keys, logged_above
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
+from ..worker.startup import when_reachable
 from ..worker.supervisor import Supervisor, run_celery, select_partitions, spread, worker_argv
 
 __all__ = ["partitioning"]
@@ -177,12 +178,18 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
-    try:
-        for problem in check_guarantees(app):
-            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
-                       f"{problem}", err=True)
+    def checks() -> list[str]:
+        problems = check_guarantees(app)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
         check_recorded_sizes(app, running, command=_app_command(ctx))
+        return problems
+
+    try:
+        # a fleet started during a failover waits for a master, as its children do
+        for problem in when_reachable(checks, lambda line: click.echo(line, err=True),
+                                      "partition worker checks"):
+            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
+                       f"{problem}", err=True)
     except PartitioningError as exc:
         _fail(str(exc))
     if skipped_note:
@@ -251,9 +258,12 @@ def _preload_worker_modules() -> None:
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=float, default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
+@click.option("--stall-after", type=float, default=60.0, show_default=True, metavar="SECONDS",
+              help="Call a partition STALLED when its lease holder took no message for this "
+                   "long while its queue has messages.")
 @click.pass_context
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
-           interval: float) -> None:
+           interval: float, stall_after: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
     lease holder (host/pid) or "no consumer", parked keys; then pools no worker runs by
     default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
@@ -271,7 +281,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
         _fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
     while True:
         try:
-            rows = collect_status(app, pools)
+            rows = collect_status(app, pools, stall_after=stall_after)
         except (*app.connection_for_read().connection_errors, OSError) as exc:
             click.echo(f"Error: cannot read the partitions from "
                        f"{maybe_sanitize_url(app.conf.broker_url or '')}: {exc}", err=True)

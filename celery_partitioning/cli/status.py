@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..hashing import partition_for
 from ..router import HEADER_PUBLISHED_AT
@@ -25,11 +25,16 @@ from ..store.backoff import BackoffStore, BackoffSummary
 from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
 from ..store.deadletters import DeadLetterStore
 from ..store.lease import read_holders
+from ..store.progress import read_progress
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["PartitionStatus", "collect_status", "render_table", "status_json"]
+__all__ = ["PartitionStatus", "collect_status", "render_table", "status_json", "STALL_AFTER"]
+
+#: Default seconds a holder may go without taking a message while its queue has some before
+#: ``status`` calls its partition stalled (a task running longer than this counts too).
+STALL_AFTER: Final = 60.0
 
 
 @dataclass
@@ -53,6 +58,11 @@ class PartitionStatus:
     backoff_keys: int = 0
     #: When the first of them is due (epoch s), None when none waits.
     backoff_next_due: float | None = None
+    #: Seconds since the lease holder last took a message off the queue (or started
+    #: consuming); None without a holder that records it.
+    last_consumed_age: float | None = None
+    #: The holder has not consumed for longer than the threshold while messages wait.
+    stalled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,16 +112,20 @@ def _backoffs(app: Celery, queues: Sequence[str]) -> dict[str, BackoffSummary]:
         client.close()
 
 
-def _leases(app: Celery, queues: Sequence[str]) -> dict[str, str | None]:
+def _leases(app: Celery, queues: Sequence[str]) -> tuple[dict[str, str | None],
+                                                          dict[str, float | None]]:
+    """Each queue's lease holder, and when it last consumed (epoch s)."""
     settings = settings_of(app)
     if settings.redis is None:
-        return {}
+        return {}, {}
     client = redis_client(settings.redis)
     try:
         holders = read_holders(client, redis_keys(app), queues)
+        progress = read_progress(client, redis_keys(app), queues)
     finally:
         client.close()
-    return {queue: holder.describe() if holder else None for queue, holder in holders.items()}
+    return ({queue: holder.describe() if holder else None for queue, holder in holders.items()},
+            progress)
 
 
 def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
@@ -127,8 +141,11 @@ def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
                 channel.close()
 
 
-def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStatus]:
-    """One PartitionStatus per partition of ``pools`` (default all), pool order then index."""
+def collect_status(app: Celery, pools: Sequence[str] = (),
+                   stall_after: float = STALL_AFTER) -> list[PartitionStatus]:
+    """One PartitionStatus per partition of ``pools`` (default all), pool order then index;
+    a partition is *stalled* when its holder took no message for ``stall_after`` seconds
+    while its queue has some."""
     settings = settings_of(app)
     chosen = list(pools) or list(settings.pools)
     parts = [(p, i, settings.queue_name(p, i)) for p in chosen for i in range(settings.partitions(p))]
@@ -139,7 +156,7 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
     broker = broker_redis(app)
     if broker is not None:
         try:
-            leases = _leases(app, [q for _, _, q in parts])
+            leases, consumed = _leases(app, [q for _, _, q in parts])
             unacked = unacked_by_queue(broker)
             keys = redis_keys(app)
             for pool, index, queue in parts:
@@ -150,10 +167,15 @@ def collect_status(app: Celery, pools: Sequence[str] = ()) -> list[PartitionStat
                 head = _head_age(broker, queue, now)
                 if head is not None:
                     ages.append(head)
-                rows.append(PartitionStatus(
+                row = PartitionStatus(
                     pool, index, queue, broker.depth(queue), len(delivered) + in_transit,
                     round(max(ages), 3) if ages else None, leases.get(queue),
-                    parked.get((pool, index), 0)))
+                    parked.get((pool, index), 0))
+                last = consumed.get(queue)
+                if row.consumer is not None and last is not None:
+                    row.last_consumed_age = round(max(0.0, now - last), 3)
+                    row.stalled = bool(row.depth) and row.last_consumed_age > stall_after
+                rows.append(row)
         finally:
             broker.close()
         return _with_backoffs(rows, backoffs)
@@ -191,11 +213,12 @@ def _cell(value: Any) -> str:
 def render_table(rows: Sequence[PartitionStatus]) -> str:
     """The human table of ``status``."""
     header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED",
-              "BACKOFF")
+              "BACKOFF", "LAST TAKE")
     now = time.time()
     table = [header] + [
         (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
-         r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now))
+         r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now),
+         _cell(r.last_consumed_age) + (" STALLED" if r.stalled else ""))
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

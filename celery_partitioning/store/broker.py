@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..message import UnackedEntry, decode_payload, delivery_tag_of, mark_redelivered, priority_of
 from ..state import redis_client, redis_client_like, replicas_of, settings_of
@@ -24,7 +24,13 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachable_errors",
-           "unacked_by_queue"]
+           "unacked_by_queue", "BROKER_SOCKET_TIMEOUT"]
+
+#: Seconds any read or connect of the partitions' broker client may wait. A blocking fetch
+#: waits at most a second on the server, so a longer silence is a peer that is gone without
+#: a reset (a host or network failure, a master frozen mid-failover): without a bound the
+#: fetch would wait on that socket forever, its partition consuming nothing (issue 27).
+BROKER_SOCKET_TIMEOUT: Final = 10.0
 
 
 @dataclass
@@ -105,9 +111,10 @@ def broker_redis(app: Celery) -> BrokerRedis | None:
         channel = conn.default_channel
         prefix = channel.global_keyprefix or ""
         target = settings.broker_redis
-        client = (redis_client(target, replicas=replicas)
+        client = (redis_client(target, replicas=replicas, timeout=BROKER_SOCKET_TIMEOUT)
                   if target is not None and target.is_sentinel
-                  else redis_client_like(channel.client.connection_pool, replicas=replicas))
+                  else redis_client_like(channel.client.connection_pool, replicas=replicas,
+                                         timeout=BROKER_SOCKET_TIMEOUT))
         return BrokerRedis(
             client=client,
             prefix=prefix,

@@ -33,6 +33,11 @@ class RedisKeys:
         """String: the exclusive-consumer lease of a partition queue (value: holder token)."""
         return f"{self.root}lease:{queue}"
 
+    def progress(self, queue: str) -> str:
+        """String: when the partition's lease holder last took a message off its queue (epoch
+        seconds), written by its lease heartbeat; ``status`` tells a stalled partition by it."""
+        return f"{self.root}progress:{queue}"
+
     def in_transit(self, queue: str) -> str:
         """List (on the broker's Redis): messages a partition worker popped from its queue and
         has not yet registered in kombu's ``unacked`` hash (BLMOVE target; crash recovery)."""

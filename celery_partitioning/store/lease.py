@@ -4,7 +4,8 @@ One key per partition queue (``RedisKeys.lease``) holds ``"token|host|pid|node"`
 TTL of ``partitioning_lease_ttl``. A worker takes it with an atomic set-if-absent; a second
 worker waits as a standby, polling, and gets it within the TTL after the holder stops
 renewing. The holder renews every TTL/3 with a compare-and-set; if it cannot renew for
-70% of the TTL, or finds the lease taken, it ends its process at once (``os._exit``) so two
+70% of the TTL, finds the lease taken, or its partition thread is stuck (``stall_check``,
+``worker/progress.py``), it ends its process at once (``os._exit``) so two
 holders never run tasks of one partition at the same time. A clean exit deletes the key
 (compare-and-delete). A supervisor that saw a child die passes the dead child's token to
 its successor, which may then take the lease over at once instead of waiting out the TTL.
@@ -93,6 +94,9 @@ class Lease:
         self._last_ok = time.monotonic()
         #: Called after every good renewal (e.g. to refresh the unacked index); errors logged.
         self.on_beat: list[Callable[[], None]] = []
+        #: Asked after every renewal: a reason means the partition's thread is stuck and the
+        #: process fences itself (a lease must not outlive the consumer it stands for).
+        self.stall_check: Callable[[], str | None] | None = None
 
     @property
     def ttl_ms(self) -> int:
@@ -175,6 +179,10 @@ class Lease:
                 # Renewed, but this process was frozen longer than the TTL: another worker
                 # may have run in between. Do not go on as if nothing happened.
                 self._fence(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
+                return
+            stalled = self.stall_check() if self.stall_check is not None else None
+            if stalled:
+                self._fence(stalled)
                 return
             last_ok = started
             wait = interval

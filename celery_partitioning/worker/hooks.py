@@ -65,6 +65,7 @@ from .runtime import (
     current_worker,
     parse_partitions,
 )
+from .startup import when_reachable
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -74,6 +75,9 @@ __all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER
 
 logger = logging.getLogger("celery_partitioning.worker")
 
+#: Seconds any command of a partition worker's store client may wait (the store's commands
+#: and scripts are short; a longer silence is a server gone without a reset).
+STORE_SOCKET_TIMEOUT: Final = 10.0
 #: Settings every partition worker process runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
     "worker_prefetch_multiplier": 1,
@@ -160,13 +164,21 @@ def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> N
     # Celery logs and swallows exceptions from signal receivers; a partition worker that
     # cannot keep its guarantees must not consume: exit instead.
     try:
-        _build_runtime_or_raise(app, worker, hosted)
+        _build_runtime_when_reachable(app, worker, hosted)
     except PartitioningError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"celery-partitioning: {exc}") from None
     except Exception as exc:
         logger.critical("celery-partitioning: partition worker start-up failed", exc_info=True)
         raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
+
+
+def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
+    """Build the runtime, waiting while the broker or the store cannot be reached: a process
+    restarted during a failover (a holder that fenced itself) finds no master until the
+    sentinels promote one (``startup.py``)."""
+    when_reachable(lambda: _build_runtime_or_raise(app, worker, hosted), logger.warning,
+                   "partition worker start-up")
 
 
 def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
@@ -197,7 +209,7 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     # One store client for the process (short commands; a connection per busy thread), and one
     # broker client per partition (its blocking fetch holds a connection the whole time).
     store = (redis_client(settings.redis, replicas=replicas_of(settings),
-                          max_connections=2 * len(hosted) + 16)
+                          max_connections=2 * len(hosted) + 16, timeout=STORE_SOCKET_TIMEOUT)
              if settings.redis is not None else None)
     keys = redis_keys(app)
     for task in app.tasks.values():

@@ -84,6 +84,7 @@ def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
             if runtime.stopping():
                 return False
             time.sleep(min(left, 0.5))
+            runtime.progress.turned()  # waiting on purpose, not stuck
     # Run it now, in order: Celery must not schedule it aside.
     msg.headers["eta"] = None
     return True
@@ -159,6 +160,7 @@ class PartitionThread(threading.Thread):
     # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:
         runtime = self.runtime
+        runtime.progress.bind()
         bind_thread(runtime)
         try:
             if runtime.broker is not None:
@@ -204,6 +206,12 @@ class PartitionThread(threading.Thread):
             if not lease.acquire(runtime.stopping, runtime.label):
                 logger.warning("%s stopped while standby", runtime.label)
                 return False
+        progress = runtime.progress
+        progress.consumed()
+        lease.stall_check = progress.stall
+        if runtime.redis is not None:
+            lease.on_beat.append(progress.recorder(runtime.redis, runtime.keys, runtime.queue,
+                                                   expire_ms=3 * lease.ttl_ms))
         lease.start_heartbeat()
         return True
 
@@ -228,8 +236,10 @@ class PartitionThread(threading.Thread):
         source = broker.queue_list(runtime.queue)
         in_transit = runtime.keys.in_transit(runtime.queue)
         self._announce()
+        progress = runtime.progress
         idle = False
         while not runtime.stopping():
+            progress.turned()
             timeout = self._between(idle)
             try:
                 item = broker.fetch(runtime.queue, in_transit, timeout)
@@ -240,6 +250,7 @@ class PartitionThread(threading.Thread):
             idle = item is None
             if item is None:
                 continue
+            progress.consumed()
             channel = _RedisAck(client, in_transit, source, item)
             if runtime.stopping():
                 channel.to_head()
@@ -272,6 +283,7 @@ class PartitionThread(threading.Thread):
                 if self.runtime.stopping():
                     return  # the next holder's recovery settles it
                 backoff.wait(exc)
+                self.runtime.progress.turned()  # waiting for Redis, not stuck
 
     def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
         problem = envelope_problem(item)

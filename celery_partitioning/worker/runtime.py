@@ -47,6 +47,7 @@ from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
 from ..message import PartitionMessage, Publish
 from ..store.keys import RedisKeys
+from .progress import Progress
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -136,6 +137,8 @@ class PartitionRuntime:
     backoff: BackoffKeys | None = None
     #: The process this partition runs in.
     worker: WorkerRuntime | None = None
+    #: Its thread's progress: the lease heartbeat's watchdog, and what ``status`` reads.
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def label(self) -> str:

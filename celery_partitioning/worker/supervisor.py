@@ -189,18 +189,39 @@ class Supervisor:
             return
         for key, _events in self._selector.select(timeout):
             child: _Child = key.data
-            try:
-                data = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if data:
-                *lines, child.partial = (child.partial + data).split(b"\n")
-                for raw in lines:
-                    self._line(child, raw)
-            else:
+            if self._read_output(child) is False:
                 self._close_output(child)
+
+    def _read_output(self, child: _Child) -> bool | None:
+        """Forward what is in the child's pipe now: True if something was, None if nothing
+        is there yet, False at its end."""
+        assert child.output_fd is not None
+        try:
+            data = os.read(child.output_fd, 65536)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        *lines, child.partial = (child.partial + data).split(b"\n")
+        for raw in lines:
+            self._line(child, raw)
+        return bool(data)
+
+    def _read_rest(self, child: _Child) -> None:
+        """Forward everything a child that exited left in its pipe (its last words: why it
+        exited), before the supervisor's own line about the exit."""
+        for _ in range(1024):  # bounded: a grandchild may still write to the pipe
+            if child.output_fd is None:
+                return
+            got = self._read_output(child)
+            if got is False:
+                self._close_output(child)
+                return
+            if got is None:
+                break
+        if child.partial:
+            self._line(child, child.partial)
+            child.partial = b""
 
     def _close_output(self, child: _Child) -> None:
         if child.output_fd is None:
@@ -259,6 +280,7 @@ class Supervisor:
         code = proc.poll()
         if code is None:
             return
+        self._read_rest(child)
         lived = time.monotonic() - child.started_at
         if code == 0 and not self._signals:
             # Celery exits 0 after a warm stop nobody here asked for: `celery control

@@ -8,7 +8,7 @@ import random
 import signal
 import socket
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -153,11 +153,14 @@ class Workload:
                                  self.store, self.conf)
         return self._app
 
-    def start_workers(self, name: str = "workers") -> Popen[bytes]:
+    def start_workers(self, name: str = "workers", *, loglevel: str | None = None,
+                      processes: int | None = None, extra: Sequence[str] = ()) -> Popen[bytes]:
         """``celery partitioning worker`` over every partition, logging to ``tmp/<name>.log``."""
+        level = loglevel or os.environ.get("CP_WORKER_LOGLEVEL", "warning")
         return self.processes.start(
             [celery_bin(), "-A", "tests.apps.reliability_app", "partitioning", "worker",
-             "-l", os.environ.get("CP_WORKER_LOGLEVEL", "warning"), "--stop-timeout", "20"],
+             "-l", level, "--stop-timeout", "20",
+             *(["--processes", str(processes)] if processes else []), *extra],
             env=self.env(), log=self.log(name))
 
     def log(self, name: str) -> Path:

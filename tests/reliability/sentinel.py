@@ -2,7 +2,7 @@
 
 Every process is a ``redis-server`` of our own, started through ``Processes`` (killed by pid
 after the test) in a temporary directory. :meth:`SentinelSetup.kill_master` SIGKILLs the
-master; the sentinels then promote the replica (``down-after-milliseconds`` 1 s);
+master; the sentinels then promote the replica (``down-after-milliseconds`` 1 s unless told);
 :meth:`SentinelSetup.rejoin_old_master` brings the old master back as the new one's replica.
 """
 
@@ -26,12 +26,15 @@ class SentinelSetup:
     """Master + replica + three sentinels, all with passwords (data and sentinel)."""
 
     def __init__(self, processes: Processes, directory: Path, *, password: str = "data-pw",
-                 sentinel_password: str = "sentinel-pw", quorum: int = 2) -> None:
+                 sentinel_password: str = "sentinel-pw", quorum: int = 2,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 10000) -> None:
         self.processes = processes
         self.dir = directory
         self.password = password
         self.sentinel_password = sentinel_password
         self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
         # No delay before a full sync's transfer (5 s by default): a restarted master catches
         # up as a replica without waiting for more replicas to join the transfer.
         auth = ("--requirepass", password, "--masterauth", password,
@@ -98,8 +101,8 @@ class SentinelSetup:
             f"requirepass {self.sentinel_password}",
             f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master.port} {self.quorum}",
             f"sentinel auth-pass {MASTER_NAME} {self.password}",
-            f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
-            f"sentinel failover-timeout {MASTER_NAME} 10000",
+            f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}",
+            f"sentinel failover-timeout {MASTER_NAME} {self.failover_timeout_ms}",
             f"sentinel parallel-syncs {MASTER_NAME} 1",
         ]) + "\n")
         self.processes.start([self.master.binary, str(conf), "--sentinel"],
@@ -121,6 +124,21 @@ class SentinelSetup:
     def replicated(self, timeout_ms: int = 2000) -> bool:
         """Wait until the replica has every write the master took so far (``WAIT 1``)."""
         return int(self.client().execute_command("WAIT", 1, timeout_ms)) >= 1
+
+    def replica_caught_up(self) -> bool:
+        """Whether the replica has every write the master had a moment ago (by replication
+        offset: ``WAIT`` on a fresh connection waits for nothing)."""
+        try:
+            wrote = int(self.client(self.master.port).info("replication")["master_repl_offset"])
+            has = int(self.client(self.replica.port).info("replication")["slave_repl_offset"])
+        except (redis.RedisError, KeyError, ValueError):
+            return False
+        return has >= wrote
+
+    def replica_proc_signal(self, signum: int) -> None:
+        """Send ``signum`` to the replica's process (SIGSTOP/SIGCONT: a host that stalls)."""
+        assert self.replica.proc is not None
+        self.processes.signal(self.replica.proc, signum)
 
     def kill_master(self, promoted_within: float = 30) -> float:
         """SIGKILL the master; return the seconds until a sentinel names the replica master."""
