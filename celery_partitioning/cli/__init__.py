@@ -95,6 +95,7 @@ def partitioning(ctx: click.Context) -> None:
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys
     resize   record a new partition count for a pool (keys keep their order)
+    exporter serve Prometheus metrics of the partition queues
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
@@ -123,11 +124,16 @@ def partitioning(ctx: click.Context) -> None:
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
+@click.option("--metrics-port", type=int, default=None, metavar="PORT",
+              help="Serve Prometheus metrics on this port (/metrics); needs the extra "
+                   "celery-partitioning[prometheus]. See docs/monitoring.md.")
+@click.option("--metrics-raw-keys", is_flag=True,
+              help="Label hot keys with the keys themselves, not a digest of them.")
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
            processes: int | None, without_events: bool, stop_timeout: float, dry_run: bool,
-           worker_args: tuple[str, ...]) -> None:
+           metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
     The selected partitions are dealt over --processes `celery worker` processes; each
@@ -173,12 +179,31 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
                        f"{problem}", err=True)
         declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
         check_recorded_sizes(app, {spec.pool for spec in selected})
+        metrics = None if metrics_port is None else _metrics(metrics_port, metrics_raw_keys)
     except PartitioningError as exc:
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
     _preload_worker_modules()
-    raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
-                                stop_timeout=stop_timeout).run())
+    if metrics is not None:
+        metrics.start(app, [(spec.pool, spec.index) for spec in selected])
+    try:
+        raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
+                                    stop_timeout=stop_timeout).run())
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+def _metrics(port: int, raw_keys: bool) -> Any:
+    """Metrics for ``--metrics-port`` (``metrics/server.py``): set up before children fork."""
+    from ..metrics import METRICS_ENV, require_prometheus
+
+    require_prometheus("--metrics-port")
+    from ..metrics.server import MetricsProcess
+
+    metrics = MetricsProcess.prepare(port)
+    os.environ[METRICS_ENV] = "raw" if raw_keys else "hashed"
+    return metrics
 
 
 def _preload_worker_modules() -> None:
@@ -288,3 +313,7 @@ partitioning.add_command(purge_command)
 from .resize import resize_command  # noqa: E402 - the resize command
 
 partitioning.add_command(resize_command)
+
+from .exporter import exporter_command  # noqa: E402 - the exporter command
+
+partitioning.add_command(exporter_command)
