@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from celery_partitioning import partition_for
-from celery_partitioning.metrics import key_label
+from celery_partitioning.metrics import HALF_LIFE_ENV, key_label
 from celery_partitioning.metrics.hotkeys import HotKeys, merge, read_snapshots
 from celery_partitioning.metrics.queue import depth_skew
 from tests.support.procs import Processes, celery_bin, wait_for
@@ -128,7 +128,7 @@ def test_worker_metrics_port_exports_every_metric(redis_url: str, namespace: str
     log = tmp_path / "worker.log"
     worker = procs.start([celery_bin(), "-A", "tests.apps.metrics_app", "partitioning", "worker",
                           "--processes", "2", "--metrics-port", str(port), "--stop-timeout", "30"],
-                         env=_env(redis_url, namespace), log=log)
+                         env={**_env(redis_url, namespace), HALF_LIFE_ENV: "3600"}, log=log)
     client = ma._client
 
     def drained() -> bool:

@@ -23,12 +23,14 @@ from typing import Final
 
 from ..errors import PartitionConfigError
 
-__all__ = ["METRICS_ENV", "MULTIPROC_ENV", "PROMETHEUS_EXTRA", "key_label", "require_prometheus",
-           "raw_key_labels"]
+__all__ = ["HALF_LIFE_ENV", "METRICS_ENV", "MULTIPROC_ENV", "PROMETHEUS_EXTRA", "key_label",
+           "raw_key_labels", "require_prometheus"]
 
 #: Set in partition worker processes whose worker runs with ``--metrics-port``: ``hashed``
 #: (keys appear as a digest) or ``raw`` (``--metrics-raw-keys``: keys as they are).
 METRICS_ENV: Final = "CELERY_PARTITIONING_METRICS"
+#: Seconds after which hot-key counts halve (default ``hotkeys.HALF_LIFE``, 60 s).
+HALF_LIFE_ENV: Final = "CELERY_PARTITIONING_METRICS_HALF_LIFE"
 #: prometheus_client's own: where every process writes its multiprocess files.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 PROMETHEUS_EXTRA: Final = "celery-partitioning[prometheus]"

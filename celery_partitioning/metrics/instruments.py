@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from celery import signals, states
+from celery import signals
 from prometheus_client import Counter, Histogram
 
 from ..router import HEADER_KEY
 from ..worker.partition import gate_name
 from ..worker.runtime import PartitionRuntime, WorkerRuntime, current_runtime
-from . import METRICS_ENV, MULTIPROC_ENV, key_label, raw_key_labels
-from .hotkeys import HotKeys
+from . import HALF_LIFE_ENV, METRICS_ENV, MULTIPROC_ENV, key_label, raw_key_labels
+from .hotkeys import HALF_LIFE, HotKeys
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -57,6 +58,16 @@ FENCES = Counter("celery_partitioning_lease_fences", "Times a process fenced its
 _started: dict[str, float] = {}
 
 
+@dataclass
+class _Series:
+    """One partition's counters, looked up once (``labels()`` takes a lock each call)."""
+
+    processed: Any
+    failed: Any
+    retried: Any
+    duration: Any
+
+
 def _labels(runtime: PartitionRuntime) -> tuple[str, str]:
     return runtime.pool, str(runtime.index)
 
@@ -64,20 +75,24 @@ def _labels(runtime: PartitionRuntime) -> tuple[str, str]:
 def instrument(app: Celery, worker: WorkerRuntime) -> None:
     """Count what ``worker``'s partitions do (once per process)."""
     directory = os.environ.get(MULTIPROC_ENV)
-    hot = HotKeys(Path(directory) if directory else None)
+    hot = HotKeys(Path(directory) if directory else None,
+                  half_life=float(os.environ.get(HALF_LIFE_ENV) or HALF_LIFE))
     raw = raw_key_labels(os.environ.get(METRICS_ENV))
+    series = {id(partition): _instrument_partition(partition, hot) for partition in worker.partitions}
 
-    def here() -> PartitionRuntime | None:
-        return current_runtime(app)
+    def here() -> tuple[PartitionRuntime, _Series] | None:
+        runtime = current_runtime(app)
+        found = series.get(id(runtime)) if runtime is not None else None
+        return None if runtime is None or found is None else (runtime, found)
 
     def finished(sender: Any, failed: bool) -> None:
-        runtime = here()
-        if runtime is None:
+        found = here()
+        if found is None:
             return
-        labels = _labels(runtime)
-        PROCESSED.labels(*labels).inc()
+        runtime, counters = found
+        counters.processed.inc()
         if failed:
-            FAILED.labels(*labels).inc()
+            counters.failed.inc()
         key = getattr(getattr(sender, "request", None), HEADER_KEY, None)
         hot.count(runtime.pool, runtime.index, key_label(key, raw) if isinstance(key, str) else None)
 
@@ -88,35 +103,29 @@ def instrument(app: Celery, worker: WorkerRuntime) -> None:
         finished(sender, failed=True)
 
     def on_retry(sender: Any = None, **_: Any) -> None:
-        runtime = here()
-        if runtime is not None:
-            RETRIED.labels(*_labels(runtime)).inc()
+        found = here()
+        if found is not None:
+            found[1].retried.inc()
 
     def on_prerun(task_id: str = "", **_: Any) -> None:
-        if here() is not None:
-            _started[task_id] = time.monotonic()
+        _started[task_id] = time.monotonic()
 
-    def on_postrun(task_id: str = "", state: str | None = None, **_: Any) -> None:
+    def on_postrun(task_id: str = "", **_: Any) -> None:
         started = _started.pop(task_id, None)
-        runtime = here()
-        if started is not None and runtime is not None:
-            DURATION.labels(*_labels(runtime)).observe(time.monotonic() - started)
-        if state == states.RETRY and runtime is not None:
-            hot.flush()
+        found = here()
+        if started is not None and found is not None:
+            found[1].duration.observe(time.monotonic() - started)
 
     for signal, receiver in ((signals.task_success, on_success), (signals.task_failure, on_failure),
                              (signals.task_retry, on_retry), (signals.task_prerun, on_prerun),
                              (signals.task_postrun, on_postrun)):
         signal.connect(receiver, weak=False)
 
-    for partition in worker.partitions:
-        _instrument_partition(partition, hot)
 
-
-def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> None:
+def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
     labels = _labels(partition)
-    for counter in (PROCESSED, FAILED, RETRIED, HANDOVERS, FENCES):
-        counter.labels(*labels)  # a series at 0 from the start, so rate() and alerts see it
+    for counter in (HANDOVERS, FENCES):
+        counter.labels(*labels)  # a series at 0 from the start, so increase() and alerts see it
     partition.gates[:] = [_counting_gate(gate, labels) for gate in partition.gates]
 
     def flush(_idle: bool) -> None:
@@ -127,6 +136,8 @@ def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> None:
     if lease is not None:
         lease.on_acquire.append(lambda: HANDOVERS.labels(*labels).inc())
         lease.on_fence.append(lambda _reason: FENCES.labels(*labels).inc())
+    return _Series(PROCESSED.labels(*labels), FAILED.labels(*labels), RETRIED.labels(*labels),
+                   DURATION.labels(*labels))
 
 
 def _counting_gate(gate: Any, labels: tuple[str, str]) -> Any:
