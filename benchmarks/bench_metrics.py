@@ -14,6 +14,7 @@ loaded machine's noise falls on both alike. Goal: metrics cost <= 3 % (ratio <= 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -22,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import redis
 
 from benchmarks.bench_app import PARTITIONED_TASK, make_app
@@ -58,9 +60,21 @@ def _scrape_until(port: int, every: float, stop: threading.Event, scrapes: list[
         scrapes.append(time.monotonic() - started)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid``'s descendants so far (workers and the metrics server)."""
+    total = 0.0
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def drain(metrics: bool, partitions: int, processes: int, ms: float, messages: int, keys: int,
-          log_dir: Path, scrape_every: float, scrapes: list[float]) -> float:
-    """Seconds to drain ``messages`` (first task start to last task end)."""
+          log_dir: Path, scrape_every: float, scrapes: list[float],
+          cpu: dict[bool, list[float]] | None = None) -> float:
+    """Seconds to drain ``messages`` (first task start to last task end); the CPU the
+    worker's processes spent in the drain goes to ``cpu[metrics]``."""
     url = redis_url()
     ns = bench_namespace("metrics")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": url, "BENCH_NS": ns,
@@ -92,6 +106,7 @@ def drain(metrics: bool, partitions: int, processes: int, ms: float, messages: i
             scraper = threading.Thread(target=_scrape_until, args=(port, scrape_every, stop, scrapes),
                                        daemon=True)
             scraper.start()
+        cpu_before = _cpu_seconds(procs[0].pid)
         start = time.time()
         client.set(f"{ns}go", "1")
         deadline = time.monotonic() + max(120.0, messages * (ms + 20) / 1000)
@@ -99,6 +114,8 @@ def drain(metrics: bool, partitions: int, processes: int, ms: float, messages: i
             if time.monotonic() > deadline:
                 raise RuntimeError(f"drain timed out; see {log}")
             time.sleep(0.02)
+        if cpu is not None:
+            cpu.setdefault(metrics, []).append(_cpu_seconds(procs[0].pid) - cpu_before)
         return float(client.get(f"{ns}last") or 0) - start
     finally:
         stop.set()
@@ -121,24 +138,30 @@ def main() -> None:
     log_dir = Path(os.environ.get("BENCH_LOG_DIR", "/tmp/cp-bench-logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
     scrapes: list[float] = []
+    cpu: dict[bool, list[float]] = {}
     found = interleaved({
         "without": lambda: drain(False, partitions, processes, ms, messages, keys, log_dir, every,
-                                 scrapes),
+                                 scrapes, cpu),
         "with": lambda: drain(True, partitions, processes, ms, messages, keys, log_dir, every,
-                              scrapes),
+                              scrapes, cpu),
     }, rounds)
     table = Table(f"Drain with and without --metrics-port: {messages:,} messages over {keys} keys, "
                   f"{partitions} partitions on {processes} processes, {ms:g} ms tasks, scrape every "
                   f"{every:g} s, {rounds} rounds ({machine()})",
-                  ["variant", "drain s (median)", "msg/s (median)", "runs s"])
+                  ["variant", "drain s (median)", "msg/s (median)", "runs s",
+                   "worker CPU µs/msg (median)", "runs CPU µs/msg"])
     for name in ("without", "with"):
         median = statistics.median(found[name])
+        spent = statistics.median(cpu[name == "with"]) / messages * 1e6
         table.add(name, f"{median:.2f}", f"{messages / median:,.0f}",
-                  ", ".join(f"{s:.2f}" for s in found[name]))
+                  ", ".join(f"{s:.2f}" for s in found[name]), f"{spent:,.0f}",
+                  ", ".join(f"{c / messages * 1e6:,.0f}" for c in cpu[name == "with"]))
     table.print()
     ratio = statistics.median(found["with"]) / statistics.median(found["without"])
     scrape = f"{statistics.median(scrapes) * 1000:.0f} ms" if scrapes else "none"
-    print(f"ratio with/without: {ratio:.3f} (goal <= 1.03); {len(scrapes)} scrapes, median {scrape}")
+    cpu_ratio = statistics.median(cpu[True]) / statistics.median(cpu[False])
+    print(f"drain time ratio with/without: {ratio:.3f}; worker CPU ratio: {cpu_ratio:.3f} "
+          f"(goal <= 1.03); {len(scrapes)} scrapes during drains, median {scrape}")
 
 
 if __name__ == "__main__":
