@@ -16,6 +16,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,8 +69,9 @@ def _env(redis_url: str, ns: str) -> dict[str, str]:
     return {"CP_REDIS_URL": redis_url, "CP_NS": ns}
 
 
-def _app(redis_url: str, ns: str) -> object:
-    os.environ.update(_env(redis_url, ns))
+def _app(redis_url: str, ns: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in _env(redis_url, ns).items():
+        monkeypatch.setenv(name, value)  # the app module reads them when (re)loaded
     import importlib
 
     import tests.apps.metrics_app as ma
@@ -114,8 +116,9 @@ def test_metrics_port_without_prometheus_client_names_the_extra(redis_url: str,
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_worker_metrics_port_exports_every_metric(redis_url: str, namespace: str, tmp_path: Path,
-                                                   procs: Processes) -> None:
-    ma = _app(redis_url, namespace)
+                                                   procs: Processes,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ma = _app(redis_url, namespace, monkeypatch)
     # Given keyed tasks: 5 keys x 5 messages, seq 2 of each retried once in place, and a key
     # whose first message fails for good (its second is then set aside behind the dead letter)
     calls = [(f"{k}", s, 1 if s == 2 else 0, False) for s in range(5) for k in range(5)]
@@ -195,8 +198,9 @@ def test_worker_metrics_port_exports_every_metric(redis_url: str, namespace: str
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_exporter_shows_the_depth_of_a_waiting_queue(redis_url: str, namespace: str,
-                                                     procs: Processes, tmp_path: Path) -> None:
-    ma = _app(redis_url, namespace)
+                                                     procs: Processes, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ma = _app(redis_url, namespace, monkeypatch)
     # Given 17 messages waiting and no worker
     for seq in range(17):
         ma.work.delay("7", seq)
