@@ -111,6 +111,24 @@ def test_metrics_port_without_prometheus_client_names_the_extra(redis_url: str,
         assert "pip install 'celery-partitioning[prometheus]'" in result.stderr
 
 
+def test_the_dashboard_and_the_alert_rules_name_only_exported_metrics() -> None:
+    root = Path(__file__).parents[1]
+    source = "\n".join(p.read_text() for p in (root / "celery_partitioning" / "metrics").glob("*.py"))
+    exported: set[str] = set()
+    for kind, name in re.findall(r'(Counter|Histogram|GaugeMetricFamily|_gauge)\(\s*"(celery_partitioning_\w+)"',
+                                 source):
+        exported |= ({f"{name}_total"} if kind == "Counter" else
+                     {f"{name}_{s}" for s in ("bucket", "count", "sum")} if kind == "Histogram" else
+                     {name})
+    assert len(exported) >= 20
+    # the stalled gauge is exported once `partitioning status` reports `stalled`
+    exported.add("celery_partitioning_partition_stalled")
+    for path in ("deploy/grafana/celery-partitioning.json",
+                 "deploy/prometheus/celery-partitioning-alerts.yaml"):
+        used = set(re.findall(r"celery_partitioning_\w+", (root / path).read_text()))
+        assert used and used - exported == set(), path
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 @pytest.mark.integration

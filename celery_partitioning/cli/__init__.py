@@ -184,9 +184,9 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         _fail(str(exc))
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
     _preload_worker_modules()
-    if metrics is not None:
-        metrics.start(app, [(spec.pool, spec.index) for spec in selected])
     try:
+        if metrics is not None:
+            metrics.start(app, [(spec.pool, spec.index) for spec in selected])
         raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
                                     stop_timeout=stop_timeout).run())
     finally:
