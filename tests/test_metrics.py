@@ -249,3 +249,47 @@ def test_exporter_shows_the_depth_of_a_waiting_queue(redis_url: str, namespace: 
     assert not [n for n, _ls, _v in found if n.startswith("celery_partitioning_processed")]
     procs.signal(exporter, signal.SIGTERM)
     assert exporter.wait(30) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_counters_of_a_killed_process_keep_counting(redis_url: str, namespace: str, tmp_path: Path,
+                                                    procs: Processes,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ma = _app(redis_url, namespace, monkeypatch)
+    port = free_port()
+    log = tmp_path / "worker.log"
+    # Given a worker of one process with --metrics-port that ran 6 tasks, all acked
+    procs.start([celery_bin(), "-A", "tests.apps.metrics_app", "partitioning", "worker",
+                 "--processes", "1", "--metrics-port", str(port), "--stop-timeout", "30"],
+                env=_env(redis_url, namespace), log=log)
+    for seq in range(6):
+        ma.work.delay(str(seq % 3), seq)
+    found: list[tuple[str, dict[str, str], float]] = []
+
+    def counted(processed: int, handovers: int) -> bool:
+        nonlocal found
+        found = scrape(port)
+        return (total(found, "celery_partitioning_processed_total") == processed
+                and total(found, "celery_partitioning_lease_handovers_total") == handovers
+                and total(found, "celery_partitioning_unacked") == 0
+                and total(found, "celery_partitioning_queue_depth") == 0
+                and total(found, "celery_partitioning_partition_has_holder") == 2)
+
+    try:
+        wait_for(lambda: counted(6, 2), 90, "6 tasks counted", interval=0.3)
+        first = [int(pid) for pid in re.findall(r"started w0 \(pid (\d+)\)", log.read_text())]
+        assert len(first) == 1
+
+        # When that process is SIGKILLed, the supervisor starts another, and 4 more tasks run
+        os.kill(first[0], signal.SIGKILL)
+        wait_for(lambda: len(re.findall(r"started w0 \(pid", log.read_text())) == 2, 60,
+                 "the restart")
+        for seq in range(6, 10):
+            ma.work.delay(str(seq % 3), seq)
+
+        # Then the sums count both processes: 10 processed, each partition taken twice
+        wait_for(lambda: counted(10, 4), 90, "10 tasks counted", interval=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nlast scrape: {found}\n{log.read_text()[-4000:]}") from None
+    assert total(found, "celery_partitioning_task_duration_seconds_count") == 10
