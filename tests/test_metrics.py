@@ -129,6 +129,31 @@ def test_the_dashboard_and_the_alert_rules_name_only_exported_metrics() -> None:
         assert used and used - exported == set(), path
 
 
+@pytest.mark.integration
+def test_lease_hooks_count_an_acquisition_once_and_a_fence_before_it_fences(
+        redis_url: str, namespace: str) -> None:
+    import redis
+
+    from celery_partitioning.store.lease import Lease
+
+    client = redis.Redis.from_url(redis_url)
+    events: list[str] = []
+    lease = Lease(client, f"{namespace}lease-hooks", 1.5, token="t1",
+                  fence=lambda reason: events.append("fenced"))
+    lease.on_acquire.append(lambda: events.append("acquired"))
+    lease.on_fence.append(lambda reason: events.append(f"hook: {reason[:14]}"))
+    # Given a lease taken, and asked for again while held
+    assert lease.try_acquire() and lease.try_acquire()
+    assert events == ["acquired"]
+    lease.start_heartbeat()
+    # When another worker takes it
+    client.set(f"{namespace}lease-hooks", "t2|other|1|x", px=60_000)
+    # Then the hook runs, then the fence
+    wait_for(lambda: "fenced" in events, 10, "the fence")
+    assert events == ["acquired", "hook: lost the lease", "fenced"]
+    lease.release()
+
+
 # -- real processes ------------------------------------------------------------------------------
 
 @pytest.mark.integration

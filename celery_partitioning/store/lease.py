@@ -166,7 +166,7 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
                 if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
                     self._fenced(f"could not renew the lease {self.key} for "
-                                f"{time.monotonic() - last_ok:.1f}s ({exc})")
+                                 f"{time.monotonic() - last_ok:.1f}s ({exc})")
                     return
                 wait = min(interval, 0.1 * self.ttl)
                 continue
@@ -175,7 +175,7 @@ class Lease:
             if not renewed:
                 holder = self.holder()
                 self._fenced(f"lost the lease {self.key} (now held by "
-                            f"{holder.describe() if holder else 'nobody'})")
+                             f"{holder.describe() if holder else 'nobody'})")
                 return
             if started - last_ok > self.ttl:
                 # Renewed, but this process was frozen longer than the TTL: another worker
