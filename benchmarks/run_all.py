@@ -29,6 +29,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         bench_drain,
         bench_keyhash,
         bench_memory,
+        bench_metrics,
         bench_publish,
         bench_publish_many,
         bench_resize,
@@ -44,6 +45,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         "drain": bench_drain.main,
         "memory": bench_memory.main,
         "backoff": bench_backoff.main,
+        "metrics": bench_metrics.main,
     }
 
 

@@ -75,7 +75,9 @@ def test_the_sdist_carries_the_tests_docs_and_example_project(tmp_path: Path) ->
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = {"LICENSE", "README.md", "Makefile", "tox.ini", "ruff.toml", "setup.cfg",
               "pyproject.toml", "celery_partitioning/py.typed", "docs/testing.md",
-              "docs/monitoring.md", "scripts/prometheus_status.py"}
+              "docs/monitoring.md", "scripts/prometheus_status.py",
+              "deploy/prometheus/celery-partitioning-alerts.yaml",
+              "deploy/grafana/celery-partitioning.json"}
     for folder in ("tests", "example_project", "celery_partitioning", "benchmarks"):
         wanted |= {str(p.relative_to(ROOT)) for p in (ROOT / folder).rglob("*.py")
                    if "__pycache__" not in p.parts}

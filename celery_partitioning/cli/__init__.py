@@ -99,6 +99,7 @@ def partitioning(ctx: click.Context) -> None:
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys; history
     resize   record a new partition count for a pool (keys keep their order)
+    exporter serve Prometheus metrics of the partition queues
     """
     # Every command reads the settings: an invalid one is one line and exit 2, everywhere.
     app = getattr(ctx.obj, "app", None)
@@ -130,11 +131,16 @@ def partitioning(ctx: click.Context) -> None:
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
+@click.option("--metrics-port", type=int, default=None, metavar="PORT",
+              help="Serve Prometheus metrics on this port (/metrics); needs the extra "
+                   "celery-partitioning[prometheus]. See docs/monitoring.md.")
+@click.option("--metrics-raw-keys", is_flag=True,
+              help="Label hot keys with the keys themselves, not a digest of them.")
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
            processes: int | None, without_events: bool, stop_timeout: float, dry_run: bool,
-           worker_args: tuple[str, ...]) -> None:
+           metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
     The selected partitions are dealt over --processes `celery worker` processes; each
@@ -184,20 +190,31 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         check_recorded_sizes(app, running, command=_app_command(ctx))
         return problems
 
+    metrics: Any = None  # --metrics-port: metrics/server.py
     try:
         # a fleet started during a failover waits for a master, as its children do
         for problem in when_reachable(checks, lambda line: click.echo(line, err=True),
                                       "partition worker checks"):
             click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
                        f"{problem}", err=True)
+        if metrics_port is not None:
+            from ..metrics.server import MetricsProcess
+
+            metrics = MetricsProcess.for_worker(metrics_port, raw_keys=metrics_raw_keys)
     except PartitioningError as exc:
         _fail(str(exc))
     if skipped_note:
         click.echo(f"[supervisor] {skipped_note}", err=False)
     env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
     _preload_worker_modules()
-    raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
-                                stop_timeout=stop_timeout).run())
+    try:
+        if metrics is not None:
+            metrics.start(app, [(spec.pool, spec.index) for spec in selected])
+        raise SystemExit(Supervisor(specs, lambda spec: run_celery(argv(spec)), env=env,
+                                    stop_timeout=stop_timeout).run())
+    finally:
+        if metrics is not None:
+            metrics.stop()
 
 
 def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
@@ -391,3 +408,7 @@ partitioning.add_command(purge_command)
 from .resize import resize_command  # noqa: E402 - the resize command
 
 partitioning.add_command(resize_command)
+
+from .exporter import exporter_command  # noqa: E402 - the exporter command
+
+partitioning.add_command(exporter_command)

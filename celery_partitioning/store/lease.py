@@ -13,6 +13,7 @@ its successor, which may then take the lease over at once instead of waiting out
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -97,6 +98,9 @@ class Lease:
         #: Asked after every renewal: a reason means the partition's thread is stuck and the
         #: process fences itself (a lease must not outlive the consumer it stands for).
         self.stall_check: Callable[[], str | None] | None = None
+        #: Called when the lease becomes ours, and just before a fence (metrics); errors logged.
+        self.on_acquire: list[Callable[[], None]] = []
+        self.on_fence: list[Callable[[str], None]] = []
 
     @property
     def ttl_ms(self) -> int:
@@ -118,6 +122,8 @@ class Lease:
         ok = bool(self._scripts.lease_acquire(keys=[self.key],
                                                args=[self.value, self.ttl_ms, self.takeover]))
         if ok:
+            if not self._held:
+                _run_hooks(self.on_acquire)
             self._held = True
             self._last_ok = started
         return ok
@@ -163,8 +169,8 @@ class Lease:
                                                          args=[self.value, self.ttl_ms]))
             except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
                 if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
-                    self._fence(f"could not renew the lease {self.key} for "
-                                f"{time.monotonic() - last_ok:.1f}s ({exc})")
+                    self._fenced(f"could not renew the lease {self.key} for "
+                                 f"{time.monotonic() - last_ok:.1f}s ({exc})")
                     return
                 wait = min(interval, 0.1 * self.ttl)
                 continue
@@ -172,17 +178,17 @@ class Lease:
                 return
             if not renewed:
                 holder = self.holder()
-                self._fence(f"lost the lease {self.key} (now held by "
-                            f"{holder.describe() if holder else 'nobody'})")
+                self._fenced(f"lost the lease {self.key} (now held by "
+                             f"{holder.describe() if holder else 'nobody'})")
                 return
             if started - last_ok > self.ttl:
                 # Renewed, but this process was frozen longer than the TTL: another worker
                 # may have run in between. Do not go on as if nothing happened.
-                self._fence(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
+                self._fenced(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
                 return
             stalled = self.stall_check() if self.stall_check is not None else None
             if stalled:
-                self._fence(stalled)
+                self._fenced(stalled)
                 return
             last_ok = started
             wait = interval
@@ -191,6 +197,10 @@ class Lease:
                     hook()
                 except Exception:
                     logger.exception("lease heartbeat hook failed")
+
+    def _fenced(self, reason: str) -> None:
+        _run_hooks([functools.partial(hook, reason) for hook in self.on_fence])
+        self._fence(reason)
 
     def release(self) -> None:
         """Stop the heartbeat (joined, so no renewal is in flight once this returns) and delete
@@ -206,6 +216,14 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - it expires by itself
                 logger.warning("could not release the lease %s (%s); it expires in %.0fs",
                                self.key, exc, self.ttl)
+
+
+def _run_hooks(hooks: Sequence[Callable[[], None]]) -> None:
+    for hook in list(hooks):
+        try:
+            hook()
+        except Exception:
+            logger.exception("lease hook failed")
 
 
 def _exit_fenced(reason: str) -> None:

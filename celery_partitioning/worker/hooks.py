@@ -40,6 +40,7 @@ from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitioningError
 from ..exits import EXIT_UNCLEAN
+from ..metrics import METRICS_ENV
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import broker_redis
 from ..store.lease import Lease
@@ -184,7 +185,12 @@ def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[s
 def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
     if current_worker(app) is not None:
         return
-    attach_worker(app, build_runtime(app, worker, hosted))
+    runtime = build_runtime(app, worker, hosted)
+    if os.environ.get(METRICS_ENV):  # partitioning worker --metrics-port
+        from ..metrics.instruments import instrument
+
+        instrument(app, runtime)
+    attach_worker(app, runtime)
 
 
 def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
