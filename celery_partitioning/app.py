@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from .checkpointing import attach_runner
+from .checkpoint_runner import attach_runner
 from .eager import install_eager_routing
 from .errors import PartitionKeyError
 from .router import Route

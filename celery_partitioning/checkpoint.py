@@ -13,7 +13,7 @@ The Django store is ``celery_partitioning.contrib.django.checkpoints.DjangoCheck
 any other database plugs in through the small :class:`CheckpointStore` protocol.
 
 This module is a leaf (the decorators and the router use it); what runs a body inside its
-checkpoint, finds the store and checks for one at start-up is ``checkpointing``, which
+checkpoint, finds the store and checks for one at start-up is ``checkpoint_runner``, which
 ``install(app)`` attaches to the app.
 """
 
@@ -44,7 +44,7 @@ __all__ = [
 HEADER_POSITION: Final = "partition_position"
 #: Largest position accepted (a signed 64-bit database column holds it).
 MAX_POSITION: Final = 2**63 - 1
-#: Attribute of the Celery app holding its ``checkpointing.CheckpointRunner`` (set by install).
+#: Attribute of the Celery app holding its ``checkpoint_runner.CheckpointRunner`` (set by install).
 RUNNER_ATTRIBUTE: Final = "_celery_partitioning_checkpoints"
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from celery.app.routes import MapRoute, prepare
 from celery.utils.time import rate
 
-from .checkpointing import checkpoint_problems
+from .checkpoint_runner import checkpoint_problems
 from .config import PartitioningSettings
 from .errors import PartitionConfigError, PartitioningError
 from .failure_policy import on_failure_problem

@@ -286,7 +286,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
     size other than the configured one; then, for projections with a checkpoint, the keys,
     messages applied and messages skipped as already applied. Read only."""
-    from ..checkpointing import checkpoint_stats, render_checkpoint_stats
+    from ..checkpoint_runner import checkpoint_stats, render_checkpoint_stats
     from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
     from .status import collect_status, render_table, status_json

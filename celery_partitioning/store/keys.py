@@ -43,7 +43,7 @@ class RedisKeys:
         has not yet registered in kombu's ``unacked`` hash (BLMOVE target; crash recovery)."""
         return f"{self.root}in-transit:{queue}"
 
-    # -- dead letters and per-key parking (celery_partitioning.deadletters) --------------
+    # -- dead letters and per-key parking (store/deadletters.py) -------------------
     # Pool names are validated by config (letters, digits, '_', '-'); key text is hashed.
 
     def dead_letters(self, pool: str) -> str:

@@ -93,7 +93,7 @@ class Lease:
         self._thread: threading.Thread | None = None
         self._held = False
         self._last_ok = time.monotonic()
-        #: Called after every good renewal (e.g. to refresh the unacked index); errors logged.
+        #: Called after every good renewal; errors logged.
         self.on_beat: list[Callable[[], None]] = []
         #: Asked after every renewal: a reason means the partition's thread is stuck and the
         #: process fences itself (a lease must not outlive the consumer it stands for).

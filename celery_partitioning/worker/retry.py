@@ -24,7 +24,7 @@ both come here) and wraps ``task.run``:
   a warm shutdown during the wait stops the worker at once without acking, and the message
   goes back to the head of its queue;
 * when no retry is left, the message becomes a dead letter and its key is parked
-  (:mod:`celery_partitioning.deadletters`), then the task fails as usual (FAILURE, acked).
+  (:mod:`celery_partitioning.store.deadletters`), then the task fails as usual (FAILURE, acked).
 
 Every attempt is counted as with Celery (a retry being a new message): ``request.retries`` is
 one higher in its ``task_prerun``, body and ``task_postrun``, on each path (in place,

@@ -17,6 +17,8 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from kombu.utils.imports import symbol_by_name
+
 from .checkpoint import (
     HEADER_POSITION,
     RUNNER_ATTRIBUTE,
@@ -47,22 +49,13 @@ logger = logging.getLogger("celery_partitioning.checkpoint")
 
 
 def _load(path: str) -> Any:
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    if not module or not attr:
-        raise PartitionConfigError(
-            f"setting partitioning_checkpoint_store is {path!r}; use 'package.module:Class'"
-        )
+    """``package.module:Class`` (or dotted) through kombu's loader, as Celery loads its own."""
     try:
-        found = importlib.import_module(module)
-        for part in attr.split("."):
-            found = getattr(found, part)
-    except (ImportError, AttributeError) as exc:
+        return symbol_by_name(path)
+    except (ImportError, AttributeError, ValueError) as exc:
         raise PartitionConfigError(
-            f"setting partitioning_checkpoint_store is {path!r}, which cannot be imported: {exc}"
-        ) from None
-    return found
+            f"setting partitioning_checkpoint_store is {path!r}, which cannot be imported "
+            f"({exc}); use 'package.module:Class'") from None
 
 
 #: The Django store, the default when its Django app is installed.
