@@ -184,19 +184,9 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
             click.echo(" ".join(maybe_sanitize_url(arg) if "://" in arg else arg
                                 for arg in [sys.executable, "-m", "celery", *argv(spec)]))
         return
-    def checks() -> list[str]:
-        problems = check_guarantees(app)
-        declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
-        check_recorded_sizes(app, running, command=_app_command(ctx))
-        return problems
-
     metrics: Any = None  # --metrics-port: metrics/server.py
     try:
-        # a fleet started during a failover waits for a master, as its children do
-        for problem in when_reachable(checks, lambda line: click.echo(line, err=True),
-                                      "partition worker checks"):
-            click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
-                       f"{problem}", err=True)
+        _check_before_start(ctx, app, selected)
         if metrics_port is not None:
             from ..metrics.server import MetricsProcess
 
@@ -215,6 +205,21 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _check_before_start(ctx: click.Context, app: Any, selected: list[Any]) -> None:
+    """Guarantees, queues and recorded sizes; a fleet started during a failover waits for a
+    master, as its children do."""
+    def checks() -> list[str]:
+        problems = check_guarantees(app)
+        declare_partition_queues(app, [(spec.pool, spec.index) for spec in selected])
+        check_recorded_sizes(app, {spec.pool for spec in selected}, command=_app_command(ctx))
+        return problems
+
+    for problem in when_reachable(checks, lambda line: click.echo(line, err=True),
+                                  "partition worker checks"):
+        click.echo(f"Warning: running without a guarantee (partitioning_allow_degraded): "
+                   f"{problem}", err=True)
 
 
 def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
