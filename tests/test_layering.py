@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "celery_partitioning"
 PURE = ["keys", "hashing", "config", "redis_target", "router", "tasks", "errors", "checkpoint", "compat",
-        "failure_policy"]
+        "failure_policy", "balance"]
 #: What the pure core may import besides the standard library and itself.
 ALLOWED_THIRD_PARTY = {"kombu", "celery"}
 
