@@ -38,6 +38,11 @@ class RedisKeys:
         seconds), written by its lease heartbeat; ``status`` tells a stalled partition by it."""
         return f"{self.root}progress:{queue}"
 
+    def members(self, pool: str) -> str:
+        """Hash: member id → JSON of a live worker process of the pool (host, pid, since, last
+        beat, pinned partitions); a member whose beat is older than its TTL is gone."""
+        return f"{self.root}members:{pool}"
+
     def in_transit(self, queue: str) -> str:
         """List (on the broker's Redis): messages a partition worker popped from its queue and
         has not yet registered in kombu's ``unacked`` hash (BLMOVE target; crash recovery)."""

@@ -1,0 +1,95 @@
+"""Who is running a pool: member processes registered in the store, with a heartbeat.
+
+A member is one worker process that hosts partitions of a pool. It beats every few seconds
+(server time, so hosts with skewed clocks agree); a member whose last beat is older than its
+TTL is gone, and is removed by whoever reads the list next. The balanced assignment
+(``balance.py``) is computed from this list and from the lease holders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .keys import RedisKeys
+
+__all__ = ["Member", "Membership", "member_id"]
+
+
+def member_id(node: str = "", pid: int | None = None) -> str:
+    """A member id: ``host:pid`` (plus the Celery node name when known), unique per process."""
+    return f"{node or socket.gethostname()}:{os.getpid() if pid is None else pid}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A live member as stored (times in server milliseconds)."""
+
+    id: str
+    host: str
+    pid: int
+    since_ms: int
+    beat_ms: int
+    ttl_ms: int
+    #: Partitions this member is pinned to (``--partitions``); empty: balanced.
+    pinned: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def balanced(self) -> bool:
+        return not self.pinned
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "pinned": list(self.pinned)}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Member:
+        data = json.loads(text)
+        return cls(str(data["id"]), str(data["host"]), int(data["pid"]), int(data["since_ms"]),
+                   int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())))
+
+
+class Membership:
+    """Register, beat, leave and list the members of pools in one store."""
+
+    def __init__(self, client: Any, keys: RedisKeys) -> None:
+        self.client = client
+        self.keys = keys
+
+    def now_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def beat(self, pools: Iterable[str], member: str, *, ttl: float, since_ms: int | None = None,
+             pinned: Sequence[int] = ()) -> int:
+        """Register or refresh ``member`` in ``pools``; returns the server time of the beat."""
+        now = self.now_ms()
+        record = Member(member, socket.gethostname(), os.getpid(), since_ms or now, now,
+                        int(ttl * 1000), tuple(pinned)).to_json()
+        with self.client.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hset(self.keys.members(pool), member, record)
+            pipe.execute()
+        return now
+
+    def leave(self, pools: Iterable[str], member: str) -> None:
+        """Remove ``member`` at once (a warm stop), so the others rebalance without waiting."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for pool in pools:
+                pipe.hdel(self.keys.members(pool), member)
+            pipe.execute()
+
+    def live(self, pool: str) -> list[Member]:
+        """The members of ``pool`` whose beat is within their TTL, by id; removes the others."""
+        now = self.now_ms()
+        members: list[Member] = []
+        gone: list[Member] = []
+        for raw in self.client.hvals(self.keys.members(pool)):
+            member = Member.from_json(raw)
+            (members if member.beat_ms + member.ttl_ms >= now else gone).append(member)
+        if gone:
+            self.client.hdel(self.keys.members(pool), *[member.id for member in gone])
+        return sorted(members, key=lambda member: member.id)

@@ -1,0 +1,46 @@
+"""Members of a pool in a real Redis store: beat, expire, leave (no workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_partitioning.balance import assign
+from celery_partitioning.store.keys import RedisKeys
+from celery_partitioning.store.membership import Membership, member_id
+
+pytestmark = pytest.mark.integration
+
+
+def test_members_beat_expire_and_leave(store_redis: Any, namespace: str) -> None:
+    membership = Membership(store_redis, RedisKeys(namespace))
+    # Given two members of pool p, one pinned
+    a, b = member_id("a", 1), member_id("b", 2)
+    membership.beat(["p"], a, ttl=30)
+    since = membership.beat(["p"], b, ttl=30, pinned=[0])
+    live = membership.live("p")
+    assert [m.id for m in live] == [a, b]
+    assert live[1].pinned == (0,) and not live[1].balanced and live[0].balanced
+    # When b beats again, its start time is kept
+    membership.beat(["p"], b, ttl=30, since_ms=since, pinned=[0])
+    assert membership.live("p")[1].since_ms == since
+    # When a member's beat is older than its TTL, it is gone and removed from the hash
+    store_redis.hset(RedisKeys(namespace).members("p"), "dead:3", membership.live("p")[0]
+                     .to_json().replace(a, "dead:3").replace('"ttl_ms":30000', '"ttl_ms":-1'))
+    assert [m.id for m in membership.live("p")] == [a, b]
+    assert not store_redis.hexists(RedisKeys(namespace).members("p"), "dead:3")
+    # When a leaves warmly, it is gone at once
+    membership.leave(["p"], a)
+    assert [m.id for m in membership.live("p")] == [b]
+
+
+def test_every_member_computes_the_same_assignment_from_the_store(store_redis: Any,
+                                                                  namespace: str) -> None:
+    membership = Membership(store_redis, RedisKeys(namespace))
+    for node in ("w1", "w2", "w3"):
+        membership.beat(["entity"], member_id(node, 7), ttl=30)
+    members = [m.id for m in membership.live("entity")]
+    views = [assign(range(12), list(reversed(members)) if i else members, {}) for i in range(2)]
+    assert views[0].owners == views[1].owners
+    assert sorted(len(views[0].of(m)) for m in members) == [4, 4, 4]
