@@ -44,3 +44,33 @@ def test_every_member_computes_the_same_assignment_from_the_store(store_redis: A
     views = [assign(range(12), list(reversed(members)) if i else members, {}) for i in range(2)]
     assert views[0].owners == views[1].owners
     assert sorted(len(views[0].of(m)) for m in members) == [4, 4, 4]
+
+
+def test_balancers_of_three_members_share_a_pool_and_follow_joins_and_leaves(
+        store_redis: Any, namespace: str) -> None:
+    from celery_partitioning.worker.balancer import Balancer
+
+    keys = RedisKeys(namespace)
+
+    def balancer(name: str) -> Balancer:
+        return Balancer(store_redis, keys, {"entity": 12}, lambda p, i: f"{namespace}q.{p}.{i}",
+                        member=member_id(name, 1), ttl=30)
+
+    # Given two members
+    a, b = balancer("a"), balancer("b")
+    for member in (a, b, a):  # a beats again once b is known
+        member.refresh()
+    assert sorted(a.share("entity") + b.share("entity")) == list(range(12))
+    assert len(a.share("entity")) == len(b.share("entity")) == 6
+    # When a third joins, then after one beat each the shares are 4/4/4 and disjoint
+    c = balancer("c")
+    for member in (c, a, b):
+        member.refresh()
+    shares = [m.share("entity") for m in (a, b, c)]
+    assert sorted(i for s in shares for i in s) == list(range(12)) and [len(s) for s in shares] == [4, 4, 4]
+    assert all(c.wants("entity", i) for i in shares[2]) and not a.wants("entity", shares[2][0])
+    # When b leaves warmly, a and c take its share at their next beat
+    b.stop()
+    for member in (a, c):
+        member.refresh()
+    assert sorted(a.share("entity") + c.share("entity")) == list(range(12))

@@ -1,0 +1,96 @@
+"""Balanced mode: which partitions this process should hold, recomputed at every beat.
+
+Every worker process of a pool is a member (``store/membership.py``). At each beat a member
+registers itself, reads the live members and the lease holders, and computes the pool's
+assignment (``balance.py``): the same computation on every member, so each knows its own share
+without a coordinator. A partition thread asks :meth:`Balancer.wants` before it takes its
+lease and between two messages while it holds it; a partition no longer wanted is handed over
+by releasing the lease after the running message, and the member it now belongs to takes the
+lease as a standby takes it today. The lease remains the only permission to consume.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..balance import assign
+from ..store.keys import RedisKeys
+from ..store.lease import read_holders
+from ..store.membership import Membership
+
+__all__ = ["Balancer"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+
+class Balancer:
+    """This process's share of its pools, kept fresh by :meth:`run` (or :meth:`refresh`)."""
+
+    def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
+                 queue_name: Callable[[str, int], str], *, member: str, ttl: float,
+                 pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0) -> None:
+        self.client = client
+        self.keys = keys
+        self.membership = Membership(client, keys)
+        self.sizes = dict(sizes)
+        self.queue_name = queue_name
+        self.member = member
+        self.ttl = ttl
+        self.pinned = {pool: tuple(indexes) for pool, indexes in (pinned or {}).items()}
+        self.interval = interval
+        self._since: int | None = None
+        self._mine: dict[str, frozenset[int]] = {pool: frozenset() for pool in self.sizes}
+        self._stop = threading.Event()
+
+    def wants(self, pool: str, index: int) -> bool:
+        """Whether this process should hold partition ``index`` of ``pool`` now."""
+        if pool in self.pinned:
+            return index in self.pinned[pool]
+        return index in self._mine.get(pool, frozenset())
+
+    def share(self, pool: str) -> list[int]:
+        return sorted(self.pinned.get(pool) or self._mine.get(pool, frozenset()))
+
+    def refresh(self) -> dict[str, list[int]]:
+        """One beat: register, read members and holders, recompute; returns what moved in."""
+        gained: dict[str, list[int]] = {}
+        for pool, size in self.sizes.items():
+            now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
+                                       pinned=self.pinned.get(pool, ()))
+            self._since = self._since or now
+            live = self.membership.live(pool)
+            queues = [self.queue_name(pool, index) for index in range(size)]
+            holders = read_holders(self.client, self.keys, queues)
+            current = {index: f"{holder.host}:{holder.pid}"
+                       for index, holder in enumerate(holders[q] for q in queues) if holder}
+            result = assign(range(size), [m.id for m in live if m.balanced], current,
+                            {m.id: m.pinned for m in live if not m.balanced})
+            mine = frozenset(result.of(self.member))
+            if mine != self._mine.get(pool):
+                gained[pool] = sorted(mine - self._mine.get(pool, frozenset()))
+                logger.info("%s: this process (%s) now holds %s of pool %s (%d member(s))",
+                            "rebalance", self.member, sorted(mine) or "nothing", pool, len(live))
+            self._mine[pool] = mine
+        return gained
+
+    def run(self) -> None:
+        """Beat until :meth:`stop`; a failed beat is retried at the next one (the lease, not
+        this list, keeps two members off one partition)."""
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the store may be failing over
+                logger.warning("balance beat failed (%s); keeping the last share", exc)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop beating and leave every pool at once, so the others rebalance without waiting
+        for this member's TTL."""
+        self._stop.set()
+        try:
+            self.membership.leave(self.sizes, self.member)
+        except Exception as exc:  # noqa: BLE001 - it expires by itself
+            logger.warning("could not leave the pools (%s); the others wait for its TTL", exc)
