@@ -37,7 +37,8 @@ _ACTIONS: Final = ("replay", "skip", "discard")
 
 
 def _context(request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
-    return {**admin.site.each_context(request), "title": title,
+    # No nav sidebar: it lists models, and an operator may have no model permission at all.
+    return {**admin.site.each_context(request), "title": title, "is_nav_sidebar_enabled": False,
             "can_operate": can_operate(request.user), **extra}
 
 
