@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import redis
@@ -177,3 +177,94 @@ def test_ten_thousand_dead_letters_list_in_pages_and_search_by_key_and_task(
     timings = out["timings"]
     assert isinstance(timings, dict)
     assert max(timings.values()) < 30, timings
+
+
+REPLAY_DISCARD = """
+operator = User.objects.create_user("operator", password="pw", is_staff=True)
+operator.user_permissions.add(OPERATE)
+client = Client()
+client.force_login(operator)
+odd, other = os.environ["CP_KEY"], os.environ["CP_OTHER"]
+listed = client.get("/admin/partitioning/dead-letters/", {"q": "a/b"}).content.decode()
+link = listed.split('<tr data-key="')[1].split('href="')[1].split('"')[0].replace("&amp;", "&")
+page = client.get(link).content.decode()
+out = {"link": link, "shown": odd.replace("&", "&amp;") in page}
+replay = client.post("/admin/partitioning/dead-letters/action/",
+                     {"action": "replay", "pool": "entity", "key": odd, "next": link}, follow=True)
+out["replay"] = [str(m) for m in replay.context["messages"]]
+out["after_replay"] = "cp-not-parked" in replay.content.decode()
+again = client.post("/admin/partitioning/dead-letters/action/",
+                    {"action": "replay", "pool": "entity", "key": odd}, follow=True)
+out["again"] = [str(m) for m in again.context["messages"]]
+discard = client.post("/admin/partitioning/dead-letters/action/",
+                      {"action": "discard", "pool": "entity", "key": other,
+                       "next": "https://elsewhere.example/"})
+out["discard"] = (discard.status_code, discard["Location"])
+out["log"] = sorted((e.action_flag, e.object_repr) for e in LogEntry.objects.all())
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_replay_and_discard_from_the_pages_do_what_the_command_does(
+    fa: ModuleType, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    store = DeadLetterStore(client, RedisKeys(fa.NS))
+    # Given a parked key whose text needs escaping in URLs and HTML, and another parked key
+    odd, other = "Order:a/b c&d?e=1", "Order:other"
+    park(store, odd, "t-odd-0", behind=2)
+    park(store, other, "t-other-0", behind=1)
+    # When the operator finds the first by a search, follows its link, replays it (twice),
+    # and discards the other, asking to be sent to another site afterwards
+    out = _result(run_django(fa, tmp_path / "db.sqlite3", REPLAY_DISCARD, CP_KEY=odd,
+                             CP_OTHER=other))
+    # Then the link led to that key's page
+    assert out["shown"], out["link"]
+    # And the replay put the failed message, then the parked ones, at the queue's head in order
+    replayed, again = out["replay"], out["again"]
+    assert isinstance(replayed, list) and isinstance(again, list)
+    (said,) = replayed
+    assert said == f"replayed 3 message(s) of key {odd!r} (pool entity) to " + \
+        replay_target(fa.app, "entity", odd)[0] + "; the key is unparked"
+    assert out["after_replay"] and not store.is_parked("entity", odd)
+    queue = RedisKeys(fa.NS).broker_queue(replay_target(fa.app, "entity", odd)[0])
+    assert [json.loads(m)["headers"]["id"] for m in reversed(client.lrange(queue, 0, -1))][:3] \
+        == ["t-odd-0", "t-odd-0-1", "t-odd-0-2"]
+    # And replaying again changed nothing and said why
+    (refused,) = again
+    assert "is not parked: it was replayed at" in refused
+    # And the discard dropped both messages of the other key (logged), redirecting only here
+    assert out["discard"] == [302, "/admin/partitioning/dead-letters/"]
+    assert not store.is_parked("entity", other)
+    assert [e["action"] for e in store.history("entity")] == ["replay", "discard"]
+    assert out["log"] == [[2, f"partition key {odd}"], [3, f"partition key {other}"]]
+
+
+UNREACHABLE = """
+user = User.objects.create_user("viewer", password="pw", is_staff=True)
+client = Client()
+client.force_login(user)
+out = {}
+for path in ("/admin/partitioning/", "/admin/partitioning/dead-letters/",
+             "/admin/partitioning/dead-letters/one/?pool=entity&key=Order:x"):
+    response = client.get(path)
+    body = response.content.decode()
+    out[path] = [response.status_code, body.split('class="errornote">')[1].split("<")[0]]
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_without_redis_the_pages_say_so_instead_of_failing(tmp_path: Path) -> None:
+    # Given an app whose broker and store (a closed port) cannot be reached
+    nowhere = SimpleNamespace(REDIS_URL="redis://127.0.0.1:1/0", BROKER_URL="redis://127.0.0.1:1/0",
+                              NS="cptest-nowhere:")
+    # When a staff user opens each page
+    out = _result(run_django(nowhere, tmp_path / "db.sqlite3", UNREACHABLE))
+    # Then each answers 503 and says what cannot be reached
+    assert len(out) == 3
+    for path, found in out.items():
+        assert isinstance(found, list)
+        status, said = found
+        assert status == 503, path
+        assert said.startswith("Redis (the broker or the partitioning store) cannot be reached"), said

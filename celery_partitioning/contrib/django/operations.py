@@ -170,6 +170,12 @@ def describe(result: ActionResult) -> str:
 
 
 def error_text(exc: Exception) -> str:
+    """What the page says of a failure (a Redis one says nothing was changed)."""
+    from redis.exceptions import RedisError
+
+    if isinstance(exc, RedisError):
+        return (f"Redis (the broker or the partitioning store) cannot be reached: {exc}; "
+                "nothing was changed")
     return str(exc) if isinstance(exc, DeadLetterError) else f"{type(exc).__name__}: {exc}"
 
 
