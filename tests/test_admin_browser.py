@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,18 +69,24 @@ def answers(url: str) -> bool:
         return False
 
 
+def settled(server: subprocess.Popen[bytes], base: str) -> bool:
+    """The server exited (its port was taken) or answers."""
+    return server.poll() is not None or answers(f"{base}/admin/login/")
+
+
 def start_site(processes: Processes, fa: ModuleType, db: Path, log: Path) -> str:
     """Django's dev server of tests/apps/admin_site, with an operator user; its base URL."""
     made = run_django(fa, db, 'User.objects.create_user("operator", password="pw", '
                               'is_staff=True).user_permissions.add(OPERATE)\nprint("USER-OK")')
     assert "USER-OK" in made.stdout, made.stdout + made.stderr
-    port = free_port()
-    env = django_env(fa, db)
-    processes.start([sys.executable, "-m", "django", "runserver", f"127.0.0.1:{port}",
-                     "--noreload"], env=env, log=log)
-    base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: answers(f"{base}/admin/login/"), 60, "the dev server to answer")
-    return base
+    for _ in range(3):  # another process may take the free port before the server binds it
+        base = f"http://127.0.0.1:{free_port()}"
+        server = processes.start([sys.executable, "-m", "django", "runserver", base[7:],
+                                  "--noreload"], env=django_env(fa, db), log=log)
+        wait_for(partial(settled, server, base), 60, "the dev server to answer or exit")
+        if server.poll() is None:
+            return base
+    raise AssertionError(f"the dev server did not start; see {log}")
 
 
 def test_an_operator_skips_a_parked_key_in_the_browser_and_its_parked_messages_run_in_order(
