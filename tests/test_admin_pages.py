@@ -250,18 +250,24 @@ for path in ("/admin/partitioning/", "/admin/partitioning/dead-letters/",
     response = client.get(path)
     body = response.content.decode()
     out[path] = [response.status_code, body.split('class="errornote">')[1].split("<")[0]]
+admin = User.objects.create_superuser("admin", password="pw")
+client.force_login(admin)
+index = client.get("/admin/celery_partitioning/").content.decode()
+out["app index"] = [int('id="cp-pages"' in index), int('href="/admin/partitioning/"' in index)]
 print("RESULT " + json.dumps(out))
 """
 
 
 @pytest.mark.timeout(120)
-def test_without_redis_the_pages_say_so_instead_of_failing(tmp_path: Path) -> None:
+def test_without_redis_the_pages_say_so_and_the_app_index_links_to_them(tmp_path: Path) -> None:
     # Given an app whose broker and store (a closed port) cannot be reached
     nowhere = SimpleNamespace(REDIS_URL="redis://127.0.0.1:1/0", BROKER_URL="redis://127.0.0.1:1/0",
                               NS="cptest-nowhere:")
     # When a staff user opens each page
     out = _result(run_django(nowhere, tmp_path / "db.sqlite3", UNREACHABLE))
     # Then each answers 503 and says what cannot be reached
+    # And the app's admin index links to the pages (no Redis needed for that)
+    assert out.pop("app index") == [1, 1]
     assert len(out) == 3
     for path, found in out.items():
         assert isinstance(found, list)
