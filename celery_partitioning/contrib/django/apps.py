@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from django.apps import AppConfig
 from django.core import checks
+from django.db.models.signals import post_migrate
 
 from .checks import check_partitioned_tasks
+from .permissions import create_operate_permission
 
 __all__ = ["CeleryPartitioningConfig", "check_partitioned_tasks"]
 
 
 class CeleryPartitioningConfig(AppConfig):
-    """Registers the partitioning system check."""
+    """Registers the partitioning system check, and the permission of the admin pages."""
 
     name = "celery_partitioning.contrib.django"
     label = "celery_partitioning"
@@ -25,3 +27,4 @@ class CeleryPartitioningConfig(AppConfig):
 
     def ready(self) -> None:
         checks.register(check_partitioned_tasks, "celery_partitioning")
+        post_migrate.connect(create_operate_permission, sender=self)

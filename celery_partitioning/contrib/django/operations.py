@@ -1,0 +1,185 @@
+"""What the admin pages read and do, in one place: the only module of the pages that calls the
+partition status (``cli/status.py``) and the dead-letter stores (``store/deadletters.py``,
+``store/skipping.py``), so a rename there is fixed here once.
+
+Listing is built for many dead letters: the records of every pool are read with one HVALS
+each, filtered and sorted in memory (JSON only, no per-letter round trip), and only the page
+shown asks Redis for its parked messages (one pipeline of LLENs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ...cli.deadletters import replay_target, store_for_app
+from ...cli.status import PartitionStatus, collect_status
+from ...errors import DeadLetterError
+from ...message import MessageSummary
+from ...state import STATE_ATTRIBUTE, settings_of
+from ...store.deadletters import DeadLetter, DeadLetterStore, DeadLetterView
+from ...store.skipping import SkipStore
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["Action", "ActionResult", "Letter", "celery_app", "dead_letter", "list_letters",
+           "parked_counts", "partitions", "perform", "pools_of"]
+
+#: What an operator may do to a dead letter from the page.
+Action = Literal["replay", "skip", "discard"]
+
+
+@dataclass(frozen=True)
+class Letter:
+    """One listed dead letter: parked (``policy == "park"``) or of a skip-policy task."""
+
+    letter: DeadLetter
+    parked: tuple[MessageSummary, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What an action did: the messages it released (replay, skip) or dropped (discard)."""
+
+    action: Action
+    pool: str
+    key: str
+    messages: list[MessageSummary]
+    skipped: MessageSummary | None = None
+    queue: str | None = None
+
+
+def celery_app() -> Celery:
+    """The Celery app the pages show: ``settings.CELERY_PARTITIONING_APP`` (``"pkg.mod:app"``
+    or ``"pkg.mod.app"``) when set, else Celery's current app (as the system check does)."""
+    from celery import current_app
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    named = getattr(settings, "CELERY_PARTITIONING_APP", None)
+    if named:
+        found: Celery = import_string(str(named).replace(":", "."))
+        return found
+    current: Celery = current_app._get_current_object()
+    return current
+
+
+def installed(app: Celery) -> bool:
+    return STATE_ATTRIBUTE in vars(app)
+
+
+def pools_of(app: Celery) -> list[str]:
+    return list(settings_of(app).pools)
+
+
+def partitions(app: Celery) -> list[PartitionStatus]:
+    """Every partition of every pool, as ``celery partitioning status`` reads them."""
+    return collect_status(app)
+
+
+def _store(app: Celery) -> DeadLetterStore:
+    return store_for_app(app)
+
+
+def _records(store: DeadLetterStore, pool: str) -> list[DeadLetter]:
+    keys = store.keys
+    values = [*store.client.hvals(keys.dead_letters(pool)),
+              *store.client.hvals(keys.skipped_dead_letters(pool))]
+    return [DeadLetter.from_json(v) for v in values]
+
+
+def list_letters(app: Celery, *, pool: str = "", key: str = "", task: str = "") -> list[DeadLetter]:
+    """Dead letters (parked and skip-policy) of ``pool`` (default all) whose key and task
+    contain ``key`` and ``task`` (case-insensitive), oldest failure first."""
+    pools = [pool] if pool else pools_of(app)
+    key, task = key.lower(), task.lower()
+    store = _store(app)
+    try:
+        found = [letter for p in pools for letter in _records(store, p)
+                 if key in letter.key.lower() and task in letter.task.lower()]
+    finally:
+        store.client.close()
+    return sorted(found, key=lambda d: (d.failed_at, d.pool, d.key))
+
+
+def parked_counts(app: Celery, letters: Sequence[DeadLetter]) -> list[int]:
+    """How many messages wait behind each of ``letters`` (0 for skip-policy ones)."""
+    store = _store(app)
+    try:
+        with store.client.pipeline(transaction=False) as pipe:
+            for d in letters:
+                pipe.llen(store.keys.parked(d.pool, d.key))
+            counts = pipe.execute()
+    finally:
+        store.client.close()
+    return [int(c) if d.policy == "park" else 0 for d, c in zip(letters, counts, strict=True)]
+
+
+def dead_letter(app: Celery, pool: str, key: str, task_id: str = "") -> Letter | None:
+    """The parked dead letter of ``key`` with what waits behind it, or the skip-policy one of
+    ``task_id``; None when there is none (replayed, skipped or discarded meanwhile)."""
+    store = _store(app)
+    try:
+        if task_id:
+            views = [v for v in SkipStore(store).find([pool], key) if v.dead_letter.id == task_id]
+            view: DeadLetterView | None = views[0] if views else None
+        else:
+            view = store.get(pool, key)
+    finally:
+        store.client.close()
+    return None if view is None else Letter(view.dead_letter, view.parked)
+
+
+def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
+    """Replay, skip or discard the dead letter of ``key`` in ``pool`` exactly as the
+    ``dead-letters`` command does. Raises ``DeadLetterError`` when there is nothing to do."""
+    settings_of(app).partitions(pool)  # an unknown pool: PartitionConfigError
+    store = _store(app)
+    try:
+        if action == "replay":
+            queue, publish = replay_target(app, pool, key)
+            return ActionResult(action, pool, key, store.replay(pool, key, queue, publish=publish),
+                                queue=queue)
+        if action == "skip":
+            queue, publish = replay_target(app, pool, key)
+            result = SkipStore(store).skip(pool, key, queue, publish=publish)
+            return ActionResult(action, pool, key, result.released, result.skipped, queue)
+        messages = store.discard(pool, key) if store.is_parked(pool, key) else []
+        messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)
+                     for d in SkipStore(store).discard([pool], key)]
+        if not messages:
+            raise store.not_parked_error([pool], key, action)
+        return ActionResult(action, pool, key, messages)
+    finally:
+        store.client.close()
+
+
+def describe(result: ActionResult) -> str:
+    """One line for the operator and the admin log."""
+    count = len(result.messages)
+    if result.action == "skip":
+        skipped = result.skipped.id if result.skipped is not None else "?"
+        return (f"skipped {skipped} of key {result.key!r} (pool {result.pool}) and released "
+                f"{count} parked message(s) to {result.queue}; the key is unparked")
+    if result.action == "replay":
+        return (f"replayed {count} message(s) of key {result.key!r} (pool {result.pool}) to "
+                f"{result.queue}; the key is unparked")
+    return f"discarded {count} message(s) of key {result.key!r} (pool {result.pool})"
+
+
+def error_text(exc: Exception) -> str:
+    """What the page says of a failure (a Redis one says nothing was changed)."""
+    from redis.exceptions import RedisError
+
+    if isinstance(exc, RedisError):
+        return (f"Redis (the broker or the partitioning store) cannot be reached: {exc}; "
+                "nothing was changed")
+    return str(exc) if isinstance(exc, DeadLetterError) else f"{type(exc).__name__}: {exc}"
+
+
+def as_dict(result: ActionResult) -> dict[str, Any]:
+    return {"action": result.action, "pool": result.pool, "key": result.key,
+            "messages": len(result.messages), "ids": [m.id for m in result.messages],
+            "skipped": result.skipped.id if result.skipped is not None else None}

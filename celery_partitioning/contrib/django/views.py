@@ -1,0 +1,174 @@
+"""The admin pages: each pool's partitions, the dead letters (paginated, searchable), one dead
+letter with what is parked behind it, and the actions replay / skip / discard.
+
+Mounted in a project's URLconf next to the admin (see ``urls``); every view goes through
+``admin.site.admin_view`` (staff login, CSRF protection, no caching). Reading needs staff
+status; acting needs ``celery_partitioning.operate_partitions`` (403 otherwise), and each
+action is written to Django's admin log (who, when, what, how many messages) besides the
+dead-letter log the store keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Final, cast
+
+from django.contrib import admin, messages
+from django.contrib.admin.models import CHANGE, DELETION, LogEntry
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from redis.exceptions import RedisError
+
+from ...errors import PartitioningError
+from . import operations as ops
+from .checks import not_installed
+from .permissions import can_operate
+
+__all__ = ["action", "dead_letter", "dead_letters", "partitions", "PER_PAGE"]
+
+#: Dead letters per page.
+PER_PAGE: Final = 50
+_ACTIONS: Final = ("replay", "skip", "discard")
+
+
+def _context(request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
+    # No nav sidebar: it lists models, and an operator may have no model permission at all.
+    return {**admin.site.each_context(request), "title": title, "is_nav_sidebar_enabled": False,
+            "can_operate": can_operate(request.user), **extra}
+
+
+def _unavailable(request: HttpRequest, title: str, reason: str) -> HttpResponse:
+    return render(request, "celery_partitioning/unavailable.html",
+                  _context(request, title, reason=reason), status=503)
+
+
+def _app_or_reason() -> tuple[Any, str | None]:
+    app = ops.celery_app()
+    if not ops.installed(app):
+        warning = not_installed(app)
+        return app, f"{warning.msg} ({warning.hint})"
+    return app, None
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def partitions(request: HttpRequest) -> HttpResponse:
+    """Each pool's partitions: depth, unacked, oldest age, holder, parked keys, backoff."""
+    if request.method not in ('GET', 'HEAD'):
+        return HttpResponseNotAllowed(["GET", "HEAD"])
+    title = "Partitions"
+    app, reason = _app_or_reason()
+    if reason is not None:
+        return _unavailable(request, title, reason)
+    try:
+        rows = ops.partitions(app)
+    except (PartitioningError, RedisError, OSError) as exc:
+        return _unavailable(request, title, ops.error_text(exc))
+    now = time.time()
+    shown: list[dict[str, Any]] = [{
+        "row": r, "oldest": _seconds(r.oldest_age), "last_take": _seconds(r.last_consumed_age),
+        "backoff_due": None if r.backoff_next_due is None else
+        _seconds(max(0.0, r.backoff_next_due - now)),
+    } for r in rows]
+    pools: dict[str, list[dict[str, Any]]] = {}
+    for item in shown:
+        pools.setdefault(item["row"].pool, []).append(item)
+    return render(request, "celery_partitioning/partitions.html", _context(
+        request, title, pools=pools, app_name=app.main or "<unnamed>"))
+
+
+def dead_letters(request: HttpRequest) -> HttpResponse:
+    """The dead letters, oldest failure first: searchable by key and task, filterable by pool."""
+    if request.method not in ('GET', 'HEAD'):
+        return HttpResponseNotAllowed(["GET", "HEAD"])
+    title = "Dead letters"
+    app, reason = _app_or_reason()
+    if reason is not None:
+        return _unavailable(request, title, reason)
+    pool = request.GET.get("pool", "")
+    key, task = request.GET.get("q", "").strip(), request.GET.get("task", "").strip()
+    pools = ops.pools_of(app)
+    if pool and pool not in pools:
+        pool = ""
+    try:
+        found = ops.list_letters(app, pool=pool, key=key, task=task)
+        page = Paginator(found, PER_PAGE).get_page(request.GET.get("page"))
+        letters = list(page.object_list)
+        counts = ops.parked_counts(app, letters)
+    except (PartitioningError, RedisError, OSError) as exc:
+        return _unavailable(request, title, ops.error_text(exc))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render(request, "celery_partitioning/dead_letters.html", _context(
+        request, title, page=page, rows=list(zip(letters, counts, strict=True)), pools=pools,
+        pool=pool, q=key, task=task, total=len(found), query=query.urlencode()))
+
+
+def dead_letter(request: HttpRequest) -> HttpResponse:
+    """One dead letter: its error, traceback, raw message and the messages parked behind it."""
+    if request.method not in ('GET', 'HEAD'):
+        return HttpResponseNotAllowed(["GET", "HEAD"])
+    pool, key = request.GET.get("pool", ""), request.GET.get("key", "")
+    task_id = request.GET.get("id", "")
+    title = f"Dead letter of {key}"
+    app, reason = _app_or_reason()
+    if reason is not None:
+        return _unavailable(request, title, reason)
+    try:
+        found = ops.dead_letter(app, pool, key, task_id) if pool in ops.pools_of(app) else None
+    except (PartitioningError, RedisError, OSError) as exc:
+        return _unavailable(request, title, ops.error_text(exc))
+    raw = None
+    if found is not None and found.letter.raw is not None:
+        try:
+            raw = json.dumps(json.loads(found.letter.raw), indent=2, sort_keys=True)
+        except ValueError:
+            raw = found.letter.raw
+    return render(request, "celery_partitioning/dead_letter.html", _context(
+        request, title, pool=pool, key=key, found=found, raw=raw,
+        back=reverse("celery_partitioning:dead_letters")), status=200 if found else 404)
+
+
+def _back(request: HttpRequest) -> str:
+    target = str(request.POST.get("next", ""))
+    if target and url_has_allowed_host_and_scheme(target, {request.get_host()},
+                                                  request.is_secure()):
+        return target
+    return str(reverse("celery_partitioning:dead_letters"))
+
+
+def action(request: HttpRequest) -> HttpResponse:
+    """Replay, skip or discard one key's dead letter (POST, CSRF-checked, permission needed)."""
+    if request.method not in ('POST',):
+        return HttpResponseNotAllowed(["POST"])
+    if not can_operate(request.user):
+        raise PermissionDenied("operating partitions needs celery_partitioning.operate_partitions")
+    what, pool, key = (request.POST.get("action", ""), request.POST.get("pool", ""),
+                       request.POST.get("key", ""))
+    if what not in _ACTIONS or not pool or not key:
+        messages.error(request, "an action needs one of replay, skip, discard, a pool and a key")
+        return HttpResponseRedirect(_back(request))
+    app, reason = _app_or_reason()
+    if reason is not None:
+        return _unavailable(request, "Dead letters", reason)
+    try:
+        result = ops.perform(app, cast(ops.Action, what), pool, key)
+    except (PartitioningError, RedisError, OSError) as exc:
+        messages.error(request, ops.error_text(exc))
+        return HttpResponseRedirect(_back(request))
+    text = ops.describe(result)
+    LogEntry.objects.create(
+        user_id=request.user.pk, content_type=None, object_id=f"{pool}:{key}"[:500],
+        object_repr=f"partition key {key}"[:200],
+        action_flag=DELETION if what == "discard" else CHANGE,
+        change_message=f"celery_partitioning {text} "
+                       f"{json.dumps(ops.as_dict(result), sort_keys=True)}")
+    messages.success(request, text)
+    return HttpResponseRedirect(_back(request))
