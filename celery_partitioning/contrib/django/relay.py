@@ -1,0 +1,179 @@
+"""The outbox relay: committed outbox rows to the broker, in id order, then deleted.
+
+One relay is active per database: it holds a lease in the Redis store (``store/lease.py``,
+key ``RedisKeys.lease("outbox:<alias>:<database name>")``) and a second relay waits as a
+standby, taking over within ``partitioning_lease_ttl`` after the holder dies. A holder
+that cannot renew its lease ends its process (the lease's fence), so two relays never
+publish at once for long.
+
+A loop: read up to ``batch`` rows in id order, publish each as it was captured (same
+exchange, routing key, headers, properties, body: same task id), wait for the broker's
+confirmation (RabbitMQ publisher confirms; on Redis the ``LPUSH`` reply), delete the
+confirmed rows, repeat. Idle: PostgreSQL ``LISTEN`` (the outbox insert sends ``NOTIFY`` in
+its transaction), else a poll every ``poll`` seconds.
+
+Crash between publish and delete: the next relay publishes those rows again, with the same
+task ids, before any later row. Tasks with ``checkpoint=`` skip the repeats (a position at
+or below the checkpoint); other tasks run them twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from django.db import connections
+
+from ...state import redis_client, redis_keys, settings_of
+from ...store.lease import Lease
+from .outbox import NOTIFY_CHANNEL
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .models import OutboxMessage
+
+__all__ = ["Relay", "RelayStats", "DEFAULT_BATCH", "DEFAULT_POLL", "lease_name", "setup_django"]
+
+logger = logging.getLogger("celery_partitioning.outbox")
+
+#: Rows read, published and deleted per round.
+DEFAULT_BATCH: Final = 500
+
+#: Seconds between two looks at an idle outbox (SQLite; on PostgreSQL the longest wait
+#: for a ``NOTIFY`` before looking anyway).
+DEFAULT_POLL: Final = 0.5
+
+
+def setup_django() -> None:
+    """``django.setup()`` unless the app module (or the caller) did it already."""
+    import django
+    from django.apps import apps
+
+    if not apps.ready:
+        django.setup()
+
+
+def lease_name(alias: str) -> str:
+    """The lease's name under ``RedisKeys.lease``: one relay per database."""
+    name = connections[alias].settings_dict.get("NAME") or ""
+    return f"outbox:{alias}:{name}"
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    rounds: int = 0
+
+
+class Relay:
+    """Publishes the committed rows of one database's outbox."""
+
+    def __init__(self, app: Celery, *, using: str = "default", batch: int = DEFAULT_BATCH,
+                 poll: float = DEFAULT_POLL, stop: threading.Event | None = None) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        self.app = app
+        self.using = using
+        self.batch = batch
+        self.poll = poll
+        self.stop = stop or threading.Event()
+        self.stats = RelayStats()
+        self._listening = False
+
+    # ---- one round ---------------------------------------------------------------------
+
+    def relay_once(self, producer: Any) -> int:
+        """Publish up to ``batch`` committed rows in id order; delete the confirmed ones."""
+        from .models import OutboxMessage
+
+        rows = list(OutboxMessage.objects.using(self.using).order_by("id")[: self.batch])
+        confirmed: list[int] = []
+        try:
+            for row in rows:
+                self._publish(producer, row)
+                confirmed.append(row.id)
+        finally:
+            if confirmed:
+                OutboxMessage.objects.using(self.using).filter(id__in=confirmed).delete()
+                self.stats.published += len(confirmed)
+        self.stats.rounds += 1
+        return len(rows)
+
+    def _publish(self, producer: Any, row: OutboxMessage) -> None:
+        queue = self.app.amqp.queues.get(row.queue) if row.queue else None
+        producer.publish(
+            bytes(row.body), exchange=row.exchange, routing_key=row.routing_key,
+            headers=dict(row.headers), content_type=row.content_type,
+            content_encoding=row.content_encoding, compression=row.compression or None,
+            delivery_mode=row.delivery_mode, declare=[queue] if queue is not None else [],
+            retry=True, retry_policy=self.app.conf.task_publish_retry_policy,
+            **row.properties)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Take the lease (standby until then), then relay until ``stop`` is set."""
+        settings = settings_of(self.app)
+        if settings.redis is None:
+            from ...errors import PartitionConfigError
+
+            raise PartitionConfigError(
+                "the outbox relay keeps its lease in the Redis store: set "
+                "partitioning_redis_url (or use a Redis broker)")
+        client = redis_client(settings.redis)
+        lease = Lease(client, redis_keys(self.app).lease(lease_name(self.using)),
+                      settings.lease_ttl, node=f"outbox-relay@{self.using}")
+        try:
+            if not lease.acquire(self.stop.is_set, label=f"outbox relay ({self.using})"):
+                return
+            lease.start_heartbeat()
+            logger.info("outbox relay (%s): lease taken; relaying", self.using)
+            self._relay_until_stopped()
+        finally:
+            lease.release()
+            client.close()
+            connections[self.using].close()
+
+    def _relay_until_stopped(self) -> None:
+        transport_options: dict[str, Any] = {}
+        with self.app.connection_for_write() as probe:  # no I/O: the transport's type
+            if probe.transport.driver_type == "amqp":
+                transport_options["confirm_publish"] = True  # publish returns once confirmed
+        while not self.stop.is_set():
+            try:
+                with self.app.connection_for_write(transport_options=transport_options) as conn:
+                    producer = conn.Producer(auto_declare=False)
+                    while not self.stop.is_set():
+                        if self.relay_once(producer) < self.batch:
+                            self._wait()
+            except Exception:
+                if self.stop.is_set():
+                    return
+                logger.exception("outbox relay (%s): publishing failed; retrying in 1 s",
+                                 self.using)
+                connections[self.using].close()
+                self._listening = False
+                self.stop.wait(1.0)
+
+    def _wait(self) -> None:
+        """Until a transaction that wrote to the outbox commits, or ``poll`` seconds."""
+        connection = connections[self.using]
+        if connection.vendor != "postgresql":
+            self.stop.wait(self.poll)
+            return
+        connection.ensure_connection()
+        raw = connection.connection
+        if not self._listening:
+            with connection.cursor() as cursor:
+                cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            self._listening = True
+            return  # a row committed before LISTEN would be missed: look once more first
+        deadline = time.monotonic() + max(self.poll, 5.0)
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            # Short slices, so a stop request is seen within a quarter second.
+            if any(True for _ in raw.notifies(timeout=0.25, stop_after=1)):
+                return
