@@ -7,6 +7,7 @@ relay on the same database waits as a standby (a lease in the Redis store).
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import threading
 from typing import Any
@@ -48,6 +49,7 @@ def relay_command(ctx: click.Context, database: str, batch: int, poll: float,
     def on_signal(signum: int, frame: Any) -> None:
         stop.set()
 
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a relay is
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     Relay(ctx.obj.app, using=database, batch=batch, poll=poll, stop=stop).run()

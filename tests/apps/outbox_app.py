@@ -99,8 +99,9 @@ def _next_seq(key: str) -> int:
 
 
 def produce(transactions: int, keys: int, per_transaction: int, rollback_every: int,
-            seed: int) -> dict[str, Any]:
-    """Run the transactions; return the event ids that committed and that rolled back."""
+            seed: int, until: str = "") -> dict[str, Any]:
+    """Run ``transactions`` transactions, and more until the file ``until`` exists (when
+    given); return the event ids that committed and that rolled back."""
     from django.db import connection, transaction
 
     from celery_partitioning.contrib.django import outbox
@@ -108,7 +109,8 @@ def produce(transactions: int, keys: int, per_transaction: int, rollback_every: 
     rng = random.Random(seed)
     committed: list[str] = []
     rolled_back: list[str] = []
-    for n in range(transactions):
+    n = 0
+    while n < transactions or (until and not os.path.exists(until)):
         chosen = sorted(rng.sample([f"k{i}" for i in range(keys)], per_transaction))
         events = []
         try:
@@ -127,5 +129,6 @@ def produce(transactions: int, keys: int, per_transaction: int, rollback_every: 
             rolled_back += [e for _, _, e in events]
         else:
             committed += [e for _, _, e in events]
+        n += 1
     connection.close()
     return {"committed": committed, "rolled_back": rolled_back}
