@@ -61,7 +61,7 @@ SCENARIO = textwrap.dedent("""
                                       [oa.apply_event.s(key="b", seq=1, event_id="b1")])
     found["ids"] = [r.id for r in results]
     rows = list(OutboxMessage.objects.order_by("id"))
-    found["rows"] = [[r.task_id, r.routing_key, r.partition_key, r.headers.get("partition_index")]
+    found["rows"] = [[r.task_id, r.routing_key, r.partition_key, r.declare["name"]]
                      for r in rows]
     found["queue"] = route.queue
     found["queued_before_relay"] = client.llen(queue_key)
@@ -114,7 +114,7 @@ def test_a_committed_call_is_stored_as_apply_async_sends_it_and_relayed_in_order
     # A committed one is stored, routed as apply_async routes it, and nothing reached the broker
     assert [r[0] for r in found["rows"]] == found["ids"]
     assert [r[2] for r in found["rows"]][:2] == ["Stream:a", "Stream:a"]
-    assert found["rows"][0][1] == found["queue"]
+    assert found["rows"][0][1] == found["rows"][0][3] == found["queue"]
     assert found["queued_before_relay"] == 0
     # The relay publishes in id order, batch by batch, with the same task ids, and deletes them
     assert found["rounds"] == [2, 1, 0]
@@ -125,3 +125,47 @@ def test_a_committed_call_is_stored_as_apply_async_sends_it_and_relayed_in_order
     assert found["header_names"][0] == found["header_names"][1]
     assert found["props"][0] == found["props"][1]
     assert found["body"][1] == {"key": "a", "seq": 2, "event_id": "e2"}
+
+
+AMQP_SCENARIO = textwrap.dedent("""
+    import json
+    from django.db import transaction
+    from tests.apps import outbox_app as oa
+    from celery_partitioning.contrib.django import outbox
+    from celery_partitioning.contrib.django.models import OutboxMessage
+    from celery_partitioning.contrib.django.relay import Relay
+    from celery_partitioning.state import partitioning_of
+
+    oa.create_tables()
+    with transaction.atomic():
+        results = outbox.publish_many([oa.apply_event.s(key="a", seq=s, event_id=f"e{s}")
+                                       for s in (1, 2, 3)])
+    row = OutboxMessage.objects.order_by("id").first()
+    found = {"ids": [r.id for r in results], "declare": row.declare}
+    with oa.app.connection_for_write(transport_options={"confirm_publish": True}) as conn:
+        found["relayed"] = Relay(oa.app).relay_once(conn.Producer(auto_declare=False))
+        index = row.headers["partition_index"]
+        queue = partitioning_of(oa.app).router.queue("entity", index).bind(conn.channel())
+        # declared by the relay with the partition's own arguments, or this would fail
+        found["declared"] = queue.declare()
+        found["got"] = []
+        while (message := queue.get(no_ack=True)) is not None:
+            found["got"].append(message.headers["id"])
+        queue.delete()
+    found["left"] = OutboxMessage.objects.count()
+    print(json.dumps(found))
+""")
+
+
+@pytest.mark.integration
+def test_on_rabbitmq_the_relay_declares_the_partition_queue_as_apply_async_would(
+        redis_url: str, amqp_url: str, namespace: str, tmp_path: Path) -> None:
+    # Given calls stored in the outbox before any worker declared their partition queue
+    env = {"CP_REDIS_URL": redis_url, "CP_BROKER_URL": amqp_url, "CP_NS": namespace,
+           "CP_DB": str(tmp_path / "o.sqlite3")}
+    found = _run(env, AMQP_SCENARIO)
+    # Then the row carries the queue's declaration (single active consumer)
+    assert found["declare"]["queue_arguments"] == {"x-single-active-consumer": True}
+    # and the relay declared it so, published with confirms, in order, and deleted the rows
+    assert found["relayed"] == 3 and found["left"] == 0
+    assert found["got"] == found["ids"]

@@ -1,6 +1,7 @@
 """A Django-backed app for the outbox tests: events written and published in one transaction.
 
-Environment: ``CP_REDIS_URL`` (broker and store), ``CP_NS`` (key prefix), ``CP_DB`` (SQLite
+Environment: ``CP_REDIS_URL`` (broker and store; ``CP_BROKER_URL`` for another broker),
+``CP_NS`` (key prefix), ``CP_DB`` (SQLite
 file, WAL) or ``CP_PG_DB`` (a PostgreSQL database on the local socket, trust auth).
 
 ``produce`` runs transactions that each take the next sequence number of a few keys
@@ -43,9 +44,13 @@ if not settings.configured:
     )
     django.setup()
 
-app = Celery("outbox_app", broker=REDIS_URL, set_as_current=True)
+#: ``CP_BROKER_URL`` (e.g. RabbitMQ) instead of the Redis one; the store stays on Redis.
+BROKER_URL = os.environ.get("CP_BROKER_URL") or REDIS_URL
+
+app = Celery("outbox_app", broker=BROKER_URL, set_as_current=True)
 app.conf.update(
-    broker_transport_options={"global_keyprefix": NS},
+    broker_transport_options={"global_keyprefix": NS} if BROKER_URL == REDIS_URL else {},
+    partitioning_redis_url=REDIS_URL,
     partitioning_pools={"entity": 4},
     partitioning_queue_prefix=f"{NS.rstrip(':')}.p",
     partitioning_lease_ttl=2,

@@ -53,8 +53,9 @@ class OutboxMessage(models.Model):
     partition_key = models.CharField(max_length=500, blank=True, default="")
     exchange = models.CharField(max_length=255, blank=True, default="")
     routing_key = models.CharField(max_length=255, blank=True, default="")
-    #: The queue kombu declares before publishing (an ``app.amqp.queues`` name; blank: none).
-    queue = models.CharField(max_length=255, blank=True, default="")
+    #: The queue kombu declares before publishing, as ``Queue.as_dict(recurse=True)`` (with
+    #: its arguments: a partition queue's single active consumer); null: none.
+    declare = models.JSONField(null=True, blank=True)
     headers = models.JSONField(default=dict)
     properties = models.JSONField(default=dict)
     body = models.BinaryField()

@@ -133,8 +133,7 @@ def _row(captured: dict[str, Any]) -> OutboxMessage:
     headers = dict(kw.pop("headers", None) or {})
     content_type, content_encoding, data = dumps(body, serializer=kw.pop("serializer", None))
     exchange = kw.pop("exchange", "") or ""
-    declare = kw.pop("declare", None) or []
-    queue = next((getattr(q, "name", "") for q in declare if getattr(q, "name", "")), "")
+    declare = next((_declaration(q) for q in kw.pop("declare", None) or ()), None)
     delivery_mode = kw.pop("delivery_mode", None)
     compression = kw.pop("compression", None) or ""
     routing_key = kw.pop("routing_key", "") or ""
@@ -146,10 +145,21 @@ def _row(captured: dict[str, Any]) -> OutboxMessage:
         task_name=str(headers.get("task", "")), task_id=str(headers.get("id", "")),
         partition_key=str(key) if key is not None else "",
         exchange=getattr(exchange, "name", exchange) or "", routing_key=routing_key,
-        queue=queue, headers=headers, properties=properties,
+        declare=declare, headers=headers, properties=properties,
         body=data if isinstance(data, bytes) else data.encode(content_encoding),
         content_type=content_type, content_encoding=content_encoding,
         compression=compression, delivery_mode=delivery_mode)
+
+
+def _declaration(queue: Any) -> dict[str, Any] | None:
+    """A kombu Queue as JSON (``Queue.as_dict``); the relay declares it as apply_async would."""
+    as_dict = getattr(queue, "as_dict", None)
+    if as_dict is None or getattr(queue, "bindings", None):
+        raise PartitionKeyError(
+            f"the outbox cannot store the declaration of queue {queue!r} (bindings); "
+            "publish this call with apply_async")
+    found: dict[str, Any] = as_dict(recurse=True)
+    return found
 
 
 def _lock_and_notify(alias: str) -> None:

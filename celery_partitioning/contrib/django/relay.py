@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from django.db import connections
+from kombu.entity import Exchange, Queue
 
 from ...state import redis_client, redis_keys, settings_of
 from ...store.lease import Lease
@@ -83,6 +84,7 @@ class Relay:
         self.stop = stop or threading.Event()
         self.stats = RelayStats()
         self._listening = False
+        self._queues: dict[str, Queue] = {}
 
     # ---- one round ---------------------------------------------------------------------
 
@@ -103,8 +105,22 @@ class Relay:
         self.stats.rounds += 1
         return len(rows)
 
+    def _queue(self, declaration: dict[str, Any]) -> Queue:
+        """The kombu Queue a row declares (cached: kombu declares it once per channel)."""
+        name = declaration["name"]
+        queue = self._queues.get(name)
+        if queue is None or queue.as_dict(recurse=True) != declaration:
+            options = {k: v for k, v in declaration.items() if v is not None}
+            options.pop("name")
+            options.pop("bindings", None)
+            exchange = options.pop("exchange", None) or {}
+            queue = self._queues[name] = Queue(
+                name, exchange=Exchange(**{k: v for k, v in exchange.items() if v is not None}),
+                **options)
+        return queue
+
     def _publish(self, producer: Any, row: OutboxMessage) -> None:
-        queue = self.app.amqp.queues.get(row.queue) if row.queue else None
+        queue = self._queue(row.declare) if row.declare else None
         producer.publish(
             bytes(row.body), exchange=row.exchange, routing_key=row.routing_key,
             headers=dict(row.headers), content_type=row.content_type,

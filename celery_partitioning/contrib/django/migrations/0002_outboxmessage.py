@@ -18,7 +18,7 @@ class Migration(migrations.Migration):
                 ("partition_key", models.CharField(blank=True, default="", max_length=500)),
                 ("exchange", models.CharField(blank=True, default="", max_length=255)),
                 ("routing_key", models.CharField(blank=True, default="", max_length=255)),
-                ("queue", models.CharField(blank=True, default="", max_length=255)),
+                ("declare", models.JSONField(blank=True, null=True)),
                 ("headers", models.JSONField(default=dict)),
                 ("properties", models.JSONField(default=dict)),
                 ("body", models.BinaryField()),
