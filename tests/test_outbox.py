@@ -169,3 +169,57 @@ def test_on_rabbitmq_the_relay_declares_the_partition_queue_as_apply_async_would
     # and the relay declared it so, published with confirms, in order, and deleted the rows
     assert found["relayed"] == 3 and found["left"] == 0
     assert found["got"] == found["ids"]
+
+
+@pytest.mark.integration
+def test_one_relay_per_database_a_standby_takes_over_after_a_warm_stop(
+        redis_url: str, namespace: str, tmp_path: Path) -> None:
+    import signal
+
+    import redis
+
+    from tests.support.procs import Processes, celery_bin, wait_for
+
+    env = {"CP_REDIS_URL": redis_url, "CP_NS": namespace, "CP_DB": str(tmp_path / "o.sqlite3")}
+    _run(env, "from tests.apps import outbox_app as oa; oa.create_tables(); print('{}')")
+    client = redis.Redis.from_url(redis_url)
+    procs = Processes()
+    try:
+        argv = [celery_bin(), "-A", "tests.apps.outbox_app", "partitioning", "outbox", "relay",
+                "--poll", "0.1"]
+        log = tmp_path / "relay.log"
+        first, second = procs.start(argv, env=env, log=log), procs.start(argv, env=env, log=log)
+
+        def holder() -> int | None:
+            for key in client.scan_iter(match=f"{namespace}cp:lease:outbox:*"):
+                value = client.get(key)
+                return int(value.decode().split("|")[2]) if value else None
+            return None
+
+        # Given two relays on one database: one holds the lease, the other waits
+        wait_for(lambda: holder() in (first.pid, second.pid), 60, f"a relay to lead ({log})")
+        active, standby = (first, second) if holder() == first.pid else (second, first)
+        # When the active one gets SIGTERM
+        os.kill(active.pid, signal.SIGTERM)
+        # Then it exits 0, and the standby takes the lease at once (released, not expired)
+        assert active.wait(30) == 0, log.read_text()[-3000:]
+        wait_for(lambda: holder() == standby.pid, 5, "the standby to take over")
+        # and relays what commits next
+        relayed = _run(env, textwrap.dedent("""
+            import json, time
+            from django.db import transaction
+            from tests.apps import outbox_app as oa
+            from celery_partitioning.contrib.django import outbox
+            from celery_partitioning.contrib.django.models import OutboxMessage
+            with transaction.atomic():
+                outbox.publish(oa.apply_event.s(key="a", seq=1, event_id="e1"))
+            deadline = time.monotonic() + 30
+            while OutboxMessage.objects.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            print(json.dumps(OutboxMessage.objects.count()))
+        """))
+        assert relayed == 0
+        assert standby.poll() is None
+    finally:
+        procs.kill_all()
+        client.close()
