@@ -41,6 +41,15 @@ SCENARIO = textwrap.dedent("""
                                  oa.apply_event.s(key="a", seq=None, event_id="e2")])
         except cp.PartitionKeyError as exc:
             found["bad"] = str(exc)
+        try:  # wrong arguments: publish_many names the position
+            outbox.publish_many([oa.apply_event.s(key="a", seq=1, event_id="e1"),
+                                 oa.apply_event.s(key="a", seq=2)])
+        except cp.PartitionKeyError as exc:
+            found["bad_args"] = str(exc)
+        try:  # publish raises what apply_async raises
+            outbox.publish(oa.apply_event.s(key="a", seq=1, event_id=object()))
+        except Exception as exc:
+            found["unserializable"] = type(exc).__name__
         found["rows_after_bad"] = OutboxMessage.objects.count()
     # rolled back: nothing stored
     try:
@@ -108,6 +117,8 @@ def test_a_committed_call_is_stored_as_apply_async_sends_it_and_relayed_in_order
     assert "inside transaction.atomic()" in found["outside"]
     # A bad call anywhere is refused at the call, naming its position; nothing is stored
     assert "outbox call 1" in found["bad"] and "seq" in found["bad"]
+    assert "outbox call 1" in found["bad_args"] and "'event_id'" in found["bad_args"]
+    assert found["unserializable"] == "EncodeError"
     assert found["rows_after_bad"] == 0
     # A rolled-back transaction leaves nothing behind
     assert found["rows_inside"] == 1 and found["rows_after_rollback"] == 0
@@ -223,3 +234,55 @@ def test_one_relay_per_database_a_standby_takes_over_after_a_warm_stop(
     finally:
         procs.kill_all()
         client.close()
+
+
+EAGER_SCENARIO = textwrap.dedent("""
+    import json
+    from django.db import transaction
+    from tests.apps import outbox_app as oa
+    import celery_partitioning as cp
+    from celery_partitioning.contrib.django import outbox
+    from celery_partitioning.contrib.django.models import OutboxMessage
+
+    oa.app.conf.task_always_eager = True
+    oa.create_tables()
+
+    def applied():
+        from django.db import connection
+        with connection.cursor() as cur:
+            cur.execute("SELECT event_id FROM applied ORDER BY id")
+            return [r[0] for r in cur.fetchall()]
+
+    found = {}
+    try:
+        with transaction.atomic():
+            outbox.publish(oa.apply_event.s(key="a", seq=1, event_id="rolled"))
+            raise oa.Rollback()
+    except oa.Rollback:
+        pass
+    with transaction.atomic():
+        results = outbox.publish_many([oa.apply_event.s(key="a", seq=s, event_id=f"e{s}")
+                                       for s in (1, 2)])
+        found["inside"] = applied()
+    found["after"] = applied()
+    with transaction.atomic():
+        try:
+            outbox.publish(oa.apply_event.s(key="a", seq=None, event_id="bad"))
+        except cp.PartitionKeyError as exc:
+            found["bad"] = str(exc)
+    found["rows"] = OutboxMessage.objects.count()
+    found["ids"] = len({r.id for r in results})
+    print(json.dumps(found))
+""")
+
+
+def test_in_eager_mode_calls_are_checked_at_once_and_run_at_commit_only(
+        tmp_path: Path) -> None:
+    env = {"CP_REDIS_URL": "redis://127.0.0.1:1/0", "CP_DB": str(tmp_path / "o.sqlite3")}
+    found = _run(env, EAGER_SCENARIO)
+    # Given task_always_eager: nothing runs inside the transaction, the committed calls run
+    # after it in order, the rolled-back one never; a bad call is refused at the call
+    assert found["inside"] == []
+    assert found["after"] == ["e1", "e2"]
+    assert "checkpoint" in found["bad"] and "outbox call 0" in found["bad"]
+    assert found["rows"] == 0 and found["ids"] == 2

@@ -32,7 +32,8 @@ from celery.canvas import Signature
 from django.db import connections, transaction
 from kombu.serialization import dumps
 
-from ...errors import PartitionConfigError, PartitionKeyError
+from ...compat import task_exec_options
+from ...errors import PartitionConfigError, PartitioningError, PartitionKeyError
 from ...router import HEADER_KEY
 
 if TYPE_CHECKING:
@@ -176,20 +177,26 @@ def publish(signature: Signature, *, using: str | None = None) -> AsyncResult:
     """Store one task call in the outbox of the open transaction of database ``using``.
 
     Routed, validated and given its task id exactly as ``signature.apply_async()`` would
-    (a bad key or option raises here, and nothing is stored); published by the relay after
-    the transaction commits, never if it rolls back. Returns the call's ``AsyncResult``.
+    (a bad key or option raises here what ``apply_async`` raises, and nothing is stored);
+    published by the relay after the transaction commits, never if it rolls back. Returns
+    the call's ``AsyncResult``.
     """
-    return publish_many([signature], using=using)[0]
+    return _store([_single_call(0, signature)], using, name_positions=False)[0]
 
 
 def publish_many(signatures: Iterable[Signature], *, using: str | None = None) -> list[AsyncResult]:
     """Store many task calls in the outbox of the open transaction, in order (one insert).
 
     Every call is checked before anything is stored: a bad one raises ``PartitionKeyError``
-    naming its position. Under ``task_always_eager`` the calls are checked now and run
-    eagerly, in order, when the transaction commits.
+    (``PartitionConfigError`` for a bad setting) naming its position, as
+    ``celery_partitioning.publish_many`` does. Under ``task_always_eager`` the calls are
+    checked now and run eagerly, in order, when the transaction commits.
     """
     sigs = [_single_call(i, sig) for i, sig in enumerate(signatures)]
+    return _store(sigs, using, name_positions=True)
+
+
+def _store(sigs: list[Signature], using: str | None, *, name_positions: bool) -> list[AsyncResult]:
     alias = _check_transaction(using)
     if not sigs:
         return []
@@ -200,10 +207,14 @@ def publish_many(signatures: Iterable[Signature], *, using: str | None = None) -
         try:
             result, captured = _capture(sig)
             rows.append(_row(captured))
-        except (PartitionKeyError, PartitionConfigError) as exc:
-            text = str(exc)
-            raise type(exc)(text if len(sigs) == 1 else f"outbox call {position} ({sig.task}): "
-                            f"{text}") from exc
+        except Exception as exc:
+            if not name_positions:
+                raise
+            kind = PartitionConfigError if isinstance(exc, PartitionConfigError) else PartitionKeyError
+            reason = str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
+            if "nothing was published" not in reason:
+                reason += "; nothing was stored"
+            raise kind(f"outbox call {position} ({sig.task}): {reason}") from exc
         results.append(result)
     from .models import OutboxMessage
 
@@ -216,7 +227,7 @@ def _eager(sigs: list[Signature], alias: str) -> list[AsyncResult]:
     """Eager mode: check each call as its publish would (the app's router), run it at commit."""
     for position, sig in enumerate(sigs):
         task = sig.type
-        options = dict(sig.options or {})
+        options = dict(task_exec_options(task), **(sig.options or {}))
         try:
             sig.app.amqp.router.route(options, sig.task, tuple(sig.args or ()),
                                       dict(sig.kwargs or {}), task)
