@@ -210,6 +210,15 @@ def test_one_relay_per_database_a_standby_takes_over_after_a_warm_stop(
         # Given two relays on one database: one holds the lease, the other waits
         wait_for(lambda: holder() in (first.pid, second.pid), 60, f"a relay to lead ({log})")
         active, standby = (first, second) if holder() == first.pid else (second, first)
+        # and `outbox status` names the active one
+        shown = subprocess.run([celery_bin(), "-A", "tests.apps.outbox_app", "partitioning",
+                                "outbox", "status", "--json"], env={**os.environ, **env,
+                               "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr[-3000:]
+        status = json.loads(shown.stdout)
+        assert status["waiting"] == 0 and status["oldest_age"] is None
+        assert status["relay"] == f"outbox-relay@default (pid {active.pid})"
         # When the active one gets SIGTERM
         os.kill(active.pid, signal.SIGTERM)
         # Then it exits 0, and the standby takes the lease at once (released, not expired)

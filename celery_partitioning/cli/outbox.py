@@ -53,3 +53,25 @@ def relay_command(ctx: click.Context, database: str, batch: int, poll: float,
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     Relay(ctx.obj.app, using=database, batch=batch, poll=poll, stop=stop).run()
+
+
+@outbox.command(name="status", cls=CeleryCommand)
+@click.option("--database", default="default", show_default=True,
+              help="The Django database alias whose outbox to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status_command(ctx: click.Context, database: str, as_json: bool) -> None:
+    """Messages waiting in the outbox, the oldest one's age, and the active relay."""
+    import json
+    from dataclasses import asdict
+
+    from ..contrib.django.relay import outbox_status, setup_django
+
+    setup_django()
+    found = outbox_status(ctx.obj.app, database)
+    if as_json:
+        click.echo(json.dumps(asdict(found)))
+        return
+    age = "-" if found.oldest_age is None else f"{found.oldest_age:.1f}s"
+    click.echo(f"outbox ({found.database}): {found.waiting} waiting, oldest {age}; relay: "
+               f"{found.relay or 'none (start `celery partitioning outbox relay`)'}")

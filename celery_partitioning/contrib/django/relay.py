@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
     from .models import OutboxMessage
 
-__all__ = ["Relay", "RelayStats", "DEFAULT_BATCH", "DEFAULT_POLL", "lease_name", "setup_django"]
+__all__ = ["Relay", "RelayStats", "OutboxStatus", "DEFAULT_BATCH", "DEFAULT_POLL", "lease_name",
+           "outbox_status", "setup_django"]
 
 logger = logging.getLogger("celery_partitioning.outbox")
 
@@ -62,6 +63,39 @@ def lease_name(alias: str) -> str:
     """The lease's name under ``RedisKeys.lease``: one relay per database."""
     name = connections[alias].settings_dict.get("NAME") or ""
     return f"outbox:{alias}:{name}"
+
+
+@dataclass
+class OutboxStatus:
+    """What ``partitioning outbox status`` shows of one database's outbox."""
+
+    database: str
+    waiting: int
+    oldest_age: float | None  # seconds since the oldest waiting row was stored
+    relay: str | None  # the active relay ("node (pid N)"), None when no relay holds the lease
+
+
+def outbox_status(app: Celery, using: str = "default") -> OutboxStatus:
+    """Rows waiting, the oldest one's age, and the active relay (read only)."""
+    from django.db.models import Count, Min
+    from django.utils import timezone
+
+    from ...store.lease import parse_holder
+    from .models import OutboxMessage
+
+    found = OutboxMessage.objects.using(using).aggregate(n=Count("id"), oldest=Min("created_at"))
+    oldest = found["oldest"]
+    age = (timezone.now() - oldest).total_seconds() if oldest is not None else None
+    relay = None
+    settings = settings_of(app)
+    if settings.redis is not None:
+        client = redis_client(settings.redis)
+        try:
+            holder = parse_holder(client.get(redis_keys(app).lease(lease_name(using))))
+        finally:
+            client.close()
+        relay = holder.describe() if holder is not None else None
+    return OutboxStatus(using, int(found["n"]), age, relay)
 
 
 @dataclass
