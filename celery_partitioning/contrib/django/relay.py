@@ -119,6 +119,7 @@ class Relay:
         self.stats = RelayStats()
         self._listening = False
         self._queues: dict[str, Queue] = {}
+        self._can_listen = True
 
     # ---- one round ---------------------------------------------------------------------
 
@@ -212,11 +213,17 @@ class Relay:
     def _wait(self) -> None:
         """Until a transaction that wrote to the outbox commits, or ``poll`` seconds."""
         connection = connections[self.using]
-        if connection.vendor != "postgresql":
+        if connection.vendor != "postgresql" or not self._can_listen:
             self.stop.wait(self.poll)
             return
         connection.ensure_connection()
         raw = connection.connection
+        if not _has_notifies_timeout(raw):
+            # psycopg2, or psycopg 3 before 3.2 (no notifies(timeout=)): poll instead.
+            logger.info("outbox relay (%s): the driver cannot wait for NOTIFY with a timeout; "
+                        "polling every %ss", self.using, self.poll)
+            self._can_listen = False
+            return
         if not self._listening:
             with connection.cursor() as cursor:
                 cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -227,3 +234,16 @@ class Relay:
             # Short slices, so a stop request is seen within a quarter second.
             if any(True for _ in raw.notifies(timeout=0.25, stop_after=1)):
                 return
+
+
+def _has_notifies_timeout(raw: Any) -> bool:
+    """Whether ``raw`` (the DB-API connection) is psycopg >= 3.2: ``notifies(timeout=...)``."""
+    import inspect
+
+    notifies = getattr(raw, "notifies", None)
+    if not callable(notifies):
+        return False
+    try:
+        return "timeout" in inspect.signature(notifies).parameters
+    except (TypeError, ValueError):
+        return False
