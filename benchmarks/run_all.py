@@ -30,6 +30,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         bench_keyhash,
         bench_memory,
         bench_metrics,
+        bench_outbox,
         bench_publish,
         bench_publish_many,
         bench_resize,
@@ -46,6 +47,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         "memory": bench_memory.main,
         "backoff": bench_backoff.main,
         "metrics": bench_metrics.main,
+        "outbox": bench_outbox.main,
     }
 
 

@@ -95,6 +95,32 @@ def test_partitioned_demo_verifies_with_zero_mismatches(
     assert _leftovers(namespace) == []
 
 
+def test_with_the_outbox_the_demo_verifies_and_leaves_the_outbox_empty(
+        redis_url: str, namespace: str, tmp_path: Path, processes: Processes) -> None:
+    # Given the demo storing each batch's tasks in the outbox, in the events' transaction,
+    # and an outbox relay publishing them after the commit
+    out, log = tmp_path / "summary.json", tmp_path / "demo.log"
+    db = tmp_path / "shop.sqlite3"
+    code = _run_demo(processes, _env(redis_url, namespace, tmp_path),
+                     ["--events", "300", "--publish-with", "outbox", "--json", str(out),
+                      "--log-dir", str(tmp_path / "logs")], log, timeout=150)
+    summary = _summary(out, log)
+    # Then every task was relayed and ran, and every projection equals the sequential replay
+    assert code == 0, log.read_text()[-3000:]
+    assert summary["drained"] and summary["verified"], summary
+    assert summary["total_mismatches"] == 0, summary["examples"]
+    assert sum(summary["done"].values()) == sum(summary["published"].values()) > 500
+    # and the outbox is empty, and nothing the demo started is left running
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT count(*) FROM celery_partitioning_outboxmessage").fetchone() == (0,)
+    finally:
+        conn.close()
+    assert _leftovers(namespace) == []
+
+
 def test_chaos_kills_workers_and_the_checkpoints_keep_every_projection_right(
         redis_url: str, namespace: str, tmp_path: Path, processes: Processes) -> None:
     # Given a small stream on the affinity workers, with projections checkpointed

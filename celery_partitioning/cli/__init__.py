@@ -417,3 +417,7 @@ partitioning.add_command(resize_command)
 from .exporter import exporter_command  # noqa: E402 - the exporter command
 
 partitioning.add_command(exporter_command)
+
+from .outbox import outbox  # noqa: E402 - the outbox group (Django)
+
+partitioning.add_command(outbox)

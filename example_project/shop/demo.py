@@ -62,17 +62,19 @@ class DemoOptions:
     json_path: Path | None = None
     log_dir: Path | None = None
     keep_keys: bool = False
-    publisher: str = "publish_many"  # publish_many | apply_async (one call per task, to compare)
+    #: publish_many | apply_async (one call per task, to compare) | outbox (in the events'
+    #: transaction, published by `partitioning outbox relay` after the commit)
+    publisher: str = "publish_many"
     chaos: bool = False
     kills: int = 12
     checkpoints: bool = True
 
 
 def _reset_database() -> None:
-    from celery_partitioning.contrib.django.models import Checkpoint
+    from celery_partitioning.contrib.django.models import Checkpoint, OutboxMessage
 
     call_command("migrate", verbosity=0, interactive=False)
-    for model in (Checkpoint, StoredEvent, OrderSummary, ProductCatalog, CustomerOrderHistory,
+    for model in (Checkpoint, OutboxMessage, StoredEvent, OrderSummary, ProductCatalog, CustomerOrderHistory,
                   OrderWithInventory, DailySalesSummary, InventoryReservation):
         model.objects.all().delete()
 
@@ -87,7 +89,9 @@ class Published:
 def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> Published:
     """Run the commands, store their events, publish their tasks (in position order)."""
     from celery_partitioning import publish_many
+    from celery_partitioning.contrib.django import outbox
 
+    from .dblock import write_transaction
     from .inventory import reserve_inventory
     from .progress import pool_of
 
@@ -101,11 +105,9 @@ def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> 
     pending: list[dict[str, Any]] = []
     progress = progress_of(app)
 
-    def flush() -> None:
-        # One transaction per batch keeps the event store fast while the workers write too;
-        # the batch's tasks go out in one publish_many, in event position order.
+    def calls_for(stored: list[dict[str, Any]]) -> list[Any]:
         calls = []
-        for event in append(pending):
+        for event in stored:
             done.events += 1
             calls.extend(signatures_for(event))
             if event["type"] == "OrderSubmitted":
@@ -114,13 +116,34 @@ def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> 
                     tenant_id=tenant, reservation_id=f"res-{order_id}", order_id=order_id,
                     correlation_id=event["correlation_id"], lines=event["lines"],
                     contend=order_id in plan.contended))
-        pending.clear()
+        return calls
+
+    def count(calls: list[Any]) -> None:
         counts: dict[str, int] = {}
         for call in calls:
             pool = pool_of(app, call.task)
             if pool is not None:
                 counts[f"published:{pool}"] = counts.get(f"published:{pool}", 0) + 1
         progress.count_many(counts)  # before the workers can count them done
+
+    def flush() -> None:
+        # One transaction per batch keeps the event store fast while the workers write too;
+        # the batch's tasks go out in one publish_many, in event position order.
+        if publisher == "outbox":
+            # The events and their tasks in one transaction: the relay publishes the tasks
+            # after the commit, and never those of a batch that rolled back.
+            started = time.perf_counter()
+            with write_transaction():
+                calls = calls_for(append(pending))
+                count(calls)
+                outbox.publish_many(calls)
+            done.seconds += time.perf_counter() - started
+            done.tasks += len(calls)
+            pending.clear()
+            return
+        calls = calls_for(append(pending))
+        pending.clear()
+        count(calls)
         started = time.perf_counter()
         if publisher == "apply_async":
             for call in calls:
@@ -273,6 +296,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                     how = workers.start_plain(options.plain_workers, options.plain_concurrency)
                 else:
                     how = workers.start_partitioned(app, pools, options.workers)
+                    if options.publisher == "outbox":
+                        how += "; " + workers.start_outbox_relay()
                 console.say(f"workers: {how}; logs in {log_dir}")
                 console.say("checkpoints: " + ("on (body and checkpoint in one transaction)"
                                                if options.checkpoints else "OFF"))

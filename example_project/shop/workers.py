@@ -81,6 +81,12 @@ class Workers:
         ], {"CELERY_PARTITIONING_PARTITIONS": hosted})
         return f"one partition worker process, {partitions} partitions in threads"
 
+    def start_outbox_relay(self) -> str:
+        """``celery partitioning outbox relay``: publishes the tasks the demo stored in the outbox."""
+        self._start("outbox-relay", [_celery_bin(), "-A", "example_project", "partitioning",
+                                     "outbox", "relay", "-l", "warning"])
+        return "an outbox relay"
+
     def start_plain(self, count: int, concurrency: int) -> str:
         celery = _celery_bin()
         host = socket.gethostname()

@@ -1,4 +1,4 @@
-"""A read-only admin for checkpoints: what each projection has applied, per key."""
+"""Read-only admins: checkpoints (what each projection has applied, per key) and the outbox."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 from django.contrib import admin
 
-from .models import Checkpoint
+from .models import Checkpoint, OutboxMessage
 
-__all__ = ["CheckpointAdmin"]
+__all__ = ["CheckpointAdmin", "OutboxMessageAdmin"]
 
 
 @admin.register(Checkpoint)
@@ -19,6 +19,27 @@ class CheckpointAdmin(admin.ModelAdmin):
     list_filter = ("projection",)
     search_fields = ("key",)
     ordering = ("projection", "key")
+
+    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(admin.ModelAdmin):
+    """Outbox rows are written by ``outbox.publish`` and deleted by the relay: read only, so
+    an edit cannot publish a message its transaction never made, or drop one it did."""
+
+    list_display = ("id", "task_name", "partition_key", "routing_key", "task_id", "created_at")
+    list_filter = ("task_name",)
+    search_fields = ("partition_key", "task_id")
+    ordering = ("id",)
+    exclude = ("body",)
 
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
         return False

@@ -34,10 +34,12 @@ class Command(BaseCommand):
                             help="--unordered: prefork concurrency of each (default 4)")
         parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
         parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default .demo/logs)")
-        parser.add_argument("--publish-with", choices=["publish_many", "apply_async"],
+        parser.add_argument("--publish-with", choices=["publish_many", "apply_async", "outbox"],
                             default="publish_many",
-                            help="publish each batch of tasks with publish_many (default) or one "
-                                 "apply_async per task, to compare the publish time")
+                            help="publish each batch of tasks with publish_many (default), one "
+                                 "apply_async per task (to compare the publish time), or the "
+                                 "transactional outbox (stored with the events, published by "
+                                 "an outbox relay after the commit)")
         parser.add_argument("--chaos", action="store_true",
                             help="SIGKILL partition workers during the run (at least --kills times), "
                                  "then verify; prints how many messages ran again and were skipped")
