@@ -17,6 +17,7 @@ from celery.exceptions import MaxRetriesExceededError
 
 import celery_partitioning as cp
 from celery_partitioning.store.keys import RedisKeys
+from celery_partitioning.store.requeue import HEAD_PUSH
 from celery_partitioning.worker.parking import InFlight
 from celery_partitioning.worker.retry import InPlaceRetry, RetryInPlace
 
@@ -33,7 +34,7 @@ def make_app() -> Celery:
 def patch(app: Celery) -> tuple[InPlaceRetry, list[float]]:
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q", redis=None,
                                          keys=RedisKeys("unit:"), hostname="h", label="entity.0",
-                                         backoff=None)
+                                         backoff=None, requeue=HEAD_PUSH)
     waits: list[float] = []
     patcher = InPlaceRetry(runtime, None, InFlight())
     original = patcher._wait_until
@@ -263,7 +264,7 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
     store = _RecordingStore()
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q",
                                          redis=redis_calls, keys=RedisKeys("unit:"), hostname="h",
-                                         label="entity.0", backoff=None)
+                                         label="entity.0", backoff=None, requeue=HEAD_PUSH)
     inflight = InFlight()
     patcher = InPlaceRetry(runtime, None, inflight)
     patcher._default = dataclasses.replace(  # the partition's store, seen by the patcher

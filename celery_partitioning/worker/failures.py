@@ -26,14 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DCBConflict
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import (
-    Publish,
-    decode_payload,
-    message_summary,
-    payload_id,
-    publisher,
-    requeue_method,
-)
+from ..message import decode_payload, message_summary, payload_id
 from ..router import HEADER_KEY, HEADER_POOL
 from ..store.backoff import BackoffStore, as_first_delivery
 from ..store.deadletters import (
@@ -45,6 +38,7 @@ from ..store.deadletters import (
     DeadLetterStore,
     now_iso,
 )
+from ..store.requeue import Requeue
 from ..store.skipping import SkipStore
 from ..tasks import spec_of
 from .parking import BackoffKeys, InFlightEntry, ParkingGate
@@ -78,10 +72,10 @@ class DeadLetters:
     """Writes the dead letters of one partition worker."""
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
-                 publish: Publish | None) -> None:
+                 requeue: Requeue) -> None:
         self.runtime = runtime
         self.store = store
-        self.publish = publish
+        self.requeue = requeue
         self.skips = SkipStore(store)
 
     def policy_of(self, task: Any) -> str:
@@ -92,7 +86,7 @@ class DeadLetters:
 
     def _store(self, letter: DeadLetter, what: str) -> bool:
         try:
-            return self.store.dead_letter(letter, self.runtime.queue, publish=self.publish)
+            return self.store.dead_letter(letter, self.runtime.queue, requeue=self.requeue)
         except Exception:  # noqa: BLE001 - exit_now logs the traceback
             exit_now(EXIT_KEEP_MESSAGE, "%s %s and its dead letter could not be stored; "
                      "stopping without acking so the message comes back", self.runtime.label,
@@ -172,9 +166,8 @@ class DeadLetters:
         return letter
 
 
-def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None = None) -> None:
-    """A partition's parking gate and dead letters. ``head_push``: whether re-queues go onto the
-    head of the queue's Redis list (the same for every partition of a process: ask once)."""
+def install_failure_handling(runtime: PartitionRuntime) -> None:
+    """A partition's parking gate and dead letters, re-queueing through ``runtime.requeue``."""
     from .parking import InFlight
 
     runtime.inflight = InFlight()
@@ -183,12 +176,9 @@ def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None =
                        "dead letters and parking are off", runtime.label)
         return
     store = DeadLetterStore(runtime.redis, runtime.keys)
-    if head_push is None:
-        publish = requeue_method(runtime.app, runtime.pool, runtime.index)
-    else:
-        publish = None if head_push else publisher(runtime.app, runtime.pool, runtime.index)
-    runtime.store, runtime.publish = store, publish
-    runtime.dead_letters = DeadLetters(runtime, store, publish)
-    runtime.backoff = BackoffKeys(runtime, BackoffStore(store), publish)
+    requeue = runtime.requeue
+    runtime.store = store
+    runtime.dead_letters = DeadLetters(runtime, store, requeue)
+    runtime.backoff = BackoffKeys(runtime, BackoffStore(store), requeue)
     runtime.between.append(runtime.backoff.between)
-    runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))
+    runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, requeue))

@@ -44,6 +44,7 @@ from ..metrics import METRICS_ENV
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.broker import broker_redis
 from ..store.lease import Lease
+from ..store.requeue import pushes_to_head, requeue_for
 from ..store.resize import ResizeStore
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
@@ -220,7 +221,7 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     keys = redis_keys(app)
     for task in app.tasks.values():
         task.acks_late = True
-    head_push: bool | None = None
+    at_head = pushes_to_head(app)  # the same for every partition: ask once
     resizes = ResizeStore(store, keys, settings.queue_prefix) if store is not None else None
     recorded = {pool: check_recorded_size(resizes, pool, settings.partitions(pool))
                 for pool in dict.fromkeys(pool for pool, _ in hosted)} if resizes else {}
@@ -229,20 +230,19 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
             app=app, settings=settings, pool=pool, index=index,
             queue=settings.queue_name(pool, index), redis=store, keys=keys,
             hostname=hostname, transport=transport, worker=runtime,
-            broker=broker_redis(app) if transport == "redis" else None)
+            broker=broker_redis(app) if transport == "redis" else None,
+            requeue=requeue_for(app, pool, index, at_head=at_head))
         if partition.broker is not None and settings.redis is not None:
             partition.lease = _lease(partition, settings, fence)
         partition.gates.append(misroute_guard(partition))
-        install_failure_handling(partition, head_push)  # the parking gate, dead letters
+        install_failure_handling(partition)  # the parking gate, dead letters
         if resizes is not None:
             install_resize_gate(partition, resizes, recorded[pool])  # first of the gates
-        if head_push is None and partition.store is not None:
-            head_push = partition.publish is None
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
     first = runtime.partitions[0]
     assert first.inflight is not None, "install_failure_handling gives every partition one"
-    runtime.retry = enable_in_place_retry(first, first.store, first.inflight, first.publish,
+    runtime.retry = enable_in_place_retry(first, first.store, first.inflight,
                                           dead_letters=first.dead_letters)
     runtime.executor = Executor(app, node)
     return runtime

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
-from ..message import PartitionMessage, Publish
+from ..message import PartitionMessage
 from ..store.attempts import AttemptRecord
 from ..store.backoff import BACKOFF_HEADER, BackoffStore
 from ..store.deadletters import DeadLetterStore
+from ..store.requeue import Requeue
 
 if TYPE_CHECKING:
     from .runtime import PartitionRuntime
@@ -102,12 +103,12 @@ class ParkingGate:
     __name__ = "parking gate"
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
-                 inflight: InFlight, publish: Publish | None = None) -> None:
+                 inflight: InFlight, requeue: Requeue) -> None:
         self.runtime = runtime
         self.store = store
         self.inflight = inflight
-        #: How deferred messages are re-queued (None: Redis head push; see deadletters).
-        self.publish = publish
+        #: How deferred messages are re-queued.
+        self.requeue = requeue
 
     @staticmethod
     def _stale(message: PartitionMessage, attempts: str | None, replaying: bool) -> bool:
@@ -124,7 +125,7 @@ class ParkingGate:
             return False
         raw = message.payload()
         result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
-                                  publish=self.publish)
+                                  requeue=self.requeue)
         verdict = result.verdict
         if verdict == "run" and not self._stale(message, result.attempts, result.replaying):
             resume_headers(message, result.attempts)
@@ -155,11 +156,10 @@ class BackoffKeys:
     :meth:`between` usually costs no Redis call.
     """
 
-    def __init__(self, runtime: PartitionRuntime, store: BackoffStore,
-                 publish: Publish | None = None) -> None:
+    def __init__(self, runtime: PartitionRuntime, store: BackoffStore, requeue: Requeue) -> None:
         self.runtime = runtime
         self.store = store
-        self.publish = publish
+        self.requeue = requeue
         #: When the schedule must be read next (epoch s); 0: at once.
         self.next_check = 0.0
 
@@ -168,7 +168,7 @@ class BackoffKeys:
         first, and save the attempt ``record``; a delivery fetched from this Redis is acked
         in the same step."""
         self.store.set_aside(entry.pool, entry.key, task_id, entry.raw, record,
-                             queue=self.runtime.queue, publish=self.publish,
+                             queue=self.runtime.queue, requeue=self.requeue,
                              in_transit=entry.in_transit)
         self.next_check = min(self.next_check, record.resume_at)
 
@@ -178,6 +178,6 @@ class BackoffKeys:
         now = time.time()
         if now < self.next_check:
             return self.next_check - now
-        wait = self.store.release_due(self.runtime.queue, publish=self.publish, now=now)
+        wait = self.store.release_due(self.runtime.queue, requeue=self.requeue, now=now)
         self.next_check = now + min(wait, RECHECK)
         return self.next_check - now

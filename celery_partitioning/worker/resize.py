@@ -34,7 +34,6 @@ from ..errors import PartitionConfigError
 from ..hashing import partition_for
 from ..message import (
     PartitionMessage,
-    Publish,
     decode_payload,
     payload_id,
     payload_of,
@@ -119,8 +118,8 @@ class ResizeGate:
     def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
         self.runtime = runtime
         self.store = store
-        #: None: released keys go onto the head of the Redis list; else published (RabbitMQ).
-        self.publish = runtime.publish
+        #: How released keys go back: onto the head of the Redis list, or published (RabbitMQ).
+        self.requeue = runtime.requeue
         self.size = state.size
         self._next_poll = 0.0
         self._next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
@@ -157,14 +156,14 @@ class ResizeGate:
             if action == "mark" and mark is None:
                 return False  # a key that did not move: no round trip
         elif stamp == previous:
-            if new == here and (old == here or self.publish is None):
+            if new == here and (old == here or self.requeue.at_head):
                 return False  # runs here (a key that did not move, or one released here)
             # published releases are counted back in
             action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
         verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
-                                  mark=mark, publish=self._publish_to(new))
+                                  mark=mark, requeue=self.requeue, here=here)
         if verdict == "over":
             self._over()
             return False
@@ -185,14 +184,6 @@ class ResizeGate:
                 "duplicate": "set aside already (a redelivery): acked"}.get(verdict, verdict))
         msg.ack()
         return True
-
-    def _publish_to(self, index: int) -> Publish | None:
-        """How a release to partition ``index`` is published: None on Redis (pushed onto the
-        head in the script) and for another partition's outbox; else this partition's own
-        publisher (one producer: released messages reach the queue in the order they are
-        sent). Only the partition's own thread releases and flushes its outbox: two flushers
-        could send one message twice."""
-        return self.publish if index == self.runtime.index else None
 
     def _over(self) -> None:
         if self.previous is not None:
@@ -231,7 +222,7 @@ class ResizeGate:
                 self.drained_here = True
         in_flight, released = self.store.poll(
             pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
-            old_list, publish=self._publish_to(here))
+            old_list, requeue=self.requeue)
         if released:
             logger.info("%s released %d message(s) of keys whose old partition is drained "
                         "(%s %s, in order)", runtime.label, released,
@@ -362,7 +353,7 @@ def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: Re
     store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
     published. A Redis broker apart from the store only reports a resize in flight.
     """
-    if runtime.store is None or (runtime.broker is not None and runtime.publish is not None):
+    if runtime.store is None or (runtime.broker is not None and not runtime.requeue.at_head):
         if state.in_flight:
             logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "
                          "broker and store moved keys are not held back: their old-size messages "

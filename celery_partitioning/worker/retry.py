@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Final
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 
 from .. import compat
-from ..message import Publish
 from ..store.attempts import AttemptRecord, AttemptStore
 from ..store.deadletters import DeadLetterStore
 from ..store.lease import new_token
+from ..store.requeue import Requeue
 from ..tasks import spec_of
 from .attempt_signals import announce_retry, begin_attempt, end_attempt
 from .parking import InFlight
@@ -105,7 +105,7 @@ class _Partition:
     runtime: PartitionRuntime
     store: DeadLetterStore | None
     inflight: InFlight
-    publish: Publish | None
+    requeue: Requeue
     dead_letters: DeadLetters | None
 
 
@@ -114,9 +114,9 @@ class InPlaceRetry:
 
     def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
                  inflight: InFlight, *, sleep: Callable[[float], None] = time.sleep,
-                 publish: Publish | None = None, dead_letters: DeadLetters | None = None) -> None:
+                 dead_letters: DeadLetters | None = None) -> None:
         self.app = runtime.app
-        self._default = _Partition(runtime, store, inflight, publish, dead_letters)
+        self._default = _Partition(runtime, store, inflight, runtime.requeue, dead_letters)
         self.attempts = (AttemptStore(runtime.redis, runtime.keys)
                          if runtime.redis is not None else None)
         self._sleep = sleep
@@ -130,7 +130,7 @@ class InPlaceRetry:
         bound = current_runtime(self.app)
         if bound is None or bound.inflight is None:
             return self._default
-        return _Partition(bound, bound.store, bound.inflight, bound.publish, bound.dead_letters)
+        return _Partition(bound, bound.store, bound.inflight, bound.requeue, bound.dead_letters)
 
     @property
     def runtime(self) -> PartitionRuntime:
@@ -145,8 +145,8 @@ class InPlaceRetry:
         return self._partition().inflight
 
     @property
-    def publish(self) -> Publish | None:
-        return self._partition().publish
+    def requeue(self) -> Requeue:
+        return self._partition().requeue
 
     @property
     def dead_letters(self) -> DeadLetters | None:
@@ -390,14 +390,14 @@ class InPlaceRetry:
             self.attempts.forget(task_id)
         if partition.store is not None and entry is not None and entry.replaying:
             partition.store.finished(entry.pool, entry.key, task_id, partition.runtime.queue,
-                                     publish=partition.publish)
+                                     requeue=partition.requeue)
 
 
 def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,
-                          inflight: InFlight, publish: Publish | None = None,
+                          inflight: InFlight,
                           dead_letters: DeadLetters | None = None) -> InPlaceRetry:
     """Patch the runtime's partitioned tasks for in-place retry and dead letters."""
-    patcher = InPlaceRetry(runtime, store, inflight, publish=publish, dead_letters=dead_letters)
+    patcher = InPlaceRetry(runtime, store, inflight, dead_letters=dead_letters)
     count = patcher.patch_all()
     logger.info("partition %s: in-place retry on %d partitioned task(s)", runtime.label, count)
     return patcher

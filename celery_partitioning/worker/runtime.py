@@ -16,8 +16,8 @@ Hook points for other parts of the package:
     ``app``, ``settings``, ``pool``, ``index``, ``queue``, ``label`` (``"pool.index"``),
     ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
     ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
-    ``gates``, and the failure handling's per-partition state (``store``, ``inflight``,
-    ``publish``, ``dead_letters``, ``backoff``: its keys in retry backoff, which the
+    ``gates``, ``requeue`` and the failure handling's per-partition state (``store``,
+    ``inflight``, ``dead_letters``, ``backoff``: its keys in retry backoff, which the
     partition thread releases between messages).
 
 ``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[PartitionMessage], bool]``
@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from ..message import PartitionMessage, Publish
+from ..message import PartitionMessage
 from ..store.keys import RedisKeys
+from ..store.requeue import HEAD_PUSH, Requeue
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -126,9 +127,10 @@ class PartitionRuntime:
     recovered: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
     broker: BrokerRedis | None = None
-    #: The dead-letter store (None without a Redis store) and how re-queues are published.
+    #: How messages set aside go back to the queue (``store/requeue.py``).
+    requeue: Requeue = HEAD_PUSH
+    #: The dead-letter store (None without a Redis store).
     store: DeadLetterStore | None = None
-    publish: Publish | None = None
     #: Messages let through by the parking gate, until they finish.
     inflight: InFlight | None = None
     #: Writes dead letters (None without a Redis store).
