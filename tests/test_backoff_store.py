@@ -21,7 +21,7 @@ from celery_partitioning.store.backoff import BACKOFF_HEADER, BackoffStore
 from celery_partitioning.store.deadletters import DeadLetterStore
 from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.requeue import HEAD_PUSH, Requeue, ThroughOutbox
-from celery_partitioning.worker.parking import ParkingGate
+from celery_partitioning.worker.parking import Parking
 from tests.test_deadletters_store import POOL, QUEUE, consume, queue_ids, raw
 
 pytestmark = pytest.mark.integration
@@ -122,7 +122,7 @@ def test_the_gate_drops_an_older_delivery_of_a_message_whose_copy_was_released()
     def message(headers: dict[str, Any]) -> Any:
         return SimpleNamespace(headers=headers)
 
-    stale = ParkingGate._stale
+    stale = Parking._stale
     assert stale(message({"id": "a0"}), record, True)
     assert stale(message({"id": "a0", BACKOFF_HEADER: "t0"}), record, True)
     assert not stale(message({"id": "a0", BACKOFF_HEADER: "t1"}), record, True)

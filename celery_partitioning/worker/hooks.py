@@ -42,26 +42,20 @@ from ..errors import PartitioningError
 from ..exits import EXIT_UNCLEAN
 from ..metrics import METRICS_ENV
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
-from ..store.broker import broker_redis
-from ..store.lease import Lease
-from ..store.requeue import pushes_to_head, requeue_for
+from ..store.requeue import pushes_to_head
 from ..store.resize import ResizeStore
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
-from .failures import install_failure_handling
-from .guard import misroute_guard
 from .orphan import start_supervisor_watch
 from .partition import PartitionThread
+from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
-from .resize import check_recorded_size, install_resize_gate
+from .resize import check_recorded_size
 from .retry import enable_in_place_retry
 from .runtime import (
     EVENTS_ENV,
-    LEASE_TAKEOVER_ENV,
-    LEASE_TOKEN_ENV,
     PARTITIONS_ENV,
-    PartitionRuntime,
     WorkerRuntime,
     attach_worker,
     current_worker,
@@ -197,8 +191,9 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
 def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
                   fence: Callable[[str], None] | None = None) -> WorkerRuntime:
     """The WorkerRuntime of the partitions ``hosted`` (not yet attached to ``app``, no thread
-    started): one PartitionRuntime per partition with its lease, misroute guard, parking gate
-    and dead letters, the partitioned tasks patched for in-place retry, and the executor.
+    started): one PartitionRuntime per partition (``pipeline.build_partition``: its lease,
+    dead letters and stages), the partitioned tasks patched for in-place retry, and the
+    executor.
 
     ``node`` is the Celery node the tasks run in (a ``WorkController``, or a stand-in with
     ``hostname``, ``timer``, ``state`` and ``consumer``); ``fence`` is what a lease holder that
@@ -226,40 +221,14 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     recorded = {pool: check_recorded_size(resizes, pool, settings.partitions(pool))
                 for pool in dict.fromkeys(pool for pool, _ in hosted)} if resizes else {}
     for pool, index in hosted:
-        partition = PartitionRuntime(
-            app=app, settings=settings, pool=pool, index=index,
-            queue=settings.queue_name(pool, index), redis=store, keys=keys,
-            hostname=hostname, transport=transport, worker=runtime,
-            broker=broker_redis(app) if transport == "redis" else None,
-            requeue=requeue_for(app, pool, index, at_head=at_head))
-        if partition.broker is not None and settings.redis is not None:
-            partition.lease = _lease(partition, settings, fence)
-        partition.gates.append(misroute_guard(partition))
-        install_failure_handling(partition)  # the parking gate, dead letters
-        if resizes is not None:
-            install_resize_gate(partition, resizes, recorded[pool])  # first of the gates
+        partition = build_partition(runtime, pool, index, store=store, keys=keys,
+                                    at_head=at_head, resizes=resizes,
+                                    recorded=recorded.get(pool), fence=fence)
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
-    first = runtime.partitions[0]
-    assert first.inflight is not None, "install_failure_handling gives every partition one"
-    runtime.retry = enable_in_place_retry(first, first.store, first.inflight,
-                                          dead_letters=first.dead_letters)
+    runtime.retry = enable_in_place_retry(runtime.partitions[0])
     runtime.executor = Executor(app, node)
     return runtime
-
-
-def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
-           fence: Callable[[str], None] | None) -> Lease:
-    assert settings.redis is not None
-    ttl = settings.lease_ttl
-    replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
-    client = redis_client(
-        settings.redis, replicas=replicas,
-        timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
-    return Lease(client, partition.keys.lease(partition.queue), ttl,
-                 node=f"{partition.hostname}#{partition.label}",
-                 token=os.environ.get(LEASE_TOKEN_ENV),
-                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence)
 
 
 class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -42,6 +42,7 @@ from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
 from ..store.resize import GateAction, ResizeState, ResizeStore
+from .stage import Stage
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 
     from .runtime import PartitionRuntime
 
-__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "install_resize_gate"]
+__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "resize_gate"]
 
 logger = logging.getLogger("celery_partitioning.resize")
 
@@ -110,10 +111,11 @@ def check_recorded_sizes(app: Celery, pools: Iterable[str], *, command: str = "c
         client.close()
 
 
-class ResizeGate:
-    """The first gate of a partition (Redis broker holding the store), and its between-hook."""
+class ResizeGate(Stage):
+    """The first stage of a partition (Redis broker holding the store): holds moved keys
+    before a message runs, releases them between messages."""
 
-    __name__ = "resize gate"
+    name = "resize gate"
 
     def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
         self.runtime = runtime
@@ -136,7 +138,7 @@ class ResizeGate:
         self._recovered: set[int] = set()
 
     # -- the gate ---------------------------------------------------------------------------
-    def __call__(self, msg: PartitionMessage) -> bool:
+    def before(self, msg: PartitionMessage) -> bool:
         previous = self.previous
         if previous is None:
             return False
@@ -346,20 +348,19 @@ def _declared(runtime: PartitionRuntime, index: int) -> tuple[int | None, int]:
     return int(ready), int(consumers)
 
 
-def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
-    """Put the resize gate first in the partition's gates, and its hook between messages.
+def resize_gate(runtime: PartitionRuntime, store: ResizeStore,
+                state: ResizeState) -> ResizeGate | None:
+    """The resize gate of a partition, or None where a resize cannot be followed.
 
     On a Redis broker released keys are pushed onto the head of the queue's Redis list in the
     store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
     published. A Redis broker apart from the store only reports a resize in flight.
     """
-    if runtime.store is None or (runtime.broker is not None and not runtime.requeue.at_head):
+    if runtime.broker is not None and not runtime.requeue.at_head:
         if state.in_flight:
             logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "
                          "broker and store moved keys are not held back: their old-size messages "
                          "are re-published behind newer ones", runtime.label, runtime.pool,
                          state.previous, state.size)
-        return
-    gate = ResizeGate(runtime, store, state)
-    runtime.gates.insert(0, gate)
-    runtime.between.append(gate.between)
+        return None
+    return ResizeGate(runtime, store, state)
