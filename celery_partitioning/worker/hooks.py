@@ -47,8 +47,8 @@ from ..store.resize import ResizeStore
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
+from .lifecycle import Partition
 from .orphan import start_supervisor_watch
-from .partition import PartitionThread
 from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .resize import check_recorded_size
@@ -232,32 +232,40 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
 
 
 class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep: a thread per hosted partition, started with the worker, stopped
-    first when it stops (running tasks finish, leases are released)."""
+    """Worker bootstep: each hosted partition as a unit (``lifecycle.Partition``), started
+    with the worker, stopped first when it stops (running tasks finish, leases are released);
+    :meth:`partition` gives one, to stop and start again while the process runs."""
 
     label = "partitions"
     requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.threads: list[PartitionThread] = []
+        self.partitions: list[Partition] = []
 
     def create(self, parent: Any) -> PartitionsStep:
         return self
 
     def start(self, parent: Any) -> None:
         runtime = current_worker(parent.app)
-        if runtime is None or self.threads:
+        if runtime is None or self.partitions:
             return
         # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
         for partition in runtime.partitions:
-            thread = PartitionThread(partition)
-            thread.start()
-            self.threads.append(thread)
+            unit = Partition(partition)
+            unit.start()
+            self.partitions.append(unit)
         logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
-                    len(self.threads), runtime.label)
+                    len(self.partitions), runtime.label)
+
+    def partition(self, pool: str, index: int) -> Partition:
+        """Partition ``index`` of ``pool`` of this process, as a unit."""
+        for unit in self.partitions:
+            if (unit.runtime.pool, unit.runtime.index) == (pool, index):
+                return unit
+        raise KeyError(f"partition {pool}.{index} is not hosted by this process")
 
     def close(self, parent: Any) -> None:
         """Warm stop: no further message anywhere; wait for the running ones."""
@@ -268,8 +276,8 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.info("%s: warm stop: every partition finishes its task and starts no other",
                         parent.hostname)
         runtime.stop_event.set()
-        for thread in self.threads:
-            while thread.is_alive():
+        for unit in self.partitions:
+            while unit.running:
                 if compat.terminate_requested():
                     # Cold shutdown: the process ends now, cutting the running tasks short
                     # (their messages recover at the head): never an exit status that says
@@ -277,7 +285,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
                     if not parent.exitcode:
                         parent.exitcode = EXIT_UNCLEAN
                     return
-                thread.join(timeout=0.2)
+                unit.stop(timeout=0.2)
 
     def stop(self, parent: Any) -> None:
         self.close(parent)

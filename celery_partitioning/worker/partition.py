@@ -201,12 +201,7 @@ class PartitionThread(threading.Thread):
             if not lease.acquire(runtime.stopping, runtime.label):
                 logger.warning("%s stopped while standby", runtime.label)
                 return False
-        progress = runtime.progress
-        progress.consumed()
-        lease.stall_check = progress.stall
-        if runtime.redis is not None:
-            lease.on_beat.append(progress.recorder(runtime.redis, runtime.keys, runtime.queue,
-                                                   expire_ms=3 * lease.ttl_ms))
+        runtime.progress.consumed()
         lease.start_heartbeat()
         return True
 

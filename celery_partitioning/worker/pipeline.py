@@ -79,7 +79,12 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         broker=broker_redis(app) if worker.transport == "redis" else None,
         requeue=requeue_for(app, pool, index, at_head=at_head))
     if partition.broker is not None and settings.redis is not None:
-        partition.lease = _lease(partition, settings, fence)
+        lease = partition.lease = _lease(partition, settings, fence)
+        # the heartbeat fences a thread stuck outside a task body, and records its progress
+        lease.stall_check = partition.progress.stall
+        if store is not None:
+            lease.on_beat.append(partition.progress.recorder(store, keys, partition.queue,
+                                                             expire_ms=3 * lease.ttl_ms))
     place = partition.place
     parking: Parking | None = None
     if store is None:
