@@ -47,7 +47,7 @@ from ..store.resize import ResizeStore
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
-from .lifecycle import Partition
+from .lifecycle import Partition, unit_of
 from .orphan import start_supervisor_watch
 from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
@@ -262,10 +262,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def partition(self, pool: str, index: int) -> Partition:
         """Partition ``index`` of ``pool`` of this process, as a unit."""
-        for unit in self.partitions:
-            if (unit.runtime.pool, unit.runtime.index) == (pool, index):
-                return unit
-        raise KeyError(f"partition {pool}.{index} is not hosted by this process")
+        return unit_of(self.partitions, pool, index)
 
     def close(self, parent: Any) -> None:
         """Warm stop: no further message anywhere; wait for the running ones."""

@@ -5,10 +5,10 @@
 (``hooks.build_runtime``: leases, the stages of each partition, dead letters, in-place retry,
 the executor) and starts each partition as a :class:`~.lifecycle.Partition` unit, as the
 ``PartitionsStep`` bootstep does; :meth:`InProcessWorker.partition` gives one unit, which a
-test may stop and start again while the others run. Tasks run through Celery's strategy and request classes in
-those threads, as in a partition worker process; what the Celery node would add around them
-is left out: no remote control, no heartbeats, no task events (the executor sees no
-consumer). The node is a stand-in with a host name, a timer (strategies only read it for
+test may stop and start again while the others run. Tasks run through Celery's strategy
+and request classes in those threads, as in a partition worker process; what the Celery
+node would add around them is left out: no remote control, no heartbeats, no task events
+(the executor sees no consumer). The node is a stand-in with a host name, a timer (strategies only read it for
 ETAs, which a partition holds itself) and Celery's worker state (revoked ids, active requests).
 
 Where a partition worker process would end itself (``exits.exit_now``: a gate failed, a dead
@@ -37,7 +37,7 @@ from ..exits import ThreadExit, raise_instead_of_exit
 from ..state import partitioning_of
 from ..validation import assert_valid_partition_keys
 from .hooks import build_runtime
-from .lifecycle import Partition
+from .lifecycle import Partition, unit_of
 from .partition import PartitionThread
 from .runtime import PartitionRuntime, WorkerRuntime, attach_worker, current_worker
 
@@ -174,10 +174,7 @@ class InProcessWorker:
     def partition(self, pool: str, index: int) -> Partition:
         """Partition ``index`` of ``pool`` as a unit to stop and start again
         (:class:`~.lifecycle.Partition`)."""
-        for unit in self.partitions:
-            if (unit.runtime.pool, unit.runtime.index) == (pool, index):
-                return unit
-        raise KeyError(f"partition {pool}.{index} is not run by this worker")
+        return unit_of(self.partitions, pool, index)
 
     def _wait_consuming(self) -> None:
         deadline = time.monotonic() + self.start_timeout

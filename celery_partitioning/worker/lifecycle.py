@@ -23,7 +23,7 @@ from collections.abc import Callable
 from .partition import PartitionThread
 from .runtime import PartitionRuntime
 
-__all__ = ["Partition"]
+__all__ = ["Partition", "unit_of"]
 
 
 class Partition:
@@ -78,3 +78,11 @@ class Partition:
     def __repr__(self) -> str:
         state = "consuming" if self.consuming else "running" if self.running else "stopped"
         return f"<Partition {self.label} {state}>"
+
+
+def unit_of(units: list[Partition], pool: str, index: int) -> Partition:
+    """Partition ``index`` of ``pool`` among ``units`` (KeyError when not there)."""
+    for unit in units:
+        if (unit.runtime.pool, unit.runtime.index) == (pool, index):
+            return unit
+    raise KeyError(f"partition {pool}.{index} is not run in this process")
