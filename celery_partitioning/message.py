@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .compat import kombu_payload
-from .config import RedisTarget
 from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL
-from .state import partitioning_of, settings_of
+from .state import partitioning_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -40,7 +39,6 @@ __all__ = [
     "payload_of",
     "publisher",
     "republish",
-    "requeue_method",
 ]
 
 #: Message properties that travel with a re-published message (every AMQP basic property
@@ -50,8 +48,7 @@ KEPT_PROPERTIES: Final = ("correlation_id", "reply_to", "delivery_mode", "expira
 #: The keys of a kombu Redis payload.
 _ENVELOPE: Final = ("body", "headers", "properties")
 
-#: Re-publishes one raw payload to its partition queue. None where a re-queue is instead
-#: pushed onto the head of the queue's Redis list, inside the store's own transaction.
+#: Re-publishes one raw payload to its partition queue (``store/requeue.ThroughOutbox``).
 Publish = Callable[[str], None]
 
 
@@ -320,23 +317,3 @@ def publisher(app: Celery, pool: str, index: int) -> Publish:
         republish(app, pool, index, raw, producer=held[0])
 
     return publish
-
-
-def requeue_method(app: Celery, pool: str, index: int) -> Publish | None:
-    """None when re-queued messages can be pushed onto the head of the queue's Redis list in
-    the store's own transaction (the broker is the store's Redis); else a publisher.
-
-    Through a publisher (RabbitMQ, or a Redis broker apart from the store) messages go to
-    the back of the queue; ordering then rests on the gate deferring newer messages of the
-    key until the re-queued ones are done.
-    """
-    settings = settings_of(app)
-    with app.connection_for_write() as conn:
-        driver = conn.transport.driver_type
-        broker = conn.as_uri(include_password=True)
-    store = settings.redis
-    # Sentinel: the settings name the broker's sentinels; otherwise the live broker's address
-    live = settings.broker_redis if store is not None and store.is_sentinel else RedisTarget(url=broker)
-    if driver == "redis" and store is not None and store.same_server(live):
-        return None
-    return publisher(app, pool, index)

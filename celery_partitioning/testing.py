@@ -182,6 +182,8 @@ def start_partition_worker(app: Celery, pools: str | Iterable[str] | None = None
     per partition, in queue order, retries, dead letters and parked keys; without
     remote control and task events. A partition that fails where a worker process would
     exit stops, keeps its message, and makes the block raise ``InProcessWorkerError``.
+    ``worker.partition(pool, index)`` is one partition as a unit (``worker/lifecycle.py``):
+    ``stop()`` hands its lease over, ``start()`` takes it again, while the others run.
 
     Tasks must be registered on ``app`` before the block starts.
     """

@@ -20,7 +20,8 @@ from celery_partitioning.store.attempts import AttemptRecord
 from celery_partitioning.store.backoff import BACKOFF_HEADER, BackoffStore
 from celery_partitioning.store.deadletters import DeadLetterStore
 from celery_partitioning.store.keys import RedisKeys
-from celery_partitioning.worker.parking import ParkingGate
+from celery_partitioning.store.requeue import HEAD_PUSH, Requeue, ThroughOutbox
+from celery_partitioning.worker.parking import Parking
 from tests.test_deadletters_store import POOL, QUEUE, consume, queue_ids, raw
 
 pytestmark = pytest.mark.integration
@@ -34,9 +35,9 @@ def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
 
 
 def set_aside(store: DeadLetterStore, task_id: str, due: float, *, token: str = "t1",
-              in_transit: tuple[str, bytes] | None = None, publish: Any = None) -> None:
+              in_transit: tuple[str, bytes] | None = None, requeue: Requeue = HEAD_PUSH) -> None:
     BackoffStore(store).set_aside(POOL, KEY, task_id, raw(task_id), AttemptRecord(1, due, token=token),
-                                  queue=QUEUE, publish=publish, in_transit=in_transit)
+                                  queue=QUEUE, requeue=requeue, in_transit=in_transit)
 
 
 def test_a_key_in_backoff_waits_alone_and_comes_back_first_when_due(store: DeadLetterStore) -> None:
@@ -101,17 +102,17 @@ def test_through_a_publisher_the_key_stays_scheduled_until_its_messages_are_sent
         sent.append(message_summary(message).id)
 
     backoff = BackoffStore(store)
-    set_aside(store, "a0", time.time() - 1, publish=publish)
-    store.check(POOL, KEY, "a1", raw("a1", 1), QUEUE, publish=publish)
+    set_aside(store, "a0", time.time() - 1, requeue=ThroughOutbox(publish))
+    store.check(POOL, KEY, "a1", raw("a1", 1), QUEUE, requeue=ThroughOutbox(publish))
     # When the first release cannot publish (a crash or a broker outage between the two)
     with pytest.raises(ConnectionError):
-        backoff.release_due(QUEUE, publish=publish)
+        backoff.release_due(QUEUE, requeue=ThroughOutbox(publish))
     assert backoff.summary(QUEUE).count == 1
     # Then the next pass sends them, in order, once, and unschedules the key
     failing["on"] = False
-    backoff.release_due(QUEUE, publish=publish)
+    backoff.release_due(QUEUE, requeue=ThroughOutbox(publish))
     assert sent == ["a0", "a1"] and backoff.summary(QUEUE).count == 0
-    backoff.release_due(QUEUE, publish=publish)
+    backoff.release_due(QUEUE, requeue=ThroughOutbox(publish))
     assert sent == ["a0", "a1"]
 
 
@@ -121,7 +122,7 @@ def test_the_gate_drops_an_older_delivery_of_a_message_whose_copy_was_released()
     def message(headers: dict[str, Any]) -> Any:
         return SimpleNamespace(headers=headers)
 
-    stale = ParkingGate._stale
+    stale = Parking._stale
     assert stale(message({"id": "a0"}), record, True)
     assert stale(message({"id": "a0", BACKOFF_HEADER: "t0"}), record, True)
     assert not stale(message({"id": "a0", BACKOFF_HEADER: "t1"}), record, True)

@@ -15,6 +15,7 @@ from celery_partitioning.errors import DeadLetterError
 from celery_partitioning.message import message_summary
 from celery_partitioning.store.deadletters import DeadLetter, DeadLetterStore, GateResult, now_iso
 from celery_partitioning.store.keys import RedisKeys, key_digest
+from celery_partitioning.store.requeue import ThroughOutbox
 
 pytestmark = pytest.mark.integration
 
@@ -180,25 +181,25 @@ def test_through_a_publisher_a_replay_goes_to_the_back_and_newer_messages_wait(
     def publish(raw_message: str) -> None:
         broker.append(message_summary(raw_message).id)
 
-    store.gate(POOL, key, "m0", raw("m0"), QUEUE, publish=publish)
-    store.dead_letter(letter(key, "m0"), QUEUE, publish=publish)
-    store.gate(POOL, key, "m1", raw("m1"), QUEUE, publish=publish)
+    store.gate(POOL, key, "m0", raw("m0"), QUEUE, requeue=ThroughOutbox(publish))
+    store.dead_letter(letter(key, "m0"), QUEUE, requeue=ThroughOutbox(publish))
+    store.gate(POOL, key, "m1", raw("m1"), QUEUE, requeue=ThroughOutbox(publish))
     broker.append("new")
-    assert [m.id for m in store.replay(POOL, key, QUEUE, publish=publish)] == ["m0", "m1"]
+    assert [m.id for m in store.replay(POOL, key, QUEUE, requeue=ThroughOutbox(publish))] == ["m0", "m1"]
     assert broker == ["new", "m0", "m1"]
 
     def deliver() -> str:
         task_id = broker.pop(0)
-        return store.gate(POOL, key, task_id, raw(task_id), QUEUE, publish=publish)
+        return store.gate(POOL, key, task_id, raw(task_id), QUEUE, requeue=ThroughOutbox(publish))
 
     assert deliver() == "deferred"  # "new" must not overtake the replay
     assert deliver() == "run"
-    store.finished(POOL, key, "m0", QUEUE, publish=publish)
+    store.finished(POOL, key, "m0", QUEUE, requeue=ThroughOutbox(publish))
     assert deliver() == "run"
-    store.finished(POOL, key, "m1", QUEUE, publish=publish)
+    store.finished(POOL, key, "m1", QUEUE, requeue=ThroughOutbox(publish))
     assert broker == ["new"]  # published again, behind the replay
     assert deliver() == "run"
-    store.finished(POOL, key, "new", QUEUE, publish=publish)
+    store.finished(POOL, key, "new", QUEUE, requeue=ThroughOutbox(publish))
     assert store.client.llen(store.keys.replay_outbox(POOL, key)) == 0
 
 
@@ -214,11 +215,11 @@ def test_an_interrupted_publishing_replay_is_finished_by_the_next_replay(
         raise ConnectionError("broker down")
 
     with pytest.raises(ConnectionError):
-        store.replay(POOL, key, QUEUE, publish=broken)
+        store.replay(POOL, key, QUEUE, requeue=ThroughOutbox(broken))
     # nothing is lost: the messages wait in the outbox; replaying again sends them
     assert [m.id for m in store.replay(POOL, key, QUEUE,
-                                       publish=lambda r: sent.append(message_summary(r).id))] \
+                                       requeue=ThroughOutbox(lambda r: sent.append(message_summary(r).id)))] \
         == ["m0", "m1"]
     assert sent == ["m0", "m1"]
     with pytest.raises(DeadLetterError, match="it was replayed at"):
-        store.replay(POOL, key, QUEUE, publish=sent.append)
+        store.replay(POOL, key, QUEUE, requeue=ThroughOutbox(sent.append))

@@ -21,6 +21,7 @@ from celery_partitioning.store.lease import Lease
 from celery_partitioning.testing import start_partition_worker
 from celery_partitioning.worker.inprocess import InProcessWorkerError
 from celery_partitioning.worker.runtime import current_worker
+from celery_partitioning.worker.stage import Stage
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
         # each partition's start-up line names its gates for people
         consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
         assert len(consuming) == 5
-        assert all(line.endswith("gates: resize gate, misroute guard, parking gate)")
+        assert all(line.endswith("stages: resize gate, misroute guard, parking gate)")
                    for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice
@@ -218,10 +219,13 @@ def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop
         assert worker.runtime is not None
         index = cp.explain_route(app, "shop.step", "o9", 0).index
 
-        def broken(msg: Any) -> bool:
-            raise RuntimeError("a gate bug")
+        class Broken(Stage):
+            name = "broken"
 
-        worker.runtime.partitions[index].gates.insert(0, broken)
+            def before(self, msg: Any) -> bool:
+                raise RuntimeError("a gate bug")
+
+        worker.runtime.partitions[index].stages.insert(0, Broken())
         shop.step.delay("o9", 0)
         thread = worker.threads[index]
         thread.join(20)  # where a worker process would exit: the partition thread ends

@@ -14,6 +14,7 @@ import redis
 from celery_partitioning import partition_for
 from celery_partitioning.message import payload_id
 from celery_partitioning.store.keys import RedisKeys
+from celery_partitioning.store.requeue import ThroughOutbox
 from celery_partitioning.store.resize import RELEASING, ResizeStore
 
 pytestmark = pytest.mark.integration
@@ -168,12 +169,12 @@ def test_through_a_publisher_the_key_stays_held_until_its_released_messages_are_
 
     def at_q(task_id: str) -> str:
         return store.gate(POOL, key, task_id, raw(task_id), "new", old=p, new=q, mark=None,
-                          publish=publish)
+                          requeue=ThroughOutbox(publish), here=q)
 
     assert at_q("n1") == "held"
     assert store.gate(POOL, key, "o1", raw("o1"), "old", old=p, new=q, mark=None) == "moved"
     store.mark_drained(POOL, p)
-    assert store.poll(POOL, q, None, None, publish=publish) == (True, 2)
+    assert store.poll(POOL, q, None, None, requeue=ThroughOutbox(publish)) == (True, 2)
     assert sent == ["o1", "n1"]  # to the tail of q, in order
     assert store.waiting(POOL, 6) == {q: {RELEASING: 1}}
     # a newer message that reaches q before the released ones are back is held behind them

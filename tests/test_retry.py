@@ -6,7 +6,6 @@ runs the patched task the way a partition worker would, with no Redis store.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 from typing import Any
 
@@ -16,8 +15,10 @@ from celery.app.trace import build_tracer
 from celery.exceptions import MaxRetriesExceededError
 
 import celery_partitioning as cp
+from celery_partitioning.state import settings_of
 from celery_partitioning.store.keys import RedisKeys
-from celery_partitioning.worker.parking import InFlight
+from celery_partitioning.store.requeue import HEAD_PUSH
+from celery_partitioning.worker.inflight import InFlight
 from celery_partitioning.worker.retry import InPlaceRetry, RetryInPlace
 
 KEY = cp.create_entity_partition_key("Order")
@@ -33,9 +34,9 @@ def make_app() -> Celery:
 def patch(app: Celery) -> tuple[InPlaceRetry, list[float]]:
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q", redis=None,
                                          keys=RedisKeys("unit:"), hostname="h", label="entity.0",
-                                         backoff=None)
+                                         inflight=InFlight(), parking=None, dead_letters=None)
     waits: list[float] = []
-    patcher = InPlaceRetry(runtime, None, InFlight())
+    patcher = InPlaceRetry(runtime)
     original = patcher._wait_until
 
     def wait_until(resume_at: float) -> None:
@@ -243,7 +244,8 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
     # Given the gate's answer for each message (attempt record read, replay membership),
     # a run without retry makes no Redis call of its own; a retried one writes its record
     # and deletes it at the end; a replayed one reports its end; an ungated one reads.
-    from celery_partitioning.worker.parking import InFlightEntry
+    from celery_partitioning.worker.inflight import InFlightEntry
+    from celery_partitioning.worker.parking import Parking
 
     app = make_app()
 
@@ -261,13 +263,17 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
 
     redis_calls = _RecordingRedis()
     store = _RecordingStore()
+    inflight = InFlight()
+    # the partition's parking stage, on a store that records what it is told
+    recording: Any = types.SimpleNamespace(client=None, keys=RedisKeys("unit:"),
+                                           finished=store.finished_call)
+    place: Any = types.SimpleNamespace(queue="q")
+    parking = Parking(place, recording, inflight, HEAD_PUSH)
     runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q",
                                          redis=redis_calls, keys=RedisKeys("unit:"), hostname="h",
-                                         label="entity.0", backoff=None)
-    inflight = InFlight()
-    patcher = InPlaceRetry(runtime, None, inflight)
-    patcher._default = dataclasses.replace(  # the partition's store, seen by the patcher
-        patcher._default, store=types.SimpleNamespace(finished=store.finished_call))
+                                         label="entity.0", inflight=inflight, parking=parking,
+                                         dead_letters=None, settings=settings_of(app))
+    patcher = InPlaceRetry(runtime)
     patcher.patch_all()
     record = RedisKeys("unit:").attempts
 

@@ -9,6 +9,7 @@ from celery_partitioning.errors import DeadLetterError
 from celery_partitioning.message import message_summary
 from celery_partitioning.store.deadletters import DeadLetterStore
 from celery_partitioning.store.keys import RedisKeys
+from celery_partitioning.store.requeue import ThroughOutbox
 from celery_partitioning.store.skipping import SkipStore
 from tests.test_deadletters_store import POOL, QUEUE, letter, queue_ids, raw
 
@@ -56,20 +57,20 @@ def test_through_a_publisher_a_newer_message_waits_behind_the_released_ones(
     def publish(raw_message: str) -> None:
         broker.append(message_summary(raw_message).id)
 
-    store.dead_letter(letter(key, "m0"), QUEUE, publish=publish)
-    store.gate(POOL, key, "m1", raw("m1"), QUEUE, publish=publish)
+    store.dead_letter(letter(key, "m0"), QUEUE, requeue=ThroughOutbox(publish))
+    store.gate(POOL, key, "m1", raw("m1"), QUEUE, requeue=ThroughOutbox(publish))
     broker.append("new")
-    assert [m.id for m in SkipStore(store).skip(POOL, key, QUEUE, publish=publish).released] \
+    assert [m.id for m in SkipStore(store).skip(POOL, key, QUEUE, requeue=ThroughOutbox(publish)).released] \
         == ["m1"]
     assert broker == ["new", "m1"]
 
     def deliver() -> str:
         task_id = broker.pop(0)
-        return store.gate(POOL, key, task_id, raw(task_id), QUEUE, publish=publish)
+        return store.gate(POOL, key, task_id, raw(task_id), QUEUE, requeue=ThroughOutbox(publish))
 
     assert deliver() == "deferred"
     assert deliver() == "run"
-    store.finished(POOL, key, "m1", QUEUE, publish=publish)
+    store.finished(POOL, key, "m1", QUEUE, requeue=ThroughOutbox(publish))
     assert broker == ["new"]
     assert deliver() == "run"
 
@@ -86,14 +87,14 @@ def test_an_interrupted_publishing_skip_is_finished_by_the_next_skip(
         raise ConnectionError("broker down")
 
     with pytest.raises(ConnectionError):
-        SkipStore(store).skip(POOL, key, QUEUE, publish=broken)
+        SkipStore(store).skip(POOL, key, QUEUE, requeue=ThroughOutbox(broken))
     sent: list[str] = []
     again = SkipStore(store).skip(POOL, key, QUEUE,
-                                  publish=lambda r: sent.append(message_summary(r).id))
+                                  requeue=ThroughOutbox(lambda r: sent.append(message_summary(r).id)))
     assert again.skipped.id == "m0" and [m.id for m in again.released] == ["m1", "m2"]
     assert sent == ["m1", "m2"]
     with pytest.raises(DeadLetterError, match="it was skipped at"):
-        SkipStore(store).skip(POOL, key, QUEUE, publish=sent.append)
+        SkipStore(store).skip(POOL, key, QUEUE, requeue=ThroughOutbox(sent.append))
 
 
 def test_skip_policy_dead_letters_are_stored_once_listed_and_discarded(

@@ -12,9 +12,10 @@ from redis.exceptions import RedisError
 
 from ..errors import DeadLetterError, PartitioningError
 from ..hashing import partition_for
-from ..message import MessageSummary, Publish, requeue_method
+from ..message import MessageSummary
 from ..state import redis_client, redis_keys, settings_of
 from ..store.deadletters import DeadLetterStore, DeadLetterView
+from ..store.requeue import Requeue, requeue_for
 from ..store.skipping import SkipStore
 
 if TYPE_CHECKING:
@@ -33,11 +34,11 @@ def store_for_app(app: Celery) -> DeadLetterStore:
     return DeadLetterStore(redis_client(settings.redis), redis_keys(app))
 
 
-def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Publish | None]:
-    """The queue a replay of ``key`` goes to, and how (see ``message.requeue_method``)."""
+def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Requeue]:
+    """The queue a replay of ``key`` goes to, and how (``store/requeue.py``)."""
     settings = settings_of(app)
     index = partition_for(key, settings.partitions(pool))
-    return settings.queue_name(pool, index), requeue_method(app, pool, index)
+    return settings.queue_name(pool, index), requeue_for(app, pool, index)
 
 
 def _app(ctx: click.Context) -> Celery:
@@ -147,14 +148,14 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
         where: dict[str, Any] = {}
         skipped: MessageSummary | None = None
         if action == "replay":
-            queue, publish = replay_target(app, pool, key)
-            messages = store.replay(pool, key, queue, publish=publish)
-            where = {"queue": queue, "via": "head" if publish is None else "publish"}
+            queue, requeue = replay_target(app, pool, key)
+            messages = store.replay(pool, key, queue, requeue=requeue)
+            where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
         elif action == "skip":
-            queue, publish = replay_target(app, pool, key)
-            result = SkipStore(store).skip(pool, key, queue, publish=publish)
+            queue, requeue = replay_target(app, pool, key)
+            result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
             messages, skipped = result.released, result.skipped
-            where = {"queue": queue, "via": "head" if publish is None else "publish"}
+            where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
         else:
             messages = store.discard(pool, key) if store.is_parked(pool, key) else []
             messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)

@@ -10,8 +10,9 @@ Where each number comes from (the worker code itself changes little):
   ``task_failure``, ``task_retry``, ``task_prerun``/``task_postrun``, sent in the partition
   thread that runs the task (in-place retries send them per attempt: ``attempt_signals.py``);
   the partition is the calling thread's (``runtime.current_runtime``).
-- skipped: a gate took the message instead of running it (parked key, key in backoff,
-  resize hold, misroute), labelled with the gate's name.
+- skipped: a stage took the message instead of running it (parked key, key in backoff,
+  resize hold, misroute), labelled with the stage's name (each stage wrapped in a
+  :class:`_Counted` of the same name, in its place).
 - lease hand-overs and fences: the lease's ``on_acquire`` and ``on_fence`` hooks.
 - hot keys and per-partition recent counts: :class:`.hotkeys.HotKeys`, flushed between messages.
 """
@@ -27,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Final
 from celery import signals
 from prometheus_client import Counter, Histogram
 
+from ..message import PartitionMessage
 from ..router import HEADER_KEY
-from ..worker.partition import gate_name
 from ..worker.runtime import PartitionRuntime, WorkerRuntime, current_runtime
+from ..worker.stage import Stage
 from . import HALF_LIFE_ENV, METRICS_ENV, MULTIPROC_ENV, key_label, raw_key_labels
 from .hotkeys import HALF_LIFE, HotKeys
 
@@ -126,12 +128,8 @@ def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
     labels = _labels(partition)
     for counter in (HANDOVERS, FENCES):
         counter.labels(*labels)  # a series at 0 from the start, so increase() and alerts see it
-    partition.gates[:] = [_counting_gate(gate, labels) for gate in partition.gates]
-
-    def flush(_idle: bool) -> None:
-        hot.flush()
-
-    partition.between.append(flush)
+    partition.stages[:] = [*(_Counted(stage, labels) for stage in partition.stages),
+                           _FlushHotKeys(hot)]
     lease = partition.lease
     if lease is not None:
         lease.on_acquire.append(lambda: HANDOVERS.labels(*labels).inc())
@@ -140,15 +138,32 @@ def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
                    DURATION.labels(*labels))
 
 
-def _counting_gate(gate: Any, labels: tuple[str, str]) -> Any:
-    name = gate_name(gate)
-    SKIPPED.labels(*labels, name)
+class _Counted(Stage):
+    """A stage, counting the messages it takes (``skipped``)."""
 
-    def counted(msg: Any) -> bool:
-        taken = bool(gate(msg))
+    def __init__(self, stage: Stage, labels: tuple[str, str]) -> None:
+        self.stage = stage
+        self.name = stage.name  # the start-up line lists stages by name
+        self.skipped = SKIPPED.labels(*labels, stage.name)
+
+    def before(self, msg: PartitionMessage) -> bool:
+        taken = self.stage.before(msg)
         if taken:
-            SKIPPED.labels(*labels, name).inc()
+            self.skipped.inc()
         return taken
 
-    counted.__name__ = name  # the start-up line lists gates by name
-    return counted
+    def between(self, idle: bool) -> float | None:
+        return self.stage.between(idle)
+
+
+class _FlushHotKeys(Stage):
+    """Last stage: between messages, the hot-key counts go to the metrics files."""
+
+    name = "metrics"
+
+    def __init__(self, hot: HotKeys) -> None:
+        self.hot = hot
+
+    def between(self, idle: bool) -> float | None:
+        self.hot.flush()
+        return None

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..message import Publish
 from .attempts import ATTEMPTS_TTL, AttemptRecord
 from .deadletters import DeadLetterStore, as_text
 from .keys import key_digest
+from .requeue import HEAD_PUSH, Requeue
 
 __all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "as_first_delivery", "with_token"]
 
@@ -93,7 +93,7 @@ class BackoffStore:
         self.keys = store.keys
 
     def set_aside(self, pool: str, key: str, task_id: str, raw: str, record: AttemptRecord, *,
-                  queue: str, publish: Publish | None = None,
+                  queue: str, requeue: Requeue = HEAD_PUSH,
                   in_transit: tuple[str, bytes] | None = None) -> None:
         """Set ``key`` aside until ``record.resume_at`` with a copy of the retried message
         ``raw`` first (marked with ``record.token``), and save its attempt ``record``, in one
@@ -104,17 +104,16 @@ class BackoffStore:
             raise ValueError("a message set aside needs a token in its attempt record")
         store = self.store
         due = record.resume_at
-        acked = in_transit if publish is None else None
+        acked = in_transit if requeue.at_head else None
         store.scripts.backoff(
-            keys=[*store.script_keys(pool, key, queue, publish), self.keys.backoff_schedule(queue),
+            keys=[*store.script_keys(pool, key, queue, requeue), self.keys.backoff_schedule(queue),
                   acked[0] if acked else "", self.keys.attempts(task_id)],
             args=[key_digest(key), task_id, with_token(raw, record.token, record.retries), repr(due),
                   _member(pool, key), acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
-        if publish is not None:  # what an interrupted earlier release left in the outbox
-            store.flush_outbox(pool, key, publish)
+        store.flush_outbox(pool, key, requeue)  # what an interrupted release left there
 
-    def release_due(self, queue: str, *, publish: Publish | None = None,
+    def release_due(self, queue: str, *, requeue: Requeue = HEAD_PUSH,
                     now: float | None = None) -> float:
         """Re-queue the messages of every key of ``queue``'s partition that is due; returns
         the seconds until the next key is due (``inf`` when none waits)."""
@@ -126,10 +125,10 @@ class BackoffStore:
             member = as_text(raw_member)
             pool, key = json.loads(member)
             released = store.scripts.release(
-                keys=[*store.script_keys(pool, key, queue, publish), schedule],
+                keys=[*store.script_keys(pool, key, queue, requeue), schedule],
                 args=[key_digest(key), member, repr(now)])
-            if released == -3 and publish is not None:
-                store.flush_outbox(pool, key, publish)
+            if released == -3 and not requeue.at_head:
+                store.flush_outbox(pool, key, requeue)
                 self.client.zrem(schedule, member)
         return self.summary(queue).wait(now)
 

@@ -23,47 +23,47 @@ back to the broker URL).
 
 from __future__ import annotations
 
-import base64
 import json
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from ..errors import DeadLetterError
-from ..message import MessageSummary, Publish, message_summary
+from ..message import MessageSummary, message_summary
 from .keys import RedisKeys, key_digest
+from .letters import (
+    REASON_DCB_MAX_RETRIES,
+    REASON_ERROR,
+    REASON_MALFORMED,
+    REASON_MAX_RETRIES,
+    DeadLetter,
+    DeadLetterView,
+    as_text,
+    now_iso,
+)
+from .requeue import HEAD_PUSH, Requeue
 from .scripts import scripts_for
 
 if TYPE_CHECKING:
     from redis import Redis
 
+T = TypeVar("T")
+
 
 __all__ = [
     "as_text",
-    "send_outbox",
     "DeadLetter",
     "DeadLetterStore",
     "DeadLetterView",
     "GateResult",
     "GateVerdict",
+    "Released",
     "REASON_ERROR",
     "REASON_MAX_RETRIES",
     "REASON_DCB_MAX_RETRIES",
     "REASON_MALFORMED",
     "now_iso",
 ]
-
-#: Reason of a dead letter: the task raised and had no retry policy left to apply.
-REASON_ERROR: Final = "ERROR"
-#: Reason of a dead letter: ``self.retry()`` / ``autoretry_for`` ran out of retries.
-REASON_MAX_RETRIES: Final = "MAX_RETRIES_EXCEEDED"
-#: Reason of a dead letter: a ``with_dcb_retry`` task still conflicted on its last attempt.
-REASON_DCB_MAX_RETRIES: Final = "DCB_MAX_RETRIES_EXCEEDED"
-#: Reason of a dead letter: the message could not be run at all (not a kombu message, an
-#: undecodable body, an unknown task); its ``error`` says which.
-REASON_MALFORMED: Final = "MALFORMED"
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
@@ -90,80 +90,13 @@ class GateResult:
 _PAST: Final = {"replay": "replayed", "skip": "skipped", "discard": "discarded"}
 
 
-def now_iso() -> str:
-    """The current UTC time as stored in records."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
 @dataclass(frozen=True)
-class DeadLetter:
-    """One failed message of a partitioned task, as stored (JSON) and listed."""
+class Released:
+    """What a release did: the failed message dropped (a skip; None for a replay or a
+    finished interrupted release) and the messages re-queued, in order."""
 
-    pool: str
-    key: str
-    task: str
-    id: str
-    args: str
-    kwargs: str
-    error: str
-    traceback: str
-    attempts: int
-    failed_at: str
-    reason: str = REASON_ERROR
-    partition: int | None = None
-    queue: str | None = None
-    hostname: str | None = None
-    #: The original kombu payload (JSON text), re-queued unchanged by replay.
-    raw: str | None = None
-    #: ``"base64"`` when ``raw`` holds bytes that are not UTF-8 text (a malformed message).
-    raw_encoding: str | None = None
-    #: The task's failure policy that applied: ``"park"`` (the key waits behind it) or
-    #: ``"skip"`` (recorded only; the key went on).
-    policy: str = "park"
-
-    def raw_bytes(self) -> bytes | None:
-        """The original message exactly as it was received (None when unknown)."""
-        if self.raw is None:
-            return None
-        if self.raw_encoding == "base64":
-            return base64.b64decode(self.raw)
-        return self.raw.encode("utf-8")
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> DeadLetter:
-        data = json.loads(text)
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
-class DeadLetterView:
-    """A dead letter with the messages parked behind it (what ``list`` shows)."""
-
-    dead_letter: DeadLetter
-    parked: tuple[MessageSummary, ...] = field(default=())
-
-    def as_dict(self, with_raw: bool = False) -> dict[str, Any]:
-        data = asdict(self.dead_letter)
-        if not with_raw:
-            data.pop("raw", None)
-        data["parked_count"] = len(self.parked)
-        data["parked"] = [asdict(p) for p in self.parked]
-        return data
-
-
-def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
-    """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
-    once sent. At least once: a crash between publishing and popping re-sends that message."""
-    sent = 0
-    while (raw := client.lindex(outbox, 0)) is not None:
-        publish(as_text(raw))
-        client.lpop(outbox)
-        sent += 1
-    return sent
+    skipped: MessageSummary | None
+    released: list[MessageSummary]
 
 
 class DeadLetterStore:
@@ -175,56 +108,56 @@ class DeadLetterStore:
         self.scripts = scripts_for(client)
 
     # -- worker side ------------------------------------------------------------------
-    def _key_names(self, pool: str, key: str) -> list[str]:
+    def key_names(self, pool: str, key: str) -> list[str]:
+        """The key's dead-letter hash, parked list, parked ids, replaying and deferred sets."""
         k = self.keys
         return [k.dead_letters(pool), k.parked(pool, key), k.parked_ids(pool, key),
                 k.replaying(pool, key), k.deferred(pool, key)]
 
-    def script_keys(self, pool: str, key: str, queue: str, publish: Publish | None) -> list[str]:
+    def script_keys(self, pool: str, key: str, queue: str, requeue: Requeue) -> list[str]:
         """KEYS[1..8] of the scripts that start with ``prelude.lua``."""
-        return [*self._key_names(pool, key),
-                self.keys.broker_queue(queue) if publish is None else "",
+        return [*self.key_names(pool, key), requeue.head(self.keys, queue),
                 self.keys.replay_outbox(pool, key), self.keys.backoff(pool, key)]
 
     def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
-             publish: Publish | None = None) -> GateVerdict:
+             requeue: Requeue = HEAD_PUSH) -> GateVerdict:
         """Decide, atomically, whether a received message runs or is set aside.
 
         ``parked``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
         """
-        return self.check(pool, key, task_id, raw, queue, publish=publish).verdict
+        return self.check(pool, key, task_id, raw, queue, requeue=requeue).verdict
 
     def check(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
-              publish: Publish | None = None) -> GateResult:
+              requeue: Requeue = HEAD_PUSH) -> GateResult:
         """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
-        reply = self.scripts.check(keys=[*self.script_keys(pool, key, queue, publish),
+        reply = self.scripts.check(keys=[*self.script_keys(pool, key, queue, requeue),
                                  self.keys.attempts(task_id)],
                            args=[key_digest(key), task_id, raw])
         result = GateResult.parse(reply)
-        if publish is not None:
-            self.flush_outbox(pool, key, publish)
+        self.flush_outbox(pool, key, requeue)
         return result
 
     def dead_letter(self, letter: DeadLetter, queue: str, *,
-                    publish: Publish | None = None) -> bool:
+                    requeue: Requeue = HEAD_PUSH) -> bool:
         """Store a dead letter and park its key; False if the key was parked already."""
         stored = self.scripts.dead_letter(
-            keys=self.script_keys(letter.pool, letter.key, queue, publish),
+            keys=self.script_keys(letter.pool, letter.key, queue, requeue),
             args=[key_digest(letter.key), letter.id, letter.to_json(), letter.raw_bytes() or b""],
         )
         return bool(stored)
 
     def finished(self, pool: str, key: str, task_id: str, queue: str, *,
-                 publish: Publish | None = None) -> None:
+                 requeue: Requeue = HEAD_PUSH) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
-        self.scripts.finished(keys=self.script_keys(pool, key, queue, publish),
+        self.scripts.finished(keys=self.script_keys(pool, key, queue, requeue),
                        args=[key_digest(key), task_id])
-        if publish is not None:
-            self.flush_outbox(pool, key, publish)
+        self.flush_outbox(pool, key, requeue)
 
-    def flush_outbox(self, pool: str, key: str, publish: Publish) -> int:
-        """Publish the key's re-queued messages (:func:`send_outbox`)."""
-        return send_outbox(self.client, self.keys.replay_outbox(pool, key), publish)
+    def flush_outbox(self, pool: str, key: str, requeue: Requeue) -> int:
+        """Send the key's re-queued messages (:meth:`Requeue.send`; none on a head push)."""
+        if requeue.at_head:
+            return 0  # no round trip: nothing is ever left there
+        return requeue.send(self.client, self.keys.replay_outbox(pool, key))
 
     def is_parked(self, pool: str, key: str) -> bool:
         return bool(self.client.hexists(self.keys.dead_letters(pool), key_digest(key)))
@@ -260,7 +193,7 @@ class DeadLetterStore:
             json.loads(r) for r in self.client.lrange(self.keys.dead_letter_log(pool), 0, -1)]
         return events
 
-    def _last_event(self, pool: str, key: str) -> dict[str, Any] | None:
+    def last_event(self, pool: str, key: str) -> dict[str, Any] | None:
         for event in reversed(self.history(pool)):
             if event.get("key") == key:
                 found: dict[str, Any] = event
@@ -270,18 +203,18 @@ class DeadLetterStore:
     def not_parked_error(self, pools: Iterable[str], key: str, action: str) -> DeadLetterError:
         """The error for ``action`` on a key parked in none of ``pools`` (says what happened)."""
         pools = list(pools)
-        events = [e for e in (self._last_event(p, key) for p in pools) if e is not None]
+        events = [e for e in (self.last_event(p, key) for p in pools) if e is not None]
         if events:
             latest = max(events, key=lambda e: str(e.get("at")))
-            return self._missing(str(latest["pool"]), key, action)
+            return self.missing(str(latest["pool"]), key, action)
         if len(pools) == 1:
-            return self._missing(pools[0], key, action)
+            return self.missing(pools[0], key, action)
         return DeadLetterError(
             f"no dead letter for key {key!r} in any pool ({', '.join(pools)}); nothing to {action} "
             "(see `celery -A proj partitioning dead-letters list`)")
 
-    def _missing(self, pool: str, key: str, action: str) -> DeadLetterError:
-        event = self._last_event(pool, key)
+    def missing(self, pool: str, key: str, action: str) -> DeadLetterError:
+        event = self.last_event(pool, key)
         if event is not None:
             return DeadLetterError(
                 f"key {key!r} of pool {pool!r} is not parked: it was "
@@ -294,93 +227,104 @@ class DeadLetterStore:
         )
 
     def replay(self, pool: str, key: str, queue: str, *,
-               publish: Publish | None = None) -> list[MessageSummary]:
-        """Re-queue the dead letter and the parked messages of ``key``, in order, and unpark it.
+               requeue: Requeue = HEAD_PUSH) -> list[MessageSummary]:
+        """Re-queue the dead letter and the parked messages of ``key``, in order, and unpark it
+        (:meth:`release`); never twice."""
+        return self.release(pool, key, queue, requeue, keep_failed=True).released
 
-        In one transaction: the messages go to the consuming end of kombu's Redis list of
-        ``queue`` in their original order (ahead of anything newer) — or, with ``publish``
-        (any other broker), to the key's outbox, published right after — the key is
-        unparked, and the replay is logged. Newer messages of the key that reach the worker
-        before the replayed ones are deferred behind them. Raises ``DeadLetterError`` when
-        the key is not parked (never replays twice).
-        """
-        from redis.exceptions import WatchError
-
-        names = self._key_names(pool, key)
-        dl_hash, parked_list, ids, replaying, _ = names
-        outbox = self.keys.replay_outbox(pool, key)
+    def release(self, pool: str, key: str, queue: str, requeue: Requeue, *,
+                keep_failed: bool) -> Released:
+        """The release step of a parked key, what replay and skip both are: in one transaction
+        (``client.transaction``, run again while a watched key changes) the key is unparked,
+        its messages go back to ``queue`` ahead of anything newer (onto the head in the same
+        transaction, or into the key's outbox, sent right after), each ``replaying`` until it
+        is done, and the step is logged. ``keep_failed``: the failed message is re-queued
+        first (replay), else dropped, kept in the log with its raw message (skip). A release
+        whose outbox was not all sent is finished by running it again. Raises
+        ``DeadLetterError`` when the key is not parked."""
+        action = "replay" if keep_failed else "skip"
+        keys = self.keys
+        dl_hash, parked_list, ids, replaying, _ = self.key_names(pool, key)
+        outbox = keys.replay_outbox(pool, key)
         digest = key_digest(key)
-        while True:
-            with self.client.pipeline() as pipe:
-                try:
-                    pipe.watch(dl_hash, parked_list, ids, replaying)
-                    record = pipe.hget(dl_hash, digest)
-                    if record is None:
-                        pending = [message_summary(m) for m in pipe.lrange(outbox, 0, -1)]
-                        if publish is not None and pending:  # an interrupted replay: finish it
-                            pipe.reset()
-                            self.flush_outbox(pool, key, publish)
-                            return pending
-                        raise self._missing(pool, key, "replay")
-                    letter = DeadLetter.from_json(record)
-                    if letter.raw is None:
-                        raise DeadLetterError(
-                            f"the dead letter of key {key!r} (task {letter.id}) has no stored "
-                            "message to replay; discard it and re-send the task")
-                    raws: list[str | bytes] = [letter.raw_bytes() or b"",
-                                               *pipe.lrange(parked_list, 0, -1)]
-                    messages = [message_summary(r) for r in raws]
-                    pipe.multi()
-                    if publish is None:
-                        # BRPOP consumes from the right: push the newest first, the dead letter last.
-                        pipe.rpush(self.keys.broker_queue(queue), *reversed(raws))
-                    else:
-                        pipe.rpush(outbox, *raws)
-                    pipe.srem(ids, *[m.id for m in messages])
-                    pipe.sadd(replaying, *[m.id for m in messages])
-                    pipe.delete(parked_list)
-                    pipe.hdel(dl_hash, digest)
-                    pipe.delete(self.keys.attempts(letter.id))
-                    pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
-                        self._event("replay", pool, key, letter, messages, queue=queue)))
-                    pipe.execute()
-                except WatchError:
-                    time.sleep(0.01)
-                    continue
-            if publish is not None:
-                self.flush_outbox(pool, key, publish)
-            return messages
+
+        def step(pipe: Any) -> Released:
+            record = pipe.hget(dl_hash, digest)
+            if record is None:
+                pending = [message_summary(m) for m in pipe.lrange(outbox, 0, -1)]
+                if not requeue.at_head and pending:  # an interrupted release: finish it
+                    return Released(None, pending)
+                raise self.missing(pool, key, action)
+            letter = DeadLetter.from_json(record)
+            if keep_failed and letter.raw is None:
+                raise DeadLetterError(
+                    f"the dead letter of key {key!r} (task {letter.id}) has no stored "
+                    "message to replay; discard it and re-send the task")
+            failed = (message_summary(letter.raw_bytes() or b"") if letter.raw else
+                      MessageSummary(letter.id, letter.task, letter.args, letter.kwargs))
+            raws: list[str | bytes] = list(pipe.lrange(parked_list, 0, -1))
+            if keep_failed:
+                raws.insert(0, letter.raw_bytes() or b"")
+            released = [message_summary(r) for r in raws]
+            pipe.multi()
+            if raws and requeue.at_head:
+                # BRPOP consumes from the right: push the newest first, the oldest last.
+                pipe.rpush(requeue.head(keys, queue), *reversed(raws))
+            elif raws:
+                pipe.rpush(outbox, *raws)
+            pipe.srem(ids, *{letter.id, *(m.id for m in released)})
+            if released:
+                pipe.sadd(replaying, *[m.id for m in released])
+            pipe.delete(parked_list)
+            pipe.hdel(dl_hash, digest)
+            pipe.delete(keys.attempts(letter.id))
+            extra: dict[str, Any] = {"queue": queue}
+            if not keep_failed:
+                extra.update(raw=[letter.raw], skipped=failed.__dict__)
+            pipe.rpush(keys.dead_letter_log(pool), json.dumps(
+                self.event(action, pool, key, letter, released, **extra)))
+            return Released(None if keep_failed else failed, released)
+
+        done = self.transaction(step, dl_hash, parked_list, ids, replaying)
+        self.flush_outbox(pool, key, requeue)
+        return done
+
+    def transaction(self, step: Callable[[Any], T], *watched: str) -> T:
+        """``step(pipe)`` in one transaction watching ``watched`` (redis-py's
+        ``client.transaction``: run again while a watched key changes); its value."""
+        outcome: list[T] = []
+
+        def run(pipe: Any) -> None:
+            outcome[:] = [step(pipe)]
+
+        self.client.transaction(run, *watched, watch_delay=0.01)
+        return outcome[0]
 
     def discard(self, pool: str, key: str) -> list[MessageSummary]:
         """Drop the dead letter and parked messages of ``key``, unpark it, log what was dropped."""
-        from redis.exceptions import WatchError
-
-        dl_hash, parked_list, ids, _, _ = self._key_names(pool, key)
+        dl_hash, parked_list, ids, _, _ = self.key_names(pool, key)
         digest = key_digest(key)
-        while True:
-            with self.client.pipeline() as pipe:
-                try:
-                    pipe.watch(dl_hash, parked_list, ids)
-                    record = pipe.hget(dl_hash, digest)
-                    if record is None:
-                        raise self._missing(pool, key, "discard")
-                    letter = DeadLetter.from_json(record)
-                    raws = pipe.lrange(parked_list, 0, -1)
-                    messages = [message_summary(letter.raw_bytes() or b"")] if letter.raw else [
-                        MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)]
-                    messages += [message_summary(r) for r in raws]
-                    pipe.multi()
-                    pipe.srem(ids, *[m.id for m in messages])
-                    pipe.delete(parked_list)
-                    pipe.hdel(dl_hash, digest)
-                    pipe.delete(self.keys.attempts(letter.id))
-                    pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
-                        self._event("discard", pool, key, letter, messages,
-                                    raw=[letter.raw, *[as_text(r) for r in raws]])))
-                    pipe.execute()
-                    return messages
-                except WatchError:
-                    time.sleep(0.01)
+
+        def step(pipe: Any) -> list[MessageSummary]:
+            record = pipe.hget(dl_hash, digest)
+            if record is None:
+                raise self.missing(pool, key, "discard")
+            letter = DeadLetter.from_json(record)
+            raws = pipe.lrange(parked_list, 0, -1)
+            messages = [message_summary(letter.raw_bytes() or b"")] if letter.raw else [
+                MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)]
+            messages += [message_summary(r) for r in raws]
+            pipe.multi()
+            pipe.srem(ids, *[m.id for m in messages])
+            pipe.delete(parked_list)
+            pipe.hdel(dl_hash, digest)
+            pipe.delete(self.keys.attempts(letter.id))
+            pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
+                self.event("discard", pool, key, letter, messages,
+                           raw=[letter.raw, *[as_text(r) for r in raws]])))
+            return messages
+
+        return self.transaction(step, dl_hash, parked_list, ids)
 
     def discard_all(self, pools: Iterable[str]) -> list[tuple[DeadLetter, list[MessageSummary]]]:
         """:meth:`discard` every dead letter of ``pools``, oldest failure first; returns each
@@ -395,7 +339,7 @@ class DeadLetterStore:
         return dropped
 
     @staticmethod
-    def _event(action: str, pool: str, key: str, letter: DeadLetter,
+    def event(action: str, pool: str, key: str, letter: DeadLetter,
                messages: Sequence[MessageSummary], **extra: Any) -> dict[str, Any]:
         return {
             "action": action,
@@ -406,8 +350,3 @@ class DeadLetterStore:
             "messages": [asdict(m) for m in messages],
             **extra,
         }
-
-
-def as_text(value: Any) -> str:
-    """A Redis reply as text (bytes decoded as UTF-8)."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

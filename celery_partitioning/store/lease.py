@@ -153,16 +153,19 @@ class Lease:
 
     def start_heartbeat(self) -> None:
         """Renew every TTL/3 in a daemon thread; fence this process if the lease is lost."""
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
-        self._thread = threading.Thread(target=self._beat, name="partition-lease", daemon=True)
+        # a lease released and taken again (a partition stopped and started) beats afresh
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(self._stop,),
+                                        name="partition-lease", daemon=True)
         self._thread.start()
 
-    def _beat(self) -> None:
+    def _beat(self, stop: threading.Event) -> None:
         interval = self.ttl / 3
         last_ok = self._last_ok
         wait = interval
-        while not self._stop.wait(wait):
+        while not stop.wait(wait):
             started = time.monotonic()
             try:
                 renewed = bool(self._scripts.lease_renew(keys=[self.key],
@@ -174,7 +177,7 @@ class Lease:
                     return
                 wait = min(interval, 0.1 * self.ttl)
                 continue
-            if self._stop.is_set():
+            if stop.is_set():
                 return
             if not renewed:
                 holder = self.holder()

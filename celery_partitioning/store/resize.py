@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
-from ..message import Publish
-from .deadletters import as_text, now_iso, send_outbox
+from .deadletters import as_text, now_iso
 from .keys import RedisKeys, key_digest
+from .requeue import HEAD_PUSH, Requeue
 from .scripts import resize_scripts_for
 
 if TYPE_CHECKING:
@@ -121,41 +121,43 @@ class ResizeStore:
 
     # -- worker side ------------------------------------------------------------------
     def gate(self, pool: str, key: str, task_id: str, raw: str, action: GateAction, *,
-             old: int, new: int, mark: int | None, publish: Publish | None = None) -> str:
-        """Decide for one message of a key during the resize (``resize_gate.lua``). With
-        ``publish`` (a broker that cannot push to the head) what it releases is published."""
+             old: int, new: int, mark: int | None, requeue: Requeue = HEAD_PUSH,
+             here: int | None = None) -> str:
+        """Decide for one message of a key during the resize (``resize_gate.lua``). Through
+        an outbox (``requeue``) what it releases to partition ``new`` goes to ``new``'s outbox,
+        sent here only when ``new`` is ``here`` (the partition's own thread alone sends its
+        outbox: two senders could send one message twice)."""
+        outboxed = not requeue.at_head and new == here
         name = self._scoped(pool)
         digest = key_digest(key)
         lists = self.keys.resize_lists(name) + digest
         reply = self._scripts["resize_gate"](
             keys=[*self._common(pool), self.keys.resize_waiting(name, new), lists + ":moved",
-                  lists + ":held", lists + ":pending" if publish else "",
-                  self.keys.resize_outbox(name, new) if publish else ""],
+                  lists + ":held", lists + ":pending" if outboxed else "",
+                  self.keys.resize_outbox(name, new) if outboxed else ""],
             args=[digest, task_id, raw, action, old, "" if mark is None else mark])
-        if publish is not None:
-            self.flush_outbox(pool, new, publish)
+        if outboxed:
+            self.flush_outbox(pool, new, requeue)
         return as_text(reply)
 
     def poll(self, pool: str, here: int, queue_list: str | None, old_queue_list: str | None, *,
-             publish: Publish | None = None) -> tuple[bool, int]:
+             requeue: Requeue = HEAD_PUSH) -> tuple[bool, int]:
         """Between two messages of partition ``here``: mark it drained if it is an old
         partition (``old_queue_list`` given) whose queue is empty, and release every key held
         here whose old partition is drained: to the head of ``queue_list``, or (None) through
-        the partition's outbox and ``publish``. Returns (whether the resize is still in
+        the partition's outbox and ``requeue``. Returns (whether the resize is still in
         flight, messages released)."""
         name = self._scoped(pool)
         in_flight, released = self._scripts["resize_poll"](
             keys=[*self._common(pool), self.keys.resize_waiting(name, here), queue_list or "",
                   old_queue_list or "", self.keys.resize_outbox(name, here)],
             args=[self.keys.resize_lists(name), here])
-        if publish is not None:
-            self.flush_outbox(pool, here, publish)
+        self.flush_outbox(pool, here, requeue)
         return bool(in_flight), int(released)
 
-    def flush_outbox(self, pool: str, index: int, publish: Publish) -> int:
-        """Publish partition ``index``'s released messages (:func:`~.deadletters.send_outbox`)."""
-        return send_outbox(self.client, self.keys.resize_outbox(self._scoped(pool), index),
-                           publish)
+    def flush_outbox(self, pool: str, index: int, requeue: Requeue) -> int:
+        """Send partition ``index``'s released messages (:meth:`Requeue.send`)."""
+        return requeue.send(self.client, self.keys.resize_outbox(self._scoped(pool), index))
 
     def mark_drained(self, pool: str, index: int) -> None:
         """Old partition ``index`` holds no more old-size messages (its queue was seen empty)."""

@@ -14,28 +14,21 @@
 
 Either way a store that cannot be written stops the worker without acking
 (``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
-:func:`install_failure_handling` wires this, the parking gate and the keys in retry backoff
-into a partition at start.
+The dead-letter stage of a partition's pipeline (``pipeline.py``); the retry calls it when
+no retry is left, the partition thread for a malformed message.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import DCBConflict
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import (
-    Publish,
-    decode_payload,
-    message_summary,
-    payload_id,
-    publisher,
-    requeue_method,
-)
+from ..message import decode_payload, message_summary, payload_id
 from ..router import HEADER_KEY, HEADER_POOL
-from ..store.backoff import BackoffStore, as_first_delivery
+from ..store.backoff import as_first_delivery
 from ..store.deadletters import (
     REASON_DCB_MAX_RETRIES,
     REASON_ERROR,
@@ -45,14 +38,13 @@ from ..store.deadletters import (
     DeadLetterStore,
     now_iso,
 )
+from ..store.requeue import Requeue
 from ..store.skipping import SkipStore
 from ..tasks import spec_of
-from .parking import BackoffKeys, InFlightEntry, ParkingGate
+from .inflight import InFlightEntry
+from .stage import Place
 
-if TYPE_CHECKING:
-    from .runtime import PartitionRuntime
-
-__all__ = ["DeadLetters", "install_failure_handling", "malformed_key"]
+__all__ = ["DeadLetters", "malformed_key"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -75,27 +67,26 @@ def _as_text(raw: bytes | str) -> tuple[str, str | None]:
 
 
 class DeadLetters:
-    """Writes the dead letters of one partition worker."""
+    """Writes the dead letters of one partition."""
 
-    def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
-                 publish: Publish | None) -> None:
-        self.runtime = runtime
+    def __init__(self, place: Place, store: DeadLetterStore, requeue: Requeue) -> None:
+        self.place = place
         self.store = store
-        self.publish = publish
+        self.requeue = requeue
         self.skips = SkipStore(store)
 
     def policy_of(self, task: Any) -> str:
         """The failure policy of ``task``: its own ``on_failure``, else the setting."""
         spec = spec_of(task)
         chosen = spec.on_failure if spec is not None else None
-        return chosen or self.runtime.settings.on_failure
+        return chosen or self.place.settings.on_failure
 
     def _store(self, letter: DeadLetter, what: str) -> bool:
         try:
-            return self.store.dead_letter(letter, self.runtime.queue, publish=self.publish)
+            return self.store.dead_letter(letter, self.place.queue, requeue=self.requeue)
         except Exception:  # noqa: BLE001 - exit_now logs the traceback
             exit_now(EXIT_KEEP_MESSAGE, "%s %s and its dead letter could not be stored; "
-                     "stopping without acking so the message comes back", self.runtime.label,
+                     "stopping without acking so the message comes back", self.place.label,
                      what, exc_info=True)
 
     def task_failed(self, task: Any, request: Any, exc: BaseException,
@@ -112,16 +103,16 @@ class DeadLetters:
             reason = REASON_MAX_RETRIES
         else:
             reason = REASON_ERROR
-        runtime = self.runtime
+        place = self.place
         letter = DeadLetter(
-            pool=entry.pool if entry is not None else runtime.pool, key=key,
+            pool=entry.pool if entry is not None else place.pool, key=key,
             task=task.name, id=request.id,
             args=str(getattr(request, "argsrepr", None) or repr(request.args)),
             kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
             error=f"{type(exc).__name__}: {exc}",
             traceback="".join(traceback.format_exception(exc)),
             attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
-            partition=runtime.index, queue=runtime.queue, hostname=runtime.hostname or None,
+            partition=place.index, queue=place.queue, hostname=place.hostname or None,
             raw=as_first_delivery(entry.raw) if entry is not None else None,
             policy=self.policy_of(task),
         )
@@ -141,54 +132,32 @@ class DeadLetters:
         except Exception:  # noqa: BLE001 - exit_now logs the traceback
             exit_now(EXIT_KEEP_MESSAGE, "%s %s[%s] failed and its dead letter could not be "
                      "stored; stopping without acking so the message comes back",
-                     self.runtime.label, letter.task, letter.id, exc_info=True)
+                     self.place.label, letter.task, letter.id, exc_info=True)
         logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; on_failure=skip: key %r of "
                      "pool %s goes on", letter.task, letter.id, letter.reason, letter.attempts,
                      letter.error, letter.key, letter.pool)
 
     def malformed(self, raw: bytes | str, problem: str) -> DeadLetter:
         """Dead-letter a message that cannot run at all; the caller then acks / drops it."""
-        runtime = self.runtime
+        place = self.place
         payload = decode_payload(raw) or {}
         headers = payload.get("headers")
         named_key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
         named_pool = headers.get(HEADER_POOL) if isinstance(headers, dict) else None
         key = named_key if isinstance(named_key, str) and named_key else malformed_key(raw)
-        pool = named_pool if isinstance(named_pool, str) and named_pool in runtime.settings.pools \
-            else runtime.pool
+        pool = named_pool if isinstance(named_pool, str) and named_pool in place.settings.pools \
+            else place.pool
         summary = message_summary(raw)
         text, encoding = _as_text(raw)
         letter = DeadLetter(
             pool=pool, key=key, task=summary.task, id=summary.id if summary.id != "?" else
             payload_id(raw), args=summary.args, kwargs=summary.kwargs,
             error=f"malformed message: {problem}", traceback="", attempts=0,
-            failed_at=now_iso(), reason=REASON_MALFORMED, partition=runtime.index,
-            queue=runtime.queue, hostname=runtime.hostname or None, raw=text,
+            failed_at=now_iso(), reason=REASON_MALFORMED, partition=place.index,
+            queue=place.queue, hostname=place.hostname or None, raw=text,
             raw_encoding=encoding)
         self._store(letter, f"malformed message {letter.id}")
         logger.error("%s malformed message %s dead-lettered under key %r of pool %s: %s "
-                     "(see `celery partitioning dead-letters list`)", runtime.label, letter.id,
+                     "(see `celery partitioning dead-letters list`)", place.label, letter.id,
                      key, pool, problem)
         return letter
-
-
-def install_failure_handling(runtime: PartitionRuntime, head_push: bool | None = None) -> None:
-    """A partition's parking gate and dead letters. ``head_push``: whether re-queues go onto the
-    head of the queue's Redis list (the same for every partition of a process: ask once)."""
-    from .parking import InFlight
-
-    runtime.inflight = InFlight()
-    if runtime.redis is None:
-        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
-                       "dead letters and parking are off", runtime.label)
-        return
-    store = DeadLetterStore(runtime.redis, runtime.keys)
-    if head_push is None:
-        publish = requeue_method(runtime.app, runtime.pool, runtime.index)
-    else:
-        publish = None if head_push else publisher(runtime.app, runtime.pool, runtime.index)
-    runtime.store, runtime.publish = store, publish
-    runtime.dead_letters = DeadLetters(runtime, store, publish)
-    runtime.backoff = BackoffKeys(runtime, BackoffStore(store), publish)
-    runtime.between.append(runtime.backoff.between)
-    runtime.gates.append(ParkingGate(runtime, store, runtime.inflight, publish))

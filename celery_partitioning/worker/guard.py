@@ -1,4 +1,4 @@
-"""The misroute guard: the first gate; a message for another partition is moved, not run.
+"""The misroute guard: a message for another partition is moved there, not run.
 
 A message's ``partition_key`` and ``partition_pool`` headers say where it belongs under
 the *current* settings (``partition_for(key, pool size)``). When that is not this
@@ -10,48 +10,47 @@ headers, to its right queue, then acked here. It never runs on the wrong partiti
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from ..errors import PartitioningError
 from ..hashing import partition_for
 from ..message import PartitionMessage, republish
 from ..router import HEADER_COUNT, HEADER_INDEX
-from .runtime import Gate
+from .stage import Place, Stage
 
-if TYPE_CHECKING:
-    from .runtime import PartitionRuntime
-
-__all__ = ["misroute_guard"]
+__all__ = ["MisrouteGuard"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
 
-def misroute_guard(runtime: PartitionRuntime) -> Gate:
-    """The gate that re-publishes messages whose key maps to another partition."""
+class MisrouteGuard(Stage):
+    """The stage that re-publishes messages whose key maps to another partition."""
 
-    def guard(msg: PartitionMessage) -> bool:
+    name = "misroute guard"
+
+    def __init__(self, place: Place) -> None:
+        self.place = place
+
+    def before(self, msg: PartitionMessage) -> bool:
+        place = self.place
         key, pool = msg.partition_key, msg.partition_pool
         if key is None or pool is None:
             return False  # not a partitioned message: nothing to check
         try:
-            count = runtime.settings.partitions(pool)
+            count = place.settings.partitions(pool)
             index = partition_for(key, count)
         except PartitioningError as exc:
             logger.error("%s message %s (task %s) names pool %r, which cannot be routed (%s); "
-                         "running it here", runtime.label, msg.task_id, msg.task_name, pool, exc)
+                         "running it here", place.label, msg.task_id, msg.task_name, pool, exc)
             return False
-        if (pool, index) == (runtime.pool, runtime.index):
+        if (pool, index) == (place.pool, place.index):
             return False
         headers = dict(msg.headers)
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = count
-        republish(runtime.app, pool, index, msg.payload(), headers)
+        republish(place.app, pool, index, msg.payload(), headers)
         msg.ack()
         logger.warning("%s misrouted message %s (task %s, key %r) moved to %s: the key maps "
-                       "to partition %d of %d of pool %r", runtime.label, msg.task_id,
-                       msg.task_name, key, runtime.settings.queue_name(pool, index), index,
+                       "to partition %d of %d of pool %r", place.label, msg.task_id,
+                       msg.task_name, key, place.settings.queue_name(pool, index), index,
                        count, pool)
         return True
-
-    guard.__name__ = "misroute guard"
-    return guard

@@ -42,25 +42,20 @@ from ..errors import PartitioningError
 from ..exits import EXIT_UNCLEAN
 from ..metrics import METRICS_ENV
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
-from ..store.broker import broker_redis
-from ..store.lease import Lease
+from ..store.requeue import pushes_to_head
 from ..store.resize import ResizeStore
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
-from .failures import install_failure_handling
-from .guard import misroute_guard
+from .lifecycle import Partition, unit_of
 from .orphan import start_supervisor_watch
-from .partition import PartitionThread
+from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
-from .resize import check_recorded_size, install_resize_gate
+from .resize import check_recorded_size
 from .retry import enable_in_place_retry
 from .runtime import (
     EVENTS_ENV,
-    LEASE_TAKEOVER_ENV,
-    LEASE_TOKEN_ENV,
     PARTITIONS_ENV,
-    PartitionRuntime,
     WorkerRuntime,
     attach_worker,
     current_worker,
@@ -196,8 +191,9 @@ def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, in
 def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
                   fence: Callable[[str], None] | None = None) -> WorkerRuntime:
     """The WorkerRuntime of the partitions ``hosted`` (not yet attached to ``app``, no thread
-    started): one PartitionRuntime per partition with its lease, misroute guard, parking gate
-    and dead letters, the partitioned tasks patched for in-place retry, and the executor.
+    started): one PartitionRuntime per partition (``pipeline.build_partition``: its lease,
+    dead letters and stages), the partitioned tasks patched for in-place retry, and the
+    executor.
 
     ``node`` is the Celery node the tasks run in (a ``WorkController``, or a stand-in with
     ``hostname``, ``timer``, ``state`` and ``consumer``); ``fence`` is what a lease holder that
@@ -220,75 +216,53 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
     keys = redis_keys(app)
     for task in app.tasks.values():
         task.acks_late = True
-    head_push: bool | None = None
+    at_head = pushes_to_head(app)  # the same for every partition: ask once
     resizes = ResizeStore(store, keys, settings.queue_prefix) if store is not None else None
     recorded = {pool: check_recorded_size(resizes, pool, settings.partitions(pool))
                 for pool in dict.fromkeys(pool for pool, _ in hosted)} if resizes else {}
     for pool, index in hosted:
-        partition = PartitionRuntime(
-            app=app, settings=settings, pool=pool, index=index,
-            queue=settings.queue_name(pool, index), redis=store, keys=keys,
-            hostname=hostname, transport=transport, worker=runtime,
-            broker=broker_redis(app) if transport == "redis" else None)
-        if partition.broker is not None and settings.redis is not None:
-            partition.lease = _lease(partition, settings, fence)
-        partition.gates.append(misroute_guard(partition))
-        install_failure_handling(partition, head_push)  # the parking gate, dead letters
-        if resizes is not None:
-            install_resize_gate(partition, resizes, recorded[pool])  # first of the gates
-        if head_push is None and partition.store is not None:
-            head_push = partition.publish is None
+        partition = build_partition(runtime, pool, index, store=store, keys=keys,
+                                    at_head=at_head, resizes=resizes,
+                                    recorded=recorded.get(pool), fence=fence)
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
-    first = runtime.partitions[0]
-    assert first.inflight is not None, "install_failure_handling gives every partition one"
-    runtime.retry = enable_in_place_retry(first, first.store, first.inflight, first.publish,
-                                          dead_letters=first.dead_letters)
+    runtime.retry = enable_in_place_retry(runtime.partitions[0])
     runtime.executor = Executor(app, node)
     return runtime
 
 
-def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
-           fence: Callable[[str], None] | None) -> Lease:
-    assert settings.redis is not None
-    ttl = settings.lease_ttl
-    replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
-    client = redis_client(
-        settings.redis, replicas=replicas,
-        timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
-    return Lease(client, partition.keys.lease(partition.queue), ttl,
-                 node=f"{partition.hostname}#{partition.label}",
-                 token=os.environ.get(LEASE_TOKEN_ENV),
-                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence)
-
-
 class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep: a thread per hosted partition, started with the worker, stopped
-    first when it stops (running tasks finish, leases are released)."""
+    """Worker bootstep: each hosted partition as a unit (``lifecycle.Partition``), started
+    with the worker, stopped first when it stops (running tasks finish, leases are released);
+    :meth:`partition` gives one, to stop and start again while the process runs."""
 
     label = "partitions"
     requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
-        self.threads: list[PartitionThread] = []
+        self.partitions: list[Partition] = []
 
     def create(self, parent: Any) -> PartitionsStep:
         return self
 
     def start(self, parent: Any) -> None:
         runtime = current_worker(parent.app)
-        if runtime is None or self.threads:
+        if runtime is None or self.partitions:
             return
         # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
         for partition in runtime.partitions:
-            thread = PartitionThread(partition)
-            thread.start()
-            self.threads.append(thread)
+            unit = Partition(partition)
+            unit.start()
+            self.partitions.append(unit)
         logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
-                    len(self.threads), runtime.label)
+                    len(self.partitions), runtime.label)
+
+    def partition(self, pool: str, index: int) -> Partition:
+        """Partition ``index`` of ``pool`` of this process, as a unit."""
+        return unit_of(self.partitions, pool, index)
 
     def close(self, parent: Any) -> None:
         """Warm stop: no further message anywhere; wait for the running ones."""
@@ -299,8 +273,8 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.info("%s: warm stop: every partition finishes its task and starts no other",
                         parent.hostname)
         runtime.stop_event.set()
-        for thread in self.threads:
-            while thread.is_alive():
+        for unit in self.partitions:
+            while unit.running:
                 if compat.terminate_requested():
                     # Cold shutdown: the process ends now, cutting the running tasks short
                     # (their messages recover at the head): never an exit status that says
@@ -308,7 +282,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
                     if not parent.exitcode:
                         parent.exitcode = EXIT_UNCLEAN
                     return
-                thread.join(timeout=0.2)
+                unit.stop(timeout=0.2)
 
     def stop(self, parent: Any) -> None:
         self.close(parent)

@@ -2,12 +2,13 @@
 ``celery worker`` process around them.
 
 :class:`InProcessWorker` builds the WorkerRuntime a partition worker process builds
-(``hooks.build_runtime``: leases, misroute guard, parking gate, dead letters, in-place retry,
-the executor) and starts one :class:`~.partition.PartitionThread` per partition, as the
-``PartitionsStep`` bootstep does. Tasks run through Celery's strategy and request classes in
-those threads, as in a partition worker process; what the Celery node would add around them
-is left out: no remote control, no heartbeats, no task events (the executor sees no
-consumer). The node is a stand-in with a host name, a timer (strategies only read it for
+(``hooks.build_runtime``: leases, the stages of each partition, dead letters, in-place retry,
+the executor) and starts each partition as a :class:`~.lifecycle.Partition` unit, as the
+``PartitionsStep`` bootstep does; :meth:`InProcessWorker.partition` gives one unit, which a
+test may stop and start again while the others run. Tasks run through Celery's strategy
+and request classes in those threads, as in a partition worker process; what the Celery
+node would add around them is left out: no remote control, no heartbeats, no task events
+(the executor sees no consumer). The node is a stand-in with a host name, a timer (strategies only read it for
 ETAs, which a partition holds itself) and Celery's worker state (revoked ids, active requests).
 
 Where a partition worker process would end itself (``exits.exit_now``: a gate failed, a dead
@@ -36,8 +37,9 @@ from ..exits import ThreadExit, raise_instead_of_exit
 from ..state import partitioning_of
 from ..validation import assert_valid_partition_keys
 from .hooks import build_runtime
+from .lifecycle import Partition, unit_of
 from .partition import PartitionThread
-from .runtime import WorkerRuntime, attach_worker, current_worker
+from .runtime import PartitionRuntime, WorkerRuntime, attach_worker, current_worker
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -90,8 +92,8 @@ class _Thread(PartitionThread):
 
     fetch_timeout = FETCH_TIMEOUT  # a test waits this long, at most, for the warm stop
 
-    def __init__(self, owner: InProcessWorker, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, owner: InProcessWorker, runtime: PartitionRuntime) -> None:
+        super().__init__(runtime)
         self.owner = owner
         #: It stopped where a worker process would have ended (``owner.failures`` says why).
         self.failed = False
@@ -116,7 +118,7 @@ class InProcessWorker:
         self.stop_timeout = stop_timeout
         self.hostname = f"partitions-{os.getpid()}-{threading.get_ident()}@{socket.gethostname()}"
         self.runtime: WorkerRuntime | None = None
-        self.threads: list[_Thread] = []
+        self.partitions: list[Partition] = []
         self.failures: list[str] = []
         self._before: dict[Any, dict[str, Any]] = {}
 
@@ -153,16 +155,26 @@ class InProcessWorker:
         attach_worker(app, runtime)
         try:
             for partition in runtime.partitions:
-                thread = _Thread(self, partition)
-                thread.start()
-                self.threads.append(thread)
+                unit = Partition(partition, thread=lambda rt: _Thread(self, rt))
+                self.partitions.append(unit)
+                unit.start()
             self._wait_consuming()
         except BaseException:
             self.close(raise_failures=False)
             raise
         logger.info("%s: %d partition(s) consuming in this process: %s", self.hostname,
-                    len(self.threads), runtime.label)
+                    len(self.partitions), runtime.label)
         return self
+
+    @property
+    def threads(self) -> list[PartitionThread]:
+        """The current thread of each partition."""
+        return [unit.thread for unit in self.partitions if unit.thread is not None]
+
+    def partition(self, pool: str, index: int) -> Partition:
+        """Partition ``index`` of ``pool`` as a unit to stop and start again
+        (:class:`~.lifecycle.Partition`)."""
+        return unit_of(self.partitions, pool, index)
 
     def _wait_consuming(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -185,14 +197,13 @@ class InProcessWorker:
             return
         runtime.stop_event.set()
         deadline = time.monotonic() + self.stop_timeout
-        for thread in self.threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        running = [t.runtime.label for t in self.threads if t.is_alive()]
+        running = [unit.label for unit in self.partitions
+                   if not unit.stop(max(0.0, deadline - time.monotonic()))]
         if running:
             raise InProcessWorkerError(
                 f"partition(s) {', '.join(running)} still run a task {self.stop_timeout:.0f}s "
                 "after the warm stop; their threads are left running")
-        self.threads.clear()
+        self.partitions.clear()
         self.runtime = None
         if runtime.retry is not None:
             runtime.retry.unpatch_all()

@@ -1,70 +1,34 @@
-"""The parking gate: a message whose key is parked (behind a dead letter, or while it waits out
-a retry backoff) is set aside in order instead of running; and the keys of a partition in
-retry backoff, released when due."""
+"""The parking stage: a message whose key is parked (behind a dead letter, or while it waits
+out a retry backoff) is set aside in order instead of running; between messages the keys of
+the partition whose retry backoff is over are released (re-queued in order).
+
+One ``EVALSHA`` per message (the ``check`` script), which also returns the task's in-place
+retry record, so the retry code needs no read of its own. Idempotent by task id: a message
+stored but not acked (a crash in between) is recognized when it comes back, and only acked.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from ..message import PartitionMessage, Publish
+from ..message import PartitionMessage
 from ..store.attempts import AttemptRecord
 from ..store.backoff import BACKOFF_HEADER, BackoffStore
 from ..store.deadletters import DeadLetterStore
+from ..store.requeue import Requeue
+from .inflight import InFlight, InFlightEntry
+from .stage import Place, Stage
 
-if TYPE_CHECKING:
-    from .runtime import PartitionRuntime
-
-__all__ = ["BackoffKeys", "InFlight", "InFlightEntry", "ParkingGate", "resume_headers"]
+__all__ = ["Parking", "resume_headers"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
-#: More messages than this passed the gate without finishing: forget the oldest.
-MAX_INFLIGHT: Final = 64
 #: Longest time the partition thread trusts what it knows of its keys in backoff without
 #: reading the schedule again (it sets every key aside itself; this is only a safety net).
 RECHECK: Final = 5.0
-
-
-@dataclass(frozen=True)
-class InFlightEntry:
-    """What the gate saw of a message that it let run (for its dead letter, if it fails)."""
-
-    pool: str
-    key: str
-    raw: str
-    #: The task id's in-place retry record (JSON) as the gate read it, None if it had none.
-    attempts: str | None = None
-    #: False when the gate did not read the attempt record (the retry code reads it itself).
-    attempts_read: bool = False
-    #: The message belongs to a replay in flight: the store must hear when it is done.
-    replaying: bool = True
-    #: Where a message fetched from Redis waits until acked (in-transit list, item).
-    in_transit: tuple[str, bytes] | None = None
-
-
-class InFlight:
-    """Messages let through by the gate, by task id, until they finish (one per process)."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, InFlightEntry] = {}
-
-    def put(self, task_id: str, entry: InFlightEntry) -> None:
-        while len(self._entries) >= MAX_INFLIGHT:
-            self._entries.pop(next(iter(self._entries)))
-        self._entries[task_id] = entry
-
-    def get(self, task_id: str) -> InFlightEntry | None:
-        return self._entries.get(task_id)
-
-    def pop(self, task_id: str) -> InFlightEntry | None:
-        return self._entries.pop(task_id, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def resume_headers(message: PartitionMessage, attempts: str | None) -> None:
@@ -88,27 +52,29 @@ def resume_headers(message: PartitionMessage, attempts: str | None) -> None:
         headers["eta"] = datetime.fromtimestamp(record.resume_at, UTC).isoformat()
 
 
-class ParkingGate:
-    """A runtime gate: set aside (and ack) messages of parked keys; remember the others.
+class Parking(Stage):
+    """Sets aside (and acks) messages of parked keys and remembers the others in ``inflight``;
+    sets a key aside for a retry backoff (:meth:`set_aside`) and releases it when due.
 
-    Idempotent by task id: a message stored but not acked (a crash in between) is
-    recognized when it comes back, and only acked.
-
-    One ``EVALSHA`` per message (the ``check`` script), which also returns the task's
-    in-place retry record, so the retry code needs no read of its own.
+    Only the partition's own thread sets its keys aside, so it knows when the next one is due
+    and reads Redis only then (and at start, for what a predecessor left): between messages
+    :meth:`between` usually costs no Redis call.
     """
 
-    #: How the start-up line names this gate.
-    __name__ = "parking gate"
+    name = "parking gate"
 
-    def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore,
-                 inflight: InFlight, publish: Publish | None = None) -> None:
-        self.runtime = runtime
+    def __init__(self, place: Place, store: DeadLetterStore, inflight: InFlight,
+                 requeue: Requeue) -> None:
+        self.place = place
         self.store = store
+        self.backoff = BackoffStore(store)
         self.inflight = inflight
-        #: How deferred messages are re-queued (None: Redis head push; see deadletters).
-        self.publish = publish
+        #: How set-aside messages go back to the queue.
+        self.requeue = requeue
+        #: When the backoff schedule must be read next (epoch s); 0: at once.
+        self.next_check = 0.0
 
+    # -- before a message runs -----------------------------------------------------------
     @staticmethod
     def _stale(message: PartitionMessage, attempts: str | None, replaying: bool) -> bool:
         """A delivery of a task id whose copy was set aside with its key, other than that copy."""
@@ -118,66 +84,57 @@ class ParkingGate:
         return (record is not None and record.token is not None
                 and message.headers.get(BACKOFF_HEADER) != record.token)
 
-    def __call__(self, message: PartitionMessage) -> bool:
-        key, pool, task_id = message.partition_key, message.partition_pool, message.task_id
+    def before(self, msg: PartitionMessage) -> bool:
+        key, pool, task_id = msg.partition_key, msg.partition_pool, msg.task_id
         if key is None or pool is None or task_id is None:
             return False
-        raw = message.payload()
-        result = self.store.check(pool, key, task_id, raw, self.runtime.queue,
-                                  publish=self.publish)
+        raw = msg.payload()
+        result = self.store.check(pool, key, task_id, raw, self.place.queue,
+                                  requeue=self.requeue)
         verdict = result.verdict
-        if verdict == "run" and not self._stale(message, result.attempts, result.replaying):
-            resume_headers(message, result.attempts)
+        if verdict == "run" and not self._stale(msg, result.attempts, result.replaying):
+            resume_headers(msg, result.attempts)
             self.inflight.put(task_id, InFlightEntry(pool, key, raw, attempts=result.attempts,
                                                      attempts_read=True,
                                                      replaying=result.replaying,
-                                                     in_transit=message.in_transit))
+                                                     in_transit=msg.in_transit))
             return False
         if verdict == "run":
             logger.warning("%s[%s]: an older delivery of a message whose copy waits out a retry "
                            "backoff with key %r (a crash before its ack): dropped",
-                           message.task_name, task_id, key)
-            message.ack()
+                           msg.task_name, task_id, key)
+            msg.ack()
             return True
         what = {"parked": "is parked: message set aside",
                 "deferred": "is being replayed: newer message deferred behind the replay",
                 "duplicate": "is parked: message already stored"}[verdict]
-        logger.warning("%s[%s]: key %r of pool %s %s", message.task_name, task_id, key, pool, what)
-        message.ack()
+        logger.warning("%s[%s]: key %r of pool %s %s", msg.task_name, task_id, key, pool, what)
+        msg.ack()
         return True
 
-
-class BackoffKeys:
-    """The keys of one partition waiting out a retry backoff (``store/backoff.py``).
-
-    Only the partition's own thread sets its keys aside, so it knows when the next one is due
-    and reads Redis only then (and at start, for what a predecessor left): between messages
-    :meth:`between` usually costs no Redis call.
-    """
-
-    def __init__(self, runtime: PartitionRuntime, store: BackoffStore,
-                 publish: Publish | None = None) -> None:
-        self.runtime = runtime
-        self.store = store
-        self.publish = publish
-        #: When the schedule must be read next (epoch s); 0: at once.
-        self.next_check = 0.0
-
+    # -- a retry with a backoff (called by the retry, in the partition's thread) ---------
     def set_aside(self, entry: InFlightEntry, task_id: str, record: AttemptRecord) -> None:
         """Set the key of ``entry`` aside until ``record.resume_at``, a copy of its message
         first, and save the attempt ``record``; a delivery fetched from this Redis is acked
         in the same step."""
-        self.store.set_aside(entry.pool, entry.key, task_id, entry.raw, record,
-                             queue=self.runtime.queue, publish=self.publish,
-                             in_transit=entry.in_transit)
+        self.backoff.set_aside(entry.pool, entry.key, task_id, entry.raw, record,
+                               queue=self.place.queue, requeue=self.requeue,
+                               in_transit=entry.in_transit)
         self.next_check = min(self.next_check, record.resume_at)
 
+    def finished(self, entry: InFlightEntry, task_id: str) -> None:
+        """A message that ran is done: the last one of a replay releases what was deferred."""
+        if entry.replaying:
+            self.store.finished(entry.pool, entry.key, task_id, self.place.queue,
+                                requeue=self.requeue)
+
+    # -- between two messages ------------------------------------------------------------
     def between(self, idle: bool) -> float:
-        """The partition's between-hook: let the keys that are due run again; returns the
-        seconds until the next is due."""
+        """Let the keys whose backoff is over run again; returns the seconds until the next
+        is due."""
         now = time.time()
         if now < self.next_check:
             return self.next_check - now
-        wait = self.store.release_due(self.runtime.queue, publish=self.publish, now=now)
+        wait = self.backoff.release_due(self.place.queue, requeue=self.requeue, now=now)
         self.next_check = now + min(wait, RECHECK)
         return self.next_check - now

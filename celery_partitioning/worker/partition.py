@@ -9,11 +9,12 @@ list. On RabbitMQ the thread owns a connection and a channel with prefetch 1 on 
 partition's single-active-consumer queue (the broker lets one consumer at a time receive).
 
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
-all becomes a dead letter; the gates (misroute guard, parking gate) may take it; a future
-ETA holds the partition until its time; and the task runs through Celery's own strategy, in
-this thread (``executor.py``). Between messages the thread releases the keys whose retry
-backoff is over (``parking.BackoffKeys``). A warm stop lets the running task finish and puts
-a message fetched meanwhile back at the head.
+all becomes a dead letter; the partition's stages (``pipeline.py``: resize gate, misroute
+guard, parking gate) may take it; a future ETA holds the partition until its time; and the
+task runs through Celery's own strategy, in this thread (``executor.py``). Between messages
+the thread calls the stages' ``between`` hooks (keys whose retry backoff is over run again,
+a resize releases held keys). A warm stop lets the running task finish and puts a message
+fetched meanwhile back at the head.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..state import partitioning_of
 from ..store.broker import restore_unacked_to_head, unreachable_errors
 from .runtime import PartitionRuntime, bind_thread
 
-__all__ = ["PartitionThread", "hold_until_eta", "gate_name"]
+__all__ = ["PartitionThread", "hold_until_eta"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -46,12 +47,6 @@ FETCH_MIN: Final = 0.01
 #: First and longest pause before a fetch is tried again after a broker error.
 RETRY_START: Final = 0.5
 RETRY_MAX: Final = 5.0
-
-
-def gate_name(gate: object) -> str:
-    """How log lines name a gate: its ``__name__`` (a function's, or a gate object's own)."""
-    name = getattr(gate, "__name__", None)
-    return str(name) if isinstance(name, str) and name else type(gate).__name__
 
 
 def _eta_of(headers: dict[str, Any]) -> float | None:
@@ -178,10 +173,10 @@ class PartitionThread(threading.Thread):
 
     def _announce(self) -> None:
         runtime = self.runtime
-        logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; gates: %s)",
-                    runtime.label, runtime.queue, runtime.transport,
+        logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; stages: "
+                    "%s)", runtime.label, runtime.queue, runtime.transport,
                     "lease held" if runtime.lease is not None else "no lease",
-                    runtime.recovered, ", ".join(gate_name(g) for g in runtime.gates))
+                    runtime.recovered, ", ".join(stage.name for stage in runtime.stages))
         self.consuming.set()
 
     # -- Redis ----------------------------------------------------------------------------
@@ -206,12 +201,7 @@ class PartitionThread(threading.Thread):
             if not lease.acquire(runtime.stopping, runtime.label):
                 logger.warning("%s stopped while standby", runtime.label)
                 return False
-        progress = runtime.progress
-        progress.consumed()
-        lease.stall_check = progress.stall
-        if runtime.redis is not None:
-            lease.on_beat.append(progress.recorder(runtime.redis, runtime.keys, runtime.queue,
-                                                   expire_ms=3 * lease.ttl_ms))
+        runtime.progress.consumed()
         lease.start_heartbeat()
         return True
 
@@ -348,13 +338,13 @@ class PartitionThread(threading.Thread):
             message.requeue()
 
     def _between(self, idle: bool) -> float:
-        """Between two messages (none in flight): run the partition's between-hooks (keys
-        whose retry backoff is over run again, a resize releases held keys); returns how long
-        the next fetch may wait. ``idle``: the last fetch found the queue empty."""
+        """Between two messages (none in flight): the stages' ``between`` hooks (keys whose
+        retry backoff is over run again, a resize releases held keys); returns how long the
+        next fetch may wait. ``idle``: the last fetch found the queue empty."""
         wait = self.fetch_timeout
-        for hook in self.runtime.between:
+        for stage in self.runtime.stages:
             try:
-                asked = hook(idle)
+                asked = stage.between(idle)
             except self.unreachable as exc:
                 logger.warning("%s store unreachable between messages (%s)", self.runtime.label,
                                exc)
@@ -376,15 +366,15 @@ class PartitionThread(threading.Thread):
             return self._malformed(message, f"unknown task {name!r} (not registered in this "
                                             "worker: is its module imported?)")
         msg = PartitionMessage(message, name)
-        for gate in list(runtime.gates):
+        for stage in list(runtime.stages):
             try:
-                taken = gate(msg)
+                taken = stage.before(msg)
             except self.unreachable:
                 raise  # the partition loop puts the message back at the head and waits
             except Exception:  # noqa: BLE001 - exit_now logs the traceback
                 exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
                          "without acking so the message is not run out of order",
-                         runtime.label, gate_name(gate), msg.task_id, name, exc_info=True)
+                         runtime.label, stage.name, msg.task_id, name, exc_info=True)
             if taken:
                 return True
         if not hold_until_eta(runtime, msg):

@@ -34,7 +34,6 @@ from ..errors import PartitionConfigError
 from ..hashing import partition_for
 from ..message import (
     PartitionMessage,
-    Publish,
     decode_payload,
     payload_id,
     payload_of,
@@ -43,6 +42,7 @@ from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
 from ..store.resize import GateAction, ResizeState, ResizeStore
+from .stage import Stage
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from .runtime import PartitionRuntime
 
-__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "install_resize_gate"]
+__all__ = ["ResizeGate", "check_recorded_size", "check_recorded_sizes", "resize_gate"]
 
 logger = logging.getLogger("celery_partitioning.resize")
 
@@ -111,16 +111,17 @@ def check_recorded_sizes(app: Celery, pools: Iterable[str], *, command: str = "c
         client.close()
 
 
-class ResizeGate:
-    """The first gate of a partition (Redis broker holding the store), and its between-hook."""
+class ResizeGate(Stage):
+    """The first stage of a partition (Redis broker holding the store): holds moved keys
+    before a message runs, releases them between messages."""
 
-    __name__ = "resize gate"
+    name = "resize gate"
 
     def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
         self.runtime = runtime
         self.store = store
-        #: None: released keys go onto the head of the Redis list; else published (RabbitMQ).
-        self.publish = runtime.publish
+        #: How released keys go back: onto the head of the Redis list, or published (RabbitMQ).
+        self.requeue = runtime.requeue
         self.size = state.size
         self._next_poll = 0.0
         self._next_size_check = time.monotonic() + SIZE_CHECK_INTERVAL
@@ -137,7 +138,7 @@ class ResizeGate:
         self._recovered: set[int] = set()
 
     # -- the gate ---------------------------------------------------------------------------
-    def __call__(self, msg: PartitionMessage) -> bool:
+    def before(self, msg: PartitionMessage) -> bool:
         previous = self.previous
         if previous is None:
             return False
@@ -157,14 +158,14 @@ class ResizeGate:
             if action == "mark" and mark is None:
                 return False  # a key that did not move: no round trip
         elif stamp == previous:
-            if new == here and (old == here or self.publish is None):
+            if new == here and (old == here or self.requeue.at_head):
                 return False  # runs here (a key that did not move, or one released here)
             # published releases are counted back in
             action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
         verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
-                                  mark=mark, publish=self._publish_to(new))
+                                  mark=mark, requeue=self.requeue, here=here)
         if verdict == "over":
             self._over()
             return False
@@ -185,14 +186,6 @@ class ResizeGate:
                 "duplicate": "set aside already (a redelivery): acked"}.get(verdict, verdict))
         msg.ack()
         return True
-
-    def _publish_to(self, index: int) -> Publish | None:
-        """How a release to partition ``index`` is published: None on Redis (pushed onto the
-        head in the script) and for another partition's outbox; else this partition's own
-        publisher (one producer: released messages reach the queue in the order they are
-        sent). Only the partition's own thread releases and flushes its outbox: two flushers
-        could send one message twice."""
-        return self.publish if index == self.runtime.index else None
 
     def _over(self) -> None:
         if self.previous is not None:
@@ -231,7 +224,7 @@ class ResizeGate:
                 self.drained_here = True
         in_flight, released = self.store.poll(
             pool, here, broker.queue_list(runtime.queue) if broker is not None else None,
-            old_list, publish=self._publish_to(here))
+            old_list, requeue=self.requeue)
         if released:
             logger.info("%s released %d message(s) of keys whose old partition is drained "
                         "(%s %s, in order)", runtime.label, released,
@@ -355,20 +348,19 @@ def _declared(runtime: PartitionRuntime, index: int) -> tuple[int | None, int]:
     return int(ready), int(consumers)
 
 
-def install_resize_gate(runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
-    """Put the resize gate first in the partition's gates, and its hook between messages.
+def resize_gate(runtime: PartitionRuntime, store: ResizeStore,
+                state: ResizeState) -> ResizeGate | None:
+    """The resize gate of a partition, or None where a resize cannot be followed.
 
     On a Redis broker released keys are pushed onto the head of the queue's Redis list in the
     store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
     published. A Redis broker apart from the store only reports a resize in flight.
     """
-    if runtime.store is None or (runtime.broker is not None and runtime.publish is not None):
+    if runtime.broker is not None and not runtime.requeue.at_head:
         if state.in_flight:
             logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "
                          "broker and store moved keys are not held back: their old-size messages "
                          "are re-published behind newer ones", runtime.label, runtime.pool,
                          state.previous, state.size)
-        return
-    gate = ResizeGate(runtime, store, state)
-    runtime.gates.insert(0, gate)
-    runtime.between.append(gate.between)
+        return None
+    return ResizeGate(runtime, store, state)

@@ -13,7 +13,7 @@ both come here) and wraps ``task.run``:
   kept in Redis by task id (the attempt record), so the next attempt resumes the same count
   and the same arguments whoever runs it;
 * a delay of at least ``partitioning_retry_hold_below`` (0.1 s) sets the message's *key*
-  aside (``parking.BackoffKeys``): the message is stored as the first set-aside message of
+  aside (``parking.Parking.set_aside``): the message is stored as the first set-aside message of
   its key with its due time, later messages of the key are set aside behind it, and the
   signal goes on to Celery, which records the retry (``RETRY`` state, ``on_retry``,
   ``task_retry``) and acks; other keys of the partition go on. When due, the partition
@@ -45,18 +45,17 @@ from typing import TYPE_CHECKING, Any, Final
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 
 from .. import compat
-from ..message import Publish
 from ..store.attempts import AttemptRecord, AttemptStore
-from ..store.deadletters import DeadLetterStore
 from ..store.lease import new_token
 from ..tasks import spec_of
 from .attempt_signals import announce_retry, begin_attempt, end_attempt
-from .parking import InFlight
+from .inflight import InFlight
 from .retry_semantics import decode_call, delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
 
 if TYPE_CHECKING:
     from .failures import DeadLetters
+    from .parking import Parking
     from .runtime import PartitionRuntime
 
 __all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry"]
@@ -103,20 +102,19 @@ class _Partition:
     """The per-partition state a retry or a dead letter needs."""
 
     runtime: PartitionRuntime
-    store: DeadLetterStore | None
     inflight: InFlight
-    publish: Publish | None
+    parking: Parking | None
     dead_letters: DeadLetters | None
 
 
 class InPlaceRetry:
     """Patches the partitioned tasks of a partition worker process (see the module docstring)."""
 
-    def __init__(self, runtime: PartitionRuntime, store: DeadLetterStore | None,
-                 inflight: InFlight, *, sleep: Callable[[float], None] = time.sleep,
-                 publish: Publish | None = None, dead_letters: DeadLetters | None = None) -> None:
+    def __init__(self, runtime: PartitionRuntime, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.app = runtime.app
-        self._default = _Partition(runtime, store, inflight, publish, dead_letters)
+        self._default = _Partition(runtime, runtime.inflight, runtime.parking,
+                                   runtime.dead_letters)
         self.attempts = (AttemptStore(runtime.redis, runtime.keys)
                          if runtime.redis is not None else None)
         self._sleep = sleep
@@ -128,25 +126,17 @@ class InPlaceRetry:
         """The partition of the calling thread (one patcher serves every partition of the
         process); the one it was made with outside a partition thread."""
         bound = current_runtime(self.app)
-        if bound is None or bound.inflight is None:
+        if bound is None:
             return self._default
-        return _Partition(bound, bound.store, bound.inflight, bound.publish, bound.dead_letters)
+        return _Partition(bound, bound.inflight, bound.parking, bound.dead_letters)
 
     @property
     def runtime(self) -> PartitionRuntime:
         return self._partition().runtime
 
     @property
-    def store(self) -> DeadLetterStore | None:
-        return self._partition().store
-
-    @property
     def inflight(self) -> InFlight:
         return self._partition().inflight
-
-    @property
-    def publish(self) -> Publish | None:
-        return self._partition().publish
 
     @property
     def dead_letters(self) -> DeadLetters | None:
@@ -311,14 +301,14 @@ class InPlaceRetry:
         """Set the message's key aside until the record's due time (a copy of the message
         first, marked with a new token) and save the record, unless the delay is short enough
         to hold the partition (or there is no store, or the gate did not see the message)."""
-        runtime = self.runtime
-        backoff = runtime.backoff
-        if backoff is None or delay < runtime.settings.retry_hold_below:
+        partition = self._partition()
+        parking = partition.parking
+        if parking is None or delay < partition.runtime.settings.retry_hold_below:
             return False
-        entry = self.inflight.get(task_id)
+        entry = partition.inflight.get(task_id)
         if entry is None:
             return False
-        backoff.set_aside(entry, task_id, replace(record, token=new_token()))
+        parking.set_aside(entry, task_id, replace(record, token=new_token()))
         return True
 
     def _wait_until(self, resume_at: float) -> None:
@@ -388,16 +378,14 @@ class InPlaceRetry:
             return
         if self.attempts is not None and attempt.recorded:
             self.attempts.forget(task_id)
-        if partition.store is not None and entry is not None and entry.replaying:
-            partition.store.finished(entry.pool, entry.key, task_id, partition.runtime.queue,
-                                     publish=partition.publish)
+        if partition.parking is not None and entry is not None:
+            partition.parking.finished(entry, task_id)
 
 
-def enable_in_place_retry(runtime: PartitionRuntime, store: DeadLetterStore | None,
-                          inflight: InFlight, publish: Publish | None = None,
-                          dead_letters: DeadLetters | None = None) -> InPlaceRetry:
-    """Patch the runtime's partitioned tasks for in-place retry and dead letters."""
-    patcher = InPlaceRetry(runtime, store, inflight, publish=publish, dead_letters=dead_letters)
+def enable_in_place_retry(runtime: PartitionRuntime) -> InPlaceRetry:
+    """Patch the partitioned tasks for in-place retry and dead letters (one patcher per
+    process: each call finds the partition of the calling thread; ``runtime`` outside one)."""
+    patcher = InPlaceRetry(runtime)
     count = patcher.patch_all()
     logger.info("partition %s: in-place retry on %d partitioned task(s)", runtime.label, count)
     return patcher

@@ -12,23 +12,13 @@ Hook points for other parts of the package:
     The partition the *calling thread* consumes (inside a task: the task's partition), or
     None outside a partition thread.
 
-``PartitionRuntime`` (one per partition)
+``PartitionRuntime`` (one per partition, built by ``pipeline.build_partition``)
     ``app``, ``settings``, ``pool``, ``index``, ``queue``, ``label`` (``"pool.index"``),
     ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
     ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
-    ``gates``, and the failure handling's per-partition state (``store``, ``inflight``,
-    ``publish``, ``dead_letters``, ``backoff``: its keys in retry backoff, which the
-    partition thread releases between messages).
-
-``PartitionRuntime.gates: list[Gate]`` where ``Gate = Callable[[PartitionMessage], bool]``
-    Called, in list order, for every message of the partition before Celery makes a request
-    of it. A gate returns True when it has taken the message (re-published it, set it aside,
-    acked it): the message is then not run and later gates are not asked. The misroute
-    guard is first (after the resize gate, on a Redis broker holding the store), the parking
-    gate next. A gate that raises stops the process at once
-    without acking: the message goes back to the head of its queue by crash recovery.
-    After the gates, a message with a future ETA holds its partition until its time.
-    A gate has a ``__name__`` people can read: the start-up line lists the gates by it.
+    ``requeue`` (how set-aside messages go back), ``stages`` (the ordered pipeline:
+    ``pipeline.py``), and what the retry and the dead letters of a running message need:
+    ``inflight``, ``parking`` (the parking stage), ``dead_letters``.
 
 ``WorkerRuntime`` (one per process)
     The hosted partitions, the process-wide stop flag (``stopping()``: a warm shutdown, a
@@ -38,25 +28,25 @@ Hook points for other parts of the package:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import compat
 from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
-from ..message import PartitionMessage, Publish
 from ..store.keys import RedisKeys
+from ..store.requeue import HEAD_PUSH, Requeue
+from .inflight import InFlight
 from .progress import Progress
+from .stage import Place, Stage
 
 if TYPE_CHECKING:
     from celery import Celery
 
     from ..store.broker import BrokerRedis
-    from ..store.deadletters import DeadLetterStore
     from ..store.lease import Lease
     from .failures import DeadLetters
-    from .parking import BackoffKeys, InFlight
+    from .parking import Parking
 
 __all__ = [
     "PARTITIONS_ENV",
@@ -64,7 +54,6 @@ __all__ = [
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
     "EVENTS_ENV",
-    "Gate",
     "PartitionRuntime",
     "WorkerRuntime",
     "current_runtime",
@@ -90,9 +79,6 @@ EVENTS_ENV: Final = "CELERY_PARTITIONING_EVENTS"
 #: Attribute of the Celery app that holds the WorkerRuntime of this process.
 WORKER_ATTRIBUTE: Final = "_celery_partitioning_worker"
 
-#: A gate: True when it has taken the message, which must then not run.
-Gate = Callable[[PartitionMessage], bool]
-
 _thread = threading.local()
 
 
@@ -113,41 +99,43 @@ class PartitionRuntime:
     hostname: str = ""
     #: kombu's transport driver type: ``"redis"``, ``"amqp"``, ...
     transport: str = ""
-    #: Called for every received message before it runs; see the module docstring.
-    gates: list[Gate] = field(default_factory=list)
-    #: Called by the partition thread between two messages, when none of its messages is in
-    #: flight (due keys in retry backoff run again, the resize gate releases held keys),
-    #: with True when the last fetch found the queue empty; each returns how soon it wants to
-    #: be called again (seconds; the next fetch waits no longer), or None.
-    between: list[Callable[[bool], float | None]] = field(default_factory=list)
+    #: The ordered stages every message goes through before it runs (``pipeline.py``).
+    stages: list[Stage] = field(default_factory=list)
     #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
     lease: Lease | None = None
     #: Messages put back at the head of the queue by crash recovery at start.
     recovered: int = 0
     #: kombu's Redis names and a plain client to the broker (Redis broker only).
     broker: BrokerRedis | None = None
-    #: The dead-letter store (None without a Redis store) and how re-queues are published.
-    store: DeadLetterStore | None = None
-    publish: Publish | None = None
-    #: Messages let through by the parking gate, until they finish.
-    inflight: InFlight | None = None
+    #: How messages set aside go back to the queue (``store/requeue.py``).
+    requeue: Requeue = HEAD_PUSH
+    #: Messages let through by the parking stage, until they finish.
+    inflight: InFlight = field(default_factory=InFlight)
+    #: The parking stage (None without a Redis store): the retry sets keys aside through it.
+    parking: Parking | None = None
     #: Writes dead letters (None without a Redis store).
     dead_letters: DeadLetters | None = None
-    #: Its keys waiting out a retry backoff (None without a Redis store).
-    backoff: BackoffKeys | None = None
     #: The process this partition runs in.
     worker: WorkerRuntime | None = None
     #: Its thread's progress: the lease heartbeat's watchdog, and what ``status`` reads.
     progress: Progress = field(default_factory=Progress)
+
+    #: Set to stop this partition alone (``lifecycle.Partition.stop``); cleared at start.
+    stop_event: threading.Event = field(default_factory=threading.Event)
 
     @property
     def label(self) -> str:
         """``pool.index``: how log lines name this partition."""
         return f"{self.pool}.{self.index}"
 
+    @property
+    def place(self) -> Place:
+        """Where this partition is, for its stages."""
+        return Place(self.app, self.settings, self.pool, self.index, self.queue, self.hostname)
+
     def stopping(self) -> bool:
-        """The process is stopping: start no further message."""
-        return self.worker is not None and self.worker.stopping()
+        """This partition, or its whole process, is stopping: start no further message."""
+        return self.stop_event.is_set() or (self.worker is not None and self.worker.stopping())
 
 
 @dataclass(eq=False)

@@ -1,0 +1,125 @@
+"""How a message the store set aside goes back to its partition queue: one strategy per partition.
+
+Parking, retry backoff, replay, skip and resize all put messages back "ahead of anything
+newer". Two brokers, two ways, chosen once per partition (:func:`requeue_for`):
+
+* :class:`HeadPush` (the broker is the store's Redis): the store's script pushes them onto the
+  consuming end of kombu's Redis list of the queue, in the same step as it unparks the key.
+* :class:`ThroughOutbox` (RabbitMQ, or a Redis broker apart from the store): the script appends
+  them to an outbox list in the store, and :meth:`Requeue.send` publishes the outbox to the
+  tail of the queue, oldest first; the key stays held (``replaying``, ``pending``) until every
+  re-queued message is back, so nothing newer overtakes them.
+
+A store method takes a ``requeue: Requeue``; it asks :meth:`Requeue.head` for the list its
+script pushes onto (``""``: none, use the outbox) and calls :meth:`Requeue.send` on the
+outbox afterwards (a no-op for :class:`HeadPush`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Final
+
+from ..config import RedisTarget
+from ..message import Publish, publisher
+from ..state import settings_of
+from .keys import RedisKeys
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["HEAD_PUSH", "HeadPush", "Requeue", "ThroughOutbox", "pushes_to_head", "requeue_for",
+           "send_outbox"]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
+    """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
+    once sent. At least once: a crash between publishing and popping re-sends that message."""
+    sent = 0
+    while (raw := client.lindex(outbox, 0)) is not None:
+        publish(_text(raw))
+        client.lpop(outbox)
+        sent += 1
+    return sent
+
+
+class Requeue(ABC):
+    """How re-queued messages reach their partition queue (see the module docstring)."""
+
+    #: True: the store's script pushes them onto the head itself; False: through an outbox.
+    at_head: bool
+
+    @abstractmethod
+    def head(self, keys: RedisKeys, queue: str) -> str:
+        """The Redis list a script pushes re-queued messages of ``queue`` onto, or ``""``
+        when they go to an outbox instead (a script KEYS slot)."""
+
+    @abstractmethod
+    def send(self, client: Any, outbox: str) -> int:
+        """Publish what a script left in ``outbox``; returns how many were sent."""
+
+
+class HeadPush(Requeue):
+    """The broker is the store's Redis: scripts push onto the head of the queue's list."""
+
+    at_head = True
+
+    def head(self, keys: RedisKeys, queue: str) -> str:
+        return keys.broker_queue(queue)
+
+    def send(self, client: Any, outbox: str) -> int:
+        return 0  # nothing is ever left in an outbox
+
+    def __repr__(self) -> str:
+        return "HeadPush()"
+
+
+class ThroughOutbox(Requeue):
+    """Any other broker: re-queued messages wait in the store's outbox and are published to the
+    tail of the queue by ``publish`` (one producer: they arrive in the order sent). Use it
+    from one thread (the partition's own): two senders could send one message twice."""
+
+    at_head = False
+
+    def __init__(self, publish: Publish) -> None:
+        self.publish = publish
+
+    def head(self, keys: RedisKeys, queue: str) -> str:
+        return ""
+
+    def send(self, client: Any, outbox: str) -> int:
+        return send_outbox(client, outbox, self.publish)
+
+    def __repr__(self) -> str:
+        return f"ThroughOutbox({self.publish!r})"
+
+
+def pushes_to_head(app: Celery) -> bool:
+    """Whether re-queued messages can be pushed onto the head of the queue's Redis list in the
+    store's own script: the broker is the Redis that holds the store."""
+    settings = settings_of(app)
+    store = settings.redis
+    if store is None:
+        return False
+    with app.connection_for_write() as conn:
+        driver = conn.transport.driver_type
+        broker = conn.as_uri(include_password=True)
+    # Sentinel: the settings name the broker's sentinels; otherwise the live broker's address
+    live = settings.broker_redis if store.is_sentinel else RedisTarget(url=broker)
+    return driver == "redis" and store.same_server(live)
+
+
+def requeue_for(app: Celery, pool: str, index: int, *, at_head: bool | None = None) -> Requeue:
+    """The :class:`Requeue` of partition ``index`` of ``pool``. ``at_head``: what
+    :func:`pushes_to_head` says (the same for every partition of an app: pass it to ask once)."""
+    if at_head is None:
+        at_head = pushes_to_head(app)
+    return HeadPush() if at_head else ThroughOutbox(publisher(app, pool, index))
+
+
+#: The default of the store's methods: the broker is the store's Redis.
+HEAD_PUSH: Final = HeadPush()

@@ -1,0 +1,88 @@
+"""A partition as a unit with a life cycle: :meth:`Partition.start` and :meth:`Partition.stop`,
+callable at any time on a running process, as often as wanted.
+
+``start()``
+    A thread of its own (``partition.py``) takes the partition's lease (waiting as a standby
+    while another process holds it), puts back at the head what a dead predecessor held
+    (crash recovery), then consumes. Nothing happens while it runs already.
+``stop()``
+    No further message is started; the running one finishes (a message fetched meanwhile goes
+    back to the head, an in-place retry wait ends with its message unacked at the head); the
+    lease is released, so a standby takes over at once; nothing of the partition is left in
+    flight in this process. The same unit can be started again afterwards.
+
+The ``PartitionsStep`` of a ``celery worker`` process and the in-process test worker
+(``inprocess.py``) both run their partitions as these units.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from .partition import PartitionThread
+from .runtime import PartitionRuntime
+
+__all__ = ["Partition", "unit_of"]
+
+
+class Partition:
+    """One partition of a process, started and stopped as a unit (see the module docstring)."""
+
+    def __init__(self, runtime: PartitionRuntime,
+                 thread: Callable[[PartitionRuntime], PartitionThread] = PartitionThread) -> None:
+        self.runtime = runtime
+        self._new_thread = thread
+        #: The thread of the current (or last) run, None before the first start.
+        self.thread: PartitionThread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        return self.runtime.label
+
+    @property
+    def running(self) -> bool:
+        """Its thread is alive (a standby waiting for the lease included)."""
+        return self.thread is not None and self.thread.is_alive()
+
+    @property
+    def consuming(self) -> bool:
+        """It holds what it needs (the lease) and consumes."""
+        return self.running and self.thread is not None and self.thread.consuming.is_set()
+
+    def start(self) -> PartitionThread:
+        """Take the lease (or wait for it), recover, consume; returns the partition's thread."""
+        with self._lock:
+            if self.thread is not None and self.thread.is_alive():
+                if not self.runtime.stop_event.is_set():
+                    return self.thread
+                self.thread.join()  # a stop in progress: let it end first
+            self.runtime.stop_event.clear()
+            thread = self._new_thread(self.runtime)
+            thread.start()
+            self.thread = thread
+            return thread
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the running message, release the lease; True once the thread has ended
+        (False: still running its task after ``timeout`` seconds)."""
+        with self._lock:
+            self.runtime.stop_event.set()
+            thread = self.thread
+            if thread is None:
+                return True
+            thread.join(timeout)
+            return not thread.is_alive()
+
+    def __repr__(self) -> str:
+        state = "consuming" if self.consuming else "running" if self.running else "stopped"
+        return f"<Partition {self.label} {state}>"
+
+
+def unit_of(units: list[Partition], pool: str, index: int) -> Partition:
+    """Partition ``index`` of ``pool`` among ``units`` (KeyError when not there)."""
+    for unit in units:
+        if (unit.runtime.pool, unit.runtime.index) == (pool, index):
+            return unit
+    raise KeyError(f"partition {pool}.{index} is not run in this process")

@@ -1,0 +1,118 @@
+"""One partition, built in one place: its lease, and the ordered stages every message goes through.
+
+The pipeline of a partition (``Stage`` hooks, ``stage.py``), in order:
+
+====  ===============  ==========================  =========================================
+ #    stage            module                      owns
+====  ===============  ==========================  =========================================
+ 1    resize gate      ``worker/resize.py``        while a resize is in flight (Redis broker
+                                                   holding the store): a moved key waits for
+                                                   its old partition; between messages it
+                                                   releases held keys (``store/resize.py``)
+ 2    misroute guard   ``worker/guard.py``         another partition's message: re-published
+ 3    parking gate     ``worker/parking.py``       (a Redis store) a parked key or a key in
+                                                   retry backoff: set aside in order; between
+                                                   messages: keys due run again
+ 4    ETA hold         ``worker/partition.py``     a future ETA waits in place
+ 5    execution        ``worker/executor.py``      Celery's strategy and request, inline
+                       (``checkpointing.py``)      (the body inside its checkpoint)
+ 6    retry            ``worker/retry.py``         in place, or the key set aside through the
+                                                   parking stage (``Parking.set_aside``)
+ 7    dead letter      ``worker/failures.py``      no retry left: dead letter, key parked
+                                                   (or only recorded: ``on_failure="skip"``)
+ 8    finished         ``worker/retry.py``         the last message of a replay releases what
+                                                   was deferred (``Parking.finished``)
+====  ===============  ==========================  =========================================
+
+Stages 1-3 are :class:`~.stage.Stage` objects in ``PartitionRuntime.stages`` (their
+``before`` hooks in this order; the first that takes a message ends its way; their
+``between`` hooks between messages); 4-8 are what the partition thread and the task wrapper
+do with a message no stage took. How set-aside messages go back to the queue is chosen once,
+here, for the partition (``store/requeue.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..state import redis_client, replicas_of
+from ..store.broker import broker_redis
+from ..store.deadletters import DeadLetterStore
+from ..store.keys import RedisKeys
+from ..store.lease import Lease
+from ..store.requeue import requeue_for
+from ..store.resize import ResizeState, ResizeStore
+from .failures import DeadLetters
+from .guard import MisrouteGuard
+from .parking import Parking
+from .resize import resize_gate
+from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PartitionRuntime, WorkerRuntime
+from .stage import Stage
+
+if TYPE_CHECKING:
+    from ..config import PartitioningSettings
+
+__all__ = ["build_partition"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+
+def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
+                    keys: RedisKeys, at_head: bool, resizes: ResizeStore | None,
+                    recorded: ResizeState | None,
+                    fence: Callable[[str], None] | None = None) -> PartitionRuntime:
+    """Partition ``index`` of ``pool`` in ``worker``: its lease (a Redis broker with a Redis
+    store), its dead letters and its stages, in the order of the module docstring.
+
+    ``store``: the store's Redis client (None: no dead letters, no parking, no lease);
+    ``at_head``: re-queues go onto the head of the queue's Redis list (``requeue.py``);
+    ``resizes``/``recorded``: the pool's resize record (None without a store); ``fence``:
+    what a holder that lost its lease does (default: end the process)."""
+    app, settings = worker.app, worker.settings
+    partition = PartitionRuntime(
+        app=app, settings=settings, pool=pool, index=index,
+        queue=settings.queue_name(pool, index), redis=store, keys=keys,
+        hostname=worker.hostname, transport=worker.transport, worker=worker,
+        broker=broker_redis(app) if worker.transport == "redis" else None,
+        requeue=requeue_for(app, pool, index, at_head=at_head))
+    if partition.broker is not None and settings.redis is not None:
+        lease = partition.lease = _lease(partition, settings, fence)
+        # the heartbeat fences a thread stuck outside a task body, and records its progress
+        lease.stall_check = partition.progress.stall
+        if store is not None:
+            lease.on_beat.append(partition.progress.recorder(store, keys, partition.queue,
+                                                             expire_ms=3 * lease.ttl_ms))
+    place = partition.place
+    parking: Parking | None = None
+    if store is None:
+        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
+                       "dead letters and parking are off", partition.label)
+    else:
+        dead_letters = DeadLetterStore(store, keys)
+        parking = Parking(place, dead_letters, partition.inflight, partition.requeue)
+        partition.dead_letters = DeadLetters(place, dead_letters, partition.requeue)
+        partition.parking = parking
+    stages: list[Stage | None] = [
+        resize_gate(partition, resizes, recorded) if resizes is not None and recorded is not None else None,
+        MisrouteGuard(place),
+        parking,
+    ]
+    partition.stages = [stage for stage in stages if stage is not None]
+    return partition
+
+
+def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
+           fence: Callable[[str], None] | None) -> Lease:
+    assert settings.redis is not None
+    ttl = settings.lease_ttl
+    replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
+    client = redis_client(
+        settings.redis, replicas=replicas,
+        timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
+    return Lease(client, partition.keys.lease(partition.queue), ttl,
+                 node=f"{partition.hostname}#{partition.label}",
+                 token=os.environ.get(LEASE_TOKEN_ENV),
+                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence)
