@@ -139,12 +139,12 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
     store = _store(app)
     try:
         if action == "replay":
-            queue, publish = replay_target(app, pool, key)
-            return ActionResult(action, pool, key, store.replay(pool, key, queue, publish=publish),
+            queue, requeue = replay_target(app, pool, key)
+            return ActionResult(action, pool, key, store.replay(pool, key, queue, requeue=requeue),
                                 queue=queue)
         if action == "skip":
-            queue, publish = replay_target(app, pool, key)
-            result = SkipStore(store).skip(pool, key, queue, publish=publish)
+            queue, requeue = replay_target(app, pool, key)
+            result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
             return ActionResult(action, pool, key, result.released, result.skipped, queue)
         messages = store.discard(pool, key) if store.is_parked(pool, key) else []
         messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)
