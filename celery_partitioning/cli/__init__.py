@@ -26,7 +26,14 @@ from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
 from ..worker.runtime import EVENTS_ENV
 from ..worker.startup import when_reachable
-from ..worker.supervisor import Supervisor, run_celery, select_partitions, spread, worker_argv
+from ..worker.supervisor import (
+    Supervisor,
+    run_celery,
+    select_partitions,
+    share,
+    spread,
+    worker_argv,
+)
 
 __all__ = ["partitioning"]
 
@@ -127,6 +134,12 @@ def partitioning(ctx: click.Context) -> None:
               help="Do not send task events (on by default, for Flower and `celery events`).")
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
+@click.option("--balance", is_flag=True,
+              help="Share the selected pools with every other `partitioning worker --balance` "
+                   "running anywhere: each process holds about P/W of a pool's P partitions, "
+                   "handed over between two messages as members join and leave (needs the "
+                   "Redis store). Without it, every process consumes the partitions it is "
+                   "dealt and a second command is a standby.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
 @click.option("--metrics-port", type=int, default=None, metavar="PORT",
               help="Serve Prometheus metrics on this port (/metrics); needs the extra "
@@ -136,7 +149,8 @@ def partitioning(ctx: click.Context) -> None:
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
-           processes: int | None, without_events: bool, stop_timeout: float, dry_run: bool,
+           processes: int | None, without_events: bool, stop_timeout: float, balance: bool,
+           dry_run: bool,
            metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
@@ -161,7 +175,10 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
-        specs = spread(selected, processes)
+        if balance and partitions:
+            raise PartitionConfigError("--balance shares whole pools; --partitions pins a "
+                                       "process to fixed partitions: choose one")
+        specs = share(selected, processes) if balance else spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
     running = {spec.pool for spec in selected}

@@ -14,14 +14,23 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..balance import assign
+from ..errors import PartitionConfigError
+from ..state import redis_client, redis_keys
 from ..store.keys import RedisKeys
 from ..store.lease import read_holders
-from ..store.membership import Membership
+from ..store.membership import Membership, member_id
 
-__all__ = ["Balancer"]
+if TYPE_CHECKING:
+    from .lifecycle import Partition
+    from .runtime import WorkerRuntime
+
+__all__ = ["Balancer", "Fleet", "BEAT"]
+
+#: Seconds between two beats of a member: a join is balanced within two or three of them.
+BEAT: Final = 2.0
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -94,3 +103,71 @@ class Balancer:
             self.membership.leave(self.sizes, self.member)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
             logger.warning("could not leave the pools (%s); the others wait for its TTL", exc)
+
+
+class Fleet:
+    """The partitions of a ``--balance`` process: each a unit (``lifecycle.Partition``) that is
+    started when the balancer gives it to this process and stopped, between two messages, when
+    it gives it to another. A start or stop runs in a thread of its own, so a long task never
+    holds up the beat (a member that stops beating is taken for gone)."""
+
+    def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition]) -> None:
+        settings = runtime.settings
+        if settings.redis is None:
+            raise PartitionConfigError("--balance needs the Redis store (partitioning_redis_url): "
+                                       "members agree on their shares there")
+        pools = sorted({unit.runtime.pool for unit in units})
+        self.units = list(units)
+        self.balancer = Balancer(
+            redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
+            {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
+            member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), interval=BEAT)
+        self._moving: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="partition-balancer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No more starts or stops by the balancer; leave the pools (the caller stops the units)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(30)
+        self.balancer.stop()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.balancer.refresh()
+                self._reconcile()
+            except Exception as exc:  # noqa: BLE001 - the store may be failing over
+                logger.warning("balance beat failed (%s); keeping the last share", exc)
+            self._stop.wait(self.balancer.interval)
+
+    def _reconcile(self) -> None:
+        for unit in self.units:
+            wanted = self.balancer.wants(unit.runtime.pool, unit.runtime.index)
+            if wanted != unit.running:
+                self._move(unit, wanted)
+
+    def _move(self, unit: Partition, start: bool) -> None:
+        with self._lock:
+            if id(unit) in self._moving or self._stop.is_set():
+                return
+            self._moving.add(id(unit))
+
+        def move() -> None:
+            try:
+                if start and not self._stop.is_set():
+                    unit.start()
+                elif not start:
+                    logger.info("%s: handed over to another member (after its running task)",
+                                unit.label)
+                    unit.stop()
+            finally:
+                with self._lock:
+                    self._moving.discard(id(unit))
+
+        threading.Thread(target=move, name=f"partition-move-{unit.label}", daemon=True).start()

@@ -44,6 +44,7 @@ from ..metrics import METRICS_ENV
 from ..state import partitioning_of, redis_client, redis_keys, replicas_of
 from ..store.requeue import pushes_to_head
 from ..store.resize import ResizeStore
+from .balancer import Fleet
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
@@ -54,6 +55,7 @@ from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .resize import check_recorded_size
 from .retry import enable_in_place_retry
 from .runtime import (
+    BALANCE_ENV,
     EVENTS_ENV,
     PARTITIONS_ENV,
     WorkerRuntime,
@@ -242,6 +244,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
         self.partitions: list[Partition] = []
+        self.fleet: Fleet | None = None
 
     def create(self, parent: Any) -> PartitionsStep:
         return self
@@ -253,10 +256,13 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
-        for partition in runtime.partitions:
-            unit = Partition(partition)
-            unit.start()
-            self.partitions.append(unit)
+        self.partitions.extend(Partition(partition) for partition in runtime.partitions)
+        if os.environ.get(BALANCE_ENV) == "1":
+            self.fleet = Fleet(runtime, self.partitions)
+            self.fleet.start()
+        else:
+            for unit in self.partitions:
+                unit.start()
         logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
                     len(self.partitions), runtime.label)
 
@@ -273,6 +279,8 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.info("%s: warm stop: every partition finishes its task and starts no other",
                         parent.hostname)
         runtime.stop_event.set()
+        if self.fleet is not None:
+            self.fleet.stop()  # leave the pools first: the others take over as leases free
         for unit in self.partitions:
             while unit.running:
                 if compat.terminate_requested():

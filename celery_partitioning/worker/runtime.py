@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PARTITIONS_ENV",
+    "BALANCE_ENV",
     "LEASE_TOKEN_ENV",
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
@@ -65,6 +66,9 @@ __all__ = [
 
 #: Set by the supervisor on each child ``celery worker``: ``"pool:index,pool:index,..."``.
 PARTITIONS_ENV: Final = "CELERY_PARTITIONING_PARTITIONS"
+#: Set to ``1`` by ``partitioning worker --balance``: the process hosts every selected partition
+#: and holds only its balanced share (``worker/balancer.py``).
+BALANCE_ENV: Final = "CELERY_PARTITIONING_BALANCE"
 #: Set by the supervisor: the lease token the child uses for all its partitions.
 LEASE_TOKEN_ENV: Final = "CELERY_PARTITIONING_LEASE_TOKEN"
 #: Set by the supervisor on a restarted child: the token of its predecessor, which the

@@ -38,13 +38,20 @@ from ..exits import EXIT_OK, EXIT_UNCLEAN
 from ..store.lease import new_token
 from .forked import ForkedProcess, exit_status, fork_child
 from .orphan import ChildOutput
-from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PARTITIONS_ENV, SUPERVISOR_PID_ENV
+from .runtime import (
+    BALANCE_ENV,
+    LEASE_TAKEOVER_ENV,
+    LEASE_TOKEN_ENV,
+    PARTITIONS_ENV,
+    SUPERVISOR_PID_ENV,
+)
 from .selection import PartitionSpec, parse_indexes, parse_partition_spec, select_partitions
 
 __all__ = [
     "ChildSpec",
     "PartitionSpec",
     "spread",
+    "share",
     "Supervisor",
     "select_partitions",
     "parse_indexes",
@@ -68,16 +75,23 @@ class ChildSpec:
     partitions: tuple[PartitionSpec, ...]
     #: Its place among the supervisor's processes (0, 1, ...).
     number: int = 0
+    #: ``--balance``: every process hosts these partitions and holds its share.
+    shared: bool = False
 
     @property
     def label(self) -> str:
         """How its log lines are prefixed: the partition when it hosts one, else ``w<n>``."""
-        return self.partitions[0].label if len(self.partitions) == 1 else f"w{self.number}"
+        return self.partitions[0].label if self._alone else f"w{self.number}"
+
+    @property
+    def _alone(self) -> bool:
+        """It hosts one partition, and no other process hosts it too."""
+        return len(self.partitions) == 1 and not self.shared
 
     @property
     def node(self) -> str:
         """Its Celery node name (``%h`` is the host)."""
-        return f"{self.label}@%h" if len(self.partitions) == 1 else f"partitions{self.number}@%h"
+        return f"{self.label}@%h" if self._alone else f"partitions{self.number}@%h"
 
     @property
     def env_value(self) -> str:
@@ -100,6 +114,16 @@ def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpe
             f"less than one of the {len(partitions)} selected partition(s))")
     return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
             enumerate(range(processes))]
+
+
+def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
+    """``--balance``: every process hosts every selected partition and holds only its share,
+    agreed through the store with every other member of the pools (``worker/balancer.py``)."""
+    if not partitions:
+        raise PartitionConfigError("no partition selected: check --pool")
+    if processes < 1:
+        raise PartitionConfigError(f"--processes {processes}: choose 1 or more")
+    return [ChildSpec(tuple(partitions), number, shared=True) for number in range(processes)]
 
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
@@ -249,6 +273,8 @@ class Supervisor:
         env = {**self.env, PARTITIONS_ENV: child.spec.env_value,
                LEASE_TOKEN_ENV: child.token, SUPERVISOR_PID_ENV: str(os.getpid())}
         env.pop(LEASE_TAKEOVER_ENV, None)
+        if child.spec.shared:
+            env[BALANCE_ENV] = "1"
         if child.previous_token:
             # We saw the previous child exit: its lease (if it held one) is dead.
             env[LEASE_TAKEOVER_ENV] = child.previous_token
