@@ -151,6 +151,18 @@ class Lease:
             time.sleep(poll)
         return False
 
+    def fresh(self) -> bool:
+        """Whether the last good renewal is within the TTL. A process frozen (SIGSTOP, a VM
+        pause) or cut off for longer may have been replaced: a message it fetched before or
+        during the freeze must not run. When stale, the holder is fenced here and now, before
+        its heartbeat wakes up."""
+        stale = time.monotonic() - self._last_ok
+        if not self._held or stale <= self.ttl:
+            return True
+        self._fenced(f"was frozen or cut off {stale:.1f}s, longer than the lease TTL, with a "
+                     f"message fetched from {self.key}: it does not run here")
+        return False
+
     def start_heartbeat(self) -> None:
         """Renew every TTL/3 in a daemon thread; fence this process if the lease is lost."""
         if self._thread is not None and self._thread.is_alive():
@@ -193,7 +205,7 @@ class Lease:
             if stalled:
                 self._fenced(stalled)
                 return
-            last_ok = started
+            last_ok = self._last_ok = started
             wait = interval
             for hook in list(self.on_beat):
                 try:

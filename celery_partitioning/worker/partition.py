@@ -241,6 +241,8 @@ class PartitionThread(threading.Thread):
             if item is None:
                 continue
             progress.consumed()
+            if runtime.lease is not None and not runtime.lease.fresh():
+                break  # the message stays in the in-transit list: the next holder recovers it
             channel = _RedisAck(client, in_transit, source, item)
             if runtime.stopping():
                 channel.to_head()

@@ -79,18 +79,23 @@ def test_partitions_spread_over_joining_and_leaving_workers_without_overlap(
         w.publish(chunks[4])
         wait_for(lambda: victim not in holders(w), REBALANCE_BOUND, "the killed process's leases")
         spread_reaches([6, 6], "a process was SIGKILLed and restarted")
-        # a process is frozen past the lease TTL: the others take its partitions; resumed, it
-        # finds its leases gone and fences itself (exit 75), and its successor rejoins
+        # a process is frozen past the lease TTL while messages keep coming (frozen between
+        # two tasks: a body frozen halfway finishes when resumed, which only fencing the
+        # task's own writes, as checkpoints do, can stop): the others take its partitions;
+        # resumed, it finds its leases stale and fences itself (exit 75) without running what
+        # it had fetched, and its successor rejoins
+        w.wait_done(sum(len(chunk) for chunk in chunks[:5]), timeout=120, counts=None)
         frozen = child_of(a)
         os.kill(frozen, signal.SIGSTOP)
         stopped.add(frozen)
         try:
+            w.publish(chunks[5])
+            started = time.monotonic()
             wait_for(lambda: frozen not in holders(w) and sum(holders(w).values()) == 12,
                      REBALANCE_BOUND, "the frozen process's partitions to be taken over")
-            times.append("taken from a frozen process")
+            times.append(f"taken from a frozen process: {time.monotonic() - started:.1f}s")
         finally:
             os.kill(frozen, signal.SIGCONT)
-        w.publish(chunks[5])
         spread_reaches([6, 6], "the frozen process fenced itself and its successor rejoined")
         w.wait_done(len(events), timeout=180, counts=counts)
         report = w.report(counts)
