@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..state import redis_client, redis_keys, settings_of
 from ..store.broker import broker_redis
+from ..store.membership import describe
 from ..store.resize import ResizeState, ResizeStore
 from ..tasks import pools_used_by
 
@@ -41,12 +42,14 @@ class PoolNotes:
     stranded: list[dict[str, Any]] = field(default_factory=list)
     #: ``{"pool", "recorded", "configured"}`` where they differ and no resize is in flight.
     size_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    #: pool → its ``--balance`` members and partitions still to move (``store/membership.py``).
+    members: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __bool__(self) -> bool:
-        return bool(self.unused_pools or self.stranded or self.size_mismatches)
+        return bool(self.unused_pools or self.stranded or self.size_mismatches or self.members)
 
 
 def unused_pools(app: Celery, pools: Sequence[str]) -> list[str]:
@@ -72,6 +75,20 @@ def _recorded(app: Celery, pools: Sequence[str]) -> dict[str, ResizeState]:
         return {pool: state for pool in pools if (state := store.state(pool)) is not None}
     finally:
         client.close()
+
+
+def _members(app: Celery, pools: Sequence[str]) -> dict[str, Any]:
+    settings = settings_of(app)
+    if settings.redis is None:
+        return {}
+    client = redis_client(settings.redis)
+    try:
+        found = {pool: describe(client, redis_keys(app), pool,
+                                [settings.queue_name(pool, i) for i in range(settings.partitions(pool))])
+                 for pool in pools}
+    finally:
+        client.close()
+    return {pool: view for pool, view in found.items() if view}
 
 
 def _beyond_on_redis(app: Celery, pool: str, size: int, upto: int) -> dict[int, int]:
@@ -118,6 +135,7 @@ def collect_pool_notes(app: Celery, pools: Sequence[str] = ()) -> PoolNotes:
     chosen = list(pools) or list(settings.pools)
     notes = PoolNotes(unused_pools=unused_pools(app, chosen))
     recorded = _recorded(app, chosen)
+    notes.members = _members(app, chosen)
     on_redis = broker_redis(app) is not None
     for pool in chosen:
         size = settings.partitions(pool)
@@ -147,6 +165,12 @@ def render_pool_notes(notes: PoolNotes, command: str = "celery -A <app>") -> str
         lines.append(f"pool {m['pool']}: recorded with {m['recorded']} partitions, configured "
                      f"with {m['configured']}: workers refuse to start until you run `{command} "
                      f"partitioning resize {m['pool']} {m['configured']} --from {m['recorded']}`")
+    for pool, view in notes.members.items():
+        moving = f"; rebalancing: {view['moving']} partition(s) to hand over" if view["moving"] else ""
+        lines.append(f"pool {pool}: {len(view['members'])} member(s) (--balance){moving}")
+        for m in view["members"]:
+            lines.append(f"  {m['id']}  holds {len(m['holds'])} {m['holds']}  "
+                         f"last beat {m['last_beat_age']}s ago")
     for s in notes.stranded:
         lines.append(f"STRANDED {s['queue']}: {s['depth']} message(s) beyond pool {s['pool']}'s "
                      f"size (partition {s['index']}); no worker consumes it: record the shrink "

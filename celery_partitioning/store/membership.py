@@ -17,7 +17,7 @@ from typing import Any
 
 from .keys import RedisKeys
 
-__all__ = ["Member", "Membership", "member_id"]
+__all__ = ["Member", "Membership", "member_id", "describe"]
 
 
 def member_id(node: str = "", pid: int | None = None) -> str:
@@ -82,14 +82,40 @@ class Membership:
                 pipe.hdel(self.keys.members(pool), member)
             pipe.execute()
 
-    def live(self, pool: str) -> list[Member]:
-        """The members of ``pool`` whose beat is within their TTL, by id; removes the others."""
+    def live(self, pool: str, *, prune: bool = True) -> list[Member]:
+        """The members of ``pool`` whose beat is within their TTL, by id; removes the others
+        (not with ``prune=False``: read-only callers such as ``status``)."""
         now = self.now_ms()
         members: list[Member] = []
         gone: list[Member] = []
         for raw in self.client.hvals(self.keys.members(pool)):
             member = Member.from_json(raw)
             (members if member.beat_ms + member.ttl_ms >= now else gone).append(member)
-        if gone:
+        if gone and prune:
             self.client.hdel(self.keys.members(pool), *[member.id for member in gone])
         return sorted(members, key=lambda member: member.id)
+
+
+def describe(client: Any, keys: RedisKeys, pool: str, queues: Sequence[str]) -> dict[str, Any]:
+    """What ``status`` shows of a pool's members (read only): each live member with the
+    partitions it holds and those the balance gives it, and how many partitions are still to
+    change hands (a rebalance in progress when not 0)."""
+    from ..balance import assign
+    from .lease import read_holders
+
+    membership = Membership(client, keys)
+    live = membership.live(pool, prune=False)
+    if not live:
+        return {}
+    now = membership.now_ms()
+    holders = read_holders(client, keys, queues)
+    current = {index: f"{holder.host}:{holder.pid}"
+               for index, holder in enumerate(holders[q] for q in queues) if holder}
+    result = assign(range(len(queues)), [m.id for m in live if m.balanced], current,
+                    {m.id: m.pinned for m in live if not m.balanced})
+    return {"members": [{"id": m.id, "host": m.host, "pid": m.pid, "since_ms": m.since_ms,
+                         "last_beat_age": round((now - m.beat_ms) / 1000, 1),
+                         "pinned": list(m.pinned),
+                         "holds": sorted(i for i, owner in current.items() if owner == m.id),
+                         "assigned": result.of(m.id)} for m in live],
+            "moving": len(result.moves)}

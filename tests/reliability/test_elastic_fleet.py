@@ -9,12 +9,15 @@ was lost, and no partition ever ran two tasks at once. Rebalance times are print
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 from subprocess import Popen
+from typing import Any
 
 import pytest
 
@@ -22,7 +25,7 @@ from celery_partitioning.state import redis_keys, settings_of
 from celery_partitioning.store.lease import read_holders
 from tests.reliability.conftest import Workload, keyed_events
 from tests.reliability.test_chaos import live_children
-from tests.support.procs import wait_for
+from tests.support.procs import ROOT, celery_bin, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +39,17 @@ def holders(w: Workload) -> Counter[int]:
     queues = [settings_of(w.app).queue_name("p", i) for i in range(w.partitions)]
     found = read_holders(w.redis, redis_keys(w.app), queues)
     return Counter(holder.pid for holder in found.values() if holder is not None)
+
+
+def status_members(w: Workload) -> dict[str, Any]:
+    """The pool's members as ``partitioning status --json`` shows them."""
+    result = subprocess.run([celery_bin(), "-A", "tests.apps.reliability_app", "partitioning",
+                             "status", "--json"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT), **w.env()}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    members: dict[str, Any] = json.loads(result.stdout)["members"]["p"]
+    return members
 
 
 def test_partitions_spread_over_joining_and_leaving_workers_without_overlap(
@@ -67,6 +81,10 @@ def test_partitions_spread_over_joining_and_leaving_workers_without_overlap(
         c = w.start_workers("c", processes=1, extra=["--balance"])
         w.publish(chunks[2])
         spread_reaches([4, 4, 4], "a third group joined")
+        # status shows the three members, what each holds, and no rebalance left
+        view = status_members(w)
+        assert len(view["members"]) == 3 and view["moving"] == 0, view
+        assert sorted(len(m["holds"]) for m in view["members"]) == [4, 4, 4], view
         # a group leaves warmly
         b.send_signal(signal.SIGTERM)
         assert b.wait(timeout=60) == 0, w.log_tail("b")
