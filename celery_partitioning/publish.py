@@ -17,10 +17,10 @@ from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
-from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
+from .call_parts import SUPPORTED_OPTIONS, SendOptions, send_options, signature_parts
 from .compat import result_maker, task_exec_options
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
@@ -35,23 +35,6 @@ __all__ = ["publish_many", "PublishManyError", "DEFAULT_CHUNK", "SUPPORTED_OPTIO
 
 #: Messages per broker round trip (Redis pipeline, RabbitMQ confirm wait).
 DEFAULT_CHUNK: Final = 500
-
-#: Call options ``publish_many`` sends exactly as ``apply_async`` does. Others (``link``,
-#: ``chain``, ``chord``, stamping, ``producer`` ...) need Celery's full path: use apply_async.
-SUPPORTED_OPTIONS: Final = frozenset({
-    "task_id", "countdown", "eta", "expires", "headers", "ignore_result", "time_limit",
-    "soft_time_limit", "shadow", "serializer", "compression", "root_id", "parent_id",
-    "retries", "argsrepr", "kwargsrepr", "queue", "exchange", "routing_key", "priority",
-    "delivery_mode", "exchange_type", "reply_to", "add_to_parent",
-})
-
-
-#: The options ``Celery.send_task`` takes out of a call's options before routing.
-_SEND_TASK_OPTIONS: Final = frozenset({
-    "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
-    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
-})
-
 
 class _TaskPlan:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
@@ -150,22 +133,9 @@ class _Composer:
         return self._quorum
 
     def compose(self, position: int, sig: Any) -> Outgoing:
-        # A Signature is a dict: read its fields directly (its properties cost a call each).
-        if not isinstance(sig, Signature) or sig.get("subtask_type") is not None:
-            kind = getattr(sig, "subtask_type", None) or type(sig).__name__
-            raise PartitionKeyError(
-                f"not a single task call ({kind}); publish_many takes task signatures such as "
-                "task.s(...); send a canvas (chain, group, chord) with apply_async"
-            )
-        name = sig["task"]
-        options = sig.get("options")
-        options = dict(options) if options else {}
-        if options and not SUPPORTED_OPTIONS.issuperset(options):
-            unsupported = sorted(set(options) - SUPPORTED_OPTIONS)
-            raise PartitionKeyError(
-                f"task {name}: publish_many does not send the option(s) {', '.join(unsupported)}; "
-                "publish this call with apply_async"
-            )
+        """One call's message, made as ``apply_async`` → ``send_task`` → ``send_task_message``
+        would make it (each step marked), without sending it."""
+        name, options = signature_parts(sig)
         plan = self._task(name)
         task = plan.task
         args, kwargs = sig.get("args"), sig.get("kwargs")  # as apply_async passes them: no copies
@@ -184,68 +154,31 @@ class _Composer:
         if dump_pydantic is not None and options.get("serializer") != "pickle":
             args, kwargs = dump_pydantic(args, kwargs)
         # --- Celery.send_task
-        if not _SEND_TASK_OPTIONS.isdisjoint(options):
-            pop = options.pop
-            task_id = pop("task_id", None)
-            countdown, eta, retries = pop("countdown", None), pop("eta", None), pop("retries", 0)
-            root_id, parent_id = pop("root_id", None), pop("parent_id", None)
-            reply_to, add_to_parent = pop("reply_to", None), pop("add_to_parent", True)
-            time_limit, soft_time_limit = pop("time_limit", None), pop("soft_time_limit", None)
-            expires, ignore_result = pop("expires", None), pop("ignore_result", task.ignore_result)
-            argsrepr, kwargsrepr = pop("argsrepr", None), pop("kwargsrepr", None)
-        else:  # the common call: none of those options
-            task_id = countdown = eta = root_id = parent_id = reply_to = time_limit = None
-            soft_time_limit = expires = argsrepr = kwargsrepr = None
-            retries, add_to_parent, ignore_result = 0, True, task.ignore_result
-        task_id = task_id or next(self._ids)
+        call = send_options(options, task.ignore_result)
+        call.task_id = call.task_id or next(self._ids)
         options = self.router.route(options, name, args, kwargs, task)
-        if (eta or countdown) and self._quorum_queues():
+        if (call.eta or call.countdown) and self._quorum_queues():
             raise PartitionKeyError(
                 f"task {name}: countdown/eta with quorum queues needs Celery's native delayed "
                 "delivery; publish this call with apply_async"
             )
-        if expires is not None:
-            if isinstance(expires, datetime):
-                expires_s = subtract_datetimes(expires, self.app.now()).total_seconds()
-            elif isinstance(expires, str):
-                expires_s = subtract_datetimes(isoparse(expires), self.app.now()).total_seconds()
-            else:
-                expires_s = expires
-            options["expiration"] = max(expires_s, 0)  # Celery warns, then sends 0 too
+        if call.expires is not None:
+            options["expiration"] = self._expiration(call.expires)
         parent = self.parent
-        if parent and (not root_id or not parent_id):
-            root_id = root_id or parent.request.root_id or parent.request.id
-            parent_id = parent_id or parent.request.id
+        if parent and (not call.root_id or not call.parent_id):
+            call.root_id = call.root_id or parent.request.root_id or parent.request.id
+            call.parent_id = call.parent_id or parent.request.id
             if self.inherit_priority:
                 options.setdefault("priority", parent.request.delivery_info.get("priority"))
-        if argsrepr is None:
-            argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        if kwargsrepr is None:
-            kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        # A call whose message only differs from the task's template by id, arguments, reprs.
-        plain = (countdown is None and eta is None and expires is None and not retries
-                 and root_id is None and parent_id is None and reply_to is None
-                 and time_limit is None and soft_time_limit is None and not shadow
-                 and ignore_result == task.ignore_result and type(task_id) is str
-                 and type(argsrepr) is str and type(kwargsrepr) is str)
-        template = plan.template(self) if plain else None
-        if template is not None:
-            headers2, properties, body, sent_event = template.message(
-                task_id, args, kwargs, argsrepr, kwargsrepr)
-        else:
-            headers2, properties, body, sent_event = self.amqp.create_task_message(
-                task_id, name, args, kwargs, countdown, eta, None, None, expires, retries, None,
-                None, None, reply_to or self.reply_to, time_limit, soft_time_limit,
-                self.send_sent_event, root_id, parent_id, shadow, None,
-                ignore_result=ignore_result, argsrepr=argsrepr, kwargsrepr=kwargsrepr,
-                origin=self.origin, **options,
-            )
+        if call.argsrepr is None:
+            call.argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
+        if call.kwargsrepr is None:
+            call.kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize,
+                                       maxlevels=self.repr_maxlevels)
+        template, (headers2, properties, body, sent_event) = self._message(
+            plan, call, name=name, args=args, kwargs=kwargs, shadow=shadow, options=options)
         # --- AMQP.send_task_message
-        queue = options.pop("queue", None)
-        exchange = options.pop("exchange", None)
-        routing_key = options.pop("routing_key", None)
-        exchange_type = options.pop("exchange_type", None)
-        delivery_mode = options.pop("delivery_mode", None)
+        queue, exchange, routing_key, delivery_mode = self._destination(name, options)
         serializer = options.pop("serializer", None) or self.default_serializer
         compression = options.pop("compression", None) or self.default_compressor
         headers = options.pop("headers", None)
@@ -255,6 +188,62 @@ class _Composer:
         if template is not None and (not headers or template.header_json.keys.isdisjoint(headers)):
             header_json = template.header_json  # the headers are the template's, then the router's
         properties.update(options)
+        # Serialized now, so an unserializable call fails before anything is sent.
+        content_type, content_encoding, data = self.codec.serialize(body, serializer)
+        if call.add_to_parent and parent:
+            self.trails.append(position)  # added to the parent's trail once published
+        return Outgoing(
+            position=position, name=name, task_id=call.task_id, queue=queue, exchange=exchange,
+            routing_key=routing_key, body=data, content_type=content_type,
+            content_encoding=content_encoding, serializer=serializer, compression=compression,
+            headers=headers2,
+            properties=properties, delivery_mode=delivery_mode,
+            retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
+            ignore_result=call.ignore_result, header_json=header_json, extra_headers=headers,
+            shared=template.mutable if template is not None else None,
+        )
+
+    def _message(self, plan: _TaskPlan, call: SendOptions, *, name: str, args: Any,
+                 kwargs: Any, shadow: Any, options: dict[str, Any]) -> tuple[Any, Any]:
+        """(the template used or None, Celery's (headers, properties, body, sent event)): a
+        call whose message differs from the task's template only by id, arguments and reprs
+        copies the template; any other goes through ``amqp.create_task_message``."""
+        task = plan.task
+        plain = (call.countdown is None and call.eta is None and call.expires is None
+                 and not call.retries and call.root_id is None and call.parent_id is None
+                 and call.reply_to is None and call.time_limit is None
+                 and call.soft_time_limit is None and not shadow
+                 and call.ignore_result == task.ignore_result and type(call.task_id) is str
+                 and type(call.argsrepr) is str and type(call.kwargsrepr) is str)
+        template = plan.template(self) if plain else None
+        if template is not None:
+            return template, template.message(call.task_id, args, kwargs, call.argsrepr,
+                                              call.kwargsrepr)
+        return None, self.amqp.create_task_message(
+            call.task_id, name, args, kwargs, call.countdown, call.eta, None, None, call.expires,
+            call.retries, None, None, None, call.reply_to or self.reply_to, call.time_limit,
+            call.soft_time_limit, self.send_sent_event, call.root_id, call.parent_id, shadow, None,
+            ignore_result=call.ignore_result, argsrepr=call.argsrepr, kwargsrepr=call.kwargsrepr,
+            origin=self.origin, **options,
+        )
+
+    def _expiration(self, expires: Any) -> float:
+        """Seconds to ``expires`` (a datetime, an ISO string or seconds), as Celery computes
+        the message's expiration (it warns on a past time, then sends 0 too)."""
+        if isinstance(expires, datetime):
+            seconds = subtract_datetimes(expires, self.app.now()).total_seconds()
+        elif isinstance(expires, str):
+            seconds = subtract_datetimes(isoparse(expires), self.app.now()).total_seconds()
+        else:
+            seconds = expires
+        return max(seconds, 0)
+
+    def _destination(self, name: str, options: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+        """(queue, exchange, routing key, delivery mode) as ``send_task_message`` decides them,
+        popped off ``options``."""
+        queue, exchange = options.pop("queue", None), options.pop("exchange", None)
+        routing_key, exchange_type = options.pop("routing_key", None), options.pop("exchange_type", None)
+        delivery_mode = options.pop("delivery_mode", None)
         qname = queue
         if queue is None and exchange is None:
             queue = self.default_queue
@@ -277,20 +266,7 @@ class _Composer:
         if exchange_type == "fanout" or queue_type == "fanout":
             raise PartitionKeyError(
                 f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
-        # Serialized now, so an unserializable call fails before anything is sent.
-        content_type, content_encoding, data = self.codec.serialize(body, serializer)
-        if add_to_parent and parent:
-            self.trails.append(position)  # added to the parent's trail once published
-        return Outgoing(
-            position=position, name=name, task_id=task_id, queue=queue, exchange=exchange,
-            routing_key=routing_key, body=data, content_type=content_type,
-            content_encoding=content_encoding, serializer=serializer, compression=compression,
-            headers=headers2,
-            properties=properties, delivery_mode=delivery_mode,
-            retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
-            ignore_result=ignore_result, header_json=header_json, extra_headers=headers,
-            shared=template.mutable if template is not None else None,
-        )
+        return queue, exchange, routing_key, delivery_mode
 
     def result(self, msg: Outgoing) -> AsyncResult:
         """What ``Task.AsyncResult(task_id)`` returns for a sent message (made after sending:
@@ -384,3 +360,4 @@ def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int
         if only is None or position in only:
             composer.parent.add_trail(
                 results[position] if results is not None else composer.result(messages[position]))
+

@@ -175,10 +175,8 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
-        if balance and partitions:
-            raise PartitionConfigError("--balance shares whole pools; --partitions pins a "
-                                       "process to fixed partitions: choose one")
-        specs = share(selected, processes) if balance else spread(selected, processes)
+        specs = share(selected, processes, pinned=bool(partitions)) if balance else \
+            spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
     running = {spec.pool for spec in selected}

@@ -12,9 +12,8 @@ Every message then goes the same way (:meth:`PartitionThread.handle`): what cann
 all becomes a dead letter; the partition's stages (``pipeline.py``: resize gate, misroute
 guard, parking gate) may take it; a future ETA holds the partition until its time; and the
 task runs through Celery's own strategy, in this thread (``executor.py``). Between messages
-the thread calls the stages' ``between`` hooks (keys whose retry backoff is over run again,
-a resize releases held keys). A warm stop lets the running task finish and puts a message
-fetched meanwhile back at the head.
+the thread calls the stages' ``between`` hooks. A warm stop lets the running task finish and
+puts a message fetched meanwhile back at the head.
 """
 
 from __future__ import annotations
@@ -140,9 +139,6 @@ class _RedisAck:
 
 class PartitionThread(threading.Thread):
     """Consumes one partition until the process stops."""
-
-    #: Seconds a blocking fetch waits before the thread checks whether it should stop.
-    fetch_timeout: float = FETCH_TIMEOUT
 
     def __init__(self, runtime: PartitionRuntime) -> None:
         super().__init__(name=f"partition-{runtime.label}", daemon=True)
@@ -343,7 +339,7 @@ class PartitionThread(threading.Thread):
         """Between two messages (none in flight): the stages' ``between`` hooks (keys whose
         retry backoff is over run again, a resize releases held keys); returns how long the
         next fetch may wait. ``idle``: the last fetch found the queue empty."""
-        wait = self.fetch_timeout
+        wait: float = FETCH_TIMEOUT
         for stage in self.runtime.stages:
             try:
                 asked = stage.between(idle)

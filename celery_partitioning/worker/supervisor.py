@@ -116,9 +116,13 @@ def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpe
             enumerate(range(processes))]
 
 
-def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
+def share(partitions: Sequence[PartitionSpec], processes: int, *,
+          pinned: bool = False) -> list[ChildSpec]:
     """``--balance``: every process hosts every selected partition and holds only its share,
     agreed through the store with every other member of the pools (``worker/balancer.py``)."""
+    if pinned:
+        raise PartitionConfigError("--balance shares whole pools; --partitions pins a process "
+                                   "to fixed partitions: choose one")
     if not partitions:
         raise PartitionConfigError("no partition selected: check --pool")
     if processes < 1:
