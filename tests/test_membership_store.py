@@ -70,7 +70,7 @@ def test_balancers_of_three_members_share_a_pool_and_follow_joins_and_leaves(
     assert sorted(i for s in shares for i in s) == list(range(12)) and [len(s) for s in shares] == [4, 4, 4]
     assert all(c.wants("entity", i) for i in shares[2]) and not a.wants("entity", shares[2][0])
     # When b leaves warmly, a and c take its share at their next beat
-    b.stop()
+    b.leave()
     for member in (a, c):
         member.refresh()
     assert sorted(a.share("entity") + c.share("entity")) == list(range(12))

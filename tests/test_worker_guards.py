@@ -190,3 +190,26 @@ def test_malformed_messages_become_dead_letters_and_the_worker_goes_on(
     assert len(json.loads(h.cli("dead-letters", "list", "--json").stdout)) == 3
 
 
+
+
+@pytest.mark.integration
+def test_a_holder_frozen_past_the_ttl_is_not_fresh_and_fences_before_running_a_message(
+        lease_key: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_partitioning.store import lease as lease_module
+
+    client, key = lease_key
+    offset = {"s": 0.0}
+    fake_time = SimpleNamespace(monotonic=lambda: time.monotonic() + offset["s"], sleep=time.sleep)
+    monkeypatch.setattr(lease_module, "time", fake_time)
+    reasons: list[str] = []
+    # Given a holder that took its lease (no heartbeat: as if it had not woken up yet)
+    lease = Lease(client, key, 3.0, token="blocked", fence=reasons.append)
+    assert lease.try_acquire()
+    assert lease.fresh() and not reasons
+    # When its process was frozen longer than the TTL while its fetch received a message
+    offset["s"] = 4.0
+    # Then the partition thread's check before running it says no, and the holder is fenced
+    assert not lease.fresh()
+    assert reasons and "frozen or cut off" in reasons[0]
+    lease.release()
+    client.delete(key)

@@ -36,7 +36,7 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 
 class Balancer:
-    """This process's share of its pools, kept fresh by :meth:`run` (or :meth:`refresh`)."""
+    """This process's share of its pools, recomputed by :meth:`refresh` (``Fleet`` beats it)."""
 
     def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
                  queue_name: Callable[[str, int], str], *, member: str, ttl: float,
@@ -52,7 +52,6 @@ class Balancer:
         self.interval = interval
         self._since: int | None = None
         self._mine: dict[str, frozenset[int]] = {pool: frozenset() for pool in self.sizes}
-        self._stop = threading.Event()
 
     def wants(self, pool: str, index: int) -> bool:
         """Whether this process should hold partition ``index`` of ``pool`` now."""
@@ -85,20 +84,9 @@ class Balancer:
             self._mine[pool] = mine
         return gained
 
-    def run(self) -> None:
-        """Beat until :meth:`stop`; a failed beat is retried at the next one (the lease, not
-        this list, keeps two members off one partition)."""
-        while not self._stop.is_set():
-            try:
-                self.refresh()
-            except Exception as exc:  # noqa: BLE001 - the store may be failing over
-                logger.warning("balance beat failed (%s); keeping the last share", exc)
-            self._stop.wait(self.interval)
-
-    def stop(self) -> None:
-        """Stop beating and leave every pool at once, so the others rebalance without waiting
-        for this member's TTL."""
-        self._stop.set()
+    def leave(self) -> None:
+        """Leave every pool at once, so the others rebalance without waiting for this
+        member's TTL."""
         try:
             self.membership.leave(self.sizes, self.member)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
@@ -135,7 +123,7 @@ class Fleet:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(30)
-        self.balancer.stop()
+        self.balancer.leave()
 
     def _run(self) -> None:
         while not self._stop.is_set():
