@@ -34,6 +34,7 @@ from ..message import PartitionMessage, envelope_problem, payload_of
 from ..state import partitioning_of
 from ..store.broker import restore_unacked_to_head, unreachable_errors
 from .runtime import PartitionRuntime, bind_thread
+from .startup import Backoff
 
 __all__ = ["PartitionThread", "hold_until_eta"]
 
@@ -43,9 +44,6 @@ logger = logging.getLogger("celery_partitioning.worker")
 FETCH_TIMEOUT: Final = 1
 #: Shortest wait of a fetch (a key in retry backoff due at once must not make it block).
 FETCH_MIN: Final = 0.01
-#: First and longest pause before a fetch is tried again after a broker error.
-RETRY_START: Final = 0.5
-RETRY_MAX: Final = 5.0
 
 
 def _eta_of(headers: dict[str, Any]) -> float | None:
@@ -82,23 +80,6 @@ def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
     # Run it now, in order: Celery must not schedule it aside.
     msg.headers["eta"] = None
     return True
-
-
-class _Backoff:
-    """Pauses between attempts at a broker that does not answer: 0.5 s, doubling, up to 5 s."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.pause = RETRY_START
-
-    def wait(self, exc: BaseException, doing: str = "retrying") -> None:
-        logger.warning("%s broker unreachable (%s); %s in %.1fs", self.label, exc, doing,
-                       self.pause)
-        time.sleep(self.pause)
-        self.pause = min(RETRY_MAX, self.pause * 2)
-
-    def reset(self) -> None:
-        self.pause = RETRY_START
 
 
 class _RedisAck:
@@ -237,7 +218,7 @@ class PartitionThread(threading.Thread):
             if item is None:
                 continue
             progress.consumed()
-            if runtime.lease is not None and not runtime.lease.fresh():
+            if self._stale():
                 break  # the message stays in the in-transit list: the next holder recovers it
             channel = _RedisAck(client, in_transit, source, item)
             if runtime.stopping():
@@ -259,7 +240,7 @@ class PartitionThread(threading.Thread):
         """Retry, with backoff, the ack a lost connection refused (``recover=False``: the
         message ran) or the recovery of what the in-transit list holds (``recover=True``),
         until Redis answers again; no further message is fetched before."""
-        backoff = _Backoff(self.runtime.label)
+        backoff = Backoff()
         while True:
             try:
                 if recover or channel is None:
@@ -270,7 +251,9 @@ class PartitionThread(threading.Thread):
             except self.unreachable as exc:
                 if self.runtime.stopping():
                     return  # the next holder's recovery settles it
-                backoff.wait(exc)
+                logger.warning("%s broker unreachable (%s); retrying in %.1fs", self.runtime.label,
+                               exc, backoff.pause)
+                backoff.sleep()
                 self.runtime.progress.turned()  # waiting for Redis, not stuck
 
     def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
@@ -299,7 +282,7 @@ class PartitionThread(threading.Thread):
         queue = partitioning_of(app).router.queue(runtime.pool, runtime.index)
         with app.connection_for_read() as probe:
             errors = (OSError, *probe.connection_errors, *probe.channel_errors)
-        backoff = _Backoff(runtime.label)
+        backoff = Backoff()
         started = False
         while not runtime.stopping():
             try:
@@ -326,14 +309,22 @@ class PartitionThread(threading.Thread):
             except errors as exc:
                 if runtime.stopping():
                     return
-                backoff.wait(exc, "reconnecting")
+                logger.warning("%s broker unreachable (%s); reconnecting in %.1fs", runtime.label,
+                               exc, backoff.pause)
+                backoff.sleep()
 
     def _on_amqp(self, message: Any) -> None:
+        if self._stale():
+            return  # not acked: the broker redelivers it to the next consumer
         if self.runtime.stopping():
             message.requeue()  # RabbitMQ puts it back in its place: the head
             return
         if not self.handle(message):
             message.requeue()
+
+    def _stale(self) -> bool:
+        """A lease last renewed longer than its TTL ago (a frozen process): fenced, run nothing."""
+        return self.runtime.lease is not None and not self.runtime.lease.fresh()
 
     def _between(self, idle: bool) -> float:
         """Between two messages (none in flight): the stages' ``between`` hooks (keys whose

@@ -5,8 +5,8 @@ until the sentinels promote one (``MasterNotFoundError``), and one started befor
 finds the port closed. Celery itself waits for its broker at start-up
 (``broker_connection_retry_on_startup``); so do these steps: each attempt that fails because
 Redis (or the broker) is unreachable logs one WARNING naming the error, and the step is tried
-again after 0.5 s, doubling up to 5 s. Before issue 27 such a process exited 1 at once, with
-the supervisor restarting it on a growing backoff.
+again after 0.5 s, doubling up to 5 s (:class:`Backoff`, which a partition thread's fetch and
+reconnect use too).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 
 from ..store.broker import unreachable_errors
 
-__all__ = ["when_reachable", "RETRY_FIRST", "RETRY_MAX"]
+__all__ = ["when_reachable", "Backoff", "RETRY_FIRST", "RETRY_MAX"]
 
 #: First and longest pause between two attempts while Redis cannot be reached.
 RETRY_FIRST: Final = 0.5
@@ -28,17 +28,34 @@ RETRY_MAX: Final = 5.0
 T = TypeVar("T")
 
 
+class Backoff:
+    """Pauses between attempts at a Redis or broker that does not answer: 0.5 s, doubling, up
+    to 5 s (start-up steps here, a partition thread's fetch and reconnect)."""
+
+    def __init__(self) -> None:
+        self.pause = RETRY_FIRST
+
+    def sleep(self) -> float:
+        """Wait the current pause; returns it (the next one doubles)."""
+        pause = self.pause
+        time.sleep(pause)
+        self.pause = min(RETRY_MAX, pause * 2)
+        return pause
+
+    def reset(self) -> None:
+        self.pause = RETRY_FIRST
+
+
 def when_reachable(step: Callable[[], T], say: Callable[[str], None], what: str) -> T:
     """Run ``step`` until it does not fail for want of Redis or the broker; ``say`` is told
     about every failed attempt (``what``: the step, for the message)."""
     unreachable: tuple[type[BaseException], ...] = (*unreachable_errors(), OperationalError)
-    pause = RETRY_FIRST
+    backoff = Backoff()
     while True:
         try:
             return step()
         except unreachable as exc:
             say(f"celery-partitioning: {what}: the broker or the partitioning store is "
                 f"unreachable ({type(exc).__name__}: {exc}; a failover in progress?); trying "
-                f"again in {pause:.1f}s")
-            time.sleep(pause)
-            pause = min(RETRY_MAX, pause * 2)
+                f"again in {backoff.pause:.1f}s")
+            backoff.sleep()
