@@ -15,9 +15,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..balance import Assignment, assign
 from .keys import RedisKeys
+from .lease import read_holders
 
-__all__ = ["Member", "Membership", "member_id", "describe"]
+__all__ = ["Member", "Membership", "assignment_of", "describe", "member_id"]
 
 
 def member_id(node: str = "", pid: int | None = None) -> str:
@@ -96,23 +98,29 @@ class Membership:
         return sorted(members, key=lambda member: member.id)
 
 
-def describe(client: Any, keys: RedisKeys, pool: str, queues: Sequence[str]) -> dict[str, Any]:
-    """What ``status`` shows of a pool's members (read only): each live member with the
-    partitions it holds and those the balance gives it, and how many partitions are still to
-    change hands (a rebalance in progress when not 0)."""
-    from ..balance import assign
-    from .lease import read_holders
-
-    membership = Membership(client, keys)
-    live = membership.live(pool, prune=False)
-    if not live:
-        return {}
-    now = membership.now_ms()
+def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str],
+                  live: Sequence[Member]) -> tuple[Assignment, dict[int, str]]:
+    """The pool's balanced assignment among ``live`` members (``balance.py``), and who holds
+    each partition now (index → member id, from the lease holders): what every member and
+    ``status`` compute alike."""
     holders = read_holders(client, keys, queues)
     current = {index: f"{holder.host}:{holder.pid}"
                for index, holder in enumerate(holders[q] for q in queues) if holder}
     result = assign(range(len(queues)), [m.id for m in live if m.balanced], current,
                     {m.id: m.pinned for m in live if not m.balanced})
+    return result, current
+
+
+def describe(client: Any, keys: RedisKeys, pool: str, queues: Sequence[str]) -> dict[str, Any]:
+    """What ``status`` shows of a pool's members (read only): each live member with the
+    partitions it holds and those the balance gives it, and how many partitions are still to
+    change hands (a rebalance in progress when not 0)."""
+    membership = Membership(client, keys)
+    live = membership.live(pool, prune=False)
+    if not live:
+        return {}
+    now = membership.now_ms()
+    result, current = assignment_of(client, keys, queues, live)
     return {"members": [{"id": m.id, "host": m.host, "pid": m.pid, "since_ms": m.since_ms,
                          "last_beat_age": round((now - m.beat_ms) / 1000, 1),
                          "pinned": list(m.pinned),

@@ -16,12 +16,10 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from ..balance import assign
 from ..errors import PartitionConfigError
 from ..state import redis_client, redis_keys
 from ..store.keys import RedisKeys
-from ..store.lease import read_holders
-from ..store.membership import Membership, member_id
+from ..store.membership import Membership, assignment_of, member_id
 
 if TYPE_CHECKING:
     from .lifecycle import Partition
@@ -62,27 +60,20 @@ class Balancer:
     def share(self, pool: str) -> list[int]:
         return sorted(self.pinned.get(pool) or self._mine.get(pool, frozenset()))
 
-    def refresh(self) -> dict[str, list[int]]:
-        """One beat: register, read members and holders, recompute; returns what moved in."""
-        gained: dict[str, list[int]] = {}
+    def refresh(self) -> None:
+        """One beat: register, read the live members and the lease holders, recompute."""
         for pool, size in self.sizes.items():
             now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
                                        pinned=self.pinned.get(pool, ()))
             self._since = self._since or now
             live = self.membership.live(pool)
             queues = [self.queue_name(pool, index) for index in range(size)]
-            holders = read_holders(self.client, self.keys, queues)
-            current = {index: f"{holder.host}:{holder.pid}"
-                       for index, holder in enumerate(holders[q] for q in queues) if holder}
-            result = assign(range(size), [m.id for m in live if m.balanced], current,
-                            {m.id: m.pinned for m in live if not m.balanced})
+            result, _current = assignment_of(self.client, self.keys, queues, live)
             mine = frozenset(result.of(self.member))
             if mine != self._mine.get(pool):
-                gained[pool] = sorted(mine - self._mine.get(pool, frozenset()))
-                logger.info("%s: this process (%s) now holds %s of pool %s (%d member(s))",
-                            "rebalance", self.member, sorted(mine) or "nothing", pool, len(live))
+                logger.info("rebalance: this process (%s) now holds %s of pool %s (%d member(s))",
+                            self.member, sorted(mine) or "nothing", pool, len(live))
             self._mine[pool] = mine
-        return gained
 
     def leave(self) -> None:
         """Leave every pool at once, so the others rebalance without waiting for this
