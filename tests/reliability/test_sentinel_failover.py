@@ -86,7 +86,12 @@ def test_master_killed_and_replica_promoted_mid_run(workload_factory: Callable[.
     w.wait_done(events_total, timeout=60, counts=counts)
 
     new = setup.client()
-    assert new.connection_pool.connection_kwargs["port"] == setup.replica.port
+    port = new.connection_pool.connection_kwargs["port"]
+    # The promoted replica, or (old master rejoined as its replica) the old master again: on a
+    # loaded box the sentinels may fail over a second time; either holds the whole data set.
+    assert port == setup.replica.port or (wait and port == setup.master.port), port
+    if port != setup.replica.port:
+        say("sentinel failover: the sentinels failed over a second time, to the rejoined master")
 
     def leftovers() -> dict[str, int]:
         found = {"unacked": int(new.hlen(f"{w.ns}unacked"))}
