@@ -157,14 +157,13 @@ _message_size = 0.0
 
 def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: int,
                      event: bool) -> dict[str, float]:
-    from celery_partitioning import payload, publish, sending
+    from celery_partitioning import delivery, envelope, publish
     from celery_partitioning.fastrepr import saferepr
 
     global _message_size
     task = part.tasks["bench.many.part"]
     calls = _calls(batch, event)
     router = part.amqp.router
-    codec = payload.JSONCodec()
     out: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
@@ -176,22 +175,23 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
     sigs = timed("build the signatures", lambda: [task.s(*a, **k) for a, k in calls])
     composer = publish._Composer(part)
     composed = timed("compose (check, route, Celery message, serialize)",
-                     lambda: publish._compose_all(part, sigs, composer))
+                     lambda: publish._compose_all(composer, sigs))
     timed("  in it: routing (Celery router, PartitionRouter)",
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
                                                      for a, k in calls])
     timed("  in it: body serialization (kombu's json encoder)",
-          lambda: [codec.serialize(m.raw_body, "json") for m in composed])
+          lambda: [envelope.serialize(m.raw_body, "json", True) for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
-        ids = payload.uuid4_strings()
+        ids = envelope.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [payload.redis_payload(m, ids, channel.default_priority, codec)
+              lambda: [envelope.redis_json(m, next(ids), channel.default_priority)
                        for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
-              lambda: sending._send_redis(conn, composed, batch, sending._Tracker(composed)))
-    timed("results (an AsyncResult per message)", lambda: list(map(composer.result, composed)))
+              lambda: delivery._send_redis(conn, delivery._Delivery(composed, {}), batch))
+    made = composer.tasks[task.name].result
+    timed("results (an AsyncResult per message)", lambda: [made(m.task_id) for m in composed])
     payloads = _pushed(client, namespace)
     _message_size = statistics.median(len(p) for p in payloads)
     limit_key = f"{namespace}limit"

@@ -1,10 +1,12 @@
-"""Every use of a private Celery or kombu member, in one place, checked at worker start.
+"""Every use of a private Celery or kombu member, in one place, checked at worker start (those
+``publish_many`` uses: when it is imported).
 
 celery-partitioning needs a few things Celery and kombu do not offer publicly: the function
 behind a not-yet-evaluated task proxy (``@app.task`` above ``@partitioned``), the app's task
 registry without finalizing the app, a task class's publish options, kombu's message class
-for a payload fetched from Redis by hand, for fast batch publishing two serializer
-internals and the attributes of an ``AsyncResult``, Celery's process-wide registry of remote
+for a payload fetched from Redis by hand, for batch publishing (``publish_many``) the
+serializer registry, what ``apply_async`` calls on a task, where kombu's Redis transport puts a
+message and the attributes of an ``AsyncResult``, Celery's process-wide registry of remote
 control handlers, and the ``build_tracer`` name Celery's consumer module bound at import.
 Nothing else in the package touches a private member.
 :func:`check_worker_internals` runs when a partition worker starts and fails the start with
@@ -23,28 +25,13 @@ from typing import Any
 from .errors import PartitionConfigError
 
 __all__ = [
-    "active_task_ids",
-    "c_json_encoder_factory",
-    "control_handlers",
-    "late_bound_consumer_tracers",
-    "check_worker_internals",
-    "clear_exit_handlers",
-    "decode_virtual_body",
-    "install_warm_sigint",
-    "kombu_payload",
-    "proxy_internals",
-    "registered_serializer",
-    "result_maker",
-    "rewrite_worker_banner",
-    "request_warm_stop",
-    "reset_annotations",
-    "run_after_fork_handlers",
-    "run_exit_handlers",
-    "stop_requested",
-    "task_exec_options",
-    "task_registry",
-    "terminate_requested",
-    "virtual_message",
+    "active_task_ids", "control_handlers", "late_bound_consumer_tracers",
+    "check_worker_internals", "clear_exit_handlers", "decode_virtual_body",
+    "install_warm_sigint", "kombu_payload", "proxy_internals", "redis_destinations",
+    "result_maker", "rewrite_worker_banner", "request_warm_stop", "reset_annotations",
+    "run_after_fork_handlers", "run_exit_handlers", "stop_requested", "task_call_hooks",
+    "task_exec_options", "stock_json_serializer", "check_publish_internals", "task_registry",
+    "terminate_requested", "virtual_message"
 ]
 
 def clear_exit_handlers() -> None:
@@ -86,21 +73,43 @@ def reset_annotations(app: Any) -> None:
     vars(app).pop("annotations", None)
 
 
-def c_json_encoder_factory() -> Any:
-    """The standard library's C JSON encoder factory (what ``json.dumps`` builds each call),
-    or None on an interpreter without it."""
-    import json.encoder
-
-    return getattr(json.encoder, "c_make_encoder", None)
-
-
-def registered_serializer(name: str) -> Any:
-    """kombu's registry entry for serializer ``name`` (content type, encoding, encoder), or
-    None: a program may have registered its own."""
+def stock_json_serializer() -> bool:
+    """Whether kombu's registry still maps ``json`` to ``kombu.utils.json.dumps`` (a program may
+    register its own)."""
     from kombu.serialization import registry
+    from kombu.utils.json import dumps
 
-    encoders: dict[str, Any] = getattr(registry, "_encoders", {})
-    return encoders.get(name)
+    codec = registry._encoders.get("json")
+    return codec is not None and tuple(codec) == ("application/json", "utf-8", dumps)
+
+
+def task_call_hooks(task: Any) -> tuple[Any, Any, Any]:
+    """What ``Task.apply_async`` calls on a task before it sends: (the argument check or None,
+    a custom ``shadow_name`` or None, the pydantic argument dump or None)."""
+    from celery.app.task import Task
+
+    custom = getattr(type(task), "shadow_name", None) is not Task.shadow_name
+    return (getattr(task, "__header__", None) if task.typing else None,
+            task.shadow_name if custom else None,  # the default one returns None
+            getattr(task, "_dump_pydantic_arguments", None))  # Celery 5.5+
+
+
+def redis_destinations(channel: Any, exchange: str, routing_key: str,
+                       priority: int) -> tuple[list[str], dict[str, int]]:
+    """Where kombu's Redis transport puts a message (``basic_publish`` → the exchange's queues
+    → ``_put``): the lists it ``LPUSH``es to, and the lists it ``PEXPIRE``s (ms) after."""
+    if not hasattr(channel, "_q_for_pri") or not hasattr(channel, "priority_steps"):
+        raise PartitionConfigError(f"publish_many cannot batch on Redis with {_versions()}: "
+                                   "kombu's Redis Channel._q_for_pri/priority_steps are missing")
+    priority = channel._get_message_priority({"properties": {"priority": priority}})
+    expires = getattr(channel, "_expires", None) or {}  # kombu 5.5+: x-expires queues
+    pushes, expiring = [], {}
+    for queue in channel._lookup(exchange, routing_key):
+        pushes.append(channel._q_for_pri(queue, priority))
+        if expires.get(queue):
+            expiring.update({channel._q_for_pri(queue, p): expires[queue]
+                             for p in channel.priority_steps})
+    return pushes, expiring
 
 
 class _OnReady:
@@ -354,5 +363,31 @@ def check_worker_internals() -> None:
     if problems:
         raise PartitionConfigError(
             f"this celery-partitioning cannot run partition workers with {_versions()}: "
+            f"{'; '.join(problems)} changed or is missing. Install a supported version "
+            "(celery>=5.4,<6 and kombu>=5.4,<6) or upgrade celery-partitioning")
+
+
+def check_publish_internals() -> None:
+    """Fail with ``PartitionConfigError`` if a member ``publish_many`` uses is gone (the Redis
+    channel's own are checked when it is used: importing it loads redis)."""
+    from celery import Task
+    from celery.app.amqp import AMQP
+    from kombu.serialization import registry
+    from kombu.transport.virtual.base import Channel
+
+    wanted = {"reply_to", "ignore_result", "argsrepr", "kwargsrepr", "origin", "root_id",
+              "parent_id", "shadow", "time_limit", "soft_time_limit", "create_sent_event"}
+    problems = [what for what, ok in (
+        ("kombu's virtual Channel._get_message_priority/_lookup",
+         hasattr(Channel, "_get_message_priority") and hasattr(Channel, "_lookup")),
+        ("kombu.serialization.registry._encoders",
+         isinstance(getattr(registry, "_encoders", None), dict)),
+        ("celery.Task._get_exec_options/shadow_name", hasattr(Task, "_get_exec_options")
+         and hasattr(Task, "shadow_name")),
+        ("AMQP.as_task_v2's parameters", wanted <= set(inspect.signature(AMQP.as_task_v2).parameters)),
+    ) if not ok]
+    if problems:
+        raise PartitionConfigError(
+            f"this celery-partitioning cannot publish_many with {_versions()}: "
             f"{'; '.join(problems)} changed or is missing. Install a supported version "
             "(celery>=5.4,<6 and kombu>=5.4,<6) or upgrade celery-partitioning")

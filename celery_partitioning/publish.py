@@ -1,31 +1,38 @@
-"""``publish_many``: many task calls, routed as ``apply_async`` routes them, in few broker round trips.
+"""``publish_many``: many task calls, each made into the message ``apply_async`` sends, in few
+broker round trips.
 
-Two phases. **Compose** (no I/O): every call is checked, routed through the app's own Celery
-router (so a partitioned task goes through ``PartitionRouter`` exactly as ``apply_async``
-sends it), turned into Celery's task message (``app.amqp.create_task_message``) and
-serialized. A bad call anywhere raises ``PartitionKeyError`` naming its position, and nothing
-is sent. **Send** (``sending.py``): the messages go out in order, a chunk per round trip
-(Redis ``MULTI``/``EXEC``, RabbitMQ publisher confirms), and a failed round trip raises
-``PublishManyError`` telling which positions the broker confirmed, which were in the failed
-round trip (on the broker or not) and which were never sent.
+Every call is first composed (no I/O) as ``Task.apply_async`` → ``Celery.send_task`` →
+``AMQP.send_task_message`` would (celery/app/task.py, base.py, amqp.py; each step marked in
+``_Composer.compose``): checked, routed through the app's own router (``PartitionRouter`` for a
+partitioned task), made into Celery's message (``amqp.create_task_message``, or for a call
+without options the task's ``Template`` taken from it) and serialized. A bad call anywhere
+raises ``PartitionKeyError`` naming its position, and nothing is sent. Then ``delivery.py``
+sends the messages in order, a chunk per round trip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
+from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
+from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
-from .call_parts import SUPPORTED_OPTIONS, SendOptions, send_options, signature_parts
-from .compat import result_maker, task_exec_options
+from .compat import (
+    check_publish_internals,
+    result_maker,
+    stock_json_serializer,
+    task_call_hooks,
+    task_exec_options,
+)
+from .delivery import deliver
+from .envelope import Outgoing, Template, serialize, uuid4_strings
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
-from .payload import JSONCodec, MessageTemplate, Outgoing, subtract_datetimes, uuid4_strings
-from .sending import send
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,115 +40,82 @@ if TYPE_CHECKING:
 
 __all__ = ["publish_many", "PublishManyError", "DEFAULT_CHUNK", "SUPPORTED_OPTIONS"]
 
+check_publish_internals()
+
 #: Messages per broker round trip (Redis pipeline, RabbitMQ confirm wait).
 DEFAULT_CHUNK: Final = 500
 
-class _TaskPlan:
+#: Call options sent exactly as ``apply_async`` sends them. Others (``link``, ``chain``,
+#: ``chord``, stamping, ``producer`` ...) need Celery's full path: use apply_async.
+SUPPORTED_OPTIONS: Final = frozenset({
+    "task_id", "countdown", "eta", "expires", "headers", "ignore_result", "time_limit",
+    "soft_time_limit", "shadow", "serializer", "compression", "root_id", "parent_id",
+    "retries", "argsrepr", "kwargsrepr", "queue", "exchange", "routing_key", "priority",
+    "delivery_mode", "exchange_type", "reply_to", "add_to_parent",
+})
+
+#: The options ``Celery.send_task`` takes out of a call's options before routing.
+_SEND_TASK_OPTIONS: Final = frozenset({
+    "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
+    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
+})
+#: Those a call may set and still be made from its task's ``Template``.
+_TEMPLATE_OPTIONS: Final = frozenset({"task_id", "argsrepr", "kwargsrepr", "add_to_parent"})
+
+
+class _Task:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
-    __slots__ = ("_template", "check_arguments", "dump_pydantic", "exec_options", "result",
-                 "shadow_name", "soft_limit_error", "task")
-
-    def __init__(self, task: Any) -> None:
-        from celery.app.task import Task
-
+    def __init__(self, task: Any, composer: _Composer) -> None:
         self.task = task
         self.soft_limit_error = bool(task.soft_time_limit and task.time_limit
                                      and task.soft_time_limit > task.time_limit)
-        self.check_arguments = getattr(task, "__header__", None) if task.typing else None
-        custom = getattr(type(task), "shadow_name", None) is not Task.shadow_name
-        self.shadow_name = task.shadow_name if custom else None  # the default returns None
-        self.dump_pydantic = getattr(task, "_dump_pydantic_arguments", None)
+        self.check_arguments, self.shadow_name, self.dump_pydantic = task_call_hooks(task)
         # None means "not set" all the way down (router, message, publish): leave those out.
         self.exec_options = {k: v for k, v in task_exec_options(task).items() if v is not None}
         self.result = result_maker(  # what Task.AsyncResult(task_id) returns
             partial(task.app.AsyncResult, backend=task.backend, task_name=task.name))
-        self._template: MessageTemplate | bool | None = False  # False: not built yet
-
-    def template(self, composer: _Composer) -> MessageTemplate | None:
-        """The task's message template for calls without options (None: Celery's each time)."""
-        if self._template is False:
-            self._template = None if composer.send_sent_event else MessageTemplate.build(
-                composer.amqp, self.task, composer.reply_to, composer.origin)
-        return self._template  # type: ignore[return-value]
+        self.template = None if composer.conf.task_send_sent_event else Template.build(
+            composer.amqp, task, composer.reply_to, composer.origin)
 
 
 class _Composer:
-    """Builds messages the way ``Task.apply_async`` → ``Celery.send_task`` → ``send_task_message``
-    does (celery/app/task.py, base.py, amqp.py), with the app's settings read once per batch.
-    """
+    """Makes the messages of one batch, with the app's settings read once."""
 
     def __init__(self, app: Celery) -> None:
-        self.app = app
-        conf = app.conf
-        amqp = app.amqp
-        self.amqp = amqp
-        self.router = amqp.router
-        self.queues = amqp.queues
-        self.default_queue = amqp.default_queue
-        self.default_exchange = amqp.default_exchange
-        self.default_rkey = conf.task_default_routing_key
-        self.default_delivery_mode = conf.task_default_delivery_mode
-        self.default_serializer = conf.task_serializer
-        self.default_compressor = conf.task_compression
-        self.default_policy = dict(conf.task_publish_retry_policy or {})
-        self.send_sent_event = conf.task_send_sent_event
-        self.inherit_priority = conf.task_inherit_parent_priority
-        self.argsrepr_maxsize = amqp.argsrepr_maxsize
-        self.kwargsrepr_maxsize = amqp.kwargsrepr_maxsize
-        # Celery 5.5+ (before it, saferepr's own default: 3 levels)
-        self.repr_maxlevels = int(conf.get("task_repr_maxlevels", 3))
-        self.reply_to = app.thread_oid
-        self.origin = anon_nodename()
+        self.app, self.conf, self.amqp = app, app.conf, app.amqp
+        self.reply_to, self.origin = app.thread_oid, anon_nodename()
         self.parent = app.current_worker_task
+        self.repr_maxlevels = int(self.conf.get("task_repr_maxlevels", 3))  # Celery 5.5+
+        self.tasks: dict[str, _Task] = {}
+        self.ids = uuid4_strings()
+        self.stock_json = stock_json_serializer()  # else a program registered its own json
+        self.trails: list[int] = []  # positions whose results join the calling task's trail
         self._quorum: bool | None = None
-        self._plans: dict[str, _TaskPlan] = {}
-        self._exchanges: dict[int, tuple[Any, Any, str]] = {}
-        self._ids = uuid4_strings()
-        self.codec = JSONCodec()
-        #: Positions whose results join the calling task's trail (``add_to_parent``).
-        self.trails: list[int] = []
 
-    def _task(self, name: str) -> _TaskPlan:
-        plan = self._plans.get(name)
-        if plan is None:
+    def _task(self, name: str) -> _Task:
+        if name not in self.tasks:
             task = self.app.tasks.get(name)
             if task is None:
                 raise PartitionKeyError(f"unknown task {name!r}; is its module imported?")
-            plan = self._plans[name] = _TaskPlan(task)
-        return plan
+            self.tasks[name] = _Task(task, self)
+        return self.tasks[name]
 
-    def _exchange_of(self, queue: Any) -> tuple[Any, str]:
-        """The delivery mode (or None) and type of ``queue``'s exchange, read once per queue."""
-        facts = self._exchanges.get(id(queue))
-        if facts is None or facts[0] is not queue:
-            exchange = getattr(queue, "exchange", None)
-            facts = self._exchanges[id(queue)] = (
-                queue, getattr(exchange, "delivery_mode", None), getattr(exchange, "type", "direct"))
-        return facts[1], facts[2]
-
-    def _quorum_queues(self) -> bool:
-        """Whether the app declares quorum queues on RabbitMQ (as Celery 5.5+ checks before it
-        turns a countdown into native delayed delivery); read here, Celery 5.4 has no helper."""
-        if self._quorum is None:
-            with self.app.connection_for_write() as conn:
-                rabbitmq = conn.transport.driver_type == "amqp"
-            queues = self.app.amqp.queues
-            self._quorum = rabbitmq and any(
-                (queues[name].queue_arguments or {}).get("x-queue-type") == "quorum"
-                for name in queues)
-        return self._quorum
-
-    def compose(self, position: int, sig: Any) -> Outgoing:
-        """One call's message, made as ``apply_async`` → ``send_task`` → ``send_task_message``
-        would make it (each step marked), without sending it."""
-        name, options = signature_parts(sig)
-        plan = self._task(name)
-        task = plan.task
-        args, kwargs = sig.get("args"), sig.get("kwargs")  # as apply_async passes them: no copies
-        args = () if args is None else args
-        kwargs = {} if kwargs is None else kwargs
-        # --- Task.apply_async
+    def _apply_async(self, sig: Any) -> tuple[_Task, Any, Any, dict[str, Any], Any]:
+        """The signature checked, then ``Task.apply_async``'s steps: (the task, args, kwargs,
+        options, shadow)."""
+        if not isinstance(sig, Signature) or sig.get("subtask_type") is not None:
+            raise PartitionKeyError(
+                f"not a single task call ({getattr(sig, 'subtask_type', None) or type(sig).__name__}"
+                "); publish_many takes task signatures such as task.s(...); send a canvas "
+                "(chain, group, chord) with apply_async")
+        name, options = str(sig["task"]), dict(sig.get("options") or {})
+        if not SUPPORTED_OPTIONS.issuperset(options):
+            raise PartitionKeyError(
+                f"task {name}: publish_many does not send the option(s) "
+                f"{', '.join(sorted(set(options) - SUPPORTED_OPTIONS))}; use apply_async")
+        plan, args, kwargs = self._task(name), sig.get("args"), sig.get("kwargs")
+        args, kwargs = () if args is None else args, {} if kwargs is None else kwargs
         if plan.soft_limit_error:
             raise ValueError("soft_time_limit must be less than or equal to time_limit")
         if plan.check_arguments is not None:
@@ -149,136 +123,129 @@ class _Composer:
         shadow = options.pop("shadow", None)
         if not shadow and plan.shadow_name is not None:
             shadow = plan.shadow_name(args, kwargs, options)
-        options = dict(plan.exec_options, **options) if options else dict(plan.exec_options)
-        dump_pydantic = plan.dump_pydantic
-        if dump_pydantic is not None and options.get("serializer") != "pickle":
-            args, kwargs = dump_pydantic(args, kwargs)
+        options = dict(plan.exec_options, **options)
+        if plan.dump_pydantic is not None and options.get("serializer") != "pickle":
+            args, kwargs = plan.dump_pydantic(args, kwargs)
+        return plan, args, kwargs, options, shadow
+
+    def compose(self, position: int, sig: Any) -> Outgoing:
+        """One call's message, without sending it."""
+        plan, args, kwargs, options, shadow = self._apply_async(sig)
+        task = plan.task
+        name = task.name
         # --- Celery.send_task
-        call = send_options(options, task.ignore_result)
-        call.task_id = call.task_id or next(self._ids)
-        options = self.router.route(options, name, args, kwargs, task)
-        if (call.eta or call.countdown) and self._quorum_queues():
+        call = {k: options.pop(k) for k in _SEND_TASK_OPTIONS.intersection(options)}
+        task_id = call.pop("task_id", None) or next(self.ids)
+        ignore_result = call.get("ignore_result", task.ignore_result)
+        options = self.amqp.router.route(options, name, args, kwargs, task)
+        if (call.get("eta") or call.get("countdown")) and self._quorum_queues():
             raise PartitionKeyError(
                 f"task {name}: countdown/eta with quorum queues needs Celery's native delayed "
-                "delivery; publish this call with apply_async"
-            )
-        if call.expires is not None:
-            options["expiration"] = self._expiration(call.expires)
+                "delivery; publish this call with apply_async")
+        if call.get("expires") is not None:
+            options["expiration"] = self._expiration(call["expires"])
         parent = self.parent
-        if parent and (not call.root_id or not call.parent_id):
-            call.root_id = call.root_id or parent.request.root_id or parent.request.id
-            call.parent_id = call.parent_id or parent.request.id
-            if self.inherit_priority:
+        if parent and (not call.get("root_id") or not call.get("parent_id")):
+            call["root_id"] = call.get("root_id") or parent.request.root_id or parent.request.id
+            call["parent_id"] = call.get("parent_id") or parent.request.id
+            if self.conf.task_inherit_parent_priority:
                 options.setdefault("priority", parent.request.delivery_info.get("priority"))
-        if call.argsrepr is None:
-            call.argsrepr = saferepr(args, self.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        if call.kwargsrepr is None:
-            call.kwargsrepr = saferepr(kwargs, self.kwargsrepr_maxsize,
-                                       maxlevels=self.repr_maxlevels)
-        template, (headers2, properties, body, sent_event) = self._message(
-            plan, call, name=name, args=args, kwargs=kwargs, shadow=shadow, options=options)
+        argsrepr = call.pop("argsrepr", None)
+        if argsrepr is None:
+            argsrepr = saferepr(args, self.amqp.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
+        kwargsrepr = call.pop("kwargsrepr", None)
+        if kwargsrepr is None:
+            kwargsrepr = saferepr(kwargs, self.amqp.kwargsrepr_maxsize,
+                                  maxlevels=self.repr_maxlevels)
+        if call.pop("add_to_parent", True) and parent:
+            self.trails.append(position)  # added to the parent's trail once published
+        template = plan.template
+        if (template is not None and not call and not shadow and type(task_id) is str
+                and type(argsrepr) is str and type(kwargsrepr) is str):
+            headers, properties, body = template.message(task_id, args, kwargs, argsrepr,
+                                                         kwargsrepr)
+            sent_event = None
+        else:
+            template = None
+            headers, properties, body, sent_event = self.amqp.create_task_message(
+                task_id, name, args, kwargs, call.get("countdown"), call.get("eta"),
+                expires=call.get("expires"), retries=call.get("retries", 0),
+                reply_to=call.get("reply_to") or self.reply_to,
+                time_limit=call.get("time_limit"), soft_time_limit=call.get("soft_time_limit"),
+                create_sent_event=self.conf.task_send_sent_event, root_id=call.get("root_id"),
+                parent_id=call.get("parent_id"), shadow=shadow, ignore_result=ignore_result,
+                argsrepr=argsrepr, kwargsrepr=kwargsrepr, origin=self.origin, **options)
         # --- AMQP.send_task_message
         queue, exchange, routing_key, delivery_mode = self._destination(name, options)
-        serializer = options.pop("serializer", None) or self.default_serializer
-        compression = options.pop("compression", None) or self.default_compressor
-        headers = options.pop("headers", None)
-        if headers:
-            headers2.update(headers)
-        header_json = None
-        if template is not None and (not headers or template.header_json.keys.isdisjoint(headers)):
-            header_json = template.header_json  # the headers are the template's, then the router's
+        serializer = options.pop("serializer", None) or self.conf.task_serializer
+        extra = options.pop("headers", None)
+        if extra:
+            headers.update(extra)
+            if template is not None and not template.keys.isdisjoint(extra):
+                template = None  # the call overrides a header of Celery's: encoded as a whole
+        compression = options.pop("compression", None) or self.conf.task_compression
         properties.update(options)
         # Serialized now, so an unserializable call fails before anything is sent.
-        content_type, content_encoding, data = self.codec.serialize(body, serializer)
-        if call.add_to_parent and parent:
-            self.trails.append(position)  # added to the parent's trail once published
+        content_type, content_encoding, data = serialize(body, serializer, self.stock_json)
         return Outgoing(
-            position=position, name=name, task_id=call.task_id, queue=queue, exchange=exchange,
-            routing_key=routing_key, body=data, content_type=content_type,
-            content_encoding=content_encoding, serializer=serializer, compression=compression,
-            headers=headers2,
-            properties=properties, delivery_mode=delivery_mode,
-            retry_policy=self.default_policy, sent_event=sent_event, raw_body=body,
-            ignore_result=call.ignore_result, header_json=header_json, extra_headers=headers,
-            shared=template.mutable if template is not None else None,
-        )
+            position, name, task_id, queue, exchange, routing_key, delivery_mode, headers,
+            properties, body, data, content_type, content_encoding, serializer, compression,
+            sent_event, ignore_result, template, extra)
 
-    def _message(self, plan: _TaskPlan, call: SendOptions, *, name: str, args: Any,
-                 kwargs: Any, shadow: Any, options: dict[str, Any]) -> tuple[Any, Any]:
-        """(the template used or None, Celery's (headers, properties, body, sent event)): a
-        call whose message differs from the task's template only by id, arguments and reprs
-        copies the template; any other goes through ``amqp.create_task_message``."""
-        task = plan.task
-        plain = (call.countdown is None and call.eta is None and call.expires is None
-                 and not call.retries and call.root_id is None and call.parent_id is None
-                 and call.reply_to is None and call.time_limit is None
-                 and call.soft_time_limit is None and not shadow
-                 and call.ignore_result == task.ignore_result and type(call.task_id) is str
-                 and type(call.argsrepr) is str and type(call.kwargsrepr) is str)
-        template = plan.template(self) if plain else None
-        if template is not None:
-            return template, template.message(call.task_id, args, kwargs, call.argsrepr,
-                                              call.kwargsrepr)
-        return None, self.amqp.create_task_message(
-            call.task_id, name, args, kwargs, call.countdown, call.eta, None, None, call.expires,
-            call.retries, None, None, None, call.reply_to or self.reply_to, call.time_limit,
-            call.soft_time_limit, self.send_sent_event, call.root_id, call.parent_id, shadow, None,
-            ignore_result=call.ignore_result, argsrepr=call.argsrepr, kwargsrepr=call.kwargsrepr,
-            origin=self.origin, **options,
-        )
+    def _quorum_queues(self) -> bool:
+        """Whether the app declares quorum queues on RabbitMQ (Celery 5.5+ checks it before it
+        turns a countdown into native delayed delivery; Celery 5.4 has no helper for it)."""
+        if self._quorum is None:
+            with self.app.connection_for_write() as conn:
+                rabbitmq = conn.transport.driver_type == "amqp"
+            queues = self.amqp.queues
+            self._quorum = rabbitmq and any(
+                (queues[q].queue_arguments or {}).get("x-queue-type") == "quorum" for q in queues)
+        return self._quorum
 
     def _expiration(self, expires: Any) -> float:
-        """Seconds to ``expires`` (a datetime, an ISO string or seconds), as Celery computes
-        the message's expiration (it warns on a past time, then sends 0 too)."""
+        """Seconds to ``expires`` (a datetime, an ISO string or seconds), naive times as UTC;
+        Celery warns on a past time, then sends 0 too."""
+        if isinstance(expires, str):
+            expires = isoparse(expires)
         if isinstance(expires, datetime):
-            seconds = subtract_datetimes(expires, self.app.now()).total_seconds()
-        elif isinstance(expires, str):
-            seconds = subtract_datetimes(isoparse(expires), self.app.now()).total_seconds()
-        else:
-            seconds = expires
-        return max(seconds, 0)
+            now = self.app.now()
+            expires = (maybe_make_aware(expires).astimezone(UTC)
+                       - maybe_make_aware(now).astimezone(UTC)).total_seconds()
+        return max(float(expires), 0.0)
 
-    def _destination(self, name: str, options: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-        """(queue, exchange, routing key, delivery mode) as ``send_task_message`` decides them,
-        popped off ``options``."""
+    def _destination(self, name: str, options: dict[str, Any]) -> tuple[Any, str, str, Any]:
+        """(queue, exchange name, routing key, delivery mode) as ``send_task_message`` decides
+        them, popped off ``options``."""
         queue, exchange = options.pop("queue", None), options.pop("exchange", None)
         routing_key, exchange_type = options.pop("routing_key", None), options.pop("exchange_type", None)
         delivery_mode = options.pop("delivery_mode", None)
         qname = queue
         if queue is None and exchange is None:
-            queue = self.default_queue
-        if queue is not None:
-            if isinstance(queue, str):
-                qname, queue = queue, self.queues[queue]
-            else:
-                qname = queue.name
-        queue_mode, queue_type = self._exchange_of(queue)
+            queue = self.amqp.default_queue
+        if isinstance(queue, str):
+            qname, queue = queue, self.amqp.queues[queue]
+        elif queue is not None:
+            qname = queue.name
+        queue_exchange = getattr(queue, "exchange", None)
         if delivery_mode is None:
-            delivery_mode = queue_mode or self.default_delivery_mode
-        if exchange_type is None:
-            exchange_type = queue_type
+            delivery_mode = (getattr(queue_exchange, "delivery_mode", None)
+                             or self.conf.task_default_delivery_mode)
+        queue_type = getattr(queue_exchange, "type", "direct")
+        exchange_type = exchange_type or queue_type
+        if "fanout" in (exchange_type, queue_type):
+            raise PartitionKeyError(
+                f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
         if (not exchange or not routing_key) and exchange_type == "direct":
             exchange, routing_key = "", qname
         elif exchange is None:
             assert queue is not None
-            exchange = queue.exchange.name or self.default_exchange
-            routing_key = routing_key or queue.routing_key or self.default_rkey
-        if exchange_type == "fanout" or queue_type == "fanout":
-            raise PartitionKeyError(
-                f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
-        return queue, exchange, routing_key, delivery_mode
-
-    def result(self, msg: Outgoing) -> AsyncResult:
-        """What ``Task.AsyncResult(task_id)`` returns for a sent message (made after sending:
-        a batch's messages are then lighter to keep while it is composed and sent)."""
-        result = self._plans[msg.name].result(msg.task_id)
-        result.ignored = msg.ignore_result
-        return result
+            exchange = queue.exchange.name or self.amqp.default_exchange
+            routing_key = routing_key or queue.routing_key or self.conf.task_default_routing_key
+        return queue, getattr(exchange, "name", exchange), routing_key, delivery_mode
 
 
-def _compose_all(app: Celery, signatures: Sequence[Any],
-                 composer: _Composer | None = None) -> list[Outgoing]:
-    composer = composer if composer is not None else _Composer(app)
+def _compose_all(composer: _Composer, signatures: Sequence[Any]) -> list[Outgoing]:
     out = []
     for position, sig in enumerate(signatures):
         try:
@@ -296,15 +263,9 @@ def _compose_all(app: Celery, signatures: Sequence[Any],
     return out
 
 
-def _app_of(app: Celery | None, signatures: Sequence[Any]) -> Celery:
-    if app is not None:
-        return app
+def _app_of(signatures: Sequence[Any]) -> Celery:
     for sig in signatures:
-        found = getattr(sig, "_app", None)
-        if found is not None:
-            return found
-        task = getattr(sig, "_type", None)
-        found = getattr(task, "_app", None)
+        found = getattr(sig, "_app", None) or getattr(getattr(sig, "_type", None), "_app", None)
         if found is not None:
             return found
     from celery import current_app
@@ -338,26 +299,26 @@ def publish_many(
     sigs = list(signatures)
     if not sigs:
         return []
-    app = _app_of(app, sigs)
+    app = app if app is not None else _app_of(sigs)
     composer = _Composer(app)
-    messages = _compose_all(app, sigs, composer)  # every check first, in eager mode too
+    messages = _compose_all(composer, sigs)  # every check first, in eager mode too
     if app.conf.task_always_eager:
         return [sig.apply_async() for sig in sigs]
+
+    def result(msg: Outgoing) -> AsyncResult:
+        made = composer.tasks[msg.name].result(msg.task_id)
+        made.ignored = msg.ignore_result
+        return made
+
     try:
-        send(app, messages, chunk_size)
+        deliver(app, messages, chunk_size, dict(app.conf.task_publish_retry_policy or {}))
     except PublishManyError as exc:
-        _add_trails(composer, messages, set(exc.published))
+        published = set(exc.published)
+        for position in composer.trails:
+            if position in published:
+                composer.parent.add_trail(result(messages[position]))
         raise
-    results = list(map(composer.result, messages))
-    _add_trails(composer, messages, None, results)
-    return results
-
-
-def _add_trails(composer: _Composer, messages: Sequence[Outgoing], only: set[int] | None,
-                results: Sequence[AsyncResult] | None = None) -> None:
-    """Inside a task: the published calls' results join its trail, as apply_async's do."""
+    results = list(map(result, messages))  # made after sending: lighter while a batch is sent
     for position in composer.trails:
-        if only is None or position in only:
-            composer.parent.add_trail(
-                results[position] if results is not None else composer.result(messages[position]))
-
+        composer.parent.add_trail(results[position])
+    return results

@@ -185,7 +185,7 @@ OWNERS = {
     "os._exit(": {"exits.py"},
     # re-publishing a received message, sending new ones in batches (publish_many), and
     # relaying the messages the transactional outbox stored
-    "producer.publish(": {"message.py", "sending.py", "contrib/django/relay.py"},
+    "producer.publish(": {"message.py", "delivery.py", "contrib/django/relay.py"},
 }
 
 
