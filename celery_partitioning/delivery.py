@@ -93,12 +93,9 @@ class _Delivery:
 
 def _declare(channel: Any, messages: Sequence[Outgoing], retry_policy: Any) -> None:
     """Declare each queue of the batch once per connection, as ``apply_async`` does."""
-    queues = {id(m.queue): m.queue for m in messages if m.queue is not None}
-    declared = channel.connection.client.declared_entities
-    for queue in queues.values():
-        if not (queue.can_cache_declaration and hash(queue) in declared):
-            maybe_declare(queue if queue.is_bound else queue.bind(channel), channel, retry=True,
-                          **retry_policy)
+    for queue in {id(m.queue): m.queue for m in messages if m.queue is not None}.values():
+        maybe_declare(queue if queue.is_bound else queue.bind(channel), channel, retry=True,
+                      **retry_policy)
 
 
 def _send_redis(conn: Any, delivery: _Delivery, chunk: int) -> None:
@@ -160,12 +157,12 @@ def _send_kombu(conn: Any, delivery: _Delivery, chunk: int) -> None:
             for part in _chunks(delivery.messages, chunk):
                 for msg in part:
                     delivery.before(msg)
+                    sent += 1  # until the broker confirms it: maybe on the broker, maybe not
                     producer.publish(
                         msg.body, exchange=msg.exchange, routing_key=msg.routing_key,
                         content_type=msg.content_type, content_encoding=msg.content_encoding,
                         compression=msg.compression, headers=msg.headers,
                         delivery_mode=msg.delivery_mode, declare=[], retry=False, **msg.properties)
-                    sent += 1
                     if not amqp:
                         delivery.confirm(sent)
                 confirmed(sent - len(part))  # the chunk before this one

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from functools import partial
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.canvas import Signature
@@ -59,8 +60,9 @@ _SEND_TASK_OPTIONS: Final = frozenset({
     "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
     "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
 })
-#: Those a call may set and still be made from its task's ``Template``.
-_TEMPLATE_OPTIONS: Final = frozenset({"task_id", "argsrepr", "kwargsrepr", "add_to_parent"})
+#: The settings a batch reads.
+_SETTINGS: Final = ("task_send_sent_event", "task_inherit_parent_priority", "task_serializer",
+                    "task_compression", "task_default_delivery_mode", "task_default_routing_key")
 
 
 class _Task:
@@ -83,10 +85,12 @@ class _Composer:
     """Makes the messages of one batch, with the app's settings read once."""
 
     def __init__(self, app: Celery) -> None:
-        self.app, self.conf, self.amqp = app, app.conf, app.amqp
+        self.app, self.amqp = app, app.amqp
+        # A snapshot: each read of app.conf walks its chain of dicts (microseconds a message).
+        self.conf = SimpleNamespace(**{name: app.conf[name] for name in _SETTINGS})
         self.reply_to, self.origin = app.thread_oid, anon_nodename()
         self.parent = app.current_worker_task
-        self.repr_maxlevels = int(self.conf.get("task_repr_maxlevels", 3))  # Celery 5.5+
+        self.repr_maxlevels = int(app.conf.get("task_repr_maxlevels", 3))  # Celery 5.5+
         self.tasks: dict[str, _Task] = {}
         self.ids = uuid4_strings()
         self.stock_json = stock_json_serializer()  # else a program registered its own json

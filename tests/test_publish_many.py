@@ -147,6 +147,32 @@ def test_a_published_message_is_the_one_apply_async_writes(app: Celery, namespac
     assert second.decode()[0] == ["ord-1", 0]
 
 
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("options", list(OPTION_SETS.values()), ids=list(OPTION_SETS))
+def test_a_message_on_rabbitmq_decodes_as_the_one_apply_async_sends(amqp_url: str,
+                                                                    options: dict[str, Any]) -> None:
+    ns = f"cppm-{uuid.uuid4().hex[:8]}-"
+    app = make_app(amqp_url, ns)
+    route = explain_route(app, "pm.item_added", "ord-1", 0)
+    try:
+        task = app.tasks["pm.item_added"]
+        task.apply_async(("ord-1", 0), {"event": {"n": "ü"}}, task_id="id-x", **options)
+        publish_many([task.s("ord-1", 0, event={"n": "ü"}).set(task_id="id-x", **options)],
+                     app=app)
+        with app.connection_for_read() as conn:
+            queue = app.amqp.queues[route.queue].bind(conn.default_channel)
+            one, two = queue.get(no_ack=True), queue.get(no_ack=True)
+        for message in (one, two):
+            message.headers.pop("partition_published_at")
+            message.properties.pop("delivery_info", None)
+        assert (two.headers, two.properties, two.decode()) == (one.headers, one.properties,
+                                                                one.decode())
+        assert list(two.headers) == list(one.headers)
+    finally:
+        app.close()
+        delete_amqp_queues(amqp_url, [f"{ns}partition.entity.{i}" for i in range(POOL["entity"])])
+
+
 def test_calls_keep_their_order_in_every_queue_across_chunks(app: Celery, namespace: str,
                                                              client: redis.Redis) -> None:
     task = app.tasks["pm.item_added"]
