@@ -229,6 +229,27 @@ def test_a_priority_message_goes_where_kombu_puts_it(app: Celery, namespace: str
     assert [json.loads(raw)["headers"]["argsrepr"] for raw in client.lrange(queue, 0, -1)] == ["(3,)"]
 
 
+def test_a_call_through_a_named_exchange_reaches_its_bound_queue_as_apply_async_s(
+        app: Celery, namespace: str, client: redis.Redis) -> None:
+    from kombu import Exchange, Queue
+
+    routed = Queue(f"{namespace}routed", Exchange(f"{namespace}ex", type="direct"),
+                   routing_key="rk")
+    with app.connection_for_write() as conn:
+        routed.bind(conn.default_channel).declare()  # the binding kombu's Redis looks up
+    plain = app.tasks["pm.plain"]
+    plain.apply_async((1,), task_id="id-apply", exchange=f"{namespace}ex", routing_key="rk")
+    publish_many([plain.s(1).set(task_id="id-many", exchange=f"{namespace}ex", routing_key="rk")],
+                 app=app)
+    raw_apply, raw_many = (json.loads(raw) for raw in
+                           reversed(client.lrange(f"{namespace}{namespace}routed", 0, -1)))
+    for message in (raw_apply, raw_many):
+        message["headers"].pop("id"), message["headers"].pop("root_id")
+        message["properties"].pop("correlation_id"), message["properties"].pop("delivery_tag")
+    assert raw_many == raw_apply
+    assert list(raw_many["properties"]) == list(raw_apply["properties"])
+
+
 # --- all or nothing ------------------------------------------------------------------------------
 
 def _bad_calls(app: Celery, namespace: str) -> dict[str, tuple[Any, str]]:
