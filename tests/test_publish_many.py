@@ -250,6 +250,18 @@ def test_a_call_through_a_named_exchange_reaches_its_bound_queue_as_apply_async_
     assert list(raw_many["properties"]) == list(raw_apply["properties"])
 
 
+def test_a_redis_client_that_retries_on_timeout_is_refused(redis_url: str, namespace: str,
+                                                            client: redis.Redis) -> None:
+    app = make_app(redis_url, namespace)
+    app.conf.broker_transport_options = {"global_keyprefix": namespace, "retry_on_timeout": True}
+    try:
+        with pytest.raises(cp.PartitionConfigError, match="retry_on_timeout"):
+            publish_many([app.tasks["pm.plain"].s(1)], app=app)
+    finally:
+        app.close()
+    assert lists_of(client, namespace) == []
+
+
 # --- all or nothing ------------------------------------------------------------------------------
 
 def _bad_calls(app: Celery, namespace: str) -> dict[str, tuple[Any, str]]:
