@@ -25,7 +25,7 @@ from typing import Any
 from .errors import PartitionConfigError
 
 __all__ = [
-    "active_task_ids", "control_handlers", "late_bound_consumer_tracers",
+    "active_task_ids", "c_json_encoder_factory", "control_handlers", "late_bound_consumer_tracers",
     "check_worker_internals", "clear_exit_handlers", "decode_virtual_body",
     "install_warm_sigint", "kombu_payload", "proxy_internals", "redis_destinations",
     "result_maker", "rewrite_worker_banner", "request_warm_stop", "reset_annotations",
@@ -71,6 +71,13 @@ def task_exec_options(task: Any) -> dict[str, Any]:
 def reset_annotations(app: Any) -> None:
     """Make the app prepare ``task_annotations`` again (it caches them on first use)."""
     vars(app).pop("annotations", None)
+
+
+def c_json_encoder_factory() -> Any:
+    """The standard library's C JSON encoder factory (``json.dumps`` builds one per call)."""
+    import json.encoder
+
+    return getattr(json.encoder, "c_make_encoder", None)
 
 
 def stock_json_serializer() -> bool:

@@ -93,9 +93,11 @@ class _Delivery:
 
 def _declare(channel: Any, messages: Sequence[Outgoing], retry_policy: Any) -> None:
     """Declare each queue of the batch once per connection, as ``apply_async`` does."""
+    declared = channel.connection.client.declared_entities
     for queue in {id(m.queue): m.queue for m in messages if m.queue is not None}.values():
-        maybe_declare(queue if queue.is_bound else queue.bind(channel), channel, retry=True,
-                      **retry_policy)
+        if not (queue.can_cache_declaration and hash(queue) in declared):  # as maybe_declare
+            maybe_declare(queue if queue.is_bound else queue.bind(channel), channel,
+                          retry=True, **retry_policy)
 
 
 def _send_redis(conn: Any, delivery: _Delivery, chunk: int) -> None:

@@ -24,6 +24,8 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps as kombu_dumps
 from kombu.utils.json import JSONEncoder
 
+from .compat import c_json_encoder_factory
+
 __all__ = ["Outgoing", "Template", "encode", "redis_json", "serialize", "uuid4_strings"]
 
 
@@ -124,8 +126,16 @@ class Template:
         return "".join(out)
 
 
-#: kombu's JSON (``kombu.utils.json.dumps`` builds this encoder anew for every value).
-encode: Final = JSONEncoder().encode
+_JSON: Final = JSONEncoder()  # kombu's, as ``kombu.utils.json.dumps`` builds it for every value
+_C_ENCODER: Final = None if (make := c_json_encoder_factory()) is None else make(
+    None, _JSON.default, _quote, None, ": ", ", ", False, False, True)
+
+
+def encode(value: Any) -> str:
+    """kombu's JSON of ``value``, with its C encoder built once (``json.dumps`` builds one per
+    call, which costs more than encoding a small dict). Without circular-reference markers,
+    so it is stateless: a circular value fails with ``RecursionError``, not ``ValueError``."""
+    return _JSON.encode(value) if _C_ENCODER is None else "".join(_C_ENCODER(value, 0))
 
 
 def serialize(body: Any, serializer: str, stock: bool = False) -> tuple[str, str, Any]:
