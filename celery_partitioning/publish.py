@@ -23,13 +23,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
-from .compat import (
-    check_publish_internals,
-    result_maker,
-    stock_json_serializer,
-    task_call_hooks,
-    task_exec_options,
-)
+from . import compat
 from .delivery import deliver
 from .envelope import Outgoing, Template, serialize, uuid4_strings
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
@@ -41,25 +35,21 @@ if TYPE_CHECKING:
 
 __all__ = ["publish_many", "PublishManyError", "DEFAULT_CHUNK", "SUPPORTED_OPTIONS"]
 
-check_publish_internals()
+compat.check_publish_internals()
 
 #: Messages per broker round trip (Redis pipeline, RabbitMQ confirm wait).
 DEFAULT_CHUNK: Final = 500
-
-#: Call options sent exactly as ``apply_async`` sends them. Others (``link``, ``chain``,
-#: ``chord``, stamping, ``producer`` ...) need Celery's full path: use apply_async.
-SUPPORTED_OPTIONS: Final = frozenset({
-    "task_id", "countdown", "eta", "expires", "headers", "ignore_result", "time_limit",
-    "soft_time_limit", "shadow", "serializer", "compression", "root_id", "parent_id",
-    "retries", "argsrepr", "kwargsrepr", "queue", "exchange", "routing_key", "priority",
-    "delivery_mode", "exchange_type", "reply_to", "add_to_parent",
-})
 
 #: The options ``Celery.send_task`` takes out of a call's options before routing.
 _SEND_TASK_OPTIONS: Final = frozenset({
     "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
     "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
 })
+#: Call options sent exactly as ``apply_async`` sends them. Others (``link``, ``chain``,
+#: ``chord``, stamping, ``producer`` ...) need Celery's full path: use apply_async.
+SUPPORTED_OPTIONS: Final = _SEND_TASK_OPTIONS | {
+    "headers", "shadow", "serializer", "compression", "queue", "exchange", "routing_key",
+    "priority", "delivery_mode", "exchange_type"}
 #: The settings a batch reads.
 _SETTINGS: Final = ("task_send_sent_event", "task_inherit_parent_priority", "task_serializer",
                     "task_compression", "task_default_delivery_mode", "task_default_routing_key")
@@ -72,10 +62,10 @@ class _Task:
         self.task = task
         self.soft_limit_error = bool(task.soft_time_limit and task.time_limit
                                      and task.soft_time_limit > task.time_limit)
-        self.check_arguments, self.shadow_name, self.dump_pydantic = task_call_hooks(task)
+        self.check_arguments, self.shadow_name, self.dump_pydantic = compat.task_call_hooks(task)
         # None means "not set" all the way down (router, message, publish): leave those out.
-        self.exec_options = {k: v for k, v in task_exec_options(task).items() if v is not None}
-        self.result = result_maker(  # what Task.AsyncResult(task_id) returns
+        self.exec_options = {k: v for k, v in compat.task_exec_options(task).items() if v is not None}
+        self.result = compat.result_maker(  # what Task.AsyncResult(task_id) returns
             partial(task.app.AsyncResult, backend=task.backend, task_name=task.name))
         self.template = None if composer.conf.task_send_sent_event else Template.build(
             composer.amqp, task, composer.reply_to, composer.origin)
@@ -93,7 +83,7 @@ class _Composer:
         self.repr_maxlevels = int(app.conf.get("task_repr_maxlevels", 3))  # Celery 5.5+
         self.tasks: dict[str, _Task] = {}
         self.ids = uuid4_strings()
-        self.stock_json = stock_json_serializer()  # else a program registered its own json
+        self.stock_json = compat.stock_json_serializer()  # else a program registered its own json
         self.trails: list[int] = []  # positions whose results join the calling task's trail
         self._quorum: bool | None = None
 
