@@ -104,10 +104,11 @@ def _send_redis(conn: Any, delivery: _Delivery, chunk: int) -> None:
     """The channel's own client (URL, TLS, ``global_keyprefix``), which kombu builds without
     retries: a failed round trip is never replayed."""
     channel = conn.default_channel
-    if getattr(channel, "retry_on_timeout", False):
+    if getattr(channel, "retry_on_timeout", False) or channel.body_encoding != "base64":
         raise PartitionConfigError(
-            "publish_many cannot batch with the Redis transport option retry_on_timeout: a "
-            "replayed MULTI/EXEC would publish a chunk twice, out of order; use apply_async")
+            "publish_many batches on Redis with kombu's default body_encoding (base64) and "
+            "without the transport option retry_on_timeout (a replayed MULTI/EXEC would "
+            "publish a chunk twice, out of order); use apply_async")
     _declare(channel, delivery.messages, delivery.retry_policy)
     tags, client, sent = uuid4_strings(), channel.client, 0
     destinations: dict[tuple[str, str, int], Any] = {}
