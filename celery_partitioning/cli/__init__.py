@@ -102,6 +102,7 @@ def partitioning(ctx: click.Context) -> None:
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys; history
+    pause    pause a key or a partition (resume: let it run again, in order)
     resize   record a new partition count for a pool (keys keep their order)
     exporter serve Prometheus metrics of the partition queues
     """
@@ -306,7 +307,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     from ..checkpoint_runner import checkpoint_stats, render_checkpoint_stats
     from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
-    from .status import collect_status, render_table, status_json
+    from .status import collect_pauses, collect_status, render_pauses, render_table, status_json
 
     app = _app(ctx)
     settings = settings_of(app)
@@ -323,8 +324,10 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
         checkpoints = checkpoint_stats(app)
         resizes = collect_resizes(app, pools)
         notes = collect_pool_notes(app, pools)
+        pauses = collect_pauses(app, pools)
         if as_json:
             found = json.loads(status_json(rows, checkpoints))
+            found["paused"] = [p.as_dict() for p in pauses]
             if resizes:
                 found["resizes"] = [r.as_dict() for r in resizes]
             found.update(notes.as_dict())
@@ -335,6 +338,8 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if pauses:
+                click.echo(render_pauses(pauses))
             if resizes:
                 click.echo(render_resizes(resizes))
             if notes:
@@ -359,6 +364,11 @@ from .history import history_command  # noqa: E402 - dead-letters history
 
 dead_letters.add_command(history_command)
 partitioning.add_command(dead_letters)
+
+from .pausing import pause_command, resume_command  # noqa: E402 - pause and resume
+
+partitioning.add_command(pause_command)
+partitioning.add_command(resume_command)
 
 from .purge import purge_command  # noqa: E402 - the purge command
 

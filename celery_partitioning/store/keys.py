@@ -102,6 +102,27 @@ class RedisKeys:
         """List: replayed messages still to be re-published (brokers other than this Redis)."""
         return f"{self.root}replay-outbox:{pool}:{key_digest(partition_key)}"
 
+    # -- pausing keys and partitions (celery_partitioning.store.pausing) -------------------
+
+    def paused_keys(self, pool: str) -> str:
+        """Hash: key digest → JSON pause record of a key (key, by, at); a field present means
+        the key's messages are set aside in ``parked``, as a parked key's are."""
+        return f"{self.root}paused:{pool}"
+
+    def paused_partitions(self, pool: str) -> str:
+        """Hash: partition index → JSON pause record (by, at); its holder stops between two
+        messages and keeps its lease."""
+        return f"{self.root}paused-partitions:{pool}"
+
+    def pause_acks(self, pool: str) -> str:
+        """Hash: partition index → JSON: the holder that stopped for the pause (node, at, and
+        the ``at`` of the pause it saw)."""
+        return f"{self.root}pause-acks:{pool}"
+
+    def pause_log(self, pool: str) -> str:
+        """List: JSON records of pauses and resumes of the pool (newest last, capped)."""
+        return f"{self.root}pause-log:{pool}"
+
     # -- resizing a pool (celery_partitioning.store.resize) -------------------------------
 
     def resize(self, pool: str) -> str:
