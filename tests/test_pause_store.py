@@ -44,7 +44,7 @@ def test_a_paused_key_is_set_aside_in_order_and_resume_puts_it_ahead_of_newer_on
         store.finished(POOL, key, task_id, QUEUE)
     assert store.gate(POOL, key, "new", raw("new"), QUEUE) == "run"
     assert [e["action"] for e in pauses.history(POOL)] == ["pause", "resume"]
-    with pytest.raises(PauseError, match="is not paused: it was resumed at .* by carol"):
+    with pytest.raises(PauseError, match=r"is not paused: it was resumed at .* by carol"):
         pauses.resume_key(POOL, key, QUEUE, "carol")
 
 
