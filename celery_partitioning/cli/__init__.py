@@ -98,7 +98,7 @@ def partitioning(ctx: click.Context) -> None:
 
     \b
     worker   run the partition workers, supervised (the ordering promise)
-    status   queue depth, unacked, oldest age, consumer, parked keys per partition
+    status   queue depth, unacked, oldest age, consumer, parked and paused keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys; history
@@ -300,7 +300,8 @@ def _preload_worker_modules() -> None:
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float, stall_after: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys; then pools no worker runs by
+    lease holder (host/pid) or "no consumer", parked keys, what is paused (then a list of the
+    pauses: since when, by whom); then pools no worker runs by
     default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
     size other than the configured one; then, for projections with a checkpoint, the keys,
     messages applied and messages skipped as already applied. Read only."""

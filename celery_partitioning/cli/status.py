@@ -5,8 +5,9 @@ entries routed to the queue, the oldest age is the larger of the oldest unacked 
 time since delivery and the queue head's time since publish (header
 ``partition_published_at``), the consumer is the lease holder. RabbitMQ: depth and consumer
 count come from a passive queue declare; unacked and ages are not known over AMQP (None).
-Parked keys, and the keys waiting out a retry backoff (how many, when the first is due), come
-from the dead-letter store when a Redis store is configured. Nothing here changes any state.
+Parked keys, the keys waiting out a retry backoff (how many, when the first is due) and what
+an operator paused (``store/pausing.py``) come from the dead-letter store when a Redis store
+is configured. Nothing here changes any state.
 """
 
 from __future__ import annotations
