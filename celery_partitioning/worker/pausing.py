@@ -63,9 +63,15 @@ class PartitionPause(Stage):
         logger.warning("%s paused by %s at %s: no message runs until `partitioning resume "
                        "--partition %s` (the lease is kept)", part.label, pause.by, pause.at,
                        part.label)
-        self.store.acknowledge(pause, node)
         unreachable = unreachable_errors()
+        acknowledged = False
         while not part.stopping():
+            if not acknowledged:
+                try:  # only what status shows: the hold does not depend on it
+                    self.store.acknowledge(pause, node)
+                    acknowledged = True
+                except unreachable as exc:
+                    logger.warning("%s store unreachable while paused (%s)", part.label, exc)
             time.sleep(HOLD_POLL)
             part.progress.turned()  # waiting on purpose, not stuck
             try:
@@ -77,5 +83,4 @@ class PartitionPause(Stage):
                 logger.warning("%s resumed: fetching again", part.label)
                 return
             if current.at != pause.at:  # resumed and paused again meanwhile
-                pause = current
-                self.store.acknowledge(pause, node)
+                pause, acknowledged = current, False
