@@ -48,6 +48,12 @@ def status_of(fa: ModuleType, index: int) -> tuple[dict[str, Any], list[dict[str
 def test_a_paused_key_waits_while_other_keys_run_and_resume_runs_it_first_in_order(
     fa: ModuleType, processes: Processes, tmp_path: Path
 ) -> None:
+    key_pause_keeps_order(fa, processes, tmp_path)
+
+
+def key_pause_keeps_order(fa: ModuleType, processes: Processes, tmp_path: Path) -> None:
+    """The key scenario, on whatever broker ``fa`` uses (tests/test_deadletters_rabbitmq.py
+    runs it on RabbitMQ)."""
     client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
     index, (p, q) = orders_on_one_partition(fa, 2)
     key = f"Order:{p}"
@@ -71,7 +77,7 @@ def test_a_paused_key_waits_while_other_keys_run_and_resume_runs_it_first_in_ord
     assert [json.loads(m)["headers"]["id"] for m in set_aside] == held
     # And status shows the pause: which key, since when, by whom; no dead letter
     row, pauses = status_of(fa, index)
-    assert (row["paused_keys"], row["paused"], row["parked_keys"]) == (1, None, 0)
+    assert (row["paused_keys"], row["paused"], row["parked_keys"]) == (1, None, 0), row
     (pause,) = pauses
     assert (pause["key"], pause["pool"], pause["partition"], pause["by"]) == (
         key, "entity", index, getpass.getuser())

@@ -126,3 +126,29 @@ def test_a_partition_pause_is_listed_with_the_holder_that_stopped_for_it(
     pauses.acknowledge(pause, "w1#entity.3")
     pauses.pause_partition(POOL, 3, "alice")
     assert pauses.paused([POOL])[0].stopped_by is None
+
+
+def test_two_senders_of_one_outbox_never_publish_a_message_twice(
+    store: DeadLetterStore,
+) -> None:
+    from celery_partitioning.store.requeue import send_outbox
+
+    outbox = store.keys.replay_outbox(POOL, "Order:1")
+    store.client.rpush(outbox, raw("m1"), raw("m2"), raw("m3"))
+    first: list[str] = []
+    second: list[str] = []
+
+    def slow_first(message: str) -> None:
+        first.append(message)
+        if len(first) == 1:
+            # while the first sender is at it, the scripts append one more and a second
+            # sender (the partition thread seeing the key's message) flushes too
+            store.client.rpush(outbox, raw("m4"))
+            assert send_outbox(store.client, outbox, second.append) == 0
+
+    assert send_outbox(store.client, outbox, slow_first) == 4
+    assert first == [raw(m) for m in ("m1", "m2", "m3", "m4")] and second == []
+    assert store.client.llen(outbox) == 0
+    # the claim is let go: the next sender sends what comes next
+    store.client.rpush(outbox, raw("m5"))
+    assert send_outbox(store.client, outbox, second.append) == 1 and second == [raw("m5")]

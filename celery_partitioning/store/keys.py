@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from hashlib import blake2b
 
-__all__ = ["RedisKeys", "key_digest"]
+__all__ = ["RedisKeys", "key_digest", "outbox_lock"]
+
+
+def outbox_lock(outbox: str) -> str:
+    """String: held (token, short TTL) by the one process sending the outbox list ``outbox``."""
+    return f"{outbox}:sending"
 
 
 def key_digest(partition_key: str) -> str:
