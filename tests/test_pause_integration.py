@@ -12,6 +12,7 @@ import getpass
 import json
 import os
 import subprocess
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -130,6 +131,10 @@ def test_a_paused_partition_keeps_its_lease_runs_nothing_and_resume_runs_all_in_
     assert paused.returncode == 0, paused.stderr
     out = json.loads(paused.stdout)
     assert out["stopped"] and out["pause"]["stopped_by"], out
+    noticed = (datetime.fromisoformat(out["pause"]["stopped_at"])
+               - datetime.fromisoformat(out["pause"]["at"])).total_seconds()
+    print(f"the holder stopped {noticed:.2f}s after the pause was written")
+    assert noticed < 5
     for seq in (1, 2):
         fa.step.delay(p, seq)
         fa.step.delay(q, seq)
