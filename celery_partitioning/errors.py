@@ -2,8 +2,9 @@
 
 ``PartitionKeyError`` is a bad call (raised at publish: nothing was published),
 ``PartitionConfigError`` a bad setting or task registry, ``DeadLetterError`` a dead-letter
-command that cannot be carried out, and ``DCBConflict`` the exception a DCB command raises
-to have its operation retried in place on its scope's partition (``dcb.with_dcb_retry``).
+command that cannot be carried out, ``PauseError`` a pause or resume that cannot, and
+``DCBConflict`` the exception a DCB command raises to have its operation retried in place on
+its scope's partition (``dcb.with_dcb_retry``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["PartitioningError", "PartitionKeyError", "PartitionConfigError", "DeadLetterError",
-           "DCBConflict", "PublishManyError"]
+           "PauseError", "DCBConflict", "PublishManyError"]
 
 
 class PartitioningError(Exception):
@@ -32,6 +33,10 @@ class PartitionConfigError(PartitioningError):
 
 class DeadLetterError(PartitioningError):
     """A dead-letter command could not be carried out (unknown key, replayed already...)."""
+
+
+class PauseError(PartitioningError):
+    """A pause or resume could not be carried out (unknown partition, not paused...)."""
 
 
 class DCBConflict(PartitioningError):

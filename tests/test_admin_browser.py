@@ -3,7 +3,9 @@ dev server (a subprocess, killed by pid) and a real partition worker on a real R
 
 An operator with the permission logs in, sees the parked key on the partitions page, opens its
 dead letter, clicks Skip, and the messages parked behind it run in order; the pages then show
-the key unparked. ``CP_SCREENSHOTS=DIR`` saves the pages as PNGs (docs/img was made so).
+the key unparked. Then they pause another key and the partition from the partitions page (the
+partition shows STOPPED once its holder stopped), resume both, and the key's set-aside message
+runs. ``CP_SCREENSHOTS=DIR`` saves the pages as PNGs (docs/img was made so).
 """
 
 from __future__ import annotations
@@ -149,3 +151,31 @@ def test_an_operator_skips_a_parked_key_in_the_browser_and_its_parked_messages_r
     assert row.locator("td.parked").inner_text().strip() == "0"
     page.goto(f"{base}/admin/partitioning/dead-letters/")
     assert page.inner_text("#cp-total").startswith("0 dead letters")
+    # When they pause Q with the form, a message of Q arrives, and they pause the partition
+    page.goto(f"{base}/admin/partitioning/")
+    page.select_option("#cp-pause-key select[name=pool]", "entity")
+    page.fill("#cp-pause-key input[name=key]", f"Order:{q}")
+    page.click("#cp-pause-key button[value=pause]")
+    page.wait_for_selector(f"#cp-paused-keys tr[data-paused-key='Order:{q}']")
+    fa.step.delay(q, 1)
+    wait_for(lambda: parked_len(client, fa, q) == 1, 60, "Q1 set aside")
+    row.locator("button[value=pause]").click()
+    # Then the page shows the paused key and, once its holder stopped, the partition STOPPED
+    for _ in range(100):
+        page.goto(f"{base}/admin/partitioning/")
+        if "STOPPED" in row.locator("td.paused").inner_text():
+            break
+        page.wait_for_timeout(100)
+    assert "STOPPED" in row.locator("td.paused").inner_text()
+    assert "by operator" in row.locator("td.paused").inner_text()
+    if shots:
+        page.screenshot(path=str(Path(shots) / "partitions-paused.png"), full_page=True)
+    # When they resume the partition, then the key: Q1 runs, after Q0
+    row.locator("button[value=resume]").click()
+    page.wait_for_selector(".messagelist")
+    assert "its worker fetches again" in page.inner_text(".messagelist")
+    page.click(f"#cp-paused-keys tr[data-paused-key='Order:{q}'] button[value=resume]")
+    page.wait_for_selector(".messagelist")
+    assert "released 1 message(s)" in page.inner_text(".messagelist")
+    wait_for(lambda: client.lrange(f"{fa.NS}rec:Order:{q}", -1, -1) == ["end 1"], 60, "Q1 to run")
+    assert client.lrange(f"{fa.NS}rec:Order:{q}", 0, -1) == runs([0, 1])

@@ -274,3 +274,103 @@ def test_without_redis_the_pages_say_so_and_the_app_index_links_to_them(tmp_path
         status, said = found
         assert status == 503, path
         assert said.startswith("Redis (the broker or the partitioning store) cannot be reached"), said
+
+
+PAUSES = """
+key = os.environ["CP_KEY"]
+viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+operator = User.objects.create_user("operator", password="pw", is_staff=True)
+operator.user_permissions.add(OPERATE)
+
+def session(user):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    client.get("/admin/")  # the admin's logout form sets the CSRF cookie
+    return client, client.cookies["csrftoken"].value
+
+def post(client, token, **data):
+    return client.post("/admin/partitioning/pause/", {**data, "csrfmiddlewaretoken": token},
+                       follow=True)
+
+def said(response):
+    return [str(m) for m in response.context["messages"]]
+
+out = {}
+for name, user in (("viewer", viewer), ("operator", operator)):
+    client, token = session(user)
+    page = client.get("/admin/partitioning/").content.decode()
+    out[name] = {
+        "shown": f'data-paused-key="{key}"' in page and "alice" in page,
+        "buttons": 'value="resume"' in page or 'value="pause"' in page,
+        "no_token": client.post("/admin/partitioning/pause/",
+                                {"action": "pause", "pool": "entity", "partition": "1"}).status_code,
+        "get": client.get("/admin/partitioning/pause/").status_code,
+    }
+client, token = session(viewer)
+out["viewer"]["post"] = client.post("/admin/partitioning/pause/", {
+    "action": "resume", "pool": "entity", "key": key, "csrfmiddlewaretoken": token}).status_code
+client, token = session(operator)
+out["pause_partition"] = said(post(client, token, action="pause", pool="entity", partition="1"))
+page = client.get("/admin/partitioning/").content.decode()
+out["partition_shown"] = "PAUSED</strong>" in page and "by operator" in page
+out["resume_key"] = said(post(client, token, action="resume", pool="entity", key=key))
+out["again"] = said(post(client, token, action="resume", pool="entity", key=key))
+out["resume_partition"] = said(post(client, token, action="resume", pool="entity", partition="1"))
+out["pause_key"] = said(post(client, token, action="pause", pool="entity", key="Order:new"))
+out["neither"] = said(post(client, token, action="pause", pool="entity"))
+out["log"] = [(e.user.username, e.object_repr, e.change_message) for e in LogEntry.objects.order_by("id")]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_pause_and_resume_from_the_partitions_page_need_the_permission_and_are_logged(
+    fa: ModuleType, tmp_path: Path
+) -> None:
+    from celery_partitioning.hashing import partition_for
+    from celery_partitioning.store.pausing import PauseStore
+
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    store = DeadLetterStore(client, RedisKeys(fa.NS))
+    pauses = PauseStore(store)
+    key = "Order:pause-1"
+    queue, _ = replay_target(fa.app, "entity", key)
+    # Given a key paused from the CLI by alice, with two messages set aside
+    pauses.pause_key("entity", key, partition_for(key, 2), "alice")
+    for task_id in ("t-pause-1", "t-pause-2"):
+        assert store.gate("entity", key, task_id, raw(task_id), queue) == "paused"
+    # When a staff user without the permission, then one with it, use the page
+    out = _result(run_django(fa, tmp_path / "db.sqlite3", PAUSES, CP_KEY=key))
+    viewer, operator = out["viewer"], out["operator"]
+    assert isinstance(viewer, dict) and isinstance(operator, dict)
+    # Then both see the paused key and who paused it; only the operator gets the buttons
+    assert viewer["shown"] and operator["shown"]
+    assert (viewer["buttons"], operator["buttons"]) == (False, True)
+    # And no POST without the CSRF token, no GET, and none by the viewer goes through
+    assert viewer["no_token"] == operator["no_token"] == 403
+    assert viewer["get"] == operator["get"] == 405
+    assert viewer["post"] == 403
+    # And the operator pauses partition 1 (shown as paused by them), resumes the key (its two
+    # messages go to the head of its queue in order), resumes the partition, pauses a key
+    assert out["pause_partition"] == ["paused partition entity.1: its worker stops between two "
+                                      "messages"]
+    assert out["partition_shown"]
+    assert out["resume_key"] == [f"resumed key {key!r} of pool entity: released 2 message(s), "
+                                 "in order, ahead of newer ones"]
+    queued = [json.loads(m)["headers"]["id"] for m in
+              reversed(client.lrange(RedisKeys(fa.NS).broker_queue(queue), 0, -1))]
+    assert queued == ["t-pause-1", "t-pause-2"]
+    again = out["again"]
+    assert isinstance(again, list) and "is not paused: it was resumed at" in again[0]
+    assert "by operator" in again[0]
+    assert out["resume_partition"] == ["resumed partition entity.1: its worker fetches again"]
+    assert out["pause_key"] == ["paused key 'Order:new' of pool entity: its messages are set "
+                                "aside in order"]
+    assert out["neither"] == ["pause and resume need a pool and either a key or a partition"]
+    (pause,) = pauses.paused(["entity"])
+    assert (pause.key, pause.by) == ("Order:new", "operator")
+    # And every action is in the admin log (who, what, how many messages)
+    log = out["log"]
+    assert isinstance(log, list) and [(u, o) for u, o, _ in log] == [
+        ("operator", "partition entity.1"), ("operator", f"partition key {key}"),
+        ("operator", "partition entity.1"), ("operator", "partition key Order:new")]
+    assert '"messages": 2' in log[1][2]

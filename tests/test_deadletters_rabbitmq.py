@@ -156,3 +156,11 @@ def test_on_rabbitmq_skip_runs_the_parked_messages_before_a_newer_one_already_qu
         f"{key} 0", f"Order:{q} 0", *[f"{key} {seq}" for seq in range(1, 7)]]
     assert client.lrange(f"{fa.NS}rec:{key}", 0, -1) == ["start 0", *[
         f"{kind} {seq}" for seq in range(1, 7) for kind in ("start", "end")]]
+
+
+def test_on_rabbitmq_a_paused_key_waits_and_resume_publishes_its_messages_in_order(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    from tests.test_pause_integration import key_pause_keeps_order
+
+    key_pause_keeps_order(fa, processes, tmp_path)

@@ -87,7 +87,7 @@ def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
         # each partition's start-up line names its gates for people
         consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
         assert len(consuming) == 5
-        assert all(line.endswith("stages: resize gate, misroute guard, parking gate)")
+        assert all(line.endswith("stages: pause, resize gate, misroute guard, parking gate)")
                    for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice

@@ -98,10 +98,11 @@ def partitioning(ctx: click.Context) -> None:
 
     \b
     worker   run the partition workers, supervised (the ordering promise)
-    status   queue depth, unacked, oldest age, consumer, parked keys per partition
+    status   queue depth, unacked, oldest age, consumer, parked and paused keys per partition
     route    which pool, partition and queue a partition key goes to
     purge    delete the messages waiting in partition queues
     dead-letters  list, replay or discard dead letters and parked keys; history
+    pause    pause a key or a partition (resume: let it run again, in order)
     resize   record a new partition count for a pool (keys keep their order)
     exporter serve Prometheus metrics of the partition queues
     """
@@ -299,14 +300,15 @@ def _preload_worker_modules() -> None:
 def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: bool,
            interval: float, stall_after: float) -> None:
     """Show each partition: queue depth, unacked messages, age of the oldest message,
-    lease holder (host/pid) or "no consumer", parked keys; then pools no worker runs by
+    lease holder (host/pid) or "no consumer", parked keys, what is paused (then a list of the
+    pauses: since when, by whom); then pools no worker runs by
     default, queues beyond a pool's size that still hold messages (STRANDED) and a recorded
     size other than the configured one; then, for projections with a checkpoint, the keys,
     messages applied and messages skipped as already applied. Read only."""
     from ..checkpoint_runner import checkpoint_stats, render_checkpoint_stats
     from .poolnotes import collect_pool_notes, render_pool_notes
     from .resize import collect_resizes, render_resizes
-    from .status import collect_status, render_table, status_json
+    from .status import collect_pauses, collect_status, render_pauses, render_table, status_json
 
     app = _app(ctx)
     settings = settings_of(app)
@@ -323,8 +325,10 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
         checkpoints = checkpoint_stats(app)
         resizes = collect_resizes(app, pools)
         notes = collect_pool_notes(app, pools)
+        pauses = collect_pauses(app, pools)
         if as_json:
             found = json.loads(status_json(rows, checkpoints))
+            found["paused"] = [p.as_dict() for p in pauses]
             if resizes:
                 found["resizes"] = [r.as_dict() for r in resizes]
             found.update(notes.as_dict())
@@ -335,6 +339,8 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
             broker = maybe_sanitize_url(app.conf.broker_url or "")
             click.echo(f"broker {broker}  ({time.strftime('%H:%M:%S')})")
             click.echo(render_table(rows))
+            if pauses:
+                click.echo(render_pauses(pauses))
             if resizes:
                 click.echo(render_resizes(resizes))
             if notes:
@@ -359,6 +365,11 @@ from .history import history_command  # noqa: E402 - dead-letters history
 
 dead_letters.add_command(history_command)
 partitioning.add_command(dead_letters)
+
+from .pausing import pause_command, resume_command  # noqa: E402 - pause and resume
+
+partitioning.add_command(pause_command)
+partitioning.add_command(resume_command)
 
 from .purge import purge_command  # noqa: E402 - the purge command
 

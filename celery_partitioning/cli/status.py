@@ -5,8 +5,9 @@ entries routed to the queue, the oldest age is the larger of the oldest unacked 
 time since delivery and the queue head's time since publish (header
 ``partition_published_at``), the consumer is the lease holder. RabbitMQ: depth and consumer
 count come from a passive queue declare; unacked and ages are not known over AMQP (None).
-Parked keys, and the keys waiting out a retry backoff (how many, when the first is due), come
-from the dead-letter store when a Redis store is configured. Nothing here changes any state.
+Parked keys, the keys waiting out a retry backoff (how many, when the first is due) and what
+an operator paused (``store/pausing.py``) come from the dead-letter store when a Redis store
+is configured. Nothing here changes any state.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from ..store.backoff import BackoffStore, BackoffSummary
 from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
 from ..store.deadletters import DeadLetterStore
 from ..store.lease import read_holders
+from ..store.pausing import Pause, PauseStore
 from ..store.progress import read_progress
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["PartitionStatus", "collect_status", "render_table", "status_json", "STALL_AFTER"]
+__all__ = ["PartitionStatus", "collect_pauses", "collect_status", "render_pauses", "render_table",
+           "status_json", "STALL_AFTER"]
 
 #: Default seconds a holder may go without taking a message while its queue has some before
 #: ``status`` calls its partition stalled (a task running longer than this counts too).
@@ -63,6 +66,11 @@ class PartitionStatus:
     last_consumed_age: float | None = None
     #: The holder has not consumed for longer than the threshold while messages wait.
     stalled: bool = False
+    #: Keys of this partition an operator paused (their messages set aside).
+    paused_keys: int = 0
+    #: The operator's pause of the partition (by, at, and the holder that stopped for it:
+    #: stopped_by, stopped_at), None when it is not paused.
+    paused: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,6 +120,33 @@ def _backoffs(app: Celery, queues: Sequence[str]) -> dict[str, BackoffSummary]:
         client.close()
 
 
+def collect_pauses(app: Celery, pools: Sequence[str] = ()) -> list[Pause]:
+    """Every pause in force of ``pools`` (default all): partitions first, then keys."""
+    settings = settings_of(app)
+    if settings.redis is None:
+        return []
+    client = redis_client(settings.redis)
+    try:
+        return PauseStore(DeadLetterStore(client, redis_keys(app))).paused(
+            list(pools) or list(settings.pools))
+    finally:
+        client.close()
+
+
+def _with_pauses(rows: list[PartitionStatus], pauses: Sequence[Pause]) -> list[PartitionStatus]:
+    by_partition = {(r.pool, r.index): r for r in rows}
+    for pause in pauses:
+        row = by_partition.get((pause.pool, pause.partition))
+        if row is None:
+            continue
+        if pause.key is not None:
+            row.paused_keys += 1
+        else:
+            row.paused = {k: v for k, v in pause.as_dict().items() if k not in ("key", "pool")}
+            row.stalled = False  # not taking messages on purpose
+    return rows
+
+
 def _leases(app: Celery, queues: Sequence[str]) -> tuple[dict[str, str | None],
                                                           dict[str, float | None]]:
     """Each queue's lease holder, and when it last consumed (epoch s)."""
@@ -150,6 +185,7 @@ def collect_status(app: Celery, pools: Sequence[str] = (),
     chosen = list(pools) or list(settings.pools)
     parts = [(p, i, settings.queue_name(p, i)) for p in chosen for i in range(settings.partitions(p))]
     parked = _parked_counts(app, chosen)
+    pauses = collect_pauses(app, chosen)
     backoffs = _backoffs(app, [q for _, _, q in parts])
     now = time.time()
     rows: list[PartitionStatus] = []
@@ -178,13 +214,13 @@ def collect_status(app: Celery, pools: Sequence[str] = (),
                 rows.append(row)
         finally:
             broker.close()
-        return _with_backoffs(rows, backoffs)
+        return _with_pauses(_with_backoffs(rows, backoffs), pauses)
     for pool, index, queue in parts:
         depth, consumers = _amqp_queue(app, queue)
         consumer = None if not consumers else f"{consumers} consumer(s)"
         rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
                                     parked.get((pool, index), 0)))
-    return _with_backoffs(rows, backoffs)
+    return _with_pauses(_with_backoffs(rows, backoffs), pauses)
 
 
 def _with_backoffs(rows: list[PartitionStatus],
@@ -213,17 +249,39 @@ def _cell(value: Any) -> str:
 def render_table(rows: Sequence[PartitionStatus]) -> str:
     """The human table of ``status``."""
     header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED",
-              "BACKOFF", "LAST TAKE")
+              "BACKOFF", "PAUSED", "LAST TAKE")
     now = time.time()
     table = [header] + [
         (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
-         r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now),
+         r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now), _paused_cell(r),
          _cell(r.last_consumed_age) + (" STALLED" if r.stalled else ""))
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                      for line in table)
+
+
+def _paused_cell(row: PartitionStatus) -> str:
+    keys = f"{row.paused_keys} key(s)" if row.paused_keys else ""
+    if row.paused is None:
+        return keys or "-"
+    state = "STOPPED" if row.paused.get("stopped_by") else "PAUSED"
+    return f"{state}{', ' + keys if keys else ''}"
+
+
+def render_pauses(pauses: Sequence[Pause]) -> str:
+    """What is paused, since when, by whom (empty when nothing is)."""
+    if not pauses:
+        return ""
+    lines = ["", "paused:"]
+    for p in pauses:
+        where = (f"key {p.key!r} (pool {p.pool}, partition {p.partition})" if p.key is not None
+                 else f"partition {p.pool}.{p.partition}")
+        stopped = (f"; holder {p.stopped_by} stopped at {p.stopped_at}" if p.stopped_by else
+                   "" if p.key is not None else "; holder not stopped yet")
+        lines.append(f"  {where} since {p.at} by {p.by}{stopped}")
+    return "\n".join(lines)
 
 
 def status_json(rows: Sequence[PartitionStatus], checkpoints: Any = None) -> str:

@@ -80,15 +80,11 @@ def partition_families(rows: Sequence[PartitionStatus]) -> Iterator[GaugeMetricF
                     "(value 1)", [*_LABELS, "holder"])
     parked = _gauge("celery_partitioning_parked_keys", "Keys parked behind a dead letter")
     backoff = _gauge("celery_partitioning_backoff_keys", "Keys waiting out a retry backoff")
-    optional = {
-        # Filled once cli/status.py's PartitionStatus has these fields (read by name, so this
-        # module needs no change then): a partition whose holder took no message while its
-        # queue had messages for longer than the threshold; keys paused by an operator.
-        "stalled": _gauge("celery_partitioning_partition_stalled", "1 when the holder has taken "
-                          "no message while the queue had messages, longer than the threshold"),
-        "paused_keys": _gauge("celery_partitioning_paused_keys", "Keys paused by an operator"),
-    }
-    seen = {name: False for name in optional}
+    stalled = _gauge("celery_partitioning_partition_stalled", "1 when the holder has taken no "
+                     "message while the queue had messages, longer than the threshold")
+    paused = _gauge("celery_partitioning_partition_paused", "1 while an operator's pause of the "
+                    "partition is in force")
+    paused_keys = _gauge("celery_partitioning_paused_keys", "Keys paused by an operator")
     for row in rows:
         labels = [row.pool, str(row.index), row.queue]
         if row.depth is not None:
@@ -104,13 +100,11 @@ def partition_families(rows: Sequence[PartitionStatus]) -> Iterator[GaugeMetricF
             holder.add_metric([*labels, row.consumer], 1)
         parked.add_metric(labels, row.parked_keys)
         backoff.add_metric(labels, row.backoff_keys)
-        for name, family in optional.items():
-            value = getattr(row, name, None)
-            if value is not None:
-                family.add_metric(labels, float(value))
-                seen[name] = True
-    yield from (depth, unacked, lag, has_holder, holder, parked, backoff)
-    yield from (family for name, family in optional.items() if seen[name])
+        stalled.add_metric(labels, 1 if row.stalled else 0)
+        paused.add_metric(labels, 1 if row.paused is not None else 0)
+        paused_keys.add_metric(labels, row.paused_keys)
+    yield from (depth, unacked, lag, has_holder, holder, parked, backoff, stalled, paused,
+                paused_keys)
 
 
 def pool_families(rows: Sequence[PartitionStatus], resizing: Collection[str]) -> Iterator[Any]:

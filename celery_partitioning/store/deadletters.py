@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: What the parking gate decided for one message.
-GateVerdict = Literal["run", "parked", "deferred", "duplicate"]
+GateVerdict = Literal["run", "parked", "paused", "deferred", "duplicate"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class GateResult:
     @classmethod
     def parse(cls, reply: Any) -> GateResult:
         verdict, attempts, replaying = (as_text(reply[0]), as_text(reply[1]) or None, bool(reply[2]))
-        if verdict not in ("run", "parked", "deferred", "duplicate"):
+        if verdict not in ("run", "parked", "paused", "deferred", "duplicate"):
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
 
@@ -115,15 +115,16 @@ class DeadLetterStore:
                 k.replaying(pool, key), k.deferred(pool, key)]
 
     def script_keys(self, pool: str, key: str, queue: str, requeue: Requeue) -> list[str]:
-        """KEYS[1..8] of the scripts that start with ``prelude.lua``."""
+        """KEYS[1..9] of the scripts that start with ``prelude.lua``."""
         return [*self.key_names(pool, key), requeue.head(self.keys, queue),
-                self.keys.replay_outbox(pool, key), self.keys.backoff(pool, key)]
+                self.keys.replay_outbox(pool, key), self.keys.backoff(pool, key),
+                self.keys.paused_keys(pool)]
 
     def gate(self, pool: str, key: str, task_id: str, raw: str, queue: str, *,
              requeue: Requeue = HEAD_PUSH) -> GateVerdict:
         """Decide, atomically, whether a received message runs or is set aside.
 
-        ``parked``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
+        ``parked``/``paused``/``deferred``/``duplicate`` mean it is stored (or was already): ack it.
         """
         return self.check(pool, key, task_id, raw, queue, requeue=requeue).verdict
 

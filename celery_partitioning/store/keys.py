@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from hashlib import blake2b
 
-__all__ = ["RedisKeys", "key_digest"]
+__all__ = ["RedisKeys", "key_digest", "outbox_lock"]
+
+
+def outbox_lock(outbox: str) -> str:
+    """String: held (token, short TTL) by the one process sending the outbox list ``outbox``."""
+    return f"{outbox}:sending"
 
 
 def key_digest(partition_key: str) -> str:
@@ -101,6 +106,27 @@ class RedisKeys:
     def replay_outbox(self, pool: str, partition_key: str) -> str:
         """List: replayed messages still to be re-published (brokers other than this Redis)."""
         return f"{self.root}replay-outbox:{pool}:{key_digest(partition_key)}"
+
+    # -- pausing keys and partitions (celery_partitioning.store.pausing) -------------------
+
+    def paused_keys(self, pool: str) -> str:
+        """Hash: key digest → JSON pause record of a key (key, by, at); a field present means
+        the key's messages are set aside in ``parked``, as a parked key's are."""
+        return f"{self.root}paused:{pool}"
+
+    def paused_partitions(self, pool: str) -> str:
+        """Hash: partition index → JSON pause record (by, at); its holder stops between two
+        messages and keeps its lease."""
+        return f"{self.root}paused-partitions:{pool}"
+
+    def pause_acks(self, pool: str) -> str:
+        """Hash: partition index → JSON: the holder that stopped for the pause (node, at, and
+        the ``at`` of the pause it saw)."""
+        return f"{self.root}pause-acks:{pool}"
+
+    def pause_log(self, pool: str) -> str:
+        """List: JSON records of pauses and resumes of the pool (newest last, capped)."""
+        return f"{self.root}pause-log:{pool}"
 
     # -- resizing a pool (celery_partitioning.store.resize) -------------------------------
 

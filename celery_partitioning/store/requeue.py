@@ -17,13 +17,14 @@ outbox afterwards (a no-op for :class:`HeadPush`).
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Final
 
 from ..config import RedisTarget
 from ..message import Publish, publisher
 from ..state import settings_of
-from .keys import RedisKeys
+from .keys import RedisKeys, outbox_lock
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -36,15 +37,51 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+#: How long a sender holds an outbox without renewing its claim (ms): a sender that died
+#: holding it blocks others no longer than this.
+SENDING_MS: Final = 10_000
+
+
 def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
     """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
-    once sent. At least once: a crash between publishing and popping re-sends that message."""
-    sent = 0
-    while (raw := client.lindex(outbox, 0)) is not None:
-        publish(_text(raw))
-        client.lpop(outbox)
-        sent += 1
-    return sent
+    once sent. At least once: a crash between publishing and popping re-sends that message.
+
+    One sender at a time (the CLI's replay, skip or resume, and the partition thread whose
+    gate sees the key's messages come back, may both call this): a sender claims the outbox
+    (``SET NX`` with a TTL); another that finds it claimed returns at once, the claimant
+    sending everything, including what was appended while it held the claim (it looks again
+    after letting go). Two senders would publish the same message twice."""
+    lock, sent = outbox_lock(outbox), 0
+    while True:
+        token = secrets.token_hex(8)
+        if not client.set(lock, token, nx=True, px=SENDING_MS):
+            return sent
+        try:
+            while (raw := client.lindex(outbox, 0)) is not None:
+                publish(_text(raw))
+                client.lpop(outbox)
+                sent += 1
+                if sent % 100 == 0:
+                    client.pexpire(lock, SENDING_MS)
+        finally:
+            _let_go(client, lock, token)
+        if not client.llen(outbox):
+            return sent
+
+
+def _let_go(client: Any, lock: str, token: str) -> None:
+    """Drop the claim ``lock`` if it is still ``token``'s (it may have expired and been taken)."""
+    from redis.exceptions import WatchError
+
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(lock)
+            if _text(pipe.get(lock) or b"") == token:
+                pipe.multi()
+                pipe.delete(lock)
+                pipe.execute()
+        except WatchError:
+            pass  # taken by another sender meanwhile: it is theirs
 
 
 class Requeue(ABC):
@@ -81,7 +118,8 @@ class HeadPush(Requeue):
 class ThroughOutbox(Requeue):
     """Any other broker: re-queued messages wait in the store's outbox and are published to the
     tail of the queue by ``publish`` (one producer: they arrive in the order sent). Use it
-    from one thread (the partition's own): two senders could send one message twice."""
+    from one thread: ``publish`` holds one connection. Another process sending the same
+    outbox meanwhile leaves it to the one that claimed it (:func:`send_outbox`)."""
 
     at_head = False
 

@@ -1,6 +1,7 @@
-"""The parking stage: a message whose key is parked (behind a dead letter, or while it waits
-out a retry backoff) is set aside in order instead of running; between messages the keys of
-the partition whose retry backoff is over are released (re-queued in order).
+"""The parking stage: a message whose key is parked (behind a dead letter, while it waits
+out a retry backoff, or paused by an operator: ``store/pausing.py``) is set aside in order
+instead of running; between messages the keys of the partition whose retry backoff is over
+are released (re-queued in order).
 
 One ``EVALSHA`` per message (the ``check`` script), which also returns the task's in-place
 retry record, so the retry code needs no read of its own. Idempotent by task id: a message
@@ -106,6 +107,7 @@ class Parking(Stage):
             msg.ack()
             return True
         what = {"parked": "is parked: message set aside",
+                "paused": "is paused: message set aside until `partitioning resume`",
                 "deferred": "is being replayed: newer message deferred behind the replay",
                 "duplicate": "is parked: message already stored"}[verdict]
         logger.warning("%s[%s]: key %r of pool %s %s", msg.task_name, task_id, key, pool, what)

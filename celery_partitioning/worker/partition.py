@@ -9,8 +9,8 @@ list. On RabbitMQ the thread owns a connection and a channel with prefetch 1 on 
 partition's single-active-consumer queue (the broker lets one consumer at a time receive).
 
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
-all becomes a dead letter; the partition's stages (``pipeline.py``: resize gate, misroute
-guard, parking gate) may take it; a future ETA holds the partition until its time; and the
+all becomes a dead letter; the partition's stages (``pipeline.py``: pause, resize gate,
+misroute guard, parking gate) may take it; a future ETA holds the partition until its time; and the
 task runs through Celery's own strategy, in this thread (``executor.py``). Between messages
 the thread calls the stages' ``between`` hooks. A warm stop lets the running task finish and
 puts a message fetched meanwhile back at the head.

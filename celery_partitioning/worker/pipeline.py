@@ -5,30 +5,34 @@ The pipeline of a partition (``Stage`` hooks, ``stage.py``), in order:
 ====  ===============  ==========================  =========================================
  #    stage            module                      owns
 ====  ===============  ==========================  =========================================
- 1    resize gate      ``worker/resize.py``        while a resize is in flight (Redis broker
+ 1    pause            ``worker/pausing.py``       (a Redis store) between messages: an
+                                                   operator's pause of the partition holds
+                                                   it there, lease kept (``store/pausing.py``)
+ 2    resize gate      ``worker/resize.py``        while a resize is in flight (Redis broker
                                                    holding the store): a moved key waits for
                                                    its old partition; between messages it
                                                    releases held keys (``store/resize.py``)
- 2    misroute guard   ``worker/guard.py``         another partition's message: re-published
- 3    parking gate     ``worker/parking.py``       (a Redis store) a parked key or a key in
-                                                   retry backoff: set aside in order; between
-                                                   messages: keys due run again
- 4    ETA hold         ``worker/partition.py``     a future ETA waits in place
- 5    execution        ``worker/executor.py``      Celery's strategy and request, inline
+ 3    misroute guard   ``worker/guard.py``         another partition's message: re-published
+ 4    parking gate     ``worker/parking.py``       (a Redis store) a parked, paused key or a
+                                                   key in retry backoff: set aside in order;
+                                                   between messages: keys due run again
+ 5    ETA hold         ``worker/partition.py``     a future ETA waits in place
+ 6    execution        ``worker/executor.py``      Celery's strategy and request, inline
                        (``checkpointing.py``)      (the body inside its checkpoint)
- 6    retry            ``worker/retry.py``         in place, or the key set aside through the
+ 7    retry            ``worker/retry.py``         in place, or the key set aside through the
                                                    parking stage (``Parking.set_aside``)
- 7    dead letter      ``worker/failures.py``      no retry left: dead letter, key parked
+ 8    dead letter      ``worker/failures.py``      no retry left: dead letter, key parked
                                                    (or only recorded: ``on_failure="skip"``)
- 8    finished         ``worker/retry.py``         the last message of a replay releases what
+ 9    finished         ``worker/retry.py``         the last message of a replay releases what
                                                    was deferred (``Parking.finished``)
 ====  ===============  ==========================  =========================================
 
-Stages 1-3 are :class:`~.stage.Stage` objects in ``PartitionRuntime.stages`` (their
+Stages 1-4 are :class:`~.stage.Stage` objects in ``PartitionRuntime.stages`` (their
 ``before`` hooks in this order; the first that takes a message ends its way; their
-``between`` hooks between messages); 4-8 are what the partition thread and the task wrapper
-do with a message no stage took. How set-aside messages go back to the queue is chosen once,
-here, for the partition (``store/requeue.py``).
+``between`` hooks between messages, the pause first: while it holds, nothing else moves);
+5-9 are what the partition thread and the task wrapper do with a message no stage took.
+How set-aside messages go back to the queue is chosen once, here, for the partition
+(``store/requeue.py``).
 """
 
 from __future__ import annotations
@@ -43,11 +47,13 @@ from ..store.broker import broker_redis
 from ..store.deadletters import DeadLetterStore
 from ..store.keys import RedisKeys
 from ..store.lease import Lease
+from ..store.pausing import PauseStore
 from ..store.requeue import requeue_for
 from ..store.resize import ResizeState, ResizeStore
 from .failures import DeadLetters
 from .guard import MisrouteGuard
 from .parking import Parking
+from .pausing import PartitionPause
 from .resize import resize_gate
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PartitionRuntime, WorkerRuntime
 from .stage import Stage
@@ -87,15 +93,18 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
                                                              expire_ms=3 * lease.ttl_ms))
     place = partition.place
     parking: Parking | None = None
+    pause: PartitionPause | None = None
     if store is None:
         logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
-                       "dead letters and parking are off", partition.label)
+                       "dead letters, parking and pausing are off", partition.label)
     else:
         dead_letters = DeadLetterStore(store, keys)
         parking = Parking(place, dead_letters, partition.inflight, partition.requeue)
         partition.dead_letters = DeadLetters(place, dead_letters, partition.requeue)
         partition.parking = parking
+        pause = PartitionPause(partition, PauseStore(dead_letters))
     stages: list[Stage | None] = [
+        pause,
         resize_gate(partition, resizes, recorded) if resizes is not None and recorded is not None else None,
         MisrouteGuard(place),
         parking,

@@ -1,6 +1,7 @@
 """What the admin pages read and do, in one place: the only module of the pages that calls the
-partition status (``cli/status.py``) and the dead-letter stores (``store/deadletters.py``,
-``store/skipping.py``), so a rename there is fixed here once.
+partition status (``cli/status.py``), the dead-letter stores (``store/deadletters.py``,
+``store/skipping.py``) and pause/resume (``cli/pausing.py``), so a rename there is fixed here
+once.
 
 Listing is built for many dead letters: the records of every pool are read with one HVALS
 each, filtered and sorted in memory (JSON only, no per-letter round trip), and only the page
@@ -14,21 +15,26 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ...cli.deadletters import replay_target, store_for_app
-from ...cli.status import PartitionStatus, collect_status
-from ...errors import DeadLetterError
+from ...cli.pausing import pause_target, resume_target
+from ...cli.status import PartitionStatus, collect_pauses, collect_status
+from ...errors import PartitioningError
 from ...message import MessageSummary
 from ...state import STATE_ATTRIBUTE, settings_of
 from ...store.deadletters import DeadLetter, DeadLetterStore, DeadLetterView
+from ...store.pausing import Pause
 from ...store.skipping import SkipStore
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Action", "ActionResult", "Letter", "celery_app", "dead_letter", "list_letters",
-           "parked_counts", "partitions", "perform", "pools_of"]
+__all__ = ["Action", "ActionResult", "Letter", "PauseAction", "PauseResult", "celery_app",
+           "dead_letter", "list_letters", "parked_counts", "partitions", "pause_or_resume",
+           "paused", "perform", "pools_of"]
 
 #: What an operator may do to a dead letter from the page.
 Action = Literal["replay", "skip", "discard"]
+#: What an operator may do to a key or a partition from the page.
+PauseAction = Literal["pause", "resume"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,18 @@ class ActionResult:
     messages: list[MessageSummary]
     skipped: MessageSummary | None = None
     queue: str | None = None
+
+
+@dataclass(frozen=True)
+class PauseResult:
+    """What a pause or resume did: the pause (new, or in force already), and for a key's
+    resume the messages it released (or what still holds them)."""
+
+    action: PauseAction
+    pause: Pause
+    new: bool = True
+    messages: list[MessageSummary] = field(default_factory=list)
+    held_by: str | None = None
 
 
 def celery_app() -> Celery:
@@ -77,6 +95,48 @@ def pools_of(app: Celery) -> list[str]:
 def partitions(app: Celery) -> list[PartitionStatus]:
     """Every partition of every pool, as ``celery partitioning status`` reads them."""
     return collect_status(app)
+
+
+def paused(app: Celery) -> list[Pause]:
+    """Every pause in force: partitions first, then keys (``status`` shows the same)."""
+    return collect_pauses(app)
+
+
+def pause_or_resume(app: Celery, action: PauseAction, pool: str, *, by: str, key: str = "",
+                    partition: int | None = None) -> PauseResult:
+    """Pause or resume ``key`` of ``pool``, or its partition ``partition``, exactly as the
+    ``pause``/``resume`` commands do (a partition's pause does not wait for its holder).
+    Raises ``PauseError`` when there is nothing to do."""
+    settings_of(app).partitions(pool)  # an unknown pool: PartitionConfigError
+    spec = None if key else f"{pool}.{partition}"
+    if action == "pause":
+        done = pause_target(app, by=by, key=key or None, pool=pool, partition=spec)
+        return PauseResult(action, done.pause, done.new)
+    resumed, _ = resume_target(app, by=by, key=key or None, pool=pool, partition=spec)
+    return PauseResult(action, resumed.pause, True, resumed.released, resumed.held_by)
+
+
+def describe_pause(result: PauseResult) -> str:
+    """One line for the operator and the admin log."""
+    pause = result.pause
+    if result.action == "pause" and not result.new:
+        return f"{pause.what} is paused already (since {pause.at} by {pause.by})"
+    if result.action == "pause":
+        return (f"paused {pause.what}" + (": its messages are set aside in order" if pause.key
+                                          else ": its worker stops between two messages"))
+    if pause.key is None:
+        return f"resumed {pause.what}: its worker fetches again"
+    if result.held_by is not None:
+        return f"resumed {pause.what}; its messages stay set aside behind {result.held_by}"
+    return (f"resumed {pause.what}: released {len(result.messages)} message(s), in order, "
+            "ahead of newer ones")
+
+
+def pause_dict(result: PauseResult) -> dict[str, Any]:
+    pause = result.pause
+    return {"action": result.action, "pool": pause.pool, "key": pause.key,
+            "partition": pause.partition, "messages": len(result.messages),
+            "ids": [m.id for m in result.messages], "paused_by": pause.by, "paused_at": pause.at}
 
 
 def _store(app: Celery) -> DeadLetterStore:
@@ -176,7 +236,7 @@ def error_text(exc: Exception) -> str:
     if isinstance(exc, RedisError):
         return (f"Redis (the broker or the partitioning store) cannot be reached: {exc}; "
                 "nothing was changed")
-    return str(exc) if isinstance(exc, DeadLetterError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
 
 
 def as_dict(result: ActionResult) -> dict[str, Any]:

@@ -23,4 +23,5 @@ urlpatterns = [
     path("dead-letters/", admin.site.admin_view(views.dead_letters), name="dead_letters"),
     path("dead-letters/one/", admin.site.admin_view(views.dead_letter), name="dead_letter"),
     path("dead-letters/action/", admin.site.admin_view(views.action), name="action"),
+    path("pause/", admin.site.admin_view(views.pause_action), name="pause_action"),
 ]

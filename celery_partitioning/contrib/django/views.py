@@ -1,5 +1,6 @@
-"""The admin pages: each pool's partitions, the dead letters (paginated, searchable), one dead
-letter with what is parked behind it, and the actions replay / skip / discard.
+"""The admin pages: each pool's partitions (with what is paused), the dead letters (paginated,
+searchable), one dead letter with what is parked behind it, and the actions replay / skip /
+discard (a dead letter) and pause / resume (a key or a partition).
 
 Mounted in a project's URLconf next to the admin (see ``urls``); every view goes through
 ``admin.site.admin_view`` (staff login, CSRF protection, no caching). Reading needs staff
@@ -29,11 +30,12 @@ from . import operations as ops
 from .checks import not_installed
 from .permissions import can_operate
 
-__all__ = ["action", "dead_letter", "dead_letters", "partitions", "PER_PAGE"]
+__all__ = ["action", "dead_letter", "dead_letters", "partitions", "pause_action", "PER_PAGE"]
 
 #: Dead letters per page.
 PER_PAGE: Final = 50
 _ACTIONS: Final = ("replay", "skip", "discard")
+_PAUSE_ACTIONS: Final = ("pause", "resume")
 
 
 def _context(request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
@@ -69,6 +71,7 @@ def partitions(request: HttpRequest) -> HttpResponse:
         return _unavailable(request, title, reason)
     try:
         rows = ops.partitions(app)
+        paused_keys = [p for p in ops.paused(app) if p.key is not None]
     except (PartitioningError, RedisError, OSError) as exc:
         return _unavailable(request, title, ops.error_text(exc))
     now = time.time()
@@ -81,7 +84,7 @@ def partitions(request: HttpRequest) -> HttpResponse:
     for item in shown:
         pools.setdefault(item["row"].pool, []).append(item)
     return render(request, "celery_partitioning/partitions.html", _context(
-        request, title, pools=pools, app_name=app.main or "<unnamed>"))
+        request, title, pools=pools, app_name=app.main or "<unnamed>", paused_keys=paused_keys))
 
 
 def dead_letters(request: HttpRequest) -> HttpResponse:
@@ -164,11 +167,46 @@ def action(request: HttpRequest) -> HttpResponse:
         messages.error(request, ops.error_text(exc))
         return HttpResponseRedirect(_back(request))
     text = ops.describe(result)
-    LogEntry.objects.create(
-        user_id=request.user.pk, content_type=None, object_id=f"{pool}:{key}"[:500],
-        object_repr=f"partition key {key}"[:200],
-        action_flag=DELETION if what == "discard" else CHANGE,
-        change_message=f"celery_partitioning {text} "
-                       f"{json.dumps(ops.as_dict(result), sort_keys=True)}")
+    _record(request, f"{pool}:{key}", f"partition key {key}",
+            DELETION if what == "discard" else CHANGE, text=text, data=ops.as_dict(result))
     messages.success(request, text)
     return HttpResponseRedirect(_back(request))
+
+
+def _record(request: HttpRequest, object_id: str, what: str, flag: int, *, text: str,
+            data: dict[str, Any]) -> None:
+    """The admin log entry of an action: who, when (the entry's time), what, how many."""
+    LogEntry.objects.create(
+        user_id=request.user.pk, content_type=None, object_id=object_id[:500],
+        object_repr=what[:200], action_flag=flag,
+        change_message=f"celery_partitioning {text} {json.dumps(data, sort_keys=True)}")
+
+
+def pause_action(request: HttpRequest) -> HttpResponse:
+    """Pause or resume a key or a partition (POST, CSRF-checked, permission needed)."""
+    if request.method not in ('POST',):
+        return HttpResponseNotAllowed(["POST"])
+    if not can_operate(request.user):
+        raise PermissionDenied("operating partitions needs celery_partitioning.operate_partitions")
+    back = str(reverse("celery_partitioning:partitions"))
+    what, pool = request.POST.get("action", ""), request.POST.get("pool", "")
+    key, part = request.POST.get("key", "").strip(), request.POST.get("partition", "")
+    partition = int(part) if part.isdigit() else None
+    if what not in _PAUSE_ACTIONS or not pool or bool(key) == (partition is not None):
+        messages.error(request, "pause and resume need a pool and either a key or a partition")
+        return HttpResponseRedirect(back)
+    app, reason = _app_or_reason()
+    if reason is not None:
+        return _unavailable(request, "Partitions", reason)
+    try:
+        result = ops.pause_or_resume(app, cast(ops.PauseAction, what), pool, key=key,
+                                     partition=partition, by=request.user.get_username())
+    except (PartitioningError, RedisError, OSError) as exc:
+        messages.error(request, ops.error_text(exc))
+        return HttpResponseRedirect(back)
+    text = ops.describe_pause(result)
+    target = f"partition key {key}" if key else f"partition {pool}.{partition}"
+    _record(request, f"{pool}:{key or partition}", target, CHANGE, text=text,
+            data=ops.pause_dict(result))
+    messages.success(request, text)
+    return HttpResponseRedirect(back)

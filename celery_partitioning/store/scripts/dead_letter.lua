@@ -1,6 +1,6 @@
 -- dead_letter.lua: record a dead letter and park its key; prelude first.
 --
--- KEYS[1..8] as prelude.lua
+-- KEYS[1..9] as prelude.lua
 -- ARGV[1] key digest, ARGV[2] task id, ARGV[3] dead letter record (JSON),
 -- ARGV[4] raw message ('' if unknown)
 -- Returns 1 if the key got parked now, 0 if it was parked already (the message is then

@@ -1,18 +1,20 @@
 -- gate.lua: the parking gate, as a function of the scripts that include it (after prelude.lua).
 --
--- KEYS[9] the task id's in-place retry record (string)
+-- KEYS[10] the task id's in-place retry record (string)
 -- gate(id, raw) returns {verdict, attempt record ('' if none; read only for 'run'),
 -- 1 if the message belongs to a replay in flight (its end must be reported) else 0}.
--- Verdicts: run, parked (set aside), deferred (behind a replay), duplicate (stored already).
+-- Verdicts: run, parked (set aside), paused (set aside: only a pause holds the key),
+-- deferred (behind a replay), duplicate (stored already).
 -- ``replaying`` holds the replayed messages until they are done (not merely received), so
 -- one that comes back after a crash is still recognized as older than the deferred ones.
-local attempts = KEYS[9]
+local attempts = KEYS[10]
 
 local function gate(id, raw)
   -- the happy path: nothing replayed, stored or parked for the key (what the checks below
   -- would conclude from these very keys, in two commands; a key in backoff always has its
   -- retried message's id in ``ids``)
-  if redis.call('EXISTS', replaying, ids) == 0 and redis.call('HEXISTS', dl, digest) == 0 then
+  if redis.call('EXISTS', replaying, ids) == 0 and redis.call('HEXISTS', dl, digest) == 0
+     and not is_paused() then
     return {'run', redis.call('GET', attempts) or '', 0}
   end
   if redis.call('SISMEMBER', replaying, id) == 1 then
@@ -35,6 +37,9 @@ local function gate(id, raw)
   if set_aside() then
     redis.call('SADD', ids, id)
     redis.call('RPUSH', parked, raw)
+    if redis.call('HEXISTS', dl, digest) == 0 and redis.call('EXISTS', backoff) == 0 then
+      return {'paused', '', 0}
+    end
     return {'parked', '', 0}
   end
   return {'run', redis.call('GET', attempts) or '', 0}

@@ -10,15 +10,22 @@
 --         through the broker (then messages go to KEYS[7])
 -- KEYS[7] replay outbox list of the key
 -- KEYS[8] backoff marker of the key (present while it waits out a retry backoff)
+-- KEYS[9] paused keys hash of the pool (key digest -> JSON pause record; present = paused)
 -- ARGV[1] key digest (store.keys.key_digest)
 local dl, parked, ids, replaying, deferred = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local queue, outbox, backoff = KEYS[6], KEYS[7], KEYS[8]
+local queue, outbox, backoff, paused = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local digest = ARGV[1]
 
--- The key's messages are set aside: it is parked behind a dead letter, or waits out the
--- retry backoff of its first message.
+-- An operator paused the key (``partitioning pause --key``).
+local function is_paused()
+  return redis.call('HEXISTS', paused, digest) == 1
+end
+
+-- The key's messages are set aside: it is parked behind a dead letter, waits out the retry
+-- backoff of its first message, or is paused.
 local function set_aside()
   return redis.call('HEXISTS', dl, digest) == 1 or redis.call('EXISTS', backoff) == 1
+    or is_paused()
 end
 
 -- Re-queue set-aside messages, oldest first, ahead of anything newer: to the head of the

@@ -1,13 +1,13 @@
 -- release.lua: a key's retry backoff is over: its set-aside messages go back, in order, as a
 -- replay does (the retried message first, ahead of anything newer of the key); prelude first.
 --
--- KEYS[1..8] as prelude.lua, KEYS[9] the partition's backoff schedule (sorted set)
+-- KEYS[1..9] as prelude.lua, KEYS[10] the partition's backoff schedule (sorted set)
 -- ARGV[1] key digest, ARGV[2] the key's member of the schedule, ARGV[3] now (epoch s)
 -- Returns the number of messages re-queued, or -1 when the key is not due (or gone), -2 when
 -- an earlier replay of the key is still arriving (due again in 0.25 s), -3 when the messages
 -- are in the outbox already (KEYS[6] = ''): the caller publishes them, then drops the member.
 -- With an outbox the member stays until then, so a crash in between loses nothing.
-local schedule, member, now = KEYS[9], ARGV[2], tonumber(ARGV[3])
+local schedule, member, now = KEYS[10], ARGV[2], tonumber(ARGV[3])
 local due = redis.call('ZSCORE', schedule, member)
 if not due or tonumber(due) > now then return -1 end
 if redis.call('EXISTS', backoff) == 0 then
@@ -20,8 +20,9 @@ if redis.call('SCARD', replaying) > 0 then
   return -2
 end
 redis.call('DEL', backoff)
--- a dead letter parked the key meanwhile (a malformed message of it): all stay parked
-if redis.call('HEXISTS', dl, digest) == 1 then
+-- a dead letter parked the key meanwhile (a malformed message of it), or an operator paused
+-- it: all stay set aside
+if redis.call('HEXISTS', dl, digest) == 1 or is_paused() then
   redis.call('ZREM', schedule, member)
   return 0
 end

@@ -1,0 +1,86 @@
+"""The pause stage: a partition an operator paused stops between two messages, keeping its lease.
+
+``partitioning pause --partition pool.N`` writes a pause record (``store/pausing.py``). The
+stage reads it in :meth:`PartitionPause.between`, at most once every :data:`CHECK` seconds
+(one ``HGET``; none in between, however many messages run), so a partition notices a pause
+within about a second; a message fetched before that still runs. Once paused, ``between``
+does not return: the thread fetches nothing, the lease heartbeat (another thread) goes on
+renewing the lease, so no standby takes the partition; the stage acknowledges the pause in
+the store (``status`` shows the holder as stopped) and reads the record every
+:data:`HOLD_POLL` seconds until it is gone (``resume``) or the process stops.
+
+Paused keys need nothing here: the parking gate's script sets their messages aside.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+from ..store.broker import unreachable_errors
+from ..store.pausing import Pause, PauseStore
+from .runtime import PartitionRuntime
+from .stage import Stage
+
+__all__ = ["CHECK", "HOLD_POLL", "PartitionPause"]
+
+logger = logging.getLogger("celery_partitioning.worker")
+
+#: Seconds between two reads of the partition's pause record while it runs.
+CHECK: Final = 1.0
+#: Seconds between two reads of the record while the partition is paused.
+HOLD_POLL: Final = 0.5
+
+
+class PartitionPause(Stage):
+    """Holds its partition between two messages while an operator's pause is in force."""
+
+    name = "pause"
+
+    def __init__(self, partition: PartitionRuntime, store: PauseStore) -> None:
+        self.partition = partition
+        self.store = store
+        #: When the record must be read next (monotonic s); 0: at once (a pause may predate
+        #: this holder).
+        self.next_check = 0.0
+
+    def between(self, idle: bool) -> float | None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        self.next_check = now + CHECK
+        part = self.partition
+        pause = self.store.partition_pause(part.pool, part.index)
+        if pause is not None:
+            self._hold(pause)
+        return None
+
+    def _hold(self, pause: Pause) -> None:
+        """Wait, fetching nothing, until the pause is gone or the process stops."""
+        part = self.partition
+        node = f"{part.hostname}#{part.label}"
+        logger.warning("%s paused by %s at %s: no message runs until `partitioning resume "
+                       "--partition %s` (the lease is kept)", part.label, pause.by, pause.at,
+                       part.label)
+        unreachable = unreachable_errors()
+        acknowledged = False
+        while not part.stopping():
+            if not acknowledged:
+                try:  # only what status shows: the hold does not depend on it
+                    self.store.acknowledge(pause, node)
+                    acknowledged = True
+                except unreachable as exc:
+                    logger.warning("%s store unreachable while paused (%s)", part.label, exc)
+            time.sleep(HOLD_POLL)
+            part.progress.turned()  # waiting on purpose, not stuck
+            try:
+                current = self.store.partition_pause(part.pool, part.index)
+            except unreachable as exc:
+                logger.warning("%s store unreachable while paused (%s)", part.label, exc)
+                continue
+            if current is None:
+                logger.warning("%s resumed: fetching again", part.label)
+                return
+            if current.at != pause.at:  # resumed and paused again meanwhile
+                pause, acknowledged = current, False
