@@ -63,6 +63,9 @@ class Outgoing:
     #: A task template's message: these headers' values (lists, dicts) and the body's embed
     #: dict are the template's, shared with the batch's other messages (``own_containers``).
     shared: tuple[str, ...] | None = None
+    #: The publish signals fired already, when the call was made (an outbox row, relayed
+    #: later): sending fires none and sends ``body`` as it is.
+    announced: bool = False
 
 
 def own_containers(msg: Outgoing) -> None:

@@ -50,7 +50,7 @@ def _chunks(items: Sequence[Outgoing], size: int) -> Iterator[Sequence[Outgoing]
 
 
 def _before(msg: Outgoing) -> None:
-    if signals.before_task_publish.receivers:
+    if signals.before_task_publish.receivers and not msg.announced:
         own_containers(msg)
         signals.before_task_publish.send(
             sender=msg.name, body=msg.raw_body, exchange=msg.exchange, routing_key=msg.routing_key,
@@ -66,6 +66,8 @@ def _before(msg: Outgoing) -> None:
 def _after(chunk: Sequence[Outgoing]) -> None:
     if signals.after_task_publish.receivers:
         for msg in chunk:
+            if msg.announced:
+                continue
             own_containers(msg)
             signals.after_task_publish.send(
                 sender=msg.name, body=msg.raw_body, headers=msg.headers,

@@ -183,9 +183,9 @@ OWNERS = {
     "._deliver(": {"compat.py"},
     "state.should_stop": {"compat.py"},
     "os._exit(": {"exits.py"},
-    # re-publishing a received message, sending new ones in batches (publish_many), and
-    # relaying the messages the transactional outbox stored
-    "producer.publish(": {"message.py", "sending.py", "contrib/django/relay.py"},
+    # re-publishing a received message, and sending in batches (publish_many, and the
+    # outbox relay through the same sender)
+    "producer.publish(": {"message.py", "sending.py"},
 }
 
 
