@@ -57,10 +57,11 @@ def test_every_committed_event_runs_once_in_key_order_through_relay_kills(
         row = db.execute(sql).fetchone()
         return int(row[0]) if row else 0
 
-    # Given a partition worker and two relays (one active, one standby)
+    # Given a partition worker (its own relay off: the relays here are the commands, so
+    # each kill hits a relay alone) and two relays (one active, one standby)
     app_argv = [celery_bin(), "-A", "tests.apps.outbox_app", "partitioning"]
-    processes.start([*app_argv, "worker", "-l", "info", "--processes", "1"], env=env,
-                    log=tmp_path / "worker.log")
+    processes.start([*app_argv, "worker", "-l", "info", "--processes", "1", "--without-relay"],
+                    env=env, log=tmp_path / "worker.log")
     relay_log = tmp_path / "relay.log"
 
     def start_relay() -> subprocess.Popen[bytes]:
