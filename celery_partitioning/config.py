@@ -58,6 +58,7 @@ DEFAULTS: Final[Mapping[str, Any]] = MappingProxyType(
         "partitioning_retry_hold_below": 0.1,
         "partitioning_worker_pools": None,
         "partitioning_on_failure": "park",
+        "partitioning_outbox_relay": True,
     }
 )
 
@@ -112,6 +113,8 @@ class PartitioningSettings:
     #: partitioned task uses (tasks only sent by name from elsewhere need their pool listed).
     worker_pools: tuple[str, ...] | None = None
     on_failure: str = "park"  # of tasks that choose none: "park" or "skip" (failure_policy.py)
+    #: ``partitioning worker`` runs the Django outbox relay in a thread (when the outbox exists).
+    outbox_relay: bool = True
 
     @property
     def redis_url(self) -> str | None:
@@ -368,6 +371,7 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         retry_hold_below=_seconds("partitioning_retry_hold_below",
                                   get("partitioning_retry_hold_below"), 0, 3600),
         on_failure=on_failure_setting(get("partitioning_on_failure")),
+        outbox_relay=_flag("partitioning_outbox_relay", get("partitioning_outbox_relay")),
     )
 
 

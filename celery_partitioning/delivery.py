@@ -58,7 +58,7 @@ class _Delivery:
         self.confirmed = 0  # messages[:confirmed] are on the broker
 
     def before(self, msg: Outgoing) -> None:
-        if signals.before_task_publish.receivers:
+        if signals.before_task_publish.receivers and not msg.announced:
             _own(msg)
             signals.before_task_publish.send(
                 sender=msg.name, body=msg.raw_body, exchange=msg.exchange,
@@ -73,6 +73,8 @@ class _Delivery:
         done, self.confirmed = self.confirmed, max(self.confirmed, upto)
         if signals.after_task_publish.receivers:
             for msg in self.messages[done:self.confirmed]:
+                if msg.announced:
+                    continue
                 if msg.template is not None:
                     _own(msg)
                 signals.after_task_publish.send(

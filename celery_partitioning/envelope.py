@@ -53,6 +53,9 @@ class Outgoing:
     #: Set when the headers are ``template``'s plus ``extra`` (the router's): pre-encoded JSON.
     template: Template | None
     extra: dict[str, Any] | None
+    #: The publish signals fired already, when the call was made (an outbox row, relayed
+    #: later): delivery fires none and sends ``body`` as it is.
+    announced: bool = False
 
 
 class Template:

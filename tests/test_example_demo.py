@@ -132,9 +132,11 @@ def test_chaos_kills_workers_and_the_checkpoints_keep_every_projection_right(
     text = log.read_text()
     # When 6 partition workers were SIGKILLed during the run (3 right after a commit, before
     # the ack; 2 mid-task on the global rollup; 1 at random: `make demo DEMO_ARGS=--chaos`
-    # kills 12)
+    # kills 12), and, the tasks going through the outbox, the process running its relay
+    # twice and a producer right after it committed its events
     chaos = summary["chaos"]
-    assert chaos["kills"] >= 6, text[-3000:]
+    assert chaos["kills"] >= 6 + 3, text[-3000:]
+    assert chaos["by_kind"]["relay"] == 2 and chaos["by_kind"]["producer-after-commit"] == 1
     assert chaos["by_kind"].get("mid-task", 0) >= 1 and chaos["by_kind"].get("after-commit", 0) >= 1
     assert text.count("chaos: SIGKILL #") == chaos["kills"]
     # Then messages ran again, the checkpoints skipped at least the ones already committed,
@@ -145,6 +147,16 @@ def test_chaos_kills_workers_and_the_checkpoints_keep_every_projection_right(
     assert summary["drained"] and summary["verified"] and summary["total_mismatches"] == 0
     assert sum(summary["done"].values()) == sum(summary["published"].values())
     assert "VERIFIED" in text and "by the checkpoints" in text
+    # and the killed producer's events were relayed and applied; the outbox ends empty
+    import sqlite3
+
+    conn = sqlite3.connect(tmp_path / "shop.sqlite3")
+    try:
+        assert conn.execute("SELECT count(*) FROM shop_ordersummary WHERE order_id = "
+                            "'ord-chaos-producer' AND item_count = 1").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM celery_partitioning_outboxmessage").fetchone() == (0,)
+    finally:
+        conn.close()
     assert _leftovers(namespace) == []
 
 

@@ -76,10 +76,7 @@ SCENARIO = textwrap.dedent("""
     found["queued_before_relay"] = client.llen(queue_key)
     # the relay publishes them in id order, with the same ids, and deletes them
     relay = Relay(oa.app, batch=2)
-    with oa.app.connection_for_write() as conn:
-        producer = conn.Producer(auto_declare=False)
-        found["rounds"] = [relay.relay_once(producer), relay.relay_once(producer),
-                           relay.relay_once(producer)]
+    found["rounds"] = [relay.relay_once(), relay.relay_once(), relay.relay_once()]
     found["rows_after_relay"] = OutboxMessage.objects.count()
     raw = [json.loads(m) for m in reversed(client.lrange(queue_key, 0, -1))]
     found["queued"] = [[m["headers"]["id"], m["headers"]["partition_key"]] for m in raw]
@@ -153,8 +150,8 @@ AMQP_SCENARIO = textwrap.dedent("""
                                        for s in (1, 2, 3)])
     row = OutboxMessage.objects.order_by("id").first()
     found = {"ids": [r.id for r in results], "declare": row.declare}
-    with oa.app.connection_for_write(transport_options={"confirm_publish": True}) as conn:
-        found["relayed"] = Relay(oa.app).relay_once(conn.Producer(auto_declare=False))
+    found["relayed"] = Relay(oa.app).relay_once()
+    with oa.app.connection_for_write() as conn:
         index = row.headers["partition_index"]
         queue = partitioning_of(oa.app).router.queue("entity", index).bind(conn.channel())
         # declared by the relay with the partition's own arguments, or this would fail

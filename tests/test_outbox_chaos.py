@@ -1,5 +1,6 @@
 """The outbox end to end on PostgreSQL with real processes: concurrent producers, one
-transaction in five rolled back after its publish, the active relay SIGKILLed several times;
+transaction in five rolled back after its publish, the active relay SIGKILLed several times
+and the partition worker process twice;
 every committed event applied exactly once, in per-key order, and nothing else."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.support.procs import ROOT, Processes, alive, celery_bin, wait_for
 from tests.test_checkpoints import postgres_db  # noqa: F401 - the fixture
 
 PRODUCERS, TRANSACTIONS, KEYS, PER_TRANSACTION, ROLLBACK_EVERY = 3, 50, 12, 3, 5
-KILLS = 3
+KILLS, WORKER_KILLS = 3, 2
 
 
 def _pg(dbname: str) -> Any:
@@ -28,6 +29,16 @@ def _pg(dbname: str) -> Any:
 
     return psycopg.connect(host=os.environ.get("CP_PG_HOST", "/var/run/postgresql"),
                            user="postgres", dbname=dbname, autocommit=True)
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def _lease_holder_pid(client: Any, namespace: str) -> int | None:
@@ -57,10 +68,11 @@ def test_every_committed_event_runs_once_in_key_order_through_relay_kills(
         row = db.execute(sql).fetchone()
         return int(row[0]) if row else 0
 
-    # Given a partition worker and two relays (one active, one standby)
+    # Given a partition worker (its own relay off: the relays here are the commands, so
+    # each kill hits a relay alone) and two relays (one active, one standby)
     app_argv = [celery_bin(), "-A", "tests.apps.outbox_app", "partitioning"]
-    processes.start([*app_argv, "worker", "-l", "info", "--processes", "1"], env=env,
-                    log=tmp_path / "worker.log")
+    supervisor = processes.start([*app_argv, "worker", "-l", "info", "--processes", "1",
+                                  "--without-relay"], env=env, log=tmp_path / "worker.log")
     relay_log = tmp_path / "relay.log"
 
     def start_relay() -> subprocess.Popen[bytes]:
@@ -106,6 +118,15 @@ def test_every_committed_event_runs_once_in_key_order_through_relay_kills(
         relays.remove(victim)
         relays.append(start_relay())
         kills += 1
+    # and the partition worker process twice, each time after it applied something more
+    for _ in range(WORKER_KILLS):
+        before = count("SELECT count(*) FROM applied")
+        wait_for(lambda b=before: count("SELECT count(*) FROM applied") > b, 60,
+                 "the worker to apply more")
+        wait_for(lambda: len(_children(supervisor.pid)) == 1, 60, "a worker process")
+        child = _children(supervisor.pid)[0]
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda c=child: c not in _children(supervisor.pid), 10, "the worker to go")
     stop_file.touch()
     for producer in producers:
         producer.wait(120)
@@ -146,5 +167,6 @@ def test_every_committed_event_runs_once_in_key_order_through_relay_kills(
     # and the outbox is empty
     assert count("SELECT count(*) FROM celery_partitioning_outboxmessage") == 0
     assert kills == KILLS
+    assert supervisor.poll() is None  # it restarted the killed worker process both times
     db.close()
     client.close()

@@ -24,7 +24,7 @@ from ..tasks import pools_used_by
 from ..validation import assert_valid_partition_keys, logged_above
 from ..worker.preflight import check_guarantees, declare_partition_queues
 from ..worker.resize import check_recorded_sizes
-from ..worker.runtime import EVENTS_ENV
+from ..worker.runtime import EVENTS_ENV, RELAY_ENV
 from ..worker.startup import when_reachable
 from ..worker.supervisor import (
     Supervisor,
@@ -133,6 +133,9 @@ def partitioning(ctx: click.Context) -> None:
                    "number of partitions.")
 @click.option("--without-events", is_flag=True,
               help="Do not send task events (on by default, for Flower and `celery events`).")
+@click.option("--without-relay", is_flag=True,
+              help="Do not run the outbox relay (on by default when the Django outbox app is "
+                   "installed; setting partitioning_outbox_relay).")
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
 @click.option("--balance", is_flag=True,
@@ -150,7 +153,8 @@ def partitioning(ctx: click.Context) -> None:
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
-           processes: int | None, without_events: bool, stop_timeout: float, balance: bool,
+           processes: int | None, without_events: bool, without_relay: bool,
+           stop_timeout: float, balance: bool,
            dry_run: bool,
            metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
@@ -208,7 +212,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         _fail(str(exc))
     if skipped_note:
         click.echo(f"[supervisor] {skipped_note}", err=False)
-    env = {**os.environ, EVENTS_ENV: "0" if without_events else "1"}
+    env = _child_env(events=not without_events, relay=settings.outbox_relay and not without_relay)
     _preload_worker_modules()
     try:
         if metrics is not None:
@@ -218,6 +222,11 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _child_env(*, events: bool, relay: bool) -> dict[str, str]:
+    """The partition worker processes' environment: ours, with what the options turned off."""
+    return {**os.environ, EVENTS_ENV: "1" if events else "0", RELAY_ENV: "1" if relay else "0"}
 
 
 def _check_before_start(ctx: click.Context, app: Any, selected: list[Any]) -> None:

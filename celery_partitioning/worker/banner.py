@@ -44,7 +44,9 @@ def describe_partitions(runtime: WorkerRuntime) -> str:
     return "\n[partitions]\n" + "\n".join(rows) + "\n"
 
 
-def install_banner(worker: object, runtime: WorkerRuntime, idle_queue: str) -> None:
-    """Make ``worker`` (a ``celery.apps.worker.Worker``) print the banner above."""
+def install_banner(worker: object, runtime: WorkerRuntime, idle_queue: str,
+                   extra: str = "") -> None:
+    """Make ``worker`` (a ``celery.apps.worker.Worker``) print the banner above, then
+    ``extra`` (another section: the outbox relay's)."""
     compat.rewrite_worker_banner(worker, lambda text: rewrite_banner(text, runtime, idle_queue),
-                                 describe_partitions(runtime))
+                                 describe_partitions(runtime) + extra)

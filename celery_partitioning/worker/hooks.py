@@ -50,6 +50,7 @@ from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
 from .lifecycle import Partition, unit_of
 from .orphan import start_supervisor_watch
+from .outbox_relay import RelayStep, describe_relays, relay_requested
 from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .resize import check_recorded_size
@@ -122,6 +123,8 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
     if os.environ.get(EVENTS_ENV, "1") != "0":
         app.conf.worker_send_task_events = True
     app.steps["worker"].add(PartitionsStep)
+    if relay_requested():
+        app.steps["worker"].add(RelayStep)
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
@@ -131,7 +134,7 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
         # Sent just before Celery prints its banner: say what runs the tasks.
         runtime = current_worker(app)
         if getattr(instance, "app", None) is app and runtime is not None:
-            install_banner(instance, runtime, idle)
+            install_banner(instance, runtime, idle, describe_relays(instance))
 
     signals.worker_init.connect(on_worker_init, weak=False)
     signals.celeryd_after_setup.connect(on_after_setup, weak=False)

@@ -55,6 +55,7 @@ __all__ = [
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
     "EVENTS_ENV",
+    "RELAY_ENV",
     "PartitionRuntime",
     "WorkerRuntime",
     "current_runtime",
@@ -79,6 +80,9 @@ LEASE_TAKEOVER_ENV: Final = "CELERY_PARTITIONING_LEASE_TAKEOVER"
 SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
 #: ``0`` when the supervisor was told not to send task events (``--without-events``).
 EVENTS_ENV: Final = "CELERY_PARTITIONING_EVENTS"
+#: ``1`` on the supervisor's first process when the outbox relay runs in the worker
+#: (``outbox_relay.py``).
+RELAY_ENV: Final = "CELERY_PARTITIONING_OUTBOX_RELAY"
 
 #: Attribute of the Celery app that holds the WorkerRuntime of this process.
 WORKER_ATTRIBUTE: Final = "_celery_partitioning_worker"

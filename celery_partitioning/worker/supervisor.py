@@ -43,6 +43,7 @@ from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
     PARTITIONS_ENV,
+    RELAY_ENV,
     SUPERVISOR_PID_ENV,
 )
 from .selection import PartitionSpec, parse_indexes, parse_partition_spec, select_partitions
@@ -279,6 +280,8 @@ class Supervisor:
         env.pop(LEASE_TAKEOVER_ENV, None)
         if child.spec.shared:
             env[BALANCE_ENV] = "1"
+        if child.spec.number:
+            env.pop(RELAY_ENV, None)  # one outbox relay per command: in its first process
         if child.previous_token:
             # We saw the previous child exit: its lease (if it held one) is dead.
             env[LEASE_TAKEOVER_ENV] = child.previous_token

@@ -13,14 +13,25 @@ For the last two the demo arms a Redis flag; the first worker of that pool to re
 moment (``task_postrun``, or the rollup's pause) takes the flag, writes its pid and waits,
 at most ``STALL_SECONDS``, for the kill. An armed kill nobody takes within ``ARM_TIMEOUT``
 becomes a random kill. Workers take part only when ``SHOP_CHAOS=1`` (set by the demo).
+
+With the outbox (``--chaos`` publishes through it), two more kinds, on top of those:
+
+* ``relay``: the process running the outbox relay (the holder of its lease, a thread of the
+  supervisor's first process), while the demo commits batches: ``RELAY_KILLS`` times;
+* ``producer-after-commit``: a producer process (``shop.producer``) that committed its
+  events and their tasks (in the outbox) and is killed before it could do anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +48,12 @@ __all__ = ["ChaosMonkey", "Kill", "maybe_stall_mid_task", "maybe_stall_after_com
 STALL_SECONDS = 10.0
 #: Longest an armed kill waits for a worker to take it.
 ARM_TIMEOUT = 4.0
+#: SIGKILLs of the outbox relay's process per run (with the outbox).
+RELAY_KILLS = 2
+#: Longest the demo waits for a relay to hold the lease, or for the producer's commit.
+OUTBOX_WAIT = 60.0
+#: Kinds of the kills planned over the drain (``--kills``); the outbox ones come on top.
+PLANNED = ("random", "after-commit", "mid-task")
 
 
 def _keys() -> tuple[str, str]:
@@ -134,13 +151,78 @@ class ChaosMonkey:
         self._client.delete(*_keys())
 
     @property
-    def finished(self) -> bool:
-        return len(self.done) >= self.kills
+    def planned_done(self) -> int:
+        return sum(1 for kill in self.done if kill.kind in PLANNED)
 
-    def _kill(self, kind: str, pool: str, pid: int) -> None:
+    @property
+    def finished(self) -> bool:
+        return self.planned_done >= self.kills
+
+    @property
+    def relay_kills(self) -> int:
+        return sum(1 for kill in self.done if kill.kind == "relay")
+
+    def _relay_pid(self) -> int | None:
+        """The live child of the supervisor that holds the outbox relay's lease, if any."""
+        from celery_partitioning.store.lease import parse_holder
+
+        children = children_of(self.supervisor_pid)
+        for key in self._client.scan_iter(match=f"{settings.SHOP_NAMESPACE}cp:lease:outbox:*"):
+            holder = parse_holder(self._client.get(key))
+            if holder is not None and holder.pid in children:
+                return holder.pid
+        return None
+
+    def kill_relay(self, note: Callable[[str], None], wait: float = 0.0) -> bool:
+        """SIGKILL the relay's process (waiting up to ``wait`` s for a live holder)."""
+        deadline = time.monotonic() + wait
+        while (pid := self._relay_pid()) is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        if not self._kill("relay", "outbox", pid):
+            return False
+        note(f"chaos: SIGKILL #{len(self.done)} outbox relay: worker pid {pid}, the holder of "
+             "its lease (relay)")
+        return True
+
+    def during_publish(self, fraction: float, note: Callable[[str], None]) -> None:
+        """After a batch committed to the outbox: the next relay kill when it is due."""
+        if (self.relay_kills < RELAY_KILLS
+                and fraction >= (self.relay_kills + 1) / (RELAY_KILLS + 1)):
+            self.kill_relay(note)
+
+    def kill_producer_after_commit(self, events: list[dict[str, Any]], env: dict[str, str],
+                                   cwd: Path, note: Callable[[str], None]) -> None:
+        """Start ``shop.producer``, let it commit ``events``, SIGKILL it right after."""
+        proc = subprocess.Popen([sys.executable, "-m", "shop.producer"], cwd=cwd, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True)
+        timer = threading.Timer(OUTBOX_WAIT, proc.kill)  # a producer that never commits
+        timer.start()
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(events).encode())
+            proc.stdin.close()
+            line = proc.stdout.readline().decode().strip()
+            if not line.startswith("committed"):
+                raise RuntimeError(f"chaos: the producer did not commit (exit {proc.wait()})")
+            self._kill("producer-after-commit", "outbox", proc.pid)
+            note(f"chaos: SIGKILL #{len(self.done)} producer pid {proc.pid} right after its "
+                 f"commit ({line}: in the outbox only; the relay publishes them)")
+        finally:
+            timer.cancel()
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def _kill(self, kind: str, pool: str, pid: int) -> bool:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             self.done.append(Kill(kind, pool, pid, time.monotonic()))
+            return True
+        return False
 
     def _random_kill(self, note: Callable[[str], None]) -> None:
         children = children_of(self.supervisor_pid)
@@ -166,9 +248,10 @@ class ChaosMonkey:
                 self._armed_at = None  # nobody took it: fall back to a random kill
                 self._random_kill(note)
             return
-        if self.finished or done_fraction < 0.9 * (len(self.done) + 1) / (self.kills + 1):
+        planned = self.planned_done
+        if self.finished or done_fraction < 0.9 * (planned + 1) / (self.kills + 1):
             return
-        kind = self.plan[len(self.done)]
+        kind = self.plan[planned]
         if kind == "random":
             self._random_kill(note)
         else:

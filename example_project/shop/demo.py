@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,7 +39,7 @@ from .models import (
     StoredEvent,
 )
 from .orders import OrderBook
-from .progress import count_publishes_in_bulk, progress_of
+from .progress import count_published, count_publishes_in_bulk, progress_of
 from .report import Console, DemoResult, print_table
 from .stream import StreamPlan, plan_stream
 from .verify import verify
@@ -86,14 +87,15 @@ class Published:
     seconds: float = 0.0  # spent publishing tasks (not running commands or storing events)
 
 
-def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> Published:
-    """Run the commands, store their events, publish their tasks (in position order)."""
+def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str,
+                    on_batch: Callable[[float], None] | None = None) -> Published:
+    """Run the commands, store their events, publish their tasks (in position order);
+    ``on_batch(share of the commands done)`` after each batch (the chaos monkey's turn)."""
     from celery_partitioning import publish_many
     from celery_partitioning.contrib.django import outbox
 
     from .dblock import write_transaction
     from .inventory import reserve_inventory
-    from .progress import pool_of
 
     book = OrderBook(plan.prices)
     handlers: dict[str, Callable[..., list[dict[str, Any]]]] = {
@@ -103,7 +105,6 @@ def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> 
     }
     done = Published()
     pending: list[dict[str, Any]] = []
-    progress = progress_of(app)
 
     def calls_for(stored: list[dict[str, Any]]) -> list[Any]:
         calls = []
@@ -119,12 +120,7 @@ def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> 
         return calls
 
     def count(calls: list[Any]) -> None:
-        counts: dict[str, int] = {}
-        for call in calls:
-            pool = pool_of(app, call.task)
-            if pool is not None:
-                counts[f"published:{pool}"] = counts.get(f"published:{pool}", 0) + 1
-        progress.count_many(counts)  # before the workers can count them done
+        count_published(app, calls)
 
     def flush() -> None:
         # One transaction per batch keeps the event store fast while the workers write too;
@@ -153,12 +149,29 @@ def _publish_stream(app: Any, plan: StreamPlan, tenant: str, publisher: str) -> 
         done.seconds += time.perf_counter() - started
         done.tasks += len(calls)
 
-    for command in plan.commands:
+    for n, command in enumerate(plan.commands, 1):
         pending.extend(handlers[command.name](**command.args))
         if len(pending) >= PUBLISH_BATCH:
             flush()
+            if on_batch is not None:
+                on_batch(n / len(plan.commands))
     flush()
     return done
+
+
+def _outbox_chaos(monkey: ChaosMonkey, plan: StreamPlan, console: Console) -> None:
+    """The relay kills still due after publishing, then a producer killed after its commit
+    (a new order of its own: two events, their tasks only in the outbox)."""
+    from .chaos import OUTBOX_WAIT, RELAY_KILLS
+
+    while monkey.relay_kills < RELAY_KILLS:
+        if not monkey.kill_relay(console.say, wait=OUTBOX_WAIT):
+            raise RuntimeError("chaos: no live process held the outbox relay's lease")
+    book = OrderBook(plan.prices)
+    order_id = "ord-chaos-producer"
+    events = (book.create_order(order_id, "cust-chaos-producer")
+              + book.add_item(order_id, sorted(plan.prices)[0], 1))
+    monkey.kill_producer_after_commit(events, worker_env(), PROJECT_DIR, console.say)
 
 
 def _watched_queues(app: Any, pools: dict[str, int], plain_queue: str | None) -> list[tuple[str, str]]:
@@ -268,6 +281,19 @@ def _throughput(snapshot: dict[str, float], pools: dict[str, int], started_at: f
     return rates
 
 
+def _chaos_monkey(options: DemoOptions, workers: Workers, pools: dict[str, int],
+                  console: Console) -> ChaosMonkey | None:
+    if not options.chaos:
+        return None
+    supervisor = workers.supervisor_pid
+    if supervisor is None:
+        raise RuntimeError("--chaos needs the supervisor, which is not running")
+    console.say(f"chaos: {options.kills} SIGKILLs of partition workers, spread over the run"
+                + ("; and of the outbox relay, and a producer right after its commit"
+                   if options.publisher == "outbox" else ""))
+    return ChaosMonkey(supervisor, list(pools), options.kills, options.seed)
+
+
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
     """Run the whole demo; returns its result (the table is printed to ``out``)."""
     from example_project.celery import app
@@ -296,7 +322,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                     how = workers.start_plain(options.plain_workers, options.plain_concurrency)
                 else:
                     how = workers.start_partitioned(app, pools, options.workers)
-                    if options.publisher == "outbox":
+                    if workers.supervisor_pid is not None:
+                        how += "; the outbox relay in a thread of its first process"
+                    elif options.publisher == "outbox":
                         how += "; " + workers.start_outbox_relay()
                 console.say(f"workers: {how}; logs in {log_dir}")
                 console.say("checkpoints: " + ("on (body and checkpoint in one transaction)"
@@ -308,18 +336,18 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> DemoResult:
                 started_wall = time.time()
                 started = time.monotonic()
                 count_publishes_in_bulk()
-                published = _publish_stream(app, plan, settings.SHOP_TENANT, options.publisher)
+                monkey = _chaos_monkey(options, workers, pools, console)
+                outbox_monkey = monkey if options.publisher == "outbox" else None
+                published = _publish_stream(
+                    app, plan, settings.SHOP_TENANT, options.publisher,
+                    None if outbox_monkey is None else partial(outbox_monkey.during_publish,
+                                                               note=console.say))
                 check_interrupted()
                 console.say(f"published {published.events} events as {published.tasks} tasks in "
                             f"{time.monotonic() - started:.1f} s ({published.seconds:.2f} s of it "
                             f"in {options.publisher}); draining")
-                if options.chaos:
-                    supervisor = workers.supervisor_pid
-                    if supervisor is None:
-                        raise RuntimeError("--chaos needs the supervisor, which is not running")
-                    monkey = ChaosMonkey(supervisor, list(pools), options.kills, options.seed)
-                    console.say(f"chaos: {options.kills} SIGKILLs of partition workers, spread "
-                                "over the run")
+                if outbox_monkey is not None:
+                    _outbox_chaos(outbox_monkey, plan, console)
                 _drain(result, app, pools, plain_queue, workers, console, options.timeout, started,
                        monkey)
                 result.drain_seconds = time.monotonic() - started

@@ -100,6 +100,17 @@ def pool_of(app: Celery, task_name: str) -> str | None:
     return pool or "other"
 
 
+def count_published(app: Celery, calls: list[Any]) -> None:
+    """Count a batch of task calls as published, per pool, in one round trip (before the
+    workers can count them done)."""
+    counts: dict[str, int] = {}
+    for call in calls:
+        pool = pool_of(app, call.task)
+        if pool is not None:
+            counts[f"published:{pool}"] = counts.get(f"published:{pool}", 0) + 1
+    progress_of(app).count_many(counts)
+
+
 def _on_publish(sender: Any = None, **_: Any) -> None:
     from celery import current_app
 

@@ -59,6 +59,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
     worker_hijack_root_logger=False,
+    # CP_OUTBOX_RELAY=0: `partitioning worker` runs no outbox relay thread
+    partitioning_outbox_relay=os.environ.get("CP_OUTBOX_RELAY", "1") == "1",
 )
 cp.install(app)
 

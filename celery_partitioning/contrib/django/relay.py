@@ -6,11 +6,12 @@ standby, taking over within ``partitioning_lease_ttl`` after the holder dies. A 
 that cannot renew its lease ends its process (the lease's fence), so two relays never
 publish at once for long.
 
-A loop: read up to ``batch`` rows in id order, publish each as it was captured (same
-exchange, routing key, headers, properties, body: same task id), wait for the broker's
-confirmation (RabbitMQ publisher confirms; on Redis the ``LPUSH`` reply), delete the
-confirmed rows, repeat. Idle: PostgreSQL ``LISTEN`` (the outbox insert sends ``NOTIFY`` in
-its transaction), else a poll every ``poll`` seconds.
+A loop of rounds: read up to ``batch`` rows in id order; publish them as they were captured
+(same exchange, routing key, headers, properties, body: same task id) through
+``publish_many``'s sender (``delivery.deliver``), in one broker round trip (Redis
+``MULTI``/``LPUSH``/``EXEC``; RabbitMQ publisher confirms); delete the confirmed rows with
+one statement; repeat at once while full batches come back. Idle: PostgreSQL ``LISTEN``
+(the outbox insert sends ``NOTIFY`` in its transaction), else a poll every ``poll`` seconds.
 
 Crash between publish and delete: the next relay publishes those rows again, with the same
 task ids, before any later row. Tasks with ``checkpoint=`` skip the repeats (a position at
@@ -28,22 +29,28 @@ from typing import TYPE_CHECKING, Any, Final
 from django.db import connections
 from kombu.entity import Exchange, Queue
 
+from ...delivery import deliver
+from ...envelope import Outgoing
+from ...errors import PublishManyError
 from ...state import redis_client, redis_keys, settings_of
 from ...store.lease import Lease
-from .outbox import NOTIFY_CHANNEL
+from .outbox import NOTIFY_CHANNEL, SUPPORTED_VENDORS
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .models import OutboxMessage
-
 __all__ = ["Relay", "RelayStats", "OutboxStatus", "DEFAULT_BATCH", "DEFAULT_POLL", "lease_name",
-           "outbox_status", "setup_django"]
+           "outbox_databases", "outbox_status", "setup_django"]
 
 logger = logging.getLogger("celery_partitioning.outbox")
 
 #: Rows read, published and deleted per round.
 DEFAULT_BATCH: Final = 500
+
+#: The outbox columns a round reads, in the order ``Relay._message`` unpacks them.
+_COLUMNS: Final = ("id", "task_name", "task_id", "exchange", "routing_key", "declare", "headers",
+                   "properties", "body", "content_type", "content_encoding", "compression",
+                   "delivery_mode")
 
 #: Seconds between two looks at an idle outbox (SQLite; on PostgreSQL the longest wait
 #: for a ``NOTIFY`` before looking anyway).
@@ -63,6 +70,37 @@ def lease_name(alias: str) -> str:
     """The lease's name under ``RedisKeys.lease``: one relay per database."""
     name = connections[alias].settings_dict.get("NAME") or ""
     return f"outbox:{alias}:{name}"
+
+
+def outbox_databases() -> list[str]:
+    """The aliases of the databases holding the outbox table, when this process runs Django
+    with ``celery_partitioning.contrib.django`` installed; [] otherwise."""
+    from django.apps import apps
+    from django.conf import settings
+    from django.db import DatabaseError
+
+    if not (settings.configured and apps.ready
+            and apps.is_installed("celery_partitioning.contrib.django")):
+        return []
+    from .models import OutboxMessage
+
+    found = []
+    for alias in connections:
+        connection = connections[alias]
+        if connection.vendor not in SUPPORTED_VENDORS:
+            continue
+        try:
+            with connection.cursor() as cursor:
+                tables = connection.introspection.table_names(cursor)
+        except DatabaseError as exc:
+            logger.warning("outbox relay: cannot list the tables of database %r (%s); no "
+                           "relay for it", alias, exc)
+            continue
+        finally:
+            connection.close()  # this thread is not the relay's: keep no idle connection
+        if OutboxMessage._meta.db_table in tables:
+            found.append(alias)
+    return found
 
 
 @dataclass
@@ -108,7 +146,11 @@ class Relay:
     """Publishes the committed rows of one database's outbox."""
 
     def __init__(self, app: Celery, *, using: str = "default", batch: int = DEFAULT_BATCH,
-                 poll: float = DEFAULT_POLL, stop: threading.Event | None = None) -> None:
+                 poll: float = DEFAULT_POLL, stop: threading.Event | None = None,
+                 token: str | None = None, takeover: str | None = None) -> None:
+        """``token``/``takeover``: the lease's, as a partition worker process's partitions
+        have them (``store/lease.py``): a restarted process takes its predecessor's lease
+        over at once instead of after the TTL."""
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         self.app = app
@@ -118,51 +160,70 @@ class Relay:
         self.stop = stop or threading.Event()
         self.stats = RelayStats()
         self._listening = False
-        self._queues: dict[str, Queue] = {}
+        self._queues: dict[str, tuple[dict[str, Any], Queue]] = {}
+        self._retry_policy = dict(app.conf.task_publish_retry_policy or {})
         self._can_listen = True
+        self._token, self._takeover = token, takeover
 
     # ---- one round ---------------------------------------------------------------------
 
-    def relay_once(self, producer: Any) -> int:
-        """Publish up to ``batch`` committed rows in id order; delete the confirmed ones."""
+    def relay_once(self) -> int:
+        """Publish up to ``batch`` committed rows in id order, in one broker round trip
+        (``delivery.deliver``: a Redis ``MULTI``/``EXEC``, RabbitMQ publisher confirms), then
+        delete the confirmed rows with one statement. Returns the rows read."""
         from .models import OutboxMessage
 
-        rows = list(OutboxMessage.objects.using(self.using).order_by("id")[: self.batch])
-        confirmed: list[int] = []
+        rows = list(OutboxMessage.objects.using(self.using).order_by("id")
+                    .values_list(*_COLUMNS)[: self.batch])
+        if not rows:
+            self.stats.rounds += 1
+            return 0
+        messages = [self._message(position, row) for position, row in enumerate(rows)]
         try:
-            for row in rows:
-                self._publish(producer, row)
-                confirmed.append(row.id)
-        finally:
-            if confirmed:
-                OutboxMessage.objects.using(self.using).filter(id__in=confirmed).delete()
-                self.stats.published += len(confirmed)
+            deliver(self.app, messages, len(messages), self._retry_policy)
+        except PublishManyError as exc:
+            # What the broker confirmed is deleted; the rest is published again, same ids.
+            self._delete([rows[position][0] for position in exc.published])
+            raise
+        self._delete([row[0] for row in rows])
         self.stats.rounds += 1
         return len(rows)
 
+    def _delete(self, ids: list[int]) -> None:
+        from .models import OutboxMessage
+
+        if ids:
+            OutboxMessage.objects.using(self.using).filter(id__in=ids).delete()
+            self.stats.published += len(ids)
+
     def _queue(self, declaration: dict[str, Any]) -> Queue:
-        """The kombu Queue a row declares (cached: kombu declares it once per channel)."""
+        """The kombu Queue a row declares (cached: one object per queue, declared once per
+        connection as ``apply_async`` does)."""
         name = declaration["name"]
-        queue = self._queues.get(name)
-        if queue is None or queue.as_dict(recurse=True) != declaration:
-            options = {k: v for k, v in declaration.items() if v is not None}
-            options.pop("name")
-            options.pop("bindings", None)
-            exchange = options.pop("exchange", None) or {}
-            queue = self._queues[name] = Queue(
-                name, exchange=Exchange(**{k: v for k, v in exchange.items() if v is not None}),
-                **options)
+        cached = self._queues.get(name)
+        if cached is not None and cached[0] == declaration:
+            return cached[1]
+        options = {k: v for k, v in declaration.items() if v is not None}
+        options.pop("name")
+        options.pop("bindings", None)
+        exchange = options.pop("exchange", None) or {}
+        queue = Queue(name, exchange=Exchange(**{k: v for k, v in exchange.items()
+                                                if v is not None}), **options)
+        self._queues[name] = (declaration, queue)
         return queue
 
-    def _publish(self, producer: Any, row: OutboxMessage) -> None:
-        queue = self._queue(row.declare) if row.declare else None
-        producer.publish(
-            bytes(row.body), exchange=row.exchange, routing_key=row.routing_key,
-            headers=dict(row.headers), content_type=row.content_type,
-            content_encoding=row.content_encoding, compression=row.compression or None,
-            delivery_mode=row.delivery_mode, declare=[queue] if queue is not None else [],
-            retry=True, retry_policy=self.app.conf.task_publish_retry_policy,
-            **row.properties)
+    def _message(self, position: int, row: tuple[Any, ...]) -> Outgoing:
+        """A row as the message ``publish_many`` sends: what ``outbox.publish`` captured,
+        unchanged (same task id); its publish signals fired at that call already."""
+        (_id, name, task_id, exchange, routing_key, declare, headers, properties, body,
+         content_type, content_encoding, compression, delivery_mode) = row
+        return Outgoing(
+            position=position, name=name, task_id=task_id,
+            queue=self._queue(declare) if declare else None, exchange=exchange,
+            routing_key=routing_key, delivery_mode=delivery_mode, headers=headers,
+            properties=properties, raw_body=None, body=bytes(body), content_type=content_type,
+            content_encoding=content_encoding, serializer="", compression=compression or None,
+            sent_event=None, ignore_result=False, template=None, extra=None, announced=True)
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -177,7 +238,8 @@ class Relay:
                 "partitioning_redis_url (or use a Redis broker)")
         client = redis_client(settings.redis)
         lease = Lease(client, redis_keys(self.app).lease(lease_name(self.using)),
-                      settings.lease_ttl, node=f"outbox-relay@{self.using}")
+                      settings.lease_ttl, node=f"outbox-relay@{self.using}",
+                      token=self._token, takeover=self._takeover)
         try:
             if not lease.acquire(self.stop.is_set, label=f"outbox relay ({self.using})"):
                 return
@@ -190,17 +252,11 @@ class Relay:
             connections[self.using].close()
 
     def _relay_until_stopped(self) -> None:
-        transport_options: dict[str, Any] = {}
-        with self.app.connection_for_write() as probe:  # no I/O: the transport's type
-            if probe.transport.driver_type == "amqp":
-                transport_options["confirm_publish"] = True  # publish returns once confirmed
         while not self.stop.is_set():
             try:
-                with self.app.connection_for_write(transport_options=transport_options) as conn:
-                    producer = conn.Producer(auto_declare=False)
-                    while not self.stop.is_set():
-                        if self.relay_once(producer) < self.batch:
-                            self._wait()
+                while not self.stop.is_set():
+                    if self.relay_once() < self.batch:
+                        self._wait()
             except Exception:
                 if self.stop.is_set():
                     return

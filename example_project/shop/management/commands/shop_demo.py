@@ -35,14 +35,17 @@ class Command(BaseCommand):
         parser.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
         parser.add_argument("--log-dir", type=Path, default=None, help="worker logs (default .demo/logs)")
         parser.add_argument("--publish-with", choices=["publish_many", "apply_async", "outbox"],
-                            default="publish_many",
+                            default=None,
                             help="publish each batch of tasks with publish_many (default), one "
                                  "apply_async per task (to compare the publish time), or the "
                                  "transactional outbox (stored with the events, published by "
-                                 "an outbox relay after the commit)")
+                                 "the workers' outbox relay after the commit; the default "
+                                 "with --chaos)")
         parser.add_argument("--chaos", action="store_true",
                             help="SIGKILL partition workers during the run (at least --kills times), "
-                                 "then verify; prints how many messages ran again and were skipped")
+                                 "and with the outbox its relay twice and a producer right after "
+                                 "its commit, then verify; prints how many messages ran again "
+                                 "and were skipped")
         parser.add_argument("--kills", type=int, default=12,
                             help="--chaos: how many SIGKILLs, spread over the run (default 12)")
         parser.add_argument("--no-checkpoints", action="store_true",
@@ -89,7 +92,7 @@ class Command(BaseCommand):
             timeout=options["timeout"], workers=options["workers"],
             plain_workers=options["plain_workers"], plain_concurrency=options["plain_concurrency"],
             json_path=options["json"], log_dir=options["log_dir"], keep_keys=options["keep_keys"],
-            publisher=options["publish_with"],
+            publisher=options["publish_with"] or ("outbox" if options["chaos"] else "publish_many"),
             chaos=options["chaos"], kills=options["kills"],
             checkpoints=checkpoints,
         )
