@@ -33,7 +33,8 @@ STARTUP_TIMEOUT = 180.0
 
 
 def _commands(client: redis.Redis) -> Counter[str]:
-    """Calls so far, by command (``INFO commandstats``)."""
+    """Calls so far, by command (``INFO commandstats``; the commands a script runs count too,
+    as they do in ``total_commands_processed``)."""
     stats = client.info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): int(value["calls"])
                     for name, value in stats.items()})
@@ -65,7 +66,7 @@ def measure(url: str, partitions: int, seconds: float, settle: float,
         after = _commands(client)
         elapsed = time.monotonic() - began
         clients = int(client.info("clients")["connected_clients"]) - 1  # less our own
-        # INFO itself is counted: the benchmark's own two calls are not the worker's
+        # INFO itself is counted: the benchmark's own calls are not the worker's
         after["info"] -= 2
         rates = Counter({name: (after[name] - before[name]) / elapsed for name in after
                          if after[name] > before[name]})
@@ -83,11 +84,11 @@ def main() -> None:
     settle = env_float("BENCH_IDLE_SETTLE", 5.0)
     table = Table(f"Idle cost, one process ({machine()})",
                   ["partitions", "commands/s", "per partition", "clients", "per partition",
-                   "top commands/s"])
+                   "commands/s by command"])
     with EmbeddedRedis("redis://127.0.0.1:1/0", always_start=True) as url:
         for partitions in env_list("BENCH_IDLE_CASES", [26, 256]):
             rate, clients, rates = measure(url, partitions, seconds, settle, log_dir)
-            top = ", ".join(f"{name} {value:.1f}" for name, value in rates.most_common(6))
+            top = ", ".join(f"{name} {value:.1f}" for name, value in rates.most_common(8))
             table.add(str(partitions), f"{rate:.0f}", f"{rate / partitions:.2f}", str(clients),
                       f"{clients / partitions:.2f}", top)
     table.print()

@@ -28,7 +28,7 @@ from ..exits import EXIT_FENCED, exit_now
 from .keys import RedisKeys
 from .scripts import scripts_for
 
-__all__ = ["Lease", "LeaseHolder", "parse_holder", "new_token", "read_holders"]
+__all__ = ["Lease", "LeaseHolder", "LeaseRenewer", "parse_holder", "new_token", "read_holders"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -80,7 +80,8 @@ class Lease:
 
     def __init__(self, client: Any, key: str, ttl: float, *, node: str = "",
                  token: str | None = None, takeover: str | None = None,
-                 fence: Callable[[str], None] | None = None) -> None:
+                 fence: Callable[[str], None] | None = None,
+                 renewer: LeaseRenewer | None = None) -> None:
         self.client = client
         self._scripts = scripts_for(client)
         self.key = key
@@ -89,8 +90,8 @@ class Lease:
         self.takeover = takeover or ""
         self.value = f"{self.token}|{socket.gethostname()}|{os.getpid()}|{node}"
         self._fence = fence or _exit_fenced
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: Renews it: the process's renewer (one script for all its leases), else its own.
+        self._renewer = renewer or LeaseRenewer(client, ttl)
         self._held = False
         self._last_ok = time.monotonic()
         #: Called after every good renewal; errors logged.
@@ -164,66 +165,54 @@ class Lease:
         return False
 
     def start_heartbeat(self) -> None:
-        """Renew every TTL/3 in a daemon thread; fence this process if the lease is lost."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        # a lease released and taken again (a partition stopped and started) beats afresh
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(self._stop,),
-                                        name="partition-lease", daemon=True)
-        self._thread.start()
+        """Have the lease renewed every TTL/3 (by its renewer's thread); fence this process if
+        the lease is lost."""
+        self._renewer.add(self)
 
-    def _beat(self, stop: threading.Event) -> None:
-        interval = self.ttl / 3
-        last_ok = self._last_ok
-        wait = interval
-        while not stop.wait(wait):
-            started = time.monotonic()
+    def renewed(self, renewed: bool | None, started: float, error: Exception | None) -> bool:
+        """What one renewal (``None``: it failed with ``error``) tells this holder, its renewer
+        asks; False when it is fenced (renewed no more). ``started``: when the renewal was
+        sent (``time.monotonic()``)."""
+        if renewed is None:
+            if time.monotonic() - self._last_ok > FENCE_AFTER * self.ttl:
+                self._fenced(f"could not renew the lease {self.key} for "
+                             f"{time.monotonic() - self._last_ok:.1f}s ({error})")
+                return False
+            return True
+        if not renewed:
             try:
-                renewed = bool(self._scripts.lease_renew(keys=[self.key],
-                                                         args=[self.value, self.ttl_ms]))
-            except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
-                if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
-                    self._fenced(f"could not renew the lease {self.key} for "
-                                 f"{time.monotonic() - last_ok:.1f}s ({exc})")
-                    return
-                wait = min(interval, 0.1 * self.ttl)
-                continue
-            if stop.is_set():
-                return
-            if not renewed:
                 holder = self.holder()
-                self._fenced(f"lost the lease {self.key} (now held by "
-                             f"{holder.describe() if holder else 'nobody'})")
-                return
-            if started - last_ok > self.ttl:
-                # Renewed, but this process was frozen longer than the TTL: another worker
-                # may have run in between. Do not go on as if nothing happened.
-                self._fenced(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
-                return
-            stalled = self.stall_check() if self.stall_check is not None else None
-            if stalled:
-                self._fenced(stalled)
-                return
-            last_ok = self._last_ok = started
-            wait = interval
-            for hook in list(self.on_beat):
-                try:
-                    hook()
-                except Exception:
-                    logger.exception("lease heartbeat hook failed")
+            except Exception:  # noqa: BLE001 - only for the message
+                holder = None
+            self._fenced(f"lost the lease {self.key} (now held by "
+                         f"{holder.describe() if holder else 'nobody'})")
+            return False
+        if started - self._last_ok > self.ttl:
+            # Renewed, but this process was frozen longer than the TTL: another worker may
+            # have run in between. Do not go on as if nothing happened.
+            self._fenced(f"was frozen {started - self._last_ok:.1f}s, longer than the lease "
+                         "TTL")
+            return False
+        stalled = self.stall_check() if self.stall_check is not None else None
+        if stalled:
+            self._fenced(stalled)
+            return False
+        self._last_ok = started
+        for hook in list(self.on_beat):
+            try:
+                hook()
+            except Exception:
+                logger.exception("lease heartbeat hook failed")
+        return True
 
     def _fenced(self, reason: str) -> None:
         _run_hooks([functools.partial(hook, reason) for hook in self.on_fence])
         self._fence(reason)
 
     def release(self) -> None:
-        """Stop the heartbeat (joined, so no renewal is in flight once this returns) and delete
-        the lease if it is still ours."""
-        self._stop.set()
-        beat = self._thread
-        if beat is not None and beat is not threading.current_thread():
-            beat.join(self.ttl)
+        """Stop the heartbeat (no renewal of it is in flight once this returns) and delete the
+        lease if it is still ours."""
+        self._renewer.discard(self)
         if self._held:
             self._held = False
             try:
@@ -231,6 +220,78 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - it expires by itself
                 logger.warning("could not release the lease %s (%s); it expires in %.0fs",
                                self.key, exc, self.ttl)
+
+
+class LeaseRenewer:
+    """Renews leases of one TTL in one script call per beat (every TTL/3): a process that
+    holds many partitions sends one ``EVALSHA`` where it sent one per partition. Each lease
+    then judges its own renewal (:meth:`Lease.renewed`: fenced when lost, frozen or stalled).
+    The thread runs while it has leases to renew."""
+
+    def __init__(self, client: Any, ttl: float) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._scripts = scripts_for(client)
+        self._leases: list[Lease] = []
+        #: Held while a renewal is in flight: :meth:`discard` waits for it.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        """Renew ``lease`` from the next beat on (no-op when renewed already)."""
+        with self._lock:
+            if lease not in self._leases:
+                self._leases.append(lease)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="partition-lease",
+                                                daemon=True)
+                self._thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        """Renew ``lease`` no more; once this returns no renewal of it is in flight."""
+        with self._lock:
+            if lease in self._leases:
+                self._leases.remove(lease)
+
+    def _renew(self) -> tuple[list[tuple[Lease, bool | None]], Exception | None] | None:
+        """One renewal of every lease (under the lock): each with True (renewed), False (lost)
+        or None (the call failed, with the error); None when no lease is left (the thread
+        ends)."""
+        with self._lock:
+            leases = list(self._leases)
+            if not leases:
+                self._thread = None
+                return None
+            ttl_ms = max(1, int(self.ttl * 1000))
+            try:
+                replies = self._scripts.lease_renew(
+                    keys=[lease.key for lease in leases],
+                    args=[ttl_ms, *(lease.value for lease in leases)])
+            except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
+                return [(lease, None) for lease in leases], exc
+            return [(lease, bool(int(reply)))
+                    for lease, reply in zip(leases, replies, strict=True)], None
+
+    def _beat(self) -> None:
+        interval = self.ttl / 3
+        wait = interval
+        while True:
+            time.sleep(wait)
+            started = time.monotonic()
+            renewal = self._renew()
+            if renewal is None:
+                return
+            outcomes, error = renewal
+            # a failed call is retried sooner, until the leases' fence
+            wait = interval if error is None else min(interval, 0.1 * self.ttl)
+            for lease, renewed in outcomes:
+                with self._lock:
+                    if lease not in self._leases:
+                        continue  # released meanwhile: its renewal does not count
+                # the lease's hooks (fences, progress records) run outside the lock: a fence
+                # that stops partitions must not wait for this thread
+                if not lease.renewed(renewed, started, error):
+                    self.discard(lease)
 
 
 def _run_hooks(hooks: Sequence[Callable[[], None]]) -> None:
