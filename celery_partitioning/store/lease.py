@@ -236,6 +236,8 @@ class LeaseRenewer:
         #: Held while a renewal is in flight: :meth:`discard` waits for it.
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        #: Set to end the current thread (no lease left).
+        self._stop = threading.Event()
 
     def add(self, lease: Lease) -> None:
         """Renew ``lease`` from the next beat on (no-op when renewed already)."""
@@ -243,24 +245,33 @@ class LeaseRenewer:
             if lease not in self._leases:
                 self._leases.append(lease)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._beat, name="partition-lease",
-                                                daemon=True)
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._beat, args=(self._stop,),
+                                                name="partition-lease", daemon=True)
                 self._thread.start()
 
     def discard(self, lease: Lease) -> None:
-        """Renew ``lease`` no more; once this returns no renewal of it is in flight."""
+        """Renew ``lease`` no more; once this returns no renewal of it is in flight. The
+        last lease gone, the thread ends (joined)."""
         with self._lock:
             if lease in self._leases:
                 self._leases.remove(lease)
+            thread = self._thread if not self._leases else None
+            if thread is not None:
+                self._stop.set()
+                self._thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.ttl)
 
-    def _renew(self) -> tuple[list[tuple[Lease, bool | None]], Exception | None] | None:
+    def _renew(self, stop: threading.Event) -> tuple[list[tuple[Lease, bool | None]],
+                                                      Exception | None] | None:
         """One renewal of every lease (under the lock): each with True (renewed), False (lost)
-        or None (the call failed, with the error); None when no lease is left (the thread
-        ends)."""
+        or None (the call failed, with the error); None when the thread ends."""
         with self._lock:
             leases = list(self._leases)
-            if not leases:
-                self._thread = None
+            if stop.is_set() or not leases:
+                if self._thread is threading.current_thread():
+                    self._thread = None
                 return None
             ttl_ms = max(1, int(self.ttl * 1000))
             try:
@@ -272,13 +283,12 @@ class LeaseRenewer:
             return [(lease, bool(int(reply)))
                     for lease, reply in zip(leases, replies, strict=True)], None
 
-    def _beat(self) -> None:
+    def _beat(self, stop: threading.Event) -> None:
         interval = self.ttl / 3
         wait = interval
-        while True:
-            time.sleep(wait)
+        while not stop.wait(wait):
             started = time.monotonic()
-            renewal = self._renew()
+            renewal = self._renew(stop)
             if renewal is None:
                 return
             outcomes, error = renewal
