@@ -5,7 +5,8 @@ serves as broker and store. ``celery partitioning worker --processes 1`` starts 
 partitions on empty queues; once every partition consumes (its "consuming" log line) and a
 settle pause has passed, the benchmark reads ``INFO commandstats`` and ``INFO clients``
 twice, ``BENCH_IDLE_SECONDS`` apart, and reports the commands per second (by command) and
-the connected clients, its own connection taken off, per partition.
+the connected clients, its own connection taken off, per partition; then how long the warm stop
+(SIGTERM to the whole command, until it exited) took.
 
 Goals (issue 23): at most 1.5 idle commands per partition per second and at most 2
 connections per partition, at 26 and 256 partitions.
@@ -41,9 +42,9 @@ def _commands(client: redis.Redis) -> Counter[str]:
 
 
 def measure(url: str, partitions: int, seconds: float, settle: float,
-            log_dir: Path) -> tuple[float, int, Counter[str]]:
+            log_dir: Path) -> tuple[float, int, Counter[str], float]:
     """Start N idle partitions in one process; return (commands/s, clients, commands/s by
-    command) over ``seconds``."""
+    command) over ``seconds``, and the seconds its warm stop (SIGTERM) took."""
     ns = f"cpbench-idle{partitions}:"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_BROKER": url, "BENCH_NS": ns,
            "BENCH_PARTITIONS": str(partitions)}
@@ -70,7 +71,9 @@ def measure(url: str, partitions: int, seconds: float, settle: float,
         after["info"] -= 2
         rates = Counter({name: (after[name] - before[name]) / elapsed for name in after
                          if after[name] > before[name]})
-        return sum(rates.values()), clients, rates
+        stopping = time.monotonic()
+        _stop([proc])
+        return sum(rates.values()), clients, rates, time.monotonic() - stopping
     finally:
         _stop([proc])
         client.flushdb()
@@ -84,13 +87,13 @@ def main() -> None:
     settle = env_float("BENCH_IDLE_SETTLE", 5.0)
     table = Table(f"Idle cost, one process ({machine()})",
                   ["partitions", "commands/s", "per partition", "clients", "per partition",
-                   "commands/s by command"])
+                   "warm stop s", "commands/s by command"])
     with EmbeddedRedis("redis://127.0.0.1:1/0", always_start=True) as url:
         for partitions in env_list("BENCH_IDLE_CASES", [26, 256]):
-            rate, clients, rates = measure(url, partitions, seconds, settle, log_dir)
+            rate, clients, rates, stop = measure(url, partitions, seconds, settle, log_dir)
             top = ", ".join(f"{name} {value:.1f}" for name, value in rates.most_common(8))
             table.add(str(partitions), f"{rate:.0f}", f"{rate / partitions:.2f}", str(clients),
-                      f"{clients / partitions:.2f}", top)
+                      f"{clients / partitions:.2f}", f"{stop:.1f}", top)
     table.print()
 
 
