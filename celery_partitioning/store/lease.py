@@ -3,9 +3,10 @@
 One key per partition queue (``RedisKeys.lease``) holds ``"token|host|pid|node"`` with a
 TTL of ``partitioning_lease_ttl``. A worker takes it with an atomic set-if-absent; a second
 worker waits as a standby, polling, and gets it within the TTL after the holder stops
-renewing. The holder renews every TTL/3 with a compare-and-set; if it cannot renew for
-70% of the TTL, finds the lease taken, or its partition thread is stuck (``stall_check``,
-``worker/progress.py``), it ends its process at once (``os._exit``) so two
+renewing. The holder renews every TTL/3 with a compare-and-set (``LeaseRenewer``: one script
+call per beat for all the leases of a process, each lease judging its own outcome); if it
+cannot renew for 70% of the TTL, finds the lease taken, or its partition thread is stuck
+(``stall_check``, ``worker/progress.py``), it ends its process at once (``os._exit``) so two
 holders never run tasks of one partition at the same time. A clean exit deletes the key
 (compare-and-delete). A supervisor that saw a child die passes the dead child's token to
 its successor, which may then take the lease over at once instead of waiting out the TTL.
