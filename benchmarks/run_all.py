@@ -27,6 +27,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
     from benchmarks import (
         bench_backoff,
         bench_drain,
+        bench_idle,
         bench_keyhash,
         bench_memory,
         bench_metrics,
@@ -45,6 +46,7 @@ def _benchmarks() -> dict[str, Callable[[], None]]:
         "skew": bench_skew.main,
         "drain": bench_drain.main,
         "memory": bench_memory.main,
+        "idle": bench_idle.main,
         "backoff": bench_backoff.main,
         "metrics": bench_metrics.main,
         "outbox": bench_outbox.main,

@@ -179,7 +179,8 @@ def replicas_of(settings: PartitioningSettings) -> Replicas | None:
 
 
 def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
-                 replicas: Replicas | None = None, max_connections: int | None = None) -> Redis:
+                 replicas: Replicas | None = None, max_connections: int | None = None,
+                 blocking: bool = False) -> Redis:
     """A redis-py client for ``target`` (a URL, or a :class:`~.config.RedisTarget`).
 
     Every Redis client celery-partitioning makes for its own keys comes from here. With
@@ -189,6 +190,9 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
     ``Sentinel.master_for``), so no client of this package stays with a dead master.
     ``max_connections``: how many threads may use the client at once (redis-py's default
     pool holds 100; a process hosting many partitions shares one client among them).
+    ``blocking`` (with ``max_connections``): a thread waits up to ``timeout`` for a free
+    connection instead of opening one more (a client many threads use for short commands
+    keeps few connections open); not on Sentinel.
     """
     import redis
 
@@ -202,6 +206,11 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
                                                            "socket_connect_timeout": timeout}
     pool = {} if max_connections is None else {"max_connections": max_connections}
     if not target.is_sentinel:
+        if blocking and max_connections is not None:
+            waiting = redis.BlockingConnectionPool.from_url(
+                target.url, timeout=timeout if timeout is not None else 20, **timeouts, **pool)
+            blocked: Redis = cls(connection_pool=waiting)
+            return blocked
         client: Redis = cls.from_url(target.url, **timeouts, **pool)
         return client
     from redis.sentinel import Sentinel

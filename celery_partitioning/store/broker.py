@@ -24,13 +24,17 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachable_errors",
-           "unacked_by_queue", "BROKER_SOCKET_TIMEOUT"]
+           "unacked_by_queue", "unblock", "BROKER_SOCKET_TIMEOUT", "FETCH_TIMEOUT"]
 
 #: Seconds any read or connect of the partitions' broker client may wait. A blocking fetch
-#: waits at most a second on the server, so a longer silence is a peer that is gone without
-#: a reset (a host or network failure, a master frozen mid-failover): without a bound the
-#: fetch would wait on that socket forever, its partition consuming nothing (issue 27).
+#: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer that is gone
+#: without a reset (a host or network failure, a master frozen mid-failover): without a bound
+#: the fetch would wait on that socket forever, its partition consuming nothing (issue 27).
 BROKER_SOCKET_TIMEOUT: Final = 10.0
+#: Longest wait of a blocking fetch on the server. A stop does not wait for it: it unblocks
+#: the fetch (:func:`unblock`); the time-out only bounds an idle partition's polling (one
+#: command per partition per ``FETCH_TIMEOUT``) and a stop whose unblock did not arrive.
+FETCH_TIMEOUT: Final = 5.0
 
 
 @dataclass
@@ -83,8 +87,29 @@ class BrokerRedis:
             item = self.client.brpoplpush(source, in_transit, max(1, int(timeout)))
         return item
 
+    def name_connections(self, name: str) -> None:
+        """Give every connection of this client the name ``name`` (``CLIENT SETNAME`` on
+        connect), so that :func:`unblock` finds the one blocked in :meth:`fetch`."""
+        pool = self.client.connection_pool
+        pool.connection_kwargs["client_name"] = name
+        pool.disconnect()  # the connections made before reconnect with the name
+
     def close(self) -> None:
         self.client.close()
+
+
+def unblock(client: Any, names: set[str]) -> int:
+    """End the blocking commands (a fetch waits as if it timed out) of the connections named
+    ``names`` (:meth:`BrokerRedis.name_connections`) on ``client``'s server, in two round
+    trips; returns how many connections it found."""
+    found = [entry["id"] for entry in client.client_list(_type="normal")
+             if entry.get("name") in names]
+    if found:
+        with client.pipeline(transaction=False) as pipe:
+            for client_id in found:
+                pipe.client_unblock(client_id)
+            pipe.execute()
+    return len(found)
 
 
 def unreachable_errors() -> tuple[type[BaseException], ...]:

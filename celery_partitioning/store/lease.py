@@ -3,9 +3,10 @@
 One key per partition queue (``RedisKeys.lease``) holds ``"token|host|pid|node"`` with a
 TTL of ``partitioning_lease_ttl``. A worker takes it with an atomic set-if-absent; a second
 worker waits as a standby, polling, and gets it within the TTL after the holder stops
-renewing. The holder renews every TTL/3 with a compare-and-set; if it cannot renew for
-70% of the TTL, finds the lease taken, or its partition thread is stuck (``stall_check``,
-``worker/progress.py``), it ends its process at once (``os._exit``) so two
+renewing. The holder renews every TTL/3 with a compare-and-set (``LeaseRenewer``: one script
+call per beat for all the leases of a process, each lease judging its own outcome); if it
+cannot renew for 70% of the TTL, finds the lease taken, or its partition thread is stuck
+(``stall_check``, ``worker/progress.py``), it ends its process at once (``os._exit``) so two
 holders never run tasks of one partition at the same time. A clean exit deletes the key
 (compare-and-delete). A supervisor that saw a child die passes the dead child's token to
 its successor, which may then take the lease over at once instead of waiting out the TTL.
@@ -28,7 +29,7 @@ from ..exits import EXIT_FENCED, exit_now
 from .keys import RedisKeys
 from .scripts import scripts_for
 
-__all__ = ["Lease", "LeaseHolder", "parse_holder", "new_token", "read_holders"]
+__all__ = ["Lease", "LeaseHolder", "LeaseRenewer", "parse_holder", "new_token", "read_holders"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -80,7 +81,8 @@ class Lease:
 
     def __init__(self, client: Any, key: str, ttl: float, *, node: str = "",
                  token: str | None = None, takeover: str | None = None,
-                 fence: Callable[[str], None] | None = None) -> None:
+                 fence: Callable[[str], None] | None = None,
+                 renewer: LeaseRenewer | None = None) -> None:
         self.client = client
         self._scripts = scripts_for(client)
         self.key = key
@@ -89,8 +91,8 @@ class Lease:
         self.takeover = takeover or ""
         self.value = f"{self.token}|{socket.gethostname()}|{os.getpid()}|{node}"
         self._fence = fence or _exit_fenced
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: Renews it: the process's renewer (one script for all its leases), else its own.
+        self._renewer = renewer or LeaseRenewer(client, ttl)
         self._held = False
         self._last_ok = time.monotonic()
         #: Called after every good renewal; errors logged.
@@ -164,66 +166,54 @@ class Lease:
         return False
 
     def start_heartbeat(self) -> None:
-        """Renew every TTL/3 in a daemon thread; fence this process if the lease is lost."""
-        if self._thread is not None and self._thread.is_alive():
-            return
-        # a lease released and taken again (a partition stopped and started) beats afresh
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(self._stop,),
-                                        name="partition-lease", daemon=True)
-        self._thread.start()
+        """Have the lease renewed every TTL/3 (by its renewer's thread); fence this process if
+        the lease is lost."""
+        self._renewer.add(self)
 
-    def _beat(self, stop: threading.Event) -> None:
-        interval = self.ttl / 3
-        last_ok = self._last_ok
-        wait = interval
-        while not stop.wait(wait):
-            started = time.monotonic()
+    def renewed(self, renewed: bool | None, started: float, error: Exception | None) -> bool:
+        """What one renewal (``None``: it failed with ``error``) tells this holder, its renewer
+        asks; False when it is fenced (renewed no more). ``started``: when the renewal was
+        sent (``time.monotonic()``)."""
+        if renewed is None:
+            if time.monotonic() - self._last_ok > FENCE_AFTER * self.ttl:
+                self._fenced(f"could not renew the lease {self.key} for "
+                             f"{time.monotonic() - self._last_ok:.1f}s ({error})")
+                return False
+            return True
+        if not renewed:
             try:
-                renewed = bool(self._scripts.lease_renew(keys=[self.key],
-                                                         args=[self.value, self.ttl_ms]))
-            except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
-                if time.monotonic() - last_ok > FENCE_AFTER * self.ttl:
-                    self._fenced(f"could not renew the lease {self.key} for "
-                                 f"{time.monotonic() - last_ok:.1f}s ({exc})")
-                    return
-                wait = min(interval, 0.1 * self.ttl)
-                continue
-            if stop.is_set():
-                return
-            if not renewed:
                 holder = self.holder()
-                self._fenced(f"lost the lease {self.key} (now held by "
-                             f"{holder.describe() if holder else 'nobody'})")
-                return
-            if started - last_ok > self.ttl:
-                # Renewed, but this process was frozen longer than the TTL: another worker
-                # may have run in between. Do not go on as if nothing happened.
-                self._fenced(f"was frozen {started - last_ok:.1f}s, longer than the lease TTL")
-                return
-            stalled = self.stall_check() if self.stall_check is not None else None
-            if stalled:
-                self._fenced(stalled)
-                return
-            last_ok = self._last_ok = started
-            wait = interval
-            for hook in list(self.on_beat):
-                try:
-                    hook()
-                except Exception:
-                    logger.exception("lease heartbeat hook failed")
+            except Exception:  # noqa: BLE001 - only for the message
+                holder = None
+            self._fenced(f"lost the lease {self.key} (now held by "
+                         f"{holder.describe() if holder else 'nobody'})")
+            return False
+        if started - self._last_ok > self.ttl:
+            # Renewed, but this process was frozen longer than the TTL: another worker may
+            # have run in between. Do not go on as if nothing happened.
+            self._fenced(f"was frozen {started - self._last_ok:.1f}s, longer than the lease "
+                         "TTL")
+            return False
+        stalled = self.stall_check() if self.stall_check is not None else None
+        if stalled:
+            self._fenced(stalled)
+            return False
+        self._last_ok = started
+        for hook in list(self.on_beat):
+            try:
+                hook()
+            except Exception:
+                logger.exception("lease heartbeat hook failed")
+        return True
 
     def _fenced(self, reason: str) -> None:
         _run_hooks([functools.partial(hook, reason) for hook in self.on_fence])
         self._fence(reason)
 
     def release(self) -> None:
-        """Stop the heartbeat (joined, so no renewal is in flight once this returns) and delete
-        the lease if it is still ours."""
-        self._stop.set()
-        beat = self._thread
-        if beat is not None and beat is not threading.current_thread():
-            beat.join(self.ttl)
+        """Stop the heartbeat (no renewal of it is in flight once this returns) and delete the
+        lease if it is still ours."""
+        self._renewer.discard(self)
         if self._held:
             self._held = False
             try:
@@ -231,6 +221,88 @@ class Lease:
             except Exception as exc:  # noqa: BLE001 - it expires by itself
                 logger.warning("could not release the lease %s (%s); it expires in %.0fs",
                                self.key, exc, self.ttl)
+
+
+class LeaseRenewer:
+    """Renews leases of one TTL in one script call per beat (every TTL/3): a process that
+    holds many partitions sends one ``EVALSHA`` where it sent one per partition. Each lease
+    then judges its own renewal (:meth:`Lease.renewed`: fenced when lost, frozen or stalled).
+    The thread runs while it has leases to renew."""
+
+    def __init__(self, client: Any, ttl: float) -> None:
+        self.client = client
+        self.ttl = ttl
+        self._scripts = scripts_for(client)
+        self._leases: list[Lease] = []
+        #: Held while a renewal is in flight: :meth:`discard` waits for it.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        #: Set to end the current thread (no lease left).
+        self._stop = threading.Event()
+
+    def add(self, lease: Lease) -> None:
+        """Renew ``lease`` from the next beat on (no-op when renewed already)."""
+        with self._lock:
+            if lease not in self._leases:
+                self._leases.append(lease)
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._beat, args=(self._stop,),
+                                                name="partition-lease", daemon=True)
+                self._thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        """Renew ``lease`` no more; once this returns no renewal of it is in flight. The
+        last lease gone, the thread ends (joined)."""
+        with self._lock:
+            if lease in self._leases:
+                self._leases.remove(lease)
+            thread = self._thread if not self._leases else None
+            if thread is not None:
+                self._stop.set()
+                self._thread = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.ttl)
+
+    def _renew(self, stop: threading.Event) -> tuple[list[tuple[Lease, bool | None]],
+                                                      Exception | None] | None:
+        """One renewal of every lease (under the lock): each with True (renewed), False (lost)
+        or None (the call failed, with the error); None when the thread ends."""
+        with self._lock:
+            leases = list(self._leases)
+            if stop.is_set() or not leases:
+                if self._thread is threading.current_thread():
+                    self._thread = None
+                return None
+            ttl_ms = max(1, int(self.ttl * 1000))
+            try:
+                replies = self._scripts.lease_renew(
+                    keys=[lease.key for lease in leases],
+                    args=[ttl_ms, *(lease.value for lease in leases)])
+            except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
+                return [(lease, None) for lease in leases], exc
+            return [(lease, bool(int(reply)))
+                    for lease, reply in zip(leases, replies, strict=True)], None
+
+    def _beat(self, stop: threading.Event) -> None:
+        interval = self.ttl / 3
+        wait = interval
+        while not stop.wait(wait):
+            started = time.monotonic()
+            renewal = self._renew(stop)
+            if renewal is None:
+                return
+            outcomes, error = renewal
+            # a failed call is retried sooner, until the leases' fence
+            wait = interval if error is None else min(interval, 0.1 * self.ttl)
+            for lease, renewed in outcomes:
+                with self._lock:
+                    if lease not in self._leases:
+                        continue  # released meanwhile: its renewal does not count
+                # the lease's hooks (fences, progress records) run outside the lock: a fence
+                # that stops partitions must not wait for this thread
+                if not lease.renewed(renewed, started, error):
+                    self.discard(lease)
 
 
 def _run_hooks(hooks: Sequence[Callable[[], None]]) -> None:

@@ -124,6 +124,11 @@ class PauseStore:
         record = self.client.hget(self.keys.paused_partitions(pool), str(index))
         return None if record is None else Pause.from_json(record)
 
+    def partition_pauses(self, pool: str) -> dict[int, Pause]:
+        """The paused partitions of ``pool``: one ``HGETALL`` (what a worker process polls)."""
+        records = self.client.hgetall(self.keys.paused_partitions(pool))
+        return {int(index): Pause.from_json(record) for index, record in records.items()}
+
     def paused(self, pools: Iterable[str]) -> list[Pause]:
         """Every pause of ``pools``: partitions (with the holder that stopped) then keys."""
         found: list[Pause] = []

@@ -24,6 +24,9 @@ either the step done or not done.
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -76,6 +79,9 @@ class ResizeStore:
         #: test runs) with their own queues never share a pool's record, whatever the broker.
         self.scope = scope
         self._scripts = resize_scripts_for(client)
+        #: :meth:`recent_state`'s last read of each pool: (when, state).
+        self._recent: dict[str, tuple[float, ResizeState | None]] = {}
+        self._recent_lock = threading.Lock()
 
     def _scoped(self, pool: str) -> str:
         return f"{self.scope}.{pool}"
@@ -118,6 +124,17 @@ class ResizeStore:
             pool, int(fields["size"]), int(previous) if previous else None,
             fields.get("started"), fields.get("finished"),
             frozenset(int(as_text(i)) for i in drained) if previous else frozenset())
+
+    def recent_state(self, pool: str, max_age: float) -> ResizeState | None:
+        """:meth:`state`, read at most once per ``max_age`` seconds for every partition of
+        the process that shares this store (their periodic size checks cost one read)."""
+        with self._recent_lock:
+            now = time.monotonic()
+            read_at, state = self._recent.get(pool, (-math.inf, None))
+            if now - read_at >= max_age:
+                state = self.state(pool)
+                self._recent[pool] = (now, state)
+            return state
 
     # -- worker side ------------------------------------------------------------------
     def gate(self, pool: str, key: str, task_id: str, raw: str, action: GateAction, *,

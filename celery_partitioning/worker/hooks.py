@@ -48,7 +48,7 @@ from .balancer import Fleet
 from .banner import install_banner
 from .control import ALLOW_PLAIN_CONSUMER_ENV, install_guards
 from .executor import Executor
-from .lifecycle import Partition, unit_of
+from .lifecycle import Partition, unit_of, wake
 from .orphan import start_supervisor_watch
 from .outbox_relay import RelayStep, describe_relays, relay_requested
 from .pipeline import build_partition
@@ -282,6 +282,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.info("%s: warm stop: every partition finishes its task and starts no other",
                         parent.hostname)
         runtime.stop_event.set()
+        wake(self.partitions)  # every idle fetch at once, not one stop after the other
         if self.fleet is not None:
             self.fleet.stop()  # leave the pools first: the others take over as leases free
         for unit in self.partitions:

@@ -37,7 +37,7 @@ from ..exits import ThreadExit, raise_instead_of_exit
 from ..state import partitioning_of
 from ..validation import assert_valid_partition_keys
 from .hooks import build_runtime
-from .lifecycle import Partition, unit_of
+from .lifecycle import Partition, unit_of, wake
 from .partition import PartitionThread
 from .runtime import PartitionRuntime, WorkerRuntime, attach_worker, current_worker
 
@@ -196,6 +196,7 @@ class InProcessWorker:
         if runtime is None:
             return
         runtime.stop_event.set()
+        wake(self.partitions)  # every idle fetch at once, not one stop after the other
         deadline = time.monotonic() + self.stop_timeout
         running = [unit.label for unit in self.partitions
                    if not unit.stop(max(0.0, deadline - time.monotonic()))]

@@ -28,8 +28,9 @@ __all__ = ["Parking", "resume_headers"]
 logger = logging.getLogger("celery_partitioning.parking")
 
 #: Longest time the partition thread trusts what it knows of its keys in backoff without
-#: reading the schedule again (it sets every key aside itself; this is only a safety net).
-RECHECK: Final = 5.0
+#: reading the schedule again (it sets every key aside itself, and reads the schedule when it
+#: starts: this is only a safety net, paid by every idle partition).
+RECHECK: Final = 15.0
 
 
 def resume_headers(message: PartitionMessage, attempts: str | None) -> None:
@@ -131,6 +132,11 @@ class Parking(Stage):
                                 requeue=self.requeue)
 
     # -- between two messages ------------------------------------------------------------
+    def recheck(self) -> None:
+        """Read the schedule at the next ``between``: the partition is (again) this process's,
+        and another may have set keys aside meanwhile."""
+        self.next_check = 0.0
+
     def between(self, idle: bool) -> float:
         """Let the keys whose backoff is over run again; returns the seconds until the next
         is due."""

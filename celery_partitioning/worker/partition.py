@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, envelope_problem, payload_of
 from ..state import partitioning_of
-from ..store.broker import restore_unacked_to_head, unreachable_errors
+from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
 from .runtime import PartitionRuntime, bind_thread
 from .startup import Backoff
 
@@ -40,8 +41,9 @@ __all__ = ["PartitionThread", "hold_until_eta"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Seconds a blocking fetch waits before the thread checks whether it should stop.
-FETCH_TIMEOUT: Final = 1
+#: Seconds a RabbitMQ delivery wait lasts before the thread checks whether it should stop
+#: (a Redis fetch waits longer, ``store/broker.FETCH_TIMEOUT``: a stop unblocks it).
+AMQP_WAIT: Final = 1.0
 #: Shortest wait of a fetch (a key in retry backoff due at once must not make it block).
 FETCH_MIN: Final = 0.01
 
@@ -128,6 +130,10 @@ class PartitionThread(threading.Thread):
         self.consuming = threading.Event()
         #: A Redis (broker or store) that is gone: wait and recover, do not stop the process.
         self.unreachable = unreachable_errors()
+        #: The name of its broker connections (Redis), which ``lifecycle.wake`` unblocks.
+        self.fetch_name = ""
+        #: When ``lifecycle.wake`` last unblocked its fetch (``time.monotonic()``).
+        self.woken_at = 0.0
 
     # -- the thread -------------------------------------------------------------------------
     def run(self) -> None:
@@ -196,6 +202,8 @@ class PartitionThread(threading.Thread):
         runtime = self.runtime
         broker = runtime.broker
         assert broker is not None
+        self.fetch_name = f"cp-fetch:{os.getpid()}:{id(self)}:{''.join(runtime.label.split())}"
+        broker.name_connections(self.fetch_name)
         if not self._take_lease():
             return
         self._recover()
@@ -207,7 +215,7 @@ class PartitionThread(threading.Thread):
         idle = False
         while not runtime.stopping():
             progress.turned()
-            timeout = self._between(idle)
+            timeout = self._between(idle, FETCH_TIMEOUT)
             try:
                 item = broker.fetch(runtime.queue, in_transit, timeout)
             except broker.errors as exc:
@@ -301,7 +309,7 @@ class PartitionThread(threading.Thread):
                     idle = False
                     while not runtime.stopping():
                         try:
-                            conn.drain_events(timeout=self._between(idle))
+                            conn.drain_events(timeout=self._between(idle, AMQP_WAIT))
                             idle = False
                         except TimeoutError:
                             idle = True
@@ -326,11 +334,12 @@ class PartitionThread(threading.Thread):
         """A lease last renewed longer than its TTL ago (a frozen process): fenced, run nothing."""
         return self.runtime.lease is not None and not self.runtime.lease.fresh()
 
-    def _between(self, idle: bool) -> float:
+    def _between(self, idle: bool, longest: float) -> float:
         """Between two messages (none in flight): the stages' ``between`` hooks (keys whose
         retry backoff is over run again, a resize releases held keys); returns how long the
-        next fetch may wait. ``idle``: the last fetch found the queue empty."""
-        wait: float = FETCH_TIMEOUT
+        next fetch may wait (at most ``longest``). ``idle``: the last fetch found the queue
+        empty."""
+        wait: float = longest
         for stage in self.runtime.stages:
             try:
                 asked = stage.between(idle)
@@ -388,3 +397,4 @@ class PartitionThread(threading.Thread):
         self._malformed_raw(payload_of(message), problem)
         message.ack()
         return True
+

@@ -15,6 +15,8 @@ Paused keys need nothing here: the parking gate's script sets their messages asi
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from typing import Final
 
@@ -23,7 +25,7 @@ from ..store.pausing import Pause, PauseStore
 from .runtime import PartitionRuntime
 from .stage import Stage
 
-__all__ = ["CHECK", "HOLD_POLL", "PartitionPause"]
+__all__ = ["CHECK", "HOLD_POLL", "PartitionPause", "PausePoll"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -33,14 +35,35 @@ CHECK: Final = 1.0
 HOLD_POLL: Final = 0.5
 
 
+class PausePoll:
+    """The partition pauses of a process's pools, read at most once per :data:`CHECK` seconds
+    per pool, whichever partition asks (one per process, shared by its pause stages)."""
+
+    def __init__(self, store: PauseStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        #: pool → (when read, monotonic s; its paused partitions).
+        self._read: dict[str, tuple[float, dict[int, Pause]]] = {}
+
+    def pause_of(self, pool: str, index: int) -> Pause | None:
+        with self._lock:
+            now = time.monotonic()
+            read_at, pauses = self._read.get(pool, (-math.inf, {}))
+            if now - read_at >= CHECK:
+                pauses = self.store.partition_pauses(pool)
+                self._read[pool] = (now, pauses)
+        return pauses.get(index)
+
+
 class PartitionPause(Stage):
     """Holds its partition between two messages while an operator's pause is in force."""
 
     name = "pause"
 
-    def __init__(self, partition: PartitionRuntime, store: PauseStore) -> None:
+    def __init__(self, partition: PartitionRuntime, poll: PausePoll) -> None:
         self.partition = partition
-        self.store = store
+        self.poll = poll
+        self.store = poll.store
         #: When the record must be read next (monotonic s); 0: at once (a pause may predate
         #: this holder).
         self.next_check = 0.0
@@ -51,7 +74,7 @@ class PartitionPause(Stage):
             return None
         self.next_check = now + CHECK
         part = self.partition
-        pause = self.store.partition_pause(part.pool, part.index)
+        pause = self.poll.pause_of(part.pool, part.index)
         if pause is not None:
             self._hold(pause)
         return None

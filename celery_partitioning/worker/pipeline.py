@@ -40,20 +40,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..state import redis_client, replicas_of
 from ..store.broker import broker_redis
 from ..store.deadletters import DeadLetterStore
 from ..store.keys import RedisKeys
-from ..store.lease import Lease
+from ..store.lease import Lease, LeaseRenewer
 from ..store.pausing import PauseStore
 from ..store.requeue import requeue_for
 from ..store.resize import ResizeState, ResizeStore
 from .failures import DeadLetters
 from .guard import MisrouteGuard
 from .parking import Parking
-from .pausing import PartitionPause
+from .pausing import PartitionPause, PausePoll
 from .resize import resize_gate
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PartitionRuntime, WorkerRuntime
 from .stage import Stage
@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 __all__ = ["build_partition"]
 
 logger = logging.getLogger("celery_partitioning.worker")
+
+#: Connections of a process's lease client (its partitions' acquisitions, releases and one
+#: renewal call per beat share them).
+LEASE_CONNECTIONS: Final = 2
 
 
 def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
@@ -102,7 +106,11 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         parking = Parking(place, dead_letters, partition.inflight, partition.requeue)
         partition.dead_letters = DeadLetters(place, dead_letters, partition.requeue)
         partition.parking = parking
-        pause = PartitionPause(partition, PauseStore(dead_letters))
+        if worker.pauses is None:
+            worker.pauses = PausePoll(PauseStore(dead_letters))
+        pause = PartitionPause(partition, worker.pauses)
+        if partition.lease is not None:
+            partition.lease.on_acquire.append(parking.recheck)
     stages: list[Stage | None] = [
         pause,
         resize_gate(partition, resizes, recorded) if resizes is not None and recorded is not None else None,
@@ -115,13 +123,19 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
 
 def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
            fence: Callable[[str], None] | None) -> Lease:
-    assert settings.redis is not None
+    """The partition's lease, renewed by its process's renewer (one client and one script
+    call per beat for all the partitions of the process)."""
+    assert settings.redis is not None and partition.worker is not None
     ttl = settings.lease_ttl
-    replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
-    client = redis_client(
-        settings.redis, replicas=replicas,
-        timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
-    return Lease(client, partition.keys.lease(partition.queue), ttl,
+    renewer = partition.worker.renewer
+    if renewer is None:
+        replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
+        # few connections for every partition's short lease commands (acquire, release)
+        client = redis_client(
+            settings.redis, replicas=replicas, max_connections=LEASE_CONNECTIONS, blocking=True,
+            timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))
+        renewer = partition.worker.renewer = LeaseRenewer(client, ttl)
+    return Lease(renewer.client, partition.keys.lease(partition.queue), ttl,
                  node=f"{partition.hostname}#{partition.label}",
                  token=os.environ.get(LEASE_TOKEN_ENV),
-                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence)
+                 takeover=os.environ.get(LEASE_TAKEOVER_ENV), fence=fence, renewer=renewer)

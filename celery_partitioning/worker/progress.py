@@ -16,6 +16,7 @@ The heartbeat also records when the thread last took a message (``store/progress
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -103,9 +104,16 @@ class Progress:
         return "".join(traceback.format_stack(frame)).rstrip()
 
     def recorder(self, client: Any, keys: RedisKeys, queue: str, expire_ms: int) -> Any:
-        """A lease heartbeat hook that records :attr:`consumed_at` in the store."""
+        """A lease heartbeat hook that records :attr:`consumed_at` in the store: when it
+        changed, else once a third of ``expire_ms`` (an idle partition's record is kept
+        alive without a write at every beat)."""
+        written: list[float] = [math.nan, -math.inf]  # what was written, and when
 
         def record() -> None:
+            now = time.monotonic()
+            if self.consumed_at == written[0] and now - written[1] < expire_ms / 3000:
+                return
             write_progress(client, keys, queue, self.consumed_at, expire_ms)
+            written[:] = [self.consumed_at, now]
 
         return record

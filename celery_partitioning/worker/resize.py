@@ -237,7 +237,7 @@ class ResizeGate(Stage):
         return None
 
     def _check_size(self) -> None:
-        state = self.store.state(self.runtime.pool)
+        state = self.store.recent_state(self.runtime.pool, SIZE_CHECK_INTERVAL)
         if state is not None and state.size == self.size and state.in_flight \
                 and self.previous is None:
             logger.warning("%s a resize of pool %s from %d to %d partitions was recorded after "

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from ..store.broker import BrokerRedis
-    from ..store.lease import Lease
+    from ..store.lease import Lease, LeaseRenewer
     from .failures import DeadLetters
     from .parking import Parking
 
@@ -162,6 +162,10 @@ class WorkerRuntime:
     #: Process-wide helpers, set at start (the in-place retry patcher, the executor).
     retry: Any = None
     executor: Any = None
+    #: The partition pauses of the process's pools, polled once for all (``pausing.PausePoll``).
+    pauses: Any = None
+    #: Renews the leases of every partition of the process in one call per beat.
+    renewer: LeaseRenewer | None = None
 
     def stopping(self) -> bool:
         return self.stop_event.is_set() or compat.stop_requested()
