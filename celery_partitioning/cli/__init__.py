@@ -123,7 +123,10 @@ def partitioning(ctx: click.Context) -> None:
 @click.option("--partitions", metavar="SPEC",
               help="Run only these partitions: POOL:INDEXES, several separated by commas "
                    "(entity:0-5,global:0), or plain indexes (0-3,7 or 3) when one pool is "
-                   "selected (a StatefulSet ordinal / systemd instance). Default: all.")
+                   "selected (a StatefulSet ordinal / systemd instance): this command holds "
+                   "them and only them. Default: all the pools' partitions, shared with every "
+                   "other `partitioning worker` running anywhere (each process holds about P/W "
+                   "of a pool's P partitions; needs the Redis store).")
 @click.option("-l", "--loglevel", default="info", show_default=True,
               help="Log level of the partition workers.")
 @click.option("--processes", type=int, default=None, metavar="P",
@@ -134,12 +137,6 @@ def partitioning(ctx: click.Context) -> None:
               help="Do not send task events (on by default, for Flower and `celery events`).")
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
-@click.option("--balance", is_flag=True,
-              help="Share the selected pools with every other `partitioning worker --balance` "
-                   "running anywhere: each process holds about P/W of a pool's P partitions, "
-                   "handed over between two messages as members join and leave (needs the "
-                   "Redis store). Without it, every process consumes the partitions it is "
-                   "dealt and a second command is a standby.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
 @click.option("--metrics-port", type=int, default=None, metavar="PORT",
               help="Serve Prometheus metrics on this port (/metrics); needs the extra "
@@ -149,17 +146,20 @@ def partitioning(ctx: click.Context) -> None:
 @click.argument("worker_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
-           processes: int | None, without_events: bool, stop_timeout: float, balance: bool,
-           dry_run: bool,
+           processes: int | None, without_events: bool, stop_timeout: float, dry_run: bool,
            metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
-    The selected partitions are dealt over --processes `celery worker` processes; each
-    consumes every partition it hosts in a thread of its own, strictly one message at a time
-    and in queue order, the partitions in parallel. Each process is a Celery node (`celery
-    inspect`, task events, `celery control shutdown`). On a Redis broker each partition holds
-    its lease (a second worker on the same partition waits as a standby) and puts a crashed
-    predecessor's messages back at the head of its queue before it consumes. A process that
+    Without --partitions the pools are shared: each of the --processes `celery worker`
+    processes is a member of the pools, and the partitions are balanced over every member
+    running anywhere (the same command on two hosts: each holds half), handed over between
+    two messages as members join and leave. With --partitions they are dealt over the
+    processes, pinned (a second command on the same partitions waits as a standby). Each
+    process consumes every partition it holds in a thread of its own, strictly one message
+    at a time and in queue order, the partitions in parallel. Each process is a Celery node
+    (`celery inspect`, task events, `celery control shutdown`). Each partition holds its lease
+    (RabbitMQ: a single active consumer) and puts a crashed predecessor's messages back at
+    the head of its queue before it consumes. A process that
     dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
     named in --partitions) only the pools some registered partitioned task uses run (or those
     of the setting partitioning_worker_pools); the others are skipped, and said so once.
@@ -175,7 +175,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
-        specs = share(selected, processes, pinned=bool(partitions)) if balance else \
+        specs = share(selected, processes) if _balanced(settings, partitions) else \
             spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
@@ -217,6 +217,12 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     finally:
         if metrics is not None:
             metrics.stop()
+
+
+def _balanced(settings: Any, partitions: str | None) -> bool:
+    """Share the pools with the other members (the default), or hold fixed partitions
+    (``--partitions``; also without a Redis store, where members cannot agree on shares)."""
+    return partitions is None and settings.redis is not None
 
 
 def _check_before_start(ctx: click.Context, app: Any, selected: list[Any]) -> None:

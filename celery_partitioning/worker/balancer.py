@@ -1,6 +1,8 @@
-"""Balanced mode: which partitions this process should hold, recomputed at every beat.
+"""Which partitions this process should hold, recomputed at every beat.
 
-Every worker process of a pool is a member (``store/membership.py``). At each beat a member
+Every process of ``partitioning worker`` is a member of its pools (``store/membership.py``):
+balanced by default, pinned with ``--partitions`` (a pinned member takes only its partitions,
+and the balanced ones leave those to it). At each beat a member
 registers itself, reads the live members and the lease holders, and computes the pool's
 assignment (``balance.py``): the same computation on every member, so each knows its own share
 without a coordinator. A partition thread asks :meth:`Balancer.wants` before it takes its
@@ -60,11 +62,13 @@ class Balancer:
     def share(self, pool: str) -> list[int]:
         return sorted(self.pinned.get(pool) or self._mine.get(pool, frozenset()))
 
-    def refresh(self) -> None:
-        """One beat: register, read the live members and the lease holders, recompute."""
+    def refresh(self, holds: Mapping[str, Sequence[int]] | None = None) -> None:
+        """One beat: register (with ``holds``, the partitions consumed now, per pool), read
+        the live members and the lease holders, recompute."""
         for pool, size in self.sizes.items():
             now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
-                                       pinned=self.pinned.get(pool, ()))
+                                       pinned=self.pinned.get(pool, ()),
+                                       holds=(holds or {}).get(pool, ()))
             self._since = self._since or now
             live = self.membership.live(pool)
             queues = [self.queue_name(pool, index) for index in range(size)]
@@ -85,22 +89,30 @@ class Balancer:
 
 
 class Fleet:
-    """The partitions of a ``--balance`` process: each a unit (``lifecycle.Partition``) that is
-    started when the balancer gives it to this process and stopped, between two messages, when
-    it gives it to another. A start or stop runs in a thread of its own, so a long task never
-    holds up the beat (a member that stops beating is taken for gone)."""
+    """The partitions of a member process: each a unit (``lifecycle.Partition``). Balanced, a
+    unit is started when the balancer gives it to this process and stopped, between two
+    messages, when it gives it to another; a start or stop runs in a thread of its own, so a
+    long task never holds up the beat (a member that stops beating is taken for gone).
+    Pinned, the caller starts every unit and the fleet only beats, so that the balanced
+    members leave those partitions to this one."""
 
-    def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition]) -> None:
+    def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition], *,
+                 balanced: bool = True) -> None:
         settings = runtime.settings
         if settings.redis is None:
-            raise PartitionConfigError("--balance needs the Redis store (partitioning_redis_url): "
+            raise PartitionConfigError("a fleet needs the Redis store (partitioning_redis_url): "
                                        "members agree on their shares there")
         pools = sorted({unit.runtime.pool for unit in units})
         self.units = list(units)
+        self.balanced = balanced
+        pinned = None if balanced else {
+            pool: [u.runtime.index for u in units if u.runtime.pool == pool] for pool in pools}
         self.balancer = Balancer(
             redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
             {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
-            member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), interval=BEAT)
+            member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), pinned=pinned,
+            interval=BEAT)
+        self._failing = False
         self._moving: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -116,13 +128,26 @@ class Fleet:
             self._thread.join(30)
         self.balancer.leave()
 
+    def holds(self) -> dict[str, list[int]]:
+        """The partitions this process consumes now, per pool."""
+        found: dict[str, list[int]] = {}
+        for unit in self.units:
+            if unit.consuming:
+                found.setdefault(unit.runtime.pool, []).append(unit.runtime.index)
+        return found
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.balancer.refresh()
-                self._reconcile()
+                self.balancer.refresh(self.holds())
+                if self.balanced:
+                    self._reconcile()
+                self._failing = False
             except Exception as exc:  # noqa: BLE001 - the store may be failing over
-                logger.warning("balance beat failed (%s); keeping the last share", exc)
+                # once per outage: a failover makes every beat fail for a while
+                (logger.debug if self._failing else logger.warning)(
+                    "membership beat failed (%s); keeping the last share", exc)
+                self._failing = True
             self._stop.wait(self.balancer.interval)
 
     def _reconcile(self) -> None:

@@ -257,12 +257,15 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
         self.partitions.extend(Partition(partition) for partition in runtime.partitions)
-        if os.environ.get(BALANCE_ENV) == "1":
-            self.fleet = Fleet(runtime, self.partitions)
-            self.fleet.start()
-        else:
+        balanced = os.environ.get(BALANCE_ENV) == "1"
+        if runtime.settings.redis is not None:
+            # a member of its pools: balanced, or pinned so the balanced ones leave these be
+            self.fleet = Fleet(runtime, self.partitions, balanced=balanced)
+        if not balanced or self.fleet is None:
             for unit in self.partitions:
                 unit.start()
+        if self.fleet is not None:
+            self.fleet.start()
         logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
                     len(self.partitions), runtime.label)
 
