@@ -150,22 +150,20 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
            metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
-    Without --partitions the pools are shared: each of the --processes `celery worker`
-    processes is a member of the pools, and the partitions are balanced over every member
-    running anywhere (the same command on two hosts: each holds half), handed over between
-    two messages as members join and leave. With --partitions they are dealt over the
-    processes, pinned (a second command on the same partitions waits as a standby). Each
-    process consumes every partition it holds in a thread of its own, strictly one message
-    at a time and in queue order, the partitions in parallel. Each process is a Celery node
-    (`celery inspect`, task events, `celery control shutdown`). Each partition holds its lease
-    (RabbitMQ: a single active consumer) and puts a crashed predecessor's messages back at
-    the head of its queue before it consumes. A process that
-    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
+    Without --partitions each of the --processes `celery worker` processes is a member of
+    the pools: the partitions are balanced over every member running anywhere (the same
+    command on two hosts: each holds half), handed over between two messages as members join
+    and leave. With --partitions they are dealt over the processes, pinned (a second command
+    on the same partitions waits as a standby). A process
+    consumes each partition it holds in a thread, one message at a time, in queue order. Each
+    process is a Celery node (`celery inspect`, task events, `celery control shutdown`). Each
+    partition holds its lease (RabbitMQ: a single active consumer) and puts a crashed
+    predecessor's messages back at the head of its queue before it consumes. A dead process
+    is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
     named in --partitions) only the pools some registered partitioned task uses run (or those
     of the setting partitioning_worker_pools); the others are skipped, and said so once.
     Exit status: 0 clean stop, 1 a worker did not stop cleanly, 2 bad usage, an invalid task
-    registry or a pool size other than the recorded one.
-    Arguments after `--` are passed on to every `celery worker`.
+    registry or a pool size other than the recorded one. `-- ARGS`: to every `celery worker`.
     """
     app = _app(ctx)
     settings = settings_of(app)

@@ -109,12 +109,7 @@ class ChildSpec:
 def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
     """Deal the partitions over ``processes`` processes, in turn (deterministic: partition i
     goes to process i mod P), so every process gets a share of every pool."""
-    if not partitions:
-        raise PartitionConfigError("no partition selected: check --pool and --partitions")
-    if not 1 <= processes <= len(partitions):
-        raise PartitionConfigError(
-            f"--processes {processes}: choose 1 to {len(partitions)} (one process cannot host "
-            f"less than one of the {len(partitions)} selected partition(s))")
+    _check_processes(partitions, processes)
     return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
             enumerate(range(processes))]
 
@@ -122,13 +117,18 @@ def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpe
 def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
     """Balanced (no ``--partitions``): every process hosts every selected partition and holds
     only its share, agreed through the store with every other member of the pools, on this
-    host and others (``worker/balancer.py``). More processes than partitions: the extra ones
-    hold nothing until a member leaves."""
-    if not partitions:
-        raise PartitionConfigError("no partition selected: check --pool")
-    if processes < 1:
-        raise PartitionConfigError(f"--processes {processes}: choose 1 or more")
+    host and others (``worker/balancer.py``)."""
+    _check_processes(partitions, processes)
     return [ChildSpec(tuple(partitions), number, shared=True) for number in range(processes)]
+
+
+def _check_processes(partitions: Sequence[PartitionSpec], processes: int) -> None:
+    if not partitions:
+        raise PartitionConfigError("no partition selected: check --pool and --partitions")
+    if not 1 <= processes <= len(partitions):
+        raise PartitionConfigError(
+            f"--processes {processes}: choose 1 to {len(partitions)} (one process cannot host "
+            f"less than one of the {len(partitions)} selected partition(s))")
 
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,
