@@ -3,9 +3,8 @@
 A member is one worker process that hosts partitions of a pool. It beats every few seconds
 (server time, so hosts with skewed clocks agree); a member whose last beat is older than its
 TTL is gone, and is removed by whoever reads the list next. The balanced assignment
-(``balance.py``) is computed from this list and from who holds each partition now: the lease
-holders, and on RabbitMQ (no lease; single active consumer guards a queue) the partitions each
-member says it consumes at its last beat.
+(``balance.py``) is computed from this list and from the lease holders (on RabbitMQ too: with
+the Redis store every partition thread takes the lease before it consumes).
 """
 
 from __future__ import annotations
@@ -41,23 +40,19 @@ class Member:
     ttl_ms: int
     #: Partitions this member is pinned to (``--partitions``); empty: balanced.
     pinned: tuple[int, ...] = field(default_factory=tuple)
-    #: Partitions it consumed at its last beat (what it says; the lease holders come first).
-    holds: tuple[int, ...] = field(default_factory=tuple)
 
     @property
     def balanced(self) -> bool:
         return not self.pinned
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "pinned": list(self.pinned), "holds": list(self.holds)},
-                          separators=(",", ":"))
+        return json.dumps({**asdict(self), "pinned": list(self.pinned)}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Member:
         data = json.loads(text)
         return cls(str(data["id"]), str(data["host"]), int(data["pid"]), int(data["since_ms"]),
-                   int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())),
-                   tuple(data.get("holds", ())))
+                   int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())))
 
 
 class Membership:
@@ -72,12 +67,11 @@ class Membership:
         return int(seconds) * 1000 + int(micros) // 1000
 
     def beat(self, pools: Iterable[str], member: str, *, ttl: float, since_ms: int | None = None,
-             pinned: Sequence[int] = (), holds: Sequence[int] = ()) -> int:
-        """Register or refresh ``member`` in ``pools`` (``holds``: the partitions it consumes
-        now); returns the server time of the beat."""
+             pinned: Sequence[int] = ()) -> int:
+        """Register or refresh ``member`` in ``pools``; returns the server time of the beat."""
         now = self.now_ms()
         record = Member(member, socket.gethostname(), os.getpid(), since_ms or now, now,
-                        int(ttl * 1000), tuple(pinned), tuple(holds)).to_json()
+                        int(ttl * 1000), tuple(pinned)).to_json()
         with self.client.pipeline(transaction=False) as pipe:
             for pool in pools:
                 pipe.hset(self.keys.members(pool), member, record)
@@ -108,13 +102,11 @@ class Membership:
 def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str],
                   live: Sequence[Member]) -> tuple[Assignment, dict[int, str]]:
     """The pool's balanced assignment among ``live`` members (``balance.py``), and who holds
-    each partition now (index → member id: the lease holder, else the live member that says
-    it consumes it): what every member and ``status`` compute alike."""
-    current = {index: member.id for member in live for index in member.holds
-               if index < len(queues)}
+    each partition now (index → member id, from the lease holders): what every member and
+    ``status`` compute alike."""
     holders = read_holders(client, keys, queues)
-    current.update({index: f"{holder.host}:{holder.pid}"
-                    for index, holder in enumerate(holders[q] for q in queues) if holder})
+    current = {index: f"{holder.host}:{holder.pid}"
+               for index, holder in enumerate(holders[q] for q in queues) if holder}
     result = assign(range(len(queues)), [m.id for m in live if m.balanced], current,
                     {m.id: m.pinned for m in live if not m.balanced})
     return result, current

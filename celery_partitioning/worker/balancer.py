@@ -62,13 +62,11 @@ class Balancer:
     def share(self, pool: str) -> list[int]:
         return sorted(self.pinned.get(pool) or self._mine.get(pool, frozenset()))
 
-    def refresh(self, holds: Mapping[str, Sequence[int]] | None = None) -> None:
-        """One beat: register (with ``holds``, the partitions consumed now, per pool), read
-        the live members and the lease holders, recompute."""
+    def refresh(self) -> None:
+        """One beat: register, read the live members and the lease holders, recompute."""
         for pool, size in self.sizes.items():
             now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
-                                       pinned=self.pinned.get(pool, ()),
-                                       holds=(holds or {}).get(pool, ()))
+                                       pinned=self.pinned.get(pool, ()))
             self._since = self._since or now
             live = self.membership.live(pool)
             queues = [self.queue_name(pool, index) for index in range(size)]
@@ -128,18 +126,10 @@ class Fleet:
             self._thread.join(30)
         self.balancer.leave()
 
-    def holds(self) -> dict[str, list[int]]:
-        """The partitions this process consumes now, per pool."""
-        found: dict[str, list[int]] = {}
-        for unit in self.units:
-            if unit.consuming:
-                found.setdefault(unit.runtime.pool, []).append(unit.runtime.index)
-        return found
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.balancer.refresh(self.holds())
+                self.balancer.refresh()
                 if self.balanced:
                     self._reconcile()
                 self._failing = False
