@@ -209,7 +209,8 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
         declare_partition_queues(app, hosted)  # another queue type: one clear error
     hostname = str(node.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
-                            events=bool(app.conf.worker_send_task_events))
+                            events=bool(app.conf.worker_send_task_events),
+                            balanced=os.environ.get(BALANCE_ENV) == "1")
     # One store client for the process (short commands; a connection per busy thread), and one
     # broker client per partition (its blocking fetch holds a connection the whole time).
     store = (redis_client(settings.redis, replicas=replicas_of(settings),
@@ -257,7 +258,7 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
         self.partitions.extend(Partition(partition) for partition in runtime.partitions)
-        balanced = os.environ.get(BALANCE_ENV) == "1"
+        balanced = runtime.balanced
         if runtime.settings.redis is not None:
             # a member of its pools: balanced, or pinned so the balanced ones leave these be
             self.fleet = Fleet(runtime, self.partitions, balanced=balanced)

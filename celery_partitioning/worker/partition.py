@@ -5,9 +5,9 @@ here as a standby), puts what a dead predecessor held back at the head of the qu
 loops: ``BLMOVE queue in-transit RIGHT LEFT`` takes the next message and parks it in the
 partition's in-transit list in one atomic step (so a SIGKILL never loses it; the in-transit
 list *is* the partition's unacked record), the message runs, and its ack takes it off that
-list. On RabbitMQ the thread takes the lease too (with a Redis store: no two processes run a
-partition's hooks at once), then owns a channel with prefetch 1 on the partition's
-single-active-consumer queue (the broker lets one consumer at a time receive).
+list. On RabbitMQ the thread of a balanced member takes the lease too (``pipeline.py``), then
+owns a channel with prefetch 1 on the partition's single-active-consumer queue (the broker
+lets one consumer at a time receive).
 
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
 all becomes a dead letter; the partition's stages (``pipeline.py``: resize gate, misroute
