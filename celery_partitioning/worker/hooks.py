@@ -20,6 +20,9 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
    ``celeryd_after_setup``: the banner says what runs the tasks (``banner.py``).
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
+   With a Redis store the process is a member of its pools (``balancer.Fleet``): balanced
+   (``BALANCE_ENV``), it starts and stops partitions as its share changes; pinned, it starts
+   them all and only beats.
 4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
    closes the step first: no partition starts another message, running tasks finish, leases
    are released; then Celery stops the rest. The step makes a first SIGINT exit 0 as SIGTERM
