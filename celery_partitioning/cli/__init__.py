@@ -154,10 +154,10 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     the pools: the partitions are balanced over every member running anywhere (the same
     command on two hosts: each holds half), handed over between two messages as members join
     and leave. With --partitions they are dealt over the processes, pinned (a second command
-    on the same partitions waits as a standby). A process
-    consumes each partition it holds in a thread, one message at a time, in queue order. Each
-    process is a Celery node (`celery inspect`, task events, `celery control shutdown`). Each
-    partition holds its lease (RabbitMQ: a single active consumer) and puts a crashed
+    on the same partitions waits as a standby). A process consumes each partition it holds
+    in a thread, one message at a time, in queue order. Each process is a Celery node
+    (`celery inspect`, task events, `celery control shutdown`). Each partition holds its
+    lease (RabbitMQ: single active consumer, and the lease when balanced) and puts a crashed
     predecessor's messages back at the head of its queue before it consumes. A dead process
     is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
     named in --partitions) only the pools some registered partitioned task uses run (or those
