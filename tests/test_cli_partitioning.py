@@ -90,6 +90,10 @@ def test_worker_rejects_a_bad_partition_selection_before_starting_anything(tmp_p
     one = h.cli("worker", "--partitions", "1,3", "--processes", "1", "--dry-run")
     assert one.stdout.splitlines()[0] == "# w0: p.1, p.3"
     assert "-n partitions0@%h" in one.stdout
+    # without --partitions every process hosts the pool and holds its balanced share
+    shared = h.cli("worker", "--processes", "2", "--dry-run")
+    assert [line for line in shared.stdout.splitlines() if line.startswith("#")] == [
+        "# w0: p.0, p.1, p.2, p.3", "# w1: p.0, p.1, p.2, p.3"]
 
 
 def test_dry_run_masks_passwords_and_passes_root_options_on(tmp_path: Path) -> None:

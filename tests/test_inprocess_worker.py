@@ -171,6 +171,23 @@ def test_a_misrouted_message_moves_to_its_partition_and_runs_there(shop: Shop, r
     assert shop.threads[order, 0] == f"partition-entity.{right[order]}"
 
 
+def test_a_producer_with_another_partition_count_is_logged_once_per_count(
+        shop: Shop, redis_url: str, namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Given a producer that believes the pool has 3 partitions (the worker's app: 4)
+    producer = Shop(_app(redis_url, redis_url, namespace, partitioning_pools={"entity": 3}))
+    with caplog.at_level(logging.WARNING, logger="celery_partitioning.worker"), \
+            start_partition_worker(shop.app, pools="entity"):
+        # When it publishes several messages, to several keys (misrouted or not)
+        for seq, order in enumerate(["o1", "o2", "o3", "o4", "o5", "o1"]):
+            assert producer.step.delay(order, seq).get(timeout=20) == seq
+        # and a producer with the worker's own count publishes too
+        assert shop.step.delay("o1", 9).get(timeout=20) == 9
+    # Then the worker said so once, naming both counts; nothing for the right count
+    lines = [r.getMessage() for r in caplog.records if "a producer routes pool" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "routes pool 'entity' with 3 partition(s), this worker with 4" in lines[0]
+
+
 def test_it_starts_twice_and_leaves_nothing_behind(shop: Shop, redis_url: str) -> None:
     app = shop.app
     task = app.tasks["shop.step"]

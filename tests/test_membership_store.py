@@ -74,3 +74,62 @@ def test_balancers_of_three_members_share_a_pool_and_follow_joins_and_leaves(
     for member in (a, c):
         member.refresh()
     assert sorted(a.share("entity") + c.share("entity")) == list(range(12))
+
+
+def test_balanced_members_leave_a_pinned_members_partitions_to_it(store_redis: Any,
+                                                                  namespace: str) -> None:
+    from celery_partitioning.worker.balancer import Balancer
+
+    keys = RedisKeys(namespace)
+
+    def balancer(name: str, pinned: list[int] | None = None) -> Balancer:
+        return Balancer(store_redis, keys, {"entity": 12}, lambda p, i: f"{namespace}q.{p}.{i}",
+                        member=member_id(name, 1), ttl=30,
+                        pinned={"entity": pinned} if pinned is not None else None)
+
+    # Given a member pinned to 0-3 (`--partitions 0-3`) and two balanced members
+    pinned, a, b = balancer("pinned", [0, 1, 2, 3]), balancer("a"), balancer("b")
+    for member in (pinned, a, b, a, b):
+        member.refresh()
+    # Then the balanced ones share the other 8, 4 each, and leave 0-3 to the pinned one
+    assert pinned.share("entity") == [0, 1, 2, 3]
+    assert sorted(a.share("entity") + b.share("entity")) == list(range(4, 12))
+    assert len(a.share("entity")) == len(b.share("entity")) == 4
+    # When the pinned member leaves, its partitions go to the balanced ones
+    pinned.leave()
+    for member in (a, b):
+        member.refresh()
+    assert sorted(a.share("entity") + b.share("entity")) == list(range(12))
+
+
+def test_a_restarted_process_inherits_its_dead_predecessors_partitions(store_redis: Any,
+                                                                        namespace: str) -> None:
+    from celery_partitioning.worker.balancer import Balancer
+
+    keys = RedisKeys(namespace)
+
+    def queue(pool: str, index: int) -> str:
+        return f"{namespace}q.{pool}.{index}"
+
+    def balancer(name: str, token: str, succeeds: str = "") -> Balancer:
+        return Balancer(store_redis, keys, {"entity": 12}, queue, member=member_id(name, 1),
+                        ttl=30, token=token, succeeds=succeeds)
+
+    # Given two members holding the leases of their shares
+    a, b = balancer("a", "ta"), balancer("b", "tb")
+    for member in (a, b, a):
+        member.refresh()
+    shares = {"a": a.share("entity"), "b": b.share("entity")}
+    for name, indexes in shares.items():
+        for index in indexes:
+            store_redis.set(keys.lease(queue("entity", index)), f"t{name}|{name}|1|node", px=30_000)
+    # When a's process dies and its supervisor starts a successor with a's token to take over
+    # (a's member record has not expired yet)
+    successor = balancer("a2", "ta2", succeeds="ta")
+    successor.refresh()
+    b.refresh()
+    # Then the successor is given a's partitions (it takes their leases at once), b keeps its
+    # own, and a's record is gone without waiting for its TTL
+    assert successor.share("entity") == shares["a"] and b.share("entity") == shares["b"]
+    assert [m.id for m in Membership(store_redis, keys).live("entity")] == [
+        member_id("a2", 1), member_id("b", 1)]

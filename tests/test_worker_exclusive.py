@@ -186,9 +186,11 @@ def test_a_standby_stops_cleanly_on_sigterm_and_the_holder_releases_its_lease(
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
     client = h.redis
-    first = h.start_workers("first")
+    # both pinned to the partition: the second waits for its lease (balanced, it would be a
+    # member that holds nothing: the next test)
+    first = h.start_workers("first", "--partitions", "0")
     wait_for(lambda: client.get(lease_key) is not None, 30, "the first worker's lease")
-    second = h.start_workers("second")
+    second = h.start_workers("second", "--partitions", "0")
     wait_for(lambda: "standby" in h.log_text("second"), 30, "the standby")
 
     h.processes.signal(second, signal.SIGTERM)
@@ -197,3 +199,42 @@ def test_a_standby_stops_cleanly_on_sigterm_and_the_holder_releases_its_lease(
     h.processes.signal(first, signal.SIGTERM)
     assert first.wait(timeout=20) == 0
     assert client.get(lease_key) is None  # released at once, not after the 30 s TTL
+
+
+@pytest.mark.timeout(120)
+def test_a_second_balanced_command_with_nothing_left_to_hold_takes_over_when_the_first_leaves(
+        redis_url: str, namespace: str, processes: Processes, tmp_path: Path) -> None:
+    # Given one partition and two identical commands (no --partitions): more members than
+    # partitions, so the second holds nothing while the first runs
+    url = redis_url
+    h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
+    lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
+    client = h.redis
+    members = RedisKeys(namespace).members("p")
+    first = h.start_workers("first")
+    wait_for(lambda: client.get(lease_key) is not None, 30, "the first worker's lease")
+    holder = parse_holder(client.get(lease_key))
+    assert holder is not None
+    second = h.start_workers("second")
+    wait_for(lambda: client.hlen(members) == 2, 30, "the second command to join")
+    events, counts = keyed_events(10, 200, ms=2)
+    h.publish(events[:100])
+    h.wait_done(100, timeout=60, logs=["first"])
+    assert {p for _k, p, _key, _s in h.partition_log("p.0")} == {holder.pid}
+
+    # When the first leaves warmly, the second takes the partition (released, not expired:
+    # well within the 30 s TTL) and finishes the keys in order, never concurrently
+    h.processes.signal(first, signal.SIGTERM)
+    assert first.wait(timeout=30) == 0, h.log_text("first")[-2000:]
+    left = time.monotonic()
+    h.publish(events[100:])
+    h.wait_done(200, timeout=60, logs=["second"])
+    assert time.monotonic() - left < 20
+    report = check(h.records(counts), counts)
+    assert report.ok, report.summary()
+    log = h.partition_log("p.0")
+    assert not concurrent_runs(log, killed=set())
+    assert len({p for _k, p, _key, _s in log}) == 2
+    h.processes.signal(second, signal.SIGTERM)
+    assert second.wait(timeout=30) == 0
+    assert client.get(lease_key) is None and client.hlen(members) == 0

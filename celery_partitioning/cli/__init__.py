@@ -124,7 +124,10 @@ def partitioning(ctx: click.Context) -> None:
 @click.option("--partitions", metavar="SPEC",
               help="Run only these partitions: POOL:INDEXES, several separated by commas "
                    "(entity:0-5,global:0), or plain indexes (0-3,7 or 3) when one pool is "
-                   "selected (a StatefulSet ordinal / systemd instance). Default: all.")
+                   "selected (a StatefulSet ordinal / systemd instance): this command holds "
+                   "them and only them. Default: all the pools' partitions, shared with every "
+                   "other `partitioning worker` running anywhere (each process holds about P/W "
+                   "of a pool's P partitions; needs the Redis store).")
 @click.option("-l", "--loglevel", default="info", show_default=True,
               help="Log level of the partition workers.")
 @click.option("--processes", type=int, default=None, metavar="P",
@@ -138,12 +141,6 @@ def partitioning(ctx: click.Context) -> None:
                    "installed; setting partitioning_outbox_relay).")
 @click.option("--stop-timeout", type=float, default=60.0, show_default=True,
               help="Seconds a warm shutdown may take before children are killed.")
-@click.option("--balance", is_flag=True,
-              help="Share the selected pools with every other `partitioning worker --balance` "
-                   "running anywhere: each process holds about P/W of a pool's P partitions, "
-                   "handed over between two messages as members join and leave (needs the "
-                   "Redis store). Without it, every process consumes the partitions it is "
-                   "dealt and a second command is a standby.")
 @click.option("--dry-run", is_flag=True, help="Print the child worker commands and exit.")
 @click.option("--metrics-port", type=int, default=None, metavar="PORT",
               help="Serve Prometheus metrics on this port (/metrics); needs the extra "
@@ -154,23 +151,24 @@ def partitioning(ctx: click.Context) -> None:
 @click.pass_context
 def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None, loglevel: str,
            processes: int | None, without_events: bool, without_relay: bool,
-           stop_timeout: float, balance: bool,
-           dry_run: bool,
+           stop_timeout: float, dry_run: bool,
            metrics_port: int | None, metrics_raw_keys: bool, worker_args: tuple[str, ...]) -> None:
     """Run and supervise the partition workers: a few processes, a thread per partition.
 
-    The selected partitions are dealt over --processes `celery worker` processes; each
-    consumes every partition it hosts in a thread of its own, strictly one message at a time
-    and in queue order, the partitions in parallel. Each process is a Celery node (`celery
-    inspect`, task events, `celery control shutdown`). On a Redis broker each partition holds
-    its lease (a second worker on the same partition waits as a standby) and puts a crashed
-    predecessor's messages back at the head of its queue before it consumes. A process that
-    dies is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
+    Without --partitions each of the --processes `celery worker` processes is a member of
+    the pools: the partitions are balanced over every member running anywhere (the same
+    command on two hosts: each holds half), handed over between two messages as members join
+    and leave. With --partitions they are dealt over the processes, pinned (a second command
+    on the same partitions waits as a standby). A process consumes each partition it holds
+    in a thread, one message at a time, in queue order. Each process is a Celery node
+    (`celery inspect`, task events, `celery control shutdown`). Each partition holds its
+    lease (RabbitMQ: single active consumer, and the lease when balanced) and puts a crashed
+    predecessor's messages back at the head of its queue before it consumes. A dead process
+    is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
     named in --partitions) only the pools some registered partitioned task uses run (or those
     of the setting partitioning_worker_pools); the others are skipped, and said so once.
     Exit status: 0 clean stop, 1 a worker did not stop cleanly, 2 bad usage, an invalid task
-    registry or a pool size other than the recorded one.
-    Arguments after `--` are passed on to every `celery worker`.
+    registry or a pool size other than the recorded one. `-- ARGS`: to every `celery worker`.
     """
     app = _app(ctx)
     settings = settings_of(app)
@@ -180,7 +178,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         selected = select_partitions(settings, pools, partitions, default_pools=default)
         if processes is None:
             processes = max(1, min(os.cpu_count() or 1, len(selected)))
-        specs = share(selected, processes, pinned=bool(partitions)) if balance else \
+        specs = share(selected, processes) if _balanced(settings, partitions) else \
             spread(selected, processes)
     except PartitioningError as exc:
         _fail(str(exc))
@@ -227,6 +225,12 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 def _child_env(*, events: bool, relay: bool) -> dict[str, str]:
     """The partition worker processes' environment: ours, with what the options turned off."""
     return {**os.environ, EVENTS_ENV: "1" if events else "0", RELAY_ENV: "1" if relay else "0"}
+
+
+def _balanced(settings: Any, partitions: str | None) -> bool:
+    """Share the pools with the other members (the default), or hold fixed partitions
+    (``--partitions``; also without a Redis store, where members cannot agree on shares)."""
+    return partitions is None and settings.redis is not None
 
 
 def _check_before_start(ctx: click.Context, app: Any, selected: list[Any]) -> None:

@@ -42,7 +42,7 @@ class PoolNotes:
     stranded: list[dict[str, Any]] = field(default_factory=list)
     #: ``{"pool", "recorded", "configured"}`` where they differ and no resize is in flight.
     size_mismatches: list[dict[str, Any]] = field(default_factory=list)
-    #: pool → its ``--balance`` members and partitions still to move (``store/membership.py``).
+    #: pool → its members (worker processes) and partitions still to move (``membership.py``).
     members: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -167,9 +167,10 @@ def render_pool_notes(notes: PoolNotes, command: str = "celery -A <app>") -> str
                      f"partitioning resize {m['pool']} {m['configured']} --from {m['recorded']}`")
     for pool, view in notes.members.items():
         moving = f"; rebalancing: {view['moving']} partition(s) to hand over" if view["moving"] else ""
-        lines.append(f"pool {pool}: {len(view['members'])} member(s) (--balance){moving}")
+        lines.append(f"pool {pool}: {len(view['members'])} member(s){moving}")
         for m in view["members"]:
-            lines.append(f"  {m['id']}  holds {len(m['holds'])} {m['holds']}  "
+            pinned = f"  pinned to {m['pinned']}" if m["pinned"] else ""
+            lines.append(f"  {m['id']}  holds {len(m['holds'])} {m['holds']}{pinned}  "
                          f"last beat {m['last_beat_age']}s ago")
     for s in notes.stranded:
         lines.append(f"STRANDED {s['queue']}: {s['depth']} message(s) beyond pool {s['pool']}'s "

@@ -3,7 +3,8 @@
 A member is one worker process that hosts partitions of a pool. It beats every few seconds
 (server time, so hosts with skewed clocks agree); a member whose last beat is older than its
 TTL is gone, and is removed by whoever reads the list next. The balanced assignment
-(``balance.py``) is computed from this list and from the lease holders.
+(``balance.py``) is computed from this list and from the lease holders (on RabbitMQ too: with
+the Redis store every partition thread takes the lease before it consumes).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class Member:
     ttl_ms: int
     #: Partitions this member is pinned to (``--partitions``); empty: balanced.
     pinned: tuple[int, ...] = field(default_factory=tuple)
+    #: Its lease token, and the token of the process it succeeds (its supervisor saw that one
+    #: die): the successor inherits its leases, so it also inherits its partitions.
+    token: str = ""
+    succeeds: str = ""
 
     @property
     def balanced(self) -> bool:
@@ -51,7 +56,8 @@ class Member:
     def from_json(cls, text: str | bytes) -> Member:
         data = json.loads(text)
         return cls(str(data["id"]), str(data["host"]), int(data["pid"]), int(data["since_ms"]),
-                   int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())))
+                   int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())),
+                   str(data.get("token", "")), str(data.get("succeeds", "")))
 
 
 class Membership:
@@ -66,11 +72,11 @@ class Membership:
         return int(seconds) * 1000 + int(micros) // 1000
 
     def beat(self, pools: Iterable[str], member: str, *, ttl: float, since_ms: int | None = None,
-             pinned: Sequence[int] = ()) -> int:
+             pinned: Sequence[int] = (), token: str = "", succeeds: str = "") -> int:
         """Register or refresh ``member`` in ``pools``; returns the server time of the beat."""
         now = self.now_ms()
         record = Member(member, socket.gethostname(), os.getpid(), since_ms or now, now,
-                        int(ttl * 1000), tuple(pinned)).to_json()
+                        int(ttl * 1000), tuple(pinned), token, succeeds).to_json()
         with self.client.pipeline(transaction=False) as pipe:
             for pool in pools:
                 pipe.hset(self.keys.members(pool), member, record)
@@ -101,10 +107,11 @@ class Membership:
 def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str],
                   live: Sequence[Member]) -> tuple[Assignment, dict[int, str]]:
     """The pool's balanced assignment among ``live`` members (``balance.py``), and who holds
-    each partition now (index → member id, from the lease holders): what every member and
-    ``status`` compute alike."""
+    each partition now (index → member id, from the lease holders; a dead process's leases
+    count as its successor's): what every member and ``status`` compute alike."""
     holders = read_holders(client, keys, queues)
-    current = {index: f"{holder.host}:{holder.pid}"
+    heirs = {member.succeeds: member.id for member in live if member.succeeds}
+    current = {index: heirs.get(holder.token, f"{holder.host}:{holder.pid}")
                for index, holder in enumerate(holders[q] for q in queues) if holder}
     result = assign(range(len(queues)), [m.id for m in live if m.balanced], current,
                     {m.id: m.pinned for m in live if not m.balanced})

@@ -1,6 +1,8 @@
-"""Balanced mode: which partitions this process should hold, recomputed at every beat.
+"""Which partitions this process should hold, recomputed at every beat.
 
-Every worker process of a pool is a member (``store/membership.py``). At each beat a member
+Every process of ``partitioning worker`` is a member of its pools (``store/membership.py``):
+balanced by default, pinned with ``--partitions`` (a pinned member takes only its partitions,
+and the balanced ones leave those to it). At each beat a member
 registers itself, reads the live members and the lease holders, and computes the pool's
 assignment (``balance.py``): the same computation on every member, so each knows its own share
 without a coordinator. A partition thread asks :meth:`Balancer.wants` before it takes its
@@ -12,6 +14,7 @@ lease as a standby takes it today. The lease remains the only permission to cons
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -19,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Final
 from ..errors import PartitionConfigError
 from ..state import redis_client, redis_keys
 from ..store.keys import RedisKeys
-from ..store.membership import Membership, assignment_of, member_id
+from ..store.membership import Member, Membership, assignment_of, member_id
+from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV
 
 if TYPE_CHECKING:
     from .lifecycle import Partition
@@ -38,7 +42,8 @@ class Balancer:
 
     def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
                  queue_name: Callable[[str, int], str], *, member: str, ttl: float,
-                 pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0) -> None:
+                 pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0,
+                 token: str = "", succeeds: str = "") -> None:
         self.client = client
         self.keys = keys
         self.membership = Membership(client, keys)
@@ -48,6 +53,8 @@ class Balancer:
         self.ttl = ttl
         self.pinned = {pool: tuple(indexes) for pool, indexes in (pinned or {}).items()}
         self.interval = interval
+        self.token = token
+        self.succeeds = succeeds
         self._since: int | None = None
         self._mine: dict[str, frozenset[int]] = {pool: frozenset() for pool in self.sizes}
 
@@ -64,9 +71,10 @@ class Balancer:
         """One beat: register, read the live members and the lease holders, recompute."""
         for pool, size in self.sizes.items():
             now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
-                                       pinned=self.pinned.get(pool, ()))
+                                       pinned=self.pinned.get(pool, ()), token=self.token,
+                                       succeeds=self.succeeds)
             self._since = self._since or now
-            live = self.membership.live(pool)
+            live = self._without_predecessor(pool, self.membership.live(pool))
             queues = [self.queue_name(pool, index) for index in range(size)]
             result, _current = assignment_of(self.client, self.keys, queues, live)
             mine = frozenset(result.of(self.member))
@@ -74,6 +82,14 @@ class Balancer:
                 logger.info("rebalance: this process (%s) now holds %s of pool %s (%d member(s))",
                             self.member, sorted(mine) or "nothing", pool, len(live))
             self._mine[pool] = mine
+
+    def _without_predecessor(self, pool: str, live: list[Member]) -> list[Member]:
+        """``live`` without the member this process succeeds (its supervisor saw it die), whose
+        record is removed at once instead of after its TTL."""
+        gone = [m for m in live if self.succeeds and m.token == self.succeeds]
+        if gone:
+            self.membership.leave([pool], gone[0].id)
+        return [m for m in live if m not in gone]
 
     def leave(self) -> None:
         """Leave every pool at once, so the others rebalance without waiting for this
@@ -85,22 +101,31 @@ class Balancer:
 
 
 class Fleet:
-    """The partitions of a ``--balance`` process: each a unit (``lifecycle.Partition``) that is
-    started when the balancer gives it to this process and stopped, between two messages, when
-    it gives it to another. A start or stop runs in a thread of its own, so a long task never
-    holds up the beat (a member that stops beating is taken for gone)."""
+    """The partitions of a member process: each a unit (``lifecycle.Partition``). Balanced, a
+    unit is started when the balancer gives it to this process and stopped, between two
+    messages, when it gives it to another; a start or stop runs in a thread of its own, so a
+    long task never holds up the beat (a member that stops beating is taken for gone).
+    Pinned, the caller starts every unit and the fleet only beats, so that the balanced
+    members leave those partitions to this one."""
 
-    def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition]) -> None:
+    def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition], *,
+                 balanced: bool = True) -> None:
         settings = runtime.settings
         if settings.redis is None:
-            raise PartitionConfigError("--balance needs the Redis store (partitioning_redis_url): "
+            raise PartitionConfigError("a fleet needs the Redis store (partitioning_redis_url): "
                                        "members agree on their shares there")
         pools = sorted({unit.runtime.pool for unit in units})
         self.units = list(units)
+        self.balanced = balanced
+        pinned = None if balanced else {
+            pool: [u.runtime.index for u in units if u.runtime.pool == pool] for pool in pools}
         self.balancer = Balancer(
             redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
             {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
-            member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), interval=BEAT)
+            member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), pinned=pinned,
+            interval=BEAT, token=os.environ.get(LEASE_TOKEN_ENV, ""),
+            succeeds=os.environ.get(LEASE_TAKEOVER_ENV, ""))
+        self._failing = False
         self._moving: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -120,9 +145,14 @@ class Fleet:
         while not self._stop.is_set():
             try:
                 self.balancer.refresh()
-                self._reconcile()
+                if self.balanced:
+                    self._reconcile()
+                self._failing = False
             except Exception as exc:  # noqa: BLE001 - the store may be failing over
-                logger.warning("balance beat failed (%s); keeping the last share", exc)
+                # once per outage: a failover makes every beat fail for a while
+                (logger.debug if self._failing else logger.warning)(
+                    "membership beat failed (%s); keeping the last share", exc)
+                self._failing = True
             self._stop.wait(self.balancer.interval)
 
     def _reconcile(self) -> None:

@@ -5,11 +5,17 @@ the *current* settings (``partition_for(key, pool size)``). When that is not thi
 worker's partition (the pool was resized, or a producer ran with other settings) the
 message is re-published, unchanged but for its ``partition_index`` / ``partition_count``
 headers, to its right queue, then acked here. It never runs on the wrong partition.
+
+A message's ``partition_count`` header is the pool size its producer routed it with. A count
+other than the worker's is logged once per pool and count in a process (a producer with stale
+settings keeps working, at the cost of a re-publish per misrouted message: the log says
+which setting to fix).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 from ..errors import PartitioningError
 from ..hashing import partition_for
@@ -20,6 +26,28 @@ from .stage import Place, Stage
 __all__ = ["MisrouteGuard"]
 
 logger = logging.getLogger("celery_partitioning.worker")
+
+#: (the pool's first queue, producer count) already logged in this process, and its lock
+#: (partition threads).
+_seen_counts: set[tuple[str, int]] = set()
+_seen_lock = threading.Lock()
+
+
+def note_producer_count(place: Place, pool: str, produced: object, count: int) -> None:
+    """Log, once per pool and count in this process, a message routed with a pool size other
+    than this worker's ``count``."""
+    if not isinstance(produced, int) or isinstance(produced, bool) or produced == count:
+        return
+    seen = (place.settings.queue_name(pool, 0), produced)
+    with _seen_lock:
+        if seen in _seen_counts:
+            return
+        _seen_counts.add(seen)
+    label = place.label
+    logger.warning("%s a producer routes pool %r with %d partition(s), this worker with %d "
+                   "(setting partitioning_pools): its messages are re-checked here and moved "
+                   "where they belong, but fix the producer's setting (or finish a `partitioning "
+                   "resize`); logged once per count", label, pool, produced, count)
 
 
 class MisrouteGuard(Stage):
@@ -42,6 +70,7 @@ class MisrouteGuard(Stage):
             logger.error("%s message %s (task %s) names pool %r, which cannot be routed (%s); "
                          "running it here", place.label, msg.task_id, msg.task_name, pool, exc)
             return False
+        note_producer_count(place, pool, msg.headers.get(HEADER_COUNT), count)
         if (pool, index) == (place.pool, place.index):
             return False
         headers = dict(msg.headers)

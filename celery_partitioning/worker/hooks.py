@@ -20,6 +20,9 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
    ``celeryd_after_setup``: the banner says what runs the tasks (``banner.py``).
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
+   With a Redis store the process is a member of its pools (``balancer.Fleet``): balanced
+   (``BALANCE_ENV``), it starts and stops partitions as its share changes; pinned, it starts
+   them all and only beats.
 4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
    closes the step first: no partition starts another message, running tasks finish, leases
    are released; then Celery stops the rest. The step makes a first SIGINT exit 0 as SIGTERM
@@ -212,7 +215,8 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
         declare_partition_queues(app, hosted)  # another queue type: one clear error
     hostname = str(node.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
-                            events=bool(app.conf.worker_send_task_events))
+                            events=bool(app.conf.worker_send_task_events),
+                            balanced=os.environ.get(BALANCE_ENV) == "1")
     # One store client for the process (short commands; a connection per busy thread), and one
     # broker client per partition (its blocking fetch holds a connection the whole time).
     store = (redis_client(settings.redis, replicas=replicas_of(settings),
@@ -260,12 +264,15 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # warm stop that exits 0, as SIGTERM is.
         compat.install_warm_sigint(parent)
         self.partitions.extend(Partition(partition) for partition in runtime.partitions)
-        if os.environ.get(BALANCE_ENV) == "1":
-            self.fleet = Fleet(runtime, self.partitions)
-            self.fleet.start()
-        else:
+        balanced = runtime.balanced
+        if runtime.settings.redis is not None:
+            # a member of its pools: balanced, or pinned so the balanced ones leave these be
+            self.fleet = Fleet(runtime, self.partitions, balanced=balanced)
+        if not balanced or self.fleet is None:
             for unit in self.partitions:
                 unit.start()
+        if self.fleet is not None:
+            self.fleet.start()
         logger.info("%s: %d partition(s) in this process: %s", parent.hostname,
                     len(self.partitions), runtime.label)
 

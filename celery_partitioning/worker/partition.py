@@ -5,8 +5,9 @@ here as a standby), puts what a dead predecessor held back at the head of the qu
 loops: ``BLMOVE queue in-transit RIGHT LEFT`` takes the next message and parks it in the
 partition's in-transit list in one atomic step (so a SIGKILL never loses it; the in-transit
 list *is* the partition's unacked record), the message runs, and its ack takes it off that
-list. On RabbitMQ the thread owns a connection and a channel with prefetch 1 on the
-partition's single-active-consumer queue (the broker lets one consumer at a time receive).
+list. On RabbitMQ the thread of a balanced member takes the lease too (``pipeline.py``), then
+owns a channel with prefetch 1 on the partition's single-active-consumer queue (the broker
+lets one consumer at a time receive).
 
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
 all becomes a dead letter; the partition's stages (``pipeline.py``: pause, resize gate,
@@ -290,9 +291,12 @@ class PartitionThread(threading.Thread):
         queue = partitioning_of(app).router.queue(runtime.pool, runtime.index)
         with app.connection_for_read() as probe:
             errors = (OSError, *probe.connection_errors, *probe.channel_errors)
+        if not self._take_lease():
+            return
         backoff = Backoff()
         started = False
         while not runtime.stopping():
+            runtime.progress.turned()
             try:
                 with app.connection_for_read(heartbeat=0) as conn:
                     conn.ensure_connection(max_retries=3)
@@ -308,6 +312,7 @@ class PartitionThread(threading.Thread):
                     backoff.reset()
                     idle = False
                     while not runtime.stopping():
+                        runtime.progress.turned()
                         try:
                             conn.drain_events(timeout=self._between(idle, AMQP_WAIT))
                             idle = False
@@ -322,6 +327,7 @@ class PartitionThread(threading.Thread):
                 backoff.sleep()
 
     def _on_amqp(self, message: Any) -> None:
+        self.runtime.progress.consumed()
         if self._stale():
             return  # not acked: the broker redelivers it to the next consumer
         if self.runtime.stopping():

@@ -74,8 +74,9 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
                     keys: RedisKeys, at_head: bool, resizes: ResizeStore | None,
                     recorded: ResizeState | None,
                     fence: Callable[[str], None] | None = None) -> PartitionRuntime:
-    """Partition ``index`` of ``pool`` in ``worker``: its lease (a Redis broker with a Redis
-    store), its dead letters and its stages, in the order of the module docstring.
+    """Partition ``index`` of ``pool`` in ``worker``: its lease (with a Redis store: on Redis,
+    and on RabbitMQ in a balanced member), its dead letters and its stages, in the order of
+    the module docstring.
 
     ``store``: the store's Redis client (None: no dead letters, no parking, no lease);
     ``at_head``: re-queues go onto the head of the queue's Redis list (``requeue.py``);
@@ -88,7 +89,10 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         hostname=worker.hostname, transport=worker.transport, worker=worker,
         broker=broker_redis(app) if worker.transport == "redis" else None,
         requeue=requeue_for(app, pool, index, at_head=at_head))
-    if partition.broker is not None and settings.redis is not None:
+    # RabbitMQ: a balanced member takes the lease too, so the thread of a partition moving to
+    # it waits there instead of running its hooks beside the holder's; pinned ones take none,
+    # so a Redis outage cannot stop them
+    if settings.redis is not None and (partition.broker is not None or worker.balanced):
         lease = partition.lease = _lease(partition, settings, fence)
         # the heartbeat fences a thread stuck outside a task body, and records its progress
         lease.stall_check = partition.progress.stall

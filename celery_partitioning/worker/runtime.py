@@ -67,8 +67,9 @@ __all__ = [
 
 #: Set by the supervisor on each child ``celery worker``: ``"pool:index,pool:index,..."``.
 PARTITIONS_ENV: Final = "CELERY_PARTITIONING_PARTITIONS"
-#: Set to ``1`` by ``partitioning worker --balance``: the process hosts every selected partition
-#: and holds only its balanced share (``worker/balancer.py``).
+#: Set to ``1`` by ``partitioning worker`` without ``--partitions``: the process hosts every
+#: selected partition and holds only its balanced share (``worker/balancer.py``). Unset: it
+#: holds every partition it hosts (pinned).
 BALANCE_ENV: Final = "CELERY_PARTITIONING_BALANCE"
 #: Set by the supervisor: the lease token the child uses for all its partitions.
 LEASE_TOKEN_ENV: Final = "CELERY_PARTITIONING_LEASE_TOKEN"
@@ -159,6 +160,8 @@ class WorkerRuntime:
     stop_event: threading.Event = field(default_factory=threading.Event)
     #: Task events on (``-E``) unless the supervisor was told otherwise.
     events: bool = True
+    #: It holds a balanced share of its partitions (``BALANCE_ENV``), not all of them.
+    balanced: bool = False
     #: Process-wide helpers, set at start (the in-place retry patcher, the executor).
     retry: Any = None
     executor: Any = None

@@ -1,6 +1,9 @@
 """The supervisor behind ``celery partitioning worker``: a few processes, many partitions each.
 
-The selected partitions are dealt over ``--processes`` child processes (``spread``). Each
+By default every child process hosts every selected partition and holds only its balanced
+share, agreed with every other member of the pools wherever they run (``share``,
+``balancer.py``). With ``--partitions`` (or without a Redis store) the selected partitions are
+dealt over ``--processes`` child processes instead (``spread``), each pinned to its own. Each
 child is forked from the supervisor, which has imported and checked the app, so the children
 share its pages (``forked.py``), and runs a real ``celery worker`` (``-P solo -c 1 -Q <idle
 queue>``, task events on, node name ``partitions<n>@host``, or ``pool.index@host`` when it
@@ -76,7 +79,7 @@ class ChildSpec:
     partitions: tuple[PartitionSpec, ...]
     #: Its place among the supervisor's processes (0, 1, ...).
     number: int = 0
-    #: ``--balance``: every process hosts these partitions and holds its share.
+    #: Balanced: every process hosts these partitions and holds its share (``share``).
     shared: bool = False
 
     @property
@@ -107,28 +110,26 @@ class ChildSpec:
 def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
     """Deal the partitions over ``processes`` processes, in turn (deterministic: partition i
     goes to process i mod P), so every process gets a share of every pool."""
+    _check_processes(partitions, processes)
+    return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
+            enumerate(range(processes))]
+
+
+def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
+    """Balanced (no ``--partitions``): every process hosts every selected partition and holds
+    only its share, agreed through the store with every other member of the pools, on this
+    host and others (``worker/balancer.py``)."""
+    _check_processes(partitions, processes)
+    return [ChildSpec(tuple(partitions), number, shared=True) for number in range(processes)]
+
+
+def _check_processes(partitions: Sequence[PartitionSpec], processes: int) -> None:
     if not partitions:
         raise PartitionConfigError("no partition selected: check --pool and --partitions")
     if not 1 <= processes <= len(partitions):
         raise PartitionConfigError(
             f"--processes {processes}: choose 1 to {len(partitions)} (one process cannot host "
             f"less than one of the {len(partitions)} selected partition(s))")
-    return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
-            enumerate(range(processes))]
-
-
-def share(partitions: Sequence[PartitionSpec], processes: int, *,
-          pinned: bool = False) -> list[ChildSpec]:
-    """``--balance``: every process hosts every selected partition and holds only its share,
-    agreed through the store with every other member of the pools (``worker/balancer.py``)."""
-    if pinned:
-        raise PartitionConfigError("--balance shares whole pools; --partitions pins a process "
-                                   "to fixed partitions: choose one")
-    if not partitions:
-        raise PartitionConfigError("no partition selected: check --pool")
-    if processes < 1:
-        raise PartitionConfigError(f"--processes {processes}: choose 1 or more")
-    return [ChildSpec(tuple(partitions), number, shared=True) for number in range(processes)]
 
 
 def worker_argv(spec: ChildSpec, celery_options: Sequence[str], loglevel: str,

@@ -1,9 +1,12 @@
-"""Chaos: random partition workers SIGKILLed every few seconds while a keyed stream drains.
+"""Chaos: random partition workers SIGKILLed every few seconds, and members joining and
+leaving, while a keyed stream drains.
 
 Given `celery partitioning worker` over P partitions and E events over K keys, one event in
 ten retrying once after a 0.3 s backoff (its key set aside meanwhile),
-when a loop SIGKILLs a random partition worker (preferably one inside a task) every few seconds while events are published
-and drained,
+when a loop SIGKILLs a random partition worker (preferably one inside a task) every few
+seconds while events are published and drained, and between kills another `partitioning
+worker` command joins (a balanced member: partitions move to it) and later leaves with SIGTERM
+(they move back),
 then no key ran out of order, nothing was lost, no key and no partition ever ran two tasks
 at once, and the number of re-runs (messages a killed worker had started) is reported.
 
@@ -20,6 +23,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
+from subprocess import Popen
 
 import psutil
 import pytest
@@ -43,6 +47,18 @@ def live_children(supervisor_pid: int) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+def churn_step(w: Workload, number: int, joined: list[Popen[bytes]], churn: list[str]) -> None:
+    """Membership churn: every third step another command joins; the step after, it leaves
+    warmly (SIGTERM, exit 0 expected)."""
+    if number % 3 == 0:
+        joined.append(w.start_workers(f"member{number}", processes=1))
+        churn.append("join")
+    elif number % 3 == 1 and joined:
+        member = joined.pop()
+        member.send_signal(signal.SIGTERM)
+        churn.append(f"leave {member.wait(timeout=60)}")
 
 
 def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[..., Workload],
@@ -73,9 +89,12 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
 
     killed: set[int] = set()
     busy_kills = 0
+    churn: list[str] = []
+    joined: list[Popen[bytes]] = []
     started = time.monotonic()
-    for chunk in chunks:
+    for number, chunk in enumerate(chunks):
         time.sleep(interval)
+        churn_step(w, number, joined, churn)
         # A worker process to kill (one killed just before may still be restarting: wait for it)
         wait_for(lambda: bool(live_children(supervisor.pid)), 60, "a live worker process")
         children = live_children(supervisor.pid)
@@ -91,6 +110,9 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
             except ProcessLookupError:
                 pass
         publish(chunk)
+    for member in joined:
+        member.send_signal(signal.SIGTERM)
+        churn.append(f"leave {member.wait(timeout=60)}")
     w.wait_done(events_total, timeout=300 if os.environ.get("CP_SOAK") else 90, counts=counts)
     elapsed = time.monotonic() - started
 
@@ -98,8 +120,10 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
     overlaps = w.partition_overlaps(killed)
     say(f"chaos: {events_total} events ({len(retried)} retried after a backoff), {keys} keys, "
         f"{partitions} partitions, {len(killed)} SIGKILLs "
-        f"({busy_kills} inside a task), {report.reruns} re-runs, {elapsed:.1f}s; {report.summary()}")
+        f"({busy_kills} inside a task), members {', '.join(churn)}, {report.reruns} re-runs, "
+        f"{elapsed:.1f}s; {report.summary()}")
     assert len(killed) >= kills - 1, f"only {len(killed)} of {kills} kills happened: the test proved little"
+    assert churn.count("join") >= 2 and all(c in ("join", "leave 0") for c in churn), churn
     assert report.ok, report.summary() + "\n--- worker log\n" + w.log_tail()
     assert not overlaps, overlaps[:5]
     supervisor.send_signal(signal.SIGTERM)
