@@ -1,8 +1,5 @@
-"""The ``celery partitioning`` commands (entry point group ``celery.commands``); thin wrappers.
-
-``worker`` and ``status`` are here; ``route`` in :mod:`.route`, ``dead-letters`` in :mod:`.deadletters`,
-``purge`` in :mod:`.purge`; what ``status`` reads in :mod:`.status`.
-"""
+"""The ``celery partitioning`` commands (entry point ``celery.commands``), thin wrappers:
+``worker`` and ``status`` here, each other command in a module of its name."""
 
 from __future__ import annotations
 

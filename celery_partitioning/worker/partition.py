@@ -35,6 +35,7 @@ from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, envelope_problem, payload_of
 from ..state import partitioning_of
 from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
+from .redis_ack import RedisAck
 from .runtime import PartitionRuntime, bind_thread
 from .startup import Backoff
 
@@ -83,42 +84,6 @@ def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
     # Run it now, in order: Celery must not schedule it aside.
     msg.headers["eta"] = None
     return True
-
-
-class _RedisAck:
-    """The channel of a message fetched from Redis: its ack takes it off the in-transit list."""
-
-    no_ack_consumers = None
-
-    def __init__(self, client: Any, in_transit: str, source: str, item: bytes) -> None:
-        self.client = client
-        self.in_transit = in_transit
-        self.source = source
-        self.item = item
-        #: The ack could not reach Redis (a failover): the thread retries it before it fetches
-        #: again, so a message that ran never comes back behind later ones.
-        self.ack_pending = False
-
-    def basic_ack(self, delivery_tag: Any = None, multiple: bool = False) -> None:
-        self.ack_pending = True
-        self.client.lrem(self.in_transit, 1, self.item)
-        self.ack_pending = False
-
-    def basic_reject(self, delivery_tag: Any = None, requeue: bool = False) -> None:
-        if not requeue:
-            self.basic_ack(delivery_tag)
-            return
-        self.to_head()
-
-    def to_head(self) -> None:
-        """Back to the head of the queue (consumed next), in one transaction."""
-        with self.client.pipeline() as pipe:
-            pipe.lrem(self.in_transit, 1, self.item)
-            pipe.rpush(self.source, self.item)
-            pipe.execute()
-
-    def decode_body(self, body: Any, encoding: Any = None) -> Any:
-        return compat.decode_virtual_body(body, encoding)
 
 
 class PartitionThread(threading.Thread):
@@ -229,7 +194,7 @@ class PartitionThread(threading.Thread):
             progress.consumed()
             if self._stale():
                 break  # the message stays in the in-transit list: the next holder recovers it
-            channel = _RedisAck(client, in_transit, source, item)
+            channel = RedisAck(client, in_transit, source, item)
             if runtime.stopping():
                 channel.to_head()
                 break
@@ -245,7 +210,7 @@ class PartitionThread(threading.Thread):
             if channel.ack_pending:
                 self._settle(channel, recover=False)
 
-    def _settle(self, channel: _RedisAck | None, recover: bool) -> None:
+    def _settle(self, channel: RedisAck | None, recover: bool) -> None:
         """Retry, with backoff, the ack a lost connection refused (``recover=False``: the
         message ran) or the recovery of what the in-transit list holds (``recover=True``),
         until Redis answers again; no further message is fetched before."""
@@ -265,7 +230,7 @@ class PartitionThread(threading.Thread):
                 backoff.sleep()
                 self.runtime.progress.turned()  # waiting for Redis, not stuck
 
-    def _handle_raw(self, item: bytes, channel: _RedisAck) -> None:
+    def _handle_raw(self, item: bytes, channel: RedisAck) -> None:
         problem = envelope_problem(item)
         if problem is not None:
             self._malformed_raw(item, problem)

@@ -19,10 +19,8 @@ after ``stop_timeout``); a second signal kills them at once. If the supervisor i
 alone, each child notices, keeps printing to the supervisor's output and stops warmly
 (``orphan.py``).
 
-Exit status: ``EXIT_OK`` (0) every child stopped cleanly (a warm stop: a child exits 0 after
-SIGTERM or a first SIGINT, ``hooks.py``); ``EXIT_UNCLEAN`` (1) a child exited non-zero or had
-to be killed while stopping; ``EXIT_USAGE`` (2) bad selection or an invalid task registry
-(nothing was started).
+Exit status: 0 every child stopped cleanly (after SIGTERM or a first SIGINT, ``hooks.py``);
+1 a child exited non-zero or had to be killed while stopping; 2 bad usage (nothing started).
 """
 
 from __future__ import annotations
