@@ -164,9 +164,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
     is restarted with backoff; SIGTERM/SIGINT stop all warmly. Without --pool (or pools
     named in --partitions) only the pools some registered partitioned task uses run (or those
     of the setting partitioning_worker_pools); the others are skipped, and said so once.
-    Exit status: 0 clean stop, 1 a worker did not stop cleanly, 2 bad usage, an invalid task
-    registry or a pool size other than the recorded one. `-- ARGS`: to every `celery worker`.
-    """
+    Exit: 0 clean stop, 1 unclean, 2 bad usage. `-- ARGS`: to every `celery worker`."""
     app = _app(ctx)
     settings = settings_of(app)
     _check_registry(app)
