@@ -87,7 +87,8 @@ def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
         # each partition's start-up line names its gates for people
         consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
         assert len(consuming) == 5
-        assert all(line.endswith("stages: pause, resize gate, misroute guard, parking gate)")
+        assert all(line.endswith("stages: pause, resize gate, misroute guard, parking gate, "
+                                 "retry, ETA hold, dead letter)")
                    for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice
@@ -214,7 +215,7 @@ def test_a_lease_held_elsewhere_fails_the_start_and_names_its_holder(shop: Shop,
 
 def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop: Shop) -> None:
     app = shop.app
-    with (pytest.raises(InProcessWorkerError, match="gate broken failed") as failure,
+    with (pytest.raises(InProcessWorkerError, match="stage broken failed") as failure,
           start_partition_worker(app, pools="entity") as worker):
         assert worker.runtime is not None
         index = cp.explain_route(app, "shop.step", "o9", 0).index
@@ -222,10 +223,10 @@ def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop
         class Broken(Stage):
             name = "broken"
 
-            def before(self, msg: Any) -> bool:
+            def before(self, msg: Any) -> Any:
                 raise RuntimeError("a gate bug")
 
-        worker.runtime.partitions[index].stages.insert(0, Broken())
+        worker.runtime.partitions[index].pipeline.stages.insert(0, Broken())
         shop.step.delay("o9", 0)
         thread = worker.threads[index]
         thread.join(20)  # where a worker process would exit: the partition thread ends

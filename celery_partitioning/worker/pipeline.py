@@ -43,6 +43,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..state import redis_client, replicas_of
+from ..store.attempts import AttemptStore
+from ..store.backoff import BackoffStore
 from ..store.broker import broker_redis
 from ..store.deadletters import DeadLetterStore
 from ..store.keys import RedisKeys
@@ -50,11 +52,13 @@ from ..store.lease import Lease
 from ..store.pausing import PauseStore
 from ..store.requeue import requeue_for
 from ..store.resize import ResizeState, ResizeStore
+from .eta import EtaHold
 from .failures import DeadLetters
 from .guard import MisrouteGuard
 from .parking import Parking
 from .pausing import PartitionPause
 from .resize import resize_gate
+from .retry import Retry
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PartitionRuntime, WorkerRuntime
 from .stage import Stage
 
@@ -91,25 +95,24 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         if store is not None:
             lease.on_beat.append(partition.progress.recorder(store, keys, partition.queue,
                                                              expire_ms=3 * lease.ttl_ms))
-    place = partition.place
-    parking: Parking | None = None
-    pause: PartitionPause | None = None
-    if store is None:
-        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
-                       "dead letters, parking and pausing are off", partition.label)
+    place, requeue = partition.place, partition.requeue
+    letters = DeadLetterStore(store, keys) if store is not None else None
+    if letters is None:
+        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); dead "
+                       "letters, parking, pausing and retry records are off", partition.label)
     else:
-        dead_letters = DeadLetterStore(store, keys)
-        parking = Parking(place, dead_letters, partition.inflight, partition.requeue)
-        partition.dead_letters = DeadLetters(place, dead_letters, partition.requeue)
-        partition.parking = parking
-        pause = PartitionPause(partition, PauseStore(dead_letters))
+        partition.dead_letters = DeadLetters(place, letters, requeue)
     stages: list[Stage | None] = [
-        pause,
-        resize_gate(partition, resizes, recorded) if resizes is not None and recorded is not None else None,
+        PartitionPause(partition, PauseStore(letters)) if letters is not None else None,
+        resize_gate(partition, resizes, recorded) if resizes is not None and recorded else None,
         MisrouteGuard(place),
-        parking,
+        Parking(place, letters, requeue) if letters is not None else None,
+        Retry(place, AttemptStore(store, keys), BackoffStore(letters), requeue)
+        if letters is not None else None,
+        EtaHold(partition),
+        partition.dead_letters,
     ]
-    partition.stages = [stage for stage in stages if stage is not None]
+    partition.pipeline.stages = [stage for stage in stages if stage is not None]
     return partition
 
 
