@@ -73,11 +73,10 @@ class PartitionMessage:
     message: Any
     #: The task name from the message (``headers["task"]``).
     task_name: str
-    #: The task id's in-place retry record (JSON, None: none) when a stage read it already
-    #: (the parking stage's script does); ``attempts_read`` False: not read.
+    #: The task id's retry record (JSON, None: none), if a stage read it (``attempts_read``).
     attempts: str | None = None
     attempts_read: bool = False
-    #: The arguments the task runs with instead of the message's (a retry resumed after a crash).
+    #: The arguments to run with instead of the message's (a retry resumed after a crash).
     call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
     _payload: str | None = None
 

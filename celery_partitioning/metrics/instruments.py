@@ -8,7 +8,7 @@ Where each number comes from (the worker code itself changes little):
 
 - processed / failed / retried, task duration: Celery's own signals ``task_success``,
   ``task_failure``, ``task_retry``, ``task_prerun``/``task_postrun``, sent in the partition
-  thread that runs the task (in-place retries send them per attempt: ``attempt_signals.py``);
+  thread that runs the task (in-place retries send them per attempt: ``task_patch.py``);
   the partition is the calling thread's (``runtime.current_runtime``).
 - skipped: a stage took the message instead of running it (parked key, key in backoff,
   resize hold, misroute), labelled with the stage's name (each stage wrapped in a

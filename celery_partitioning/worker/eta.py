@@ -1,9 +1,6 @@
-"""The ETA hold: a message with a future ETA holds its partition, unacked, until its time.
-
-Celery would hold it aside and run later messages first; here the partition waits (FIFO),
-the wait counting as progress. A stop meanwhile puts the message back at the head
-(``Verdict.BACK``). Then the ETA is cleared, so Celery's strategy does not schedule it aside.
-"""
+"""The ETA hold: a message with a future ETA holds its partition, unacked, until its time
+(Celery would run later messages first). A stop meanwhile sends it back to the head; then the
+ETA is cleared, so Celery's strategy does not schedule it aside."""
 
 from __future__ import annotations
 

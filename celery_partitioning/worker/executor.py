@@ -100,12 +100,10 @@ class Executor:
 
     def run(self, name: str, message: Any, done: Callable[[], None]) -> None:
         """Run ``message`` of task ``name`` to the end (acked by Celery's acks_late path);
-        ``done()`` (the pipeline's ``after`` hooks) runs just before the ack, or before a
-        reject that does not requeue, so a crash in between leaves the message to run again.
-
-        Raises what Celery's consumer would treat as an invalid message (``InvalidTaskError``,
-        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task.
-        """
+        ``done()`` (the pipeline's ``after`` hooks) runs just before the ack or a reject that
+        does not requeue, so a crash in between leaves the message to run again. Raises what
+        Celery's consumer would treat as an invalid message (``InvalidTaskError``,
+        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task."""
         def ack(log: Any, errors: Any, multiple: bool = False) -> None:
             done()
             message.ack_log_error(log, errors, multiple)

@@ -89,8 +89,8 @@ class Parking(Stage):
         return Verdict.TAKEN
 
     def after(self, msg: PartitionMessage, outcome: Outcome) -> None:
-        """A key set aside by a retry: read the schedule when it is due. A message that is
-        done and the last one of a replay: release what was deferred behind it."""
+        """A key set aside: read the schedule when due. The end of a replay: release what
+        was deferred behind it."""
         if not outcome.done:
             self.next_check = min(self.next_check, outcome.resume_at)
         elif self.replaying is not None and self.replaying == msg.task_id:

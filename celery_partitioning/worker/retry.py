@@ -1,27 +1,20 @@
-"""The retry stage: what happens when a partitioned task retries, in a partition worker.
+"""The retry stage: where a partitioned task's retry waits, and its attempt record.
 
-Celery's ``Task.retry`` re-publishes the message to the back of the queue (and the worker
-holds countdown/ETA messages aside while it runs later ones), which reorders a partition.
-Here ``self.retry()`` and ``autoretry_for`` keep Celery's meaning (countdown, eta,
-``max_retries``, ``retry_backoff``; ``task_patch.py`` computes it and sends Celery's retry
-signals), and this stage decides where the next attempt waits:
+``self.retry()`` and ``autoretry_for`` keep Celery's meaning (``task_patch.py`` computes
+countdown, eta, ``max_retries``, ``retry_backoff`` and sends Celery's retry signals) but never
+re-publish to the back of the queue, which would reorder the partition. This stage decides:
 
 * ``retrying``: a delay of at least ``partitioning_retry_hold_below`` (0.1 s) sets the
-  message's *key* aside (``store/backoff.py``): a copy of the message becomes the first
-  set-aside message of its key, with its due time, later messages of the key are set aside
-  behind it by the parking stage, and Celery records the retry (``RETRY``, ``on_retry``,
-  ``task_retry``) and acks; other keys of the partition go on. When due, the parking stage
-  re-queues the key's messages, the retried one first. A shorter delay is waited out in place
-  (the message unacked, the partition waiting) and the task runs again in the same delivery.
-  Either way the retry count, the due time and any arguments the retry changed are kept in
-  Redis by task id (the attempt record, ``store/attempts.py``).
-* ``before``: a message whose task id has an attempt record (the parking stage's script read
-  it; others are read here) resumes it: the retry count in its ``retries`` header (what
-  ``task_prerun`` and ``request.retries`` see), the due time as its ETA (the ETA hold waits
-  the rest of the backoff), the arguments the retry gave (``PartitionMessage.call``). So a
-  worker SIGKILLed during a backoff loses no attempt and adds none.
-* ``after``: a message that is done forgets its attempt record (no Redis call when it had
-  none); one set aside keeps it. When no retry is left the dead-letter stage takes over.
+  message's *key* aside (``store/backoff.py``): a copy of the message goes first among the
+  key's set-aside messages, with its due time; the parking stage sets later messages of the
+  key aside behind it and re-queues them, in order, when due; Celery records the retry and
+  acks. A shorter delay waits in place, the message unacked, the partition waiting. Either
+  way the count, the due time and changed arguments go into the attempt record
+  (``store/attempts.py``).
+* ``before``: a task id with an attempt record (the parking stage's script read it, or this
+  stage does) resumes it after a crash: the count in its ``retries`` header, the due time as
+  its ETA (the ETA hold waits the rest), the arguments in ``PartitionMessage.call``.
+* ``after``: a message that is done forgets its record (no Redis call when it had none).
 """
 
 from __future__ import annotations

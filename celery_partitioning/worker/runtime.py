@@ -13,12 +13,7 @@ Hook points for other parts of the package:
     None outside a partition thread.
 
 ``PartitionRuntime`` (one per partition, built by ``pipeline.build_partition``)
-    ``app``, ``settings``, ``pool``, ``index``, ``queue``, ``label`` (``"pool.index"``),
-    ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
-    ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
-    ``requeue`` (how set-aside messages go back), ``pipeline`` (its ordered stages and the
-    message running through them: ``pipeline.py``), ``dead_letters`` (the dead-letter stage,
-    which the thread also hands malformed messages).
+    Where it is, its store, lease and ``pipeline`` (its stages, in order), its stop flag.
 
 ``WorkerRuntime`` (one per process)
     The hosted partitions, the process-wide stop flag (``stopping()``: a warm shutdown, a

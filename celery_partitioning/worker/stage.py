@@ -2,26 +2,9 @@
 
 A partition runs every message through an ordered list of stages (``pipeline.py`` builds
 it), in the spirit of Dramatiq's ``Middleware``: each stage is one class in one module with
-named hooks, and owns its own state; no stage reads another's fields. What stages tell each
-other travels on the message (``PartitionMessage.attempts``, ``.call``) or in the outcome.
-
-``before(msg) -> Verdict``
-    Before the message runs, in list order: ``RUN`` lets it pass; ``TAKEN`` (the stage acked
-    it after re-publishing it, setting it aside...) and ``BACK`` (it goes back to the head
-    unacked: the partition stops) end its way, later stages are not asked. A stage that
-    raises stops the process without acking (the message recovers at the head).
-``retrying(msg, retry) -> bool``
-    The task asked for a retry (``task_patch.py``); True when this stage took the message
-    (set it aside: Celery records the retry and acks). None took it: it retries in place.
-``failed(msg, failure)``
-    The task failed for good (no retry left, or none asked), before Celery records it.
-``after(msg, outcome)``
-    The message is done: called by the executor just before its ack (never for a message
-    that goes back to the head), so a crash in between leaves it to run again.
-``between(idle)``
-    Between two messages, when none of the partition's messages is in flight (``idle``: the
-    last fetch found the queue empty); returns how soon it wants to be called again (seconds:
-    the next fetch waits no longer), or None.
+named hooks (:class:`Stage`), called in list order, and owns its own state; no stage reads
+another's fields. What one tells a later one travels on the message
+(``PartitionMessage.attempts``, ``.call``) or in the :class:`Outcome`.
 """
 
 from __future__ import annotations
@@ -43,7 +26,8 @@ __all__ = ["Ended", "Failure", "Outcome", "Pipeline", "Place", "Stage", "Verdict
 
 
 class Verdict(enum.Enum):
-    """What a stage's ``before`` decides for a message."""
+    """What a stage's ``before`` decides: let the message pass, or end its way there (taken:
+    acked after the stage re-published it, set it aside...; back: to the head, unacked)."""
 
     RUN = "run"
     TAKEN = "taken"
@@ -51,13 +35,9 @@ class Verdict(enum.Enum):
 
 
 class Ended(enum.Enum):
-    """How a message that ran ended (see :class:`Outcome`)."""
-
     SUCCEEDED = "succeeded"
-    #: Failed for good (``Stage.failed`` was called).
-    FAILED = "failed"
-    #: A retry set its key aside (``Stage.retrying`` took it): not done, it runs again.
-    SET_ASIDE = "set aside"
+    FAILED = "failed"  # for good: the ``failed`` hooks ran
+    SET_ASIDE = "set aside"  # a ``retrying`` hook took it: it runs again when its key is due
     #: Acked otherwise: revoked or expired before it ran, Celery's ``Ignore``/``Reject``/own
     #: ``Retry``, or a task that is not partitioned.
     ACKED = "acked"
@@ -65,50 +45,56 @@ class Ended(enum.Enum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """What ``after`` hooks are told about a message about to be acked."""
+    """How a message about to be acked ended (``SET_ASIDE``: with its key's due time)."""
 
     ended: Ended = Ended.ACKED
-    #: ``SET_ASIDE``: when its key is due again (epoch s).
     resume_at: float = 0.0
 
     @property
     def done(self) -> bool:
-        """The message will not run again (a set-aside one will)."""
+        """It will not run again (one set aside will)."""
         return self.ended is not Ended.SET_ASIDE
 
 
 @dataclass(frozen=True)
 class Failure:
-    """A task that failed for good: Celery's task and request, and why."""
+    """A task that failed for good (``exhausted``: it asked for a retry with none left)."""
 
     task: Any
     request: Any
     exc: BaseException
-    #: It asked for a retry with none left.
     exhausted: bool
 
 
 class Stage:
-    """One stage of a partition's pipeline (see the module docstring); every hook is optional."""
+    """One stage of a partition's pipeline; every hook is optional."""
 
     #: How the start-up line, log lines and metrics name it.
     name: str = "stage"
 
     def before(self, msg: PartitionMessage) -> Verdict:
+        """Before the message runs; the first verdict other than RUN ends its way (later
+        stages are not asked). Raising stops the process without acking."""
         return Verdict.RUN
 
     def retrying(self, msg: PartitionMessage, record: AttemptRecord, delay: float) -> bool:
-        """``record``: the retry count and due time of the next attempt, in ``delay`` s."""
+        """The task asked for a retry in ``delay`` s (``record``: its count and due time);
+        True when this stage took the message (set it aside: Celery records the retry and
+        acks). None took it: the retry waits in place (``task_patch.py``)."""
         return False
 
     def failed(self, msg: PartitionMessage, failure: Failure) -> bool:
-        """True when this stage recorded the failure (a dead letter)."""
+        """The task failed for good, before Celery records it; True when recorded."""
         return False
 
     def after(self, msg: PartitionMessage, outcome: Outcome) -> None:
+        """The message is about to be acked (the executor calls it just before the ack, so a
+        crash in between runs it again); never for one that goes back to the head."""
         return None
 
     def between(self, idle: bool) -> float | None:
+        """Between two messages, none in flight (``idle``: the last fetch found none):
+        seconds until it wants to be called again (the next fetch waits no longer), or None."""
         return None
 
     def __repr__(self) -> str:
@@ -122,17 +108,16 @@ class Pipeline:
     stages: list[Stage] = field(default_factory=list)
     #: Called with each stage that takes a message (metrics count them).
     on_taken: list[Callable[[Stage], None]] = field(default_factory=list)
-    #: The message that passed every ``before`` and runs now (one at a time), and how it ended.
+    #: The message that passed every ``before`` (one at a time), and how it ended so far.
     running: PartitionMessage | None = None
     outcome: Outcome = Outcome()
+    #: The stage asked last by :meth:`before` (the one that failed, when it raises).
     asking: Stage | None = None
 
     def describe(self) -> str:
         return ", ".join(stage.name for stage in self.stages)
 
     def before(self, msg: PartitionMessage) -> Verdict:
-        """Every stage's ``before`` until one does not let ``msg`` pass (``asking``: the stage
-        asked last, the one that failed when this raises)."""
         self.running = None
         for stage in list(self.stages):
             self.asking = stage
@@ -145,30 +130,25 @@ class Pipeline:
         self.running, self.outcome = msg, Outcome()
         return Verdict.RUN
 
-    def current(self, task_id: str | None) -> PartitionMessage | None:
+    def current(self, task_id: str) -> PartitionMessage | None:
         """The running message if it is task ``task_id``'s."""
         msg = self.running
-        return msg if msg is not None and task_id and msg.task_id == task_id else None
+        return msg if msg is not None and msg.task_id == task_id else None
 
     def retrying(self, msg: PartitionMessage, record: AttemptRecord, delay: float) -> bool:
-        for stage in list(self.stages):
-            if stage.retrying(msg, record, delay):
-                self.outcome = Outcome(Ended.SET_ASIDE, record.resume_at)
-                return True
-        return False
+        taken = any(stage.retrying(msg, record, delay) for stage in list(self.stages))
+        if taken:
+            self.outcome = Outcome(Ended.SET_ASIDE, record.resume_at)
+        return taken
 
     def failed(self, msg: PartitionMessage, failure: Failure) -> bool:
         self.outcome = Outcome(Ended.FAILED)
-        recorded = False
-        for stage in list(self.stages):
-            recorded = stage.failed(msg, failure) or recorded
-        return recorded
+        return any([stage.failed(msg, failure) for stage in list(self.stages)])
 
     def succeeded(self, msg: PartitionMessage) -> None:
         self.outcome = Outcome(Ended.SUCCEEDED)
 
     def after(self, msg: PartitionMessage) -> None:
-        """The executor is about to ack ``msg``: every stage's ``after``, with its outcome."""
         outcome, self.running = self.outcome, None
         for stage in list(self.stages):
             stage.after(msg, outcome)

@@ -1,30 +1,22 @@
-"""The patch on partitioned tasks that makes Celery's retry happen in place, driving the
-partition's pipeline (``stage.py``) from inside the task.
+"""The patch on partitioned tasks: Celery's retry, in place, driving the partition's pipeline.
 
-Celery's ``Task.retry`` re-publishes the message. In a partition worker, for partitioned tasks
-only, :func:`enable_in_place_retry` replaces ``retry`` on the task instance (so
-``self.retry()`` and ``autoretry_for``, which calls ``task.retry``, both come here) and wraps
-``task.run``:
-
-* ``retry`` keeps Celery's meaning (``countdown``/``eta``/``default_retry_delay``,
-  ``max_retries``; ``autoretry_for`` computes ``retry_backoff``/``retry_jitter`` as usual) but
-  raises :class:`RetryInPlace` instead of publishing;
-* the ``run`` wrapper catches it and asks the pipeline (``Pipeline.retrying``: the retry
-  stage, ``retry.py``) where the next attempt waits. Set aside: the signal goes on to Celery,
-  which records the retry and acks. In place: Celery's retry is recorded as Celery would
-  (``attempt_signals.py``), the wrapper waits, the message still unacked (a warm shutdown
-  meanwhile stops the worker without acking: back to the head), and runs the task again with
-  ``request.retries`` one higher, as in its ``task_prerun``, body and ``task_postrun``;
-* a task that fails with no retry left (or none asked) is reported to the pipeline
-  (``Pipeline.failed``: the dead-letter stage) before Celery records the failure and acks.
-
-Non-partitioned tasks, eager calls and any other worker keep Celery's behaviour.
+In a partition worker :func:`enable_in_place_retry` replaces ``retry`` on each partitioned
+task instance (``self.retry()`` and ``autoretry_for`` both come here) and wraps ``run``.
+``retry`` keeps Celery's meaning (countdown, eta, ``default_retry_delay``, ``max_retries``)
+but raises :class:`RetryInPlace` instead of publishing. The ``run`` wrapper asks the pipeline
+where the retry waits (``Pipeline.retrying``: the retry stage): set aside, the signal goes on
+to Celery, which records the retry and acks; in place, it records the retry as Celery would
+(:func:`announce_retry`), waits with the message unacked (a warm shutdown stops the worker
+without acking) and runs the task again with ``request.retries`` one higher. A task that fails
+for good goes to ``Pipeline.failed`` (the dead-letter stage) before Celery records it and acks.
+Non-partitioned tasks, eager calls and other workers keep Celery's behaviour.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +27,6 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..store.attempts import AttemptRecord
 from ..tasks import spec_of
-from .attempt_signals import announce_retry, begin_attempt, end_attempt
 from .retry_semantics import delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
 from .stage import Failure, Pipeline
@@ -74,8 +65,7 @@ class _Attempt:
     """The state of the message being run right now."""
 
     task_id: str
-    #: The partition's pipeline and the message in it (None outside a partition thread:
-    #: the retry still happens in place, with nothing recorded).
+    #: Its partition's pipeline and message (None outside a partition thread: in place).
     pipeline: Pipeline | None = None
     msg: PartitionMessage | None = None
     exhausted: bool = False
@@ -255,6 +245,52 @@ class InPlaceRetry:
                                runtime.queue if runtime is not None else "its queue")
                 raise WorkerShutdown(0)
             self._sleep(min(WAIT_SLICE, remaining))
+
+
+# An in-place retry runs the next attempt inside the same traced call, so Celery's tracer
+# sends task_prerun/task_postrun only for the first start and the last end: these send them
+# for the attempts in between, with request.retries as Celery would count them.
+def announce_retry(task: Any, request: Any, signal: Any) -> None:
+    """What Celery does for a retry, minus the re-publish: RETRY state, on_retry, task_retry."""
+    from celery import signals
+    from celery.app.trace import ExceptionInfo  # billiard's, as Celery uses it
+
+    exc_info = sys.exc_info()
+    if exc_info[0] is None:  # retry(throw=False): give the record a traceback all the same
+        try:
+            raise signal
+        except type(signal):
+            exc_info = sys.exc_info()
+    try:
+        einfo = ExceptionInfo(exc_info)
+        if not task.ignore_result:
+            task.backend.mark_as_retry(request.id, signal.exc, einfo.traceback, request=request)
+        task.on_retry(signal.exc, request.id, request.args, request.kwargs, einfo)
+        signals.task_retry.send(sender=task, request=request, reason=signal, einfo=einfo)
+    except Exception:
+        logger.warning("%s[%s]: recording the retry failed; retrying anyway", task.name,
+                       request.id, exc_info=True)
+
+
+def end_attempt(task: Any, request: Any, args: Any, kwargs: Any, signal: Any) -> None:
+    """The attempt that retried in place is over: ``task_postrun`` with state ``RETRY``."""
+    from celery import signals, states
+
+    signals.task_postrun.send(sender=task, task_id=request.id, task=task, args=args,
+                              kwargs=kwargs, retval=signal, state=states.RETRY)
+
+
+def begin_attempt(task: Any, request: Any, args: Any, kwargs: Any) -> None:
+    """The next in-place attempt starts (``request.retries`` already counts it):
+    ``task_prerun``, then the task's own ``before_start`` when it has one."""
+    from celery import signals
+    from celery.app.task import Task
+
+    signals.task_prerun.send(sender=task, task_id=request.id, task=task, args=args,
+                             kwargs=kwargs)
+    before_start = getattr(type(task), "before_start", None)
+    if before_start is not None and before_start is not Task.before_start:
+        task.before_start(request.id, args, kwargs)
 
 
 def enable_in_place_retry(app: Celery) -> InPlaceRetry:
