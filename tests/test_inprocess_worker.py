@@ -21,7 +21,7 @@ from celery_partitioning.store.lease import Lease
 from celery_partitioning.testing import start_partition_worker
 from celery_partitioning.worker.inprocess import InProcessWorkerError
 from celery_partitioning.worker.runtime import current_worker
-from celery_partitioning.worker.stage import Stage
+from celery_partitioning.worker.stage import Ended, Outcome, Stage
 
 pytestmark = pytest.mark.integration
 
@@ -211,6 +211,36 @@ def test_a_lease_held_elsewhere_fails_the_start_and_names_its_holder(shop: Shop,
         other.release()
     assert not [t for t in threading.enumerate() if t.name.startswith("partition")]
     assert current_worker(app) is None
+
+
+def test_after_hooks_run_just_before_the_ack_with_how_the_message_ended(shop: Shop) -> None:
+    app = shop.app
+    seen: list[tuple[str, Ended, int]] = []
+    with start_partition_worker(app, pools="entity") as worker:
+        assert worker.runtime is not None
+        partition = worker.runtime.partitions[cp.explain_route(app, "shop.step", "o7", 0).index]
+        assert partition.broker is not None
+        client, in_transit = partition.broker.client, partition.keys.in_transit(partition.queue)
+
+        class Spy(Stage):
+            name = "spy"
+
+            def after(self, msg: Any, outcome: Outcome) -> None:
+                # the message still waits in the in-transit list: not acked yet
+                seen.append((msg.task_id, outcome.ended, int(client.llen(in_transit))))
+
+        partition.pipeline.stages.append(Spy())
+        # Given a message that retries twice in place, one that fails for good (its key is
+        # parked), and one that the parking gate then sets aside
+        ok, poison, behind = (shop.step.delay("o7", 0, "twice"), shop.step.delay("o7", 1, "always"),
+                              shop.step.delay("o7", 2))
+        assert ok.get(timeout=20) == 0
+        _wait(lambda: len(seen) == 2 and client.llen(in_transit) == 0)
+        queue = partition.broker.queue_list(partition.queue)
+        _wait(lambda: client.llen(queue) == 0 and client.llen(in_transit) == 0)  # gate took it
+    # Then the after hooks saw each message that ran once, unacked, with how it ended
+    assert seen == [(ok.id, Ended.SUCCEEDED, 1), (poison.id, Ended.FAILED, 1)]
+    assert behind.state == "PENDING"
 
 
 def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop: Shop) -> None:
