@@ -35,12 +35,12 @@ class Verdict(enum.Enum):
 
 
 class Ended(enum.Enum):
+    """How a message that ran ended (see :class:`Outcome`)."""
+
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # for good: the ``failed`` hooks ran
     SET_ASIDE = "set aside"  # a ``retrying`` hook took it: it runs again when its key is due
-    #: Acked otherwise: revoked or expired before it ran, Celery's ``Ignore``/``Reject``/own
-    #: ``Retry``, or a task that is not partitioned.
-    ACKED = "acked"
+    ACKED = "acked"  # otherwise: revoked or expired unrun, Ignore, Reject, a plain Retry...
 
 
 @dataclass(frozen=True)
