@@ -64,14 +64,21 @@ def _str_header(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class PartitionMessage:
-    """A received kombu message, as the partition worker's gates see it."""
+    """A received kombu message, as the partition worker's stages see it, with what one stage
+    tells a later one about it (``worker/stage.py``)."""
 
     #: The raw kombu message.
     message: Any
     #: The task name from the message (``headers["task"]``).
     task_name: str
+    #: The task id's retry record (JSON, None: none), if a stage read it (``attempts_read``).
+    attempts: str | None = None
+    attempts_read: bool = False
+    #: The arguments to run with instead of the message's (a retry resumed after a crash).
+    call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    _payload: str | None = None
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -119,8 +126,11 @@ class PartitionMessage:
         return (name, item) if isinstance(name, str) and isinstance(item, bytes) else None
 
     def payload(self) -> str:
-        """The raw payload (JSON text) of this message: see :func:`payload_of`."""
-        return payload_of(self.message)
+        """The raw payload (JSON text) of this message as received (:func:`payload_of`; read
+        once, before a stage changes a header)."""
+        if self._payload is None:
+            self._payload = payload_of(self.message)
+        return self._payload
 
     def ack(self) -> None:
         """Acknowledge the message: the broker forgets it."""

@@ -21,7 +21,7 @@ from celery_partitioning.store.lease import Lease
 from celery_partitioning.testing import start_partition_worker
 from celery_partitioning.worker.inprocess import InProcessWorkerError
 from celery_partitioning.worker.runtime import current_worker
-from celery_partitioning.worker.stage import Stage
+from celery_partitioning.worker.stage import Ended, Outcome, Stage
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,8 @@ def test_per_key_order_and_in_place_retries_hold_in_process(shop: Shop,
         # each partition's start-up line names its gates for people
         consuming = [r.getMessage() for r in caplog.records if " via redis (" in r.getMessage()]
         assert len(consuming) == 5
-        assert all(line.endswith("stages: pause, resize gate, misroute guard, parking gate)")
+        assert all(line.endswith("stages: pause, resize gate, misroute guard, parking gate, "
+                                 "retry, ETA hold, dead letter)")
                    for line in consuming)
         assert worker.runtime is not None and len(worker.runtime.partitions) == 5
         # When two orders publish interleaved, and one message of each retries twice
@@ -229,9 +230,39 @@ def test_a_lease_held_elsewhere_fails_the_start_and_names_its_holder(shop: Shop,
     assert current_worker(app) is None
 
 
+def test_after_hooks_run_just_before_the_ack_with_how_the_message_ended(shop: Shop) -> None:
+    app = shop.app
+    seen: list[tuple[str, Ended, int]] = []
+    with start_partition_worker(app, pools="entity") as worker:
+        assert worker.runtime is not None
+        partition = worker.runtime.partitions[cp.explain_route(app, "shop.step", "o7", 0).index]
+        assert partition.broker is not None
+        client, in_transit = partition.broker.client, partition.keys.in_transit(partition.queue)
+
+        class Spy(Stage):
+            name = "spy"
+
+            def after(self, msg: Any, outcome: Outcome) -> None:
+                # the message still waits in the in-transit list: not acked yet
+                seen.append((msg.task_id, outcome.ended, int(client.llen(in_transit))))
+
+        partition.pipeline.stages.append(Spy())
+        # Given a message that retries twice in place, one that fails for good (its key is
+        # parked), and one that the parking gate then sets aside
+        ok, poison, behind = (shop.step.delay("o7", 0, "twice"), shop.step.delay("o7", 1, "always"),
+                              shop.step.delay("o7", 2))
+        assert ok.get(timeout=20) == 0
+        _wait(lambda: len(seen) == 2 and client.llen(in_transit) == 0)
+        queue = partition.broker.queue_list(partition.queue)
+        _wait(lambda: client.llen(queue) == 0 and client.llen(in_transit) == 0)  # gate took it
+    # Then the after hooks saw each message that ran once, unacked, with how it ended
+    assert seen == [(ok.id, Ended.SUCCEEDED, 1), (poison.id, Ended.FAILED, 1)]
+    assert behind.state == "PENDING"
+
+
 def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop: Shop) -> None:
     app = shop.app
-    with (pytest.raises(InProcessWorkerError, match="gate broken failed") as failure,
+    with (pytest.raises(InProcessWorkerError, match="stage broken failed") as failure,
           start_partition_worker(app, pools="entity") as worker):
         assert worker.runtime is not None
         index = cp.explain_route(app, "shop.step", "o9", 0).index
@@ -239,10 +270,10 @@ def test_a_partition_that_fails_stops_keeps_its_message_and_fails_the_block(shop
         class Broken(Stage):
             name = "broken"
 
-            def before(self, msg: Any) -> bool:
+            def before(self, msg: Any) -> Any:
                 raise RuntimeError("a gate bug")
 
-        worker.runtime.partitions[index].stages.insert(0, Broken())
+        worker.runtime.partitions[index].pipeline.stages.insert(0, Broken())
         shop.step.delay("o9", 0)
         thread = worker.threads[index]
         thread.join(20)  # where a worker process would exit: the partition thread ends

@@ -18,8 +18,7 @@ import celery_partitioning as cp
 from celery_partitioning.state import settings_of
 from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.requeue import HEAD_PUSH
-from celery_partitioning.worker.inflight import InFlight
-from celery_partitioning.worker.retry import InPlaceRetry, RetryInPlace
+from celery_partitioning.worker.task_patch import InPlaceRetry, RetryInPlace
 
 KEY = cp.create_entity_partition_key("Order")
 
@@ -32,11 +31,8 @@ def make_app() -> Celery:
 
 
 def patch(app: Celery) -> tuple[InPlaceRetry, list[float]]:
-    runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q", redis=None,
-                                         keys=RedisKeys("unit:"), hostname="h", label="entity.0",
-                                         inflight=InFlight(), parking=None, dead_letters=None)
     waits: list[float] = []
-    patcher = InPlaceRetry(runtime)
+    patcher = InPlaceRetry(app)
     original = patcher._wait_until
 
     def wait_until(resume_at: float) -> None:
@@ -240,12 +236,26 @@ class _RecordingStore:
         self.finished.append(task_id)
 
 
+def _delivery(task_id: str, name: str, headers: dict[str, Any]) -> Any:
+    """A received message as the partition thread wraps it (kombu's Redis payload in ``_raw``)."""
+    from celery_partitioning.message import PartitionMessage
+
+    headers = {"id": task_id, "task": name, **headers}
+    return PartitionMessage(types.SimpleNamespace(
+        headers=headers, _raw={"headers": headers, "body": "", "properties": {}}), name)
+
+
 def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
-    # Given the gate's answer for each message (attempt record read, replay membership),
-    # a run without retry makes no Redis call of its own; a retried one writes its record
-    # and deletes it at the end; a replayed one reports its end; an ungated one reads.
-    from celery_partitioning.worker.inflight import InFlightEntry
+    # Given a partition whose parking and retry stages work on stores that record what they
+    # are told: a run without retry makes no Redis call after the gate's own; a retried one
+    # writes its record and deletes it just before its ack; a replayed one reports its end;
+    # one the gate did not read the record of is read by the retry stage.
+    from celery_partitioning.store.attempts import AttemptStore
+    from celery_partitioning.store.backoff import BackoffStore
     from celery_partitioning.worker.parking import Parking
+    from celery_partitioning.worker.retry import Retry
+    from celery_partitioning.worker.runtime import PartitionRuntime, bind_thread
+    from celery_partitioning.worker.stage import Verdict
 
     app = make_app()
 
@@ -263,41 +273,50 @@ def test_the_happy_path_costs_no_redis_call_after_the_gate() -> None:
 
     redis_calls = _RecordingRedis()
     store = _RecordingStore()
-    inflight = InFlight()
-    # the partition's parking stage, on a store that records what it is told
-    recording: Any = types.SimpleNamespace(client=None, keys=RedisKeys("unit:"),
-                                           finished=store.finished_call)
-    place: Any = types.SimpleNamespace(queue="q")
-    parking = Parking(place, recording, inflight, HEAD_PUSH)
-    runtime: Any = types.SimpleNamespace(app=app, pool="entity", index=0, queue="q",
-                                         redis=redis_calls, keys=RedisKeys("unit:"), hostname="h",
-                                         label="entity.0", inflight=inflight, parking=parking,
-                                         dead_letters=None, settings=settings_of(app))
-    patcher = InPlaceRetry(runtime)
+    keys = RedisKeys("unit:")
+    runtime = PartitionRuntime(app=app, settings=settings_of(app), pool="entity", index=0,
+                               queue="q", redis=redis_calls, keys=keys)
+    replaying = {"on": False}
+    recording: Any = types.SimpleNamespace(
+        client=redis_calls, keys=keys, finished=store.finished_call,
+        check=lambda *_, **__: types.SimpleNamespace(verdict="run", attempts=None,
+                                                     replaying=replaying["on"]))
+    runtime.pipeline.stages = [
+        Parking(runtime.place, recording, HEAD_PUSH),
+        Retry(runtime.place, AttemptStore(redis_calls, keys), BackoffStore(recording), HEAD_PUSH)]
+    patcher = InPlaceRetry(app)
     patcher.patch_all()
-    record = RedisKeys("unit:").attempts
+    record = keys.attempts
 
-    def gated(task_id: str, replaying: bool = False) -> None:
-        inflight.put(task_id, InFlightEntry("entity", "Order:o1", "{}", attempts=None,
-                                            attempts_read=True, replaying=replaying))
+    def delivered(name: str, pool: str | None = "entity") -> tuple[str, Any]:
+        # what the partition thread does: the before hooks, the task, the after hooks at the ack
+        msg = _delivery(f"id-{name}", name, {"partition_key": "Order:o1", "partition_pool": pool})
+        assert runtime.pipeline.before(msg) is Verdict.RUN
+        outcome = run(app, name, "o1")
+        runtime.pipeline.after(msg)
+        return outcome
 
-    gated("id-t.ok")
-    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
-    assert (redis_calls.calls, store.finished) == ([], [])
+    bind_thread(runtime)
+    try:
+        assert delivered("t.ok") == (states.SUCCESS, "done")
+        assert (redis_calls.calls, store.finished) == ([], [])
 
-    gated("id-t.retried")
-    assert run(app, "t.retried", "o1") == (states.SUCCESS, "done")
-    assert redis_calls.calls == [f"set {record('id-t.retried')}", f"delete {record('id-t.retried')}"]
-    assert store.finished == []
+        assert delivered("t.retried") == (states.SUCCESS, "done")
+        assert redis_calls.calls == [f"set {record('id-t.retried')}",
+                                     f"delete {record('id-t.retried')}"]
+        assert store.finished == []
 
-    redis_calls.calls.clear()
-    gated("id-t.ok", replaying=True)
-    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
-    assert (redis_calls.calls, store.finished) == ([], ["id-t.ok"])
+        redis_calls.calls.clear()
+        replaying["on"] = True
+        assert delivered("t.ok") == (states.SUCCESS, "done")
+        assert (redis_calls.calls, store.finished) == ([], ["id-t.ok"])
 
-    store.finished.clear()  # not seen by the gate: the retry code reads the record itself
-    assert run(app, "t.ok", "o1") == (states.SUCCESS, "done")
-    assert (redis_calls.calls, store.finished) == ([f"get {record('id-t.ok')}"], [])
+        store.finished.clear()  # not seen by the gate: the retry stage reads the record itself
+        assert delivered("t.ok", pool=None) == (states.SUCCESS, "done")
+        assert (redis_calls.calls, store.finished) == ([f"get {record('id-t.ok')}"], [])
+    finally:
+        bind_thread(None)
+        patcher.unpatch_all()
 
 
 def _celery_would_publish(task: Any, request_args: tuple[Any, ...], request_kwargs: dict[str, Any],
@@ -383,23 +402,30 @@ def test_a_message_resumed_after_a_crash_carries_its_records_count_and_due_time(
     import time
     from datetime import datetime
 
-    from celery_partitioning.message import PartitionMessage
     from celery_partitioning.store.backoff import as_first_delivery, with_token
-    from celery_partitioning.worker.parking import resume_headers
+    from celery_partitioning.worker.retry import Retry
 
     # Given the original delivery of a task id whose attempt record says retry 2, due in 30 s
     due = time.time() + 30
     record = json.dumps({"retries": 2, "resume_at": due})
-    message = types.SimpleNamespace(headers={"id": "t1", "retries": 0, "eta": None})
-    # When the parking gate lets it run
-    resume_headers(PartitionMessage(message, "t"), record)
-    # Then task_prerun will see retry 2, and the partition holds it until the due time
-    assert message.headers["retries"] == 2
-    assert abs(datetime.fromisoformat(message.headers["eta"]).timestamp() - due) < 0.001
-    # And a delivery that carries the count already is left as it is
-    current = types.SimpleNamespace(headers={"id": "t1", "retries": 2, "eta": None})
-    resume_headers(PartitionMessage(current, "t"), record)
-    assert current.headers == {"id": "t1", "retries": 2, "eta": None}
+    retry = Retry(types.SimpleNamespace(), None, None, HEAD_PUSH)  # type: ignore[arg-type]
+
+    def resumed(retries: int) -> dict[str, Any]:
+        msg = _delivery("t1", "t", {"retries": retries, "eta": None})
+        msg.attempts, msg.attempts_read = record, True  # as the parking stage read it
+        retry.before(msg)
+        return dict(msg.headers)
+
+    # When the retry stage sees it: task_prerun will see retry 2, and the ETA hold waits
+    # for the due time
+    headers = resumed(0)
+    assert headers["retries"] == 2
+    assert abs(datetime.fromisoformat(headers["eta"]).timestamp() - due) < 0.001
+    # And a delivery that carries the count already waits the rest of its backoff too
+    headers = resumed(2)
+    assert headers["retries"] == 2 and headers["eta"] is not None
+    # And a newer delivery than the record is left as it is
+    assert resumed(3) == {"id": "t1", "task": "t", "retries": 3, "eta": None}
     # And the copy set aside carries the new count; its dead letter starts afresh
     copy = with_token(json.dumps({"headers": {"id": "t1", "retries": 0}, "body": ""}), "tok", 3)
     assert json.loads(copy)["headers"] == {"id": "t1", "retries": 3, "partition_backoff": "tok"}

@@ -23,8 +23,9 @@ from celery_partitioning.errors import PartitionConfigError
 from celery_partitioning.message import PartitionMessage
 from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
 from celery_partitioning.store.lease import Lease, parse_holder
-from celery_partitioning.worker.partition import hold_until_eta
+from celery_partitioning.worker.eta import EtaHold
 from celery_partitioning.worker.progress import Progress
+from celery_partitioning.worker.stage import Verdict
 from celery_partitioning.worker.supervisor import (
     parse_indexes,
     parse_partition_spec,
@@ -87,17 +88,23 @@ def _msg(headers: dict[str, Any]) -> PartitionMessage:
 
 
 def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta() -> None:
-    runtime = SimpleNamespace(label="p.0", stopping=lambda: False, progress=Progress())
+    stopping = {"now": False}
+    runtime = SimpleNamespace(label="p.0", stopping=lambda: stopping["now"], progress=Progress())
+    hold = EtaHold(runtime)  # type: ignore[arg-type]
     eta = datetime.now(UTC) + timedelta(seconds=0.4)
     msg = _msg({"id": "x", "eta": eta.isoformat()})
     started = time.monotonic()
-    assert hold_until_eta(runtime, msg)  # type: ignore[arg-type]
+    assert hold.before(msg) is Verdict.RUN
     assert time.monotonic() - started >= 0.35
     assert msg.headers["eta"] is None  # Celery must not schedule it aside
     past = _msg({"id": "y", "eta": "2000-01-01T00:00:00+00:00"})
-    assert hold_until_eta(runtime, past) and past.headers["eta"] is None  # type: ignore[arg-type]
+    assert hold.before(past) is Verdict.RUN and past.headers["eta"] is None
     plain = _msg({"id": "z"})
-    assert hold_until_eta(runtime, plain) and "eta" not in plain.headers  # type: ignore[arg-type]
+    assert hold.before(plain) is Verdict.RUN and "eta" not in plain.headers
+    # a stop during the wait sends the message back to the head, its ETA kept
+    stopping["now"] = True
+    later = _msg({"id": "w", "eta": (datetime.now(UTC) + timedelta(seconds=30)).isoformat()})
+    assert hold.before(later) is Verdict.BACK and later.headers["eta"] is not None
 
 
 # -- lease (real Redis) -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ Where each number comes from (the worker code itself changes little):
 
 - processed / failed / retried, task duration: Celery's own signals ``task_success``,
   ``task_failure``, ``task_retry``, ``task_prerun``/``task_postrun``, sent in the partition
-  thread that runs the task (in-place retries send them per attempt: ``attempt_signals.py``);
+  thread that runs the task (in-place retries send them per attempt: ``task_patch.py``);
   the partition is the calling thread's (``runtime.current_runtime``).
 - skipped: a stage took the message instead of running it (parked key, key in backoff,
   resize hold, misroute), labelled with the stage's name (each stage wrapped in a
@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Final
 from celery import signals
 from prometheus_client import Counter, Histogram
 
-from ..message import PartitionMessage
 from ..router import HEADER_KEY
 from ..worker.runtime import PartitionRuntime, WorkerRuntime, current_runtime
 from ..worker.stage import Stage
@@ -128,32 +127,17 @@ def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
     labels = _labels(partition)
     for counter in (HANDOVERS, FENCES):
         counter.labels(*labels)  # a series at 0 from the start, so increase() and alerts see it
-    partition.stages[:] = [*(_Counted(stage, labels) for stage in partition.stages),
-                           _FlushHotKeys(hot)]
+    pipeline = partition.pipeline
+    for stage in pipeline.stages:
+        SKIPPED.labels(*labels, stage.name)  # a series at 0 from the start
+    pipeline.on_taken.append(lambda stage: SKIPPED.labels(*labels, stage.name).inc())
+    pipeline.stages.append(_FlushHotKeys(hot))
     lease = partition.lease
     if lease is not None:
         lease.on_acquire.append(lambda: HANDOVERS.labels(*labels).inc())
         lease.on_fence.append(lambda _reason: FENCES.labels(*labels).inc())
     return _Series(PROCESSED.labels(*labels), FAILED.labels(*labels), RETRIED.labels(*labels),
                    DURATION.labels(*labels))
-
-
-class _Counted(Stage):
-    """A stage, counting the messages it takes (``skipped``)."""
-
-    def __init__(self, stage: Stage, labels: tuple[str, str]) -> None:
-        self.stage = stage
-        self.name = stage.name  # the start-up line lists stages by name
-        self.skipped = SKIPPED.labels(*labels, stage.name)
-
-    def before(self, msg: PartitionMessage) -> bool:
-        taken = self.stage.before(msg)
-        if taken:
-            self.skipped.inc()
-        return taken
-
-    def between(self, idle: bool) -> float | None:
-        return self.stage.between(idle)
 
 
 class _FlushHotKeys(Stage):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.app import trace
@@ -97,10 +98,19 @@ class Executor:
                     self._strategies[cache_key] = strategy
         return strategy
 
-    def run(self, name: str, message: Any) -> None:
-        """Run ``message`` of task ``name`` to the end (acked by Celery's acks_late path).
+    def run(self, name: str, message: Any, done: Callable[[], None]) -> None:
+        """Run ``message`` of task ``name`` to the end (acked by Celery's acks_late path);
+        ``done()`` (the pipeline's ``after`` hooks) runs just before the ack or a reject that
+        does not requeue, so a crash in between leaves the message to run again. Raises what
+        Celery's consumer would treat as an invalid message (``InvalidTaskError``,
+        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task."""
+        def ack(log: Any, errors: Any, multiple: bool = False) -> None:
+            done()
+            message.ack_log_error(log, errors, multiple)
 
-        Raises what Celery's consumer would treat as an invalid message (``InvalidTaskError``,
-        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task.
-        """
-        self._strategy(name)(message, None, message.ack_log_error, message.reject_log_error, [])
+        def reject(log: Any, errors: Any, requeue: bool = False) -> None:
+            if not requeue:
+                done()
+            message.reject_log_error(log, errors, requeue)
+
+        self._strategy(name)(message, None, ack, reject, [])

@@ -1,6 +1,6 @@
-"""What happens to a message that fails for good, or cannot run at all: a dead letter.
+"""The dead-letter stage: a message that fails for good, or cannot run at all, becomes a dead letter.
 
-* A partitioned task that raised with no retry left (``DeadLetters.task_failed``): its
+* A partitioned task that raised with no retry left (``DeadLetters.failed``): its
   message becomes a dead letter with the error and traceback, and its key is parked; with
   the failure policy ``skip`` (``on_failure=`` / ``partitioning_on_failure``) the dead letter
   is only recorded and the key goes on with its next message.
@@ -14,8 +14,8 @@
 
 Either way a store that cannot be written stops the worker without acking
 (``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
-The dead-letter stage of a partition's pipeline (``pipeline.py``); the retry calls it when
-no retry is left, the partition thread for a malformed message.
+The letter is written before Celery records the failure and acks the message, so a crash in
+between never loses it (the message comes back, its key parked: it is only acked).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import DCBConflict
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import decode_payload, message_summary, payload_id
+from ..message import PartitionMessage, decode_payload, message_summary, payload_id
 from ..router import HEADER_KEY, HEADER_POOL
 from ..store.backoff import as_first_delivery
 from ..store.deadletters import (
@@ -41,8 +41,7 @@ from ..store.deadletters import (
 from ..store.requeue import Requeue
 from ..store.skipping import SkipStore
 from ..tasks import spec_of
-from .inflight import InFlightEntry
-from .stage import Place
+from .stage import Failure, Place, Stage
 
 __all__ = ["DeadLetters", "malformed_key"]
 
@@ -66,8 +65,10 @@ def _as_text(raw: bytes | str) -> tuple[str, str | None]:
         return base64.b64encode(raw).decode("ascii"), "base64"
 
 
-class DeadLetters:
+class DeadLetters(Stage):
     """Writes the dead letters of one partition."""
+
+    name = "dead letter"
 
     def __init__(self, place: Place, store: DeadLetterStore, requeue: Requeue) -> None:
         self.place = place
@@ -89,14 +90,15 @@ class DeadLetters:
                      "stopping without acking so the message comes back", self.place.label,
                      what, exc_info=True)
 
-    def task_failed(self, task: Any, request: Any, exc: BaseException,
-                    entry: InFlightEntry | None, *, exhausted: bool) -> None:
+    def failed(self, msg: PartitionMessage, failure: Failure) -> bool:
         """A partitioned task failed for good: dead-letter its message and park its key."""
-        key = entry.key if entry is not None else getattr(request, "partition_key", None)
+        task, request, exc, exhausted = (failure.task, failure.request, failure.exc,
+                                         failure.exhausted)
+        key = msg.partition_key or getattr(request, "partition_key", None)
         if not isinstance(key, str) or not key:
             logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
                          task.name, request.id)
-            return
+            return True
         if isinstance(exc, DCBConflict) and exhausted:
             reason = REASON_DCB_MAX_RETRIES
         elif exhausted:
@@ -105,7 +107,7 @@ class DeadLetters:
             reason = REASON_ERROR
         place = self.place
         letter = DeadLetter(
-            pool=entry.pool if entry is not None else place.pool, key=key,
+            pool=msg.partition_pool or place.pool, key=key,
             task=task.name, id=request.id,
             args=str(getattr(request, "argsrepr", None) or repr(request.args)),
             kwargs=str(getattr(request, "kwargsrepr", None) or repr(request.kwargs)),
@@ -113,16 +115,17 @@ class DeadLetters:
             traceback="".join(traceback.format_exception(exc)),
             attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
             partition=place.index, queue=place.queue, hostname=place.hostname or None,
-            raw=as_first_delivery(entry.raw) if entry is not None else None,
+            raw=as_first_delivery(msg.payload()),
             policy=self.policy_of(task),
         )
         if letter.policy == "skip":
             self._skip(letter)
-            return
+            return True
         parked_now = self._store(letter, f"{task.name}[{request.id}] failed")
         logger.error("%s[%s] dead-lettered (%s, %d attempt(s)): %s; key %r of pool %s %s",
                      task.name, request.id, reason, letter.attempts, letter.error, key,
                      letter.pool, "is parked" if parked_now else "was parked already")
+        return True
 
     def _skip(self, letter: DeadLetter) -> None:
         """Record the dead letter of a skip-policy task; its key is not parked (the worker

@@ -21,7 +21,7 @@ from ..errors import PartitioningError
 from ..hashing import partition_for
 from ..message import PartitionMessage, republish
 from ..router import HEADER_COUNT, HEADER_INDEX
-from .stage import Place, Stage
+from .stage import Place, Stage, Verdict
 
 __all__ = ["MisrouteGuard"]
 
@@ -58,21 +58,21 @@ class MisrouteGuard(Stage):
     def __init__(self, place: Place) -> None:
         self.place = place
 
-    def before(self, msg: PartitionMessage) -> bool:
+    def before(self, msg: PartitionMessage) -> Verdict:
         place = self.place
         key, pool = msg.partition_key, msg.partition_pool
         if key is None or pool is None:
-            return False  # not a partitioned message: nothing to check
+            return Verdict.RUN  # not a partitioned message: nothing to check
         try:
             count = place.settings.partitions(pool)
             index = partition_for(key, count)
         except PartitioningError as exc:
             logger.error("%s message %s (task %s) names pool %r, which cannot be routed (%s); "
                          "running it here", place.label, msg.task_id, msg.task_name, pool, exc)
-            return False
+            return Verdict.RUN
         note_producer_count(place, pool, msg.headers.get(HEADER_COUNT), count)
         if (pool, index) == (place.pool, place.index):
-            return False
+            return Verdict.RUN
         headers = dict(msg.headers)
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = count
@@ -82,4 +82,4 @@ class MisrouteGuard(Stage):
                        "to partition %d of %d of pool %r", place.label, msg.task_id,
                        msg.task_name, key, place.settings.queue_name(pool, index), index,
                        count, pool)
-        return True
+        return Verdict.TAKEN

@@ -15,8 +15,8 @@ In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
    force ``acks_late`` and rate limits off;
    turn task events on (unless ``--without-events``); add :class:`PartitionsStep`.
 2. ``worker_init`` (after the registry check): refuse a setup that cannot keep a guarantee,
-   build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: lease,
-   misroute guard, parking gate, dead letters) and patch partitioned tasks for in-place retry.
+   build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: its lease
+   and pipeline, ``pipeline.py``) and patch partitioned tasks for in-place retry.
    ``celeryd_after_setup``: the banner says what runs the tasks (``banner.py``).
 3. The worker starts :class:`PartitionsStep`: one thread per partition
    (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
@@ -57,7 +57,6 @@ from .outbox_relay import RelayStep, describe_relays, relay_requested
 from .pipeline import build_partition
 from .preflight import check_guarantees, declare_partition_queues, warn_degraded
 from .resize import check_recorded_size
-from .retry import enable_in_place_retry
 from .runtime import (
     BALANCE_ENV,
     EVENTS_ENV,
@@ -68,6 +67,7 @@ from .runtime import (
     parse_partitions,
 )
 from .startup import when_reachable
+from .task_patch import enable_in_place_retry
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -235,7 +235,7 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
                                     recorded=recorded.get(pool), fence=fence)
         runtime.partitions.append(partition)
         warn_degraded(partition.label, degraded)
-    runtime.retry = enable_in_place_retry(runtime.partitions[0])
+    runtime.retry = enable_in_place_retry(app)
     runtime.executor = Executor(app, node)
     return runtime
 

@@ -10,9 +10,9 @@ owns a channel with prefetch 1 on the partition's single-active-consumer queue (
 lets one consumer at a time receive).
 
 Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
-all becomes a dead letter; the partition's stages (``pipeline.py``: pause, resize gate,
-misroute guard, parking gate) may take it; a future ETA holds the partition until its time; and the
-task runs through Celery's own strategy, in this thread (``executor.py``). Between messages
+all becomes a dead letter; the partition's stages (``pipeline.py``) may take it or send it
+back to the head; the task runs through Celery's own strategy, in this thread
+(``executor.py``), and the stages' ``after`` hooks run just before its ack. Between messages
 the thread calls the stages' ``between`` hooks. A warm stop lets the running task finish and
 puts a message fetched meanwhile back at the head.
 """
@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import threading
-import time
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from celery.exceptions import InvalidTaskError, WorkerShutdown, WorkerTerminate
@@ -37,9 +35,10 @@ from ..state import partitioning_of
 from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
 from .redis_ack import RedisAck
 from .runtime import PartitionRuntime, bind_thread
+from .stage import Verdict
 from .startup import Backoff
 
-__all__ = ["PartitionThread", "hold_until_eta"]
+__all__ = ["PartitionThread"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -50,40 +49,6 @@ AMQP_WAIT: Final = 1.0
 FETCH_MIN: Final = 0.01
 
 
-def _eta_of(headers: dict[str, Any]) -> float | None:
-    raw = headers.get("eta")
-    if not raw or not isinstance(raw, str):
-        return None
-    try:
-        eta = datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    if eta.tzinfo is None:
-        eta = eta.replace(tzinfo=UTC)
-    return eta.timestamp()
-
-
-def hold_until_eta(runtime: PartitionRuntime, msg: PartitionMessage) -> bool:
-    """Wait for the message's ETA in place; False if the worker stops meanwhile.
-
-    The message stays unacked while its partition waits (Celery would hold it aside and run
-    later messages first); a stop puts it back at the head of the queue.
-    """
-    eta = _eta_of(msg.headers)
-    if eta is None:
-        return True
-    delay = eta - time.time()
-    if delay > 0:
-        logger.info("%s task %s has an ETA in %.1fs: the partition waits for it (FIFO)",
-                    runtime.label, msg.task_id, delay)
-        while (left := eta - time.time()) > 0:
-            if runtime.stopping():
-                return False
-            time.sleep(min(left, 0.5))
-            runtime.progress.turned()  # waiting on purpose, not stuck
-    # Run it now, in order: Celery must not schedule it aside.
-    msg.headers["eta"] = None
-    return True
 
 
 class PartitionThread(threading.Thread):
@@ -125,7 +90,7 @@ class PartitionThread(threading.Thread):
         logger.info("%s consuming %s via %s (%s; %d message(s) recovered to the head; stages: "
                     "%s)", runtime.label, runtime.queue, runtime.transport,
                     "lease held" if runtime.lease is not None else "no lease",
-                    runtime.recovered, ", ".join(stage.name for stage in runtime.stages))
+                    runtime.recovered, runtime.pipeline.describe())
         self.consuming.set()
 
     # -- Redis ----------------------------------------------------------------------------
@@ -311,7 +276,7 @@ class PartitionThread(threading.Thread):
         next fetch may wait (at most ``longest``). ``idle``: the last fetch found the queue
         empty."""
         wait: float = longest
-        for stage in self.runtime.stages:
+        for stage in list(self.runtime.pipeline.stages):
             try:
                 asked = stage.between(idle)
             except self.unreachable as exc:
@@ -335,23 +300,21 @@ class PartitionThread(threading.Thread):
             return self._malformed(message, f"unknown task {name!r} (not registered in this "
                                             "worker: is its module imported?)")
         msg = PartitionMessage(message, name)
-        for stage in list(runtime.stages):
-            try:
-                taken = stage.before(msg)
-            except self.unreachable:
-                raise  # the partition loop puts the message back at the head and waits
-            except Exception:  # noqa: BLE001 - exit_now logs the traceback
-                exit_now(EXIT_KEEP_MESSAGE, "%s gate %s failed on message %s (task %s); stopping "
-                         "without acking so the message is not run out of order",
-                         runtime.label, stage.name, msg.task_id, name, exc_info=True)
-            if taken:
-                return True
-        if not hold_until_eta(runtime, msg):
-            return False
+        pipeline = runtime.pipeline
+        try:
+            verdict = pipeline.before(msg)
+        except self.unreachable:
+            raise  # the partition loop puts the message back at the head and waits
+        except Exception:  # noqa: BLE001 - exit_now logs the traceback
+            exit_now(EXIT_KEEP_MESSAGE, "%s stage %s failed on message %s (task %s); stopping "
+                     "without acking so the message is not run out of order", runtime.label,
+                     getattr(pipeline.asking, "name", "?"), msg.task_id, name, exc_info=True)
+        if verdict is not Verdict.RUN:
+            return verdict is Verdict.TAKEN
         executor = runtime.worker.executor if runtime.worker is not None else None
         assert executor is not None, "the worker runtime starts the executor first"
         try:
-            executor.run(name, message)
+            executor.run(name, message, lambda: pipeline.after(msg))
         except (ContentDisallowed, DecodeError) as exc:
             return self._malformed(message, f"the body cannot be decoded "
                                             f"({message.content_type}): {exc}")

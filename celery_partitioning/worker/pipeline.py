@@ -1,37 +1,34 @@
 """One partition, built in one place: its lease, and the ordered stages every message goes through.
 
-The pipeline of a partition (``Stage`` hooks, ``stage.py``), in order:
+The pipeline of a partition (``stage.py``: ``Stage`` hooks, called in this order):
 
-====  ===============  ==========================  =========================================
- #    stage            module                      owns
-====  ===============  ==========================  =========================================
- 1    pause            ``worker/pausing.py``       (a Redis store) between messages: an
-                                                   operator's pause of the partition holds
-                                                   it there, lease kept (``store/pausing.py``)
- 2    resize gate      ``worker/resize.py``        while a resize is in flight (Redis broker
-                                                   holding the store): a moved key waits for
-                                                   its old partition; between messages it
-                                                   releases held keys (``store/resize.py``)
- 3    misroute guard   ``worker/guard.py``         another partition's message: re-published
- 4    parking gate     ``worker/parking.py``       (a Redis store) a parked, paused key or a
-                                                   key in retry backoff: set aside in order;
-                                                   between messages: keys due run again
- 5    ETA hold         ``worker/partition.py``     a future ETA waits in place
- 6    execution        ``worker/executor.py``      Celery's strategy and request, inline
-                       (``checkpointing.py``)      (the body inside its checkpoint)
- 7    retry            ``worker/retry.py``         in place, or the key set aside through the
-                                                   parking stage (``Parking.set_aside``)
- 8    dead letter      ``worker/failures.py``      no retry left: dead letter, key parked
-                                                   (or only recorded: ``on_failure="skip"``)
- 9    finished         ``worker/retry.py``         the last message of a replay releases what
-                                                   was deferred (``Parking.finished``)
-====  ===============  ==========================  =========================================
+==  ==============  ======================  =====================================================
+ #  stage           module, hooks           owns
+==  ==============  ======================  =====================================================
+ 1  pause           ``pausing.py``          (a Redis store) an operator's pause of the partition
+                    between                 holds it there, lease kept (``store/pausing.py``)
+ 2  resize gate     ``resize.py``           (a resize in flight, Redis broker = store) a moved key
+                    before, between         waits for its old partition; held keys released
+ 3  misroute guard  ``guard.py`` before     another partition's message: re-published there
+ 4  parking gate    ``parking.py``          (a Redis store) a parked, paused or backing-off key:
+                    before, after,          set aside in order; keys due run again; the end of a
+                    between                 replay releases what was deferred (``finished``)
+ 5  retry           ``retry.py``            (a Redis store) the attempt record: resumed after a
+                    before, retrying,       crash; a retry waits in place or sets its key aside;
+                    after                   forgotten when done
+ 6  ETA hold        ``eta.py`` before       a future ETA waits in place, the partition with it
+ -  execution       ``executor.py``         not a stage: Celery's strategy and request, inline
+                                            (the body inside its checkpoint:
+                                            ``checkpoint_runner.py``); the task patch
+                                            (``task_patch.py``) calls ``retrying``/``failed``; the
+                                            ack calls ``after``
+ 7  dead letter     ``failures.py`` failed  (a Redis store) no retry left: dead letter, key parked
+                                            (``on_failure="skip"``: only recorded); malformed ones
+==  ==============  ======================  =====================================================
 
-Stages 1-4 are :class:`~.stage.Stage` objects in ``PartitionRuntime.stages`` (their
-``before`` hooks in this order; the first that takes a message ends its way; their
-``between`` hooks between messages, the pause first: while it holds, nothing else moves);
-5-9 are what the partition thread and the task wrapper do with a message no stage took.
-How set-aside messages go back to the queue is chosen once, here, for the partition
+``before`` hooks run in this order until one takes the message or sends it back; ``between``
+hooks run between messages, the pause first (while it holds, nothing else moves). How
+set-aside messages go back to the queue is chosen once, here, for the partition
 (``store/requeue.py``).
 """
 
@@ -43,6 +40,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..state import redis_client, replicas_of
+from ..store.attempts import AttemptStore
+from ..store.backoff import BackoffStore
 from ..store.broker import broker_redis
 from ..store.deadletters import DeadLetterStore
 from ..store.keys import RedisKeys
@@ -50,11 +49,13 @@ from ..store.lease import Lease, LeaseRenewer
 from ..store.pausing import PauseStore
 from ..store.requeue import requeue_for
 from ..store.resize import ResizeState, ResizeStore
+from .eta import EtaHold
 from .failures import DeadLetters
 from .guard import MisrouteGuard
 from .parking import Parking
 from .pausing import PartitionPause, PausePoll
 from .resize import resize_gate
+from .retry import Retry
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PartitionRuntime, WorkerRuntime
 from .stage import Stage
 
@@ -99,29 +100,29 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         if store is not None:
             lease.on_beat.append(partition.progress.recorder(store, keys, partition.queue,
                                                              expire_ms=3 * lease.ttl_ms))
-    place = partition.place
-    parking: Parking | None = None
-    pause: PartitionPause | None = None
-    if store is None:
-        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); "
-                       "dead letters, parking and pausing are off", partition.label)
+    place, requeue = partition.place, partition.requeue
+    letters = DeadLetterStore(store, keys) if store is not None else None
+    if letters is None:
+        logger.warning("partition %s: no Redis store configured (partitioning_redis_url); dead "
+                       "letters, parking, pausing and retry records are off", partition.label)
     else:
-        dead_letters = DeadLetterStore(store, keys)
-        parking = Parking(place, dead_letters, partition.inflight, partition.requeue)
-        partition.dead_letters = DeadLetters(place, dead_letters, partition.requeue)
-        partition.parking = parking
+        partition.dead_letters = DeadLetters(place, letters, requeue)
         if worker.pauses is None:
-            worker.pauses = PausePoll(PauseStore(dead_letters))
-        pause = PartitionPause(partition, worker.pauses)
-        if partition.lease is not None:
-            partition.lease.on_acquire.append(parking.recheck)
+            worker.pauses = PausePoll(PauseStore(letters))
+    parking = Parking(place, letters, requeue) if letters is not None else None
+    if parking is not None and partition.lease is not None:
+        partition.lease.on_acquire.append(parking.recheck)
     stages: list[Stage | None] = [
-        pause,
-        resize_gate(partition, resizes, recorded) if resizes is not None and recorded is not None else None,
+        PartitionPause(partition, worker.pauses) if letters is not None else None,
+        resize_gate(partition, resizes, recorded) if resizes is not None and recorded else None,
         MisrouteGuard(place),
         parking,
+        Retry(place, AttemptStore(store, keys), BackoffStore(letters), requeue)
+        if letters is not None else None,
+        EtaHold(partition),
+        partition.dead_letters,
     ]
-    partition.stages = [stage for stage in stages if stage is not None]
+    partition.pipeline.stages = [stage for stage in stages if stage is not None]
     return partition
 
 

@@ -42,7 +42,7 @@ from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
 from ..store.broker import restore_unacked_to_head
 from ..store.resize import GateAction, ResizeState, ResizeStore
-from .stage import Stage
+from .stage import Stage, Verdict
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -138,14 +138,14 @@ class ResizeGate(Stage):
         self._recovered: set[int] = set()
 
     # -- the gate ---------------------------------------------------------------------------
-    def before(self, msg: PartitionMessage) -> bool:
+    def before(self, msg: PartitionMessage) -> Verdict:
         previous = self.previous
         if previous is None:
-            return False
+            return Verdict.RUN
         runtime = self.runtime
         key, pool, task_id = msg.partition_key, msg.partition_pool, msg.task_id
         if key is None or pool != runtime.pool or task_id is None:
-            return False
+            return Verdict.RUN
         here, stamp = runtime.index, msg.partition_count
         new = partition_for(key, self.size)
         old = partition_for(key, previous)
@@ -153,13 +153,13 @@ class ResizeGate(Stage):
         action: GateAction
         if stamp == self.size:
             if new != here:
-                return False  # not this partition's under any size: the misroute guard
+                return Verdict.RUN  # not this partition's under any size: the misroute guard
             action = "new" if old != here else "mark"
             if action == "mark" and mark is None:
-                return False  # a key that did not move: no round trip
+                return Verdict.RUN  # a key that did not move: no round trip
         elif stamp == previous:
             if new == here and (old == here or self.requeue.at_head):
-                return False  # runs here (a key that did not move, or one released here)
+                return Verdict.RUN  # runs here (a key that did not move, or one released here)
             # published releases are counted back in
             action = "new" if new == here else "old"
         else:
@@ -168,11 +168,11 @@ class ResizeGate(Stage):
                                   mark=mark, requeue=self.requeue, here=here)
         if verdict == "over":
             self._over()
-            return False
+            return Verdict.RUN
         if mark is not None and action in ("new", "mark") and verdict != "released":
             self.drained_here = True
         if verdict in ("run", "released"):
-            return False
+            return Verdict.RUN
         if action == "unplaced":
             logger.error("%s message %s (task %s, key %r) is stamped with %r partitions, neither "
                          "the pool's previous %d nor its current %d: the key is held here, in "
@@ -185,7 +185,7 @@ class ResizeGate(Stage):
                 "held": f"held here, in order, until old partition {old} is drained",
                 "duplicate": "set aside already (a redelivery): acked"}.get(verdict, verdict))
         msg.ack()
-        return True
+        return Verdict.TAKEN
 
     def _over(self) -> None:
         if self.previous is not None:

@@ -13,12 +13,7 @@ Hook points for other parts of the package:
     None outside a partition thread.
 
 ``PartitionRuntime`` (one per partition, built by ``pipeline.build_partition``)
-    ``app``, ``settings``, ``pool``, ``index``, ``queue``, ``label`` (``"pool.index"``),
-    ``redis`` (a client for the store, or None), ``keys``, ``hostname`` (the Celery node),
-    ``transport``, ``lease``, ``broker`` (kombu's Redis layout, Redis broker only),
-    ``requeue`` (how set-aside messages go back), ``stages`` (the ordered pipeline:
-    ``pipeline.py``), and what the retry and the dead letters of a running message need:
-    ``inflight``, ``parking`` (the parking stage), ``dead_letters``.
+    Where it is, its store, lease and ``pipeline`` (its stages, in order), its stop flag.
 
 ``WorkerRuntime`` (one per process)
     The hosted partitions, the process-wide stop flag (``stopping()``: a warm shutdown, a
@@ -36,9 +31,8 @@ from ..config import PartitioningSettings
 from ..errors import PartitionConfigError
 from ..store.keys import RedisKeys
 from ..store.requeue import HEAD_PUSH, Requeue
-from .inflight import InFlight
 from .progress import Progress
-from .stage import Place, Stage
+from .stage import Pipeline, Place
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,7 +40,6 @@ if TYPE_CHECKING:
     from ..store.broker import BrokerRedis
     from ..store.lease import Lease, LeaseRenewer
     from .failures import DeadLetters
-    from .parking import Parking
 
 __all__ = [
     "PARTITIONS_ENV",
@@ -108,8 +101,8 @@ class PartitionRuntime:
     hostname: str = ""
     #: kombu's transport driver type: ``"redis"``, ``"amqp"``, ...
     transport: str = ""
-    #: The ordered stages every message goes through before it runs (``pipeline.py``).
-    stages: list[Stage] = field(default_factory=list)
+    #: The ordered stages every message goes through (``pipeline.py``).
+    pipeline: Pipeline = field(default_factory=Pipeline)
     #: The exclusive-consumer lease (Redis broker with a Redis store), else None.
     lease: Lease | None = None
     #: Messages put back at the head of the queue by crash recovery at start.
@@ -118,11 +111,7 @@ class PartitionRuntime:
     broker: BrokerRedis | None = None
     #: How messages set aside go back to the queue (``store/requeue.py``).
     requeue: Requeue = HEAD_PUSH
-    #: Messages let through by the parking stage, until they finish.
-    inflight: InFlight = field(default_factory=InFlight)
-    #: The parking stage (None without a Redis store): the retry sets keys aside through it.
-    parking: Parking | None = None
-    #: Writes dead letters (None without a Redis store).
+    #: The dead-letter stage (None without a Redis store).
     dead_letters: DeadLetters | None = None
     #: The process this partition runs in.
     worker: WorkerRuntime | None = None
