@@ -3,7 +3,8 @@
 Every publish of a shop task counts ``published:<pool>`` (Celery's ``before_task_publish``,
 also for tasks published by workers; the demo's own publisher counts each batch in one call,
 see ``count_publishes_in_bulk``) and every finished message counts ``done:<pool>``
-(``task_postrun``, once per message even when a killed worker's message runs again). All
+(``task_postrun``, once per message even when a killed worker's message runs again, on
+whichever attempt). All
 work is finished when they are equal and the queues are empty. A message that starts a
 second time (its worker was killed before the ack) counts ``reruns:<pool>``: a message is
 known by its task id and retry count, so the next attempt of a retry (``request.retries`` one
@@ -149,8 +150,14 @@ def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
     if pool is not None:
         started = getattr(sender.request, "shop_started", None)
         busy = 0.0 if started is None else (time.perf_counter() - started) * 1000
+        # A message finishes once, whatever attempt it is on: a partition worker killed
+        # after a retried message's last attempt, before its ack, runs it again from its
+        # first attempt (the attempt record is gone), so its id alone tells it apart. Plain
+        # Celery publishes each retry as a message of its own: there the attempt counts.
+        token = (getattr(sender.request, "shop_token", "") if settings.SHOP_ORDERING == "plain"
+                 else sender.request.id or "")
         progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"),
-                                  busy_ms=busy, token=getattr(sender.request, "shop_token", ""))
+                                  busy_ms=busy, token=token)
         maybe_stall_after_commit(pool)
 
 
