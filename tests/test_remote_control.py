@@ -129,6 +129,7 @@ def test_control_commands_are_refused_and_order_is_kept_with_messages_flowing(
         assert entry["routing_key"] == entry["name"]
     assert f"{namespace}partition.idle" in by_name
     assert not any("partition" in q for q in active[plain_node]), active[plain_node]
+    h.release(hold_key, 0)  # the held task, never terminated, ends now
 
     # Then, with everything published, every key ran in order, one message at a time, and
     # only in the partition threads

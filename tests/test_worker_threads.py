@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -113,7 +114,9 @@ def test_a_partition_whose_task_hangs_does_not_hold_up_the_others_and_the_toolbo
     # And the process is a Celery node that answers while that task runs
     env = {**os.environ, "PYTHONPATH": str(ROOT), **h.env()}
     active = subprocess.run(
-        [celery_bin(), "-A", "tests.apps.ordering_app", "inspect", "active", "--json", "-t", "10"],
+        # -d: the reply of the one node ends the wait (without it, inspect waits its timeout)
+        [celery_bin(), "-A", "tests.apps.ordering_app", "inspect", "active", "--json", "-t", "20",
+         "-d", f"partitions0@{socket.gethostname()}"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert active.returncode == 0, active.stderr
     replies: dict[str, Any] = json.loads(active.stdout)
@@ -125,10 +128,11 @@ def test_a_partition_whose_task_hangs_does_not_hold_up_the_others_and_the_toolbo
 
     # And `celery control shutdown` stops the fleet: the task finishes, nothing restarts
     shut = subprocess.run([celery_bin(), "-A", "tests.apps.ordering_app", "control", "shutdown",
-                           "-t", "10"], env=env, cwd=ROOT, capture_output=True, text=True,
+                           "-t", "1"], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     # (a worker shutting down sends no reply, so the command may say none came: that is Celery)
     assert shut.returncode == 0 or "No nodes replied" in shut.stderr, shut.stderr
+    h.release(slow_key, 0)  # the task ends now; the stop waited for it
     assert sup.wait(timeout=90) == 0, h.log_text("w")[-3000:]
     assert h.records([slow_key])[slow_key] == ["start 0", "end 0"]
     assert "restarting" not in h.log_text("w")

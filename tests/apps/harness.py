@@ -102,6 +102,10 @@ class Harness:
             tails = "\n".join(f"--- {n}\n" + self.log_text(n)[-3000:] for n in logs)
             raise AssertionError(f"{exc} (done: {self.done()})\n{tails}") from None
 
+    def release(self, key: str, seq: int) -> None:
+        """End the hold of a task published with a signal (it finishes at once)."""
+        self.redis.set(f"{self.ns}release:{key}:{seq}", "1", ex=300)
+
     def records(self, keys: Iterable[str]) -> dict[str, list[str]]:
         client = self.redis
         return {k: [e.decode() for e in client.lrange(f"{self.ns}rec:{k}", 0, -1)] for k in keys}
