@@ -109,7 +109,7 @@ def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str],
     """The pool's balanced assignment among ``live`` members (``balance.py``), and who holds
     each partition now (index → member id, from the lease holders; a dead process's leases
     count as its successor's): what every member and ``status`` compute alike."""
-    holders = read_holders(client, keys, queues)
+    holders = read_holders(client, keys, queues, ttl=False)
     heirs = {member.succeeds: member.id for member in live if member.succeeds}
     current = {index: heirs.get(holder.token, f"{holder.host}:{holder.pid}")
                for index, holder in enumerate(holders[q] for q in queues) if holder}
