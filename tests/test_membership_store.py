@@ -133,3 +133,56 @@ def test_a_restarted_process_inherits_its_dead_predecessors_partitions(store_red
     assert successor.share("entity") == shares["a"] and b.share("entity") == shares["b"]
     assert [m.id for m in Membership(store_redis, keys).live("entity")] == [
         member_id("a2", 1), member_id("b", 1)]
+
+
+def test_the_processes_of_one_command_wait_for_each_other_before_their_first_share(
+        store_redis: Any, namespace: str) -> None:
+    from celery_partitioning.worker.balancer import Balancer
+
+    keys = RedisKeys(namespace)
+
+    def balancer(name: str, group: str = "", size: int = 0, token: str = "",
+                 succeeds: str = "") -> Balancer:
+        return Balancer(store_redis, keys, {"entity": 12}, lambda p, i: f"{namespace}q.{p}.{i}",
+                        member=member_id(name, 1), ttl=30, group=group, group_size=size,
+                        token=token, succeeds=succeeds)
+
+    # Given a member of another command holding the pool alone
+    other = balancer("other")
+    other.refresh()
+    assert other.share("entity") == list(range(12))
+    # When the first process of a two-process command beats, it wants nothing yet, and the
+    # other member hands nothing over to it
+    a = balancer("a", "host:99", 2, token="ta")
+    for member in (a, other):
+        member.refresh()
+    assert a.share("entity") == [] and not a.wants("entity", 0)
+    assert other.share("entity") == list(range(12))
+    # When its sibling registers, the first assignment counts both: 4/4/4
+    b = balancer("b", "host:99", 2, token="tb")
+    for member in (b, a, other):
+        member.refresh()
+    shares = [m.share("entity") for m in (a, b, other)]
+    assert sorted(i for s in shares for i in s) == list(range(12)) and [len(s) for s in shares] == [4, 4, 4]
+    # When b dies and its supervisor restarts it, the successor does not wait: a is live
+    b2 = balancer("b2", "host:99", 2, token="tb2", succeeds="tb")
+    b2.refresh()
+    assert len(b2.share("entity")) == 4
+    # A single-process command does not wait either
+    solo = balancer("solo", "host:7", 1)
+    solo.refresh()
+    assert solo.share("entity") != []
+
+
+def test_a_waiting_member_joins_after_the_initial_delay_even_without_its_siblings() -> None:
+    from celery_partitioning.store.membership import JOIN_DELAY_MS, Member, joined
+
+    # Given a process of a three-process command, alone, started at t=1000
+    alone = Member("h:1", "h", 1, 1000, 1000, 30000, group="h:9", group_size=3)
+    pinned = Member("h:2", "h", 2, 1000, 1000, 30000, (0,), group="h:8", group_size=3)
+    # Then it is left out until JOIN_DELAY_MS has passed (a pinned member never waits)
+    assert joined([alone, pinned], 1000 + JOIN_DELAY_MS - 1) == [pinned]
+    assert joined([alone, pinned], 1000 + JOIN_DELAY_MS) == [alone, pinned]
+    # And an old record (no group) counts at once
+    assert Member.from_json('{"id":"h:3","host":"h","pid":3,"since_ms":1,"beat_ms":1,'
+                            '"ttl_ms":1}').group_size == 0

@@ -12,15 +12,24 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from ..balance import Assignment, assign
 from .keys import RedisKeys
 from .lease import read_holders
 
-__all__ = ["Member", "Membership", "assignment_of", "describe", "member_id"]
+__all__ = ["JOIN_DELAY_MS", "Member", "Membership", "assignment_of", "describe", "joined",
+           "member_id"]
+
+#: A balanced member started with siblings (the processes of one ``partitioning worker``) is
+#: left out of the assignment until every sibling is live, or this long at most (three beats
+#: of ``worker/balancer.py``, in case one never starts): otherwise the first process to beat
+#: takes every partition and hands most over moments later. Kafka's
+#: ``group.initial.rebalance.delay.ms`` does the same.
+JOIN_DELAY_MS: Final = 6000
 
 
 def member_id(node: str = "", pid: int | None = None) -> str:
@@ -44,6 +53,9 @@ class Member:
     #: die): the successor inherits its leases, so it also inherits its partitions.
     token: str = ""
     succeeds: str = ""
+    #: Its siblings' group (``host:pid`` of their supervisor) and how many processes it has.
+    group: str = ""
+    group_size: int = 0
 
     @property
     def balanced(self) -> bool:
@@ -57,7 +69,8 @@ class Member:
         data = json.loads(text)
         return cls(str(data["id"]), str(data["host"]), int(data["pid"]), int(data["since_ms"]),
                    int(data["beat_ms"]), int(data["ttl_ms"]), tuple(data.get("pinned", ())),
-                   str(data.get("token", "")), str(data.get("succeeds", "")))
+                   str(data.get("token", "")), str(data.get("succeeds", "")),
+                   str(data.get("group", "")), int(data.get("group_size", 0)))
 
 
 class Membership:
@@ -72,11 +85,13 @@ class Membership:
         return int(seconds) * 1000 + int(micros) // 1000
 
     def beat(self, pools: Iterable[str], member: str, *, ttl: float, since_ms: int | None = None,
-             pinned: Sequence[int] = (), token: str = "", succeeds: str = "") -> int:
+             pinned: Sequence[int] = (), token: str = "", succeeds: str = "", group: str = "",
+             group_size: int = 0) -> int:
         """Register or refresh ``member`` in ``pools``; returns the server time of the beat."""
         now = self.now_ms()
         record = Member(member, socket.gethostname(), os.getpid(), since_ms or now, now,
-                        int(ttl * 1000), tuple(pinned), token, succeeds).to_json()
+                        int(ttl * 1000), tuple(pinned), token, succeeds, group,
+                        group_size).to_json()
         with self.client.pipeline(transaction=False) as pipe:
             for pool in pools:
                 pipe.hset(self.keys.members(pool), member, record)
@@ -104,16 +119,25 @@ class Membership:
         return sorted(members, key=lambda member: member.id)
 
 
-def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str],
-                  live: Sequence[Member]) -> tuple[Assignment, dict[int, str]]:
-    """The pool's balanced assignment among ``live`` members (``balance.py``), and who holds
-    each partition now (index → member id, from the lease holders; a dead process's leases
-    count as its successor's): what every member and ``status`` compute alike."""
+def joined(live: Sequence[Member], now_ms: int) -> list[Member]:
+    """``live`` without the balanced members still waiting for their siblings
+    (``JOIN_DELAY_MS``). A restarted process does not wait: its siblings are live already."""
+    count = Counter(member.group for member in live)
+    return [m for m in live if m.pinned or count[m.group] >= m.group_size
+            or now_ms - m.since_ms >= JOIN_DELAY_MS]
+
+
+def assignment_of(client: Any, keys: RedisKeys, queues: Sequence[str], live: Sequence[Member],
+                  now_ms: int) -> tuple[Assignment, dict[int, str]]:
+    """The pool's balanced assignment among ``live`` members that have joined (``joined``),
+    and who holds each partition now (index → member id, from the lease holders; a dead
+    process's leases count as its successor's): what every member and ``status`` compute
+    alike."""
     holders = read_holders(client, keys, queues, ttl=False)
     heirs = {member.succeeds: member.id for member in live if member.succeeds}
     current = {index: heirs.get(holder.token, f"{holder.host}:{holder.pid}")
                for index, holder in enumerate(holders[q] for q in queues) if holder}
-    result = assign(range(len(queues)), [m.id for m in live if m.balanced], current,
+    result = assign(range(len(queues)), [m.id for m in joined(live, now_ms) if m.balanced], current,
                     {m.id: m.pinned for m in live if not m.balanced})
     return result, current
 
@@ -127,7 +151,7 @@ def describe(client: Any, keys: RedisKeys, pool: str, queues: Sequence[str]) -> 
     if not live:
         return {}
     now = membership.now_ms()
-    result, current = assignment_of(client, keys, queues, live)
+    result, current = assignment_of(client, keys, queues, live, now)
     return {"members": [{"id": m.id, "host": m.host, "pid": m.pid, "since_ms": m.since_ms,
                          "last_beat_age": round((now - m.beat_ms) / 1000, 1),
                          "pinned": list(m.pinned),

@@ -8,7 +8,9 @@ assignment (``balance.py``): the same computation on every member, so each knows
 without a coordinator. A partition thread asks :meth:`Balancer.wants` before it takes its
 lease and between two messages while it holds it; a partition no longer wanted is handed over
 by releasing the lease after the running message, and the member it now belongs to takes the
-lease as a standby takes it today. The lease remains the only permission to consume.
+lease as a standby takes it today. The lease remains the only permission to consume. The
+processes of one command wait for each other at start (``JOIN_DELAY_MS``), so that their
+first assignment already counts them all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..errors import PartitionConfigError
 from ..state import redis_client, redis_keys
 from ..store.keys import RedisKeys
 from ..store.membership import Member, Membership, assignment_of, member_id
-from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV
+from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PROCESSES_ENV, SUPERVISOR_PID_ENV
 
 if TYPE_CHECKING:
     from .lifecycle import Partition
@@ -43,7 +45,8 @@ class Balancer:
     def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
                  queue_name: Callable[[str, int], str], *, member: str, ttl: float,
                  pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0,
-                 token: str = "", succeeds: str = "") -> None:
+                 token: str = "", succeeds: str = "", group: str = "",
+                 group_size: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.membership = Membership(client, keys)
@@ -55,6 +58,7 @@ class Balancer:
         self.interval = interval
         self.token = token
         self.succeeds = succeeds
+        self.group, self.group_size = group, group_size
         self._since: int | None = None
         self._mine: dict[str, frozenset[int]] = {pool: frozenset() for pool in self.sizes}
 
@@ -72,11 +76,12 @@ class Balancer:
         for pool, size in self.sizes.items():
             now = self.membership.beat([pool], self.member, ttl=self.ttl, since_ms=self._since,
                                        pinned=self.pinned.get(pool, ()), token=self.token,
-                                       succeeds=self.succeeds)
+                                       succeeds=self.succeeds, group=self.group,
+                                       group_size=self.group_size)
             self._since = self._since or now
             live = self._without_predecessor(pool, self.membership.live(pool))
             queues = [self.queue_name(pool, index) for index in range(size)]
-            result, _current = assignment_of(self.client, self.keys, queues, live)
+            result, _current = assignment_of(self.client, self.keys, queues, live, now)
             mine = frozenset(result.of(self.member))
             if mine != self._mine.get(pool):
                 logger.info("rebalance: this process (%s) now holds %s of pool %s (%d member(s))",
@@ -119,12 +124,15 @@ class Fleet:
         self.balanced = balanced
         pinned = None if balanced else {
             pool: [u.runtime.index for u in units if u.runtime.pool == pool] for pool in pools}
+        supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
         self.balancer = Balancer(
             redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
             {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
             member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), pinned=pinned,
             interval=BEAT, token=os.environ.get(LEASE_TOKEN_ENV, ""),
-            succeeds=os.environ.get(LEASE_TAKEOVER_ENV, ""))
+            succeeds=os.environ.get(LEASE_TAKEOVER_ENV, ""),
+            group=member_id(pid=int(supervisor)) if supervisor else "",
+            group_size=int(os.environ.get(PROCESSES_ENV, "0")) if supervisor else 0)
         self._failing = False
         self._moving: set[int] = set()
         self._lock = threading.Lock()

@@ -47,6 +47,7 @@ __all__ = [
     "LEASE_TOKEN_ENV",
     "LEASE_TAKEOVER_ENV",
     "SUPERVISOR_PID_ENV",
+    "PROCESSES_ENV",
     "EVENTS_ENV",
     "RELAY_ENV",
     "PartitionRuntime",
@@ -72,6 +73,9 @@ LEASE_TAKEOVER_ENV: Final = "CELERY_PARTITIONING_LEASE_TAKEOVER"
 #: Set by the supervisor: its pid; a child whose parent changes (supervisor gone) stops
 #: warmly (``orphan.py``).
 SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
+#: Set by the supervisor: how many processes it runs; its balanced children wait for each
+#: other at start (``store/membership.py``, ``JOIN_DELAY_MS``).
+PROCESSES_ENV: Final = "CELERY_PARTITIONING_PROCESSES"
 #: ``0`` when the supervisor was told not to send task events (``--without-events``).
 EVENTS_ENV: Final = "CELERY_PARTITIONING_EVENTS"
 #: ``1`` on the supervisor's first process when the outbox relay runs in the worker

@@ -44,6 +44,7 @@ from .runtime import (
     LEASE_TAKEOVER_ENV,
     LEASE_TOKEN_ENV,
     PARTITIONS_ENV,
+    PROCESSES_ENV,
     RELAY_ENV,
     SUPERVISOR_PID_ENV,
 )
@@ -274,8 +275,8 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         self._close_output(child)  # the previous process's pipe, if it is still open
         child.previous_token, child.token = child.token, new_token()
-        env = {**self.env, PARTITIONS_ENV: child.spec.env_value,
-               LEASE_TOKEN_ENV: child.token, SUPERVISOR_PID_ENV: str(os.getpid())}
+        env = {**self.env, PARTITIONS_ENV: child.spec.env_value, LEASE_TOKEN_ENV: child.token,
+               SUPERVISOR_PID_ENV: str(os.getpid()), PROCESSES_ENV: str(len(self.children))}
         env.pop(LEASE_TAKEOVER_ENV, None)
         if child.spec.shared:
             env[BALANCE_ENV] = "1"
