@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..errors import PartitionConfigError
 from ..state import redis_client, redis_keys
 from ..store.keys import RedisKeys
-from ..store.membership import Member, Membership, assignment_of, member_id
+from ..store.membership import Member, Membership, assignment_of, joined, member_id
 from .runtime import LEASE_TAKEOVER_ENV, LEASE_TOKEN_ENV, PROCESSES_ENV, SUPERVISOR_PID_ENV
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ __all__ = ["Balancer", "Fleet", "BEAT"]
 
 #: Seconds between two beats of a member: a join is balanced within two or three of them.
 BEAT: Final = 2.0
+#: Seconds between two beats while a starting member waits for the rest of its command, so
+#: that its siblings' start is seen at once.
+JOIN_POLL: Final = 0.25
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -59,6 +62,8 @@ class Balancer:
         self.token = token
         self.succeeds = succeeds
         self.group, self.group_size = group, group_size
+        #: Still waiting for the rest of its group (``joined``): beat again soon, not in BEAT.
+        self.waiting = False
         self._since: int | None = None
         self._mine: dict[str, frozenset[int]] = {pool: frozenset() for pool in self.sizes}
 
@@ -82,6 +87,7 @@ class Balancer:
             live = self._without_predecessor(pool, self.membership.live(pool))
             queues = [self.queue_name(pool, index) for index in range(size)]
             result, _current = assignment_of(self.client, self.keys, queues, live, now)
+            self.waiting = not self.pinned and self.member not in {m.id for m in joined(live, now)}
             mine = frozenset(result.of(self.member))
             if mine != self._mine.get(pool):
                 logger.info("rebalance: this process (%s) now holds %s of pool %s (%d member(s))",
@@ -161,7 +167,7 @@ class Fleet:
                 (logger.debug if self._failing else logger.warning)(
                     "membership beat failed (%s); keeping the last share", exc)
                 self._failing = True
-            self._stop.wait(self.balancer.interval)
+            self._stop.wait(JOIN_POLL if self.balancer.waiting else self.balancer.interval)
 
     def _reconcile(self) -> None:
         for unit in self.units:

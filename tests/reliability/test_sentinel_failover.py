@@ -70,9 +70,12 @@ def test_master_killed_and_replica_promoted_mid_run(workload_factory: Callable[.
     queue_names = [f"{w.ns}{w.ns}partition.p.{i}" for i in range(w.partitions)]
     old = setup.client()
     assert sum(int(old.llen(name)) for name in queue_names) > 0  # the names below are right
-    wait_for(lambda: w.done() >= len(before) // 4, 60, "a quarter of the first batch to run")
     leases = [RedisKeys(w.ns).lease(f"{w.ns}partition.p.{i}") for i in range(w.partitions)]
-    assert all(old.exists(name) for name in leases), "the workers hold no lease on the master"
+    # (the processes take their balanced shares as they start: wait for every lease, on the
+    # master, before the kill)
+    wait_for(lambda: all(old.exists(name) for name in leases), 60,
+             "the workers to hold every partition's lease on the master")
+    wait_for(lambda: w.done() >= len(before) // 4, 60, "a quarter of the first batch to run")
     assert setup.replicated(), "the producer's messages did not reach the replica"
 
     promoted_after = setup.kill_master()  # mid-drain: queued, unacked, leases held
