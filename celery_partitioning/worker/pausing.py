@@ -64,16 +64,9 @@ class PartitionPause(Stage):
         self.partition = partition
         self.poll = poll
         self.store = poll.store
-        #: When the record must be read next (monotonic s); 0: at once (a pause may predate
-        #: this holder).
-        self.next_check = 0.0
 
     def between(self, idle: bool) -> float | None:
-        now = time.monotonic()
-        if now < self.next_check:
-            return None
-        self.next_check = now + CHECK
-        part = self.partition
+        part = self.partition  # the poll reads the store at most once a CHECK
         pause = self.poll.pause_of(part.pool, part.index)
         if pause is not None:
             self._hold(pause)
