@@ -9,6 +9,8 @@ producer that only publishes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from .config import PartitioningSettings, RedisTarget, read_settings, redis_namespace
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from .store.keys import RedisKeys
 
 __all__ = ["Partitioning", "partitioning_of", "settings_of", "attach", "redis_client", "redis_client_like",
-           "redis_keys", "STATE_ATTRIBUTE", "Replicas", "replicas_of"]
+           "redis_keys", "STATE_ATTRIBUTE", "Replicas", "replicas_of", "store_client"]
 
 #: Attribute of the Celery app that holds its Partitioning object.
 STATE_ATTRIBUTE: Final = "_celery_partitioning"
@@ -228,6 +230,21 @@ def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
         **{**timeouts, **pool, **target.connection_kwargs})
     assert isinstance(master, redis.Redis)
     return master
+
+
+@contextmanager
+def store_client(app: Celery) -> Iterator[Redis | None]:
+    """A client of the app's Redis store for one command's reads, closed afterwards; None when
+    no store is configured."""
+    settings = settings_of(app)
+    if settings.redis is None:
+        yield None
+        return
+    client = redis_client(settings.redis)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 def redis_client_like(pool: Any, *, replicas: Replicas | None = None,

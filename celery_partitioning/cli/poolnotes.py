@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..state import redis_client, redis_keys, settings_of
+from ..state import redis_keys, settings_of, store_client
 from ..store.broker import broker_redis
 from ..store.membership import describe
 from ..store.resize import ResizeState, ResizeStore
@@ -66,28 +66,21 @@ def unused_pools(app: Celery, pools: Sequence[str]) -> list[str]:
 
 
 def _recorded(app: Celery, pools: Sequence[str]) -> dict[str, ResizeState]:
-    settings = settings_of(app)
-    if settings.redis is None:
-        return {}
-    client = redis_client(settings.redis)
-    try:
-        store = ResizeStore(client, redis_keys(app), settings.queue_prefix)
+    with store_client(app) as client:
+        if client is None:
+            return {}
+        store = ResizeStore(client, redis_keys(app), settings_of(app).queue_prefix)
         return {pool: state for pool in pools if (state := store.state(pool)) is not None}
-    finally:
-        client.close()
 
 
 def _members(app: Celery, pools: Sequence[str]) -> dict[str, Any]:
     settings = settings_of(app)
-    if settings.redis is None:
-        return {}
-    client = redis_client(settings.redis)
-    try:
+    with store_client(app) as client:
+        if client is None:
+            return {}
         found = {pool: describe(client, redis_keys(app), pool,
                                 [settings.queue_name(pool, i) for i in range(settings.partitions(pool))])
                  for pool in pools}
-    finally:
-        client.close()
     return {pool: view for pool, view in found.items() if view}
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..hashing import partition_for
 from ..router import HEADER_PUBLISHED_AT
-from ..state import redis_client, redis_keys, settings_of
+from ..state import redis_keys, settings_of, store_client
 from ..store.backoff import BackoffStore, BackoffSummary
 from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
 from ..store.deadletters import DeadLetterStore
@@ -91,46 +91,34 @@ def _head_age(broker: BrokerRedis, queue: str, now: float) -> float | None:
 
 def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], int]:
     settings = settings_of(app)
-    if settings.redis is None:
-        return {}
-    client = redis_client(settings.redis)
-    try:
-        store = DeadLetterStore(client, redis_keys(app))
-        counts: dict[tuple[str, int], int] = {}
-        for view in store.find(pools):
+    counts: dict[tuple[str, int], int] = {}
+    with store_client(app) as client:
+        if client is None:
+            return counts
+        for view in DeadLetterStore(client, redis_keys(app)).find(pools):
             letter = view.dead_letter
             index = letter.partition
             if index is None:
                 index = partition_for(letter.key, settings.partitions(letter.pool))
             counts[(letter.pool, index)] = counts.get((letter.pool, index), 0) + 1
-        return counts
-    finally:
-        client.close()
+    return counts
 
 
 def _backoffs(app: Celery, queues: Sequence[str]) -> dict[str, BackoffSummary]:
-    settings = settings_of(app)
-    if settings.redis is None:
-        return {}
-    client = redis_client(settings.redis)
-    try:
+    with store_client(app) as client:
+        if client is None:
+            return {}
         backoff = BackoffStore(DeadLetterStore(client, redis_keys(app)))
         return {queue: backoff.summary(queue) for queue in queues}
-    finally:
-        client.close()
 
 
 def collect_pauses(app: Celery, pools: Sequence[str] = ()) -> list[Pause]:
     """Every pause in force of ``pools`` (default all): partitions first, then keys."""
-    settings = settings_of(app)
-    if settings.redis is None:
-        return []
-    client = redis_client(settings.redis)
-    try:
+    with store_client(app) as client:
+        if client is None:
+            return []
         return PauseStore(DeadLetterStore(client, redis_keys(app))).paused(
-            list(pools) or list(settings.pools))
-    finally:
-        client.close()
+            list(pools) or list(settings_of(app).pools))
 
 
 def _with_pauses(rows: list[PartitionStatus], pauses: Sequence[Pause]) -> list[PartitionStatus]:
@@ -150,15 +138,11 @@ def _with_pauses(rows: list[PartitionStatus], pauses: Sequence[Pause]) -> list[P
 def _leases(app: Celery, queues: Sequence[str]) -> tuple[dict[str, str | None],
                                                           dict[str, float | None]]:
     """Each queue's lease holder, and when it last consumed (epoch s)."""
-    settings = settings_of(app)
-    if settings.redis is None:
-        return {}, {}
-    client = redis_client(settings.redis)
-    try:
+    with store_client(app) as client:
+        if client is None:
+            return {}, {}
         holders = read_holders(client, redis_keys(app), queues)
         progress = read_progress(client, redis_keys(app), queues)
-    finally:
-        client.close()
     return ({queue: holder.describe() if holder else None for queue, holder in holders.items()},
             progress)
 
