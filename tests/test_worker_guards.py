@@ -28,17 +28,25 @@ def lease_key(redis_url: str, namespace: str) -> tuple[redis.Redis, str]:
     return redis.Redis.from_url(redis_url), f"{namespace}lease-test"
 
 
-@pytest.mark.integration
-def test_a_holder_frozen_longer_than_the_ttl_fences_itself_even_though_renewal_succeeds(
-        lease_key: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def lease_clock(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """The lease module's monotonic clock, ahead of the real one by ``["s"]`` seconds (a
+    process frozen that long: a stopped VM, a GC pause)."""
     from celery_partitioning.store import lease as lease_module
 
-    client, key = lease_key
-    # Given a holder whose clock we control: after it took the lease, it "freezes" for twice
-    # the TTL (a stopped VM, a GC pause), while its lease key stays alive in Redis
     offset = {"s": 0.0}
     fake_time = SimpleNamespace(monotonic=lambda: time.monotonic() + offset["s"], sleep=time.sleep)
     monkeypatch.setattr(lease_module, "time", fake_time)
+    return offset
+
+
+@pytest.mark.integration
+def test_a_holder_frozen_longer_than_the_ttl_fences_itself_even_though_renewal_succeeds(
+        lease_key: tuple[redis.Redis, str], lease_clock: dict[str, float]) -> None:
+    client, key = lease_key
+    # Given a holder whose clock we control: after it took the lease, it "freezes" for twice
+    # the TTL (a stopped VM, a GC pause), while its lease key stays alive in Redis
+    offset = lease_clock
     reasons: list[str] = []
     lease = Lease(client, key, 3.0, token="frozen", fence=reasons.append)
     assert lease.try_acquire()
@@ -194,13 +202,9 @@ def test_malformed_messages_become_dead_letters_and_the_worker_goes_on(
 
 @pytest.mark.integration
 def test_a_holder_frozen_past_the_ttl_is_not_fresh_and_fences_before_running_a_message(
-        lease_key: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    from celery_partitioning.store import lease as lease_module
-
+        lease_key: tuple[redis.Redis, str], lease_clock: dict[str, float]) -> None:
     client, key = lease_key
-    offset = {"s": 0.0}
-    fake_time = SimpleNamespace(monotonic=lambda: time.monotonic() + offset["s"], sleep=time.sleep)
-    monkeypatch.setattr(lease_module, "time", fake_time)
+    offset = lease_clock
     reasons: list[str] = []
     # Given a holder that took its lease (no heartbeat: as if it had not woken up yet)
     lease = Lease(client, key, 3.0, token="blocked", fence=reasons.append)
