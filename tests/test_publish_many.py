@@ -252,12 +252,14 @@ def test_a_call_through_a_named_exchange_reaches_its_bound_queue_as_apply_async_
     assert list(raw_many["properties"]) == list(raw_apply["properties"])
 
 
-def test_a_redis_client_that_retries_on_timeout_is_refused(redis_url: str, namespace: str,
-                                                            client: redis.Redis) -> None:
+@pytest.mark.parametrize("option", [{"retry_on_timeout": True}, {"body_encoding": "plain"}],
+                         ids=["retry_on_timeout", "body_encoding"])
+def test_a_redis_transport_option_the_batch_cannot_honour_is_refused(
+        redis_url: str, namespace: str, client: redis.Redis, option: dict[str, object]) -> None:
     app = make_app(redis_url, namespace)
-    app.conf.broker_transport_options = {"global_keyprefix": namespace, "retry_on_timeout": True}
+    app.conf.broker_transport_options = {"global_keyprefix": namespace, **option}
     try:
-        with pytest.raises(cp.PartitionConfigError, match="retry_on_timeout"):
+        with pytest.raises(cp.PartitionConfigError, match=next(iter(option))):
             publish_many([app.tasks["pm.plain"].s(1)], app=app)
     finally:
         app.close()
