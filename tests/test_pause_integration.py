@@ -158,6 +158,32 @@ def test_a_paused_partition_keeps_its_lease_runs_nothing_and_resume_runs_all_in_
     assert status_of(fa, index)[0]["paused"] is None
 
 
+def test_a_partition_paused_before_any_holder_runs_nothing_once_a_worker_takes_it(
+    fa: ModuleType, processes: Processes, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(fa.REDIS_URL, decode_responses=True)
+    index, (p, q) = orders_on_one_partition(fa, 2)
+    lease = RedisKeys(fa.NS).lease(f"{fa.NS}partition.entity.{index}")
+    # Given a partition paused while no worker holds it, with messages waiting
+    paused = partitioning(fa, "pause", "--partition", f"entity.{index}", "--wait", "0")
+    assert paused.returncode == 0, paused.stderr
+    assert "the next holder stops before its first message" in paused.stdout, paused.stdout
+    fa.step.delay(p, 0)
+    fa.step.delay(q, 0)
+    # When a worker starts and takes the partition's lease
+    start_partition_worker(processes, fa, "entity", index, tmp_path / "w.log")
+    wait_for(lambda: client.exists(lease), 60, "the worker to take the lease")
+    # Then it runs nothing while it keeps the lease, and says it stopped for the pause
+    _lease_renewed(client, lease, 3)
+    assert client.llen(f"{fa.NS}ran") == 0
+    wait_for(lambda: status_of(fa, index)[0]["paused"]["stopped_by"], 30, "the acknowledgement")
+    # And resume runs the waiting messages in order
+    resumed = partitioning(fa, "resume", "--partition", f"entity.{index}")
+    assert resumed.returncode == 0, resumed.stderr
+    wait_for(lambda: client.llen(f"{fa.NS}ran") == 2, 60, "the two messages to run")
+    assert client.lrange(f"{fa.NS}ran", 0, -1) == [f"Order:{p} 0", f"Order:{q} 0"]
+
+
 def test_the_commands_say_what_is_wrong_and_change_nothing(fa: ModuleType) -> None:
     def fails(*args: str) -> str:
         out = partitioning(fa, *args)

@@ -1,9 +1,11 @@
 """The pause stage: a partition an operator paused stops between two messages, keeping its lease.
 
 ``partitioning pause --partition pool.N`` writes a pause record (``store/pausing.py``). The
-stage reads it in :meth:`PartitionPause.between`, at most once every :data:`CHECK` seconds
-(one ``HGET``; none in between, however many messages run), so a partition notices a pause
-within about a second; a message fetched before that still runs. Once paused, ``between``
+stage reads it in :meth:`PartitionPause.between` through the process's :class:`PausePoll`: one
+``HGETALL`` of the pool's paused partitions at most once every :data:`CHECK` seconds for all
+the process's partitions, so a partition notices a pause within about a second (a message
+fetched before that still runs); a holder that has just taken the partition reads the store
+itself before its first message. Once paused, ``between``
 does not return: the thread fetches nothing, the lease heartbeat (another thread) goes on
 renewing the lease, so no standby takes the partition; the stage acknowledges the pause in
 the store (``status`` shows the holder as stopped) and reads the record every
@@ -45,11 +47,12 @@ class PausePoll:
         #: pool → (when read, monotonic s; its paused partitions).
         self._read: dict[str, tuple[float, dict[int, Pause]]] = {}
 
-    def pause_of(self, pool: str, index: int) -> Pause | None:
+    def pause_of(self, pool: str, index: int, max_age: float = CHECK) -> Pause | None:
+        """The pause of a partition, from a read of its pool at most ``max_age`` s old."""
         with self._lock:
             now = time.monotonic()
             read_at, pauses = self._read.get(pool, (-math.inf, {}))
-            if now - read_at >= CHECK:
+            if now - read_at >= max_age:
                 pauses = self.store.partition_pauses(pool)
                 self._read[pool] = (now, pauses)
         return pauses.get(index)
@@ -64,10 +67,18 @@ class PartitionPause(Stage):
         self.partition = partition
         self.poll = poll
         self.store = poll.store
+        #: The next check reads the store, not the poll's last read: a holder that has just
+        #: taken the partition stops before its first message if it is paused.
+        self.fresh = True
+
+    def recheck(self) -> None:
+        """The lease was taken (anew): read the pause record before the first message."""
+        self.fresh = True
 
     def between(self, idle: bool) -> float | None:
         part = self.partition  # the poll reads the store at most once a CHECK
-        pause = self.poll.pause_of(part.pool, part.index)
+        pause = self.poll.pause_of(part.pool, part.index, 0.0 if self.fresh else CHECK)
+        self.fresh = False
         if pause is not None:
             self._hold(pause)
         return None

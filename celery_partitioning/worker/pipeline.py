@@ -110,10 +110,11 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         if worker.pauses is None:
             worker.pauses = PausePoll(PauseStore(letters))
     parking = Parking(place, letters, requeue) if letters is not None else None
-    if parking is not None and partition.lease is not None:
-        partition.lease.on_acquire.append(parking.recheck)
+    pause = PartitionPause(partition, worker.pauses) if letters is not None else None
+    if parking is not None and pause is not None and partition.lease is not None:
+        partition.lease.on_acquire.extend([parking.recheck, pause.recheck])
     stages: list[Stage | None] = [
-        PartitionPause(partition, worker.pauses) if letters is not None else None,
+        pause,
         resize_gate(partition, resizes, recorded) if resizes is not None and recorded else None,
         MisrouteGuard(place),
         parking,
