@@ -64,6 +64,16 @@ def store_redis(redis_url: str, namespace: str) -> Iterator[Any]:
 
 
 @pytest.fixture
+def store(store_redis: Any, namespace: str) -> Any:
+    """The dead-letter store (parking, backoff, skip, pause) on ``store_redis``, under
+    ``namespace``; a test module may define its own ``store``."""
+    from celery_partitioning.store.deadletters import DeadLetterStore
+    from celery_partitioning.store.keys import RedisKeys
+
+    return DeadLetterStore(store_redis, RedisKeys(namespace))
+
+
+@pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
     """A unique key prefix for one test; every Redis key containing it is deleted afterwards.
 

@@ -13,13 +13,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import redis
 
 from celery_partitioning.message import message_summary
 from celery_partitioning.store.attempts import AttemptRecord
 from celery_partitioning.store.backoff import BACKOFF_HEADER, BackoffStore
 from celery_partitioning.store.deadletters import DeadLetterStore
-from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.requeue import HEAD_PUSH, Requeue, ThroughOutbox
 from celery_partitioning.worker.parking import Parking
 from tests.test_deadletters_store import POOL, QUEUE, consume, queue_ids, raw
@@ -27,11 +25,6 @@ from tests.test_deadletters_store import POOL, QUEUE, consume, queue_ids, raw
 pytestmark = pytest.mark.integration
 
 KEY = "Order:1"
-
-
-@pytest.fixture
-def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
-    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def set_aside(store: DeadLetterStore, task_id: str, due: float, *, token: str = "t1",

@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import redis
 
 from celery_partitioning.errors import DeadLetterError
 from celery_partitioning.message import message_summary
 from celery_partitioning.store.deadletters import DeadLetter, DeadLetterStore, GateResult, now_iso
-from celery_partitioning.store.keys import RedisKeys, key_digest
+from celery_partitioning.store.keys import key_digest
 from celery_partitioning.store.requeue import ThroughOutbox
 
 pytestmark = pytest.mark.integration
 
 POOL, QUEUE = "entity", "partition.entity.0"
-
-
-@pytest.fixture
-def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
-    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def raw(task_id: str, seq: int = 0) -> str:

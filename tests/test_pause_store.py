@@ -4,22 +4,15 @@ order like a parked key's, without a dead letter; resume puts them back ahead of
 from __future__ import annotations
 
 import pytest
-import redis
 
 from celery_partitioning.errors import PauseError
 from celery_partitioning.store.backoff import BackoffStore
 from celery_partitioning.store.deadletters import DeadLetterStore
-from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.pausing import PauseStore
 from celery_partitioning.store.requeue import ThroughOutbox
 from tests.test_deadletters_store import POOL, QUEUE, consume, letter, queue_ids, raw
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
-    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def test_a_paused_key_is_set_aside_in_order_and_resume_puts_it_ahead_of_newer_ones(

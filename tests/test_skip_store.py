@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import redis
 
 from celery_partitioning.errors import DeadLetterError
 from celery_partitioning.message import message_summary
 from celery_partitioning.store.deadletters import DeadLetterStore
-from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.requeue import ThroughOutbox
 from celery_partitioning.store.skipping import SkipStore
 from tests.test_deadletters_store import POOL, QUEUE, letter, queue_ids, raw
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def store(store_redis: redis.Redis, namespace: str) -> DeadLetterStore:
-    return DeadLetterStore(store_redis, RedisKeys(namespace))
 
 
 def test_skip_puts_the_parked_ones_at_the_head_in_order_without_the_failed_one(
