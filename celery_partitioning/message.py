@@ -1,12 +1,12 @@
-"""The message codec: one owner for reading a raw kombu message and re-publishing it unchanged.
+"""The incoming message codec: reading a received kombu message and re-publishing it unchanged.
 
-Partition workers, the parking gate, crash recovery, the dead-letter store and replay all
-see messages in one of two shapes: a live kombu ``Message`` (what a consumer receives) or
-its *raw payload*, the JSON text kombu's Redis transport keeps in its lists and ``unacked``
+A message is seen either as a live kombu ``Message`` or as its *raw message* (what kombu
+builds a ``Message`` from): the JSON text kombu's Redis transport keeps in its lists and ``unacked``
 hash (``{"body", "content-encoding", "content-type", "headers", "properties"}``, the body
-base64-encoded). This module converts between them, reads the partition headers, says what
-is wrong with a malformed message, and re-publishes a payload to a partition queue with all
-its headers and properties, whatever the broker.
+base64-encoded). This module converts between the two, reads the partition headers, says
+what is wrong with a malformed message, and re-publishes a raw message to a partition queue
+with all its headers and properties, whatever the broker. Outgoing messages are
+``envelope.py``'s.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ __all__ = [
     "PartitionMessage",
     "Publish",
     "UnackedEntry",
-    "decode_payload",
-    "envelope_problem",
+    "decode_raw",
+    "raw_message_problem",
     "mark_redelivered",
     "message_summary",
-    "payload_id",
-    "payload_of",
+    "raw_message_id",
+    "raw_message_of",
     "publisher",
     "republish",
 ]
@@ -45,10 +45,10 @@ __all__ = [
 #: a Celery message may carry, except ``priority``, which partitioned messages never have).
 KEPT_PROPERTIES: Final = ("correlation_id", "reply_to", "delivery_mode", "expiration",
                           "message_id", "timestamp", "type", "user_id", "app_id")
-#: The keys of a kombu Redis payload.
+#: The keys every raw message has.
 _ENVELOPE: Final = ("body", "headers", "properties")
 
-#: Re-publishes one raw payload to its partition queue (``store/requeue.ThroughOutbox``).
+#: Re-publishes one raw message to its partition queue (``store/requeue.ThroughOutbox``).
 Publish = Callable[[str], None]
 
 
@@ -69,7 +69,7 @@ class PartitionMessage:
     """A received kombu message, as the partition worker's stages see it, with what one stage
     tells a later one about it (``worker/stage.py``)."""
 
-    #: The raw kombu message.
+    #: The kombu message as received.
     message: Any
     #: The task name from the message (``headers["task"]``).
     task_name: str
@@ -78,7 +78,7 @@ class PartitionMessage:
     attempts_read: bool = False
     #: The arguments to run with instead of the message's (a retry resumed after a crash).
     call: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-    _payload: str | None = None
+    _received: str | None = None
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -125,22 +125,22 @@ class PartitionMessage:
         name, item = getattr(channel, "in_transit", None), getattr(channel, "item", None)
         return (name, item) if isinstance(name, str) and isinstance(item, bytes) else None
 
-    def payload(self) -> str:
-        """The raw payload (JSON text) of this message as received (:func:`payload_of`; read
-        once, before a stage changes a header)."""
-        if self._payload is None:
-            self._payload = payload_of(self.message)
-        return self._payload
+    def raw(self) -> str:
+        """The raw message (JSON text) as received (:func:`raw_message_of`; read once, before
+        a stage changes a header)."""
+        if self._received is None:
+            self._received = raw_message_of(self.message)
+        return self._received
 
     def ack(self) -> None:
         """Acknowledge the message: the broker forgets it."""
         self.message.ack()
 
 
-def payload_of(message: Any) -> str:
+def raw_message_of(message: Any) -> str:
     """A kombu message as kombu's Redis transport stores it (JSON text), to re-queue it as is.
 
-    Redis (virtual transport) messages carry their payload; others (py-amqp) are rebuilt in
+    Redis (virtual transport) messages carry their raw message; others (py-amqp) are rebuilt in
     the same shape, with the body base64-encoded.
     """
     raw = kombu_payload(message)
@@ -165,34 +165,34 @@ def payload_of(message: Any) -> str:
     }, default=str)
 
 
-def decode_payload(raw: str | bytes) -> dict[str, Any] | None:
-    """The payload as a dict, or None when it is not a JSON object."""
+def decode_raw(raw: str | bytes) -> dict[str, Any] | None:
+    """The raw message as a dict, or None when it is not a JSON object."""
     try:
-        payload = json.loads(raw)
+        fields = json.loads(raw)
     except (ValueError, TypeError):
         return None
-    return payload if isinstance(payload, dict) else None
+    return fields if isinstance(fields, dict) else None
 
 
-def envelope_problem(raw: str | bytes) -> str | None:
+def raw_message_problem(raw: str | bytes) -> str | None:
     """Why ``raw`` is not a message kombu's Redis transport can deliver (None: it is one)."""
     try:
-        payload = json.loads(raw)
+        fields = json.loads(raw)
     except (ValueError, TypeError):
         return "not JSON: not a kombu message"
-    if not isinstance(payload, dict) or not all(k in payload for k in _ENVELOPE):
+    if not isinstance(fields, dict) or not all(k in fields for k in _ENVELOPE):
         return "JSON but not a kombu message envelope (body, headers, properties)"
-    if not isinstance(payload["properties"], dict) or not isinstance(payload["headers"], dict):
+    if not isinstance(fields["properties"], dict) or not isinstance(fields["headers"], dict):
         return "a kombu envelope whose headers or properties are not objects"
     return None
 
 
-def payload_id(raw: str | bytes) -> str:
-    """The task id of a raw payload, else a digest of its bytes (stable, for idempotency)."""
-    payload = decode_payload(raw)
-    if payload is not None:
-        headers = payload.get("headers")
-        props = payload.get("properties")
+def raw_message_id(raw: str | bytes) -> str:
+    """The task id of a raw message, else a digest of its bytes (stable, for idempotency)."""
+    fields = decode_raw(raw)
+    if fields is not None:
+        headers = fields.get("headers")
+        props = fields.get("properties")
         for found in ((headers or {}).get("id") if isinstance(headers, dict) else None,
                       (props or {}).get("correlation_id") if isinstance(props, dict) else None):
             if isinstance(found, str) and found:
@@ -203,42 +203,42 @@ def payload_id(raw: str | bytes) -> str:
 
 @dataclass(frozen=True)
 class UnackedEntry:
-    """One entry of kombu's Redis ``unacked`` hash: ``[payload, exchange, routing_key]``."""
+    """One entry of kombu's Redis ``unacked`` hash: ``[message, exchange, routing_key]``."""
 
-    payload: dict[str, Any]
+    message: dict[str, Any]
     routing_key: str
 
     @classmethod
     def parse(cls, raw: bytes | str) -> UnackedEntry | None:
         try:
-            payload, _exchange, routing_key = json.loads(raw)
+            fields, _exchange, routing_key = json.loads(raw)
         except (ValueError, TypeError):
             return None
-        if not isinstance(payload, dict) or not isinstance(routing_key, str):
+        if not isinstance(fields, dict) or not isinstance(routing_key, str):
             return None
-        return cls(payload, routing_key)
+        return cls(fields, routing_key)
 
     @property
     def priority(self) -> int:
-        return priority_of(self.payload)
+        return priority_of(self.message)
 
 
-def priority_of(payload: dict[str, Any]) -> int:
-    value = (payload.get("properties") or {}).get("priority")
+def priority_of(fields: dict[str, Any]) -> int:
+    value = (fields.get("properties") or {}).get("priority")
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def delivery_tag_of(payload: dict[str, Any]) -> str | None:
-    tag = (payload.get("properties") or {}).get("delivery_tag")
+def delivery_tag_of(fields: dict[str, Any]) -> str | None:
+    tag = (fields.get("properties") or {}).get("delivery_tag")
     return str(tag) if tag is not None else None
 
 
-def mark_redelivered(payload: dict[str, Any]) -> None:
-    """Flag a payload going back to its queue after a crash as redelivered (as kombu does)."""
-    headers = payload.get("headers")
+def mark_redelivered(fields: dict[str, Any]) -> None:
+    """Flag a message going back to its queue after a crash as redelivered (as kombu does)."""
+    headers = fields.get("headers")
     if isinstance(headers, dict):
         headers["redelivered"] = True
-    properties = payload.get("properties")
+    properties = fields.get("properties")
     info = properties.get("delivery_info") if isinstance(properties, dict) else None
     if isinstance(info, dict):
         info["redelivered"] = True
@@ -255,18 +255,18 @@ class MessageSummary:
 
 
 def message_summary(raw: str | bytes) -> MessageSummary:
-    """Summarize a raw payload (Celery protocol 2, or 1); anything else as ``?``."""
-    payload = decode_payload(raw)
-    if payload is None:
-        return MessageSummary(id=payload_id(raw), task="?", args="", kwargs="")
-    headers = _mapping(payload.get("headers"))
-    props = _mapping(payload.get("properties"))
+    """Summarize a raw message (Celery protocol 2, or 1); anything else as ``?``."""
+    fields = decode_raw(raw)
+    if fields is None:
+        return MessageSummary(id=raw_message_id(raw), task="?", args="", kwargs="")
+    headers = _mapping(fields.get("headers"))
+    props = _mapping(fields.get("properties"))
     task_id = headers.get("id") or props.get("correlation_id") or "?"
     task = headers.get("task")
     args, kwargs = headers.get("argsrepr"), headers.get("kwargsrepr")
     if task is None or args is None:
         try:  # protocol 1 keeps everything in the (base64 JSON) body
-            body = payload.get("body") or ""
+            body = fields.get("body") or ""
             if props.get("body_encoding") == "base64":
                 body = base64.b64decode(body).decode("utf-8")
             decoded = json.loads(body)
@@ -286,26 +286,26 @@ def message_summary(raw: str | bytes) -> MessageSummary:
 
 def republish(app: Celery, pool: str, index: int, raw: str | bytes,
               headers: dict[str, Any] | None = None, *, producer: Any = None) -> None:
-    """Publish a raw payload to partition ``index`` of ``pool``: same body, headers (or
+    """Publish a raw message to partition ``index`` of ``pool``: same body, headers (or
     ``headers``), content type and properties; through the app's broker, whatever it is.
 
     ``producer``: publish through this one (messages that must arrive in the order they are
     published must share a channel: a broker orders nothing across connections)."""
-    payload = decode_payload(raw)
-    if payload is None:
-        raise ValueError("cannot re-publish a message that is not a kombu payload")
+    fields = decode_raw(raw)
+    if fields is None:
+        raise ValueError("cannot re-publish a message that is not a kombu raw message")
     queue = partitioning_of(app).router.queue(pool, index)
-    props = payload.get("properties") or {}
-    body: Any = payload.get("body") or ""
+    props = fields.get("properties") or {}
+    body: Any = fields.get("body") or ""
     if props.get("body_encoding") == "base64":
         body = base64.b64decode(body)
     options = {name: props[name] for name in KEPT_PROPERTIES if props.get(name) is not None}
     with app.producer_or_acquire(producer) as sender:
         sender.publish(
             body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
-            headers=dict(payload.get("headers") or {}) if headers is None else headers,
-            content_type=payload.get("content-type") or "application/json",
-            content_encoding=payload.get("content-encoding") or "utf-8",
+            headers=dict(fields.get("headers") or {}) if headers is None else headers,
+            content_type=fields.get("content-type") or "application/json",
+            content_encoding=fields.get("content-encoding") or "utf-8",
             retry=True, **options)
 
 

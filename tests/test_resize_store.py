@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from celery_partitioning import partition_for
-from celery_partitioning.message import payload_id
+from celery_partitioning.message import raw_message_id
 from celery_partitioning.store.keys import RedisKeys
 from celery_partitioning.store.requeue import ThroughOutbox
 from celery_partitioning.store.resize import RELEASING, ResizeStore
@@ -37,7 +37,7 @@ def queue(store: ResizeStore, index: int) -> str:
 
 
 def head_first(store: ResizeStore, index: int) -> list[str]:
-    return [payload_id(m) for m in reversed(store.client.lrange(queue(store, index), 0, -1))]
+    return [raw_message_id(m) for m in reversed(store.client.lrange(queue(store, index), 0, -1))]
 
 
 def moved_key(old: int, new: int) -> tuple[str, int, int]:
@@ -132,7 +132,7 @@ def test_a_shrink_moves_an_old_partition_without_a_new_one_in_order(store: Resiz
         store.client.lpush(source, raw(f"{key}#{n // len(keys)}"))
     while (item := store.client.lindex(source, -1)) is not None:
         key = json.loads(item)["headers"]["id"].split("#")[0]
-        assert store.take(POOL, source, old, item, task_id=payload_id(item), key=key,
+        assert store.take(POOL, source, old, item, task_id=raw_message_id(item), key=key,
                           new=partition_for(key, 3)) == 1
     assert store.take(POOL, source, old, b"stale", task_id="x", key=keys[0], new=0) == 0
     assert store.take(POOL, source, old, None) == 2
@@ -165,7 +165,7 @@ def test_through_a_publisher_the_key_stays_held_until_its_released_messages_are_
     sent: list[str] = []
 
     def publish(message: str) -> None:
-        sent.append(payload_id(message))
+        sent.append(raw_message_id(message))
 
     def at_q(task_id: str) -> str:
         return store.gate(POOL, key, task_id, raw(task_id), "new", old=p, new=q, mark=None,

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from ..message import UnackedEntry, decode_payload, delivery_tag_of, mark_redelivered, priority_of
+from ..message import UnackedEntry, decode_raw, delivery_tag_of, mark_redelivered, priority_of
 from ..state import redis_client, redis_client_like, replicas_of, settings_of
 
 if TYPE_CHECKING:
@@ -187,12 +187,12 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
         mine.sort(key=lambda item: (item[0], item[1]))
         oldest_first: list[tuple[int, str | bytes]] = []
         for _score, _tag, entry in mine:
-            mark_redelivered(entry.payload)
-            oldest_first.append((entry.priority, json.dumps(entry.payload)))
-        known = {delivery_tag_of(entry.payload) for _s, _t, entry in mine}
+            mark_redelivered(entry.message)
+            oldest_first.append((entry.priority, json.dumps(entry.message)))
+        known = {delivery_tag_of(entry.message) for _s, _t, entry in mine}
         # The in-transit list gets LPUSHed (BLMOVE ... LEFT): its oldest item is at the right.
         for raw in reversed(pipe.lrange(in_transit, 0, -1) if in_transit else []):
-            payload = decode_payload(raw)
+            payload = decode_raw(raw)
             if payload is None:
                 oldest_first.append((0, raw))
             elif delivery_tag_of(payload) not in known:

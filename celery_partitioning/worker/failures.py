@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import DCBConflict
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import PartitionMessage, decode_payload, message_summary, payload_id
+from ..message import PartitionMessage, decode_raw, message_summary, raw_message_id
 from ..router import HEADER_KEY, HEADER_POOL
 from ..store.backoff import as_first_delivery
 from ..store.deadletters import (
@@ -50,7 +50,7 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 def malformed_key(raw: bytes | str) -> str:
     """The dead-letter key of a malformed message that names no partition key."""
-    return f"malformed:{payload_id(raw)}"
+    return f"malformed:{raw_message_id(raw)}"
 
 
 def _as_text(raw: bytes | str) -> tuple[str, str | None]:
@@ -115,7 +115,7 @@ class DeadLetters(Stage):
             traceback="".join(traceback.format_exception(exc)),
             attempts=(request.retries or 0) + 1, failed_at=now_iso(), reason=reason,
             partition=place.index, queue=place.queue, hostname=place.hostname or None,
-            raw=as_first_delivery(msg.payload()),
+            raw=as_first_delivery(msg.raw()),
             policy=self.policy_of(task),
         )
         if letter.policy == "skip":
@@ -143,7 +143,7 @@ class DeadLetters(Stage):
     def malformed(self, raw: bytes | str, problem: str) -> DeadLetter:
         """Dead-letter a message that cannot run at all; the caller then acks / drops it."""
         place = self.place
-        payload = decode_payload(raw) or {}
+        payload = decode_raw(raw) or {}
         headers = payload.get("headers")
         named_key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
         named_pool = headers.get(HEADER_POOL) if isinstance(headers, dict) else None
@@ -154,7 +154,7 @@ class DeadLetters(Stage):
         text, encoding = _as_text(raw)
         letter = DeadLetter(
             pool=pool, key=key, task=summary.task, id=summary.id if summary.id != "?" else
-            payload_id(raw), args=summary.args, kwargs=summary.kwargs,
+            raw_message_id(raw), args=summary.args, kwargs=summary.kwargs,
             error=f"malformed message: {problem}", traceback="", attempts=0,
             failed_at=now_iso(), reason=REASON_MALFORMED, partition=place.index,
             queue=place.queue, hostname=place.hostname or None, raw=text,

@@ -76,7 +76,7 @@ class MisrouteGuard(Stage):
         headers = dict(msg.headers)
         headers[HEADER_INDEX] = index
         headers[HEADER_COUNT] = count
-        republish(place.app, pool, index, msg.payload(), headers)
+        republish(place.app, pool, index, msg.raw(), headers)
         msg.ack()
         logger.warning("%s misrouted message %s (task %s, key %r) moved to %s: the key maps "
                        "to partition %d of %d of pool %r", place.label, msg.task_id,

@@ -68,7 +68,7 @@ class Parking(Stage):
         self.replaying = None
         if key is None or pool is None or task_id is None:
             return Verdict.RUN
-        result = self.store.check(pool, key, task_id, msg.payload(), self.place.queue,
+        result = self.store.check(pool, key, task_id, msg.raw(), self.place.queue,
                                   requeue=self.requeue)
         verdict = result.verdict
         if verdict == "run" and not self._stale(msg, result.attempts, result.replaying):

@@ -30,7 +30,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
-from ..message import PartitionMessage, envelope_problem, payload_of
+from ..message import PartitionMessage, raw_message_of, raw_message_problem
 from ..state import partitioning_of
 from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
 from .redis_ack import RedisAck
@@ -196,7 +196,7 @@ class PartitionThread(threading.Thread):
                 self.runtime.progress.turned()  # waiting for Redis, not stuck
 
     def _handle_raw(self, item: bytes, channel: RedisAck) -> None:
-        problem = envelope_problem(item)
+        problem = raw_message_problem(item)
         if problem is not None:
             self._malformed_raw(item, problem)
             channel.basic_ack()
@@ -328,7 +328,7 @@ class PartitionThread(threading.Thread):
         return True
 
     def _malformed(self, message: Any, problem: str) -> bool:
-        self._malformed_raw(payload_of(message), problem)
+        self._malformed_raw(raw_message_of(message), problem)
         message.ack()
         return True
 

@@ -34,9 +34,9 @@ from ..errors import PartitionConfigError
 from ..hashing import partition_for
 from ..message import (
     PartitionMessage,
-    decode_payload,
-    payload_id,
-    payload_of,
+    decode_raw,
+    raw_message_id,
+    raw_message_of,
 )
 from ..router import HEADER_COUNT, HEADER_KEY
 from ..state import partitioning_of, redis_client, redis_keys, settings_of
@@ -164,7 +164,7 @@ class ResizeGate(Stage):
             action = "new" if new == here else "old"
         else:
             action, old = "unplaced", -1
-        verdict = self.store.gate(pool, key, task_id, msg.payload(), action, old=old, new=new,
+        verdict = self.store.gate(pool, key, task_id, msg.raw(), action, old=old, new=new,
                                   mark=mark, requeue=self.requeue, here=here)
         if verdict == "over":
             self._over()
@@ -291,8 +291,8 @@ class ResizeGate(Stage):
                 if not isinstance(key, str) or not key:
                     key = ""
                 new = partition_for(key, self.size) if key else runtime.index
-                raw = payload_of(message)
-                self.store.gate(runtime.pool, key, payload_id(raw), raw, "old", old=old,
+                raw = raw_message_of(message)
+                self.store.gate(runtime.pool, key, raw_message_id(raw), raw, "old", old=old,
                                 new=new, mark=None)
                 message.ack()
         return False
@@ -317,7 +317,7 @@ class ResizeGate(Stage):
                                 old, runtime.pool)
                     return True
                 continue
-            payload = decode_payload(raw)
+            payload = decode_raw(raw)
             headers = payload.get("headers") if payload is not None else None
             key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
             if not isinstance(key, str) or not key:
@@ -325,7 +325,7 @@ class ResizeGate(Stage):
             else:
                 new = partition_for(key, self.size)
             stamp = headers.get(HEADER_COUNT) if isinstance(headers, dict) else None
-            task_id = payload_id(raw)
+            task_id = raw_message_id(raw)
             if stamp != self.previous:
                 logger.warning("%s message %s on old partition %d is stamped with %r "
                                "partitions: moved to partition %d all the same",

@@ -76,7 +76,7 @@ class Retry(Stage):
             carried = 0
         if record.retries < carried:
             return  # an older record: the message is newer than it
-        msg.payload()  # as received: a copy set aside or a dead letter keeps its headers
+        msg.raw()  # as received: a copy set aside or a dead letter keeps its headers
         logger.info("%s resumes at retry %d", msg.task_id, record.retries)
         headers["retries"] = record.retries
         if record.resume_at > max(time.time(), eta_of(headers) or 0.0):
@@ -101,7 +101,7 @@ class Retry(Stage):
             return False
         # A copy of the message first, marked with a new token (older deliveries are dropped);
         # a delivery fetched from this Redis is acked in the same script.
-        self.backoff.set_aside(pool, key, task_id, msg.payload(), replace(record, token=new_token()),
+        self.backoff.set_aside(pool, key, task_id, msg.raw(), replace(record, token=new_token()),
                                queue=self.place.queue, requeue=self.requeue,
                                in_transit=msg.in_transit)
         return True
