@@ -11,15 +11,7 @@ from .models import Checkpoint, OutboxMessage
 __all__ = ["CheckpointAdmin", "OutboxMessageAdmin"]
 
 
-@admin.register(Checkpoint)
-class CheckpointAdmin(admin.ModelAdmin):
-    """Checkpoints are written by the workers only; editing one would skip or repeat events."""
-
-    list_display = ("projection", "key", "position", "applied", "skipped", "updated_at")
-    list_filter = ("projection",)
-    search_fields = ("key",)
-    ordering = ("projection", "key")
-
+class _ReadOnlyAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
         return False
 
@@ -30,8 +22,18 @@ class CheckpointAdmin(admin.ModelAdmin):
         return False
 
 
+@admin.register(Checkpoint)
+class CheckpointAdmin(_ReadOnlyAdmin):
+    """Checkpoints are written by the workers only; editing one would skip or repeat events."""
+
+    list_display = ("projection", "key", "position", "applied", "skipped", "updated_at")
+    list_filter = ("projection",)
+    search_fields = ("key",)
+    ordering = ("projection", "key")
+
+
 @admin.register(OutboxMessage)
-class OutboxMessageAdmin(admin.ModelAdmin):
+class OutboxMessageAdmin(_ReadOnlyAdmin):
     """Outbox rows are written by ``outbox.publish`` and deleted by the relay: read only, so
     an edit cannot publish a message its transaction never made, or drop one it did."""
 
@@ -40,12 +42,3 @@ class OutboxMessageAdmin(admin.ModelAdmin):
     search_fields = ("partition_key", "task_id")
     ordering = ("id",)
     exclude = ("body",)
-
-    def has_add_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: Any, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
-        return False

@@ -1,28 +1,27 @@
-"""The admin pages: each pool's partitions (with what is paused), the dead letters (paginated,
-searchable), one dead letter with what is parked behind it, and the actions replay / skip /
-discard (a dead letter) and pause / resume (a key or a partition).
+"""The admin pages: each pool's partitions, the dead letters, one dead letter with what is
+parked behind it, and the actions replay / skip / discard and pause / resume.
 
-Mounted in a project's URLconf next to the admin (see ``urls``); every view goes through
-``admin.site.admin_view`` (staff login, CSRF protection, no caching). Reading needs staff
-status; acting needs ``celery_partitioning.operate_partitions`` (403 otherwise), and each
-action is written to Django's admin log (who, when, what, how many messages) besides the
-dead-letter log the store keeps.
+Each view is behind ``admin.site.admin_view`` (``urls``). Reading needs staff status; acting
+needs ``celery_partitioning.operate_partitions`` (403 otherwise) and goes to Django's admin log
+besides the store's dead-letter log.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Final, cast
 
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, DELETION, LogEntry
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST, require_safe
 from redis.exceptions import RedisError
 
 from ...errors import PartitioningError
@@ -36,6 +35,11 @@ __all__ = ["action", "dead_letter", "dead_letters", "partitions", "pause_action"
 PER_PAGE: Final = 50
 _ACTIONS: Final = ("replay", "skip", "discard")
 _PAUSE_ACTIONS: Final = ("pause", "resume")
+_View = Callable[[HttpRequest], HttpResponse]
+_read: Callable[[_View], _View] = require_safe
+_act: Callable[[_View], _View] = require_POST
+#: What reading or acting on the store may raise; shown to the operator, not a 500.
+_FAILED: Final = (PartitioningError, RedisError, OSError)
 
 
 def _context(request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
@@ -61,10 +65,9 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
+@_read
 def partitions(request: HttpRequest) -> HttpResponse:
     """Each pool's partitions: depth, unacked, oldest age, holder, parked keys, backoff."""
-    if request.method not in ('GET', 'HEAD'):
-        return HttpResponseNotAllowed(["GET", "HEAD"])
     title = "Partitions"
     app, reason = _app_or_reason()
     if reason is not None:
@@ -72,7 +75,7 @@ def partitions(request: HttpRequest) -> HttpResponse:
     try:
         rows = ops.partitions(app)
         paused_keys = [p for p in ops.paused(app) if p.key is not None]
-    except (PartitioningError, RedisError, OSError) as exc:
+    except _FAILED as exc:
         return _unavailable(request, title, ops.error_text(exc))
     now = time.time()
     shown: list[dict[str, Any]] = [{
@@ -87,10 +90,9 @@ def partitions(request: HttpRequest) -> HttpResponse:
         request, title, pools=pools, app_name=app.main or "<unnamed>", paused_keys=paused_keys))
 
 
+@_read
 def dead_letters(request: HttpRequest) -> HttpResponse:
     """The dead letters, oldest failure first: searchable by key and task, filterable by pool."""
-    if request.method not in ('GET', 'HEAD'):
-        return HttpResponseNotAllowed(["GET", "HEAD"])
     title = "Dead letters"
     app, reason = _app_or_reason()
     if reason is not None:
@@ -105,7 +107,7 @@ def dead_letters(request: HttpRequest) -> HttpResponse:
         page = Paginator(found, PER_PAGE).get_page(request.GET.get("page"))
         letters = list(page.object_list)
         counts = ops.parked_counts(app, letters)
-    except (PartitioningError, RedisError, OSError) as exc:
+    except _FAILED as exc:
         return _unavailable(request, title, ops.error_text(exc))
     query = request.GET.copy()
     query.pop("page", None)
@@ -114,10 +116,9 @@ def dead_letters(request: HttpRequest) -> HttpResponse:
         pool=pool, q=key, task=task, total=len(found), query=query.urlencode()))
 
 
+@_read
 def dead_letter(request: HttpRequest) -> HttpResponse:
     """One dead letter: its error, traceback, raw message and the messages parked behind it."""
-    if request.method not in ('GET', 'HEAD'):
-        return HttpResponseNotAllowed(["GET", "HEAD"])
     pool, key = request.GET.get("pool", ""), request.GET.get("key", "")
     task_id = request.GET.get("id", "")
     title = f"Dead letter of {key}"
@@ -126,7 +127,7 @@ def dead_letter(request: HttpRequest) -> HttpResponse:
         return _unavailable(request, title, reason)
     try:
         found = ops.dead_letter(app, pool, key, task_id) if pool in ops.pools_of(app) else None
-    except (PartitioningError, RedisError, OSError) as exc:
+    except _FAILED as exc:
         return _unavailable(request, title, ops.error_text(exc))
     raw = None
     if found is not None and found.letter.raw is not None:
@@ -139,6 +140,11 @@ def dead_letter(request: HttpRequest) -> HttpResponse:
         back=reverse("celery_partitioning:dead_letters")), status=200 if found else 404)
 
 
+def _require_operator(request: HttpRequest) -> None:
+    if not can_operate(request.user):
+        raise PermissionDenied("operating partitions needs celery_partitioning.operate_partitions")
+
+
 def _back(request: HttpRequest) -> str:
     target = str(request.POST.get("next", ""))
     if target and url_has_allowed_host_and_scheme(target, {request.get_host()},
@@ -147,12 +153,10 @@ def _back(request: HttpRequest) -> str:
     return str(reverse("celery_partitioning:dead_letters"))
 
 
+@_act
 def action(request: HttpRequest) -> HttpResponse:
     """Replay, skip or discard one key's dead letter (POST, CSRF-checked, permission needed)."""
-    if request.method not in ('POST',):
-        return HttpResponseNotAllowed(["POST"])
-    if not can_operate(request.user):
-        raise PermissionDenied("operating partitions needs celery_partitioning.operate_partitions")
+    _require_operator(request)
     what, pool, key = (request.POST.get("action", ""), request.POST.get("pool", ""),
                        request.POST.get("key", ""))
     if what not in _ACTIONS or not pool or not key:
@@ -163,7 +167,7 @@ def action(request: HttpRequest) -> HttpResponse:
         return _unavailable(request, "Dead letters", reason)
     try:
         result = ops.perform(app, cast(ops.Action, what), pool, key)
-    except (PartitioningError, RedisError, OSError) as exc:
+    except _FAILED as exc:
         messages.error(request, ops.error_text(exc))
         return HttpResponseRedirect(_back(request))
     text = ops.describe(result)
@@ -182,12 +186,10 @@ def _record(request: HttpRequest, object_id: str, what: str, flag: int, *, text:
         change_message=f"celery_partitioning {text} {json.dumps(data, sort_keys=True)}")
 
 
+@_act
 def pause_action(request: HttpRequest) -> HttpResponse:
     """Pause or resume a key or a partition (POST, CSRF-checked, permission needed)."""
-    if request.method not in ('POST',):
-        return HttpResponseNotAllowed(["POST"])
-    if not can_operate(request.user):
-        raise PermissionDenied("operating partitions needs celery_partitioning.operate_partitions")
+    _require_operator(request)
     back = str(reverse("celery_partitioning:partitions"))
     what, pool = request.POST.get("action", ""), request.POST.get("pool", "")
     key, part = request.POST.get("key", "").strip(), request.POST.get("partition", "")
@@ -201,7 +203,7 @@ def pause_action(request: HttpRequest) -> HttpResponse:
     try:
         result = ops.pause_or_resume(app, cast(ops.PauseAction, what), pool, key=key,
                                      partition=partition, by=request.user.get_username())
-    except (PartitioningError, RedisError, OSError) as exc:
+    except _FAILED as exc:
         messages.error(request, ops.error_text(exc))
         return HttpResponseRedirect(back)
     text = ops.describe_pause(result)
