@@ -165,13 +165,6 @@ def _prefix(value: Any) -> str:
     return value
 
 
-def _ttl(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 3600:
-        raise _bad("partitioning_lease_ttl", f"is {value!r}",
-                   "use a number of seconds from 1 to 3600")
-    return float(value)
-
-
 def _conf_value(conf: Mapping[str, Any], name: str) -> Any:
     # Celery's Settings resolve broker_url / result_backend through properties that read
     # CELERY_BROKER_URL / CELERY_RESULT_BACKEND first (what ``celery -b`` exports).
@@ -340,7 +333,8 @@ def read_settings(conf: Mapping[str, Any]) -> PartitioningSettings:
         return DEFAULTS[name] if value is None else value
 
     broker = _broker_redis(conf)
-    ttl, wait = _ttl(get("partitioning_lease_ttl")), get("partitioning_wait_for_replicas_timeout")
+    ttl = _seconds("partitioning_lease_ttl", get("partitioning_lease_ttl"), 1, 3600)
+    wait = get("partitioning_wait_for_replicas_timeout")
     replicas = _int("partitioning_wait_for_replicas", get("partitioning_wait_for_replicas"), 0, 16,
                     "use the number of replicas that must acknowledge each write (0 to 16; 0: "
                     "do not wait)")
@@ -381,10 +375,7 @@ def redis_namespace(conf: Mapping[str, Any]) -> str:
     Every celery-partitioning Redis key lives under it (``RedisKeys(namespace)``), beside
     kombu's own queue lists and ``unacked`` hash, so several apps can share one Redis.
     """
-    options = conf.get("broker_transport_options") or {}
-    if not isinstance(options, Mapping):
-        raise _bad("broker_transport_options", f"is {options!r}", "use a dict")
-    prefix = options.get("global_keyprefix") or ""
+    prefix = _options(conf, "broker_transport_options").get("global_keyprefix") or ""
     if not isinstance(prefix, str):
         raise _bad("broker_transport_options", f"has global_keyprefix={prefix!r}", "use a str")
     return prefix

@@ -149,10 +149,7 @@ def partitioned(
         check_checkpoint(checkpoint, "@partitioned")
     spec = PartitionSpec(key=key, pool=pool, checkpoint=checkpoint, on_failure=on_failure)
 
-    def decorate(obj: T) -> T:
-        return _attach(obj, spec)
-
-    return decorate
+    return lambda obj: _attach(obj, spec)
 
 
 def projection(
@@ -179,10 +176,7 @@ def projection(
     spec = PartitionSpec(key=key, pool=pool, projection=name, checkpoint=checkpoint,
                          on_failure=on_failure)
 
-    def decorate(obj: T) -> T:
-        return _attach(obj, spec)
-
-    return decorate
+    return lambda obj: _attach(obj, spec)
 
 
 def _static_attr(cls: type, name: str) -> Any:
