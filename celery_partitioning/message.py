@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .compat import kombu_payload
-from .router import HEADER_COUNT, HEADER_INDEX, HEADER_KEY, HEADER_POOL
+from .router import HEADER_COUNT, HEADER_KEY, HEADER_POOL
 from .state import partitioning_of
 
 if TYPE_CHECKING:
@@ -86,18 +86,6 @@ class PartitionMessage:
         return headers if isinstance(headers, dict) else {}
 
     @property
-    def body(self) -> Any:
-        return self.message.body
-
-    @property
-    def properties(self) -> dict[str, Any]:
-        return dict(self.message.properties or {})
-
-    @property
-    def delivery_info(self) -> dict[str, Any]:
-        return dict(self.message.delivery_info or {})
-
-    @property
     def task_id(self) -> str | None:
         return _str_header(self.headers.get("id"))
 
@@ -108,10 +96,6 @@ class PartitionMessage:
     @property
     def partition_pool(self) -> str | None:
         return _str_header(self.headers.get(HEADER_POOL))
-
-    @property
-    def partition_index(self) -> int | None:
-        return _int_header(self.headers.get(HEADER_INDEX))
 
     @property
     def partition_count(self) -> int | None:
@@ -310,13 +294,10 @@ def republish(app: Celery, pool: str, index: int, raw: str | bytes,
 
 
 def publisher(app: Celery, pool: str, index: int) -> Publish:
-    """A :data:`Publish` to partition ``index`` of ``pool`` (see :func:`republish`).
-
-    Every message goes through one producer of its own, on a connection of its own opened at
-    the first message and kept: the messages of a key re-queued one after the other must
-    reach the queue in that order, and a broker orders nothing across connections (the app's
-    producer pool, shared by a process's partition threads, may hand out another connection
-    at each call). Use it from one thread."""
+    """A :data:`Publish` to partition ``index`` of ``pool`` (see :func:`republish`), for one
+    thread, through one producer on a connection opened at the first message and kept: a key's
+    messages re-queued one after another must arrive in that order, and a broker orders
+    nothing across connections (the app's producer pool may hand out another at each call)."""
     held: list[Any] = []
 
     def publish(raw: str) -> None:
