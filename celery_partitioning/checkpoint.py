@@ -1,20 +1,12 @@
 """Effectively-once effects: a task body and its ``(projection, key)`` checkpoint in one transaction.
 
 A task declared with ``checkpoint=`` names the event *position* of each call (an argument
-name, or a function of the arguments by name, like a key function): an ``int`` that increases
-per partition key. The router computes it at publish (a missing or bad position is a
-``PartitionKeyError``, nothing published) and carries it in the ``partition_position`` header.
-When the task runs, a :class:`CheckpointStore` opens a transaction, advances the checkpoint
-row only if the position is above it, and runs the body inside the same transaction; a
-message at or below the checkpoint is skipped (acked, logged at info, counted).
-``checkpoint=MESSAGE_ID`` deduplicates by message id instead, within a bounded window per key.
+name, or a function of the arguments): an ``int`` that increases per partition key. The router
+computes it at publish and sends it in the ``partition_position`` header; a message at or
+below its key's checkpoint is skipped. ``checkpoint=MESSAGE_ID`` deduplicates by message id
+instead, within a bounded window per key.
 
-The Django store is ``celery_partitioning.contrib.django.checkpoints.DjangoCheckpointStore``;
-any other database plugs in through the small :class:`CheckpointStore` protocol.
-
-This module is a leaf (the decorators and the router use it); what runs a body inside its
-checkpoint, finds the store and checks for one at start-up is ``checkpoint_runner``, which
-``install(app)`` attaches to the app.
+A leaf module (the decorators and the router use it); ``checkpoint_runner`` runs the bodies.
 """
 
 from __future__ import annotations
@@ -84,15 +76,14 @@ class Mark:
 
 @runtime_checkable
 class CheckpointStore(Protocol):
-    """Where checkpoints live; it owns the transaction the task body runs in.
+    """Where checkpoints live; it owns the transaction the task body runs in (the Django one:
+    ``contrib.django.checkpoints.DjangoCheckpointStore``).
 
-    ``atomic(mark)`` is a context manager: it begins a transaction, decides whether the
-    message is new (position above the checkpoint, or id not in the window) and records it,
-    then yields that verdict. The caller runs the task body inside the block only when the
-    verdict is True. Leaving the block normally commits (the body's writes and the
-    checkpoint together); an exception rolls both back. A store also counts skipped
-    messages, in the same transaction. Two transactions for the same (projection, key)
-    must never both commit: lock the row, or update it conditionally.
+    ``atomic(mark)`` begins a transaction, decides whether the message is new (position above
+    the checkpoint, or id not in the window), records it (or counts a skip) and yields that
+    verdict; the body runs in the block only when it is True. Leaving the block commits the
+    body's writes and the checkpoint together; an exception rolls both back. Two transactions
+    for one (projection, key) must never both commit: lock the row or update it conditionally.
     """
 
     def atomic(self, mark: Mark) -> AbstractContextManager[bool]: ...
@@ -151,11 +142,8 @@ def position_of(task_name: str, checkpoint: CheckpointField, named: Mapping[str,
 
 
 def _running_task(wrapper: Callable[..., Any]) -> Any:
-    """The Celery task currently running ``wrapper`` as its body, else None (a plain call).
-
-    The task's ``run`` may itself be wrapped (``functools.wraps``) by a worker: the chain of
-    ``__wrapped__`` / ``__func__`` leads back to ``wrapper``.
-    """
+    """The Celery task currently running ``wrapper`` as its body, else None (a plain call);
+    a worker may have wrapped the task's ``run``, so the ``__wrapped__`` chain is followed."""
     from celery import current_task
 
     task = current_task._get_current_object() if current_task else None
@@ -172,23 +160,16 @@ def _running_task(wrapper: Callable[..., Any]) -> Any:
 
 
 def _is_bound(task: Any) -> bool:
-    """Whether the task was declared with ``bind=True`` (its body receives the task first).
-
-    Celery stores a function task's body as a ``staticmethod`` unless it is bound; the class
-    attribute says so even when a worker has wrapped the instance's ``run``.
-    """
+    """Whether the task was declared with ``bind=True``: Celery stores an unbound body as a
+    ``staticmethod``, and the class says so even when a worker wrapped the instance's ``run``."""
     run = inspect.getattr_static(type(task), "run", None)
     return inspect.isfunction(run)
 
 
 def checkpointed(fun: Callable[..., Any], checkpoint: CheckpointField,
                  projection: str | None) -> Callable[..., Any]:
-    """Wrap a task function: when it runs as a Celery task, run it inside its checkpoint.
-
-    The app's ``CheckpointRunner`` (attached by ``install(app)``) does the work. Called as a
-    plain function (``task.run(...)`` outside Celery), the body just runs. Bound tasks
-    (``bind=True``) receive the task first; it is passed through untouched.
-    """
+    """Wrap a task function: run as a Celery task, it runs inside its checkpoint (the app's
+    ``CheckpointRunner`` does it); called as a plain function, the body just runs."""
 
     @functools.wraps(fun)
     def run_checkpointed(*args: Any, **kwargs: Any) -> Any:

@@ -1,11 +1,8 @@
 """Running a task body inside its checkpoint; finding an app's checkpoint store.
 
-``install(app)`` attaches a :class:`CheckpointRunner` to the app; the wrapper that
-``checkpoint=`` puts around a task function (``checkpoint.checkpointed``) hands each run to
-it. The runner resolves the store (the setting ``partitioning_checkpoint_store``, else the
-Django store when ``celery_partitioning.contrib.django`` is installed), builds the message's
-:class:`~celery_partitioning.checkpoint.Mark` from its headers (or, for eager and direct
-calls, from its arguments) and runs the body inside ``store.atomic(mark)``. Also here: the
+``install(app)`` attaches a :class:`CheckpointRunner` to the app, which ``checkpoint=``'s
+wrapper hands each run to. It builds the message's ``Mark`` from its headers (from its
+arguments for eager calls) and runs the body inside ``store.atomic(mark)``. Also here: the
 start-up check for a missing store and the per-projection counts ``status`` shows.
 """
 
@@ -183,12 +180,8 @@ def checkpoint_problems(tasks: Iterable[Any]) -> list[str]:
 
 
 def checkpoint_stats(app: Celery) -> dict[str, Any] | None:
-    """Per projection with a checkpoint: keys, applied, skipped (for ``status``); None if none.
-
-    Imports the app's task modules (to know which tasks have ``checkpoint=``) and asks the
-    store for ``stats()`` when it has one; a store without it, or one that cannot be read,
-    gives ``{"error": ...}``.
-    """
+    """Per projection with a checkpoint: keys, applied, skipped (for ``status``); None if none,
+    ``{"error": ...}`` if the store has no ``stats()`` or cannot be read."""
     app.loader.import_default_modules()
     names = sorted({spec.projection or task.name for task in app.tasks.values()
                     if (spec := spec_of(task)) is not None and spec.checkpoint is not None})

@@ -1,11 +1,7 @@
 """DCB conflict retries: ``DCBConflict`` and ``with_dcb_retry``, serialized on the ``dcb`` pool.
 
-A DCB (dynamic consistency boundary) command reads the events of a *scope*
-(``tenant:T:reservation:res-456``), decides, and appends only if the scope's version has not
-moved. When it has moved, the command raises :class:`DCBConflict`. Decorating the task with
-:func:`with_dcb_retry` makes it a partitioned task of the ``dcb`` pool keyed by
-``create_dcb_partition_key(scope)``, and turns a conflict into a retry of the same message,
-in place, on that partition::
+A DCB (dynamic consistency boundary) command reads the events of a *scope*, decides, and
+appends only if the scope's version has not moved; else it raises :class:`DCBConflict`::
 
     @app.task
     @with_dcb_retry(scope_key="tenant:{tenant_id}:reservation:{reservation_id}", max_attempts=5)
@@ -15,14 +11,9 @@ in place, on that partition::
         if not store.append_if(scope, version, event):
             raise DCBConflict(scope, expected_version=version)
 
-Every operation on a scope (new commands and conflict retries alike) routes by the very same
-key, so a retry never runs beside or after a newer operation on its scope: the scope's key
-waits out the backoff ``min(30 s, 0.1 s * 2**retry * U[0.5, 1.5])`` (retry = 0 for the
-first; below ``partitioning_retry_hold_below`` the partition waits with it), then the command
-runs again. After ``max_attempts`` attempts the message becomes a
-dead letter with reason ``DCB_MAX_RETRIES_EXCEEDED`` and the scope's key is parked until an
-operator replays or discards it (``celery -A proj partitioning dead-letters ...``). Tasks
-that touch a scope without needing conflict retries route with :func:`dcb_partition_key`.
+Every operation on a scope, new or retried, routes by the same key, so a retry never runs
+beside or after a newer operation on its scope. Other tasks that touch a scope route with
+:func:`dcb_partition_key`.
 """
 
 from __future__ import annotations
@@ -109,13 +100,12 @@ def with_dcb_retry(scope_key: ScopeKey, *, max_attempts: int = 5,
                    pool: str = DCB_POOL) -> Callable[[F], F]:
     """Decorate a task function (below ``@app.task``): DCB conflicts are retried in place.
 
-    The task becomes partitioned on ``pool`` (default ``"dcb"``) by
-    ``create_dcb_partition_key(scope)``. A :class:`DCBConflict` raised by an attempt calls
-    ``task.retry`` with the DCB backoff and ``max_retries=max_attempts - 1``: in a partition
-    worker that waits and re-runs the same message before anything behind it; after the last
-    attempt the message is dead-lettered with reason ``DCB_MAX_RETRIES_EXCEEDED`` and the
-    scope's key parked. Other exceptions keep the task's own retry policy. Outside a worker
-    (a direct call) the conflict propagates.
+    The task becomes partitioned on ``pool`` by ``create_dcb_partition_key(scope)``. A
+    :class:`DCBConflict` calls ``task.retry`` with :func:`dcb_backoff` and
+    ``max_retries=max_attempts - 1``: the key waits (``partitioning_retry_hold_below``: the
+    partition with it), then the same message runs again before anything behind it. After
+    the last attempt it is dead-lettered (``DCB_MAX_RETRIES_EXCEEDED``) and the key parked.
+    Other exceptions keep the task's retry policy; a direct call lets the conflict propagate.
     """
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
         raise PartitionConfigError(f"with_dcb_retry: max_attempts must be an int >= 1, "

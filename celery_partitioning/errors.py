@@ -1,11 +1,4 @@
-"""Every exception celery-partitioning raises on purpose: one base class, one module.
-
-``PartitionKeyError`` is a bad call (raised at publish: nothing was published),
-``PartitionConfigError`` a bad setting or task registry, ``DeadLetterError`` a dead-letter
-command that cannot be carried out, ``PauseError`` a pause or resume that cannot, and
-``DCBConflict`` the exception a DCB command raises to have its operation retried in place on
-its scope's partition (``dcb.with_dcb_retry``).
-"""
+"""Every exception celery-partitioning raises on purpose: one base class, one module."""
 
 from __future__ import annotations
 
@@ -21,10 +14,8 @@ class PartitioningError(Exception):
 
 
 class PartitionKeyError(PartitioningError, ValueError):
-    """A partition key could not be computed, or a call would bypass its partition.
-
-    Raised at publish time: when it is raised, nothing was published.
-    """
+    """A partition key could not be computed, or a call would bypass its partition; raised at
+    publish, so nothing was published."""
 
 
 class PartitionConfigError(PartitioningError):
@@ -40,11 +31,8 @@ class PauseError(PartitioningError):
 
 
 class DCBConflict(PartitioningError):
-    """An optimistic-concurrency conflict on a DCB scope: the scope moved since it was read.
-
-    Raise it from a ``with_dcb_retry`` task to have the operation retried in place on the
-    scope's ``dcb`` partition.
-    """
+    """The DCB scope moved since it was read; from a ``with_dcb_retry`` task, the operation is
+    retried in place on the scope's partition."""
 
     def __init__(self, scope_key: str, expected_version: Any = None,
                  actual_version: Any = None) -> None:

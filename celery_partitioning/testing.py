@@ -1,18 +1,9 @@
 """Testing partitioned tasks: routing assertions, in-process partition workers, a pytest plugin.
 
-A *call* is a Celery signature, ``task.s(*args, **kwargs)``, so a test names a call exactly
-as the code under test makes it. ``route_of`` gives its ``Route`` (``explain_route``: the
-key function runs, nothing is published); ``assert_same_partition`` and ``assert_routes_to``
-turn that into assertions whose failures show every route involved.
-
-``start_partition_worker(app)`` runs the app's partition workers as threads of the calling
-process (the real partition threads: lease, order, retries, parking, dead letters) for
-the duration of a ``with`` block.
-
-Installed with the package, pytest loads this module as a plugin (entry point ``pytest11``
-``celery_partitioning``), which adds the fixtures ``partition_routes`` (a ``RouteRecorder``
-of every partitioned call the test publishes or runs eagerly) and ``partition_worker`` (the
-partition workers of ``partition_worker_app``, in-process, for the test).
+A *call* is a Celery signature, ``task.s(*args, **kwargs)``, as the code under test makes it;
+routing it runs the key function and publishes nothing. Pytest loads this module as a plugin
+(entry point ``pytest11`` ``celery_partitioning``) for the fixtures ``partition_routes`` and
+``partition_worker``.
 """
 
 from __future__ import annotations
@@ -172,20 +163,16 @@ class RouteRecorder:
 def start_partition_worker(app: Celery, pools: str | Iterable[str] | None = None, *,
                            start_timeout: float = 15.0,
                            stop_timeout: float = 30.0) -> Iterator[InProcessWorker]:
-    """Run the partition workers of ``app`` in this process while the block runs.
+    """Run the partition workers of ``app`` (of ``pools``, default all) in this process while
+    the block runs; tasks must be registered before it starts.
 
-    ``pools``: a pool name or names (default: every pool). Returns once every partition
-    of them consumes (``start_timeout``: a lease held by another worker on the same Redis
-    fails here, naming it); on leaving the block, a warm stop: no partition starts another
-    message, running tasks finish (``stop_timeout``), leases are released. Tasks run in the
-    partition threads exactly as in ``celery partitioning worker``: one message at a time
-    per partition, in queue order, retries, dead letters and parked keys; without
-    remote control and task events. A partition that fails where a worker process would
-    exit stops, keeps its message, and makes the block raise ``InProcessWorkerError``.
-    ``worker.partition(pool, index)`` is one partition as a unit (``worker/lifecycle.py``):
-    ``stop()`` hands its lease over, ``start()`` takes it again, while the others run.
-
-    Tasks must be registered on ``app`` before the block starts.
+    Enters once every partition consumes (``start_timeout``: a lease held elsewhere fails
+    here, naming it); leaves with a warm stop (running tasks finish within ``stop_timeout``,
+    leases are released). Tasks run as in ``celery partitioning worker``, without remote
+    control and task events. A partition that fails where a worker process would exit stops,
+    keeps its message, and makes the block raise ``InProcessWorkerError``.
+    ``worker.partition(pool, index)`` is one partition as a unit: ``stop()`` hands its lease
+    over, ``start()`` takes it again, while the others run.
     """
     from .worker.inprocess import InProcessWorker
 
@@ -205,10 +192,9 @@ def partition_routes() -> Iterator[RouteRecorder]:
 
 @pytest.fixture
 def partition_worker_app(request: pytest.FixtureRequest) -> Celery:
-    """The app ``partition_worker`` runs. Override this fixture to return your own app, or
-    parametrize it (``indirect=True``); by default it is Celery's ``celery_app`` fixture (its
-    configuration from your ``celery_config`` fixture, its task modules from
-    ``celery_includes``) with partitioning installed on it."""
+    """The app ``partition_worker`` runs: override or parametrize it (``indirect=True``); by
+    default Celery's ``celery_app`` fixture (``celery_config``, ``celery_includes``) with
+    partitioning installed."""
     param = getattr(request, "param", None)
     if param is not None:
         return param
