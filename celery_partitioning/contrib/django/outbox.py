@@ -1,23 +1,16 @@
 """The transactional outbox: a task call stored in the caller's transaction, published after commit.
 
-``publish(sig)`` / ``publish_many(sigs)`` inside ``transaction.atomic()`` run the call
-through Celery's own ``Task.apply_async`` with a *capturing producer*: the app's router
-(``PartitionRouter`` for partitioned tasks), the key and option checks, the task id, the
-headers and the message body are exactly those ``apply_async`` makes, and its errors are
-raised at the call. Instead of reaching the broker, the message kombu would have published
-is inserted into the outbox table (``OutboxMessage``) in the same transaction. A rollback
-removes it; the relay (``relay.py``, ``celery partitioning outbox relay``) publishes
+``publish(sig)`` / ``publish_many(sigs)`` inside ``transaction.atomic()`` run Celery's own
+``Task.apply_async`` with a *capturing producer*: routing, checks, task id, headers and body
+are exactly ``apply_async``'s, and so are its errors. The message is inserted into the outbox
+table in the same transaction instead of being sent; the relay (``relay.py``) publishes
 committed rows in ``id`` order and deletes them once the broker confirmed them.
 
-Commit order. On PostgreSQL every outbox insert first takes one transaction-level advisory
-lock (``pg_advisory_xact_lock``), held until commit or rollback: transactions that publish
-to the outbox are serialized from their first ``publish`` to their commit, so their rows'
-ids follow commit order, and the relay, reading rows in id order, never sees a later row
-before an earlier one commits. That keeps every key's messages in order across
-transactions. The price: publish late in a transaction (after its other writes), so the
-lock is held briefly and never taken before a row lock another publisher waits on. The
-same statement sends ``NOTIFY`` (delivered at commit) to wake the relay. SQLite allows one
-writer at a time already, which gives the same order.
+Commit order: on PostgreSQL every outbox insert first takes a transaction-level advisory lock,
+so outbox transactions are serialized from their first ``publish`` to their commit, their
+rows' ids follow commit order, and every key's messages stay in order across transactions.
+Hence: publish late in a transaction, so the lock is held briefly. The same statement sends
+``NOTIFY`` (delivered at commit) to wake the relay. SQLite has one writer at a time already.
 """
 
 from __future__ import annotations
@@ -174,13 +167,9 @@ def _lock_and_notify(alias: str) -> None:
 
 
 def publish(signature: Signature, *, using: str | None = None) -> AsyncResult:
-    """Store one task call in the outbox of the open transaction of database ``using``.
-
-    Routed, validated and given its task id exactly as ``signature.apply_async()`` would
-    (a bad key or option raises here what ``apply_async`` raises, and nothing is stored);
-    published by the relay after the transaction commits, never if it rolls back. Returns
-    the call's ``AsyncResult``.
-    """
+    """Store one task call in the outbox of the open transaction of database ``using``; routed,
+    checked (raising what ``apply_async`` raises) and given its task id as ``apply_async``
+    would; published after the commit, never on a rollback."""
     return _store([_single_call(0, signature)], using, name_positions=False)[0]
 
 

@@ -1,21 +1,12 @@
 """The outbox relay: committed outbox rows to the broker, in id order, then deleted.
 
-One relay is active per database: it holds a lease in the Redis store (``store/lease.py``,
-key ``RedisKeys.lease("outbox:<alias>:<database name>")``) and a second relay waits as a
-standby, taking over within ``partitioning_lease_ttl`` after the holder dies. A holder
-that cannot renew its lease ends its process (the lease's fence), so two relays never
-publish at once for long.
+One relay is active per database: it holds a lease in the Redis store (``lease_name``); a
+second one waits as a standby and takes over within ``partitioning_lease_ttl`` after the
+holder dies. Rounds repeat at once while full batches come back; idle, the relay waits for
+PostgreSQL's ``NOTIFY`` (sent by the outbox insert), else polls.
 
-A loop of rounds: read up to ``batch`` rows in id order; publish them as they were captured
-(same exchange, routing key, headers, properties, body: same task id) through
-``publish_many``'s sender (``delivery.deliver``), in one broker round trip (Redis
-``MULTI``/``LPUSH``/``EXEC``; RabbitMQ publisher confirms); delete the confirmed rows with
-one statement; repeat at once while full batches come back. Idle: PostgreSQL ``LISTEN``
-(the outbox insert sends ``NOTIFY`` in its transaction), else a poll every ``poll`` seconds.
-
-Crash between publish and delete: the next relay publishes those rows again, with the same
-task ids, before any later row. Tasks with ``checkpoint=`` skip the repeats (a position at
-or below the checkpoint); other tasks run them twice.
+A crash between publish and delete publishes those rows again, same task ids, before any
+later row: tasks with ``checkpoint=`` skip the repeats, others run them twice.
 """
 
 from __future__ import annotations
@@ -148,9 +139,8 @@ class Relay:
     def __init__(self, app: Celery, *, using: str = "default", batch: int = DEFAULT_BATCH,
                  poll: float = DEFAULT_POLL, stop: threading.Event | None = None,
                  token: str | None = None, takeover: str | None = None) -> None:
-        """``token``/``takeover``: the lease's, as a partition worker process's partitions
-        have them (``store/lease.py``): a restarted process takes its predecessor's lease
-        over at once instead of after the TTL."""
+        """``token``/``takeover``: the lease's (``store/lease.py``), so a restarted process takes
+        its predecessor's lease over at once."""
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         self.app = app
@@ -168,9 +158,8 @@ class Relay:
     # ---- one round ---------------------------------------------------------------------
 
     def relay_once(self) -> int:
-        """Publish up to ``batch`` committed rows in id order, in one broker round trip
-        (``delivery.deliver``: a Redis ``MULTI``/``EXEC``, RabbitMQ publisher confirms), then
-        delete the confirmed rows with one statement. Returns the rows read."""
+        """Publish up to ``batch`` committed rows in id order, as captured, in one broker round
+        trip (``delivery.deliver``), then delete the confirmed ones. Returns the rows read."""
         from .models import OutboxMessage
 
         rows = list(OutboxMessage.objects.using(self.using).order_by("id")
