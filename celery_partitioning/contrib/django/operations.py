@@ -10,7 +10,8 @@ shown asks Redis for its parked messages (one pipeline of LLENs).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -139,8 +140,13 @@ def pause_dict(result: PauseResult) -> dict[str, Any]:
             "ids": [m.id for m in result.messages], "paused_by": pause.by, "paused_at": pause.at}
 
 
-def _store(app: Celery) -> DeadLetterStore:
-    return store_for_app(app)
+@contextmanager
+def _store(app: Celery) -> Iterator[DeadLetterStore]:
+    store = store_for_app(app)
+    try:
+        yield store
+    finally:
+        store.client.close()
 
 
 def _records(store: DeadLetterStore, pool: str) -> list[DeadLetter]:
@@ -155,40 +161,30 @@ def list_letters(app: Celery, *, pool: str = "", key: str = "", task: str = "") 
     contain ``key`` and ``task`` (case-insensitive), oldest failure first."""
     pools = [pool] if pool else pools_of(app)
     key, task = key.lower(), task.lower()
-    store = _store(app)
-    try:
+    with _store(app) as store:
         found = [letter for p in pools for letter in _records(store, p)
                  if key in letter.key.lower() and task in letter.task.lower()]
-    finally:
-        store.client.close()
     return sorted(found, key=lambda d: (d.failed_at, d.pool, d.key))
 
 
 def parked_counts(app: Celery, letters: Sequence[DeadLetter]) -> list[int]:
     """How many messages wait behind each of ``letters`` (0 for skip-policy ones)."""
-    store = _store(app)
-    try:
-        with store.client.pipeline(transaction=False) as pipe:
-            for d in letters:
-                pipe.llen(store.keys.parked(d.pool, d.key))
-            counts = pipe.execute()
-    finally:
-        store.client.close()
+    with _store(app) as store, store.client.pipeline(transaction=False) as pipe:
+        for d in letters:
+            pipe.llen(store.keys.parked(d.pool, d.key))
+        counts = pipe.execute()
     return [int(c) if d.policy == "park" else 0 for d, c in zip(letters, counts, strict=True)]
 
 
 def dead_letter(app: Celery, pool: str, key: str, task_id: str = "") -> Letter | None:
     """The parked dead letter of ``key`` with what waits behind it, or the skip-policy one of
     ``task_id``; None when there is none (replayed, skipped or discarded meanwhile)."""
-    store = _store(app)
-    try:
+    with _store(app) as store:
         if task_id:
             views = [v for v in SkipStore(store).find([pool], key) if v.dead_letter.id == task_id]
             view: DeadLetterView | None = views[0] if views else None
         else:
             view = store.get(pool, key)
-    finally:
-        store.client.close()
     return None if view is None else Letter(view.dead_letter, view.parked)
 
 
@@ -196,8 +192,7 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
     """Replay, skip or discard the dead letter of ``key`` in ``pool`` exactly as the
     ``dead-letters`` command does. Raises ``DeadLetterError`` when there is nothing to do."""
     settings_of(app).partitions(pool)  # an unknown pool: PartitionConfigError
-    store = _store(app)
-    try:
+    with _store(app) as store:
         if action == "replay":
             queue, requeue = replay_target(app, pool, key)
             return ActionResult(action, pool, key, store.replay(pool, key, queue, requeue=requeue),
@@ -212,8 +207,6 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
         if not messages:
             raise store.not_parked_error([pool], key, action)
         return ActionResult(action, pool, key, messages)
-    finally:
-        store.client.close()
 
 
 def describe(result: ActionResult) -> str:
