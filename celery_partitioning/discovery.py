@@ -1,13 +1,10 @@
 """Finding a task by name for the router, importing the app's task modules once if needed.
 
-A producer that publishes by name (``app.send_task("shop.tasks.x")``) may never have
-imported ``shop.tasks``: Django's ``app.autodiscover_tasks()`` is lazy, and plain Celery
-imports ``imports``/``include`` only in workers. Routing such a name as unknown would send a
-partitioned task to the default queue. So the first time the router meets a name the
-registry does not hold, ``TaskLookup`` imports the app's task modules
-(``app.loader.import_default_modules()``, which also runs the lazy autodiscovery) and
-finalizes the app when that is allowed, then looks again. A name still unknown after that
-is not a task of this app: Celery routes it as usual.
+A producer that publishes by name may never have imported the task's module (Django's
+autodiscovery is lazy; Celery imports ``imports``/``include`` only in workers), and routing a
+partitioned task as unknown would send it to the default queue. So an unknown name makes
+``TaskLookup`` import the app's task modules once, finalize the app if allowed, and look
+again; a name still unknown is not a task of this app.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """Eager mode (``task_always_eager``) routes a partitioned call as a real publish would.
 
-Celery's ``Task.apply_async`` runs the task in place when ``task_always_eager`` is on and
-never consults the routers, so a bad key or a fixed ``queue=``/``priority=`` would pass a
-test suite and fail in production. ``install(app)`` adds ``around_apply_async`` to every
-task class of the app through Celery's own task annotations (``"@apply_async"``): in eager
-mode it runs the app's routers exactly as ``send_task`` does (same options, same errors),
-and the eager request carries the partition headers the message would have carried
-(``self.request.headers["partition_key"]`` and so on). Outside eager mode it only reads
-the setting and calls through.
+In eager mode Celery never consults the routers, so a bad key or a fixed ``queue=`` would pass
+a test suite and fail in production. ``install(app)`` puts ``around_apply_async`` on every task
+class through Celery's task annotations (``"@apply_async"``): an eager call is routed as
+``send_task`` would route it (same errors), and its request carries the partition headers.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from celery.app.routes import MapRoute, prepare
 from celery.utils.time import rate
@@ -26,18 +26,16 @@ logger = logging.getLogger("celery_partitioning")
 #: Task options that would send a partitioned task around its partition queue.
 _FIXED_OPTIONS = ("queue", "exchange", "routing_key")
 
+_THREAD: Final = ("a partitioned task runs in a partition thread, which cannot be killed or "
+                   "interrupted at a time limit; use timeouts inside the task")
 #: Task options a partition worker cannot honour → the app setting Celery fills them from, and
 #: why. (A value of 0 means "none" to Celery and to this check.)
 _UNSUPPORTED_LIMITS = {
     "rate_limit": ("task_default_rate_limit",
                    "a rate limit holds a message back in worker memory while later ones "
                    "overtake it, so a partition worker runs partitioned tasks without one"),
-    "time_limit": ("task_time_limit",
-                   "a partitioned task runs in a partition thread, which cannot be killed or "
-                   "interrupted at a time limit; use timeouts inside the task"),
-    "soft_time_limit": ("task_soft_time_limit",
-                        "a partitioned task runs in a partition thread, which cannot be "
-                        "interrupted at a time limit; use timeouts inside the task"),
+    "time_limit": ("task_time_limit", _THREAD),
+    "soft_time_limit": ("task_soft_time_limit", _THREAD),
 }
 
 
@@ -135,14 +133,10 @@ def _registry_of(tasks: Any) -> tuple[list[Any], PartitioningSettings, Any, list
 
 
 def assert_valid_partition_keys(tasks: Any) -> None:
-    """Raise ``PartitionConfigError`` listing every misconfigured partitioned task.
-
-    ``tasks`` is a Celery app (all its registered tasks) or an iterable of tasks.
-    Checks: a projection without a key or pool, an unknown pool, a queue, exchange,
-    routing key or priority fixed on a partitioned task or in ``task_routes``, a rate limit or
-    a time limit on a partitioned task (partition workers cannot honour them), a
-    ``checkpoint=`` in an app without a checkpoint store.
-    """
+    """Raise ``PartitionConfigError`` listing every misconfigured partitioned task of ``tasks``
+    (a Celery app, or an iterable of tasks): no key or pool, an unknown pool, a fixed queue,
+    exchange, routing key or priority, a rate or time limit, a failure policy, a ``checkpoint=``
+    without a store."""
     listed, settings, routes, problems = _registry_of(tasks)
     problems = problems + find_problems(listed, settings, routes) + checkpoint_problems(listed)
     if problems:
@@ -153,11 +147,8 @@ def assert_valid_partition_keys(tasks: Any) -> None:
 
 
 def check_at_finalize(app: Celery) -> PartitionConfigError | None:
-    """Validate when the app is finalized: log the problems, return the error (no raise).
-
-    Signal receivers cannot stop the caller; the router refuses to publish while this
-    error stands, and a worker refuses to start.
-    """
+    """Validate when the app is finalized: log the problems and return the error, since a
+    signal receiver cannot stop its caller (the router refuses to publish while it stands)."""
     try:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
@@ -178,11 +169,8 @@ def logged_above(exc: Exception) -> str:
 
 
 def check_at_worker_start(app: Celery) -> None:
-    """Validate at worker start; exit the process non-zero, printing the list, if invalid.
-
-    Celery logs and swallows exceptions raised by signal receivers; ``SystemExit`` is not
-    an ``Exception``, so it does stop the worker before it consumes anything.
-    """
+    """Validate at worker start; exit non-zero, printing the list, if invalid (Celery swallows
+    a signal receiver's ``Exception``; ``SystemExit`` stops the worker before it consumes)."""
     try:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
