@@ -44,13 +44,9 @@ SINGLE_ACTIVE_CONSUMER: Final = {"x-single-active-consumer": True}
 
 
 def queue_arguments(settings: PartitioningSettings) -> dict[str, Any]:
-    """The RabbitMQ arguments every partition queue is declared with.
-
-    Always a single active consumer. A quorum queue (``partitioning_queue_type`` or Celery's
-    ``task_default_queue_type``) also gets an explicit ``x-delivery-limit``
-    (``partitioning_delivery_limit``), far above what redeliveries after crashes reach:
-    RabbitMQ 4 otherwise drops a message on its 21st delivery.
-    """
+    """The RabbitMQ arguments of every partition queue: a single active consumer; a quorum
+    queue also gets ``partitioning_delivery_limit``, as RabbitMQ 4 would otherwise drop a
+    message at its 21st delivery."""
     arguments: dict[str, Any] = dict(SINGLE_ACTIVE_CONSUMER)
     if settings.queue_type == "quorum":
         arguments["x-queue-type"] = "quorum"
@@ -172,11 +168,8 @@ class PartitionRouter:
         return plan if isinstance(plan, _TaskPlan) else None
 
     def _locate(self, plan: _TaskPlan, args: Any, kwargs: Any) -> tuple[str, int | None, int, Queue]:
-        """The one place a call becomes a partition: key, event position, index and queue.
-
-        ``route`` (``explain_route``) and ``__call__`` (the Celery router entry, which
-        ``apply_async`` and ``publish_many`` go through) both use it.
-        """
+        """The one place a call becomes a partition (key, event position, index, queue), for
+        ``route`` and the Celery router entry ``__call__``."""
         key, position = plan.key_and_position(args, kwargs)
         index = plan.index(key)
         return key, position, index, self.queue(plan.pool, index)
@@ -237,11 +230,8 @@ def _name_of(value: Any) -> Any:
 
 
 def _reject_fixed_destination(name: str, options: Mapping[str, Any], queue: Queue) -> None:
-    """Refuse options that would send a partitioned message elsewhere or reorder it.
-
-    A destination equal to the partition's own (a retry re-published from the request's
-    delivery info, a message moved by the misroute guard) is allowed.
-    """
+    """Refuse options that would send a partitioned message elsewhere or reorder it; the
+    partition's own destination (a retry, the misroute guard) is allowed."""
     wrong = []
     fixed_queue = options.get("queue")
     if fixed_queue is not None and _name_of(fixed_queue) != queue.name:

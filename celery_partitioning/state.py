@@ -1,10 +1,8 @@
 """Per-app state and its lookups, and the one factory of Redis clients (a leaf module).
 
 ``install(app)`` hangs a :class:`Partitioning` object off the app; every other module finds
-it here (``partitioning_of``, ``settings_of``), so no module needs ``app.py`` (which wires
-everything) to look something up. This module imports only the pure core and the task look-up
-(``discovery``); the Redis client library is imported when a client is first made, never by a
-producer that only publishes.
+it here, so none needs ``app.py`` to look something up. The Redis client library is imported
+when a client is first made, never by a producer that only publishes.
 """
 
 from __future__ import annotations
@@ -96,12 +94,10 @@ def redis_keys(app: Celery) -> RedisKeys:
 class Replicas:
     """``WAIT numreplicas timeout`` after every write a client makes (``partitioning_wait_for_replicas``).
 
-    A write is only as safe as the replicas that have it: Redis replicates asynchronously,
-    and a failover promotes a replica that may miss the master's last writes. With this, a
-    write counts as done once ``count`` replicas acknowledged it (``WAIT`` on the very
-    connection that wrote); else the client raises a ``redis.RedisError`` (not retried), and
-    every caller treats it as a failed write: a lease renewal fails, a dead letter is not
-    counted stored, the worker stops without acking and the message goes back to the head.
+    Redis replicates asynchronously, and a failover may promote a replica without the master's
+    last writes: a write counts as done once ``count`` replicas acknowledged it on the very
+    connection that wrote; else a ``redis.RedisError``, which every caller treats as a failed
+    write (a lease renewal fails, the worker stops without acking).
     """
 
     #: Commands that change nothing: no WAIT after them.
@@ -183,18 +179,14 @@ def replicas_of(settings: PartitioningSettings) -> Replicas | None:
 def redis_client(target: str | RedisTarget, *, timeout: float | None = None,
                  replicas: Replicas | None = None, max_connections: int | None = None,
                  blocking: bool = False) -> Redis:
-    """A redis-py client for ``target`` (a URL, or a :class:`~.config.RedisTarget`).
+    """A redis-py client for ``target`` (a URL, or a :class:`~.config.RedisTarget`): every client
+    this package makes for its own keys comes from here.
 
-    Every Redis client celery-partitioning makes for its own keys comes from here. With
-    ``timeout``, socket and connect time-outs too; with ``replicas``, every write waits for
-    replica acknowledgements. A Sentinel target gives a client of the master that the
-    sentinels name *now*: after a failover its next connection goes to the new master (redis-py
-    ``Sentinel.master_for``), so no client of this package stays with a dead master.
-    ``max_connections``: how many threads may use the client at once (redis-py's default
-    pool holds 100; a process hosting many partitions shares one client among them).
-    ``blocking`` (with ``max_connections``): a thread waits up to ``timeout`` for a free
-    connection instead of opening one more (a client many threads use for short commands
-    keeps few connections open); not on Sentinel.
+    ``timeout``: socket and connect time-outs; ``replicas``: every write waits for them. A
+    Sentinel target's client asks the sentinels for the master at each new connection, so it
+    follows a failover. ``max_connections``: how many threads may use it at once;
+    ``blocking`` (not on Sentinel): a thread then waits up to ``timeout`` for a free
+    connection rather than opening one more.
     """
     import redis
 

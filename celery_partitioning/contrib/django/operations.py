@@ -1,11 +1,8 @@
-"""What the admin pages read and do, in one place: the only module of the pages that calls the
-partition status (``cli/status.py``), the dead-letter stores (``store/deadletters.py``,
-``store/skipping.py``) and pause/resume (``cli/pausing.py``), so a rename there is fixed here
-once.
+"""What the admin pages read and do: the pages' only caller of the status, dead-letter and
+pause code that the CLI uses too.
 
-Listing is built for many dead letters: the records of every pool are read with one HVALS
-each, filtered and sorted in memory (JSON only, no per-letter round trip), and only the page
-shown asks Redis for its parked messages (one pipeline of LLENs).
+Listing is built for many dead letters: one HVALS per pool, filtered and sorted in memory, and
+only the page shown asks for its parked counts (one pipeline of LLENs).
 """
 
 from __future__ import annotations
