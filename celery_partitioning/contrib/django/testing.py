@@ -31,9 +31,5 @@ def in_memory_sqlite_aliases() -> list[str]:
         return []
     from django.db import connections
 
-    found = []
-    for alias in connections:
-        connection = connections[alias]
-        if connection.vendor == "sqlite" and connection.is_in_memory_db():
-            found.append(alias)
-    return found
+    return [alias for alias in connections
+            if connections[alias].vendor == "sqlite" and connections[alias].is_in_memory_db()]
