@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
 from .errors import PartitionConfigError, PartitionKeyError
+from .keys import argument_names, call_on_arguments
 
 __all__ = [
     "HEADER_POSITION",
@@ -114,30 +115,18 @@ def position_of(task_name: str, checkpoint: CheckpointField, named: Mapping[str,
     if isinstance(checkpoint, _MessageId):
         return None
     where = f"task {task_name}: checkpoint {_describe(checkpoint)}"
-    seen = ", ".join(sorted(map(str, named))) or "no arguments"
     if isinstance(checkpoint, str):
         if checkpoint not in named:
             raise PartitionKeyError(
-                f"{where} is missing from the call (arguments: {seen}); pass the event "
-                "position; nothing was published"
-            )
+                f"{where} is missing from the call (arguments: {argument_names(named)}); pass "
+                "the event position; nothing was published")
         value = named[checkpoint]
     else:
-        try:
-            value = checkpoint(named)
-        except PartitionKeyError as exc:
-            raise PartitionKeyError(f"{where} failed on arguments ({seen}): {exc}; "
-                                    "nothing was published") from None
-        except Exception as exc:
-            raise PartitionKeyError(
-                f"{where} raised {type(exc).__name__}: {exc} on arguments ({seen}); "
-                "nothing was published"
-            ) from exc
+        value = call_on_arguments(where, checkpoint, named)
     if type(value) is not int or not 0 <= value <= MAX_POSITION:
         raise PartitionKeyError(
-            f"{where} gave {value!r} on arguments ({seen}); an event position must be an int "
-            f"from 0 to 2**63-1 that increases per partition key; nothing was published"
-        )
+            f"{where} gave {value!r} on arguments ({argument_names(named)}); an event position "
+            "must be an int from 0 to 2**63-1 that increases per partition key; nothing was published")
     return value
 
 

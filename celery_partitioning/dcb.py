@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from .errors import DCBConflict, PartitionConfigError, PartitionKeyError
-from .keys import KeyFunction, create_dcb_partition_key
+from .keys import KeyFunction, argument_names, create_dcb_partition_key
 from .tasks import partitioned
 
 __all__ = [
@@ -70,9 +70,8 @@ def _scope_function(scope_key: ScopeKey) -> Callable[[Mapping[str, Any]], str]:
         try:
             return scope_key.format_map(args)
         except (KeyError, IndexError, ValueError) as exc:
-            raise PartitionKeyError(
-                f"scope template {scope_key!r} needs argument {exc}; the call has "
-                f"{', '.join(sorted(args)) or 'no arguments'}") from None
+            raise PartitionKeyError(f"scope template {scope_key!r} needs argument {exc}; the call "
+                                    f"has {argument_names(args)}") from None
 
     return from_template
 

@@ -41,6 +41,25 @@ RECOMMENDED_PARALLELISM: Final[Mapping[str, int]] = {
 KeyFunction = Callable[[Mapping[str, Any]], str]
 
 
+def argument_names(named: Mapping[str, Any]) -> str:
+    """A call's argument names, for error messages (a ``**kwargs`` name may be non-str)."""
+    return ", ".join(sorted(map(str, named))) or "no arguments"
+
+
+def call_on_arguments(where: str, function: Callable[[Mapping[str, Any]], Any],
+                      named: Mapping[str, Any]) -> Any:
+    """``function(named)``, a user's function of a call's arguments; what it raises becomes a
+    ``PartitionKeyError`` naming ``where`` and the arguments."""
+    try:
+        return function(named)
+    except PartitionKeyError as exc:
+        raise PartitionKeyError(f"{where} failed on arguments ({argument_names(named)}): {exc}; "
+                                "nothing was published") from None
+    except Exception as exc:
+        raise PartitionKeyError(f"{where} raised {type(exc).__name__}: {exc} on arguments "
+                                f"({argument_names(named)}); nothing was published") from exc
+
+
 def _snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
 

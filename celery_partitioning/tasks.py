@@ -11,7 +11,7 @@ from .checkpoint import CheckpointField, check_checkpoint, checkpointed
 from .compat import proxy_internals
 from .errors import PartitionConfigError, PartitionKeyError
 from .failure_policy import on_failure_problem
-from .keys import KeyFunction
+from .keys import KeyFunction, argument_names, call_on_arguments
 
 __all__ = [
     "PartitionSpec",
@@ -257,13 +257,24 @@ class KeyBinder:
     """
 
     __slots__ = (
-        "_check", "_defaults", "_keyword", "_positional", "_positional_index", "_required",
-        "_signature", "_var_keyword", "_var_positional", "key", "task_name",
+        "_check",
+        "_defaults",
+        "_keyword",
+        "_positional",
+        "_positional_index",
+        "_required",
+        "_signature",
+        "_var_keyword",
+        "_var_positional",
+        "_where",
+        "key",
+        "task_name",
     )
 
     def __init__(self, task_name: str, key: KeyFunction, run: Callable[..., Any]) -> None:
         self.task_name = task_name
         self.key = key
+        self._where = f"task {task_name}: key function {key!r}"
         try:
             self._signature: inspect.Signature | None = inspect.signature(run)
         except (TypeError, ValueError):
@@ -354,25 +365,9 @@ class KeyBinder:
 
     def key_of(self, named: Mapping[str, Any]) -> str:
         """The key of a call whose arguments are already bound by name (``arguments``)."""
-        try:
-            key = self.key(named)
-        except PartitionKeyError as exc:
-            raise PartitionKeyError(
-                f"task {self.task_name}: key function {self.key!r} failed on arguments "
-                f"({self._seen(named)}): {exc}; nothing was published"
-            ) from None
-        except Exception as exc:
-            raise PartitionKeyError(
-                f"task {self.task_name}: key function {self.key!r} raised "
-                f"{type(exc).__name__}: {exc} on arguments ({self._seen(named)}); nothing was published"
-            ) from exc
+        key = call_on_arguments(self._where, self.key, named)
         if type(key) is not str or not key:
             raise PartitionKeyError(
-                f"task {self.task_name}: key function {self.key!r} returned {key!r} on "
-                f"arguments ({self._seen(named)}); it must return a non-empty str; nothing was published"
-            )
+                f"{self._where} returned {key!r} on arguments ({argument_names(named)}); it must "
+                "return a non-empty str; nothing was published")
         return key
-
-    @staticmethod
-    def _seen(named: Mapping[str, Any]) -> str:
-        return ", ".join(sorted(map(str, named))) or "no arguments"  # names may be non-str
