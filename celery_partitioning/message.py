@@ -175,12 +175,10 @@ def raw_message_id(raw: str | bytes) -> str:
     """The task id of a raw message, else a digest of its bytes (stable, for idempotency)."""
     fields = decode_raw(raw)
     if fields is not None:
-        headers = fields.get("headers")
-        props = fields.get("properties")
-        for found in ((headers or {}).get("id") if isinstance(headers, dict) else None,
-                      (props or {}).get("correlation_id") if isinstance(props, dict) else None):
-            if isinstance(found, str) and found:
-                return found
+        found = (_str_header(_mapping(fields.get("headers")).get("id"))
+                 or _str_header(_mapping(fields.get("properties")).get("correlation_id")))
+        if found is not None:
+            return found
     data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
     return "raw-" + hashlib.blake2b(data, digest_size=12).hexdigest()
 
@@ -208,8 +206,7 @@ class UnackedEntry:
 
 
 def priority_of(fields: dict[str, Any]) -> int:
-    value = (fields.get("properties") or {}).get("priority")
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+    return _int_header(_mapping(fields.get("properties")).get("priority")) or 0
 
 
 def delivery_tag_of(fields: dict[str, Any]) -> str | None:
