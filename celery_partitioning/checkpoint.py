@@ -21,17 +21,8 @@ from typing import Any, Final, Protocol, runtime_checkable
 from .errors import PartitionConfigError, PartitionKeyError
 from .keys import argument_names, call_on_arguments
 
-__all__ = [
-    "HEADER_POSITION",
-    "MESSAGE_ID",
-    "RUNNER_ATTRIBUTE",
-    "Mark",
-    "CheckpointStore",
-    "CheckpointField",
-    "check_checkpoint",
-    "position_of",
-    "checkpointed",
-]
+__all__ = ["HEADER_POSITION", "MESSAGE_ID", "RUNNER_ATTRIBUTE", "Mark", "CheckpointStore",
+           "CheckpointField", "check_checkpoint", "position_of", "checkpointed"]
 
 #: Message header: the event position of a call of a task declared with ``checkpoint=``.
 HEADER_POSITION: Final = "partition_position"

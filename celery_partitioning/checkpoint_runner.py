@@ -32,15 +32,8 @@ from .tasks import KeyBinder, spec_of
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = [
-    "CheckpointRunner",
-    "attach_runner",
-    "resolve_store",
-    "checkpoint_problems",
-    "checkpoint_stats",
-    "render_checkpoint_stats",
-    "DJANGO_STORE",
-]
+__all__ = ["CheckpointRunner", "attach_runner", "resolve_store", "checkpoint_problems",
+           "checkpoint_stats", "render_checkpoint_stats", "DJANGO_STORE"]
 
 logger = logging.getLogger("celery_partitioning.checkpoint")
 

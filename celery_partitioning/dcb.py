@@ -27,14 +27,8 @@ from .errors import DCBConflict, PartitionConfigError, PartitionKeyError
 from .keys import KeyFunction, argument_names, create_dcb_partition_key
 from .tasks import partitioned
 
-__all__ = [
-    "DCBConflict",
-    "DCB_POOL",
-    "ScopeKey",
-    "dcb_backoff",
-    "dcb_partition_key",
-    "with_dcb_retry",
-]
+__all__ = ["DCBConflict", "DCB_POOL", "ScopeKey", "dcb_backoff", "dcb_partition_key",
+           "with_dcb_retry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -28,20 +28,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 from urllib.parse import urlsplit
 
-__all__ = [
-    "EmbeddedRedis",
-    "EmbeddedRedisError",
-    "find_redis_server",
-    "redis_answers",
-    "free_port",
-    "run_command",
-    "stop_with_parent",
-    "main",
-]
+__all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_redis_server", "redis_answers",
+           "free_port", "run_command", "stop_with_parent", "main"]
 
 #: Used when neither an argument nor ``$REDIS_URL`` names a Redis.
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
@@ -243,12 +234,7 @@ class EmbeddedRedis:
     def __enter__(self) -> str:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.stop()
 
 

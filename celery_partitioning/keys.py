@@ -9,18 +9,10 @@ from typing import Any, Final
 
 from .errors import PartitionConfigError, PartitionKeyError
 
-__all__ = [
-    "GLOBAL_PARTITION_KEY",
-    "KeyFunction",
-    "create_entity_partition_key",
-    "create_customer_partition_key",
-    "create_saga_partition_key",
-    "create_dcb_partition_key",
-    "create_scope_key",
-    "get_recommended_parallelism",
-    "entity_type_of",
-    "RECOMMENDED_PARALLELISM",
-]
+__all__ = ["GLOBAL_PARTITION_KEY", "KeyFunction", "create_entity_partition_key",
+           "create_customer_partition_key", "create_saga_partition_key",
+           "create_dcb_partition_key", "create_scope_key", "get_recommended_parallelism",
+           "entity_type_of", "RECOMMENDED_PARALLELISM"]
 
 #: The key of a global rollup: every message of it runs on one partition, one at a time.
 GLOBAL_PARTITION_KEY: Final = "global"

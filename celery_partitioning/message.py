@@ -25,21 +25,9 @@ from .state import partitioning_of
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = [
-    "KEPT_PROPERTIES",
-    "MessageSummary",
-    "PartitionMessage",
-    "Publish",
-    "UnackedEntry",
-    "decode_raw",
-    "raw_message_problem",
-    "mark_redelivered",
-    "message_summary",
-    "raw_message_id",
-    "raw_message_of",
-    "publisher",
-    "republish",
-]
+__all__ = ["KEPT_PROPERTIES", "MessageSummary", "PartitionMessage", "Publish", "UnackedEntry",
+           "decode_raw", "raw_message_problem", "mark_redelivered", "message_summary",
+           "raw_message_id", "raw_message_of", "publisher", "republish"]
 
 #: Message properties that travel with a re-published message (every AMQP basic property
 #: a Celery message may carry, except ``priority``, which partitioned messages never have).

@@ -15,18 +15,8 @@ from .errors import PartitionConfigError, PartitionKeyError
 from .hashing import partition_for
 from .tasks import KeyBinder, spec_of
 
-__all__ = [
-    "HEADER_KEY",
-    "HEADER_POOL",
-    "HEADER_INDEX",
-    "HEADER_COUNT",
-    "HEADER_PUBLISHED_AT",
-    "HEADER_POSITION",
-    "Route",
-    "PartitionRouter",
-    "partition_queue",
-    "queue_arguments",
-]
+__all__ = ["HEADER_KEY", "HEADER_POOL", "HEADER_INDEX", "HEADER_COUNT", "HEADER_PUBLISHED_AT",
+           "HEADER_POSITION", "Route", "PartitionRouter", "partition_queue", "queue_arguments"]
 
 #: Message header: the partition key the message was routed by.
 HEADER_KEY: Final = "partition_key"

@@ -13,14 +13,7 @@ from .errors import PartitionConfigError, PartitionKeyError
 from .failure_policy import on_failure_problem
 from .keys import KeyFunction, argument_names, call_on_arguments
 
-__all__ = [
-    "PartitionSpec",
-    "partitioned",
-    "projection",
-    "spec_of",
-    "pools_used_by",
-    "KeyBinder",
-]
+__all__ = ["PartitionSpec", "partitioned", "projection", "spec_of", "pools_used_by", "KeyBinder"]
 
 T = TypeVar("T")
 

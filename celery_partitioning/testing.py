@@ -26,18 +26,9 @@ if TYPE_CHECKING:
     from .store.leftovers import Leftovers
     from .worker.inprocess import InProcessWorker
 
-__all__ = [
-    "route_of",
-    "assert_same_partition",
-    "assert_routes_to",
-    "RecordedRoute",
-    "RouteRecorder",
-    "start_partition_worker",
-    "partition_routes",
-    "partition_worker_app",
-    "partition_worker_pools",
-    "partition_worker",
-]
+__all__ = ["route_of", "assert_same_partition", "assert_routes_to", "RecordedRoute",
+           "RouteRecorder", "start_partition_worker", "partition_routes", "partition_worker_app",
+           "partition_worker_pools", "partition_worker"]
 
 
 # -- routing assertions --------------------------------------------------------------------
