@@ -1,19 +1,29 @@
-"""Progress counters for the demo: tasks published and finished, per pool, in one Redis hash.
+"""Progress counters for the demo: task calls published and finished, per pool, in one Redis hash.
 
-Every publish of a shop task counts ``published:<pool>`` (Celery's ``before_task_publish``,
-also for tasks published by workers; the demo's own publisher counts each batch in one call,
-see ``count_publishes_in_bulk``) and every finished message counts ``done:<pool>``
-(``task_postrun``, once per message even when a killed worker's message runs again, on
-whichever attempt). All
-work is finished when they are equal and the queues are empty. A message that starts a
-second time (its worker was killed before the ack) counts ``reruns:<pool>``: a message is
-known by its task id and retry count, so the next attempt of a retry (``request.retries`` one
-higher, in ``task_prerun`` too) is not a rerun.
+A task call is counted once by what it is, not by its message: a projection call by its task
+and event position, another call by its task and arguments (plus the retry count in plain
+mode, where each retry is a message of its own). Kills make the same call go out more than
+once, and some of them between the count and the send:
+
+* a ``reserve_inventory`` run again after a kill publishes its ``InventoryReserved`` event
+  again (the first publish may not have happened);
+* a relay killed before its delete sends a batch again, and a worker killed before its ack
+  runs a message again.
+
+Counting messages, the first case leaves a count that no message will ever finish; counting
+calls, every case counts once. ``published:<pool>`` comes from Celery's ``before_task_publish``
+(also for tasks published by workers; the demo's own publisher counts each batch in one call,
+see ``count_publishes_in_bulk``), ``done:<pool>`` from ``task_postrun``. All work is finished
+when they are equal and the queues are empty. A message that starts a second time (its worker
+was killed before the ack) counts ``reruns:<pool>``: a message is known by its task id and
+retry count, so the next attempt of a retry is not a rerun.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -27,6 +37,12 @@ __all__ = ["Progress", "progress_of", "connect_signals", "count_publishes_in_bul
 #: KEYS: token set, counters hash. ARGV: token, field. Counts ``field`` when the token was seen.
 _COUNT_IF_SEEN = """
 if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then redis.call('HINCRBY', KEYS[2], ARGV[2], 1) end
+"""
+#: KEYS: call set, counters hash. ARGV: call, field, call, field, ... Counts each call not seen.
+_COUNT_NEW_CALLS = """
+for i = 1, #ARGV, 2 do
+  if redis.call('SADD', KEYS[1], ARGV[i]) == 1 then redis.call('HINCRBY', KEYS[2], ARGV[i + 1], 1) end
+end
 """
 #: KEYS: token set, counters hash. ARGV: token ('' = always count), busy ms, now, done field,
 #: busy field, failed field ('' = not failed), last field. Counts a message once.
@@ -53,11 +69,11 @@ class Progress:
     def count(self, field: str, amount: int = 1) -> None:
         self.redis.hincrby(self.key, field, amount)
 
-    def count_many(self, amounts: dict[str, int]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for field, amount in amounts.items():
-            pipe.hincrby(self.key, field, amount)
-        pipe.execute()
+    def published(self, calls: Sequence[tuple[str, str]]) -> None:
+        """Count ``(call, pool)`` pairs as published, each call once, in one round trip."""
+        if calls:
+            self.redis.eval(_COUNT_NEW_CALLS, 2, f"{self.key}:published", self.key,
+                            *(part for call, pool in calls for part in (call, f"published:{pool}")))
 
     def started(self, pool: str, token: str) -> None:
         """A message starts; a token (task id and retry count) seen before is a rerun."""
@@ -77,7 +93,8 @@ class Progress:
         return {k.decode(): float(v) for k, v in raw.items()}
 
     def reset(self) -> None:
-        self.redis.delete(self.key, f"{self.key}:started", f"{self.key}:finished")
+        self.redis.delete(self.key, f"{self.key}:started", f"{self.key}:finished",
+                          f"{self.key}:published")
 
 
 def progress_of(app: Celery) -> Progress:
@@ -101,24 +118,33 @@ def pool_of(app: Celery, task_name: str) -> str | None:
     return pool or "other"
 
 
+def call_of(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any], retries: int) -> str:
+    """What a task call is, whichever message carries it (see the module docstring)."""
+    event = kwargs.get("event")
+    if isinstance(event, Mapping) and "position" in event:
+        what = f"{task_name}@{event['position']}"
+    else:
+        what = f"{task_name}:{json.dumps([list(args), kwargs], sort_keys=True, default=str)}"
+    return f"{what}#{retries}" if settings.SHOP_ORDERING == "plain" else what
+
+
 def count_published(app: Celery, calls: list[Any]) -> None:
     """Count a batch of task calls as published, per pool, in one round trip (before the
     workers can count them done)."""
-    counts: dict[str, int] = {}
-    for call in calls:
-        pool = pool_of(app, call.task)
-        if pool is not None:
-            counts[f"published:{pool}"] = counts.get(f"published:{pool}", 0) + 1
-    progress_of(app).count_many(counts)
+    counted = [(call_of(call.task, call.args, call.kwargs, 0), pool) for call in calls
+               if (pool := pool_of(app, call.task)) is not None]
+    progress_of(app).published(counted)
 
 
-def _on_publish(sender: Any = None, **_: Any) -> None:
+def _on_publish(sender: Any = None, body: Any = None, headers: Any = None, **_: Any) -> None:
     from celery import current_app
 
     app = current_app._get_current_object()
     pool = pool_of(app, str(sender))
     if pool is not None:
-        progress_of(app).count(f"published:{pool}")
+        args, kwargs = body[0], body[1]  # task protocol 2: (args, kwargs, embed)
+        retries = int((headers or {}).get("retries") or 0)
+        progress_of(app).published([(call_of(str(sender), args, kwargs, retries), pool)])
 
 
 def _token(request: Any) -> str:
@@ -150,12 +176,9 @@ def _on_postrun(sender: Any = None, state: Any = None, **_: Any) -> None:
     if pool is not None:
         started = getattr(sender.request, "shop_started", None)
         busy = 0.0 if started is None else (time.perf_counter() - started) * 1000
-        # A message finishes once, whatever attempt it is on: a partition worker killed
-        # after a retried message's last attempt, before its ack, runs it again from its
-        # first attempt (the attempt record is gone), so its id alone tells it apart. Plain
-        # Celery publishes each retry as a message of its own: there the attempt counts.
-        token = (getattr(sender.request, "shop_token", "") if settings.SHOP_ORDERING == "plain"
-                 else sender.request.id or "")
+        # A call finishes once, whichever message or attempt carried it (module docstring).
+        request = sender.request
+        token = call_of(str(name), request.args or (), request.kwargs or {}, request.retries or 0)
         progress_of(app).finished(pool, failed=state not in ("SUCCESS", "RETRY", "IGNORED"),
                                   busy_ms=busy, token=token)
         maybe_stall_after_commit(pool)
@@ -173,7 +196,7 @@ def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
 
 
 def count_publishes_in_bulk() -> None:
-    """In this process, count publishes per batch (``Progress.count_many``), not per message.
+    """In this process, count publishes per batch (``Progress.published``), not per message.
 
     A per-message counter is a Redis round trip per task: it would cost the demo's publisher
     more than ``publish_many`` spends on the tasks themselves.
