@@ -33,12 +33,11 @@ from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, envelope_problem, payload_of
 from ..state import partitioning_of
 from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
-from .redis_ack import RedisAck
 from .runtime import PartitionRuntime, bind_thread
 from .stage import Verdict
 from .startup import Backoff
 
-__all__ = ["PartitionThread"]
+__all__ = ["PartitionThread", "RedisAck"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
@@ -49,6 +48,41 @@ AMQP_WAIT: Final = 1.0
 FETCH_MIN: Final = 0.01
 
 
+class RedisAck:
+    """The channel of a message fetched from Redis. The fetch moved it into the in-transit list:
+    an ack takes it off, a requeue moves it back to the head, each in one step, so a crash
+    leaves it in exactly one of the two lists."""
+
+    no_ack_consumers = None
+
+    def __init__(self, client: Any, in_transit: str, source: str, item: bytes) -> None:
+        self.client = client
+        self.in_transit = in_transit
+        self.source = source
+        self.item = item
+        #: The ack could not reach Redis (a failover): the thread retries it before it fetches
+        #: again, so a message that ran never comes back behind later ones.
+        self.ack_pending = False
+
+    def basic_ack(self, delivery_tag: Any = None, multiple: bool = False) -> None:
+        self.ack_pending = True
+        self.client.lrem(self.in_transit, 1, self.item)
+        self.ack_pending = False
+
+    def basic_reject(self, delivery_tag: Any = None, requeue: bool = False) -> None:
+        if requeue:
+            self.to_head()
+        else:
+            self.basic_ack(delivery_tag)
+
+    def to_head(self) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.lrem(self.in_transit, 1, self.item)
+            pipe.rpush(self.source, self.item)
+            pipe.execute()
+
+    def decode_body(self, body: Any, encoding: Any = None) -> Any:
+        return compat.decode_virtual_body(body, encoding)
 
 
 class PartitionThread(threading.Thread):

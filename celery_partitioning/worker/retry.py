@@ -30,8 +30,8 @@ from ..store.backoff import BackoffStore
 from ..store.lease import new_token
 from ..store.requeue import Requeue
 from .eta import eta_of
-from .retry_semantics import decode_call
 from .stage import Outcome, Place, Stage, Verdict
+from .task_patch import decode_call
 
 __all__ = ["Retry"]
 

@@ -1,25 +1,25 @@
 """The patch on partitioned tasks: Celery's retry, in place, driving the partition's pipeline.
 
-In a partition worker :func:`enable_in_place_retry` replaces ``retry`` on each partitioned
-task instance (``self.retry()`` and ``autoretry_for`` both come here) and wraps ``run``.
-``retry`` keeps Celery's meaning (countdown, eta, ``default_retry_delay``, ``max_retries``)
-but raises :class:`RetryInPlace` instead of publishing. The ``run`` wrapper asks the pipeline
-where the retry waits (``Pipeline.retrying``: the retry stage): set aside, the signal goes on
-to Celery, which records the retry and acks; in place, it records the retry as Celery would
-(:func:`announce_retry`), waits with the message unacked (a warm shutdown stops the worker
-without acking) and runs the task again with ``request.retries`` one higher. A task that fails
-for good goes to ``Pipeline.failed`` (the dead-letter stage) before Celery records it and acks.
-Non-partitioned tasks, eager calls and other workers keep Celery's behaviour.
+:func:`enable_in_place_retry` replaces ``retry`` on each partitioned task instance and wraps
+``run``. ``retry`` keeps Celery's meaning (countdown, eta, ``default_retry_delay``,
+``max_retries``) but raises :class:`RetryInPlace` instead of publishing, which would reorder the
+partition. The ``run`` wrapper asks the pipeline where the retry waits: set aside, Celery records
+the retry and acks; in place, it records the retry as Celery would, waits with the message
+unacked and runs the task again. A task that fails for good reaches ``Pipeline.failed`` before
+Celery records it. Eager calls, other tasks and other workers keep Celery's behaviour.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import inspect
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
@@ -27,7 +27,6 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..store.attempts import AttemptRecord
 from ..tasks import spec_of
-from .retry_semantics import delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
 from .stage import Failure, Pipeline
 
@@ -36,7 +35,8 @@ if TYPE_CHECKING:
 
     from ..message import PartitionMessage
 
-__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry"]
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "retry_arguments",
+           "encode_call", "decode_call"]
 
 logger = logging.getLogger("celery_partitioning.retry")
 
@@ -72,6 +72,79 @@ class _Attempt:
     pending: RetryInPlace | None = None
     #: The arguments the message carries; a retry that changes them records the new ones.
     message_call: tuple[Any, Any] = ((), {})
+
+
+def retry_arguments(run: Callable[..., Any], current_args: Any, current_kwargs: Any,
+                    args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """The arguments of the next attempt, merged as Celery's ``Task.retry`` merges them: new
+    ``args`` drop the keyword arguments they now fill; new ``kwargs`` replace same-named
+    positional ones (celery/celery#6494)."""
+    current_args = () if current_args is None else current_args
+    current_kwargs = {} if current_kwargs is None else current_kwargs
+    if not ((args is not None and kwargs is None and current_kwargs)
+            or (kwargs is not None and args is None and current_args)):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    if args is not None:
+        positional = [p for p in signature.parameters.values()
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        merged = dict(current_kwargs)
+        for parameter in positional[:len(args)]:
+            if parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                merged.pop(parameter.name, None)
+        return args, merged
+    try:
+        bound = signature.bind_partial(*current_args)
+    except TypeError:
+        return current_args, kwargs
+    rest = dict(kwargs or {})
+    for name in list(rest):
+        if (name in bound.arguments
+                and signature.parameters[name].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            bound.arguments[name] = rest.pop(name)
+    return bound.args, {**bound.kwargs, **rest}
+
+
+def encode_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """Arguments a retry changed, serialized as the task's messages are (for the attempt record)."""
+    from kombu import serialization
+
+    dumps: Callable[..., tuple[str, str, bytes | str]] = serialization.dumps
+    serializer = getattr(task, "serializer", None) or task.app.conf.task_serializer
+    content_type, encoding, body = dumps([list(args), kwargs], serializer=serializer)
+    raw = body if isinstance(body, bytes) else body.encode(encoding)
+    return {"content_type": content_type, "encoding": encoding,
+            "body": base64.b64encode(raw).decode("ascii")}
+
+
+def decode_call(call: dict[str, str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from kombu import serialization
+
+    loads: Callable[..., Any] = serialization.loads
+    args, kwargs = loads(base64.b64decode(call["body"]), call["content_type"], call["encoding"],
+                         accept={call["content_type"]})
+    return tuple(args), dict(kwargs)
+
+
+def delay_of(app: Any, eta: Any, countdown: Any) -> float:
+    if eta is not None:
+        if isinstance(eta, datetime):
+            from celery.utils.time import maybe_make_aware
+
+            aware = maybe_make_aware(eta, app.timezone)
+            return max(0.0, float((aware - app.now()).total_seconds()))
+        raise TypeError(f"eta must be a datetime, got {eta!r}")
+    if countdown is None:
+        return 0.0
+    if isinstance(countdown, timedelta):
+        return max(0.0, countdown.total_seconds())
+    return max(0.0, float(countdown))
 
 
 class InPlaceRetry:
