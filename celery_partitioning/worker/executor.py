@@ -48,7 +48,6 @@ class _ConsumerView:
 
     def __init__(self, app: Celery, worker: Any, pool: InlinePool) -> None:
         self.app = app
-        self._worker = worker
         self.pool = pool
         self.hostname = worker.hostname
         consumer = getattr(worker, "consumer", None)

@@ -43,14 +43,9 @@ from ..store.skipping import SkipStore
 from ..tasks import spec_of
 from .stage import Failure, Place, Stage
 
-__all__ = ["DeadLetters", "malformed_key"]
+__all__ = ["DeadLetters"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-
-def malformed_key(raw: bytes | str) -> str:
-    """The dead-letter key of a malformed message that names no partition key."""
-    return f"malformed:{payload_id(raw)}"
 
 
 def _as_text(raw: bytes | str) -> tuple[str, str | None]:
@@ -147,7 +142,7 @@ class DeadLetters(Stage):
         headers = payload.get("headers")
         named_key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
         named_pool = headers.get(HEADER_POOL) if isinstance(headers, dict) else None
-        key = named_key if isinstance(named_key, str) and named_key else malformed_key(raw)
+        key = named_key if isinstance(named_key, str) and named_key else f"malformed:{payload_id(raw)}"
         pool = named_pool if isinstance(named_pool, str) and named_pool in place.settings.pools \
             else place.pool
         summary = message_summary(raw)

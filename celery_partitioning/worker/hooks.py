@@ -215,7 +215,6 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
         declare_partition_queues(app, hosted)  # another queue type: one clear error
     hostname = str(node.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
-                            events=bool(app.conf.worker_send_task_events),
                             balanced=os.environ.get(BALANCE_ENV) == "1")
     # One store client for the process (short commands; a connection per busy thread), and one
     # broker client per partition (its blocking fetch holds a connection the whole time).

@@ -48,8 +48,6 @@ __all__ = ["InProcessWorker", "InProcessWorkerError", "hosted_partitions"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Seconds a blocking fetch waits before the thread checks whether it should stop.
-FETCH_TIMEOUT: Final = 0.2
 #: Seconds ``start`` waits for every partition to consume (a lease held elsewhere...).
 START_TIMEOUT: Final = 15.0
 #: Seconds ``close`` waits for running tasks to finish.
@@ -89,8 +87,6 @@ def hosted_partitions(app: Celery, pools: str | Iterable[str] | None) -> list[tu
 
 class _Thread(PartitionThread):
     """A partition thread whose fatal errors stop it instead of ending the process."""
-
-    fetch_timeout = FETCH_TIMEOUT  # a test waits this long, at most, for the warm stop
 
     def __init__(self, owner: InProcessWorker, runtime: PartitionRuntime) -> None:
         super().__init__(runtime)

@@ -63,10 +63,6 @@ class ChildOutput:
         out = "" if self.out_fd is None else str(self.out_fd)
         return {OUTPUT_FDS_ENV: f"{self.read_fd},{out}"}
 
-    @property
-    def pass_fds(self) -> tuple[int, ...]:
-        return (self.read_fd,) if self.out_fd is None else (self.read_fd, self.out_fd)
-
 
 def _parse_fds(value: str | None) -> tuple[int | None, int | None]:
     """``"7,4"`` → ``(7, 4)``; descriptors that are missing, malformed or closed → None."""
@@ -95,7 +91,6 @@ class SupervisorWatch:
         self.held_fd, self.out_fd = _parse_fds(fds)
         self.on_gone = on_gone
         self.interval = interval
-        self.gone = threading.Event()
         self._write_lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
 
@@ -106,11 +101,9 @@ class SupervisorWatch:
         while os.getppid() == self.supervisor_pid:
             time.sleep(self.interval)
         self._take_over_output()
-        # Say it before anyone can act on it: once ``gone`` is set the process may stop and
-        # exit, and this daemon thread would die before its line is written.
+        # Logged first: once the stop is asked for, this daemon thread may die with the process.
         logger.warning("%s supervisor (pid %d) is gone: warm shutdown", self.label,
                        self.supervisor_pid)
-        self.gone.set()
         self.on_gone()
 
     def _take_over_output(self) -> None:

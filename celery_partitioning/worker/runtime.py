@@ -151,8 +151,6 @@ class WorkerRuntime:
     partitions: list[PartitionRuntime] = field(default_factory=list)
     #: Set when the process stops (warm shutdown, control shutdown, supervisor gone).
     stop_event: threading.Event = field(default_factory=threading.Event)
-    #: Task events on (``-E``) unless the supervisor was told otherwise.
-    events: bool = True
     #: It holds a balanced share of its partitions (``BALANCE_ENV``), not all of them.
     balanced: bool = False
     #: Process-wide helpers, set at start (the in-place retry patcher, the executor).

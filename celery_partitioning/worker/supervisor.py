@@ -110,8 +110,7 @@ def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpe
     """Deal the partitions over ``processes`` processes, in turn (deterministic: partition i
     goes to process i mod P), so every process gets a share of every pool."""
     _check_processes(partitions, processes)
-    return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
-            enumerate(range(processes))]
+    return [ChildSpec(tuple(partitions[n::processes]), n) for n in range(processes)]
 
 
 def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
