@@ -47,11 +47,8 @@ PATCHED: Final = "_celery_partitioning_in_place"
 
 
 class RetryInPlace(Retry):  # type: ignore[misc]
-    """Internal: ``task.retry`` in a partition worker. Caught by the run wrapper, never published.
-
-    A subclass of Celery's ``Retry``, so code that catches ``Retry`` (and ``autoretry_for``,
-    which re-raises it) behaves as with Celery.
-    """
+    """Internal: ``task.retry`` in a partition worker, caught by the run wrapper. A ``Retry``,
+    so code that catches ``Retry`` (and ``autoretry_for``) behaves as with Celery."""
 
     def __init__(self, delay: float, exc: BaseException | None, args: Any, kwargs: Any) -> None:
         super().__init__(exc=exc, when=delay)
@@ -148,8 +145,7 @@ def delay_of(app: Any, eta: Any, countdown: Any) -> float:
 
 
 class InPlaceRetry:
-    """Patches the partitioned tasks of a partition worker process (see the module docstring);
-    one per process: each call finds the pipeline of the calling partition thread."""
+    """Patches the partitioned tasks of a process; each call finds its partition's pipeline."""
 
     def __init__(self, app: Celery, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.app = app
@@ -180,7 +176,7 @@ class InPlaceRetry:
         return True
 
     def unpatch_all(self) -> None:
-        """Give back the tasks this patcher patched as they were (an in-process worker stops)."""
+        """Give the patched tasks back as they were."""
         for task, before in reversed(self._patched):
             for name in ("run", "retry", PATCHED):
                 if name in before:
@@ -320,9 +316,8 @@ class InPlaceRetry:
             self._sleep(min(WAIT_SLICE, remaining))
 
 
-# An in-place retry runs the next attempt inside the same traced call, so Celery's tracer
-# sends task_prerun/task_postrun only for the first start and the last end: these send them
-# for the attempts in between, with request.retries as Celery would count them.
+# In-place attempts share one traced call, so Celery sends task_prerun/task_postrun only for
+# the first start and the last end: these send them for the attempts in between.
 def announce_retry(task: Any, request: Any, signal: Any) -> None:
     """What Celery does for a retry, minus the re-publish: RETRY state, on_retry, task_retry."""
     from celery import signals
@@ -354,8 +349,7 @@ def end_attempt(task: Any, request: Any, args: Any, kwargs: Any, signal: Any) ->
 
 
 def begin_attempt(task: Any, request: Any, args: Any, kwargs: Any) -> None:
-    """The next in-place attempt starts (``request.retries`` already counts it):
-    ``task_prerun``, then the task's own ``before_start`` when it has one."""
+    """The next in-place attempt starts: ``task_prerun``, then the task's ``before_start``."""
     from celery import signals
     from celery.app.task import Task
 
