@@ -148,33 +148,26 @@ def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -
 
 
 def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    # Celery logs and swallows exceptions from signal receivers; a partition worker that
-    # cannot keep its guarantees must not consume: exit instead.
+    """Build and attach the runtime, waiting while the broker or the store is unreachable (a
+    failover). Celery logs and swallows errors of signal receivers: exit instead."""
+    def build() -> None:
+        if current_worker(app) is not None:
+            return
+        runtime = build_runtime(app, worker, hosted)
+        if os.environ.get(METRICS_ENV):  # partitioning worker --metrics-port
+            from ..metrics.instruments import instrument
+
+            instrument(app, runtime)
+        attach_worker(app, runtime)
+
     try:
-        _build_runtime_when_reachable(app, worker, hosted)
+        when_reachable(build, logger.warning, "partition worker start-up")
     except PartitioningError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"celery-partitioning: {exc}") from None
     except Exception as exc:
         logger.critical("celery-partitioning: partition worker start-up failed", exc_info=True)
         raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
-
-
-def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    """Build the runtime, waiting while the broker or the store is unreachable (a failover)."""
-    when_reachable(lambda: _build_runtime_or_raise(app, worker, hosted), logger.warning,
-                   "partition worker start-up")
-
-
-def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    if current_worker(app) is not None:
-        return
-    runtime = build_runtime(app, worker, hosted)
-    if os.environ.get(METRICS_ENV):  # partitioning worker --metrics-port
-        from ..metrics.instruments import instrument
-
-        instrument(app, runtime)
-    attach_worker(app, runtime)
 
 
 def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,

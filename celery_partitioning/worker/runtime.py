@@ -27,23 +27,10 @@ if TYPE_CHECKING:
     from ..store.lease import Lease, LeaseRenewer
     from .failures import DeadLetters
 
-__all__ = [
-    "PARTITIONS_ENV",
-    "BALANCE_ENV",
-    "LEASE_TOKEN_ENV",
-    "LEASE_TAKEOVER_ENV",
-    "SUPERVISOR_PID_ENV",
-    "PROCESSES_ENV",
-    "EVENTS_ENV",
-    "RELAY_ENV",
-    "PartitionRuntime",
-    "WorkerRuntime",
-    "current_runtime",
-    "current_worker",
-    "attach_worker",
-    "bind_thread",
-    "parse_partitions",
-]
+__all__ = ["PARTITIONS_ENV", "BALANCE_ENV", "LEASE_TOKEN_ENV", "LEASE_TAKEOVER_ENV",
+           "SUPERVISOR_PID_ENV", "PROCESSES_ENV", "EVENTS_ENV", "RELAY_ENV", "PartitionRuntime",
+           "WorkerRuntime", "current_runtime", "current_worker", "attach_worker", "bind_thread",
+           "parse_partitions"]
 
 #: Set by the supervisor on each child ``celery worker``: ``"pool:index,pool:index,..."``.
 PARTITIONS_ENV: Final = "CELERY_PARTITIONING_PARTITIONS"

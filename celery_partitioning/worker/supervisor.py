@@ -42,18 +42,8 @@ from .runtime import (
 )
 from .selection import PartitionSpec, parse_indexes, parse_partition_spec, select_partitions
 
-__all__ = [
-    "ChildSpec",
-    "PartitionSpec",
-    "spread",
-    "share",
-    "Supervisor",
-    "select_partitions",
-    "parse_indexes",
-    "parse_partition_spec",
-    "run_celery",
-    "worker_argv",
-]
+__all__ = ["ChildSpec", "PartitionSpec", "spread", "share", "Supervisor", "select_partitions",
+           "parse_indexes", "parse_partition_spec", "run_celery", "worker_argv"]
 
 
 #: First restart delay and its cap (seconds); a child up HEALTHY_AFTER resets the backoff.
