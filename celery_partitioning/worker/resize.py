@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import compat
 from ..errors import PartitionConfigError
@@ -248,6 +248,13 @@ class ResizeGate(Stage):
         _ready, consumers = _declared(runtime, old)
         return bool(consumers)
 
+    def _destination(self, headers: Any) -> tuple[str, int]:
+        """A message's key and partition of the new size ("" and this one: not keyed)."""
+        key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
+        if not isinstance(key, str) or not key:
+            return "", self.runtime.index
+        return key, partition_for(key, self.size)
+
     def _take_published(self, old: int) -> bool:
         """:meth:`_take` on RabbitMQ: ``basic.get``, into the key's moved list, then ack."""
         runtime = self.runtime
@@ -268,11 +275,7 @@ class ResizeGate(Stage):
                     logger.info("%s old partition %d of pool %s is drained", runtime.label,
                                 old, runtime.pool)
                     return True
-                headers = message.headers if isinstance(message.headers, dict) else {}
-                key = headers.get(HEADER_KEY)
-                if not isinstance(key, str) or not key:
-                    key = ""
-                new = partition_for(key, self.size) if key else runtime.index
+                key, new = self._destination(message.headers)
                 raw = payload_of(message)
                 self.store.gate(runtime.pool, key, payload_id(raw), raw, "old", old=old,
                                 new=new, mark=None)
@@ -301,11 +304,7 @@ class ResizeGate(Stage):
                 continue
             payload = decode_payload(raw)
             headers = payload.get("headers") if payload is not None else None
-            key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
-            if not isinstance(key, str) or not key:
-                key, new = "", runtime.index  # not a keyed message: it goes on here
-            else:
-                new = partition_for(key, self.size)
+            key, new = self._destination(headers)
             stamp = headers.get(HEADER_COUNT) if isinstance(headers, dict) else None
             task_id = payload_id(raw)
             if stamp != self.previous:
