@@ -33,6 +33,7 @@ from .hooks import build_runtime
 from .lifecycle import Partition, unit_of, wake
 from .partition import PartitionThread
 from .runtime import PartitionRuntime, WorkerRuntime, attach_worker, current_worker
+from .task_patch import own_attributes, restore_attributes
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -41,6 +42,8 @@ __all__ = ["InProcessWorker", "InProcessWorkerError", "hosted_partitions"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
+#: What building the runtime sets on each task instance, given back at close.
+_TASK_ATTRIBUTES: Final = ("acks_late", "__trace__")
 #: Seconds ``start`` waits for every partition to consume (a lease held elsewhere...).
 START_TIMEOUT: Final = 15.0
 #: Seconds ``close`` waits for running tasks to finish.
@@ -135,9 +138,7 @@ class InProcessWorker:
             raise InProcessWorkerError(f"app {app.main!r} already runs partition workers in this "
                                        "process; stop them first")
         assert_valid_partition_keys(app)
-        # What building the runtime changes on the tasks, to give back at close.
-        self._before = {task: {name: vars(task)[name] for name in ("acks_late", "__trace__")
-                               if name in vars(task)} for task in app.tasks.values()}
+        self._before = {task: own_attributes(task, _TASK_ATTRIBUTES) for task in app.tasks.values()}
         runtime = build_runtime(app, _Node(self.hostname), self.hosted, fence=self._fence)
         self.runtime = runtime
         attach_worker(app, runtime)
@@ -196,11 +197,7 @@ class InProcessWorker:
         if runtime.retry is not None:
             runtime.retry.unpatch_all()
         for task, before in self._before.items():
-            for name in ("acks_late", "__trace__"):
-                if name in before:
-                    setattr(task, name, before[name])
-                elif name in vars(task):
-                    delattr(task, name)
+            restore_attributes(task, _TASK_ATTRIBUTES, before)
         attach_worker(self.app, None)
         _close_clients(runtime)
         if self.failures and raise_failures:

@@ -168,8 +168,7 @@ class InPlaceRetry:
             return False
         original_run = task.run
         original_retry = task.retry
-        own = vars(task)
-        self._patched.append((task, {name: own[name] for name in ("run", "retry") if name in own}))
+        self._patched.append((task, own_attributes(task, ("run", "retry"))))
         task.retry = functools.partial(self._retry, task, original_retry)
         task.run = functools.wraps(original_run)(functools.partial(self._run, task, original_run))
         setattr(task, PATCHED, True)
@@ -178,11 +177,7 @@ class InPlaceRetry:
     def unpatch_all(self) -> None:
         """Give the patched tasks back as they were."""
         for task, before in reversed(self._patched):
-            for name in ("run", "retry", PATCHED):
-                if name in before:
-                    setattr(task, name, before[name])
-                elif name in vars(task):
-                    delattr(task, name)
+            restore_attributes(task, ("run", "retry", PATCHED), before)
         self._patched.clear()
 
     # -- task.retry -------------------------------------------------------------------
@@ -358,6 +353,20 @@ def begin_attempt(task: Any, request: Any, args: Any, kwargs: Any) -> None:
     before_start = getattr(type(task), "before_start", None)
     if before_start is not None and before_start is not Task.before_start:
         task.before_start(request.id, args, kwargs)
+
+
+def own_attributes(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """What ``obj`` itself (not its class) holds of ``names``."""
+    return {name: vars(obj)[name] for name in names if name in vars(obj)}
+
+
+def restore_attributes(obj: Any, names: tuple[str, ...], before: dict[str, Any]) -> None:
+    """Give ``obj`` back the ``names`` it held (:func:`own_attributes`); drop the others."""
+    for name in names:
+        if name in before:
+            setattr(obj, name, before[name])
+        elif name in vars(obj):
+            delattr(obj, name)
 
 
 def enable_in_place_retry(app: Celery) -> InPlaceRetry:
