@@ -42,9 +42,8 @@ class Balancer:
 
     def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
                  queue_name: Callable[[str, int], str], *, member: str, ttl: float,
-                 pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0,
-                 token: str = "", succeeds: str = "", group: str = "",
-                 group_size: int = 0) -> None:
+                 pinned: Mapping[str, Sequence[int]] | None = None, token: str = "",
+                 succeeds: str = "", group: str = "", group_size: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.membership = Membership(client, keys)
@@ -53,7 +52,6 @@ class Balancer:
         self.member = member
         self.ttl = ttl
         self.pinned = {pool: tuple(indexes) for pool, indexes in (pinned or {}).items()}
-        self.interval = interval
         self.token = token
         self.succeeds = succeeds
         self.group, self.group_size = group, group_size
@@ -125,7 +123,7 @@ class Fleet:
             redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
             {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
             member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), pinned=pinned,
-            interval=BEAT, token=os.environ.get(LEASE_TOKEN_ENV, ""),
+            token=os.environ.get(LEASE_TOKEN_ENV, ""),
             succeeds=os.environ.get(LEASE_TAKEOVER_ENV, ""),
             group=member_id(pid=int(supervisor)) if supervisor else "",
             group_size=int(os.environ.get(PROCESSES_ENV, "0")) if supervisor else 0)
@@ -157,7 +155,7 @@ class Fleet:
                 (logger.debug if self._failing else logger.warning)(
                     "membership beat failed (%s); keeping the last share", exc)
                 self._failing = True
-            self._stop.wait(JOIN_POLL if self.balancer.waiting else self.balancer.interval)
+            self._stop.wait(JOIN_POLL if self.balancer.waiting else BEAT)
 
     def _reconcile(self) -> None:
         for unit in self.units:

@@ -220,6 +220,10 @@ class Supervisor:
                 return
             if got is None:
                 break
+        self._flush_partial(child)
+
+    def _flush_partial(self, child: _Child) -> None:
+        """Forward the child's unfinished last line."""
         if child.partial:
             self._line(child, child.partial)
             child.partial = b""
@@ -227,9 +231,7 @@ class Supervisor:
     def _close_output(self, child: _Child) -> None:
         if child.output_fd is None:
             return
-        if child.partial:
-            self._line(child, child.partial)
-            child.partial = b""
+        self._flush_partial(child)
         self._selector.unregister(child.output_fd)
         os.close(child.output_fd)
         child.output_fd = None
