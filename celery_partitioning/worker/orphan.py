@@ -77,12 +77,11 @@ class SupervisorWatch:
     """Child side: notices the supervisor is gone, takes its output over, stops warmly."""
 
     def __init__(self, supervisor_pid: int, label: str, fds: str | None,
-                 on_gone: Callable[[], None], interval: float = POLL_INTERVAL) -> None:
+                 on_gone: Callable[[], None]) -> None:
         self.supervisor_pid = supervisor_pid
         self.label = label
         self.held_fd, self.out_fd = _parse_fds(fds)
         self.on_gone = on_gone
-        self.interval = interval
         self._write_lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
 
@@ -91,7 +90,7 @@ class SupervisorWatch:
 
     def _watch(self) -> None:
         while os.getppid() == self.supervisor_pid:
-            time.sleep(self.interval)
+            time.sleep(POLL_INTERVAL)
         self._take_over_output()
         # Logged first: once the stop is asked for, this daemon thread may die with the process.
         logger.warning("%s supervisor (pid %d) is gone: warm shutdown", self.label,

@@ -147,9 +147,8 @@ def delay_of(app: Any, eta: Any, countdown: Any) -> float:
 class InPlaceRetry:
     """Patches the partitioned tasks of a process; each call finds its partition's pipeline."""
 
-    def __init__(self, app: Celery, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, app: Celery) -> None:
         self.app = app
-        self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
         #: The tasks this patcher patched, with what their instance held before.
         self._patched: list[tuple[Any, dict[str, Any]]] = []
@@ -308,7 +307,7 @@ class InPlaceRetry:
                                "unacked and goes back to the head of %s",
                                runtime.queue if runtime is not None else "its queue")
                 raise WorkerShutdown(0)
-            self._sleep(min(WAIT_SLICE, remaining))
+            time.sleep(min(WAIT_SLICE, remaining))
 
 
 # In-place attempts share one traced call, so Celery sends task_prerun/task_postrun only for
