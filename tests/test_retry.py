@@ -358,7 +358,7 @@ MERGE_CASES = [
 def test_retry_arguments_merge_as_celery_merges_them(
         cur_args: tuple[Any, ...], cur_kwargs: dict[str, Any], args: Any, kwargs: Any,
         want_args: tuple[Any, ...], want_kwargs: dict[str, Any]) -> None:
-    from celery_partitioning.worker.retry_semantics import retry_arguments
+    from celery_partitioning.worker.task_patch import retry_arguments
 
     app = make_app()
 

@@ -1,16 +1,12 @@
 """Which partitions this process should hold, recomputed at every beat.
 
 Every process of ``partitioning worker`` is a member of its pools (``store/membership.py``):
-balanced by default, pinned with ``--partitions`` (a pinned member takes only its partitions,
-and the balanced ones leave those to it). At each beat a member
-registers itself, reads the live members and the lease holders, and computes the pool's
-assignment (``balance.py``): the same computation on every member, so each knows its own share
-without a coordinator. A partition thread asks :meth:`Balancer.wants` before it takes its
-lease and between two messages while it holds it; a partition no longer wanted is handed over
-by releasing the lease after the running message, and the member it now belongs to takes the
-lease as a standby takes it today. The lease remains the only permission to consume. The
-processes of one command wait for each other at start (``JOIN_DELAY_MS``), so that their
-first assignment already counts them all.
+balanced by default, pinned with ``--partitions`` (the balanced members leave those alone). At
+each beat a member registers, reads the live members and lease holders and computes the pool's
+assignment (``balance.py``), the same on every member, so no coordinator is needed. A partition
+no longer wanted is handed over by releasing its lease after the running message; the lease
+stays the only permission to consume. The processes of one command wait for each other at
+start (``JOIN_DELAY_MS``) so their first assignment counts them all.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ __all__ = ["Balancer", "Fleet", "BEAT"]
 
 #: Seconds between two beats of a member: a join is balanced within two or three of them.
 BEAT: Final = 2.0
-#: Seconds between two beats while a starting member waits for the rest of its command, so
-#: that its siblings' start is seen at once.
+#: Seconds between two beats while a starting member waits for the rest of its command.
 JOIN_POLL: Final = 0.25
 
 logger = logging.getLogger("celery_partitioning.worker")
@@ -47,9 +42,8 @@ class Balancer:
 
     def __init__(self, client: Any, keys: RedisKeys, sizes: Mapping[str, int],
                  queue_name: Callable[[str, int], str], *, member: str, ttl: float,
-                 pinned: Mapping[str, Sequence[int]] | None = None, interval: float = 2.0,
-                 token: str = "", succeeds: str = "", group: str = "",
-                 group_size: int = 0) -> None:
+                 pinned: Mapping[str, Sequence[int]] | None = None, token: str = "",
+                 succeeds: str = "", group: str = "", group_size: int = 0) -> None:
         self.client = client
         self.keys = keys
         self.membership = Membership(client, keys)
@@ -58,7 +52,6 @@ class Balancer:
         self.member = member
         self.ttl = ttl
         self.pinned = {pool: tuple(indexes) for pool, indexes in (pinned or {}).items()}
-        self.interval = interval
         self.token = token
         self.succeeds = succeeds
         self.group, self.group_size = group, group_size
@@ -95,16 +88,14 @@ class Balancer:
             self._mine[pool] = mine
 
     def _without_predecessor(self, pool: str, live: list[Member]) -> list[Member]:
-        """``live`` without the member this process succeeds (its supervisor saw it die), whose
-        record is removed at once instead of after its TTL."""
+        """``live`` without the dead member this process succeeds (removed now, not at its TTL)."""
         gone = [m for m in live if self.succeeds and m.token == self.succeeds]
         if gone:
             self.membership.leave([pool], gone[0].id)
         return [m for m in live if m not in gone]
 
     def leave(self) -> None:
-        """Leave every pool at once, so the others rebalance without waiting for this
-        member's TTL."""
+        """Leave every pool now, so the others need not wait for this member's TTL."""
         try:
             self.membership.leave(self.sizes, self.member)
         except Exception as exc:  # noqa: BLE001 - it expires by itself
@@ -112,12 +103,9 @@ class Balancer:
 
 
 class Fleet:
-    """The partitions of a member process: each a unit (``lifecycle.Partition``). Balanced, a
-    unit is started when the balancer gives it to this process and stopped, between two
-    messages, when it gives it to another; a start or stop runs in a thread of its own, so a
-    long task never holds up the beat (a member that stops beating is taken for gone).
-    Pinned, the caller starts every unit and the fleet only beats, so that the balanced
-    members leave those partitions to this one."""
+    """The partition units of a member process. Balanced, a unit starts when the balancer
+    gives it here and stops when it goes elsewhere, each in a thread of its own so a long task
+    never holds up the beat. Pinned, the caller starts the units and the fleet only beats."""
 
     def __init__(self, runtime: WorkerRuntime, units: Sequence[Partition], *,
                  balanced: bool = True) -> None:
@@ -135,7 +123,7 @@ class Fleet:
             redis_client(settings.redis, timeout=10.0), redis_keys(runtime.app),
             {pool: settings.partitions(pool) for pool in pools}, settings.queue_name,
             member=member_id(), ttl=max(settings.lease_ttl, 3 * BEAT), pinned=pinned,
-            interval=BEAT, token=os.environ.get(LEASE_TOKEN_ENV, ""),
+            token=os.environ.get(LEASE_TOKEN_ENV, ""),
             succeeds=os.environ.get(LEASE_TAKEOVER_ENV, ""),
             group=member_id(pid=int(supervisor)) if supervisor else "",
             group_size=int(os.environ.get(PROCESSES_ENV, "0")) if supervisor else 0)
@@ -163,11 +151,11 @@ class Fleet:
                     self._reconcile()
                 self._failing = False
             except Exception as exc:  # noqa: BLE001 - the store may be failing over
-                # once per outage: a failover makes every beat fail for a while
+                # warned once per outage
                 (logger.debug if self._failing else logger.warning)(
                     "membership beat failed (%s); keeping the last share", exc)
                 self._failing = True
-            self._stop.wait(JOIN_POLL if self.balancer.waiting else self.balancer.interval)
+            self._stop.wait(JOIN_POLL if self.balancer.waiting else BEAT)
 
     def _reconcile(self) -> None:
         for unit in self.units:

@@ -1,10 +1,9 @@
 """What the ``celery worker`` banner of a partition worker process says.
 
-Celery prints ``concurrency: 1 (solo)`` and the one queue the process's own consumer listens
-to, ``<prefix>.idle``: true of that consumer, alarming to a reader who expects the worker to
-run tasks. The tasks run in the partition threads, so at ``celeryd_after_setup`` (sent just
-before Celery prints the banner) the concurrency line is replaced with those threads, the
-idle queue is explained, and a ``[partitions]`` section lists the queues they consume.
+Celery prints ``concurrency: 1 (solo)`` and the idle queue its own consumer listens to, which
+misleads: the tasks run in the partition threads. At ``celeryd_after_setup`` the concurrency
+line names those threads, the idle queue is explained, and a ``[partitions]`` section lists
+the queues they consume.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ def describe_partitions(runtime: WorkerRuntime) -> str:
 
 def install_banner(worker: object, runtime: WorkerRuntime, idle_queue: str,
                    extra: str = "") -> None:
-    """Make ``worker`` (a ``celery.apps.worker.Worker``) print the banner above, then
-    ``extra`` (another section: the outbox relay's)."""
+    """Make ``worker`` print this banner, then ``extra`` (the outbox relay's section)."""
     compat.rewrite_worker_banner(worker, lambda text: rewrite_banner(text, runtime, idle_queue),
                                  describe_partitions(runtime) + extra)

@@ -1,24 +1,18 @@
-"""Celery's remote control on the nodes of an app with partitioning: nothing it offers can give a
-partition a second consumer or a second concurrent run, and ``inspect active_queues`` shows the
+"""Celery's remote control on the nodes of an app with partitioning: nothing it offers may give a
+partition a second consumer or a second concurrent run, and ``inspect active_queues`` lists the
 partition queues a node consumes.
 
-Celery keeps one process-wide registry of control handlers (``Panel``). :func:`install_guards`
-(every ``celery worker`` of an installed app runs it at ``celeryd_init``) wraps a few of them;
-each wrapper looks at the app of the node that received the command and hands anything that is
-not about partitioning to Celery's own handler, so another app in the same process is served as
-before. What is refused is answered with ``{"error": "celery-partitioning: ..."}``, as Celery
-answers a command it cannot carry out:
+:func:`install_guards` (at ``celeryd_init`` of every worker of an installed app) wraps a few of
+Celery's process-wide handlers; each wrapper passes what is not about partitioning to Celery's
+handler, so another app in the same process is served as before. A refusal is answered with
+``{"error": "celery-partitioning: ..."}``, as Celery answers a command it cannot carry out:
 
-- ``add_consumer`` / ``cancel_consumer`` naming a partition queue (or binding another queue to a
-  partition queue's routing key) on every node; ``add_consumer`` of anything on a partition
-  worker process (its own consumer listens on the idle queue only: its partitions are threads).
-- ``pool_grow``, ``pool_shrink``, ``autoscale``, ``pool_restart`` on a partition worker process.
-- ``rate_limit`` and ``time_limit`` of a partitioned task on every node (validation refuses them
-  in the task options too: a rate limit holds messages back out of order, a thread cannot be
-  killed at a time limit).
+- ``add_consumer`` / ``cancel_consumer`` of a partition queue (or routing key) on every node,
+  and ``add_consumer`` of anything on a partition worker process;
+- ``pool_grow``, ``pool_shrink``, ``autoscale``, ``pool_restart`` on a partition worker process;
+- ``rate_limit`` and ``time_limit`` of a partitioned task on every node;
 - ``revoke``/``terminate``/``revoke_by_stamped_headers`` with terminate on a partition worker
-  process: the tasks are flagged as revoked (a queued one is skipped when its turn comes), the
-  running one cannot be cut short (it runs in a thread) and the reply says so.
+  process: flagged as revoked, but a running task is not cut short (it runs in a thread).
 """
 
 from __future__ import annotations
@@ -48,8 +42,7 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 #: Set on a handler this module made (installing twice wraps nothing twice).
 _MARK: Final = "__celery_partitioning_guard__"
-#: Set to ``1`` to let a plain ``celery worker`` consume partition queues (no ordering guarantee):
-#: ``-Q`` at start (``hooks.py``) and ``add_consumer``.
+#: ``1`` lets a plain ``celery worker`` consume partition queues (no ordering guarantee).
 ALLOW_PLAIN_CONSUMER_ENV: Final = "CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER"
 
 #: A Celery control handler: ``handler(state, **arguments)`` → reply.
@@ -72,8 +65,8 @@ def _settings(app: Celery) -> PartitioningSettings | None:
 
 
 def _partition_of(settings: PartitioningSettings, name: Any) -> tuple[str, int] | None:
-    """(pool, index) when ``name`` is a partition queue of a configured pool (any index: a pool
-    being resized has queues beyond its current size), else None."""
+    """(pool, index) when ``name`` is a partition queue of a configured pool (any index: a
+    resize leaves queues beyond the current size), else None."""
     if not isinstance(name, str):
         return None
     for pool in settings.pools:
@@ -215,9 +208,8 @@ def _active_queues(state: Any, original: Handler, arguments: dict[str, Any]) -> 
 
 
 def partition_queues_of_node(app: Celery) -> list[dict[str, Any]]:
-    """The partition queues this process hosts, as ``inspect active_queues`` lists a queue,
-    with ``"partition": {"pool", "index", "partitions"}`` added (empty outside a partition
-    worker process)."""
+    """The partition queues this process hosts, as ``inspect active_queues`` lists queues,
+    with ``"partition": {"pool", "index", "partitions"}`` added."""
     worker = current_worker(app)
     if worker is None:
         return []
@@ -259,9 +251,7 @@ def _wrap(original: Handler, guard: Guard) -> Handler:
 
 
 def install_guards() -> None:
-    """Put the guards in front of Celery's handlers in this process (idempotent). A plain
-    worker with ``CELERY_PARTITIONING_ALLOW_PLAIN_CONSUMER=1`` accepts ``add_consumer`` of a
-    partition queue, as it accepts ``-Q`` of one."""
+    """Put the guards in front of Celery's handlers in this process (idempotent)."""
     handlers = compat.control_handlers()
     for name, guard in GUARDED_COMMANDS.items():
         original = handlers.get(name)

@@ -1,16 +1,10 @@
 """Running one received message as Celery's own consumer would, in the partition's thread.
 
-Celery hands each task message to the task's *strategy* (``Task.start_strategy``: request
-class, ``Received task`` log, ``task_received`` signal, ``task-received`` event, revoke
-checks, ``task_reserved``), which passes the request to the consumer's ``on_task_request``
-and from there to the pool. A partition thread does the same with its own stand-in for the
-consumer: the strategy is Celery's, and the "pool" runs the traced task right here, in the
-calling thread (Celery's ``apply_target``, as its solo pool does). So ``task_prerun`` /
-``task_postrun`` / ``task_success`` / ``task_failure`` / ``task_retry``, result backends,
-``bind=True`` request fields, ``acks_late``, ``inspect active`` (the worker's shared
-``active_requests``) and task events behave as on a plain worker, while each partition still
-runs one message at a time. Strategies are built per task and per event dispatcher (a
-reconnecting worker makes a new one).
+The task's *strategy* (``Task.start_strategy``: request, ``Received task`` log, signals,
+events, revoke checks) hands the request to a stand-in consumer whose pool runs the traced task
+in the calling thread, as Celery's solo pool does. Signals, result backends, ``bind=True``
+request fields, ``acks_late``, ``inspect active`` and task events behave as on a plain worker,
+one message at a time per partition.
 """
 
 from __future__ import annotations
@@ -48,7 +42,6 @@ class _ConsumerView:
 
     def __init__(self, app: Celery, worker: Any, pool: InlinePool) -> None:
         self.app = app
-        self._worker = worker
         self.pool = pool
         self.hostname = worker.hostname
         consumer = getattr(worker, "consumer", None)
@@ -87,10 +80,7 @@ class Executor:
                 strategy = self._strategies.get(cache_key)
                 if strategy is None:
                     task = self.app.tasks[name]
-                    # Rebuilt here, not kept from whoever built one first: Celery's consumer
-                    # builds tracers when it starts (a partition may receive its first message
-                    # before that), and one built before an SDK patched build_tracer would
-                    # bypass it.
+                    # Built here: a tracer built before an SDK patched build_tracer bypasses it.
                     task.__trace__ = trace.build_tracer(name, task, self.app.loader,
                                                         self.worker.hostname, app=self.app)
                     view = _ConsumerView(self.app, self.worker, self.pool)
@@ -99,11 +89,9 @@ class Executor:
         return strategy
 
     def run(self, name: str, message: Any, done: Callable[[], None]) -> None:
-        """Run ``message`` of task ``name`` to the end (acked by Celery's acks_late path);
-        ``done()`` (the pipeline's ``after`` hooks) runs just before the ack or a reject that
-        does not requeue, so a crash in between leaves the message to run again. Raises what
-        Celery's consumer would treat as an invalid message (``InvalidTaskError``,
-        ``ContentDisallowed``, ``DecodeError``) and a ``WorkerShutdown`` from the task."""
+        """Run ``message`` of task ``name`` to its ack; ``done()`` runs just before the ack
+        (or a reject without requeue), so a crash in between runs the message again. Raises
+        what Celery would treat as an invalid message, and a ``WorkerShutdown``."""
         def ack(log: Any, errors: Any, multiple: bool = False) -> None:
             done()
             message.ack_log_error(log, errors, multiple)

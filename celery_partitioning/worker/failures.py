@@ -1,21 +1,14 @@
 """The dead-letter stage: a message that fails for good, or cannot run at all, becomes a dead letter.
 
-* A partitioned task that raised with no retry left (``DeadLetters.failed``): its
-  message becomes a dead letter with the error and traceback, and its key is parked; with
-  the failure policy ``skip`` (``on_failure=`` / ``partitioning_on_failure``) the dead letter
-  is only recorded and the key goes on with its next message.
-* A malformed message (``DeadLetters.malformed``, called by the partition thread): bytes
-  that are not a kombu message, a body that cannot be decoded, a message that is not a task
-  or names an unknown task. It
-  goes to the pool's dead letters with its raw bytes and the reason (``MALFORMED``), and
-  the worker goes on. If it carries a partition key, that key is parked like any other
-  (its later messages wait for the operator); otherwise it is filed under the key
-  ``malformed:<id>``, which nothing else uses, so it holds nothing up.
+* :meth:`DeadLetters.failed`: a partitioned task raised with no retry left. Its message becomes
+  a dead letter with the error and traceback and its key is parked; with the failure policy
+  ``skip`` the letter is only recorded and the key goes on.
+* :meth:`DeadLetters.malformed`: bytes that are not a task message of a known task. Stored raw
+  with the reason; its key, if it names one, is parked; otherwise it is filed under
+  ``malformed:<id>``, which holds nothing up.
 
-Either way a store that cannot be written stops the worker without acking
-(``EXIT_KEEP_MESSAGE``): the message comes back at the head of its queue, nothing is lost.
-The letter is written before Celery records the failure and acks the message, so a crash in
-between never loses it (the message comes back, its key parked: it is only acked).
+The letter is written before the message is acked. A store that cannot be written stops the
+worker without acking (``EXIT_KEEP_MESSAGE``): nothing is lost.
 """
 
 from __future__ import annotations
@@ -43,14 +36,9 @@ from ..store.skipping import SkipStore
 from ..tasks import spec_of
 from .stage import Failure, Place, Stage
 
-__all__ = ["DeadLetters", "malformed_key"]
+__all__ = ["DeadLetters"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-
-def malformed_key(raw: bytes | str) -> str:
-    """The dead-letter key of a malformed message that names no partition key."""
-    return f"malformed:{raw_message_id(raw)}"
 
 
 def _as_text(raw: bytes | str) -> tuple[str, str | None]:
@@ -128,8 +116,7 @@ class DeadLetters(Stage):
         return True
 
     def _skip(self, letter: DeadLetter) -> None:
-        """Record the dead letter of a skip-policy task; its key is not parked (the worker
-        reports the message done as usual, which ends a replay it belonged to)."""
+        """Record the dead letter of a skip-policy task; its key is not parked."""
         try:
             self.skips.record(letter)
         except Exception:  # noqa: BLE001 - exit_now logs the traceback
@@ -147,7 +134,7 @@ class DeadLetters(Stage):
         headers = payload.get("headers")
         named_key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
         named_pool = headers.get(HEADER_POOL) if isinstance(headers, dict) else None
-        key = named_key if isinstance(named_key, str) and named_key else malformed_key(raw)
+        key = named_key if isinstance(named_key, str) and named_key else f"malformed:{raw_message_id(raw)}"
         pool = named_pool if isinstance(named_pool, str) and named_pool in place.settings.pools \
             else place.pool
         summary = message_summary(raw)

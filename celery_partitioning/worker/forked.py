@@ -1,18 +1,11 @@
 """A partition worker process forked from the supervisor, which has imported the app.
 
-The supervisor forks its children instead of starting ``python -m celery worker`` afresh:
-each child then shares, copy-on-write, every page of what the supervisor imported (Python,
-Celery, kombu, redis-py, the app and its task modules), as a prefork pool's children share
-their parent's. A child costs what it writes, not a second copy of the interpreter and the
-app (``benchmarks/bench_memory.py``).
-
-Forking is safe here because the supervisor is single-threaded when it forks (it pumps its
-children's output in its main loop) and has done nothing but import and validate the app:
-no lock can be held by a thread that does not exist in the child. The child resets the
-supervisor's signal handlers, moves its standard streams onto its own output pipe, takes
-the environment it is given, forgets the supervisor's ``atexit`` handlers, runs ``main`` and
-leaves through :func:`~celery_partitioning.exits.exit_forked_child` (its own exit handlers
-run, then ``os._exit``): it never returns into the supervisor's code.
+Forked children share the supervisor's imported pages copy-on-write (Python, Celery, the app),
+as a prefork pool's children do: a child costs what it writes (``benchmarks/bench_memory.py``).
+Forking is safe because the supervisor is single-threaded and has only imported and checked
+the app. The child resets signal handlers, moves its standard streams onto its output pipe,
+takes its environment, forgets the supervisor's ``atexit`` handlers and leaves through
+:func:`~celery_partitioning.exits.exit_forked_child`: it never returns into the supervisor.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """The misroute guard: a message for another partition is moved there, not run.
 
-A message's ``partition_key`` and ``partition_pool`` headers say where it belongs under
-the *current* settings (``partition_for(key, pool size)``). When that is not this
-worker's partition (the pool was resized, or a producer ran with other settings) the
-message is re-published, unchanged but for its ``partition_index`` / ``partition_count``
-headers, to its right queue, then acked here. It never runs on the wrong partition.
-
-A message's ``partition_count`` header is the pool size its producer routed it with. A count
-other than the worker's is logged once per pool and count in a process (a producer with stale
-settings keeps working, at the cost of a re-publish per misrouted message: the log says
-which setting to fix).
+A message's ``partition_key`` and ``partition_pool`` headers say where it belongs under the
+worker's settings. When that is another partition (a resize, or a producer with other settings)
+it is re-published, unchanged but for its ``partition_index`` / ``partition_count`` headers, to
+its queue, then acked here. A producer's ``partition_count`` other than the worker's is logged
+once per pool and count, naming the setting to fix.
 """
 
 from __future__ import annotations
@@ -27,15 +22,13 @@ __all__ = ["MisrouteGuard"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: (the pool's first queue, producer count) already logged in this process, and its lock
-#: (partition threads).
+#: (the pool's first queue, producer count) already logged in this process.
 _seen_counts: set[tuple[str, int]] = set()
 _seen_lock = threading.Lock()
 
 
 def note_producer_count(place: Place, pool: str, produced: object, count: int) -> None:
-    """Log, once per pool and count in this process, a message routed with a pool size other
-    than this worker's ``count``."""
+    """Log, once per pool and count, a message routed with a pool size other than ``count``."""
     if not isinstance(produced, int) or isinstance(produced, bool) or produced == count:
         return
     seen = (place.settings.queue_name(pool, 0), produced)

@@ -1,32 +1,20 @@
-"""Wiring a partition worker process: Celery signals and a worker bootstep → partition threads.
+"""Wiring a partition worker process: Celery signals and bootsteps around the partition threads.
 
-``install(app)`` imports this module only in a ``celery worker`` process, at ``celeryd_init``
-(:func:`configure_worker`). Every worker of the app: Celery's remote control is guarded
-(``control.py``). Any other worker of the app: a ``-Q`` naming a partition queue is refused
-(``ALLOW_PLAIN_CONSUMER_ENV=1`` overrides it).
+``install(app)`` imports this module in a ``celery worker`` process only, at ``celeryd_init``
+(:func:`configure_worker`). Every worker of the app gets guarded remote control
+(``control.py``); a plain worker refuses ``-Q`` of a partition queue.
 
-In a process started with ``PARTITIONS_ENV`` (the supervisor's children) only:
+A process the supervisor started (``PARTITIONS_ENV`` set) also:
 
-1. ``celeryd_init``: check the Celery/kombu internals this package relies on (``compat``);
-   watch the supervisor (``orphan.py``); let Celery's consumer build tracers through
-   ``celery.app.trace`` as it is then (SDKs patch it in worker signals); check ``-Q`` is
-   the idle queue (the process is a real Celery node, for remote control, events and
-   heartbeats, but its own consumer takes no task: every partition is consumed by a thread);
-   force ``acks_late`` and rate limits off;
-   turn task events on (unless ``--without-events``); add :class:`PartitionsStep`.
-2. ``worker_init`` (after the registry check): refuse a setup that cannot keep a guarantee,
-   build the :class:`~.runtime.WorkerRuntime` (one PartitionRuntime per partition: its lease
-   and pipeline, ``pipeline.py``) and patch partitioned tasks for in-place retry.
-   ``celeryd_after_setup``: the banner says what runs the tasks (``banner.py``).
-3. The worker starts :class:`PartitionsStep`: one thread per partition
-   (``partition.py``): a standby waits there for its lease, then recovery, then consuming.
-   With a Redis store the process is a member of its pools (``balancer.Fleet``): balanced
-   (``BALANCE_ENV``), it starts and stops partitions as its share changes; pinned, it starts
-   them all and only beats.
-4. A warm stop (SIGTERM, a first SIGINT, ``celery control shutdown``, the supervisor gone)
-   closes the step first: no partition starts another message, running tasks finish, leases
-   are released; then Celery stops the rest. The step makes a first SIGINT exit 0 as SIGTERM
-   does (Celery's own exits 1); a second SIGINT is Celery's cold shutdown.
+1. at ``celeryd_init``: checks Celery's internals (``compat``), watches its supervisor
+   (``orphan.py``), insists on ``-Q <idle queue>`` (its own consumer takes no task), forces
+   ``acks_late`` and no rate limits, turns task events on and adds :class:`PartitionsStep`;
+2. at ``worker_init``: refuses a setup that cannot keep a guarantee and builds the
+   :class:`~.runtime.WorkerRuntime` (:func:`build_runtime`); the banner says what runs the tasks;
+3. starts one unit per partition (``lifecycle.Partition``), under a ``balancer.Fleet`` when
+   there is a Redis store;
+4. on a warm stop closes the step first: running tasks finish, leases are released. A first
+   SIGINT exits 0 as SIGTERM does.
 """
 
 from __future__ import annotations
@@ -77,8 +65,7 @@ __all__ = ["configure_worker", "build_runtime", "PartitionsStep", "FORCED_WORKER
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Seconds any command of a partition worker's store client may wait (the store's commands
-#: and scripts are short; a longer silence is a server gone without a reset).
+#: Seconds a store command may take: they are short, a longer silence is a dead server.
 STORE_SOCKET_TIMEOUT: Final = 10.0
 #: Settings every partition worker process runs with, whatever the app says.
 FORCED_WORKER_SETTINGS: Final = {
@@ -144,12 +131,8 @@ def configure_worker(app: Celery, options: dict[str, Any]) -> None:
 
 
 def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -> None:
-    """A plain ``celery worker -Q <partition queue>`` stops before it consumes anything.
-
-    It would hold no lease, prefetch several messages, run them concurrently and send retries
-    to the back of the queue: exactly the reordering partitioning prevents. On RabbitMQ the
-    single-active-consumer queue would still make it a rival of the real partition worker.
-    """
+    """A plain ``celery worker -Q <partition queue>`` stops before it consumes: it would
+    hold no lease and run a key's messages concurrently, out of order."""
     partition_queues = {settings.queue_name(pool, index): (pool, index)
                         for pool, count in settings.pools.items() for index in range(count)}
     taken = [name for name in names if name in partition_queues]
@@ -165,10 +148,20 @@ def _refuse_partition_queues(settings: PartitioningSettings, names: list[str]) -
 
 
 def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    # Celery logs and swallows exceptions from signal receivers; a partition worker that
-    # cannot keep its guarantees must not consume: exit instead.
+    """Build and attach the runtime, waiting while the broker or the store is unreachable (a
+    failover). Celery logs and swallows errors of signal receivers: exit instead."""
+    def build() -> None:
+        if current_worker(app) is not None:
+            return
+        runtime = build_runtime(app, worker, hosted)
+        if os.environ.get(METRICS_ENV):  # partitioning worker --metrics-port
+            from ..metrics.instruments import instrument
+
+            instrument(app, runtime)
+        attach_worker(app, runtime)
+
     try:
-        _build_runtime_when_reachable(app, worker, hosted)
+        when_reachable(build, logger.warning, "partition worker start-up")
     except PartitioningError as exc:
         logger.critical("%s", exc)
         raise SystemExit(f"celery-partitioning: {exc}") from None
@@ -177,36 +170,12 @@ def _build_runtime(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> N
         raise SystemExit(f"celery-partitioning: partition worker start-up failed: {exc!r}") from None
 
 
-def _build_runtime_when_reachable(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    """Build the runtime, waiting while the broker or the store cannot be reached: a process
-    restarted during a failover (a holder that fenced itself) finds no master until the
-    sentinels promote one (``startup.py``)."""
-    when_reachable(lambda: _build_runtime_or_raise(app, worker, hosted), logger.warning,
-                   "partition worker start-up")
-
-
-def _build_runtime_or_raise(app: Celery, worker: Any, hosted: list[tuple[str, int]]) -> None:
-    if current_worker(app) is not None:
-        return
-    runtime = build_runtime(app, worker, hosted)
-    if os.environ.get(METRICS_ENV):  # partitioning worker --metrics-port
-        from ..metrics.instruments import instrument
-
-        instrument(app, runtime)
-    attach_worker(app, runtime)
-
-
 def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
                   fence: Callable[[str], None] | None = None) -> WorkerRuntime:
-    """The WorkerRuntime of the partitions ``hosted`` (not yet attached to ``app``, no thread
-    started): one PartitionRuntime per partition (``pipeline.build_partition``: its lease,
-    dead letters and stages), the partitioned tasks patched for in-place retry, and the
-    executor.
-
-    ``node`` is the Celery node the tasks run in (a ``WorkController``, or a stand-in with
-    ``hostname``, ``timer``, ``state`` and ``consumer``); ``fence`` is what a lease holder that
-    lost its lease does (default: end the process at once).
-    """
+    """The WorkerRuntime of the partitions ``hosted``, not yet attached and with no thread:
+    a PartitionRuntime each (``pipeline.build_partition``), the tasks patched for in-place
+    retry, and the executor. ``node``: the Celery node (a ``WorkController`` or a stand-in);
+    ``fence``: what a holder that lost its lease does (default: end the process)."""
     settings = partitioning_of(app).settings
     degraded = check_guarantees(app)  # refuses a setup that cannot keep a guarantee
     with app.connection_for_read() as conn:
@@ -215,10 +184,8 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
         declare_partition_queues(app, hosted)  # another queue type: one clear error
     hostname = str(node.hostname)
     runtime = WorkerRuntime(app=app, settings=settings, hostname=hostname, transport=transport,
-                            events=bool(app.conf.worker_send_task_events),
                             balanced=os.environ.get(BALANCE_ENV) == "1")
-    # One store client for the process (short commands; a connection per busy thread), and one
-    # broker client per partition (its blocking fetch holds a connection the whole time).
+    # One store client for the process; each partition fetches on a broker client of its own.
     store = (redis_client(settings.redis, replicas=replicas_of(settings),
                           max_connections=2 * len(hosted) + 16, timeout=STORE_SOCKET_TIMEOUT)
              if settings.redis is not None else None)
@@ -241,9 +208,8 @@ def build_runtime(app: Celery, node: Any, hosted: list[tuple[str, int]], *,
 
 
 class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Worker bootstep: each hosted partition as a unit (``lifecycle.Partition``), started
-    with the worker, stopped first when it stops (running tasks finish, leases are released);
-    :meth:`partition` gives one, to stop and start again while the process runs."""
+    """Worker bootstep: the hosted partitions as units (``lifecycle.Partition``), started
+    with the worker and stopped first when it stops."""
 
     label = "partitions"
     requires = ("celery.worker.components:Timer",)
@@ -260,13 +226,12 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         runtime = current_worker(parent.app)
         if runtime is None or self.partitions:
             return
-        # Celery has installed its signal handlers (Blueprint.on_start): a first Ctrl-C is a
-        # warm stop that exits 0, as SIGTERM is.
+        # Celery's signal handlers are in place: make a first Ctrl-C exit 0, as SIGTERM does.
         compat.install_warm_sigint(parent)
         self.partitions.extend(Partition(partition) for partition in runtime.partitions)
         balanced = runtime.balanced
         if runtime.settings.redis is not None:
-            # a member of its pools: balanced, or pinned so the balanced ones leave these be
+            # pinned members beat too, so the balanced ones leave their partitions be
             self.fleet = Fleet(runtime, self.partitions, balanced=balanced)
         if not balanced or self.fleet is None:
             for unit in self.partitions:
@@ -295,9 +260,8 @@ class PartitionsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         for unit in self.partitions:
             while unit.running:
                 if compat.terminate_requested():
-                    # Cold shutdown: the process ends now, cutting the running tasks short
-                    # (their messages recover at the head): never an exit status that says
-                    # clean (Celery 5.4 keeps the 0 of the warm stop that came first).
+                    # Cold shutdown: running tasks are cut short (recovered at the head), so
+                    # the exit status must not say clean (Celery 5.4 would keep the warm 0).
                     if not parent.exitcode:
                         parent.exitcode = EXIT_UNCLEAN
                     return

@@ -1,22 +1,15 @@
 """Partition workers inside the calling process (a test): the real partition threads, no
 ``celery worker`` process around them.
 
-:class:`InProcessWorker` builds the WorkerRuntime a partition worker process builds
-(``hooks.build_runtime``: leases, the stages of each partition, dead letters, in-place retry,
-the executor) and starts each partition as a :class:`~.lifecycle.Partition` unit, as the
-``PartitionsStep`` bootstep does; :meth:`InProcessWorker.partition` gives one unit, which a
-test may stop and start again while the others run. Tasks run through Celery's strategy
-and request classes in those threads, as in a partition worker process; what the Celery
-node would add around them is left out: no remote control, no heartbeats, no task events
-(the executor sees no consumer). The node is a stand-in with a host name, a timer (strategies only read it for
-ETAs, which a partition holds itself) and Celery's worker state (revoked ids, active requests).
+:class:`InProcessWorker` builds the runtime a worker process builds (``hooks.build_runtime``)
+and starts each partition as a ``lifecycle.Partition`` unit; :meth:`InProcessWorker.partition`
+gives one to stop and start again. Tasks run through Celery's strategies as in a worker
+process; the Celery node is a stand-in (no remote control, heartbeats or task events).
 
-Where a partition worker process would end itself (``exits.exit_now``: a gate failed, a dead
-letter could not be stored; a lost lease), the partition stops instead, the message it held
-stays unacked, and :meth:`InProcessWorker.close` raises :class:`InProcessWorkerError` saying
-why. ``close`` is a warm stop: no partition starts another message, a running task finishes,
-the threads are joined, leases released, the tasks un-patched, the clients closed, so that a
-later start on the same app begins afresh.
+Where a worker process would end itself (a failed gate, an unstorable dead letter, a lost
+lease) the partition stops instead, its message unacked, and :meth:`InProcessWorker.close`
+raises :class:`InProcessWorkerError`. ``close`` is a warm stop that gives everything back
+(threads, leases, task patches, clients), so a later start begins afresh.
 """
 
 from __future__ import annotations
@@ -40,6 +33,7 @@ from .hooks import build_runtime
 from .lifecycle import Partition, unit_of, wake
 from .partition import PartitionThread
 from .runtime import PartitionRuntime, WorkerRuntime, attach_worker, current_worker
+from .task_patch import own_attributes, restore_attributes
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -48,8 +42,8 @@ __all__ = ["InProcessWorker", "InProcessWorkerError", "hosted_partitions"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Seconds a blocking fetch waits before the thread checks whether it should stop.
-FETCH_TIMEOUT: Final = 0.2
+#: What building the runtime sets on each task instance, given back at close.
+_TASK_ATTRIBUTES: Final = ("acks_late", "__trace__")
 #: Seconds ``start`` waits for every partition to consume (a lease held elsewhere...).
 START_TIMEOUT: Final = 15.0
 #: Seconds ``close`` waits for running tasks to finish.
@@ -90,8 +84,6 @@ def hosted_partitions(app: Celery, pools: str | Iterable[str] | None) -> list[tu
 class _Thread(PartitionThread):
     """A partition thread whose fatal errors stop it instead of ending the process."""
 
-    fetch_timeout = FETCH_TIMEOUT  # a test waits this long, at most, for the warm stop
-
     def __init__(self, owner: InProcessWorker, runtime: PartitionRuntime) -> None:
         super().__init__(runtime)
         self.owner = owner
@@ -100,8 +92,7 @@ class _Thread(PartitionThread):
 
     def run(self) -> None:
         raise_instead_of_exit(self.owner.failed)
-        # Celery's tracer finds the task through the current app (thread-local), which in a
-        # worker process is the worker's app.
+        # Celery's tracer finds the task through the (thread-local) current app.
         self.runtime.app.set_current()
         with contextlib.suppress(ThreadExit):  # recorded by owner.failed; message kept
             super().run()
@@ -147,9 +138,7 @@ class InProcessWorker:
             raise InProcessWorkerError(f"app {app.main!r} already runs partition workers in this "
                                        "process; stop them first")
         assert_valid_partition_keys(app)
-        # What building the runtime changes on the tasks, to give back at close.
-        self._before = {task: {name: vars(task)[name] for name in ("acks_late", "__trace__")
-                               if name in vars(task)} for task in app.tasks.values()}
+        self._before = {task: own_attributes(task, _TASK_ATTRIBUTES) for task in app.tasks.values()}
         runtime = build_runtime(app, _Node(self.hostname), self.hosted, fence=self._fence)
         self.runtime = runtime
         attach_worker(app, runtime)
@@ -172,8 +161,7 @@ class InProcessWorker:
         return [unit.thread for unit in self.partitions if unit.thread is not None]
 
     def partition(self, pool: str, index: int) -> Partition:
-        """Partition ``index`` of ``pool`` as a unit to stop and start again
-        (:class:`~.lifecycle.Partition`)."""
+        """Partition ``index`` of ``pool`` as a unit to stop and start again."""
         return unit_of(self.partitions, pool, index)
 
     def _wait_consuming(self) -> None:
@@ -209,11 +197,7 @@ class InProcessWorker:
         if runtime.retry is not None:
             runtime.retry.unpatch_all()
         for task, before in self._before.items():
-            for name in ("acks_late", "__trace__"):
-                if name in before:
-                    setattr(task, name, before[name])
-                elif name in vars(task):
-                    delattr(task, name)
+            restore_attributes(task, _TASK_ATTRIBUTES, before)
         attach_worker(self.app, None)
         _close_clients(runtime)
         if self.failures and raise_failures:

@@ -1,18 +1,10 @@
-"""A partition as a unit with a life cycle: :meth:`Partition.start` and :meth:`Partition.stop`,
-callable at any time on a running process, as often as wanted.
+"""A partition as a unit with a life cycle, started and stopped at any time on a running process.
 
-``start()``
-    A thread of its own (``partition.py``) takes the partition's lease (waiting as a standby
-    while another process holds it), puts back at the head what a dead predecessor held
-    (crash recovery), then consumes. Nothing happens while it runs already.
-``stop()``
-    No further message is started; the running one finishes (a message fetched meanwhile goes
-    back to the head, an in-place retry wait ends with its message unacked at the head); the
-    lease is released, so a standby takes over at once; nothing of the partition is left in
-    flight in this process. The same unit can be started again afterwards.
-
-The ``PartitionsStep`` of a ``celery worker`` process and the in-process test worker
-(``inprocess.py``) both run their partitions as these units.
+``start()``: a thread (``partition.py``) takes the lease (a standby waits), puts back at the
+head what a dead predecessor held, then consumes. ``stop()``: no further message starts, the
+running one finishes, a message fetched meanwhile goes back to the head, the lease is released
+so a standby takes over at once. Both may be called again and again. ``PartitionsStep``
+(``hooks.py``) and the in-process worker run their partitions as these units.
 """
 
 from __future__ import annotations
@@ -32,7 +24,7 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 
 class Partition:
-    """One partition of a process, started and stopped as a unit (see the module docstring)."""
+    """One partition of a process, started and stopped as a unit."""
 
     def __init__(self, runtime: PartitionRuntime,
                  thread: Callable[[PartitionRuntime], PartitionThread] = PartitionThread) -> None:
@@ -95,9 +87,9 @@ def unit_of(units: list[Partition], pool: str, index: int) -> Partition:
 
 
 def wake(units: Sequence[Partition]) -> None:
-    """Unblock the Redis fetches of these partitions' threads (stopping: they see it at once
-    instead of after the fetch time-out), in two round trips; a thread woken less than a
-    second ago is not asked again. A failure is only logged: the fetch times out anyway."""
+    """Unblock the Redis fetches of these (stopping) partitions' threads, so they see the stop
+    at once; a thread woken less than a second ago is left alone. A failure only costs the
+    fetch time-out."""
     now = time.monotonic()
     threads = [unit.thread for unit in units if unit.thread is not None]
     chosen = [thread for thread in threads if thread.is_alive() and thread.fetch_name

@@ -1,19 +1,11 @@
 """A partition child whose supervisor died: keep its output flowing, then stop warmly.
 
-The supervisor reads each child's stdout/stderr through a pipe and prefixes its lines. If
-the supervisor is killed alone (``kill -9``, the OOM killer), nobody reads that pipe any
-more and the child's next write fails with EPIPE. Celery turns that into an
-"Unrecoverable error" (seen while it printed its start-up banner) or into a shutdown that
-stalls (seen while it printed "Warm shutdown"): the lease then waits for its TTL.
-
-So the supervisor gives every child two more descriptors (``OUTPUT_FDS_ENV``): the read
-end of the child's own output pipe, which the child holds and never reads, so its writes
-cannot fail while the supervisor lives or after; and a copy of the supervisor's own output.
-A thread in the child watches its parent pid. When it changes the child pumps its output
-itself, prefixed as the supervisor did, into the supervisor's output (or nowhere if that
-is gone too), and asks Celery for a warm shutdown by setting the flag Celery's SIGTERM
-handler sets, which also works before Celery has installed that handler. The warm
-shutdown releases the lease, so a new supervisor's child takes the partition over at once.
+With the supervisor killed alone nobody reads the child's output pipe, and its next write
+fails with EPIPE, which Celery turns into an unrecoverable error or a stalled shutdown that
+leaves the lease to expire. So each child also holds its pipe's read end (its writes cannot
+fail) and a copy of the supervisor's output (``OUTPUT_FDS_ENV``). A thread watches the parent
+pid; when it changes, the child pumps its own output, prefixed as the supervisor did, and asks
+Celery for a warm shutdown, which releases the lease at once.
 """
 
 from __future__ import annotations
@@ -63,10 +55,6 @@ class ChildOutput:
         out = "" if self.out_fd is None else str(self.out_fd)
         return {OUTPUT_FDS_ENV: f"{self.read_fd},{out}"}
 
-    @property
-    def pass_fds(self) -> tuple[int, ...]:
-        return (self.read_fd,) if self.out_fd is None else (self.read_fd, self.out_fd)
-
 
 def _parse_fds(value: str | None) -> tuple[int | None, int | None]:
     """``"7,4"`` → ``(7, 4)``; descriptors that are missing, malformed or closed → None."""
@@ -89,13 +77,11 @@ class SupervisorWatch:
     """Child side: notices the supervisor is gone, takes its output over, stops warmly."""
 
     def __init__(self, supervisor_pid: int, label: str, fds: str | None,
-                 on_gone: Callable[[], None], interval: float = POLL_INTERVAL) -> None:
+                 on_gone: Callable[[], None]) -> None:
         self.supervisor_pid = supervisor_pid
         self.label = label
         self.held_fd, self.out_fd = _parse_fds(fds)
         self.on_gone = on_gone
-        self.interval = interval
-        self.gone = threading.Event()
         self._write_lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
 
@@ -104,13 +90,11 @@ class SupervisorWatch:
 
     def _watch(self) -> None:
         while os.getppid() == self.supervisor_pid:
-            time.sleep(self.interval)
+            time.sleep(POLL_INTERVAL)
         self._take_over_output()
-        # Say it before anyone can act on it: once ``gone`` is set the process may stop and
-        # exit, and this daemon thread would die before its line is written.
+        # Logged first: once the stop is asked for, this daemon thread may die with the process.
         logger.warning("%s supervisor (pid %d) is gone: warm shutdown", self.label,
                        self.supervisor_pid)
-        self.gone.set()
         self.on_gone()
 
     def _take_over_output(self) -> None:
@@ -119,8 +103,7 @@ class SupervisorWatch:
         os.dup2(write_fd, 1, inheritable=True)
         os.dup2(write_fd, 2, inheritable=True)
         os.close(write_fd)
-        # The old pipe's last writers are gone now (fds 1 and 2 moved), so its pump ends at
-        # EOF once it has forwarded what the dead supervisor never read.
+        # fds 1 and 2 moved: the old pipe's pump ends at EOF after what was never read.
         sources = [read_fd] if self.held_fd is None else [self.held_fd, read_fd]
         self._pumps = [threading.Thread(target=self._pump, args=(fd, target),
                                         name="partition-output", daemon=True) for fd in sources]

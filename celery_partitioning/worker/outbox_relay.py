@@ -1,14 +1,10 @@
 """The outbox relay as a thread of ``partitioning worker`` (the relay itself: ``contrib/django/relay.py``).
 
-The supervisor sets ``RELAY_ENV`` on its first process only, unless the setting
-``partitioning_outbox_relay`` is False or the command has ``--without-relay``. That process
-adds :class:`RelayStep`; when it is built (Celery's Django fixup has set Django up by then)
-it looks for the outbox: ``celery_partitioning.contrib.django`` installed and its table in a
-database. For each such database a relay thread runs from the worker's start to its warm
-stop, holding the database's relay lease in the store: every ``partitioning worker`` (and
-every ``partitioning outbox relay``) runs one, one per database is active, the others wait
-as standbys. Its lease carries the process's lease token, so a process the supervisor
-restarts takes its predecessor's relay lease over at once, as it does its partitions'.
+The supervisor sets ``RELAY_ENV`` on its first process only, unless ``partitioning_outbox_relay``
+is False or ``--without-relay`` is given. That process adds :class:`RelayStep`, which runs a
+relay thread per database holding the outbox table, from start to warm stop. Each relay holds
+the database's relay lease in the store, so one per database is active and the others stand by;
+the lease carries the process's lease token, so a restarted process takes it over at once.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""The parking stage: a message whose key is parked (behind a dead letter, while it waits
-out a retry backoff, or paused by an operator: ``store/pausing.py``) is set aside in order
-instead of running; between messages the keys of the partition whose retry backoff is over
-are released (re-queued in order); after the last message of a replay, what was deferred
-behind it is released.
+"""The parking stage: a message whose key is parked (behind a dead letter, in retry backoff, or
+paused: ``store/pausing.py``) is set aside in order instead of running. Between messages, keys
+whose backoff is over are re-queued in order; after the last message of a replay, what was
+deferred behind it is released.
 
-One ``EVALSHA`` per message (the ``check`` script), which also reads the task's attempt
-record for the retry stage (``PartitionMessage.attempts``). Idempotent by task id: a message
-stored but not acked (a crash in between) is recognized when it comes back, and only acked.
+One ``EVALSHA`` per message (``check``), which also reads the task's attempt record for the
+retry stage. Idempotent by task id: a message stored but not acked before a crash is only
+acked when it comes back.
 """
 
 from __future__ import annotations
@@ -26,19 +25,14 @@ __all__ = ["Parking"]
 
 logger = logging.getLogger("celery_partitioning.parking")
 
-#: Longest time the partition thread trusts what it knows of its keys in backoff without
-#: reading the schedule again (it sets every key aside itself, and reads the schedule when it
-#: starts: this is only a safety net, paid by every idle partition).
+#: Longest time the thread trusts what it knows of its keys in backoff (a safety net: it
+#: sets them aside itself and reads the schedule at start).
 RECHECK: Final = 15.0
 
 
 class Parking(Stage):
     """Sets aside (and acks) messages of parked keys; releases keys in backoff when due.
-
-    Only the partition's own thread sets its keys aside (``after`` hears the due time), so it
-    knows when the next one is due and reads Redis only then (and at start, for what a
-    predecessor left): between messages :meth:`between` usually costs no Redis call.
-    """
+    ``after`` hears each due time, so :meth:`between` reads Redis only when one is due."""
 
     name = "parking gate"
 
@@ -46,7 +40,6 @@ class Parking(Stage):
         self.place = place
         self.store = store
         self.backoff = BackoffStore(store)
-        #: How set-aside messages go back to the queue.
         self.requeue = requeue
         #: When the backoff schedule must be read next (epoch s); 0: at once.
         self.next_check = 0.0
@@ -103,13 +96,11 @@ class Parking(Stage):
 
     # -- between two messages ------------------------------------------------------------
     def recheck(self) -> None:
-        """Read the schedule at the next ``between``: the partition is (again) this process's,
-        and another may have set keys aside meanwhile."""
+        """Read the schedule at the next ``between`` (the lease was taken anew)."""
         self.next_check = 0.0
 
     def between(self, idle: bool) -> float:
-        """Let the keys whose backoff is over run again; returns the seconds until the next
-        is due."""
+        """Release the keys whose backoff is over; returns the seconds until the next is due."""
         now = time.time()
         if now < self.next_check:
             return self.next_check - now

@@ -1,20 +1,15 @@
 """One partition, consumed by a thread of its own: one message at a time, in queue order.
 
-On Redis the thread takes the partition's lease (a second process on the partition waits
-here as a standby), puts what a dead predecessor held back at the head of the queue, then
-loops: ``BLMOVE queue in-transit RIGHT LEFT`` takes the next message and parks it in the
-partition's in-transit list in one atomic step (so a SIGKILL never loses it; the in-transit
-list *is* the partition's unacked record), the message runs, and its ack takes it off that
-list. On RabbitMQ the thread of a balanced member takes the lease too (``pipeline.py``), then
-owns a channel with prefetch 1 on the partition's single-active-consumer queue (the broker
-lets one consumer at a time receive).
+On Redis the thread takes the partition's lease (a standby waits here), puts back at the head
+what a dead predecessor held, then loops: ``BLMOVE`` moves the next message into the
+partition's in-transit list in one step, so a SIGKILL never loses it, and its ack takes it off.
+On RabbitMQ it owns a prefetch-1 channel on the single-active-consumer queue (a balanced member
+takes the lease too, ``pipeline.py``).
 
-Every message then goes the same way (:meth:`PartitionThread.handle`): what cannot run at
-all becomes a dead letter; the partition's stages (``pipeline.py``) may take it or send it
-back to the head; the task runs through Celery's own strategy, in this thread
-(``executor.py``), and the stages' ``after`` hooks run just before its ack. Between messages
-the thread calls the stages' ``between`` hooks. A warm stop lets the running task finish and
-puts a message fetched meanwhile back at the head.
+Every message goes through :meth:`PartitionThread.handle`: what cannot run becomes a dead
+letter; the stages may take it or send it back to the head; the task runs through Celery's
+strategy in this thread (``executor.py``). A warm stop lets the running task finish and puts a
+message fetched meanwhile back at the head.
 """
 
 from __future__ import annotations
@@ -33,22 +28,55 @@ from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, raw_message_of, raw_message_problem
 from ..state import partitioning_of
 from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
-from .redis_ack import RedisAck
 from .runtime import PartitionRuntime, bind_thread
 from .stage import Verdict
 from .startup import Backoff
 
-__all__ = ["PartitionThread"]
+__all__ = ["PartitionThread", "RedisAck"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Seconds a RabbitMQ delivery wait lasts before the thread checks whether it should stop
-#: (a Redis fetch waits longer, ``store/broker.FETCH_TIMEOUT``: a stop unblocks it).
+#: Seconds a RabbitMQ delivery wait lasts before the thread checks whether it should stop.
 AMQP_WAIT: Final = 1.0
-#: Shortest wait of a fetch (a key in retry backoff due at once must not make it block).
+#: Shortest wait of a fetch (a key due at once must not make it spin).
 FETCH_MIN: Final = 0.01
 
 
+class RedisAck:
+    """The channel of a message fetched from Redis. The fetch moved it into the in-transit list:
+    an ack takes it off, a requeue moves it back to the head, each in one step, so a crash
+    leaves it in exactly one of the two lists."""
+
+    no_ack_consumers = None
+
+    def __init__(self, client: Any, in_transit: str, source: str, item: bytes) -> None:
+        self.client = client
+        self.in_transit = in_transit
+        self.source = source
+        self.item = item
+        #: The ack could not reach Redis (a failover): the thread retries it before it fetches
+        #: again, so a message that ran never comes back behind later ones.
+        self.ack_pending = False
+
+    def basic_ack(self, delivery_tag: Any = None, multiple: bool = False) -> None:
+        self.ack_pending = True
+        self.client.lrem(self.in_transit, 1, self.item)
+        self.ack_pending = False
+
+    def basic_reject(self, delivery_tag: Any = None, requeue: bool = False) -> None:
+        if requeue:
+            self.to_head()
+        else:
+            self.basic_ack(delivery_tag)
+
+    def to_head(self) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.lrem(self.in_transit, 1, self.item)
+            pipe.rpush(self.source, self.item)
+            pipe.execute()
+
+    def decode_body(self, body: Any, encoding: Any = None) -> Any:
+        return compat.decode_virtual_body(body, encoding)
 
 
 class PartitionThread(threading.Thread):
@@ -166,8 +194,7 @@ class PartitionThread(threading.Thread):
             try:
                 self._handle_raw(item, channel)
             except broker.errors as exc:
-                # the store or the broker went away mid-message (a failover): the message is
-                # still in the in-transit list; recovery puts it back at the head
+                # a failover mid-message: recovery puts it back at the head
                 logger.warning("%s broker unreachable while handling a message (%s); it goes "
                                "back to the head", runtime.label, exc)
                 self._settle(channel, recover=True)
@@ -176,9 +203,8 @@ class PartitionThread(threading.Thread):
                 self._settle(channel, recover=False)
 
     def _settle(self, channel: RedisAck | None, recover: bool) -> None:
-        """Retry, with backoff, the ack a lost connection refused (``recover=False``: the
-        message ran) or the recovery of what the in-transit list holds (``recover=True``),
-        until Redis answers again; no further message is fetched before."""
+        """Until Redis answers, retry the ack a lost connection refused, or (``recover``) the
+        recovery of the in-transit list; nothing is fetched meanwhile."""
         backoff = Backoff()
         while True:
             try:
@@ -271,10 +297,8 @@ class PartitionThread(threading.Thread):
         return self.runtime.lease is not None and not self.runtime.lease.fresh()
 
     def _between(self, idle: bool, longest: float) -> float:
-        """Between two messages (none in flight): the stages' ``between`` hooks (keys whose
-        retry backoff is over run again, a resize releases held keys); returns how long the
-        next fetch may wait (at most ``longest``). ``idle``: the last fetch found the queue
-        empty."""
+        """The stages' ``between`` hooks; returns how long the next fetch may wait (at most
+        ``longest``). ``idle``: the last fetch found the queue empty."""
         wait: float = longest
         for stage in list(self.runtime.pipeline.stages):
             try:

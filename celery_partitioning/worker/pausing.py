@@ -1,17 +1,11 @@
 """The pause stage: a partition an operator paused stops between two messages, keeping its lease.
 
 ``partitioning pause --partition pool.N`` writes a pause record (``store/pausing.py``). The
-stage reads it in :meth:`PartitionPause.between` through the process's :class:`PausePoll`: one
-``HGETALL`` of the pool's paused partitions at most once every :data:`CHECK` seconds for all
-the process's partitions, so a partition notices a pause within about a second (a message
-fetched before that still runs); a holder that has just taken the partition reads the store
-itself before its first message. Once paused, ``between``
-does not return: the thread fetches nothing, the lease heartbeat (another thread) goes on
-renewing the lease, so no standby takes the partition; the stage acknowledges the pause in
-the store (``status`` shows the holder as stopped) and reads the record every
-:data:`HOLD_POLL` seconds until it is gone (``resume``) or the process stops.
-
-Paused keys need nothing here: the parking gate's script sets their messages aside.
+process's :class:`PausePoll` reads a pool's pauses at most once per :data:`CHECK` seconds for
+all its partitions; a holder that has just taken a partition reads the store before its first
+message. Paused, ``between`` does not return: nothing is fetched, the heartbeat keeps the lease
+(no standby takes over), the pause is acknowledged for ``status``, and the record is read every
+:data:`HOLD_POLL` seconds until ``resume`` or a stop. Paused keys are the parking gate's.
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ HOLD_POLL: Final = 0.5
 
 class PausePoll:
     """The partition pauses of a process's pools, read at most once per :data:`CHECK` seconds
-    per pool, whichever partition asks (one per process, shared by its pause stages)."""
+    per pool (one per process, shared by its pause stages)."""
 
     def __init__(self, store: PauseStore) -> None:
         self.store = store
@@ -67,8 +61,7 @@ class PartitionPause(Stage):
         self.partition = partition
         self.poll = poll
         self.store = poll.store
-        #: The next check reads the store, not the poll's last read: a holder that has just
-        #: taken the partition stops before its first message if it is paused.
+        #: The next check reads the store, not the poll's last read.
         self.fresh = True
 
     def recheck(self) -> None:

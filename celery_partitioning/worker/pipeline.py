@@ -66,8 +66,7 @@ __all__ = ["build_partition"]
 
 logger = logging.getLogger("celery_partitioning.worker")
 
-#: Connections of a process's lease client (its partitions' acquisitions, releases and one
-#: renewal call per beat share them).
+#: Connections of a process's lease client, shared by all its partitions.
 LEASE_CONNECTIONS: Final = 2
 
 
@@ -75,14 +74,10 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
                     keys: RedisKeys, at_head: bool, resizes: ResizeStore | None,
                     recorded: ResizeState | None,
                     fence: Callable[[str], None] | None = None) -> PartitionRuntime:
-    """Partition ``index`` of ``pool`` in ``worker``: its lease (with a Redis store: on Redis,
-    and on RabbitMQ in a balanced member), its dead letters and its stages, in the order of
-    the module docstring.
-
-    ``store``: the store's Redis client (None: no dead letters, no parking, no lease);
-    ``at_head``: re-queues go onto the head of the queue's Redis list (``requeue.py``);
-    ``resizes``/``recorded``: the pool's resize record (None without a store); ``fence``:
-    what a holder that lost its lease does (default: end the process)."""
+    """Partition ``index`` of ``pool`` in ``worker``: its lease, dead letters and stages, in
+    the order above. ``store``: the store's client (None: no lease, no records); ``at_head``:
+    re-queues go onto the head of the Redis list; ``resizes``/``recorded``: the pool's resize
+    record; ``fence``: what a holder that lost its lease does (default: end the process)."""
     app, settings = worker.app, worker.settings
     partition = PartitionRuntime(
         app=app, settings=settings, pool=pool, index=index,
@@ -90,9 +85,8 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
         hostname=worker.hostname, transport=worker.transport, worker=worker,
         broker=broker_redis(app) if worker.transport == "redis" else None,
         requeue=requeue_for(app, pool, index, at_head=at_head))
-    # RabbitMQ: a balanced member takes the lease too, so the thread of a partition moving to
-    # it waits there instead of running its hooks beside the holder's; pinned ones take none,
-    # so a Redis outage cannot stop them
+    # On RabbitMQ a balanced member takes the lease too, so a partition moving to it waits
+    # for the holder; pinned ones take none, so a Redis outage cannot stop them.
     if settings.redis is not None and (partition.broker is not None or worker.balanced):
         lease = partition.lease = _lease(partition, settings, fence)
         # the heartbeat fences a thread stuck outside a task body, and records its progress
@@ -129,14 +123,12 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
 
 def _lease(partition: PartitionRuntime, settings: PartitioningSettings,
            fence: Callable[[str], None] | None) -> Lease:
-    """The partition's lease, renewed by its process's renewer (one client and one script
-    call per beat for all the partitions of the process)."""
+    """The partition's lease, renewed by its process's renewer (one call per beat for all)."""
     assert settings.redis is not None and partition.worker is not None
     ttl = settings.lease_ttl
     renewer = partition.worker.renewer
     if renewer is None:
         replicas = replicas_of(settings)  # a renewal also waits for their acknowledgement
-        # few connections for every partition's short lease commands (acquire, release)
         client = redis_client(
             settings.redis, replicas=replicas, max_connections=LEASE_CONNECTIONS, blocking=True,
             timeout=max(0.2, ttl / 4) + (settings.wait_for_replicas_timeout if replicas else 0))

@@ -1,12 +1,10 @@
 """Before partition workers consume: refuse a setup that cannot keep a guarantee.
 
-Run by ``celery partitioning worker`` before it starts any child, and by each partition
-worker when it starts. A setup where a guarantee would silently disappear is refused with one
-line naming the setting to fix (``PartitionConfigError``); ``partitioning_allow_degraded =
-True`` starts it anyway, with a WARNING per missing guarantee. On RabbitMQ each partition
-queue is declared here with the arguments ``router.partition_queue`` gives it: a queue that
-exists with other arguments (another type, say) is refused with the migration to follow,
-instead of the channel error loop Celery's consumer would run into.
+Run by ``celery partitioning worker`` before it starts any child, and by each partition worker.
+Such a setup is refused with one line naming the setting to fix (``PartitionConfigError``);
+``partitioning_allow_degraded = True`` starts it with a WARNING per missing guarantee. On
+RabbitMQ each partition queue is declared here: one that exists with other arguments is
+refused with the migration to follow, instead of Celery's channel error loop.
 """
 
 from __future__ import annotations

@@ -1,17 +1,14 @@
 """A partition thread's progress: the watchdog behind its lease, and what ``status`` reads.
 
-The lease heartbeat is a thread of its own: it renews the lease while the process lives,
-whatever the partition thread does. A partition thread stuck outside a task (a fetch that
-never returns, a lock never released) would then hold its partition forever and consume
-nothing, with no error (issue 27). So the thread stamps every turn of its loop here, and the
-heartbeat asks :meth:`Progress.stall` before it counts a renewal as good: a thread that has
-not turned for ``STALL_FENCE_AFTER`` seconds while not inside a task's body fences the
-process (exit 75, the supervisor restarts it, the successor recovers at the head), after
-logging where the thread waits. A task body may run as long as it likes (Celery's
-``task_prerun``/``task_postrun`` mark it); an ack or a gate's Redis call may not hang.
+The lease heartbeat runs in its own thread, so a partition thread stuck outside a task (a fetch
+that never returns, a lock never released) would hold its partition forever. The thread stamps
+every turn of its loop here; the heartbeat asks :meth:`Progress.stall` before it counts a
+renewal as good, and fences the process (exit 75; the successor recovers at the head) when the
+thread has not turned for ``STALL_FENCE_AFTER`` seconds outside a task body. A task body may
+run as long as it likes (``task_prerun``/``task_postrun`` mark it).
 
 The heartbeat also records when the thread last took a message (``store/progress.py``), so
-``celery partitioning status`` shows a partition that stalls while its queue fills.
+``status`` shows a partition that stalls while its queue fills.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ from ..store.progress import write_progress
 
 __all__ = ["Progress", "STALL_FENCE_AFTER"]
 
-#: Seconds a partition thread may go without turning its loop, outside a task body, before
-#: the heartbeat fences its process. Every wait of the loop is bounded far below this (a
-#: fetch or an ack by the socket time-out and redis-py's retries, a broker error by the retry
-#: pause).
+#: Seconds a partition thread may go without turning, outside a task body, before its
+#: process is fenced; every wait of the loop is bounded far below this.
 STALL_FENCE_AFTER: Final = 60.0
 
 _current = threading.local()
@@ -104,9 +99,8 @@ class Progress:
         return "".join(traceback.format_stack(frame)).rstrip()
 
     def recorder(self, client: Any, keys: RedisKeys, queue: str, expire_ms: int) -> Any:
-        """A lease heartbeat hook that records :attr:`consumed_at` in the store: when it
-        changed, else once a third of ``expire_ms`` (an idle partition's record is kept
-        alive without a write at every beat)."""
+        """A lease heartbeat hook that records :attr:`consumed_at` in the store when it
+        changed, else once a third of ``expire_ms`` (no write at every idle beat)."""
         written: list[float] = [math.nan, -math.inf]  # what was written, and when
 
         def record() -> None:

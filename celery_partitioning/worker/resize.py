@@ -1,33 +1,29 @@
 """The resize gate: keys that moved when their pool was resized wait for their old messages.
 
-A resize of a pool from N to M partitions is recorded in Redis (``partitioning resize``,
-``store/resize.py``). While it is in flight, for a message of key ``k`` with old partition
+A resize from N to M partitions is recorded in Redis (``partitioning resize``,
+``store/resize.py``). While it is in flight, for key ``k`` with old partition
 ``p = partition_for(k, N)`` and new partition ``q = partition_for(k, M)``:
 
 * a key that did not move (``p == q``) runs at once, with no Redis round trip;
-* an old-size message of a moved key, received on ``p``, is moved (acked, kept in order in
-  the key's ``moved`` list) instead of being re-published to the tail of ``q``;
-* a new-size message of a moved key, received on ``q`` while ``p`` is not drained (or the key
-  is still held), is set aside in the key's ``held`` list;
-* old partition ``p`` is drained when its queue is empty or its consumer meets a new-size
-  message (every old-size one was queued ahead of it); the old partitions with no partition
-  of the new size (a shrink) are emptied into the moved lists by the thread of partition
-  ``p % M``;
-* between two of its messages, partition ``q`` releases every key whose old partition is
-  drained: moved messages, then held ones, to the head of its queue (one Lua script);
-* a message stamped with a count that is neither N nor M is held, in order, never run, and
-  logged as an error.
+* an old-size message of a moved key, received on ``p``, goes in order to the key's ``moved``
+  list, not to the tail of ``q``;
+* a new-size message of a moved key, received on ``q`` before ``p`` is drained, is held in the
+  key's ``held`` list;
+* ``p`` is drained when its queue is empty or it meets a new-size message; old partitions with
+  no new counterpart (a shrink) are emptied by partition ``p % M``;
+* between messages, ``q`` releases every key whose old partition is drained (moved, then
+  held) to the head of its queue, in one script;
+* a message stamped with a count that is neither N nor M is held and logged as an error.
 
-When every old partition is drained and nothing is held, the resize is over and the gate
-passes everything to the misroute guard. A process that runs a pool with a size other
-than the recorded one stops warmly (it checks every few seconds) and refuses to start.
+A process running a size other than the recorded one refuses to start, and stops warmly when
+a resize is recorded under it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import compat
 from ..errors import PartitionConfigError
@@ -65,12 +61,8 @@ TAKE_BATCH: Final = 200
 
 def check_recorded_size(store: ResizeStore, pool: str, size: int, *, claim: bool = False,
                         command: str = "celery -A <app>") -> ResizeState:
-    """At start: the recorded state of ``pool``; refuses a size other than the recorded one.
-
-    ``claim`` (``partitioning worker`` before it starts anything): record ``size`` when the
-    pool has no recorded size yet, so a later start with another size is refused instead of
-    running moved keys out of order and stranding the queues beyond the new size.
-    """
+    """The recorded state of ``pool``; refuses a size other than the recorded one. ``claim``:
+    record ``size`` when none is, so a later start with another size is refused."""
     outcome, state = store.begin(pool, size, record=False, claim=claim)
     if outcome == "conflict":
         raise PartitionConfigError(
@@ -96,8 +88,7 @@ def check_recorded_size(store: ResizeStore, pool: str, size: int, *, claim: bool
 
 def check_recorded_sizes(app: Celery, pools: Iterable[str], *, command: str = "celery -A <app>",
                          claim: bool = True) -> None:
-    """The supervisor's check before it starts children: each pool runs its recorded size;
-    a pool with none recorded gets this one recorded (``claim``)."""
+    """The supervisor's check before it starts children (:func:`check_recorded_size`)."""
     settings = settings_of(app)
     if settings.redis is None:
         return
@@ -112,15 +103,13 @@ def check_recorded_sizes(app: Celery, pools: Iterable[str], *, command: str = "c
 
 
 class ResizeGate(Stage):
-    """The first stage of a partition (Redis broker holding the store): holds moved keys
-    before a message runs, releases them between messages."""
+    """Holds moved keys before a message runs; releases them between messages."""
 
     name = "resize gate"
 
     def __init__(self, runtime: PartitionRuntime, store: ResizeStore, state: ResizeState) -> None:
         self.runtime = runtime
         self.store = store
-        #: How released keys go back: onto the head of the Redis list, or published (RabbitMQ).
         self.requeue = runtime.requeue
         self.size = state.size
         self._next_poll = 0.0
@@ -196,8 +185,6 @@ class ResizeGate(Stage):
 
     # -- between two messages ---------------------------------------------------------------
     def between(self, idle: bool) -> float | None:
-        """Called by the partition thread between two messages (none of them in flight);
-        ``idle``: the last fetch found the queue empty. Asks for no shorter fetch wait."""
         now = time.monotonic()
         if now >= self._next_size_check:
             self._next_size_check = now + SIZE_CHECK_INTERVAL
@@ -218,8 +205,7 @@ class ResizeGate(Stage):
             if broker is not None:
                 old_list = broker.queue_list(runtime.queue)
             elif idle and _declared(runtime, here)[0] == 0:
-                # a whole fetch timeout without a delivery, and nothing ready: nothing of the
-                # old size is left (a delivered message would have been handled meanwhile)
+                # a whole fetch wait without a delivery, nothing ready: no old-size message left
                 self.store.mark_drained(pool, here)
                 self.drained_here = True
         in_flight, released = self.store.poll(
@@ -253,11 +239,8 @@ class ResizeGate(Stage):
             compat.request_warm_stop()
 
     def _still_consumed(self, old: int) -> bool:
-        """Whether a worker of the old size still consumes old partition ``old`` (Redis: its
-        lease is held; RabbitMQ: its queue has a consumer). Its queue is emptied only after
-        that worker stopped, or after its lease expired if it crashed: taking messages from
-        under a live consumer could run one of them twice, or a key's later message before
-        an earlier one it is still running."""
+        """Whether an old-size worker still consumes old partition ``old`` (its lease held, or
+        its queue has a consumer): emptying it under that worker could reorder or repeat."""
         runtime = self.runtime
         queue = runtime.settings.queue_name(runtime.pool, old)
         if runtime.broker is not None:
@@ -265,9 +248,15 @@ class ResizeGate(Stage):
         _ready, consumers = _declared(runtime, old)
         return bool(consumers)
 
+    def _destination(self, headers: Any) -> tuple[str, int]:
+        """A message's key and partition of the new size ("" and this one: not keyed)."""
+        key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
+        if not isinstance(key, str) or not key:
+            return "", self.runtime.index
+        return key, partition_for(key, self.size)
+
     def _take_published(self, old: int) -> bool:
-        """:meth:`_take` on RabbitMQ: ``basic.get`` from old partition ``old``, moved to its
-        key's moved list (the resize gate's script, idempotent by id), then acked."""
+        """:meth:`_take` on RabbitMQ: ``basic.get``, into the key's moved list, then ack."""
         runtime = self.runtime
         assert self.previous is not None
         queue = partitioning_of(runtime.app).router.queue(runtime.pool, old)
@@ -286,11 +275,7 @@ class ResizeGate(Stage):
                     logger.info("%s old partition %d of pool %s is drained", runtime.label,
                                 old, runtime.pool)
                     return True
-                headers = message.headers if isinstance(message.headers, dict) else {}
-                key = headers.get(HEADER_KEY)
-                if not isinstance(key, str) or not key:
-                    key = ""
-                new = partition_for(key, self.size) if key else runtime.index
+                key, new = self._destination(message.headers)
                 raw = raw_message_of(message)
                 self.store.gate(runtime.pool, key, raw_message_id(raw), raw, "old", old=old,
                                 new=new, mark=None)
@@ -319,11 +304,7 @@ class ResizeGate(Stage):
                 continue
             payload = decode_raw(raw)
             headers = payload.get("headers") if payload is not None else None
-            key = headers.get(HEADER_KEY) if isinstance(headers, dict) else None
-            if not isinstance(key, str) or not key:
-                key, new = "", runtime.index  # not a keyed message: it goes on here
-            else:
-                new = partition_for(key, self.size)
+            key, new = self._destination(headers)
             stamp = headers.get(HEADER_COUNT) if isinstance(headers, dict) else None
             task_id = raw_message_id(raw)
             if stamp != self.previous:
@@ -350,12 +331,8 @@ def _declared(runtime: PartitionRuntime, index: int) -> tuple[int | None, int]:
 
 def resize_gate(runtime: PartitionRuntime, store: ResizeStore,
                 state: ResizeState) -> ResizeGate | None:
-    """The resize gate of a partition, or None where a resize cannot be followed.
-
-    On a Redis broker released keys are pushed onto the head of the queue's Redis list in the
-    store's own script, which needs the broker to be the store's Redis; on RabbitMQ they are
-    published. A Redis broker apart from the store only reports a resize in flight.
-    """
+    """The resize gate of a partition, or None where its script cannot push onto the queue
+    (a Redis broker apart from the store: a resize in flight is only reported)."""
     if runtime.broker is not None and not runtime.requeue.at_head:
         if state.in_flight:
             logger.error("%s resize of pool %s from %d to %d partitions in flight, but with this "

@@ -1,20 +1,16 @@
 """The retry stage: where a partitioned task's retry waits, and its attempt record.
 
-``self.retry()`` and ``autoretry_for`` keep Celery's meaning (``task_patch.py`` computes
-countdown, eta, ``max_retries``, ``retry_backoff`` and sends Celery's retry signals) but never
-re-publish to the back of the queue, which would reorder the partition. This stage decides:
+Celery's retry semantics are computed in ``task_patch.py``; a retry is never re-published to the
+back of the queue, which would reorder the partition. This stage decides where it waits:
 
-* ``retrying``: a delay of at least ``partitioning_retry_hold_below`` (0.1 s) sets the
-  message's *key* aside (``store/backoff.py``): a copy of the message goes first among the
-  key's set-aside messages, with its due time; the parking stage sets later messages of the
-  key aside behind it and re-queues them, in order, when due; Celery records the retry and
-  acks. A shorter delay waits in place, the message unacked, the partition waiting. Either
-  way the count, the due time and changed arguments go into the attempt record
-  (``store/attempts.py``).
-* ``before``: a task id with an attempt record (the parking stage's script read it, or this
-  stage does) resumes it after a crash: the count in its ``retries`` header, the due time as
-  its ETA (the ETA hold waits the rest), the arguments in ``PartitionMessage.call``.
-* ``after``: a message that is done forgets its record (no Redis call when it had none).
+* ``retrying``: a delay of at least ``partitioning_retry_hold_below`` sets the *key* aside
+  (``store/backoff.py``): a copy of the message goes first among the key's set-aside messages,
+  the parking stage sets later ones aside behind it and re-queues them in order when due.
+  A shorter delay waits in place, the message unacked. Either way the count, due time and
+  changed arguments go into the attempt record (``store/attempts.py``).
+* ``before``: a task id with an attempt record resumes it after a crash: the count in its
+  ``retries`` header, the due time as its ETA, the arguments in ``PartitionMessage.call``.
+* ``after``: a message that is done forgets its record.
 """
 
 from __future__ import annotations
@@ -30,8 +26,8 @@ from ..store.backoff import BackoffStore
 from ..store.lease import new_token
 from ..store.requeue import Requeue
 from .eta import eta_of
-from .retry_semantics import decode_call
 from .stage import Outcome, Place, Stage, Verdict
+from .task_patch import decode_call
 
 __all__ = ["Retry"]
 
@@ -66,7 +62,7 @@ class Retry(Stage):
         return Verdict.RUN
 
     def _resume(self, msg: PartitionMessage, record: AttemptRecord) -> None:
-        """Give the message the count, due time and arguments of its record (see above)."""
+        """Give the message the count, due time and arguments of its record."""
         headers = msg.message.headers
         if not isinstance(headers, dict):
             return
@@ -90,8 +86,7 @@ class Retry(Stage):
 
     def retrying(self, msg: PartitionMessage, record: AttemptRecord, delay: float) -> bool:
         """Set the key aside until ``record.resume_at`` (True), or keep the record for an
-        in-place wait (False): in place when the delay is short enough to hold the partition
-        or the parking stage did not let the message through (it has no key)."""
+        in-place wait (False: a short delay, or a message without a key)."""
         task_id, key, pool = msg.task_id, msg.partition_key, msg.partition_pool
         assert task_id is not None
         self.recorded = task_id

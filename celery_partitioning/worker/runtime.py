@@ -1,23 +1,9 @@
-"""The partition runtime: what a partition worker process hosts, and the hook points on it.
+"""What a partition worker process hosts: a :class:`WorkerRuntime` with one
+:class:`PartitionRuntime` per partition, each consumed by a thread of its own
+(``partition.py``), and the environment the supervisor passes its children.
 
-A partition worker process is a ``celery worker`` (a real Celery node: remote control,
-events, heartbeats) that the supervisor (``celery partitioning worker``) starts with
-``PARTITIONS_ENV`` set to the partitions it hosts (``"entity:0,entity:3,global:0"``). Each
-partition is consumed by a thread of its own (``worker/partition.py``), strictly one message
-at a time and in queue order; the partitions of a process run in parallel.
-
-Hook points for other parts of the package:
-
-``current_runtime(app) -> PartitionRuntime | None``
-    The partition the *calling thread* consumes (inside a task: the task's partition), or
-    None outside a partition thread.
-
-``PartitionRuntime`` (one per partition, built by ``pipeline.build_partition``)
-    Where it is, its store, lease and ``pipeline`` (its stages, in order), its stop flag.
-
-``WorkerRuntime`` (one per process)
-    The hosted partitions, the process-wide stop flag (``stopping()``: a warm shutdown, a
-    ``celery control shutdown`` or the supervisor gone) and the in-place retry patcher.
+``current_runtime(app)`` is the partition the calling thread consumes (inside a task: the
+task's), or None outside a partition thread.
 """
 
 from __future__ import annotations
@@ -41,45 +27,26 @@ if TYPE_CHECKING:
     from ..store.lease import Lease, LeaseRenewer
     from .failures import DeadLetters
 
-__all__ = [
-    "PARTITIONS_ENV",
-    "BALANCE_ENV",
-    "LEASE_TOKEN_ENV",
-    "LEASE_TAKEOVER_ENV",
-    "SUPERVISOR_PID_ENV",
-    "PROCESSES_ENV",
-    "EVENTS_ENV",
-    "RELAY_ENV",
-    "PartitionRuntime",
-    "WorkerRuntime",
-    "current_runtime",
-    "current_worker",
-    "attach_worker",
-    "bind_thread",
-    "parse_partitions",
-]
+__all__ = ["PARTITIONS_ENV", "BALANCE_ENV", "LEASE_TOKEN_ENV", "LEASE_TAKEOVER_ENV",
+           "SUPERVISOR_PID_ENV", "PROCESSES_ENV", "EVENTS_ENV", "RELAY_ENV", "PartitionRuntime",
+           "WorkerRuntime", "current_runtime", "current_worker", "attach_worker", "bind_thread",
+           "parse_partitions"]
 
 #: Set by the supervisor on each child ``celery worker``: ``"pool:index,pool:index,..."``.
 PARTITIONS_ENV: Final = "CELERY_PARTITIONING_PARTITIONS"
-#: Set to ``1`` by ``partitioning worker`` without ``--partitions``: the process hosts every
-#: selected partition and holds only its balanced share (``worker/balancer.py``). Unset: it
-#: holds every partition it hosts (pinned).
+#: ``1``: the process holds only its balanced share of the partitions it hosts; unset: all.
 BALANCE_ENV: Final = "CELERY_PARTITIONING_BALANCE"
 #: Set by the supervisor: the lease token the child uses for all its partitions.
 LEASE_TOKEN_ENV: Final = "CELERY_PARTITIONING_LEASE_TOKEN"
-#: Set by the supervisor on a restarted child: the token of its predecessor, which the
-#: supervisor saw die, so the new child may take its leases over without waiting the TTL.
+#: Set on a restarted child: its dead predecessor's token, whose leases it takes over at once.
 LEASE_TAKEOVER_ENV: Final = "CELERY_PARTITIONING_LEASE_TAKEOVER"
-#: Set by the supervisor: its pid; a child whose parent changes (supervisor gone) stops
-#: warmly (``orphan.py``).
+#: Set by the supervisor: its pid (``orphan.py``).
 SUPERVISOR_PID_ENV: Final = "CELERY_PARTITIONING_SUPERVISOR_PID"
-#: Set by the supervisor: how many processes it runs; its balanced children wait for each
-#: other at start (``store/membership.py``, ``JOIN_DELAY_MS``).
+#: Set by the supervisor: how many processes it runs (they wait for each other at start).
 PROCESSES_ENV: Final = "CELERY_PARTITIONING_PROCESSES"
 #: ``0`` when the supervisor was told not to send task events (``--without-events``).
 EVENTS_ENV: Final = "CELERY_PARTITIONING_EVENTS"
-#: ``1`` on the supervisor's first process when the outbox relay runs in the worker
-#: (``outbox_relay.py``).
+#: ``1`` on the process that runs the outbox relay (``outbox_relay.py``).
 RELAY_ENV: Final = "CELERY_PARTITIONING_OUTBOX_RELAY"
 
 #: Attribute of the Celery app that holds the WorkerRuntime of this process.
@@ -151,8 +118,6 @@ class WorkerRuntime:
     partitions: list[PartitionRuntime] = field(default_factory=list)
     #: Set when the process stops (warm shutdown, control shutdown, supervisor gone).
     stop_event: threading.Event = field(default_factory=threading.Event)
-    #: Task events on (``-E``) unless the supervisor was told otherwise.
-    events: bool = True
     #: It holds a balanced share of its partitions (``BALANCE_ENV``), not all of them.
     balanced: bool = False
     #: Process-wide helpers, set at start (the in-place retry patcher, the executor).

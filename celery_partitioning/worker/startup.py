@@ -1,12 +1,9 @@
-"""Start-up steps that need Redis: wait while it cannot be reached, instead of exiting.
+"""Start-up steps that need Redis wait while it cannot be reached, instead of exiting.
 
-A partition worker (or the supervisor) started during a Sentinel failover finds no master
-until the sentinels promote one (``MasterNotFoundError``), and one started before its Redis
-finds the port closed. Celery itself waits for its broker at start-up
-(``broker_connection_retry_on_startup``); so do these steps: each attempt that fails because
-Redis (or the broker) is unreachable logs one WARNING naming the error, and the step is tried
-again after 0.5 s, doubling up to 5 s (:class:`Backoff`, which a partition thread's fetch and
-reconnect use too).
+A process started during a Sentinel failover finds no master until one is promoted, and one
+started before its Redis finds the port closed. As Celery waits for its broker at start-up,
+each failed attempt logs one WARNING and is retried after 0.5 s, doubling up to 5 s
+(:class:`Backoff`, which a partition thread's fetch and reconnect use too).
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ T = TypeVar("T")
 
 
 class Backoff:
-    """Pauses between attempts at a Redis or broker that does not answer: 0.5 s, doubling, up
-    to 5 s (start-up steps here, a partition thread's fetch and reconnect)."""
+    """Pauses between attempts at a Redis or broker that does not answer."""
 
     def __init__(self) -> None:
         self.pause = RETRY_FIRST

@@ -1,26 +1,18 @@
 """The supervisor behind ``celery partitioning worker``: a few processes, many partitions each.
 
-By default every child process hosts every selected partition and holds only its balanced
-share, agreed with every other member of the pools wherever they run (``share``,
-``balancer.py``). With ``--partitions`` (or without a Redis store) the selected partitions are
-dealt over ``--processes`` child processes instead (``spread``), each pinned to its own. Each
-child is forked from the supervisor, which has imported and checked the app, so the children
-share its pages (``forked.py``), and runs a real ``celery worker`` (``-P solo -c 1 -Q <idle
-queue>``, task events on, node name ``partitions<n>@host``, or ``pool.index@host`` when it
-hosts one partition; :func:`worker_argv`) with ``PARTITIONS_ENV`` naming its partitions,
-which it consumes in a thread each (see ``hooks.py``). The supervisor prefixes every line a
-child prints with its label (``[w0]``, or ``[pool.index]``), restarts a child that dies
-(backoff 1 s, 2 s, 4 s ... 30 s while it keeps dying within seconds of its start; a child
-that ran a while is restarted after 1 s) and hands the dead child's lease token to its
-successor, which then takes its partitions over at once instead of after the lease TTL. A
-child that exits 0 on its own was told to stop (``celery control shutdown``): the supervisor
-stops the others and exits. SIGTERM/SIGINT stop every child warmly (SIGTERM, then SIGKILL
-after ``stop_timeout``); a second signal kills them at once. If the supervisor is killed
-alone, each child notices, keeps printing to the supervisor's output and stops warmly
-(``orphan.py``).
+Balanced (the default), every child hosts every selected partition and holds its share
+(:func:`share`, ``balancer.py``); with ``--partitions`` the partitions are dealt over the
+children instead (:func:`spread`). Children are forked from the supervisor, which has imported
+the app, so they share its pages (``forked.py``); each runs a ``celery worker`` (see
+:func:`worker_argv`, ``hooks.py``) with ``PARTITIONS_ENV`` naming its partitions.
 
-Exit status: 0 every child stopped cleanly (after SIGTERM or a first SIGINT, ``hooks.py``);
-1 a child exited non-zero or had to be killed while stopping; 2 bad usage (nothing started).
+The supervisor prefixes each child's lines with its label, restarts a child that dies (1 s,
+doubling to 30 s while it keeps dying young) and gives the successor the dead child's lease
+token so it takes over at once. A child that exits 0 on its own got ``celery control
+shutdown``: the others are stopped too. SIGTERM/SIGINT stop every child warmly (SIGKILL after
+``stop_timeout`` or a second signal). Killed alone, its children stop warmly (``orphan.py``).
+
+Exit status: 0 every child stopped cleanly; 1 one did not or was killed; 2 bad usage.
 """
 
 from __future__ import annotations
@@ -50,22 +42,11 @@ from .runtime import (
 )
 from .selection import PartitionSpec, parse_indexes, parse_partition_spec, select_partitions
 
-__all__ = [
-    "ChildSpec",
-    "PartitionSpec",
-    "spread",
-    "share",
-    "Supervisor",
-    "select_partitions",
-    "parse_indexes",
-    "parse_partition_spec",
-    "run_celery",
-    "worker_argv",
-]
+__all__ = ["ChildSpec", "PartitionSpec", "spread", "share", "Supervisor", "select_partitions",
+           "parse_indexes", "parse_partition_spec", "run_celery", "worker_argv"]
 
 
-#: First restart delay and its cap (seconds); a child up this long resets the backoff (it
-#: did work: a crash loop dies within seconds of its start).
+#: First restart delay and its cap (seconds); a child up HEALTHY_AFTER resets the backoff.
 BACKOFF_START: Final = 1.0
 BACKOFF_MAX: Final = 30.0
 HEALTHY_AFTER: Final = 10.0
@@ -107,17 +88,13 @@ class ChildSpec:
 
 
 def spread(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
-    """Deal the partitions over ``processes`` processes, in turn (deterministic: partition i
-    goes to process i mod P), so every process gets a share of every pool."""
+    """Deal the partitions over ``processes`` processes: partition i to process i mod P."""
     _check_processes(partitions, processes)
-    return [ChildSpec(tuple(partitions[i::processes]), number) for number, i in
-            enumerate(range(processes))]
+    return [ChildSpec(tuple(partitions[n::processes]), n) for n in range(processes)]
 
 
 def share(partitions: Sequence[PartitionSpec], processes: int) -> list[ChildSpec]:
-    """Balanced (no ``--partitions``): every process hosts every selected partition and holds
-    only its share, agreed through the store with every other member of the pools, on this
-    host and others (``worker/balancer.py``)."""
+    """Balanced: every process hosts every partition and holds its share (``balancer.py``)."""
     _check_processes(partitions, processes)
     return [ChildSpec(tuple(partitions), number, shared=True) for number in range(processes)]
 
@@ -178,10 +155,7 @@ class _Child:
 
 class Supervisor:
     """Forks and supervises the partition worker processes until told to stop.
-
-    Single-threaded: children's output is read in the main loop, so no other thread can
-    hold a lock when a child is forked (``forked.py``).
-    """
+    Single-threaded, so no other thread holds a lock when it forks."""
 
     def __init__(self, specs: Iterable[ChildSpec], main: Callable[[ChildSpec], int], *,
                  env: Mapping[str, str] | None = None, stop_timeout: float = 60.0,
@@ -198,8 +172,7 @@ class Supervisor:
 
     # -- output -----------------------------------------------------------------------
     def say(self, label: str, line: str) -> None:
-        """Print one prefixed line; once our output is gone (terminal closed, the reader of
-        our pipe died) drop lines instead of dying, so supervising, and children, go on."""
+        """Print one prefixed line; once our output is gone, drop lines: supervising goes on."""
         if self._out_gone:
             return
         try:
@@ -237,8 +210,7 @@ class Supervisor:
         return bool(data)
 
     def _read_rest(self, child: _Child) -> None:
-        """Forward everything a child that exited left in its pipe (its last words: why it
-        exited), before the supervisor's own line about the exit."""
+        """Forward what an exited child left in its pipe (why it exited) before our line."""
         for _ in range(1024):  # bounded: a grandchild may still write to the pipe
             if child.output_fd is None:
                 return
@@ -248,6 +220,10 @@ class Supervisor:
                 return
             if got is None:
                 break
+        self._flush_partial(child)
+
+    def _flush_partial(self, child: _Child) -> None:
+        """Forward the child's unfinished last line."""
         if child.partial:
             self._line(child, child.partial)
             child.partial = b""
@@ -255,16 +231,14 @@ class Supervisor:
     def _close_output(self, child: _Child) -> None:
         if child.output_fd is None:
             return
-        if child.partial:
-            self._line(child, child.partial)
-            child.partial = b""
+        self._flush_partial(child)
         self._selector.unregister(child.output_fd)
         os.close(child.output_fd)
         child.output_fd = None
 
     def _drain_output(self, seconds: float) -> None:
-        """After the children exited: forward the rest of their output (a task's own
-        subprocess may hold a pipe open: stop waiting after ``seconds``)."""
+        """Forward the rest of the children's output (a task's subprocess may hold a pipe
+        open: give up after ``seconds``)."""
         deadline = time.monotonic() + seconds
         while self._selector.get_map() and time.monotonic() < deadline:
             self._pump(0.05)
@@ -285,8 +259,8 @@ class Supervisor:
         if child.previous_token:
             # We saw the previous child exit: its lease (if it held one) is dead.
             env[LEASE_TAKEOVER_ENV] = child.previous_token
-        # The child also holds its pipe's read end, and a copy of our output: if we are
-        # killed its writes cannot fail, and it carries on printing where we did (orphan.py).
+        # The child holds its pipe's read end and our output too: if we are killed its writes
+        # cannot fail and it prints where we did (orphan.py).
         output = ChildOutput.open(self._out_fd)
         env.update(output.env)
         ours = [c.output_fd for c in self.children if c.output_fd is not None]
@@ -316,8 +290,7 @@ class Supervisor:
         self._read_rest(child)
         lived = time.monotonic() - child.started_at
         if code == 0 and not self._signals:
-            # Celery exits 0 after a warm stop nobody here asked for: `celery control
-            # shutdown` reached it (and its siblings): stop the fleet, restart nothing.
+            # A warm stop we did not ask for: `celery control shutdown`; restart nothing.
             self.say("supervisor", f"{child.spec.label} (pid {proc.pid}) stopped on its own "
                                    "(celery control shutdown?): stopping every worker")
             child.proc = None
@@ -389,9 +362,8 @@ class Supervisor:
         for child in live:
             assert child.proc is not None
             code = child.proc.wait()
-            # -SIGTERM: the child got a second SIGTERM (the process group's and ours) while
-            # Python was finalizing, after Celery's handler was gone. Celery handles SIGTERM
-            # from before it consumes until then, so no task was cut short: still clean.
+            # -SIGTERM: a second SIGTERM (the group's and ours) arrived while Python was
+            # finalizing, after every task had ended: still clean.
             if code not in (0, -signal.SIGTERM):
                 clean = False
                 self.say("supervisor", f"{child.spec.label} stopped with code {code}")

@@ -1,25 +1,25 @@
 """The patch on partitioned tasks: Celery's retry, in place, driving the partition's pipeline.
 
-In a partition worker :func:`enable_in_place_retry` replaces ``retry`` on each partitioned
-task instance (``self.retry()`` and ``autoretry_for`` both come here) and wraps ``run``.
-``retry`` keeps Celery's meaning (countdown, eta, ``default_retry_delay``, ``max_retries``)
-but raises :class:`RetryInPlace` instead of publishing. The ``run`` wrapper asks the pipeline
-where the retry waits (``Pipeline.retrying``: the retry stage): set aside, the signal goes on
-to Celery, which records the retry and acks; in place, it records the retry as Celery would
-(:func:`announce_retry`), waits with the message unacked (a warm shutdown stops the worker
-without acking) and runs the task again with ``request.retries`` one higher. A task that fails
-for good goes to ``Pipeline.failed`` (the dead-letter stage) before Celery records it and acks.
-Non-partitioned tasks, eager calls and other workers keep Celery's behaviour.
+:func:`enable_in_place_retry` replaces ``retry`` on each partitioned task instance and wraps
+``run``. ``retry`` keeps Celery's meaning (countdown, eta, ``default_retry_delay``,
+``max_retries``) but raises :class:`RetryInPlace` instead of publishing, which would reorder the
+partition. The ``run`` wrapper asks the pipeline where the retry waits: set aside, Celery records
+the retry and acks; in place, it records the retry as Celery would, waits with the message
+unacked and runs the task again. A task that fails for good reaches ``Pipeline.failed`` before
+Celery records it. Eager calls, other tasks and other workers keep Celery's behaviour.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import inspect
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
@@ -27,7 +27,6 @@ from celery.exceptions import Ignore, Reject, Retry, WorkerShutdown
 from .. import compat
 from ..store.attempts import AttemptRecord
 from ..tasks import spec_of
-from .retry_semantics import delay_of, encode_call, retry_arguments
 from .runtime import current_runtime
 from .stage import Failure, Pipeline
 
@@ -36,7 +35,8 @@ if TYPE_CHECKING:
 
     from ..message import PartitionMessage
 
-__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry"]
+__all__ = ["RetryInPlace", "InPlaceRetry", "enable_in_place_retry", "retry_arguments",
+           "encode_call", "decode_call"]
 
 logger = logging.getLogger("celery_partitioning.retry")
 
@@ -47,11 +47,8 @@ PATCHED: Final = "_celery_partitioning_in_place"
 
 
 class RetryInPlace(Retry):  # type: ignore[misc]
-    """Internal: ``task.retry`` in a partition worker. Caught by the run wrapper, never published.
-
-    A subclass of Celery's ``Retry``, so code that catches ``Retry`` (and ``autoretry_for``,
-    which re-raises it) behaves as with Celery.
-    """
+    """Internal: ``task.retry`` in a partition worker, caught by the run wrapper. A ``Retry``,
+    so code that catches ``Retry`` (and ``autoretry_for``) behaves as with Celery."""
 
     def __init__(self, delay: float, exc: BaseException | None, args: Any, kwargs: Any) -> None:
         super().__init__(exc=exc, when=delay)
@@ -74,13 +71,84 @@ class _Attempt:
     message_call: tuple[Any, Any] = ((), {})
 
 
-class InPlaceRetry:
-    """Patches the partitioned tasks of a partition worker process (see the module docstring);
-    one per process: each call finds the pipeline of the calling partition thread."""
+def retry_arguments(run: Callable[..., Any], current_args: Any, current_kwargs: Any,
+                    args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """The arguments of the next attempt, merged as Celery's ``Task.retry`` merges them: new
+    ``args`` drop the keyword arguments they now fill; new ``kwargs`` replace same-named
+    positional ones (celery/celery#6494)."""
+    current_args = () if current_args is None else current_args
+    current_kwargs = {} if current_kwargs is None else current_kwargs
+    if not ((args is not None and kwargs is None and current_kwargs)
+            or (kwargs is not None and args is None and current_args)):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    try:
+        signature = inspect.signature(run)
+    except (TypeError, ValueError):
+        return (current_args if args is None else args,
+                current_kwargs if kwargs is None else kwargs)
+    if args is not None:
+        positional = [p for p in signature.parameters.values()
+                      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                    inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        merged = dict(current_kwargs)
+        for parameter in positional[:len(args)]:
+            if parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                merged.pop(parameter.name, None)
+        return args, merged
+    try:
+        bound = signature.bind_partial(*current_args)
+    except TypeError:
+        return current_args, kwargs
+    rest = dict(kwargs or {})
+    for name in list(rest):
+        if (name in bound.arguments
+                and signature.parameters[name].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            bound.arguments[name] = rest.pop(name)
+    return bound.args, {**bound.kwargs, **rest}
 
-    def __init__(self, app: Celery, *, sleep: Callable[[float], None] = time.sleep) -> None:
+
+def encode_call(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, str]:
+    """Arguments a retry changed, serialized as the task's messages are (for the attempt record)."""
+    from kombu import serialization
+
+    dumps: Callable[..., tuple[str, str, bytes | str]] = serialization.dumps
+    serializer = getattr(task, "serializer", None) or task.app.conf.task_serializer
+    content_type, encoding, body = dumps([list(args), kwargs], serializer=serializer)
+    raw = body if isinstance(body, bytes) else body.encode(encoding)
+    return {"content_type": content_type, "encoding": encoding,
+            "body": base64.b64encode(raw).decode("ascii")}
+
+
+def decode_call(call: dict[str, str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    from kombu import serialization
+
+    loads: Callable[..., Any] = serialization.loads
+    args, kwargs = loads(base64.b64decode(call["body"]), call["content_type"], call["encoding"],
+                         accept={call["content_type"]})
+    return tuple(args), dict(kwargs)
+
+
+def delay_of(app: Any, eta: Any, countdown: Any) -> float:
+    if eta is not None:
+        if isinstance(eta, datetime):
+            from celery.utils.time import maybe_make_aware
+
+            aware = maybe_make_aware(eta, app.timezone)
+            return max(0.0, float((aware - app.now()).total_seconds()))
+        raise TypeError(f"eta must be a datetime, got {eta!r}")
+    if countdown is None:
+        return 0.0
+    if isinstance(countdown, timedelta):
+        return max(0.0, countdown.total_seconds())
+    return max(0.0, float(countdown))
+
+
+class InPlaceRetry:
+    """Patches the partitioned tasks of a process; each call finds its partition's pipeline."""
+
+    def __init__(self, app: Celery) -> None:
         self.app = app
-        self._sleep = sleep
         self._active: dict[str, _Attempt] = {}
         #: The tasks this patcher patched, with what their instance held before.
         self._patched: list[tuple[Any, dict[str, Any]]] = []
@@ -99,21 +167,16 @@ class InPlaceRetry:
             return False
         original_run = task.run
         original_retry = task.retry
-        own = vars(task)
-        self._patched.append((task, {name: own[name] for name in ("run", "retry") if name in own}))
+        self._patched.append((task, own_attributes(task, ("run", "retry"))))
         task.retry = functools.partial(self._retry, task, original_retry)
         task.run = functools.wraps(original_run)(functools.partial(self._run, task, original_run))
         setattr(task, PATCHED, True)
         return True
 
     def unpatch_all(self) -> None:
-        """Give back the tasks this patcher patched as they were (an in-process worker stops)."""
+        """Give the patched tasks back as they were."""
         for task, before in reversed(self._patched):
-            for name in ("run", "retry", PATCHED):
-                if name in before:
-                    setattr(task, name, before[name])
-                elif name in vars(task):
-                    delattr(task, name)
+            restore_attributes(task, ("run", "retry", PATCHED), before)
         self._patched.clear()
 
     # -- task.retry -------------------------------------------------------------------
@@ -244,12 +307,11 @@ class InPlaceRetry:
                                "unacked and goes back to the head of %s",
                                runtime.queue if runtime is not None else "its queue")
                 raise WorkerShutdown(0)
-            self._sleep(min(WAIT_SLICE, remaining))
+            time.sleep(min(WAIT_SLICE, remaining))
 
 
-# An in-place retry runs the next attempt inside the same traced call, so Celery's tracer
-# sends task_prerun/task_postrun only for the first start and the last end: these send them
-# for the attempts in between, with request.retries as Celery would count them.
+# In-place attempts share one traced call, so Celery sends task_prerun/task_postrun only for
+# the first start and the last end: these send them for the attempts in between.
 def announce_retry(task: Any, request: Any, signal: Any) -> None:
     """What Celery does for a retry, minus the re-publish: RETRY state, on_retry, task_retry."""
     from celery import signals
@@ -281,8 +343,7 @@ def end_attempt(task: Any, request: Any, args: Any, kwargs: Any, signal: Any) ->
 
 
 def begin_attempt(task: Any, request: Any, args: Any, kwargs: Any) -> None:
-    """The next in-place attempt starts (``request.retries`` already counts it):
-    ``task_prerun``, then the task's own ``before_start`` when it has one."""
+    """The next in-place attempt starts: ``task_prerun``, then the task's ``before_start``."""
     from celery import signals
     from celery.app.task import Task
 
@@ -291,6 +352,20 @@ def begin_attempt(task: Any, request: Any, args: Any, kwargs: Any) -> None:
     before_start = getattr(type(task), "before_start", None)
     if before_start is not None and before_start is not Task.before_start:
         task.before_start(request.id, args, kwargs)
+
+
+def own_attributes(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """What ``obj`` itself (not its class) holds of ``names``."""
+    return {name: vars(obj)[name] for name in names if name in vars(obj)}
+
+
+def restore_attributes(obj: Any, names: tuple[str, ...], before: dict[str, Any]) -> None:
+    """Give ``obj`` back the ``names`` it held (:func:`own_attributes`); drop the others."""
+    for name in names:
+        if name in before:
+            setattr(obj, name, before[name])
+        elif name in vars(obj):
+            delattr(obj, name)
 
 
 def enable_in_place_retry(app: Celery) -> InPlaceRetry:
