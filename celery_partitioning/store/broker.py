@@ -172,11 +172,9 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
     visibility restore, an ack) changes the keys meanwhile. An in-transit item that is not
     a message at all goes back too, unchanged: the worker dead-letters it when it fetches it.
     """
-    moved = 0
     watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
 
-    def transaction(pipe: Any) -> None:
-        nonlocal moved
+    def transaction(pipe: Any) -> int:
         entries = pipe.hgetall(broker.unacked)
         scores = dict(pipe.zrange(broker.unacked_index, 0, -1, withscores=True))
         mine: list[tuple[float, bytes, UnackedEntry]] = []
@@ -207,7 +205,7 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
             pipe.zrem(broker.unacked_index, tag)
         if in_transit:
             pipe.delete(in_transit)
-        moved = len(oldest_first)
+        return len(oldest_first)
 
-    broker.client.transaction(transaction, *watched)
+    moved: int = broker.client.transaction(transaction, *watched, value_from_callable=True)
     return moved

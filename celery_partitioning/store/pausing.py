@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from ..errors import PauseError
-from ..message import MessageSummary, message_summary
+from ..message import MessageSummary
 from .deadletters import DeadLetterStore
 from .keys import key_digest
 from .letters import now_iso
@@ -185,18 +185,9 @@ class PauseStore:
                 # published to the tail, they would go behind a replay still on its way
                 raise PauseError(f"a replay of key {key!r} is still reaching the worker; "
                                  "resume again in a moment")
-            released = [message_summary(r) for r in raws]
             pipe.multi()
             pipe.hdel(paused, digest)
-            if raws and requeue.at_head:
-                # BRPOP consumes from the right: push the newest first, the oldest last.
-                pipe.rpush(requeue.head(keys, queue), *reversed(raws))
-            elif raws:
-                pipe.rpush(keys.replay_outbox(pool, key), *raws)
-            if released:
-                pipe.srem(ids, *[m.id for m in released])
-                pipe.sadd(replaying, *[m.id for m in released])
-                pipe.delete(parked)
+            released = store.requeue_in(pipe, pool, key, raws, queue=queue, requeue=requeue)
             return Resumed(Pause.from_json(record), released, held_by)
 
         done = store.transaction(step, paused, parked, ids, replaying, dl, backoff)

@@ -25,6 +25,7 @@ from ..config import RedisTarget
 from ..message import Publish, publisher
 from ..state import settings_of
 from .keys import RedisKeys, outbox_lock
+from .scripts import scripts_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -71,17 +72,7 @@ def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
 
 def _let_go(client: Any, lock: str, token: str) -> None:
     """Drop the claim ``lock`` if it is still ``token``'s (it may have expired and been taken)."""
-    from redis.exceptions import WatchError
-
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(lock)
-            if _text(pipe.get(lock) or b"") == token:
-                pipe.multi()
-                pipe.delete(lock)
-                pipe.execute()
-        except WatchError:
-            pass  # taken by another sender meanwhile: it is theirs
+    scripts_for(client).lease_release(keys=[lock], args=[token])  # compare-and-delete
 
 
 class Requeue(ABC):

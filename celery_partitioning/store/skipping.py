@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,10 +77,7 @@ class SkipStore:
             name = self.keys.skipped_dead_letters(letter.pool)
             with self.client.pipeline() as pipe:  # MULTI: the record leaves with its log entry
                 pipe.hdel(name, letter.id)
-                pipe.rpush(self.keys.dead_letter_log(letter.pool), json.dumps(self.store.event(
-                    "discard", letter.pool, letter.key, letter,
-                    [MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)],
-                    raw=[letter.raw])))
+                self.store.log(pipe, "discard", letter, [letter.summary()], raw=[letter.raw])
                 removed, _ = pipe.execute()
             if removed:
                 dropped.append(letter)
