@@ -25,6 +25,7 @@ from ..store.broker import broker_redis
 from ..store.membership import describe
 from ..store.resize import ResizeState, ResizeStore
 from ..tasks import pools_used_by
+from .common import declared
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -109,16 +110,9 @@ def _beyond_on_amqp(app: Celery, pool: str, size: int, upto: int) -> dict[int, i
     depths: dict[int, int] = {}
     with app.connection_for_read() as conn:
         for index in range(size, upto):
-            channel = conn.channel()
-            try:
-                _name, depth, _consumers = channel.queue_declare(
-                    queue=settings.queue_name(pool, index), passive=True)
-                depths[index] = int(depth)
-            except conn.channel_errors:
-                continue  # no such queue
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
+            found = declared(conn, settings.queue_name(pool, index))
+            if found is not None:  # else no such queue
+                depths[index] = found[0]
     return depths
 
 

@@ -14,18 +14,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from celery.bin.base import CeleryCommand
 from kombu.utils.url import maybe_sanitize_url
 
 from ..errors import PartitioningError
-from ..exits import EXIT_UNCLEAN, EXIT_USAGE
+from ..exits import EXIT_UNCLEAN
 from ..state import redis_client, redis_keys, settings_of
 from ..store.broker import BrokerRedis, broker_redis
 from ..store.lease import read_holders
 from ..worker.supervisor import select_partitions
+from .common import declared, fail
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -59,19 +60,6 @@ def _lease_holders(app: Celery, queues: Sequence[str]) -> dict[str, str]:
     return {queue: holder.describe() for queue, holder in holders.items() if holder is not None}
 
 
-def _declared(conn: Any, queue: str) -> tuple[int, int]:
-    """AMQP: ``(messages, consumers)`` of a queue; ``(0, 0)`` when the broker does not know it."""
-    channel = conn.channel()
-    try:
-        _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
-        return int(depth), int(consumers or 0)
-    except conn.channel_errors:
-        return 0, 0
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
-
-
 def plan_purge(app: Celery, pools: Sequence[str] = (), partitions: str | None = None) -> list[QueuePlan]:
     """The selected partition queues with their depth and consumer; changes nothing."""
     specs = select_partitions(settings_of(app), pools, partitions)
@@ -88,7 +76,7 @@ def plan_purge(app: Celery, pools: Sequence[str] = (), partitions: str | None = 
         return plans
     with app.connection_for_write() as conn:
         for spec in specs:
-            depth, consumers = _declared(conn, spec.queue)
+            depth, consumers = declared(conn, spec.queue) or (0, 0)
             consumer = held.get(spec.queue) or (f"{consumers} consumer(s)" if consumers else None)
             plans.append(QueuePlan(spec.pool, spec.index, spec.queue, depth, consumer))
     return plans
@@ -117,7 +105,7 @@ def purge(app: Celery, queues: Sequence[str]) -> dict[str, int]:
         return deleted
     with app.connection_for_write() as conn:
         for queue in queues:
-            if _declared(conn, queue) == (0, 0):
+            if declared(conn, queue) in (None, (0, 0)):
                 deleted[queue] = 0  # nothing there (purging an unknown queue closes the channel)
                 continue
             channel = conn.channel()
@@ -127,11 +115,6 @@ def purge(app: Celery, queues: Sequence[str]) -> dict[str, int]:
                 with contextlib.suppress(Exception):
                     channel.close()
     return deleted
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
-    raise SystemExit(code)
 
 
 @click.command(name="purge", cls=CeleryCommand)
@@ -159,14 +142,14 @@ def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str
     try:
         plans = plan_purge(app, pools, partitions)
     except PartitioningError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc))
     except (*app.connection_for_read().connection_errors, OSError) as exc:
-        _fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
+        fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
     live = [p for p in plans if p.consumer is not None]
     if live and not while_running:
         for p in live:
             click.echo(f"{p.queue}: consumed by {p.consumer}", err=True)
-        _fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
+        fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
               "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
     total = sum(p.depth for p in plans)
     if not force:
@@ -175,7 +158,7 @@ def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str
     try:
         deleted = purge(app, [p.queue for p in plans])
     except (*app.connection_for_read().connection_errors, OSError) as exc:
-        _fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
+        fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
     for p in plans:
         running = f" (while consumed by {p.consumer})" if p.consumer else ""
         click.echo(f"{p.queue}: deleted {deleted[p.queue]} message(s){running}")

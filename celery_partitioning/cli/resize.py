@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from celery.bin.base import CeleryCommand
 
-from ..exits import EXIT_USAGE
 from ..router import HEADER_COUNT
 from ..state import redis_client, redis_keys, settings_of
 from ..store.broker import broker_redis
 from ..store.resize import RELEASING, UNPLACED, ResizeStore
+from .common import fail
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -140,30 +140,30 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
     app = ctx.obj.app
     settings = settings_of(app)
     if pool not in settings.pools:
-        _usage(f"unknown pool {pool!r}; configured: {', '.join(settings.pools)}")
+        fail(f"unknown pool {pool!r}; configured: {', '.join(settings.pools)}")
     if size < 1:
-        _usage("SIZE must be at least 1")
+        fail("SIZE must be at least 1")
     opened = _store(app)
     if opened is None:
-        _usage("resizing needs a Redis store (partitioning_redis_url or a Redis broker)")
+        fail("resizing needs a Redis store (partitioning_redis_url or a Redis broker)")
     client, store = opened
     try:
         recorded = store.state(pool)
         if recorded is not None and previous is not None and recorded.size != previous \
                 and not recorded.in_flight:
-            _usage(f"pool {pool!r} is recorded with {recorded.size} partitions, not {previous} "
+            fail(f"pool {pool!r} is recorded with {recorded.size} partitions, not {previous} "
                    f"(--from): `partitioning resize {pool} {size} --from {recorded.size}`")
         if recorded is None:
             start = previous if previous is not None else settings.partitions(pool)
             if start == size:
-                _usage(f"no size is recorded for pool {pool!r} yet: give its current partition "
+                fail(f"no size is recorded for pool {pool!r} yet: give its current partition "
                        "count with --from")
             store.begin(pool, start, record=True)
         outcome, state = store.begin(pool, size, record=True)
     finally:
         client.close()
     if outcome == "conflict":
-        _usage(f"pool {pool!r} is being resized from {state.previous} to {state.size} "
+        fail(f"pool {pool!r} is being resized from {state.previous} to {state.size} "
                "partitions: wait until `partitioning status` shows it finished")
     if outcome == "same":
         click.echo(f"pool {pool}: already {size} partitions"
@@ -172,8 +172,3 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
     click.echo(f"pool {pool}: resize from {state.previous} to {state.size} partitions recorded. "
                f"Workers running {state.previous} stop within seconds; start the workers with "
                f"partitioning_pools {pool!r}: {state.size}.")
-
-
-def _usage(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
-    raise SystemExit(EXIT_USAGE)

@@ -12,7 +12,6 @@ is configured. Nothing here changes any state.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from ..store.deadletters import DeadLetterStore
 from ..store.lease import read_holders
 from ..store.pausing import Pause, PauseStore
 from ..store.progress import read_progress
+from .common import declared, table
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -147,19 +147,6 @@ def _leases(app: Celery, queues: Sequence[str]) -> tuple[dict[str, str | None],
             progress)
 
 
-def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
-    with app.connection_for_read() as conn:
-        channel = conn.channel()
-        try:
-            _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
-            return int(depth), int(consumers)
-        except conn.channel_errors:
-            return None, None
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
-
-
 def collect_status(app: Celery, pools: Sequence[str] = (),
                    stall_after: float = STALL_AFTER) -> list[PartitionStatus]:
     """One PartitionStatus per partition of ``pools`` (default all), pool order then index;
@@ -199,11 +186,12 @@ def collect_status(app: Celery, pools: Sequence[str] = (),
         finally:
             broker.close()
         return _with_pauses(_with_backoffs(rows, backoffs), pauses)
-    for pool, index, queue in parts:
-        depth, consumers = _amqp_queue(app, queue)
-        consumer = None if not consumers else f"{consumers} consumer(s)"
-        rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
-                                    parked.get((pool, index), 0)))
+    with app.connection_for_read() as conn:
+        for pool, index, queue in parts:
+            depth, consumers = declared(conn, queue) or (None, None)
+            consumer = None if not consumers else f"{consumers} consumer(s)"
+            rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
+                                        parked.get((pool, index), 0)))
     return _with_pauses(_with_backoffs(rows, backoffs), pauses)
 
 
@@ -235,15 +223,11 @@ def render_table(rows: Sequence[PartitionStatus]) -> str:
     header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED",
               "BACKOFF", "PAUSED", "LAST TAKE")
     now = time.time()
-    table = [header] + [
+    return table([header] + [
         (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
          r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now), _paused_cell(r),
          _cell(r.last_consumed_age) + (" STALLED" if r.stalled else ""))
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-                     for line in table)
+        for r in rows])
 
 
 def _paused_cell(row: PartitionStatus) -> str:
