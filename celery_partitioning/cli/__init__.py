@@ -243,7 +243,7 @@ def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
     if settings.worker_pools is not None:
         return list(settings.worker_pools), []
     used = [pool for pool in pools_used_by(app.tasks.values()) if pool in settings.pools]
-    if not used:  # no partitioned task registered at all: run everything, as before
+    if not used:  # no partitioned task registered at all: run everything
         return list(settings.pools), []
     return used, [pool for pool in settings.pools if pool not in used]
 

@@ -8,7 +8,7 @@ SIGKILL the message stays there until ``visibility_timeout`` (an hour by default
 restarted worker runs later messages; ``reject(requeue=True)`` would ``LPUSH`` it to the
 back. So the new lease holder, before it consumes, moves the entries whose routing key is
 its own queue (and only those) back with ``RPUSH``, newest first so the oldest ends up at
-the head, in one WATCH/MULTI transaction on both keys (as kombu's own ``restore_by_tag``).
+the head, in one transaction on both keys (as kombu's own ``restore_by_tag``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ __all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachabl
            "unacked_by_queue", "unblock", "BROKER_SOCKET_TIMEOUT", "FETCH_TIMEOUT"]
 
 #: Seconds any read or connect of the partitions' broker client may wait. A blocking fetch
-#: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer that is gone
-#: without a reset (a host or network failure, a master frozen mid-failover): without a bound
-#: the fetch would wait on that socket forever, its partition consuming nothing (issue 27).
+#: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer gone without
+#: a reset (a host failure, a master frozen mid-failover), which must not stall the partition.
 BROKER_SOCKET_TIMEOUT: Final = 10.0
 #: Longest wait of a blocking fetch on the server. A stop does not wait for it: it unblocks
 #: the fetch (:func:`unblock`); the time-out only bounds an idle partition's polling (one

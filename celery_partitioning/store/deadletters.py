@@ -1,24 +1,10 @@
-"""Dead-letter store and per-key parking: every Redis read and write for them lives here.
+"""Dead letters and per-key parking: every Redis read and write for them (key layout in
+``keys.py``).
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`, key text hashed):
-
-* ``dl:{pool}`` hash, key digest → JSON :class:`DeadLetter`. A field present means the key
-  is **parked**: the partition's gate sets its later messages aside instead of running them.
-* ``parked:{pool}:{digest}`` list of raw kombu payloads set aside, in arrival (publish) order;
-  ``parked-ids`` the task ids already stored (dead letter, parked or deferred), so a crash
-  between "stored" and "acked" never stores a message twice.
-* ``replaying`` / ``deferred``: a replay re-queues messages at the head of the partition queue;
-  until each has reached the worker, newer messages of the key that were already in flight are
-  deferred and re-queued right behind them (so a replay can never be overtaken).
-* ``dl-log:{pool}`` list of JSON records of every replay, skip and discard (what, when).
-* ``dl-skipped:{pool}`` hash, task id → JSON :class:`DeadLetter` of a task whose failure
-  policy is ``skip``: recorded only, its key is not parked (``store/skipping.py``).
-* ``backoff:{pool}:{digest}``: the key waits out a retry backoff; its messages are set aside
-  in ``parked`` exactly as a parked key's, and released automatically (``store/backoff.py``).
-
-Replay pushes onto kombu's Redis list in the same transaction as it unparks, so it needs the
-broker to be the Redis that holds the store (the default: ``partitioning_redis_url`` falls
-back to the broker URL).
+A key with a dead letter is **parked**: the gate (``gate.lua``) sets its later messages aside
+in order. Replay and skip are one release step: the key is unparked and its messages go back
+ahead of anything newer (``requeue.py``), each ``replaying`` until it has run, so newer
+messages already in flight are deferred behind them. Every replay, skip and discard is logged.
 """
 
 from __future__ import annotations

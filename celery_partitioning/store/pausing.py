@@ -1,20 +1,10 @@
 """Pausing a key or a partition, and resuming it: the pause records and what resume releases.
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`):
-
-* ``paused:{pool}`` hash, key digest → JSON :class:`Pause`. A field present means the key is
-  **paused**: the parking gate (``gate.lua``) sets its messages aside in the key's ``parked``
-  list, in order, exactly as for a key parked behind a dead letter, but with no dead letter.
-* ``paused-partitions:{pool}`` hash, partition index → JSON :class:`Pause`: the partition's
-  holder stops between two messages and keeps its lease (``worker/pausing.py``); it writes
-  ``pause-acks:{pool}`` (index → node and time) once it has stopped.
-* ``pause-log:{pool}`` list of JSON records of every pause and resume (capped).
-
-Resuming a key is the release step of a replay without a dead letter: in one transaction the
-pause record goes and the set-aside messages go back ahead of anything newer (onto the head
-of the queue, or through the key's outbox), each ``replaying`` until it is done. A key that
-is also parked behind a dead letter or waits out a retry backoff keeps its messages set aside
-for that reason (``replay``/``skip`` or the backoff's end releases them).
+A paused key's messages are set aside by the gate (``gate.lua``) as a parked key's are, with
+no dead letter. A paused partition's holder stops between two messages and keeps its lease
+(``worker/pausing.py``), and acknowledges the pause. Resuming a key is a replay's release
+step without a dead letter; messages also held by a dead letter or a retry backoff stay set
+aside for that reason. Key layout in ``keys.py``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """How a message the store set aside goes back to its partition queue: one strategy per partition.
 
-Parking, retry backoff, replay, skip and resize all put messages back "ahead of anything
-newer". Two brokers, two ways, chosen once per partition (:func:`requeue_for`):
+Parking, backoff, replay, skip and resize all put messages back ahead of anything newer:
 
-* :class:`HeadPush` (the broker is the store's Redis): the store's script pushes them onto the
-  consuming end of kombu's Redis list of the queue, in the same step as it unparks the key.
-* :class:`ThroughOutbox` (RabbitMQ, or a Redis broker apart from the store): the script appends
-  them to an outbox list in the store, and :meth:`Requeue.send` publishes the outbox to the
-  tail of the queue, oldest first; the key stays held (``replaying``, ``pending``) until every
-  re-queued message is back, so nothing newer overtakes them.
-
-A store method takes a ``requeue: Requeue``; it asks :meth:`Requeue.head` for the list its
-script pushes onto (``""``: none, use the outbox) and calls :meth:`Requeue.send` on the
-outbox afterwards (a no-op for :class:`HeadPush`).
+* :class:`HeadPush` (the broker is the store's Redis): the script itself pushes them onto the
+  consuming end of kombu's list of the queue.
+* :class:`ThroughOutbox` (any other broker): the script appends them to an outbox list, and
+  :meth:`Requeue.send` publishes it to the tail of the queue, oldest first; the key stays held
+  until every message is back, so nothing newer overtakes them.
 """
 
 from __future__ import annotations

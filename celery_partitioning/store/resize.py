@@ -1,25 +1,10 @@
 """Resizing a pool: the recorded transition from N to M partitions, every Redis read and write.
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`; ``{pool}`` stands for
-``{queue_prefix}.{pool}``: a record belongs to a set of queues, whatever the broker):
-
-* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with: recorded by
-  the first ``partitioning worker`` of the pool, or by ``partitioning resize``); while a
-  resize is in flight also ``from`` (the previous count) and ``started``; ``finished`` after.
-* ``resize-drained:{pool}`` set: old partitions whose queue holds no more old-size messages.
-* ``resize-waiting:{pool}:{q}`` hash: key digest → old partition ``p``: new partition ``q``
-  holds the key until ``p`` is drained.
-* ``resize-key:{pool}:{digest}:moved`` list: the key's old-size messages taken off ``p``,
-  in queue order; ``...:held`` list: its new-size messages that reached ``q`` meanwhile.
-* ``resize-ids:{pool}`` set: task ids in those lists (a message stored but not acked before a
-  crash is recognized and only acked); ``resize-released:{pool}``: task ids released to the
-  head of their new partition (they run there, even after a crash).
-* On a broker that cannot push to the head of a queue (RabbitMQ) released messages go through
-  ``resize-outbox:{pool}:{q}`` to the tail, and the key stays held (``waiting`` = ``r``, ids
-  in ``...:pending``) until every released message is back, so newer ones cannot overtake.
-
-Every step is one Lua script (``scripts/resize_*.lua``), so a SIGKILL at any point leaves
-either the step done or not done.
+Records are per ``{queue_prefix}.{pool}`` (a set of queues, whatever the broker); the layout
+is in ``keys.py``. New partition ``q`` holds a key that moved until its old partition ``p`` is
+drained: ``p``'s old-size messages of the key are moved aside, then released to ``q`` ahead
+of the key's newer messages. Every step is one Lua script (``scripts/resize_*.lua``), so a
+SIGKILL at any point leaves the step either done or not done.
 """
 
 from __future__ import annotations

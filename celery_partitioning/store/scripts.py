@@ -1,11 +1,6 @@
-"""The Lua scripts of the store: real ``.lua`` files in ``scripts/``, loaded once, run by SHA.
-
-Each script is the concatenation of its parts (every script reading task ids shares
-``message_id.lua``; the dead-letter, parking and backoff scripts ``prelude.lua``, the gate's
-scripts ``gate.lua``); every file documents its
-KEYS and ARGV in its header.
-:func:`scripts_for` registers them on a redis-py client: a call runs ``EVALSHA`` and loads
-the script only if the server does not know it yet (a restarted or failed-over Redis).
+"""The store's Lua scripts: ``.lua`` files in ``scripts/``, each the concatenation of its parts
+(KEYS and ARGV documented in each file's header). Registered scripts run by ``EVALSHA`` and
+are loaded again when the server does not know them (a restarted or failed-over Redis).
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Going past a failed message: ``dead-letters skip`` and the ``on_failure="skip"`` policy.
 
-* :meth:`SkipStore.skip` is a replay without the failed message: the same release step
-  (:meth:`DeadLetterStore.release`), the dead letter dropped (kept in the dead-letter log, raw message
-  included, as ``discard`` keeps it) instead of re-queued.
-* :meth:`SkipStore.record` stores the dead letter of a task whose failure policy is ``skip``
-  in ``dl-skipped:{pool}`` (by task id: a crash before the ack stores it once); its key is
-  never parked. ``list`` shows these with ``policy: skip``; ``discard`` drops them (logged).
+A skip is a replay without the failed message (kept in the dead-letter log). A skip-policy
+task's dead letter is recorded by task id in ``dl-skipped:{pool}`` and its key never parks.
 """
 
 from __future__ import annotations
