@@ -1,13 +1,10 @@
 """What ``status`` says under its table about whole pools: unused, stranded, size disagreeing.
 
-* **Unused pools**: no registered partitioned task uses them (or ``partitioning_worker_pools``
-  leaves them out), so ``partitioning worker`` does not run them by default; messages queued
-  there wait for a worker started with ``--pool``.
-* **Stranded queues**: a partition queue whose index is at or beyond the pool's configured
-  size that still holds messages (the pool was shrunk without ``partitioning resize``): no
-  worker consumes it. Queues an in-flight resize is draining are not stranded.
-* **Size disagreement**: the size recorded in the store (by the first worker of the pool, or
-  by ``partitioning resize``) is not the configured one: workers refuse to start.
+* **Unused pools**: ``partitioning worker`` does not run them by default (no registered task
+  uses them, or ``partitioning_worker_pools`` leaves them out).
+* **Stranded queues**: a queue at or beyond the pool's size that holds messages (shrunk
+  without ``partitioning resize``), unless an in-flight resize is draining it.
+* **Size disagreement**: the recorded size is not the configured one: workers refuse to start.
 
 Read only, like the rest of ``status``.
 """

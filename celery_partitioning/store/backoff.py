@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .attempts import ATTEMPTS_TTL, AttemptRecord
-from .deadletters import DeadLetterStore, as_text
+from .deadletters import SharedStore, as_text
 from .keys import key_digest
 from .requeue import HEAD_PUSH, Requeue
 
@@ -77,13 +77,8 @@ def _member(pool: str, key: str) -> str:
     return json.dumps([pool, key])
 
 
-class BackoffStore:
+class BackoffStore(SharedStore):
     """Keys in retry backoff of one app namespace, on the dead-letter store's Redis client."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     def set_aside(self, pool: str, key: str, task_id: str, raw: str, record: AttemptRecord, *,
                   queue: str, requeue: Requeue = HEAD_PUSH,

@@ -44,6 +44,7 @@ __all__ = [
     "GateResult",
     "GateVerdict",
     "Released",
+    "SharedStore",
     "REASON_ERROR",
     "REASON_MAX_RETRIES",
     "REASON_DCB_MAX_RETRIES",
@@ -322,6 +323,15 @@ class DeadLetterStore:
             "messages": [asdict(m) for m in messages],
             **extra,
         }))
+
+
+class SharedStore:
+    """A store on a :class:`DeadLetterStore`'s client and keys (pauses, skips, backoffs)."""
+
+    def __init__(self, store: DeadLetterStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
 
 
 def _failed_message(letter: DeadLetter) -> MessageSummary:

@@ -108,10 +108,6 @@ class Lease:
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 
-    @property
-    def held(self) -> bool:
-        return self._held
-
     def holder(self) -> LeaseHolder | None:
         """The current holder as stored in Redis (None when free)."""
         with self.client.pipeline(transaction=False) as pipe:

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from ..errors import PauseError
 from ..message import MessageSummary
-from .deadletters import DeadLetterStore
+from .deadletters import SharedStore
 from .keys import key_digest
 from .letters import now_iso
 from .requeue import HEAD_PUSH, Requeue
@@ -73,13 +73,8 @@ class Resumed:
     held_by: str | None = None
 
 
-class PauseStore:
+class PauseStore(SharedStore):
     """Pauses of one app namespace, on a :class:`DeadLetterStore`'s client and keys."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     # -- pausing ---------------------------------------------------------------------------
     def pause_key(self, pool: str, key: str, partition: int, by: str) -> tuple[Pause, bool]:

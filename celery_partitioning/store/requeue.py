@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..config import RedisTarget
 from ..message import Publish, publisher
 from ..state import settings_of
 from .keys import RedisKeys, outbox_lock
+from .letters import as_text
 from .scripts import scripts_for
 
 if TYPE_CHECKING:
@@ -26,10 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["HEAD_PUSH", "HeadPush", "Requeue", "ThroughOutbox", "pushes_to_head", "requeue_for",
            "send_outbox"]
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 #: How long a sender holds an outbox without renewing its claim (ms): a sender that died
@@ -53,7 +51,7 @@ def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
             return sent
         try:
             while (raw := client.lindex(outbox, 0)) is not None:
-                publish(_text(raw))
+                publish(as_text(raw))
                 client.lpop(outbox)
                 sent += 1
                 if sent % 100 == 0:
@@ -85,6 +83,7 @@ class Requeue(ABC):
         """Publish what a script left in ``outbox``; returns how many were sent."""
 
 
+@dataclass(frozen=True)
 class HeadPush(Requeue):
     """The broker is the store's Redis: scripts push onto the head of the queue's list."""
 
@@ -96,10 +95,8 @@ class HeadPush(Requeue):
     def send(self, client: Any, outbox: str) -> int:
         return 0  # nothing is ever left in an outbox
 
-    def __repr__(self) -> str:
-        return "HeadPush()"
 
-
+@dataclass(frozen=True)
 class ThroughOutbox(Requeue):
     """Any other broker: re-queued messages wait in the store's outbox and are published to the
     tail of the queue by ``publish`` (one producer: they arrive in the order sent). Use it
@@ -107,18 +104,13 @@ class ThroughOutbox(Requeue):
     outbox meanwhile leaves it to the one that claimed it (:func:`send_outbox`)."""
 
     at_head = False
-
-    def __init__(self, publish: Publish) -> None:
-        self.publish = publish
+    publish: Publish
 
     def head(self, keys: RedisKeys, queue: str) -> str:
         return ""
 
     def send(self, client: Any, outbox: str) -> int:
         return send_outbox(client, outbox, self.publish)
-
-    def __repr__(self) -> str:
-        return f"ThroughOutbox({self.publish!r})"
 
 
 def pushes_to_head(app: Celery) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..message import MessageSummary
-from .deadletters import DeadLetter, DeadLetterStore, DeadLetterView
+from .deadletters import DeadLetter, DeadLetterView, SharedStore
 from .requeue import HEAD_PUSH, Requeue
 
 __all__ = ["SkipResult", "SkipStore"]
@@ -24,13 +24,8 @@ class SkipResult:
     released: list[MessageSummary]
 
 
-class SkipStore:
+class SkipStore(SharedStore):
     """Skips and skip-policy dead letters, on a :class:`DeadLetterStore`'s client and keys."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     def skip(self, pool: str, key: str, queue: str, *,
              requeue: Requeue = HEAD_PUSH) -> SkipResult:
