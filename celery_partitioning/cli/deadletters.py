@@ -3,8 +3,9 @@ letters and parked keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -49,18 +50,19 @@ def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
     return list(wanted) or list(settings.pools)
 
 
-def _store(app: Celery) -> DeadLetterStore:
+@contextlib.contextmanager
+def _opened(app: Celery) -> Iterator[DeadLetterStore]:
+    """The app's dead-letter store, its errors and the settings' as one line each."""
     try:
-        return store_for_app(app)
+        store = store_for_app(app)
+        yield store
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _unreachable(store: DeadLetterStore, exc: Exception) -> click.ClickException:
-    where = store.client.connection_pool.connection_kwargs
-    return click.ClickException(
-        f"the dead-letter store (Redis {where.get('host', '?')}:{where.get('port', '?')}"
-        f"/{where.get('db', 0)}) cannot be reached: {exc}; nothing was changed")
+    except RedisError as exc:
+        where = store.client.connection_pool.connection_kwargs
+        raise click.ClickException(
+            f"the dead-letter store (Redis {where.get('host', '?')}:{where.get('port', '?')}"
+            f"/{where.get('db', 0)}) cannot be reached: {exc}; nothing was changed") from None
 
 
 def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool,
@@ -100,15 +102,10 @@ def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as
     """List dead letters: the failed message of each parked key and what is parked behind it,
     and the failed messages of tasks with on_failure="skip" (their keys went on)."""
     app = app_of(ctx, "dead-letters")
-    store = _store(app)
-    try:
+    with _opened(app) as store:
         selected = _pools(app, pools)
         views = sorted([*store.find(selected, key), *SkipStore(store).find(selected, key)],
                        key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
     if as_json:
         click.echo(json.dumps([v.as_dict() for v in views], indent=2))
     elif not views:
@@ -120,8 +117,7 @@ def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as
 def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
              as_json: bool) -> None:
     app = app_of(ctx, "dead-letters")
-    store = _store(app)
-    try:
+    with _opened(app) as store:
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
         where: dict[str, Any] = {}
@@ -139,10 +135,6 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
             messages += [d.summary() for d in SkipStore(store).discard([pool], key)]
             if not messages:
                 raise store.not_parked_error([pool], key, action)
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
     if as_json:
         extra = {"skipped": skipped.__dict__} if skipped is not None else {}
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,
@@ -219,8 +211,7 @@ def discard_command(ctx: click.Context, *, key: str | None, every: bool, pools: 
 
 def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json: bool) -> None:
     app = app_of(ctx, "dead-letters")
-    store = _store(app)
-    try:
+    with _opened(app) as store:
         selected = _pools(app, pools)
         found = store.find(selected)
         skipped = SkipStore(store).find(selected)
@@ -238,10 +229,6 @@ def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json:
                           abort=True, err=True)
         dropped = store.discard_all(selected)
         dropped += [(d, [d.summary()]) for d in SkipStore(store).discard(selected)]
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
     messages = sum(len(m) for _, m in dropped)
     if as_json:
         click.echo(json.dumps({
