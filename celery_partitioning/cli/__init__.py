@@ -276,13 +276,9 @@ def _check_registry(app: Any) -> None:
 
 
 def _preload_worker_modules() -> None:
-    """Import what every partition worker process imports, once, before they are forked
-    from this process: they share these pages instead of each loading its own copy.
-
-    Celery's consumer module binds ``build_tracer`` when imported, before a user's worker
-    signal can initialise an SDK that patches it (Sentry): each child makes that name look
-    ``celery.app.trace`` up again (``compat.late_bound_consumer_tracers``, at ``celeryd_init``)
-    and partitions build their tracers through it when they start (``worker/executor.py``)."""
+    """Import what every partition worker process imports, once, before they are forked from
+    this process: they share these pages. (``compat.late_bound_consumer_tracers`` undoes the
+    early binding of ``build_tracer`` this causes, for SDKs that patch it, such as Sentry.)"""
     import celery.apps.worker
     import celery.worker.consumer  # noqa: F401
 

@@ -122,11 +122,8 @@ def unreachable_errors() -> tuple[type[BaseException], ...]:
 
 
 def broker_redis(app: Celery) -> BrokerRedis | None:
-    """The app broker's kombu Redis names and a client (close it); None when not Redis.
-
-    On Sentinel the client is the package's own ``master_for`` client (it follows a
-    failover by itself), not one tied to kombu's channel pool.
-    """
+    """The app broker's kombu Redis names and a client (close it); None when not Redis. On
+    Sentinel the client is the package's own ``master_for`` client, which follows a failover."""
     settings = settings_of(app)
     replicas = replicas_of(settings)
     with app.connection_for_read() as conn:
@@ -164,12 +161,10 @@ def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:
 def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | None = None) -> int:
     """Put ``queue``'s unacked messages back at its head in delivery order; return how many.
 
-    Also the messages a dead worker had moved to the ``in_transit`` list (the loss-free
-    fetch) but not yet registered as unacked: they are newer than any registered one. A
-    message in both places (killed between the two steps) goes back once. Other queues'
-    entries are not touched. Atomic: the transaction is retried if anyone (kombu's own
-    visibility restore, an ack) changes the keys meanwhile. An in-transit item that is not
-    a message at all goes back too, unchanged: the worker dead-letters it when it fetches it.
+    Also the messages of the ``in_transit`` list (fetched, not yet registered as unacked: newer
+    than any registered one; a message in both goes back once; one that is no message goes back
+    unchanged, to be dead-lettered when fetched). Other queues' entries are not touched. One
+    transaction, run again if anyone (kombu's visibility restore, an ack) changes the keys.
     """
     watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
 

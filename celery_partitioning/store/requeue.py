@@ -36,14 +36,12 @@ SENDING_MS: Final = 10_000
 
 
 def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
-    """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
-    once sent. At least once: a crash between publishing and popping re-sends that message.
+    """Publish the messages of the Redis list ``outbox``, oldest first, each leaving the list once
+    sent (at least once: a crash between the two re-sends it).
 
-    One sender at a time (the CLI's replay, skip or resume, and the partition thread whose
-    gate sees the key's messages come back, may both call this): a sender claims the outbox
-    (``SET NX`` with a TTL); another that finds it claimed returns at once, the claimant
-    sending everything, including what was appended while it held the claim (it looks again
-    after letting go). Two senders would publish the same message twice."""
+    One sender at a time, or a message could go twice: a sender claims the outbox (``SET NX``
+    with a TTL); another finds it claimed and returns, the claimant sending what was appended
+    meanwhile too (it looks again after letting go)."""
     lock, sent = outbox_lock(outbox), 0
     while True:
         token = secrets.token_hex(8)

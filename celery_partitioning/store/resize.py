@@ -80,13 +80,9 @@ class ResizeStore:
     def begin(self, pool: str, size: int, *, record: bool,
               claim: bool = False) -> tuple[str, ResizeState]:
         """Check (a worker starting) or record (the resize command) ``size`` for ``pool``;
-        ``claim`` (the first worker of a pool): record ``size`` if nothing is recorded yet,
-        else only check.
-
-        Returns the outcome (``none``, ``new``, ``same``, ``started``, ``conflict``,
-        ``mismatch``; see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
-        not recorded).
-        """
+        ``claim`` (the first worker of a pool): record it if nothing is recorded yet, else check.
+        Returns the outcome (see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
+        not recorded)."""
         name = self._scoped(pool)
         reply = self._scripts["resize_begin"](
             keys=[self.keys.resize(name), self.keys.resize_drained(name)],
@@ -144,11 +140,10 @@ class ResizeStore:
 
     def poll(self, pool: str, here: int, queue_list: str | None, old_queue_list: str | None, *,
              requeue: Requeue = HEAD_PUSH) -> tuple[bool, int]:
-        """Between two messages of partition ``here``: mark it drained if it is an old
-        partition (``old_queue_list`` given) whose queue is empty, and release every key held
-        here whose old partition is drained: to the head of ``queue_list``, or (None) through
-        the partition's outbox and ``requeue``. Returns (whether the resize is still in
-        flight, messages released)."""
+        """Between two messages of partition ``here``: mark it drained if it is an old partition
+        (``old_queue_list`` given) whose queue is empty, and release the keys held here whose old
+        partition is drained (to the head of ``queue_list``, or, None, through the outbox). Returns
+        (whether the resize is still in flight, messages released)."""
         name = self._scoped(pool)
         in_flight, released = self._scripts["resize_poll"](
             keys=[*self._common(pool), self.keys.resize_waiting(name, here), queue_list or "",
