@@ -30,7 +30,7 @@ from ..worker.supervisor import (
     spread,
     worker_argv,
 )
-from .common import fail
+from .common import fail, known_pools
 
 __all__ = ["partitioning"]
 
@@ -310,10 +310,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     from .status import collect_pauses, collect_status, render_pauses, render_table, status_json
 
     app = _app(ctx)
-    settings = settings_of(app)
-    unknown = [p for p in pools if p not in settings.pools]
-    if unknown:
-        fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
+    known_pools(app, pools)
     while True:
         try:
             rows = collect_status(app, pools, stall_after=stall_after)

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from ..exits import EXIT_USAGE
+from ..state import settings_of
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["app_of", "declared", "fail", "short", "table"]
+__all__ = ["app_of", "declared", "fail", "known_pools", "short", "table"]
 
 
 def app_of(ctx: click.Context, command: str) -> Celery:
@@ -22,6 +23,14 @@ def app_of(ctx: click.Context, command: str) -> Celery:
     if app is None:
         raise click.UsageError(f"no Celery app: run it as `celery -A proj partitioning {command} ...`")
     return app
+
+
+def known_pools(app: Celery, pools: Sequence[str]) -> None:
+    """Exit 2 naming the configured pools when ``pools`` names another."""
+    configured = settings_of(app).pools
+    unknown = [p for p in pools if p not in configured]
+    if unknown:
+        fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(configured)}")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:

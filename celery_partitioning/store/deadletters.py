@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 
 from ..errors import DeadLetterError
 from ..message import MessageSummary, message_summary
@@ -36,21 +36,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-__all__ = [
-    "as_text",
-    "DeadLetter",
-    "DeadLetterStore",
-    "DeadLetterView",
-    "GateResult",
-    "GateVerdict",
-    "Released",
-    "SharedStore",
-    "REASON_ERROR",
-    "REASON_MAX_RETRIES",
-    "REASON_DCB_MAX_RETRIES",
-    "REASON_MALFORMED",
-    "now_iso",
-]
+__all__ = ["REASON_DCB_MAX_RETRIES", "REASON_ERROR", "REASON_MALFORMED", "REASON_MAX_RETRIES",
+           "DeadLetter", "DeadLetterStore", "DeadLetterView", "GateResult", "GateVerdict",
+           "Released", "SharedStore", "as_text", "now_iso"]
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "paused", "deferred", "duplicate"]
@@ -69,7 +57,7 @@ class GateResult:
     @classmethod
     def parse(cls, reply: Any) -> GateResult:
         verdict, attempts, replaying = (as_text(reply[0]), as_text(reply[1]) or None, bool(reply[2]))
-        if verdict not in ("run", "parked", "paused", "deferred", "duplicate"):
+        if verdict not in get_args(GateVerdict):
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
 
