@@ -63,23 +63,19 @@ def unused_pools(app: Celery, pools: Sequence[str]) -> list[str]:
     return []
 
 
-def _recorded(app: Celery, pools: Sequence[str]) -> dict[str, ResizeState]:
+def _from_store(app: Celery, pools: Sequence[str]) -> tuple[dict[str, ResizeState],
+                                                             dict[str, Any]]:
+    """The recorded sizes of ``pools``, and the members of each pool that has some."""
+    settings, keys = settings_of(app), redis_keys(app)
     with store_client(app) as client:
         if client is None:
-            return {}
-        store = ResizeStore(client, redis_keys(app), settings_of(app).queue_prefix)
-        return {pool: state for pool in pools if (state := store.state(pool)) is not None}
-
-
-def _members(app: Celery, pools: Sequence[str]) -> dict[str, Any]:
-    settings = settings_of(app)
-    with store_client(app) as client:
-        if client is None:
-            return {}
-        found = {pool: describe(client, redis_keys(app), pool,
-                                [settings.queue_name(pool, i) for i in range(settings.partitions(pool))])
-                 for pool in pools}
-    return {pool: view for pool, view in found.items() if view}
+            return {}, {}
+        store = ResizeStore(client, keys, settings.queue_prefix)
+        recorded = {pool: state for pool in pools if (state := store.state(pool)) is not None}
+        members = {pool: describe(client, keys, pool, [settings.queue_name(pool, i)
+                                                       for i in range(settings.partitions(pool))])
+                   for pool in pools}
+    return recorded, {pool: view for pool, view in members.items() if view}
 
 
 def _beyond_on_redis(app: Celery, pool: str, size: int, upto: int) -> dict[int, int]:
@@ -118,8 +114,7 @@ def collect_pool_notes(app: Celery, pools: Sequence[str] = ()) -> PoolNotes:
     settings = settings_of(app)
     chosen = list(pools) or list(settings.pools)
     notes = PoolNotes(unused_pools=unused_pools(app, chosen))
-    recorded = _recorded(app, chosen)
-    notes.members = _members(app, chosen)
+    recorded, notes.members = _from_store(app, chosen)
     on_redis = broker_redis(app) is not None
     for pool in chosen:
         size = settings.partitions(pool)

@@ -136,7 +136,7 @@ def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str
         for p in live:
             click.echo(f"{p.queue}: consumed by {p.consumer}", err=True)
         fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
-              "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
+             "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
     total = sum(p.depth for p in plans)
     if not force:
         click.confirm(f"Delete the {total} message(s) waiting in {len(plans)} partition queue(s) "
