@@ -195,11 +195,7 @@ class Lease:
             self._fenced(stalled)
             return False
         self._last_ok = started
-        for hook in list(self.on_beat):
-            try:
-                hook()
-            except Exception:
-                logger.exception("lease heartbeat hook failed")
+        _run_hooks(self.on_beat)
         return True
 
     def _fenced(self, reason: str) -> None:
@@ -269,11 +265,10 @@ class LeaseRenewer:
                 if self._thread is threading.current_thread():
                     self._thread = None
                 return None
-            ttl_ms = max(1, int(self.ttl * 1000))
             try:
                 replies = self._scripts.lease_renew(
                     keys=[lease.key for lease in leases],
-                    args=[ttl_ms, *(lease.value for lease in leases)])
+                    args=[max(1, int(self.ttl * 1000)), *(lease.value for lease in leases)])
             except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
                 return [(lease, None) for lease in leases], exc
             return [(lease, bool(int(reply)))

@@ -21,7 +21,7 @@ from ..message import Publish, publisher
 from ..state import settings_of
 from .keys import RedisKeys, outbox_lock
 from .letters import as_text
-from .scripts import scripts_for
+from .scripts import script_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -62,7 +62,7 @@ def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
 
 def _let_go(client: Any, lock: str, token: str) -> None:
     """Drop the claim ``lock`` if it is still ``token``'s (it may have expired and been taken)."""
-    scripts_for(client).lease_release(keys=[lock], args=[token])  # compare-and-delete
+    script_for(client, "lease_release")(keys=[lock], args=[token])  # compare-and-delete
 
 
 class Requeue(ABC):

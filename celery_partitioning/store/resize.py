@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from .deadletters import as_text, now_iso
 from .keys import RedisKeys, key_digest
 from .requeue import HEAD_PUSH, Requeue
-from .scripts import resize_scripts_for
+from .scripts import scripts_for
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -63,7 +63,7 @@ class ResizeStore:
         #: The app's partition queue prefix: records are per set of queues, so two apps (or
         #: test runs) with their own queues never share a pool's record, whatever the broker.
         self.scope = scope
-        self._scripts = resize_scripts_for(client)
+        self._scripts = scripts_for(client)
         #: :meth:`recent_state`'s last read of each pool: (when, state).
         self._recent: dict[str, tuple[float, ResizeState | None]] = {}
         self._recent_lock = threading.Lock()
@@ -84,7 +84,7 @@ class ResizeStore:
         Returns the outcome (see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
         not recorded)."""
         name = self._scoped(pool)
-        reply = self._scripts["resize_begin"](
+        reply = self._scripts.resize_begin(
             keys=[self.keys.resize(name), self.keys.resize_drained(name)],
             args=[size, now_iso(), "record" if record else "claim" if claim else "check"])
         state = self.state(pool)
@@ -129,7 +129,7 @@ class ResizeStore:
         name = self._scoped(pool)
         digest = key_digest(key)
         lists = self.keys.resize_lists(name) + digest
-        reply = self._scripts["resize_gate"](
+        reply = self._scripts.resize_gate(
             keys=[*self._common(pool), self.keys.resize_waiting(name, new), lists + ":moved",
                   lists + ":held", lists + ":pending" if outboxed else "",
                   self.keys.resize_outbox(name, new) if outboxed else ""],
@@ -145,7 +145,7 @@ class ResizeStore:
         partition is drained (to the head of ``queue_list``, or, None, through the outbox). Returns
         (whether the resize is still in flight, messages released)."""
         name = self._scoped(pool)
-        in_flight, released = self._scripts["resize_poll"](
+        in_flight, released = self._scripts.resize_poll(
             keys=[*self._common(pool), self.keys.resize_waiting(name, here), queue_list or "",
                   old_queue_list or "", self.keys.resize_outbox(name, here)],
             args=[self.keys.resize_lists(name), here])
@@ -168,7 +168,7 @@ class ResizeStore:
         Returns 1 moved, 2 drained, 0 the head changed (read it again)."""
         name = self._scoped(pool)
         digest = key_digest(key)
-        reply = self._scripts["resize_take"](
+        reply = self._scripts.resize_take(
             keys=[queue_list, self.keys.resize_ids(name), self.keys.resize_waiting(name, new),
                   self.keys.resize_lists(name) + digest + ":moved",
                   self.keys.resize_drained(name)],
@@ -179,7 +179,7 @@ class ResizeStore:
         """End the resize if every old partition is drained and no key waits; True when no
         resize is in flight (any more)."""
         name = self._scoped(pool)
-        reply = self._scripts["resize_finish"](
+        reply = self._scripts.resize_finish(
             keys=[*self._common(pool),
                   *(self.keys.resize_waiting(name, q) for q in range(size))],
             args=[previous, now_iso()])

@@ -10,8 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-__all__ = ["RESIZE_SCRIPTS", "SCRIPTS", "Scripts", "resize_scripts_for", "script_source",
-           "scripts_for"]
+__all__ = ["SCRIPTS", "Scripts", "script_for", "script_source", "scripts_for"]
 
 #: Script name → the files it is made of, in order.
 SCRIPTS: Final = {
@@ -23,9 +22,6 @@ SCRIPTS: Final = {
     "lease_acquire": ("lease_acquire",),
     "lease_renew": ("lease_renew",),
     "lease_release": ("lease_release",),
-}
-#: The scripts of a pool resize (``store/resize.py`` registers them itself).
-RESIZE_SCRIPTS: Final = {
     "resize_begin": ("resize_begin",),
     "resize_gate": ("message_id", "resize_release", "resize_gate"),
     "resize_take": ("resize_take",),
@@ -39,7 +35,7 @@ def script_source(name: str) -> str:
     """The Lua text of script ``name`` (its parts joined), read from the package once."""
     folder = resources.files(__package__).joinpath("scripts")
     return "\n".join(folder.joinpath(f"{part}.lua").read_text(encoding="utf-8")
-                     for part in {**SCRIPTS, **RESIZE_SCRIPTS}[name])
+                     for part in SCRIPTS[name])
 
 
 @dataclass(frozen=True)
@@ -54,13 +50,18 @@ class Scripts:
     lease_acquire: Any
     lease_renew: Any
     lease_release: Any
+    resize_begin: Any
+    resize_gate: Any
+    resize_take: Any
+    resize_poll: Any
+    resize_finish: Any
+
+
+def script_for(client: Any, name: str) -> Any:
+    """Script ``name`` registered on ``client`` (no round trip until the first call)."""
+    return client.register_script(script_source(name))
 
 
 def scripts_for(client: Any) -> Scripts:
-    """Every script registered on ``client`` (no round trip until the first call)."""
-    return Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPTS})
-
-
-def resize_scripts_for(client: Any) -> dict[str, Any]:
-    """The resize scripts registered on ``client``, by name (no round trip until first use)."""
-    return {name: client.register_script(script_source(name)) for name in RESIZE_SCRIPTS}
+    """Every script registered on ``client``."""
+    return Scripts(**{name: script_for(client, name) for name in SCRIPTS})
