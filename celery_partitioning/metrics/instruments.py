@@ -65,10 +65,6 @@ class _Series:
     duration: Any
 
 
-def _labels(runtime: PartitionRuntime) -> tuple[str, str]:
-    return runtime.pool, str(runtime.index)
-
-
 def instrument(app: Celery, worker: WorkerRuntime) -> None:
     """Count what ``worker``'s partitions do (once per process)."""
     directory = os.environ.get(MULTIPROC_ENV)
@@ -120,7 +116,7 @@ def instrument(app: Celery, worker: WorkerRuntime) -> None:
 
 
 def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
-    labels = _labels(partition)
+    labels = partition.pool, str(partition.index)
     for counter in (HANDOVERS, FENCES):
         counter.labels(*labels)  # a series at 0 from the start, so increase() and alerts see it
     pipeline = partition.pipeline

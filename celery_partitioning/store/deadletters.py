@@ -107,8 +107,8 @@ class DeadLetterStore:
               requeue: Requeue = HEAD_PUSH) -> GateResult:
         """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
         reply = self.scripts.check(keys=[*self.script_keys(pool, key, queue, requeue),
-                                 self.keys.attempts(task_id)],
-                           args=[key_digest(key), task_id, raw])
+                                         self.keys.attempts(task_id)],
+                                   args=[key_digest(key), task_id, raw])
         result = GateResult.parse(reply)
         self.flush_outbox(pool, key, requeue)
         return result
@@ -126,7 +126,7 @@ class DeadLetterStore:
                  requeue: Requeue = HEAD_PUSH) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
         self.scripts.finished(keys=self.script_keys(pool, key, queue, requeue),
-                       args=[key_digest(key), task_id])
+                              args=[key_digest(key), task_id])
         self.flush_outbox(pool, key, requeue)
 
     def flush_outbox(self, pool: str, key: str, requeue: Requeue) -> int:
@@ -146,9 +146,12 @@ class DeadLetterStore:
 
     def find(self, pools: Iterable[str], key: str | None = None) -> list[DeadLetterView]:
         """Every dead letter of ``pools`` (only ``key``'s if given), oldest failure first."""
-        views = [self._view(record) for pool in pools for record in (
-            [self.client.hget(self.keys.dead_letters(pool), key_digest(key))] if key is not None
-            else self.client.hvals(self.keys.dead_letters(pool))) if record is not None]
+        views: list[DeadLetterView] = []
+        for pool in pools:
+            name = self.keys.dead_letters(pool)
+            records = self.client.hvals(name) if key is None else [
+                self.client.hget(name, key_digest(key))]
+            views += [self._view(record) for record in records if record is not None]
         return sorted(views, key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
 
     def _view(self, record: str | bytes) -> DeadLetterView:
