@@ -148,14 +148,20 @@ def broker_redis(app: Celery) -> BrokerRedis | None:
 
 def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:
     """Delivery times of the unacked messages, by queue (routing key). Read only."""
-    entries = broker.client.hgetall(broker.unacked)
-    scores = dict(broker.client.zrange(broker.unacked_index, 0, -1, withscores=True))
     found: dict[str, list[float]] = {}
-    for tag, raw in entries.items():
-        entry = UnackedEntry.parse(raw)
-        if entry is not None:
-            found.setdefault(entry.routing_key, []).append(float(scores.get(tag, 0.0)))
+    for delivered, _tag, entry in _unacked(broker.client, broker):
+        found.setdefault(entry.routing_key, []).append(delivered)
     return found
+
+
+def _unacked(reader: Any, broker: BrokerRedis) -> list[tuple[float, bytes, UnackedEntry]]:
+    """Every unacked message (delivery time, tag, entry) that parses, in delivery order;
+    ``reader``: a client, or a pipeline watching both keys."""
+    entries = reader.hgetall(broker.unacked)
+    scores = dict(reader.zrange(broker.unacked_index, 0, -1, withscores=True))
+    return sorted(((float(scores.get(tag, 0.0)), tag, entry) for tag, raw in entries.items()
+                   if (entry := UnackedEntry.parse(raw)) is not None),
+                  key=lambda item: (item[0], item[1]))
 
 
 def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | None = None) -> int:
@@ -169,14 +175,7 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
     watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
 
     def transaction(pipe: Any) -> int:
-        entries = pipe.hgetall(broker.unacked)
-        scores = dict(pipe.zrange(broker.unacked_index, 0, -1, withscores=True))
-        mine: list[tuple[float, bytes, UnackedEntry]] = []
-        for tag, raw in entries.items():
-            entry = UnackedEntry.parse(raw)
-            if entry is not None and entry.routing_key == queue:
-                mine.append((float(scores.get(tag, 0.0)), tag, entry))
-        mine.sort(key=lambda item: (item[0], item[1]))
+        mine = [item for item in _unacked(pipe, broker) if item[2].routing_key == queue]
         oldest_first: list[tuple[int, str | bytes]] = []
         for _score, _tag, entry in mine:
             mark_redelivered(entry.payload)
