@@ -73,10 +73,6 @@ class BackoffSummary:
         return math.inf if self.next_due is None else max(0.0, self.next_due - now)
 
 
-def _member(pool: str, key: str) -> str:
-    return json.dumps([pool, key])
-
-
 class BackoffStore(SharedStore):
     """Keys in retry backoff of one app namespace, on the dead-letter store's Redis client."""
 
@@ -97,7 +93,7 @@ class BackoffStore(SharedStore):
             keys=[*store.script_keys(pool, key, queue, requeue), self.keys.backoff_schedule(queue),
                   acked[0] if acked else "", self.keys.attempts(task_id)],
             args=[key_digest(key), task_id, with_token(raw, record.token, record.retries), repr(due),
-                  _member(pool, key), acked[1] if acked else b"", record.to_json(),
+                  json.dumps([pool, key]), acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
         store.flush_outbox(pool, key, requeue)  # what an interrupted release left there
 
