@@ -15,7 +15,6 @@ from kombu.utils.url import maybe_sanitize_url
 
 from ..config import redis_namespace
 from ..errors import PartitionConfigError, PartitioningError
-from ..exits import EXIT_USAGE
 from ..state import partitioning_of, settings_of
 from ..tasks import pools_used_by
 from ..validation import assert_valid_partition_keys, logged_above
@@ -31,6 +30,7 @@ from ..worker.supervisor import (
     spread,
     worker_argv,
 )
+from .common import fail, known_pools
 
 __all__ = ["partitioning"]
 
@@ -71,11 +71,6 @@ def _app_option(command_line: list[str]) -> str | None:
     return None
 
 
-def _fail(message: str) -> None:
-    click.echo(f"Error: {message}", err=True)
-    raise SystemExit(EXIT_USAGE)
-
-
 class _SettingsCheckedGroup(click.Group):
     """Notes whether the command line asks for help, which must work with bad settings too."""
 
@@ -110,7 +105,7 @@ def partitioning(ctx: click.Context) -> None:
             settings_of(app)
             redis_namespace(app.conf)
         except PartitionConfigError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
 
 @partitioning.command(cls=CeleryCommand)
@@ -176,7 +171,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
         specs = share(selected, processes) if _balanced(settings, partitions) else \
             spread(selected, processes)
     except PartitioningError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     running = {spec.pool for spec in selected}
     skipped_note = _skipped_note([p for p in skipped if p not in running])
     argv_prefix = _root_options(ctx)
@@ -202,7 +197,7 @@ def worker(ctx: click.Context, *, pools: tuple[str, ...], partitions: str | None
 
             metrics = MetricsProcess.for_worker(metrics_port, raw_keys=metrics_raw_keys)
     except PartitioningError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if skipped_note:
         click.echo(f"[supervisor] {skipped_note}", err=False)
     env = _child_env(events=not without_events, relay=settings.outbox_relay and not without_relay)
@@ -248,7 +243,7 @@ def _default_pools(app: Any, settings: Any) -> tuple[list[str], list[str]]:
     if settings.worker_pools is not None:
         return list(settings.worker_pools), []
     used = [pool for pool in pools_used_by(app.tasks.values()) if pool in settings.pools]
-    if not used:  # no partitioned task registered at all: run everything, as before
+    if not used:  # no partitioned task registered at all: run everything
         return list(settings.pools), []
     return used, [pool for pool in settings.pools if pool not in used]
 
@@ -276,18 +271,14 @@ def _check_registry(app: Any) -> None:
         assert_valid_partition_keys(app)
     except PartitioningError as exc:
         if state.registry_problems_logged:
-            _fail(f"refusing to start partition workers: {logged_above(exc)}")
-        _fail(f"refusing to start partition workers.\n{exc}")
+            fail(f"refusing to start partition workers: {logged_above(exc)}")
+        fail(f"refusing to start partition workers.\n{exc}")
 
 
 def _preload_worker_modules() -> None:
-    """Import what every partition worker process imports, once, before they are forked
-    from this process: they share these pages instead of each loading its own copy.
-
-    Celery's consumer module binds ``build_tracer`` when imported, before a user's worker
-    signal can initialise an SDK that patches it (Sentry): each child makes that name look
-    ``celery.app.trace`` up again (``compat.late_bound_consumer_tracers``, at ``celeryd_init``)
-    and partitions build their tracers through it when they start (``worker/executor.py``)."""
+    """Import what every partition worker process imports, once, before they are forked from
+    this process: they share these pages. (``compat.late_bound_consumer_tracers`` undoes the
+    early binding of ``build_tracer`` this causes, for SDKs that patch it, such as Sentry.)"""
     import celery.apps.worker
     import celery.worker.consumer  # noqa: F401
 
@@ -319,10 +310,7 @@ def status(ctx: click.Context, *, pools: tuple[str, ...], as_json: bool, watch: 
     from .status import collect_pauses, collect_status, render_pauses, render_table, status_json
 
     app = _app(ctx)
-    settings = settings_of(app)
-    unknown = [p for p in pools if p not in settings.pools]
-    if unknown:
-        _fail(f"unknown pool(s) {', '.join(unknown)}; configured: {', '.join(settings.pools)}")
+    known_pools(app, pools)
     while True:
         try:
             rows = collect_status(app, pools, stall_after=stall_after)

@@ -3,8 +3,9 @@ letters and parked keys."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -17,6 +18,7 @@ from ..state import redis_client, redis_keys, settings_of
 from ..store.deadletters import DeadLetterStore, DeadLetterView
 from ..store.requeue import Requeue, requeue_for
 from ..store.skipping import SkipStore
+from .common import app_of, short, table
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -41,13 +43,6 @@ def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Requeue]:
     return settings.queue_name(pool, index), requeue_for(app, pool, index)
 
 
-def _app(ctx: click.Context) -> Celery:
-    app = getattr(ctx.obj, "app", None)  # celery's CLIContext, inherited from the root command
-    if app is None:
-        raise click.UsageError("no Celery app: run it as `celery -A proj partitioning dead-letters ...`")
-    return app
-
-
 def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
     settings = settings_of(app)
     for pool in wanted:
@@ -55,18 +50,19 @@ def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
     return list(wanted) or list(settings.pools)
 
 
-def _store(app: Celery) -> DeadLetterStore:
+@contextlib.contextmanager
+def _opened(app: Celery) -> Iterator[DeadLetterStore]:
+    """The app's dead-letter store, its errors and the settings' as one line each."""
     try:
-        return store_for_app(app)
+        store = store_for_app(app)
+        yield store
     except PartitioningError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _unreachable(store: DeadLetterStore, exc: Exception) -> click.ClickException:
-    where = store.client.connection_pool.connection_kwargs
-    return click.ClickException(
-        f"the dead-letter store (Redis {where.get('host', '?')}:{where.get('port', '?')}"
-        f"/{where.get('db', 0)}) cannot be reached: {exc}; nothing was changed")
+    except RedisError as exc:
+        where = store.client.connection_pool.connection_kwargs
+        raise click.ClickException(
+            f"the dead-letter store (Redis {where.get('host', '?')}:{where.get('port', '?')}"
+            f"/{where.get('db', 0)}) cannot be reached: {exc}; nothing was changed") from None
 
 
 def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool,
@@ -84,27 +80,12 @@ def _one_pool(store: DeadLetterStore, pools: list[str], key: str, explicit: bool
     raise store.not_parked_error(pools, key, action)
 
 
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _table(views: list[DeadLetterView]) -> str:
-    header = ("POOL", "KEY", "TASK", "TASK ID", "TRIES", "REASON", "POLICY", "FAILED AT", "PARKED",
-              "ERROR")
-    rows = [header] + [
-        (v.dead_letter.pool, _short(v.dead_letter.key, 40), v.dead_letter.task, v.dead_letter.id,
-         str(v.dead_letter.attempts), v.dead_letter.reason, v.dead_letter.policy,
-         v.dead_letter.failed_at,
-         str(len(v.parked)) if v.dead_letter.policy == "park" else "-",
-         _short(v.dead_letter.error, 60))
-        for v in views
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
-        for row in rows
-    )
+    return table([("POOL", "KEY", "TASK", "TASK ID", "TRIES", "REASON", "POLICY", "FAILED AT",
+                   "PARKED", "ERROR")] + [
+        (d.pool, short(d.key, 40), d.task, d.id, str(d.attempts), d.reason, d.policy, d.failed_at,
+         str(len(v.parked)) if d.policy == "park" else "-", short(d.error, 60))
+        for v in views for d in [v.dead_letter]])
 
 
 @click.group(name="dead-letters")
@@ -120,16 +101,11 @@ def dead_letters() -> None:
 def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as_json: bool) -> None:
     """List dead letters: the failed message of each parked key and what is parked behind it,
     and the failed messages of tasks with on_failure="skip" (their keys went on)."""
-    app = _app(ctx)
-    store = _store(app)
-    try:
+    app = app_of(ctx, "dead-letters")
+    with _opened(app) as store:
         selected = _pools(app, pools)
         views = sorted([*store.find(selected, key), *SkipStore(store).find(selected, key)],
                        key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
     if as_json:
         click.echo(json.dumps([v.as_dict() for v in views], indent=2))
     elif not views:
@@ -140,41 +116,32 @@ def list_command(ctx: click.Context, pools: tuple[str, ...], key: str | None, as
 
 def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
              as_json: bool) -> None:
-    app = _app(ctx)
-    store = _store(app)
-    try:
+    app = app_of(ctx, "dead-letters")
+    with _opened(app) as store:
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
         where: dict[str, Any] = {}
         skipped: MessageSummary | None = None
-        if action == "replay":
+        if action in ("replay", "skip"):
             queue, requeue = replay_target(app, pool, key)
-            messages = store.replay(pool, key, queue, requeue=requeue)
-            where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
-        elif action == "skip":
-            queue, requeue = replay_target(app, pool, key)
-            result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
-            messages, skipped = result.released, result.skipped
+            if action == "replay":
+                messages = store.replay(pool, key, queue, requeue=requeue)
+            else:
+                result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
+                messages, skipped = result.released, result.skipped
             where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
         else:
             messages = store.discard(pool, key) if store.is_parked(pool, key) else []
-            messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)
-                         for d in SkipStore(store).discard([pool], key)]
+            messages += [d.summary() for d in SkipStore(store).discard([pool], key)]
             if not messages:
                 raise store.not_parked_error([pool], key, action)
-    except DeadLetterError as exc:
-        raise click.ClickException(str(exc)) from None
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
     if as_json:
         extra = {"skipped": skipped.__dict__} if skipped is not None else {}
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,
                                "messages": [m.__dict__ for m in messages]}, indent=2))
         return
     if skipped is not None:
-        click.echo(f"skipped {skipped.id} {skipped.task} {_short(skipped.args, 60)} "
+        click.echo(f"skipped {skipped.id} {skipped.task} {short(skipped.args, 60)} "
                    f"of key {key!r} (recorded in the dead-letter log, not run)")
     verb = {"replay": "replayed", "skip": "released", "discard": "discarded"}[action]
     if not where:
@@ -186,7 +153,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     click.echo(f"{verb} {len(messages)} message(s) of key {key!r} (pool {pool}){target}; "
                "the key is unparked")
     for m in messages:
-        click.echo(f"  {m.id}  {m.task}  {_short(m.args, 60)}")
+        click.echo(f"  {m.id}  {m.task}  {short(m.args, 60)}")
 
 
 @dead_letters.command(name="replay")
@@ -243,9 +210,8 @@ def discard_command(ctx: click.Context, *, key: str | None, every: bool, pools: 
 
 
 def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json: bool) -> None:
-    app = _app(ctx)
-    store = _store(app)
-    try:
+    app = app_of(ctx, "dead-letters")
+    with _opened(app) as store:
         selected = _pools(app, pools)
         found = store.find(selected)
         skipped = SkipStore(store).find(selected)
@@ -262,12 +228,7 @@ def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json:
                           f"message(s) parked behind them in pool(s) {', '.join(selected)}?",
                           abort=True, err=True)
         dropped = store.discard_all(selected)
-        dropped += [(d, [MessageSummary(d.id, d.task, d.args, d.kwargs)])
-                    for d in SkipStore(store).discard(selected)]
-    except PartitioningError as exc:
-        raise click.ClickException(str(exc)) from None
-    except RedisError as exc:
-        raise _unreachable(store, exc) from None
+        dropped += [(d, [d.summary()]) for d in SkipStore(store).discard(selected)]
     messages = sum(len(m) for _, m in dropped)
     if as_json:
         click.echo(json.dumps({
@@ -280,5 +241,5 @@ def _discard_all(ctx: click.Context, pools: tuple[str, ...], yes: bool, as_json:
     click.echo(f"discarded {len(dropped)} dead letter(s), {messages} message(s) in all "
                f"(recorded in the dead-letter log); their keys are unparked")
     for letter, dropped_messages in dropped:
-        click.echo(f"  {letter.pool}  {_short(letter.key, 40)}  {len(dropped_messages)} "
+        click.echo(f"  {letter.pool}  {short(letter.key, 40)}  {len(dropped_messages)} "
                    "message(s)")

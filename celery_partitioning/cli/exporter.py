@@ -12,8 +12,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from ..errors import PartitioningError
-from ..exits import EXIT_USAGE
-from ..state import settings_of
+from .common import fail, known_pools
 
 __all__ = ["exporter_command"]
 
@@ -31,17 +30,12 @@ def exporter_command(ctx: click.Context, *, port: int, address: str, pools: tupl
     from ..metrics import require_prometheus
 
     app = ctx.obj.app
-    settings = settings_of(app)
     try:
         require_prometheus("partitioning exporter")
-        unknown = [p for p in pools if p not in settings.pools]
-        if unknown:
-            raise PartitioningError(f"unknown pool(s) {', '.join(unknown)}; configured: "
-                                    f"{', '.join(settings.pools)}")
+        known_pools(app, pools)
         from ..metrics.server import build_registry, check_port, serve
 
         check_port(port, address)
     except PartitioningError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
+        fail(str(exc))
     raise SystemExit(serve(build_registry(app, pools), port, address))

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from ..errors import PartitioningError
 from ..state import settings_of
+from .common import table
 from .deadletters import store_for_app
 
 __all__ = ["history_command"]
@@ -29,11 +30,7 @@ def _row(event: dict[str, Any]) -> tuple[str, ...]:
 
 
 def render_history(events: list[dict[str, Any]]) -> str:
-    header = ("AT", "ACTION", "POOL", "KEY", "MESSAGES", "TASK", "ERROR")
-    rows = [header, *map(_row, events)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True))
-                     + "  " + r[-1] for r in rows)
+    return table([("AT", "ACTION", "POOL", "KEY", "MESSAGES", "TASK", "ERROR"), *map(_row, events)])
 
 
 @click.command(name="history")

@@ -23,6 +23,7 @@ from ..hashing import partition_for
 from ..state import settings_of
 from ..store.lease import read_holders
 from ..store.pausing import Pause, PauseStore, Resumed
+from .common import app_of
 from .deadletters import replay_target, store_for_app
 
 if TYPE_CHECKING:
@@ -153,13 +154,6 @@ def _run(action: Any) -> Any:
                                    "nothing was changed") from None
 
 
-def _app(ctx: click.Context) -> Celery:
-    app = getattr(ctx.obj, "app", None)
-    if app is None:
-        raise click.UsageError("no Celery app: run it as `celery -A proj partitioning pause ...`")
-    return app
-
-
 @click.command(name="pause")
 @click.option("--key", default=None, help="Pause this partition key.")
 @click.option("--pool", default=None, help="The key's pool (needed with several pools).")
@@ -173,7 +167,7 @@ def pause_command(ctx: click.Context, *, key: str | None, pool: str | None,
     """Pause a key (its messages are set aside in order, other keys go on) or a partition
     (its worker stops between two messages and keeps its lease) until `resume`."""
     _target(key, partition)
-    app = _app(ctx)
+    app = app_of(ctx, "pause")
     done: PauseDone = _run(lambda: pause_target(app, by=getpass.getuser(), key=key, pool=pool,
                                                 partition=partition, wait=wait))
     pause = done.pause
@@ -214,7 +208,7 @@ def resume_command(ctx: click.Context, *, key: str | None, pool: str | None,
     or a paused partition (its worker fetches again). Resuming what is not paused is an
     error that changes nothing."""
     _target(key, partition)
-    app = _app(ctx)
+    app = app_of(ctx, "resume")
     done, queue = _run(lambda: resume_target(app, by=getpass.getuser(), key=key, pool=pool,
                                              partition=partition))
     pause = done.pause

@@ -1,13 +1,10 @@
 """What ``status`` says under its table about whole pools: unused, stranded, size disagreeing.
 
-* **Unused pools**: no registered partitioned task uses them (or ``partitioning_worker_pools``
-  leaves them out), so ``partitioning worker`` does not run them by default; messages queued
-  there wait for a worker started with ``--pool``.
-* **Stranded queues**: a partition queue whose index is at or beyond the pool's configured
-  size that still holds messages (the pool was shrunk without ``partitioning resize``): no
-  worker consumes it. Queues an in-flight resize is draining are not stranded.
-* **Size disagreement**: the size recorded in the store (by the first worker of the pool, or
-  by ``partitioning resize``) is not the configured one: workers refuse to start.
+* **Unused pools**: ``partitioning worker`` does not run them by default (no registered task
+  uses them, or ``partitioning_worker_pools`` leaves them out).
+* **Stranded queues**: a queue at or beyond the pool's size that holds messages (shrunk
+  without ``partitioning resize``), unless an in-flight resize is draining it.
+* **Size disagreement**: the recorded size is not the configured one: workers refuse to start.
 
 Read only, like the rest of ``status``.
 """
@@ -25,6 +22,7 @@ from ..store.broker import broker_redis
 from ..store.membership import describe
 from ..store.resize import ResizeState, ResizeStore
 from ..tasks import pools_used_by
+from .common import declared
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -65,23 +63,19 @@ def unused_pools(app: Celery, pools: Sequence[str]) -> list[str]:
     return []
 
 
-def _recorded(app: Celery, pools: Sequence[str]) -> dict[str, ResizeState]:
+def _from_store(app: Celery, pools: Sequence[str]) -> tuple[dict[str, ResizeState],
+                                                             dict[str, Any]]:
+    """The recorded sizes of ``pools``, and the members of each pool that has some."""
+    settings, keys = settings_of(app), redis_keys(app)
     with store_client(app) as client:
         if client is None:
-            return {}
-        store = ResizeStore(client, redis_keys(app), settings_of(app).queue_prefix)
-        return {pool: state for pool in pools if (state := store.state(pool)) is not None}
-
-
-def _members(app: Celery, pools: Sequence[str]) -> dict[str, Any]:
-    settings = settings_of(app)
-    with store_client(app) as client:
-        if client is None:
-            return {}
-        found = {pool: describe(client, redis_keys(app), pool,
-                                [settings.queue_name(pool, i) for i in range(settings.partitions(pool))])
-                 for pool in pools}
-    return {pool: view for pool, view in found.items() if view}
+            return {}, {}
+        store = ResizeStore(client, keys, settings.queue_prefix)
+        recorded = {pool: state for pool in pools if (state := store.state(pool)) is not None}
+        members = {pool: describe(client, keys, pool, [settings.queue_name(pool, i)
+                                                       for i in range(settings.partitions(pool))])
+                   for pool in pools}
+    return recorded, {pool: view for pool, view in members.items() if view}
 
 
 def _beyond_on_redis(app: Celery, pool: str, size: int, upto: int) -> dict[int, int]:
@@ -109,16 +103,9 @@ def _beyond_on_amqp(app: Celery, pool: str, size: int, upto: int) -> dict[int, i
     depths: dict[int, int] = {}
     with app.connection_for_read() as conn:
         for index in range(size, upto):
-            channel = conn.channel()
-            try:
-                _name, depth, _consumers = channel.queue_declare(
-                    queue=settings.queue_name(pool, index), passive=True)
-                depths[index] = int(depth)
-            except conn.channel_errors:
-                continue  # no such queue
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
+            found = declared(conn, settings.queue_name(pool, index))
+            if found is not None:  # else no such queue
+                depths[index] = found[0]
     return depths
 
 
@@ -127,8 +114,7 @@ def collect_pool_notes(app: Celery, pools: Sequence[str] = ()) -> PoolNotes:
     settings = settings_of(app)
     chosen = list(pools) or list(settings.pools)
     notes = PoolNotes(unused_pools=unused_pools(app, chosen))
-    recorded = _recorded(app, chosen)
-    notes.members = _members(app, chosen)
+    recorded, notes.members = _from_store(app, chosen)
     on_redis = broker_redis(app) is not None
     for pool in chosen:
         size = settings.partitions(pool)

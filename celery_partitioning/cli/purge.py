@@ -1,36 +1,35 @@
-"""``celery -A proj partitioning purge``: empty partition queues, which ``celery purge`` leaves alone.
+"""``celery -A proj partitioning purge``: empty the partition queues ``celery purge`` leaves alone.
 
-``celery purge`` empties the queues a plain worker would consume (``task_default_queue`` and
-``task_queues``); partition queues are declared by the partition router, not listed there, so
-it leaves them alone. ``plan_purge`` reads the selected partition queues (depth; consumers on
-AMQP) and their leases (Redis) and changes nothing; ``purge`` deletes the waiting messages:
-on Redis every priority list of the queue (kombu's own names, ``global_keyprefix`` included),
-on AMQP with ``queue.purge``. Messages a worker holds (delivered, not acked), dead letters
-and parked keys are not touched.
+``celery purge`` knows only the queues listed in the settings; partition queues are declared
+by the router. On Redis every priority list of a queue is deleted, on AMQP ``queue.purge``.
+Messages a worker holds (delivered, not acked), dead letters and parked keys are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from celery.bin.base import CeleryCommand
 from kombu.utils.url import maybe_sanitize_url
 
 from ..errors import PartitioningError
-from ..exits import EXIT_UNCLEAN, EXIT_USAGE
-from ..state import redis_client, redis_keys, settings_of
+from ..exits import EXIT_UNCLEAN
+from ..state import redis_keys, settings_of, store_client
 from ..store.broker import BrokerRedis, broker_redis
 from ..store.lease import read_holders
 from ..worker.supervisor import select_partitions
+from .common import declared, fail
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["QueuePlan", "plan_purge", "purge", "purge_command"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,50 +47,34 @@ class QueuePlan:
 
 def _lease_holders(app: Celery, queues: Sequence[str]) -> dict[str, str]:
     """``queue → "node (pid N)"`` for every selected queue whose lease is held (Redis store)."""
-    store = settings_of(app).redis
-    if store is None or not queues:
-        return {}
-    client = redis_client(store)
-    try:
+    with store_client(app) as client:
+        if client is None or not queues:
+            return {}
         holders = read_holders(client, redis_keys(app), queues)
-    finally:
-        client.close()
     return {queue: holder.describe() for queue, holder in holders.items() if holder is not None}
 
 
-def _declared(conn: Any, queue: str) -> tuple[int, int]:
-    """AMQP: ``(messages, consumers)`` of a queue; ``(0, 0)`` when the broker does not know it."""
-    channel = conn.channel()
-    try:
-        _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
-        return int(depth), int(consumers or 0)
-    except conn.channel_errors:
-        return 0, 0
-    finally:
-        with contextlib.suppress(Exception):
-            channel.close()
+def _each_queue(app: Celery, queues: Sequence[str], on_redis: Callable[[BrokerRedis, str], T],
+                on_amqp: Callable[[Any, str], T]) -> dict[str, T]:
+    """``queue → on_redis(broker, queue)`` on a Redis broker, else ``on_amqp(connection, queue)``."""
+    broker = broker_redis(app)
+    if broker is not None:
+        try:
+            return {queue: on_redis(broker, queue) for queue in queues}
+        finally:
+            broker.close()
+    with app.connection_for_write() as conn:
+        return {queue: on_amqp(conn, queue) for queue in queues}
 
 
 def plan_purge(app: Celery, pools: Sequence[str] = (), partitions: str | None = None) -> list[QueuePlan]:
     """The selected partition queues with their depth and consumer; changes nothing."""
     specs = select_partitions(settings_of(app), pools, partitions)
     held = _lease_holders(app, [s.queue for s in specs])
-    plans: list[QueuePlan] = []
-    broker = broker_redis(app)
-    if broker is not None:
-        try:
-            for spec in specs:
-                plans.append(QueuePlan(spec.pool, spec.index, spec.queue, broker.depth(spec.queue),
-                                       held.get(spec.queue)))
-        finally:
-            broker.close()
-        return plans
-    with app.connection_for_write() as conn:
-        for spec in specs:
-            depth, consumers = _declared(conn, spec.queue)
-            consumer = held.get(spec.queue) or (f"{consumers} consumer(s)" if consumers else None)
-            plans.append(QueuePlan(spec.pool, spec.index, spec.queue, depth, consumer))
-    return plans
+    found = _each_queue(app, [s.queue for s in specs], lambda broker, q: (broker.depth(q), 0),
+                        lambda conn, q: declared(conn, q) or (0, 0))
+    return [QueuePlan(s.pool, s.index, s.queue, found[s.queue][0], held.get(s.queue) or (
+        f"{found[s.queue][1]} consumer(s)" if found[s.queue][1] else None)) for s in specs]
 
 
 def _purge_redis(broker: BrokerRedis, queue: str) -> int:
@@ -104,34 +87,20 @@ def _purge_redis(broker: BrokerRedis, queue: str) -> int:
     return sum(int(n) for n in replies[::2])
 
 
+def _purge_amqp(conn: Any, queue: str) -> int:
+    if declared(conn, queue) in (None, (0, 0)):
+        return 0  # nothing there (purging an unknown queue closes the channel)
+    channel = conn.channel()
+    try:
+        return int(channel.queue_purge(queue=queue) or 0)
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
 def purge(app: Celery, queues: Sequence[str]) -> dict[str, int]:
     """Delete the waiting messages of ``queues``: ``queue → messages deleted``."""
-    deleted: dict[str, int] = {}
-    broker = broker_redis(app)
-    if broker is not None:
-        try:
-            for queue in queues:
-                deleted[queue] = _purge_redis(broker, queue)
-        finally:
-            broker.close()
-        return deleted
-    with app.connection_for_write() as conn:
-        for queue in queues:
-            if _declared(conn, queue) == (0, 0):
-                deleted[queue] = 0  # nothing there (purging an unknown queue closes the channel)
-                continue
-            channel = conn.channel()
-            try:
-                deleted[queue] = int(channel.queue_purge(queue=queue) or 0)
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
-    return deleted
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
-    raise SystemExit(code)
+    return _each_queue(app, queues, _purge_redis, _purge_amqp)
 
 
 @click.command(name="purge", cls=CeleryCommand)
@@ -159,15 +128,15 @@ def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str
     try:
         plans = plan_purge(app, pools, partitions)
     except PartitioningError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        fail(str(exc))
     except (*app.connection_for_read().connection_errors, OSError) as exc:
-        _fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
+        fail(f"cannot read the partitions from {broker}: {exc}; nothing was deleted", EXIT_UNCLEAN)
     live = [p for p in plans if p.consumer is not None]
     if live and not while_running:
         for p in live:
             click.echo(f"{p.queue}: consumed by {p.consumer}", err=True)
-        _fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
-              "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
+        fail(f"{len(live)} selected partition(s) are being consumed; stop their workers, or pass "
+             "--while-running to purge under them; nothing was deleted", EXIT_UNCLEAN)
     total = sum(p.depth for p in plans)
     if not force:
         click.confirm(f"Delete the {total} message(s) waiting in {len(plans)} partition queue(s) "
@@ -175,7 +144,7 @@ def purge_command(ctx: click.Context, *, pools: tuple[str, ...], partitions: str
     try:
         deleted = purge(app, [p.queue for p in plans])
     except (*app.connection_for_read().connection_errors, OSError) as exc:
-        _fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
+        fail(f"purging on {broker} failed: {exc}", EXIT_UNCLEAN)
     for p in plans:
         running = f" (while consumed by {p.consumer})" if p.consumer else ""
         click.echo(f"{p.queue}: deleted {deleted[p.queue]} message(s){running}")

@@ -8,19 +8,20 @@ themselves within seconds, and refuse to start again with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from celery.bin.base import CeleryCommand
 
-from ..exits import EXIT_USAGE
 from ..router import HEADER_COUNT
-from ..state import redis_client, redis_keys, settings_of
+from ..state import redis_keys, settings_of, store_client
 from ..store.broker import broker_redis
 from ..store.resize import RELEASING, UNPLACED, ResizeStore
+from .common import fail
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,39 +47,36 @@ class ResizeStatus:
         return asdict(self)
 
 
-def _store(app: Celery) -> tuple[Any, ResizeStore] | None:
-    settings = settings_of(app)
-    if settings.redis is None:
-        return None
-    client = redis_client(settings.redis)
-    return client, ResizeStore(client, redis_keys(app), settings.queue_prefix)
+@contextlib.contextmanager
+def _store(app: Celery) -> Iterator[ResizeStore | None]:
+    with store_client(app) as client:
+        yield None if client is None else ResizeStore(client, redis_keys(app),
+                                                      settings_of(app).queue_prefix)
 
 
 def collect_resizes(app: Celery, pools: Sequence[str] = ()) -> list[ResizeStatus]:
     """Every resize in flight among ``pools`` (default all). Read only."""
     settings = settings_of(app)
-    opened = _store(app)
-    if opened is None:
-        return []
-    client, store = opened
     found: list[ResizeStatus] = []
-    broker = broker_redis(app)
-    try:
-        for pool in pools or list(settings.pools):
-            state = store.state(pool)
-            if state is None or state.previous is None:
-                continue
-            row = ResizeStatus(pool, state.previous, state.size, state.started,
-                               drained=sorted(state.drained),
-                               waiting=store.waiting(pool, state.size))
-            for old in range(state.previous):
-                row.old_messages[old] = None if broker is None else _stamped(
-                    broker, settings.queue_name(pool, old), state.previous)
-            found.append(row)
-    finally:
-        client.close()
-        if broker is not None:
-            broker.close()
+    with _store(app) as store:
+        if store is None:
+            return []
+        broker = broker_redis(app)
+        try:
+            for pool in pools or list(settings.pools):
+                state = store.state(pool)
+                if state is None or state.previous is None:
+                    continue
+                row = ResizeStatus(pool, state.previous, state.size, state.started,
+                                   drained=sorted(state.drained),
+                                   waiting=store.waiting(pool, state.size))
+                for old in range(state.previous):
+                    row.old_messages[old] = None if broker is None else _stamped(
+                        broker, settings.queue_name(pool, old), state.previous)
+                found.append(row)
+        finally:
+            if broker is not None:
+                broker.close()
     return found
 
 
@@ -140,31 +138,27 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
     app = ctx.obj.app
     settings = settings_of(app)
     if pool not in settings.pools:
-        _usage(f"unknown pool {pool!r}; configured: {', '.join(settings.pools)}")
+        fail(f"unknown pool {pool!r}; configured: {', '.join(settings.pools)}")
     if size < 1:
-        _usage("SIZE must be at least 1")
-    opened = _store(app)
-    if opened is None:
-        _usage("resizing needs a Redis store (partitioning_redis_url or a Redis broker)")
-    client, store = opened
-    try:
+        fail("SIZE must be at least 1")
+    with _store(app) as store:
+        if store is None:
+            fail("resizing needs a Redis store (partitioning_redis_url or a Redis broker)")
         recorded = store.state(pool)
         if recorded is not None and previous is not None and recorded.size != previous \
                 and not recorded.in_flight:
-            _usage(f"pool {pool!r} is recorded with {recorded.size} partitions, not {previous} "
-                   f"(--from): `partitioning resize {pool} {size} --from {recorded.size}`")
+            fail(f"pool {pool!r} is recorded with {recorded.size} partitions, not {previous} "
+                 f"(--from): `partitioning resize {pool} {size} --from {recorded.size}`")
         if recorded is None:
             start = previous if previous is not None else settings.partitions(pool)
             if start == size:
-                _usage(f"no size is recorded for pool {pool!r} yet: give its current partition "
-                       "count with --from")
+                fail(f"no size is recorded for pool {pool!r} yet: give its current partition "
+                     "count with --from")
             store.begin(pool, start, record=True)
         outcome, state = store.begin(pool, size, record=True)
-    finally:
-        client.close()
     if outcome == "conflict":
-        _usage(f"pool {pool!r} is being resized from {state.previous} to {state.size} "
-               "partitions: wait until `partitioning status` shows it finished")
+        fail(f"pool {pool!r} is being resized from {state.previous} to {state.size} "
+             "partitions: wait until `partitioning status` shows it finished")
     if outcome == "same":
         click.echo(f"pool {pool}: already {size} partitions"
                    + (f" (resize from {state.previous} in flight)" if state.in_flight else ""))
@@ -172,8 +166,3 @@ def resize_command(ctx: click.Context, pool: str, size: int, previous: int | Non
     click.echo(f"pool {pool}: resize from {state.previous} to {state.size} partitions recorded. "
                f"Workers running {state.previous} stop within seconds; start the workers with "
                f"partitioning_pools {pool!r}: {state.size}.")
-
-
-def _usage(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
-    raise SystemExit(EXIT_USAGE)

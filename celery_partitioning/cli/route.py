@@ -10,11 +10,11 @@ import click
 from celery.bin.base import CeleryCommand
 
 from ..errors import PartitioningError
-from ..exits import EXIT_USAGE
 from ..hashing import partition_for
 from ..keys import GLOBAL_PARTITION_KEY, entity_type_of
 from ..state import settings_of
 from ..tasks import spec_of
+from .common import fail
 
 __all__ = ["route_command"]
 
@@ -43,8 +43,7 @@ def route_command(ctx: click.Context, key: str, *, pools: tuple[str, ...], as_js
             rows.append({"key": key, "pool": pool, "index": index, "partitions": count,
                          "queue": settings.queue_name(pool, index)})
     except PartitioningError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(EXIT_USAGE) from None
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

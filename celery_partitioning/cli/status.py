@@ -1,18 +1,13 @@
 """Partition status, read only: depth, unacked, oldest age, consumer, parked keys per partition.
 
-Redis broker: depth is the length of the queue's lists, unacked counts kombu's ``unacked``
-entries routed to the queue, the oldest age is the larger of the oldest unacked message's
-time since delivery and the queue head's time since publish (header
-``partition_published_at``), the consumer is the lease holder. RabbitMQ: depth and consumer
-count come from a passive queue declare; unacked and ages are not known over AMQP (None).
-Parked keys, the keys waiting out a retry backoff (how many, when the first is due) and what
-an operator paused (``store/pausing.py``) come from the dead-letter store when a Redis store
-is configured. Nothing here changes any state.
+Redis broker: depth, unacked (kombu's ``unacked`` entries and the in-transit list), the
+oldest age (oldest delivery, or the head's ``partition_published_at``) and the lease holder.
+RabbitMQ: depth and consumers from a passive declare; unacked and ages are unknown (None).
+Parked keys, backoffs and pauses come from the Redis store when one is configured.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -22,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Final
 from ..hashing import partition_for
 from ..router import HEADER_PUBLISHED_AT
 from ..state import redis_keys, settings_of, store_client
-from ..store.backoff import BackoffStore, BackoffSummary
+from ..store.backoff import BackoffStore
 from ..store.broker import BrokerRedis, broker_redis, unacked_by_queue
 from ..store.deadletters import DeadLetterStore
+from ..store.keys import RedisKeys
 from ..store.lease import read_holders
 from ..store.pausing import Pause, PauseStore
 from ..store.progress import read_progress
+from .common import declared, table
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -89,29 +86,6 @@ def _head_age(broker: BrokerRedis, queue: str, now: float) -> float | None:
     return None
 
 
-def _parked_counts(app: Celery, pools: Sequence[str]) -> dict[tuple[str, int], int]:
-    settings = settings_of(app)
-    counts: dict[tuple[str, int], int] = {}
-    with store_client(app) as client:
-        if client is None:
-            return counts
-        for view in DeadLetterStore(client, redis_keys(app)).find(pools):
-            letter = view.dead_letter
-            index = letter.partition
-            if index is None:
-                index = partition_for(letter.key, settings.partitions(letter.pool))
-            counts[(letter.pool, index)] = counts.get((letter.pool, index), 0) + 1
-    return counts
-
-
-def _backoffs(app: Celery, queues: Sequence[str]) -> dict[str, BackoffSummary]:
-    with store_client(app) as client:
-        if client is None:
-            return {}
-        backoff = BackoffStore(DeadLetterStore(client, redis_keys(app)))
-        return {queue: backoff.summary(queue) for queue in queues}
-
-
 def collect_pauses(app: Celery, pools: Sequence[str] = ()) -> list[Pause]:
     """Every pause in force of ``pools`` (default all): partitions first, then keys."""
     with store_client(app) as client:
@@ -119,6 +93,78 @@ def collect_pauses(app: Celery, pools: Sequence[str] = ()) -> list[Pause]:
             return []
         return PauseStore(DeadLetterStore(client, redis_keys(app))).paused(
             list(pools) or list(settings_of(app).pools))
+
+
+def collect_status(app: Celery, pools: Sequence[str] = (),
+                   stall_after: float = STALL_AFTER) -> list[PartitionStatus]:
+    """One PartitionStatus per partition of ``pools`` (default all), pool order then index;
+    a partition is *stalled* when its holder took no message for ``stall_after`` seconds
+    while its queue has some."""
+    settings = settings_of(app)
+    chosen = list(pools) or list(settings.pools)
+    rows = [PartitionStatus(p, i, settings.queue_name(p, i), None, None, None, None, 0)
+            for p in chosen for i in range(settings.partitions(p))]
+    consumed: dict[str, float | None] = {}
+    with store_client(app) as client:
+        if client is not None:
+            consumed = _from_store(app, client, rows)
+    broker = broker_redis(app)
+    if broker is not None:
+        try:
+            _from_broker(broker, redis_keys(app), rows, consumed, stall_after)
+        finally:
+            broker.close()
+    else:
+        with app.connection_for_read() as conn:
+            for row in rows:
+                row.depth, consumers = declared(conn, row.queue) or (None, None)
+                row.consumer = f"{consumers} consumer(s)" if consumers else None
+    return _with_pauses(rows, collect_pauses(app, chosen))
+
+
+def _from_store(app: Celery, client: Any, rows: list[PartitionStatus]) -> dict[str, float | None]:
+    """Parked keys, backoffs and lease holder (the consumer) of each row; returns when each
+    queue's holder last consumed (epoch s)."""
+    settings, keys = settings_of(app), redis_keys(app)
+    by_partition = {(r.pool, r.index): r for r in rows}
+    store = DeadLetterStore(client, keys)
+    for view in store.find({r.pool for r in rows}):
+        letter = view.dead_letter
+        index = letter.partition
+        if index is None:
+            index = partition_for(letter.key, settings.partitions(letter.pool))
+        if (row := by_partition.get((letter.pool, index))) is not None:
+            row.parked_keys += 1
+    backoff = BackoffStore(store)
+    for row in rows:
+        summary = backoff.summary(row.queue)
+        row.backoff_keys, row.backoff_next_due = summary.count, summary.next_due
+    queues = [r.queue for r in rows]
+    holders = read_holders(client, keys, queues)
+    for row in rows:
+        holder = holders.get(row.queue)
+        row.consumer = holder.describe() if holder else None
+    return read_progress(client, keys, queues)
+
+
+def _from_broker(broker: BrokerRedis, keys: RedisKeys, rows: list[PartitionStatus],
+                 consumed: dict[str, float | None], stall_after: float) -> None:
+    now = time.time()
+    unacked = unacked_by_queue(broker)
+    for row in rows:
+        delivered = unacked.get(row.queue, [])
+        # The message a partition thread holds (its in-transit list is its unacked record).
+        in_transit = int(broker.client.llen(keys.in_transit(row.queue)))
+        ages = [now - min(delivered)] if delivered else []
+        head = _head_age(broker, row.queue, now)
+        if head is not None:
+            ages.append(head)
+        row.depth, row.unacked = broker.depth(row.queue), len(delivered) + in_transit
+        row.oldest_age = round(max(ages), 3) if ages else None
+        last = consumed.get(row.queue)
+        if row.consumer is not None and last is not None:
+            row.last_consumed_age = round(max(0.0, now - last), 3)
+            row.stalled = bool(row.depth) and row.last_consumed_age > stall_after
 
 
 def _with_pauses(rows: list[PartitionStatus], pauses: Sequence[Pause]) -> list[PartitionStatus]:
@@ -132,87 +178,6 @@ def _with_pauses(rows: list[PartitionStatus], pauses: Sequence[Pause]) -> list[P
         else:
             row.paused = {k: v for k, v in pause.as_dict().items() if k not in ("key", "pool")}
             row.stalled = False  # not taking messages on purpose
-    return rows
-
-
-def _leases(app: Celery, queues: Sequence[str]) -> tuple[dict[str, str | None],
-                                                          dict[str, float | None]]:
-    """Each queue's lease holder, and when it last consumed (epoch s)."""
-    with store_client(app) as client:
-        if client is None:
-            return {}, {}
-        holders = read_holders(client, redis_keys(app), queues)
-        progress = read_progress(client, redis_keys(app), queues)
-    return ({queue: holder.describe() if holder else None for queue, holder in holders.items()},
-            progress)
-
-
-def _amqp_queue(app: Celery, queue: str) -> tuple[int | None, int | None]:
-    with app.connection_for_read() as conn:
-        channel = conn.channel()
-        try:
-            _name, depth, consumers = channel.queue_declare(queue=queue, passive=True)
-            return int(depth), int(consumers)
-        except conn.channel_errors:
-            return None, None
-        finally:
-            with contextlib.suppress(Exception):
-                channel.close()
-
-
-def collect_status(app: Celery, pools: Sequence[str] = (),
-                   stall_after: float = STALL_AFTER) -> list[PartitionStatus]:
-    """One PartitionStatus per partition of ``pools`` (default all), pool order then index;
-    a partition is *stalled* when its holder took no message for ``stall_after`` seconds
-    while its queue has some."""
-    settings = settings_of(app)
-    chosen = list(pools) or list(settings.pools)
-    parts = [(p, i, settings.queue_name(p, i)) for p in chosen for i in range(settings.partitions(p))]
-    parked = _parked_counts(app, chosen)
-    pauses = collect_pauses(app, chosen)
-    backoffs = _backoffs(app, [q for _, _, q in parts])
-    now = time.time()
-    rows: list[PartitionStatus] = []
-    broker = broker_redis(app)
-    if broker is not None:
-        try:
-            leases, consumed = _leases(app, [q for _, _, q in parts])
-            unacked = unacked_by_queue(broker)
-            keys = redis_keys(app)
-            for pool, index, queue in parts:
-                delivered = unacked.get(queue, [])
-                # The message a partition thread holds (its in-transit list is its unacked record).
-                in_transit = int(broker.client.llen(keys.in_transit(queue)))
-                ages = [now - min(delivered)] if delivered else []
-                head = _head_age(broker, queue, now)
-                if head is not None:
-                    ages.append(head)
-                row = PartitionStatus(
-                    pool, index, queue, broker.depth(queue), len(delivered) + in_transit,
-                    round(max(ages), 3) if ages else None, leases.get(queue),
-                    parked.get((pool, index), 0))
-                last = consumed.get(queue)
-                if row.consumer is not None and last is not None:
-                    row.last_consumed_age = round(max(0.0, now - last), 3)
-                    row.stalled = bool(row.depth) and row.last_consumed_age > stall_after
-                rows.append(row)
-        finally:
-            broker.close()
-        return _with_pauses(_with_backoffs(rows, backoffs), pauses)
-    for pool, index, queue in parts:
-        depth, consumers = _amqp_queue(app, queue)
-        consumer = None if not consumers else f"{consumers} consumer(s)"
-        rows.append(PartitionStatus(pool, index, queue, depth, None, None, consumer,
-                                    parked.get((pool, index), 0)))
-    return _with_pauses(_with_backoffs(rows, backoffs), pauses)
-
-
-def _with_backoffs(rows: list[PartitionStatus],
-                   backoffs: dict[str, BackoffSummary]) -> list[PartitionStatus]:
-    for row in rows:
-        summary = backoffs.get(row.queue)
-        if summary is not None:
-            row.backoff_keys, row.backoff_next_due = summary.count, summary.next_due
     return rows
 
 
@@ -235,15 +200,11 @@ def render_table(rows: Sequence[PartitionStatus]) -> str:
     header = ("POOL", "PART", "QUEUE", "DEPTH", "UNACKED", "OLDEST", "CONSUMER", "PARKED",
               "BACKOFF", "PAUSED", "LAST TAKE")
     now = time.time()
-    table = [header] + [
+    return table([header] + [
         (r.pool, str(r.index), r.queue, _cell(r.depth), _cell(r.unacked), _cell(r.oldest_age),
          r.consumer or "no consumer", str(r.parked_keys), _backoff_cell(r, now), _paused_cell(r),
          _cell(r.last_consumed_age) + (" STALLED" if r.stalled else ""))
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-                     for line in table)
+        for r in rows])
 
 
 def _paused_cell(row: PartitionStatus) -> str:

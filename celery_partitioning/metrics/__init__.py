@@ -3,16 +3,11 @@
 Nothing here imports ``prometheus_client`` at import time: the package works without it, and
 asking for metrics without it is one clear error naming the extra (:func:`require_prometheus`).
 
-- :mod:`.instruments` counts, inside each partition worker process, what only the worker knows
-  (messages processed, failed, retried, skipped by a gate, task durations, lease hand-overs and
-  fences, hot keys), through Celery's own task signals and a few hooks, into prometheus_client's
-  multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, a directory the ``worker`` command makes
-  and removes).
-- :mod:`.queue` reads what the queues and the store hold (depth, lag, holder, parked and
-  backoff keys: ``cli/status.py``'s own collection) at every scrape.
-- :mod:`.hotkeys` keeps the recently busiest keys per pool (bounded, hashed by default).
-- :mod:`.server` is the one HTTP server: a process of its own forked by the ``worker``
-  command (the supervisor stays single-threaded), or the ``exporter`` command itself.
+- :mod:`.instruments`: what only a partition worker process knows, counted through Celery's
+  task signals and a few hooks into prometheus_client's multiprocess files.
+- :mod:`.queue`: what the queues and the store hold (``cli/status.py``'s collection), per scrape.
+- :mod:`.hotkeys`: the recently busiest keys per pool (bounded, hashed by default).
+- :mod:`.server`: the one HTTP server, forked beside the supervisor or run by ``exporter``.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ from typing import Final
 from ..errors import PartitionConfigError
 
 __all__ = ["HALF_LIFE_ENV", "METRICS_ENV", "MULTIPROC_ENV", "PROMETHEUS_EXTRA", "key_label",
-           "raw_key_labels", "require_prometheus"]
+           "require_prometheus"]
 
 #: Set in partition worker processes whose worker runs with ``--metrics-port``: ``hashed``
 #: (keys appear as a digest) or ``raw`` (``--metrics-raw-keys``: keys as they are).
@@ -41,10 +36,6 @@ def require_prometheus(what: str) -> None:
     if importlib.util.find_spec("prometheus_client") is None:
         raise PartitionConfigError(
             f"{what} needs prometheus_client: pip install '{PROMETHEUS_EXTRA}'")
-
-
-def raw_key_labels(mode: str | None) -> bool:
-    return mode == "raw"
 
 
 def key_label(key: str, raw: bool = False) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-__all__ = ["HALF_LIFE", "TOP", "MAX_KEYS", "HotKeys", "Snapshot", "read_snapshots", "merge"]
+__all__ = ["HALF_LIFE", "TOP", "MAX_KEYS", "HotKeys", "read_snapshots", "merge"]
 
 HALF_LIFE: Final = 60.0
 TOP: Final = 10
@@ -98,12 +98,6 @@ def _halve(table: dict[_K, float], factor: float) -> None:
             del table[name]
 
 
-@dataclass
-class Snapshot:
-    pid: int
-    data: dict[str, Any]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -114,9 +108,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_snapshots(directory: Path) -> list[Snapshot]:
+def read_snapshots(directory: Path) -> list[dict[str, Any]]:
     """The fresh snapshots of live processes; those of dead processes are removed."""
-    found: list[Snapshot] = []
+    found: list[dict[str, Any]] = []
     for path in directory.glob(f"{_PREFIX}*.json"):
         try:
             pid = int(path.stem[len(_PREFIX):])
@@ -131,17 +125,17 @@ def read_snapshots(directory: Path) -> list[Snapshot]:
         except (OSError, ValueError):
             continue
         if isinstance(data, dict) and time.time() - float(data.get("time", 0)) < STALE_AFTER:
-            found.append(Snapshot(pid, data))
+            found.append(data)
     return found
 
 
-def merge(snapshots: Iterable[Snapshot]) -> tuple[dict[str, list[tuple[str, float]]],
+def merge(snapshots: Iterable[dict[str, Any]]) -> tuple[dict[str, list[tuple[str, float]]],
                                                    dict[str, dict[int, float]]]:
     """Per pool: the top ``TOP`` keys over every process, and the recent count per partition."""
     keys: dict[str, dict[str, float]] = {}
     partitions: dict[str, dict[int, float]] = {}
     for snap in snapshots:
-        for pool, found in snap.data.get("pools", {}).items():
+        for pool, found in snap.get("pools", {}).items():
             per_key = keys.setdefault(pool, {})
             for key, n in found.get("keys", []):
                 per_key[key] = per_key.get(key, 0.0) + float(n)

@@ -4,15 +4,11 @@ Imported only in a partition worker process whose worker runs with metrics (``ME
 after ``PROMETHEUS_MULTIPROC_DIR`` is set, so every value goes to the multiprocess files the
 metrics server reads: counters of a process that died keep counting in the sums.
 
-Where each number comes from (the worker code itself changes little):
+Where each number comes from:
 
-- processed / failed / retried, task duration: Celery's own signals ``task_success``,
-  ``task_failure``, ``task_retry``, ``task_prerun``/``task_postrun``, sent in the partition
-  thread that runs the task (in-place retries send them per attempt: ``task_patch.py``);
-  the partition is the calling thread's (``runtime.current_runtime``).
-- skipped: a stage took the message instead of running it (parked key, key in backoff,
-  resize hold, misroute), labelled with the stage's name (each stage wrapped in a
-  :class:`_Counted` of the same name, in its place).
+- processed / failed / retried, task duration: Celery's own task signals, sent in the partition
+  thread that runs the task (per attempt for in-place retries); the partition is the thread's.
+- skipped: the pipeline's ``on_taken`` hook, labelled with the stage that took the message.
 - lease hand-overs and fences: the lease's ``on_acquire`` and ``on_fence`` hooks.
 - hot keys and per-partition recent counts: :class:`.hotkeys.HotKeys`, flushed between messages.
 """
@@ -31,7 +27,7 @@ from prometheus_client import Counter, Histogram
 from ..router import HEADER_KEY
 from ..worker.runtime import PartitionRuntime, WorkerRuntime, current_runtime
 from ..worker.stage import Stage
-from . import HALF_LIFE_ENV, METRICS_ENV, MULTIPROC_ENV, key_label, raw_key_labels
+from . import HALF_LIFE_ENV, METRICS_ENV, MULTIPROC_ENV, key_label
 from .hotkeys import HALF_LIFE, HotKeys
 
 if TYPE_CHECKING:
@@ -69,16 +65,12 @@ class _Series:
     duration: Any
 
 
-def _labels(runtime: PartitionRuntime) -> tuple[str, str]:
-    return runtime.pool, str(runtime.index)
-
-
 def instrument(app: Celery, worker: WorkerRuntime) -> None:
     """Count what ``worker``'s partitions do (once per process)."""
     directory = os.environ.get(MULTIPROC_ENV)
     hot = HotKeys(Path(directory) if directory else None,
                   half_life=float(os.environ.get(HALF_LIFE_ENV) or HALF_LIFE))
-    raw = raw_key_labels(os.environ.get(METRICS_ENV))
+    raw = os.environ.get(METRICS_ENV) == "raw"
     series = {id(partition): _instrument_partition(partition, hot) for partition in worker.partitions}
 
     def here() -> tuple[PartitionRuntime, _Series] | None:
@@ -124,7 +116,7 @@ def instrument(app: Celery, worker: WorkerRuntime) -> None:
 
 
 def _instrument_partition(partition: PartitionRuntime, hot: HotKeys) -> _Series:
-    labels = _labels(partition)
+    labels = partition.pool, str(partition.index)
     for counter in (HANDOVERS, FENCES):
         counter.labels(*labels)  # a series at 0 from the start, so increase() and alerts see it
     pipeline = partition.pipeline

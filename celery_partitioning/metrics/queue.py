@@ -29,8 +29,8 @@ logger = logging.getLogger("celery_partitioning.metrics")
 _LABELS = ["pool", "partition", "queue"]
 
 
-def depth_skew(depths: Sequence[int]) -> float:
-    """The busiest partition's depth over the pool's mean depth (1 = even; 0 when all empty)."""
+def depth_skew(depths: Sequence[float]) -> float:
+    """The busiest partition's count over the pool's mean (1 = even; 0 when all are 0)."""
     total = sum(depths)
     if not depths or total == 0:
         return 0.0

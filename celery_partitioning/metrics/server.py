@@ -58,6 +58,7 @@ class HotKeysCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from .hotkeys import merge, read_snapshots
+        from .queue import depth_skew
 
         top, partitions = merge(read_snapshots(self.directory))
         hot = GaugeMetricFamily("celery_partitioning_hot_key_messages", "Recent messages of the "
@@ -72,8 +73,7 @@ class HotKeysCollector:
         for pool, index in self.hosted:
             pools.setdefault(pool, []).append(partitions.get(pool, {}).get(index, 0.0))
         for pool, counts in pools.items():
-            total = sum(counts)
-            skew.add_metric([pool], max(counts) / (total / len(counts)) if total else 0.0)
+            skew.add_metric([pool], depth_skew(counts))
         yield hot
         yield skew
 

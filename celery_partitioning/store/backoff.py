@@ -1,18 +1,11 @@
-"""Keys waiting out a retry backoff: parked with a due time, and replayed automatically.
+"""Keys waiting out a retry backoff: set aside with a due time, and released automatically.
 
-A partitioned task that retries after a delay of at least ``partitioning_retry_hold_below``
-does not hold its partition: its message is stored as the first set-aside message of its key
-(the parking store's ``parked`` list, ``backoff.lua``), the key gets a backoff marker, and
-the partition's schedule (a sorted set, ``RedisKeys.backoff_schedule``) gets the key with the
-time the retry is due. The parking gate then sets later messages of the key aside, in order,
-exactly as for a key parked behind a dead letter, while other keys of the partition go on.
-
-When the key is due, the partition thread releases it (``release.lua``): the set-aside
-messages are re-queued as a replay re-queues them (Redis: at the head of the queue in the
-same script; other brokers: through the key's outbox, published right after), the retried
-message first; newer messages of the key that reach the worker before them are deferred
-behind them. Everything lives in Redis, so a crashed or stopped worker, or the standby that
-takes the partition over, resumes the same keys at the same due times.
+A retry delayed by at least ``partitioning_retry_hold_below`` does not hold its partition:
+the retried message becomes the first set-aside message of its key (``backoff.lua``) and the
+key goes into the partition's schedule with its due time. Later messages of the key are set
+aside as for a parked key while other keys go on. When due, the partition thread releases the
+key as a replay does (``release.lua``). All of it lives in Redis, so the next holder of the
+partition resumes the same keys at the same due times.
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .attempts import ATTEMPTS_TTL, AttemptRecord
-from .deadletters import DeadLetterStore, as_text
+from .deadletters import SharedStore, as_text
 from .keys import key_digest
 from .requeue import HEAD_PUSH, Requeue
 
@@ -80,17 +73,8 @@ class BackoffSummary:
         return math.inf if self.next_due is None else max(0.0, self.next_due - now)
 
 
-def _member(pool: str, key: str) -> str:
-    return json.dumps([pool, key])
-
-
-class BackoffStore:
+class BackoffStore(SharedStore):
     """Keys in retry backoff of one app namespace, on the dead-letter store's Redis client."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     def set_aside(self, pool: str, key: str, task_id: str, raw: str, record: AttemptRecord, *,
                   queue: str, requeue: Requeue = HEAD_PUSH,
@@ -109,7 +93,7 @@ class BackoffStore:
             keys=[*store.script_keys(pool, key, queue, requeue), self.keys.backoff_schedule(queue),
                   acked[0] if acked else "", self.keys.attempts(task_id)],
             args=[key_digest(key), task_id, with_token(raw, record.token, record.retries), repr(due),
-                  _member(pool, key), acked[1] if acked else b"", record.to_json(),
+                  json.dumps([pool, key]), acked[1] if acked else b"", record.to_json(),
                   ATTEMPTS_TTL])
         store.flush_outbox(pool, key, requeue)  # what an interrupted release left there
 

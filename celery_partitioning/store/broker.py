@@ -8,7 +8,7 @@ SIGKILL the message stays there until ``visibility_timeout`` (an hour by default
 restarted worker runs later messages; ``reject(requeue=True)`` would ``LPUSH`` it to the
 back. So the new lease holder, before it consumes, moves the entries whose routing key is
 its own queue (and only those) back with ``RPUSH``, newest first so the oldest ends up at
-the head, in one WATCH/MULTI transaction on both keys (as kombu's own ``restore_by_tag``).
+the head, in one transaction on both keys (as kombu's own ``restore_by_tag``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ __all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachabl
            "unacked_by_queue", "unblock", "BROKER_SOCKET_TIMEOUT", "FETCH_TIMEOUT"]
 
 #: Seconds any read or connect of the partitions' broker client may wait. A blocking fetch
-#: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer that is gone
-#: without a reset (a host or network failure, a master frozen mid-failover): without a bound
-#: the fetch would wait on that socket forever, its partition consuming nothing (issue 27).
+#: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer gone without
+#: a reset (a host failure, a master frozen mid-failover), which must not stall the partition.
 BROKER_SOCKET_TIMEOUT: Final = 10.0
 #: Longest wait of a blocking fetch on the server. A stop does not wait for it: it unblocks
 #: the fetch (:func:`unblock`); the time-out only bounds an idle partition's polling (one
@@ -123,11 +122,8 @@ def unreachable_errors() -> tuple[type[BaseException], ...]:
 
 
 def broker_redis(app: Celery) -> BrokerRedis | None:
-    """The app broker's kombu Redis names and a client (close it); None when not Redis.
-
-    On Sentinel the client is the package's own ``master_for`` client (it follows a
-    failover by itself), not one tied to kombu's channel pool.
-    """
+    """The app broker's kombu Redis names and a client (close it); None when not Redis. On
+    Sentinel the client is the package's own ``master_for`` client, which follows a failover."""
     settings = settings_of(app)
     replicas = replicas_of(settings)
     with app.connection_for_read() as conn:
@@ -152,39 +148,34 @@ def broker_redis(app: Celery) -> BrokerRedis | None:
 
 def unacked_by_queue(broker: BrokerRedis) -> dict[str, list[float]]:
     """Delivery times of the unacked messages, by queue (routing key). Read only."""
-    entries = broker.client.hgetall(broker.unacked)
-    scores = dict(broker.client.zrange(broker.unacked_index, 0, -1, withscores=True))
     found: dict[str, list[float]] = {}
-    for tag, raw in entries.items():
-        entry = UnackedEntry.parse(raw)
-        if entry is not None:
-            found.setdefault(entry.routing_key, []).append(float(scores.get(tag, 0.0)))
+    for delivered, _tag, entry in _unacked(broker.client, broker):
+        found.setdefault(entry.routing_key, []).append(delivered)
     return found
+
+
+def _unacked(reader: Any, broker: BrokerRedis) -> list[tuple[float, bytes, UnackedEntry]]:
+    """Every unacked message (delivery time, tag, entry) that parses, in delivery order;
+    ``reader``: a client, or a pipeline watching both keys."""
+    entries = reader.hgetall(broker.unacked)
+    scores = dict(reader.zrange(broker.unacked_index, 0, -1, withscores=True))
+    return sorted(((float(scores.get(tag, 0.0)), tag, entry) for tag, raw in entries.items()
+                   if (entry := UnackedEntry.parse(raw)) is not None),
+                  key=lambda item: (item[0], item[1]))
 
 
 def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | None = None) -> int:
     """Put ``queue``'s unacked messages back at its head in delivery order; return how many.
 
-    Also the messages a dead worker had moved to the ``in_transit`` list (the loss-free
-    fetch) but not yet registered as unacked: they are newer than any registered one. A
-    message in both places (killed between the two steps) goes back once. Other queues'
-    entries are not touched. Atomic: the transaction is retried if anyone (kombu's own
-    visibility restore, an ack) changes the keys meanwhile. An in-transit item that is not
-    a message at all goes back too, unchanged: the worker dead-letters it when it fetches it.
+    Also the messages of the ``in_transit`` list (fetched, not yet registered as unacked: newer
+    than any registered one; a message in both goes back once; one that is no message goes back
+    unchanged, to be dead-lettered when fetched). Other queues' entries are not touched. One
+    transaction, run again if anyone (kombu's visibility restore, an ack) changes the keys.
     """
-    moved = 0
     watched = [broker.unacked, broker.unacked_index] + ([in_transit] if in_transit else [])
 
-    def transaction(pipe: Any) -> None:
-        nonlocal moved
-        entries = pipe.hgetall(broker.unacked)
-        scores = dict(pipe.zrange(broker.unacked_index, 0, -1, withscores=True))
-        mine: list[tuple[float, bytes, UnackedEntry]] = []
-        for tag, raw in entries.items():
-            entry = UnackedEntry.parse(raw)
-            if entry is not None and entry.routing_key == queue:
-                mine.append((float(scores.get(tag, 0.0)), tag, entry))
-        mine.sort(key=lambda item: (item[0], item[1]))
+    def transaction(pipe: Any) -> int:
+        mine = [item for item in _unacked(pipe, broker) if item[2].routing_key == queue]
         oldest_first: list[tuple[int, str | bytes]] = []
         for _score, _tag, entry in mine:
             mark_redelivered(entry.message)
@@ -207,7 +198,7 @@ def restore_unacked_to_head(broker: BrokerRedis, queue: str, in_transit: str | N
             pipe.zrem(broker.unacked_index, tag)
         if in_transit:
             pipe.delete(in_transit)
-        moved = len(oldest_first)
+        return len(oldest_first)
 
-    broker.client.transaction(transaction, *watched)
+    moved: int = broker.client.transaction(transaction, *watched, value_from_callable=True)
     return moved

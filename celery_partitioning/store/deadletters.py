@@ -1,24 +1,10 @@
-"""Dead-letter store and per-key parking: every Redis read and write for them lives here.
+"""Dead letters and per-key parking: every Redis read and write for them (key layout in
+``keys.py``).
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`, key text hashed):
-
-* ``dl:{pool}`` hash, key digest → JSON :class:`DeadLetter`. A field present means the key
-  is **parked**: the partition's gate sets its later messages aside instead of running them.
-* ``parked:{pool}:{digest}`` list of raw kombu payloads set aside, in arrival (publish) order;
-  ``parked-ids`` the task ids already stored (dead letter, parked or deferred), so a crash
-  between "stored" and "acked" never stores a message twice.
-* ``replaying`` / ``deferred``: a replay re-queues messages at the head of the partition queue;
-  until each has reached the worker, newer messages of the key that were already in flight are
-  deferred and re-queued right behind them (so a replay can never be overtaken).
-* ``dl-log:{pool}`` list of JSON records of every replay, skip and discard (what, when).
-* ``dl-skipped:{pool}`` hash, task id → JSON :class:`DeadLetter` of a task whose failure
-  policy is ``skip``: recorded only, its key is not parked (``store/skipping.py``).
-* ``backoff:{pool}:{digest}``: the key waits out a retry backoff; its messages are set aside
-  in ``parked`` exactly as a parked key's, and released automatically (``store/backoff.py``).
-
-Replay pushes onto kombu's Redis list in the same transaction as it unparks, so it needs the
-broker to be the Redis that holds the store (the default: ``partitioning_redis_url`` falls
-back to the broker URL).
+A key with a dead letter is **parked**: the gate (``gate.lua``) sets its later messages aside
+in order. Replay and skip are one release step: the key is unparked and its messages go back
+ahead of anything newer (``requeue.py``), each ``replaying`` until it has run, so newer
+messages already in flight are deferred behind them. Every replay, skip and discard is logged.
 """
 
 from __future__ import annotations
@@ -26,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 
 from ..errors import DeadLetterError
 from ..message import MessageSummary, message_summary
@@ -50,20 +36,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-__all__ = [
-    "as_text",
-    "DeadLetter",
-    "DeadLetterStore",
-    "DeadLetterView",
-    "GateResult",
-    "GateVerdict",
-    "Released",
-    "REASON_ERROR",
-    "REASON_MAX_RETRIES",
-    "REASON_DCB_MAX_RETRIES",
-    "REASON_MALFORMED",
-    "now_iso",
-]
+__all__ = ["REASON_DCB_MAX_RETRIES", "REASON_ERROR", "REASON_MALFORMED", "REASON_MAX_RETRIES",
+           "DeadLetter", "DeadLetterStore", "DeadLetterView", "GateResult", "GateVerdict",
+           "Released", "SharedStore", "as_text", "now_iso"]
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "paused", "deferred", "duplicate"]
@@ -82,7 +57,7 @@ class GateResult:
     @classmethod
     def parse(cls, reply: Any) -> GateResult:
         verdict, attempts, replaying = (as_text(reply[0]), as_text(reply[1]) or None, bool(reply[2]))
-        if verdict not in ("run", "parked", "paused", "deferred", "duplicate"):
+        if verdict not in get_args(GateVerdict):
             raise DeadLetterError(f"unexpected gate verdict {verdict!r}")
         return cls(verdict, attempts, replaying)  # type: ignore[arg-type]
 
@@ -132,8 +107,8 @@ class DeadLetterStore:
               requeue: Requeue = HEAD_PUSH) -> GateResult:
         """:meth:`gate`, with the attempt record and replay membership of a message that runs."""
         reply = self.scripts.check(keys=[*self.script_keys(pool, key, queue, requeue),
-                                 self.keys.attempts(task_id)],
-                           args=[key_digest(key), task_id, raw])
+                                         self.keys.attempts(task_id)],
+                                   args=[key_digest(key), task_id, raw])
         result = GateResult.parse(reply)
         self.flush_outbox(pool, key, requeue)
         return result
@@ -151,7 +126,7 @@ class DeadLetterStore:
                  requeue: Requeue = HEAD_PUSH) -> None:
         """A message that ran is done: if it was the last one of a replay, release the deferred."""
         self.scripts.finished(keys=self.script_keys(pool, key, queue, requeue),
-                       args=[key_digest(key), task_id])
+                              args=[key_digest(key), task_id])
         self.flush_outbox(pool, key, requeue)
 
     def flush_outbox(self, pool: str, key: str, requeue: Requeue) -> int:
@@ -167,39 +142,29 @@ class DeadLetterStore:
     def get(self, pool: str, key: str) -> DeadLetterView | None:
         """The dead letter of ``key`` in ``pool`` with its parked messages, or None."""
         record = self.client.hget(self.keys.dead_letters(pool), key_digest(key))
-        if record is None:
-            return None
-        parked = self.client.lrange(self.keys.parked(pool, key), 0, -1)
-        return DeadLetterView(DeadLetter.from_json(record),
-                              tuple(message_summary(m) for m in parked))
+        return None if record is None else self._view(record)
 
     def find(self, pools: Iterable[str], key: str | None = None) -> list[DeadLetterView]:
         """Every dead letter of ``pools`` (only ``key``'s if given), oldest failure first."""
         views: list[DeadLetterView] = []
         for pool in pools:
-            if key is not None:
-                view = self.get(pool, key)
-                if view is not None:
-                    views.append(view)
-                continue
-            for record in self.client.hvals(self.keys.dead_letters(pool)):
-                letter = DeadLetter.from_json(record)
-                parked = self.client.lrange(self.keys.parked(pool, letter.key), 0, -1)
-                views.append(DeadLetterView(letter, tuple(message_summary(m) for m in parked)))
+            name = self.keys.dead_letters(pool)
+            records = self.client.hvals(name) if key is None else [
+                self.client.hget(name, key_digest(key))]
+            views += [self._view(record) for record in records if record is not None]
         return sorted(views, key=lambda v: (v.dead_letter.failed_at, v.dead_letter.pool))
+
+    def _view(self, record: str | bytes) -> DeadLetterView:
+        letter = DeadLetter.from_json(record)
+        parked = self.client.lrange(self.keys.parked(letter.pool, letter.key), 0, -1)
+        return DeadLetterView(letter, tuple(message_summary(m) for m in parked))
 
     def history(self, pool: str) -> list[dict[str, Any]]:
         """Replays, skips and discards of ``pool``, oldest first."""
-        events: list[dict[str, Any]] = [
-            json.loads(r) for r in self.client.lrange(self.keys.dead_letter_log(pool), 0, -1)]
-        return events
+        return [json.loads(r) for r in self.client.lrange(self.keys.dead_letter_log(pool), 0, -1)]
 
     def last_event(self, pool: str, key: str) -> dict[str, Any] | None:
-        for event in reversed(self.history(pool)):
-            if event.get("key") == key:
-                found: dict[str, Any] = event
-                return found
-        return None
+        return next((e for e in reversed(self.history(pool)) if e.get("key") == key), None)
 
     def not_parked_error(self, pools: Iterable[str], key: str, action: str) -> DeadLetterError:
         """The error for ``action`` on a key parked in none of ``pools`` (says what happened)."""
@@ -235,18 +200,13 @@ class DeadLetterStore:
 
     def release(self, pool: str, key: str, queue: str, requeue: Requeue, *,
                 keep_failed: bool) -> Released:
-        """The release step of a parked key, what replay and skip both are: in one transaction
-        (``client.transaction``, run again while a watched key changes) the key is unparked,
-        its messages go back to ``queue`` ahead of anything newer (onto the head in the same
-        transaction, or into the key's outbox, sent right after), each ``replaying`` until it
-        is done, and the step is logged. ``keep_failed``: the failed message is re-queued
-        first (replay), else dropped, kept in the log with its raw message (skip). A release
-        whose outbox was not all sent is finished by running it again. Raises
-        ``DeadLetterError`` when the key is not parked."""
+        """Unpark ``key`` and re-queue its messages ahead of anything newer, in one transaction
+        (what replay and skip both are). ``keep_failed``: the failed message goes first
+        (replay), else it is dropped and kept in the log (skip). A release whose outbox was not
+        all sent is finished by running it again. ``DeadLetterError`` when not parked."""
         action = "replay" if keep_failed else "skip"
-        keys = self.keys
         dl_hash, parked_list, ids, replaying, _ = self.key_names(pool, key)
-        outbox = keys.replay_outbox(pool, key)
+        outbox = self.keys.replay_outbox(pool, key)
         digest = key_digest(key)
 
         def step(pipe: Any) -> Released:
@@ -261,45 +221,46 @@ class DeadLetterStore:
                 raise DeadLetterError(
                     f"the dead letter of key {key!r} (task {letter.id}) has no stored "
                     "message to replay; discard it and re-send the task")
-            failed = (message_summary(letter.raw_bytes() or b"") if letter.raw else
-                      MessageSummary(letter.id, letter.task, letter.args, letter.kwargs))
+            failed = _failed_message(letter)
             raws: list[str | bytes] = list(pipe.lrange(parked_list, 0, -1))
             if keep_failed:
                 raws.insert(0, letter.raw_bytes() or b"")
-            released = [message_summary(r) for r in raws]
             pipe.multi()
-            if raws and requeue.at_head:
-                # BRPOP consumes from the right: push the newest first, the oldest last.
-                pipe.rpush(requeue.head(keys, queue), *reversed(raws))
-            elif raws:
-                pipe.rpush(outbox, *raws)
-            pipe.srem(ids, *{letter.id, *(m.id for m in released)})
-            if released:
-                pipe.sadd(replaying, *[m.id for m in released])
-            pipe.delete(parked_list)
-            pipe.hdel(dl_hash, digest)
-            pipe.delete(keys.attempts(letter.id))
+            released = self.requeue_in(pipe, pool, key, raws, queue=queue, requeue=requeue)
+            pipe.srem(ids, letter.id)
+            self._unpark(pipe, pool, key, letter)
             extra: dict[str, Any] = {"queue": queue}
             if not keep_failed:
                 extra.update(raw=[letter.raw], skipped=failed.__dict__)
-            pipe.rpush(keys.dead_letter_log(pool), json.dumps(
-                self.event(action, pool, key, letter, released, **extra)))
+            self.log(pipe, action, letter, released, **extra)
             return Released(None if keep_failed else failed, released)
 
         done = self.transaction(step, dl_hash, parked_list, ids, replaying)
         self.flush_outbox(pool, key, requeue)
         return done
 
-    def transaction(self, step: Callable[[Any], T], *watched: str) -> T:
-        """``step(pipe)`` in one transaction watching ``watched`` (redis-py's
-        ``client.transaction``: run again while a watched key changes); its value."""
-        outcome: list[T] = []
+    def requeue_in(self, pipe: Any, pool: str, key: str, raws: Sequence[str | bytes], *,
+                   queue: str, requeue: Requeue) -> list[MessageSummary]:
+        """In the transaction ``pipe``: send ``raws`` (oldest first) back ahead of anything
+        newer of ``key``, each ``replaying`` until it has run, out of the parked list."""
+        released = [message_summary(r) for r in raws]
+        if not raws:
+            return released
+        _, parked_list, ids, replaying, _ = self.key_names(pool, key)
+        if requeue.at_head:
+            # BRPOP consumes from the right: push the newest first, the oldest last.
+            pipe.rpush(requeue.head(self.keys, queue), *reversed(raws))
+        else:
+            pipe.rpush(self.keys.replay_outbox(pool, key), *raws)
+        pipe.srem(ids, *[m.id for m in released])
+        pipe.sadd(replaying, *[m.id for m in released])
+        pipe.delete(parked_list)
+        return released
 
-        def run(pipe: Any) -> None:
-            outcome[:] = [step(pipe)]
-
-        self.client.transaction(run, *watched, watch_delay=0.01)
-        return outcome[0]
+    def _unpark(self, pipe: Any, pool: str, key: str, letter: DeadLetter) -> None:
+        pipe.delete(self.keys.parked(pool, key))
+        pipe.hdel(self.keys.dead_letters(pool), key_digest(key))
+        pipe.delete(self.keys.attempts(letter.id))
 
     def discard(self, pool: str, key: str) -> list[MessageSummary]:
         """Drop the dead letter and parked messages of ``key``, unpark it, log what was dropped."""
@@ -312,20 +273,22 @@ class DeadLetterStore:
                 raise self.missing(pool, key, "discard")
             letter = DeadLetter.from_json(record)
             raws = pipe.lrange(parked_list, 0, -1)
-            messages = [message_summary(letter.raw_bytes() or b"")] if letter.raw else [
-                MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)]
-            messages += [message_summary(r) for r in raws]
+            messages = [_failed_message(letter), *(message_summary(r) for r in raws)]
             pipe.multi()
             pipe.srem(ids, *[m.id for m in messages])
-            pipe.delete(parked_list)
-            pipe.hdel(dl_hash, digest)
-            pipe.delete(self.keys.attempts(letter.id))
-            pipe.rpush(self.keys.dead_letter_log(pool), json.dumps(
-                self.event("discard", pool, key, letter, messages,
-                           raw=[letter.raw, *[as_text(r) for r in raws]])))
+            self._unpark(pipe, pool, key, letter)
+            self.log(pipe, "discard", letter, messages,
+                     raw=[letter.raw, *[as_text(r) for r in raws]])
             return messages
 
         return self.transaction(step, dl_hash, parked_list, ids)
+
+    def transaction(self, step: Callable[[Any], T], *watched: str) -> T:
+        """``step(pipe)``'s value, run by redis-py's ``transaction``: again while a watched key
+        changes."""
+        client: Any = self.client  # its stubs want a step that returns None
+        value: T = client.transaction(step, *watched, value_from_callable=True, watch_delay=0.01)
+        return value
 
     def discard_all(self, pools: Iterable[str]) -> list[tuple[DeadLetter, list[MessageSummary]]]:
         """:meth:`discard` every dead letter of ``pools``, oldest failure first; returns each
@@ -339,15 +302,31 @@ class DeadLetterStore:
                 continue
         return dropped
 
-    @staticmethod
-    def event(action: str, pool: str, key: str, letter: DeadLetter,
-               messages: Sequence[MessageSummary], **extra: Any) -> dict[str, Any]:
-        return {
+    def log(self, pipe: Any, action: str, letter: DeadLetter,
+            messages: Sequence[MessageSummary], **extra: Any) -> None:
+        """Append what ``action`` did to ``letter``'s key to its pool's log, on ``pipe``."""
+        pipe.rpush(self.keys.dead_letter_log(letter.pool), json.dumps({
             "action": action,
             "at": now_iso(),
-            "pool": pool,
-            "key": key,
+            "pool": letter.pool,
+            "key": letter.key,
             "dead_letter": {k: v for k, v in asdict(letter).items() if k != "raw"},
             "messages": [asdict(m) for m in messages],
             **extra,
-        }
+        }))
+
+
+class SharedStore:
+    """A store on a :class:`DeadLetterStore`'s client and keys (pauses, skips, backoffs)."""
+
+    def __init__(self, store: DeadLetterStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+
+
+def _failed_message(letter: DeadLetter) -> MessageSummary:
+    """The failed message as its raw message shows it, else as its record does."""
+    if letter.raw:
+        return message_summary(letter.raw_bytes() or b"")
+    return letter.summary()

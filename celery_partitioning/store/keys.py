@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from hashlib import blake2b
+from typing import Final
 
-__all__ = ["RedisKeys", "key_digest", "outbox_lock"]
+__all__ = ["PER_KEY", "RedisKeys", "key_digest", "outbox_lock"]
+
+#: The families of names made per pool and partition key: ``{root}{family}:{pool}:{digest}``.
+PER_KEY: Final = ("parked", "parked-ids", "replaying", "deferred", "backoff", "replay-outbox")
 
 
 def outbox_lock(outbox: str) -> str:
@@ -33,6 +37,13 @@ class RedisKeys:
     @property
     def root(self) -> str:
         return f"{self.namespace}cp:"
+
+    def _per_key(self, family: str, pool: str, partition_key: str) -> str:
+        return f"{self.root}{family}:{pool}:{key_digest(partition_key)}"
+
+    def per_key_patterns(self, pool: str) -> list[str]:
+        """Glob patterns of every per-key name of ``pool``."""
+        return [f"{self.root}{family}:{pool}:*" for family in PER_KEY]
 
     def lease(self, queue: str) -> str:
         """String: the exclusive-consumer lease of a partition queue (value: holder token)."""
@@ -71,24 +82,24 @@ class RedisKeys:
 
     def parked(self, pool: str, partition_key: str) -> str:
         """List: raw messages set aside while the key is parked, in arrival (publish) order."""
-        return f"{self.root}parked:{pool}:{key_digest(partition_key)}"
+        return self._per_key("parked", pool, partition_key)
 
     def parked_ids(self, pool: str, partition_key: str) -> str:
         """Set: task ids already dead-lettered, parked or deferred for the key (idempotency)."""
-        return f"{self.root}parked-ids:{pool}:{key_digest(partition_key)}"
+        return self._per_key("parked-ids", pool, partition_key)
 
     def replaying(self, pool: str, partition_key: str) -> str:
         """Set: task ids re-queued by a replay that have not reached the worker yet."""
-        return f"{self.root}replaying:{pool}:{key_digest(partition_key)}"
+        return self._per_key("replaying", pool, partition_key)
 
     def deferred(self, pool: str, partition_key: str) -> str:
         """List: newer raw messages of the key that arrived while a replay was in flight."""
-        return f"{self.root}deferred:{pool}:{key_digest(partition_key)}"
+        return self._per_key("deferred", pool, partition_key)
 
     def backoff(self, pool: str, partition_key: str) -> str:
         """String: present while the key waits out a retry backoff (its messages are set aside
         in ``parked`` like a parked key's); the retried message's task id."""
-        return f"{self.root}backoff:{pool}:{key_digest(partition_key)}"
+        return self._per_key("backoff", pool, partition_key)
 
     def backoff_schedule(self, queue: str) -> str:
         """Sorted set: the keys of a partition waiting out a retry backoff (member: JSON
@@ -105,7 +116,7 @@ class RedisKeys:
 
     def replay_outbox(self, pool: str, partition_key: str) -> str:
         """List: replayed messages still to be re-published (brokers other than this Redis)."""
-        return f"{self.root}replay-outbox:{pool}:{key_digest(partition_key)}"
+        return self._per_key("replay-outbox", pool, partition_key)
 
     # -- pausing keys and partitions (celery_partitioning.store.pausing) -------------------
 

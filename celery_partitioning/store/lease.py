@@ -1,15 +1,10 @@
 """The exclusive-consumer lease of a partition (Redis): token, TTL, heartbeat, self-fencing.
 
-One key per partition queue (``RedisKeys.lease``) holds ``"token|host|pid|node"`` with a
-TTL of ``partitioning_lease_ttl``. A worker takes it with an atomic set-if-absent; a second
-worker waits as a standby, polling, and gets it within the TTL after the holder stops
-renewing. The holder renews every TTL/3 with a compare-and-set (``LeaseRenewer``: one script
-call per beat for all the leases of a process, each lease judging its own outcome); if it
-cannot renew for 70% of the TTL, finds the lease taken, or its partition thread is stuck
-(``stall_check``, ``worker/progress.py``), it ends its process at once (``os._exit``) so two
-holders never run tasks of one partition at the same time. A clean exit deletes the key
-(compare-and-delete). A supervisor that saw a child die passes the dead child's token to
-its successor, which may then take the lease over at once instead of waiting out the TTL.
+The lease key holds ``"token|host|pid|node"`` with a TTL. A standby polls and takes it within
+the TTL after the holder stops renewing. The holder renews every TTL/3; if it cannot renew for
+70% of the TTL, finds the lease taken, or its partition thread is stuck, it ends its process
+at once (``os._exit``), so two holders never run one partition at the same time. A successor
+given a dead child's token takes its lease over at once instead of waiting out the TTL.
 """
 
 from __future__ import annotations
@@ -113,10 +108,6 @@ class Lease:
     def ttl_ms(self) -> int:
         return max(1, int(self.ttl * 1000))
 
-    @property
-    def held(self) -> bool:
-        return self._held
-
     def holder(self) -> LeaseHolder | None:
         """The current holder as stored in Redis (None when free)."""
         with self.client.pipeline(transaction=False) as pipe:
@@ -204,11 +195,7 @@ class Lease:
             self._fenced(stalled)
             return False
         self._last_ok = started
-        for hook in list(self.on_beat):
-            try:
-                hook()
-            except Exception:
-                logger.exception("lease heartbeat hook failed")
+        _run_hooks(self.on_beat)
         return True
 
     def _fenced(self, reason: str) -> None:
@@ -229,9 +216,8 @@ class Lease:
 
 
 class LeaseRenewer:
-    """Renews leases of one TTL in one script call per beat (every TTL/3): a process that
-    holds many partitions sends one ``EVALSHA`` where it sent one per partition. Each lease
-    then judges its own renewal (:meth:`Lease.renewed`: fenced when lost, frozen or stalled).
+    """Renews leases of one TTL in one script call per beat (every TTL/3), however many
+    partitions the process holds; each lease judges its own renewal (:meth:`Lease.renewed`).
     The thread runs while it has leases to renew."""
 
     def __init__(self, client: Any, ttl: float) -> None:
@@ -279,11 +265,10 @@ class LeaseRenewer:
                 if self._thread is threading.current_thread():
                     self._thread = None
                 return None
-            ttl_ms = max(1, int(self.ttl * 1000))
             try:
                 replies = self._scripts.lease_renew(
                     keys=[lease.key for lease in leases],
-                    args=[ttl_ms, *(lease.value for lease in leases)])
+                    args=[max(1, int(self.ttl * 1000)), *(lease.value for lease in leases)])
             except Exception as exc:  # noqa: BLE001 - any failure: retry until the fence
                 return [(lease, None) for lease in leases], exc
             return [(lease, bool(int(reply)))

@@ -1,8 +1,6 @@
-"""The partition state a test leaves behind: dead letters, parked and set-aside messages, keys in
-retry backoff, attempt records. ``partition_worker`` notes what existed when the test started
-(:meth:`Leftovers.before`) and removes what the test added (:meth:`Leftovers.remove_added`), so a
-key the test parked does not hold up the same test's next run. State that was there before
-the test (a real worker's, on a shared Redis) is left as it was.
+"""The partition state a test leaves behind (dead letters, set-aside messages, backoffs,
+attempt records): ``partition_worker`` removes what its test added, so a key it parked does
+not hold up the next run, and leaves what was there before (a real worker's, on a shared Redis).
 """
 
 from __future__ import annotations
@@ -35,13 +33,11 @@ class Leftovers:
         self._before: _Seen | None = None
 
     def _patterns(self) -> list[str]:
-        root = self.keys.root
-        patterns = [f"{root}attempts:*"]
+        patterns = [f"{self.keys.root}attempts:*"]
         for pool in self.pools:
             patterns += [self.keys.dead_letters(pool), self.keys.dead_letter_log(pool),
                          self.keys.skipped_dead_letters(pool)]
-            patterns += [f"{root}{family}:{pool}:*" for family in (
-                "parked", "parked-ids", "replaying", "deferred", "backoff", "replay-outbox")]
+            patterns += self.keys.per_key_patterns(pool)
         patterns += [self.keys.backoff_schedule(queue) for queue in self.queues]
         return patterns
 

@@ -71,6 +71,10 @@ class DeadLetter:
             return base64.b64decode(self.raw)
         return self.raw.encode("utf-8")
 
+    def summary(self) -> MessageSummary:
+        """The failed message as its record lists it."""
+        return MessageSummary(self.id, self.task, self.args, self.kwargs)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

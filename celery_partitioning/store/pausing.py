@@ -1,20 +1,10 @@
 """Pausing a key or a partition, and resuming it: the pause records and what resume releases.
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`):
-
-* ``paused:{pool}`` hash, key digest → JSON :class:`Pause`. A field present means the key is
-  **paused**: the parking gate (``gate.lua``) sets its messages aside in the key's ``parked``
-  list, in order, exactly as for a key parked behind a dead letter, but with no dead letter.
-* ``paused-partitions:{pool}`` hash, partition index → JSON :class:`Pause`: the partition's
-  holder stops between two messages and keeps its lease (``worker/pausing.py``); it writes
-  ``pause-acks:{pool}`` (index → node and time) once it has stopped.
-* ``pause-log:{pool}`` list of JSON records of every pause and resume (capped).
-
-Resuming a key is the release step of a replay without a dead letter: in one transaction the
-pause record goes and the set-aside messages go back ahead of anything newer (onto the head
-of the queue, or through the key's outbox), each ``replaying`` until it is done. A key that
-is also parked behind a dead letter or waits out a retry backoff keeps its messages set aside
-for that reason (``replay``/``skip`` or the backoff's end releases them).
+A paused key's messages are set aside by the gate (``gate.lua``) as a parked key's are, with
+no dead letter. A paused partition's holder stops between two messages and keeps its lease
+(``worker/pausing.py``), and acknowledges the pause. Resuming a key is a replay's release
+step without a dead letter; messages also held by a dead letter or a retry backoff stay set
+aside for that reason. Key layout in ``keys.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from ..errors import PauseError
-from ..message import MessageSummary, message_summary
-from .deadletters import DeadLetterStore
+from ..message import MessageSummary
+from .deadletters import SharedStore
 from .keys import key_digest
 from .letters import now_iso
 from .requeue import HEAD_PUSH, Requeue
@@ -83,13 +73,8 @@ class Resumed:
     held_by: str | None = None
 
 
-class PauseStore:
+class PauseStore(SharedStore):
     """Pauses of one app namespace, on a :class:`DeadLetterStore`'s client and keys."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     # -- pausing ---------------------------------------------------------------------------
     def pause_key(self, pool: str, key: str, partition: int, by: str) -> tuple[Pause, bool]:
@@ -185,18 +170,9 @@ class PauseStore:
                 # published to the tail, they would go behind a replay still on its way
                 raise PauseError(f"a replay of key {key!r} is still reaching the worker; "
                                  "resume again in a moment")
-            released = [message_summary(r) for r in raws]
             pipe.multi()
             pipe.hdel(paused, digest)
-            if raws and requeue.at_head:
-                # BRPOP consumes from the right: push the newest first, the oldest last.
-                pipe.rpush(requeue.head(keys, queue), *reversed(raws))
-            elif raws:
-                pipe.rpush(keys.replay_outbox(pool, key), *raws)
-            if released:
-                pipe.srem(ids, *[m.id for m in released])
-                pipe.sadd(replaying, *[m.id for m in released])
-                pipe.delete(parked)
+            released = store.requeue_in(pipe, pool, key, raws, queue=queue, requeue=requeue)
             return Resumed(Pause.from_json(record), released, held_by)
 
         done = store.transaction(step, paused, parked, ids, replaying, dl, backoff)

@@ -1,10 +1,5 @@
-"""When each partition's holder last consumed: written by its heartbeat, read by ``status``.
-
-The key (``RedisKeys.progress``) holds the wall-clock time (epoch seconds) at which the lease
-holder's partition thread last took a message off its queue, or started consuming. The lease
-heartbeat writes it every TTL/3 with an expiry of a few TTLs, so a partition nobody holds
-has none. ``status`` calls a partition *stalled* when its holder has not consumed for longer
-than a threshold while its queue holds messages.
+"""When each partition's holder last consumed (epoch s): written by its lease heartbeat with
+an expiry of a few TTLs, read by ``status`` to call a partition with waiting messages stalled.
 """
 
 from __future__ import annotations

@@ -1,30 +1,27 @@
 """How a message the store set aside goes back to its partition queue: one strategy per partition.
 
-Parking, retry backoff, replay, skip and resize all put messages back "ahead of anything
-newer". Two brokers, two ways, chosen once per partition (:func:`requeue_for`):
+Parking, backoff, replay, skip and resize all put messages back ahead of anything newer:
 
-* :class:`HeadPush` (the broker is the store's Redis): the store's script pushes them onto the
-  consuming end of kombu's Redis list of the queue, in the same step as it unparks the key.
-* :class:`ThroughOutbox` (RabbitMQ, or a Redis broker apart from the store): the script appends
-  them to an outbox list in the store, and :meth:`Requeue.send` publishes the outbox to the
-  tail of the queue, oldest first; the key stays held (``replaying``, ``pending``) until every
-  re-queued message is back, so nothing newer overtakes them.
-
-A store method takes a ``requeue: Requeue``; it asks :meth:`Requeue.head` for the list its
-script pushes onto (``""``: none, use the outbox) and calls :meth:`Requeue.send` on the
-outbox afterwards (a no-op for :class:`HeadPush`).
+* :class:`HeadPush` (the broker is the store's Redis): the script itself pushes them onto the
+  consuming end of kombu's list of the queue.
+* :class:`ThroughOutbox` (any other broker): the script appends them to an outbox list, and
+  :meth:`Requeue.send` publishes it to the tail of the queue, oldest first; the key stays held
+  until every message is back, so nothing newer overtakes them.
 """
 
 from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..config import RedisTarget
 from ..message import Publish, publisher
 from ..state import settings_of
 from .keys import RedisKeys, outbox_lock
+from .letters import as_text
+from .scripts import script_for
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,24 +30,18 @@ __all__ = ["HEAD_PUSH", "HeadPush", "Requeue", "ThroughOutbox", "pushes_to_head"
            "send_outbox"]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 #: How long a sender holds an outbox without renewing its claim (ms): a sender that died
 #: holding it blocks others no longer than this.
 SENDING_MS: Final = 10_000
 
 
 def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
-    """Publish the messages of the Redis list ``outbox``, oldest first; each leaves the list
-    once sent. At least once: a crash between publishing and popping re-sends that message.
+    """Publish the messages of the Redis list ``outbox``, oldest first, each leaving the list once
+    sent (at least once: a crash between the two re-sends it).
 
-    One sender at a time (the CLI's replay, skip or resume, and the partition thread whose
-    gate sees the key's messages come back, may both call this): a sender claims the outbox
-    (``SET NX`` with a TTL); another that finds it claimed returns at once, the claimant
-    sending everything, including what was appended while it held the claim (it looks again
-    after letting go). Two senders would publish the same message twice."""
+    One sender at a time, or a message could go twice: a sender claims the outbox (``SET NX``
+    with a TTL); another finds it claimed and returns, the claimant sending what was appended
+    meanwhile too (it looks again after letting go)."""
     lock, sent = outbox_lock(outbox), 0
     while True:
         token = secrets.token_hex(8)
@@ -58,7 +49,7 @@ def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
             return sent
         try:
             while (raw := client.lindex(outbox, 0)) is not None:
-                publish(_text(raw))
+                publish(as_text(raw))
                 client.lpop(outbox)
                 sent += 1
                 if sent % 100 == 0:
@@ -71,17 +62,7 @@ def send_outbox(client: Any, outbox: str, publish: Publish) -> int:
 
 def _let_go(client: Any, lock: str, token: str) -> None:
     """Drop the claim ``lock`` if it is still ``token``'s (it may have expired and been taken)."""
-    from redis.exceptions import WatchError
-
-    with client.pipeline() as pipe:
-        try:
-            pipe.watch(lock)
-            if _text(pipe.get(lock) or b"") == token:
-                pipe.multi()
-                pipe.delete(lock)
-                pipe.execute()
-        except WatchError:
-            pass  # taken by another sender meanwhile: it is theirs
+    script_for(client, "lease_release")(keys=[lock], args=[token])  # compare-and-delete
 
 
 class Requeue(ABC):
@@ -100,6 +81,7 @@ class Requeue(ABC):
         """Publish what a script left in ``outbox``; returns how many were sent."""
 
 
+@dataclass(frozen=True)
 class HeadPush(Requeue):
     """The broker is the store's Redis: scripts push onto the head of the queue's list."""
 
@@ -111,10 +93,8 @@ class HeadPush(Requeue):
     def send(self, client: Any, outbox: str) -> int:
         return 0  # nothing is ever left in an outbox
 
-    def __repr__(self) -> str:
-        return "HeadPush()"
 
-
+@dataclass(frozen=True)
 class ThroughOutbox(Requeue):
     """Any other broker: re-queued messages wait in the store's outbox and are published to the
     tail of the queue by ``publish`` (one producer: they arrive in the order sent). Use it
@@ -122,18 +102,13 @@ class ThroughOutbox(Requeue):
     outbox meanwhile leaves it to the one that claimed it (:func:`send_outbox`)."""
 
     at_head = False
-
-    def __init__(self, publish: Publish) -> None:
-        self.publish = publish
+    publish: Publish
 
     def head(self, keys: RedisKeys, queue: str) -> str:
         return ""
 
     def send(self, client: Any, outbox: str) -> int:
         return send_outbox(client, outbox, self.publish)
-
-    def __repr__(self) -> str:
-        return f"ThroughOutbox({self.publish!r})"
 
 
 def pushes_to_head(app: Celery) -> bool:

@@ -1,25 +1,10 @@
 """Resizing a pool: the recorded transition from N to M partitions, every Redis read and write.
 
-Layout (names from :class:`~celery_partitioning.store.keys.RedisKeys`; ``{pool}`` stands for
-``{queue_prefix}.{pool}``: a record belongs to a set of queues, whatever the broker):
-
-* ``resize:{pool}`` hash: ``size`` (the partition count workers must run with: recorded by
-  the first ``partitioning worker`` of the pool, or by ``partitioning resize``); while a
-  resize is in flight also ``from`` (the previous count) and ``started``; ``finished`` after.
-* ``resize-drained:{pool}`` set: old partitions whose queue holds no more old-size messages.
-* ``resize-waiting:{pool}:{q}`` hash: key digest → old partition ``p``: new partition ``q``
-  holds the key until ``p`` is drained.
-* ``resize-key:{pool}:{digest}:moved`` list: the key's old-size messages taken off ``p``,
-  in queue order; ``...:held`` list: its new-size messages that reached ``q`` meanwhile.
-* ``resize-ids:{pool}`` set: task ids in those lists (a message stored but not acked before a
-  crash is recognized and only acked); ``resize-released:{pool}``: task ids released to the
-  head of their new partition (they run there, even after a crash).
-* On a broker that cannot push to the head of a queue (RabbitMQ) released messages go through
-  ``resize-outbox:{pool}:{q}`` to the tail, and the key stays held (``waiting`` = ``r``, ids
-  in ``...:pending``) until every released message is back, so newer ones cannot overtake.
-
-Every step is one Lua script (``scripts/resize_*.lua``), so a SIGKILL at any point leaves
-either the step done or not done.
+Records are per ``{queue_prefix}.{pool}`` (a set of queues, whatever the broker); the layout
+is in ``keys.py``. New partition ``q`` holds a key that moved until its old partition ``p`` is
+drained: ``p``'s old-size messages of the key are moved aside, then released to ``q`` ahead
+of the key's newer messages. Every step is one Lua script (``scripts/resize_*.lua``), so a
+SIGKILL at any point leaves the step either done or not done.
 """
 
 from __future__ import annotations
@@ -33,7 +18,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from .deadletters import as_text, now_iso
 from .keys import RedisKeys, key_digest
 from .requeue import HEAD_PUSH, Requeue
-from .scripts import resize_scripts_for
+from .scripts import scripts_for
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -78,7 +63,7 @@ class ResizeStore:
         #: The app's partition queue prefix: records are per set of queues, so two apps (or
         #: test runs) with their own queues never share a pool's record, whatever the broker.
         self.scope = scope
-        self._scripts = resize_scripts_for(client)
+        self._scripts = scripts_for(client)
         #: :meth:`recent_state`'s last read of each pool: (when, state).
         self._recent: dict[str, tuple[float, ResizeState | None]] = {}
         self._recent_lock = threading.Lock()
@@ -95,15 +80,11 @@ class ResizeStore:
     def begin(self, pool: str, size: int, *, record: bool,
               claim: bool = False) -> tuple[str, ResizeState]:
         """Check (a worker starting) or record (the resize command) ``size`` for ``pool``;
-        ``claim`` (the first worker of a pool): record ``size`` if nothing is recorded yet,
-        else only check.
-
-        Returns the outcome (``none``, ``new``, ``same``, ``started``, ``conflict``,
-        ``mismatch``; see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
-        not recorded).
-        """
+        ``claim`` (the first worker of a pool): record it if nothing is recorded yet, else check.
+        Returns the outcome (see ``resize_begin.lua``) and the state after it (for ``none``: ``size``,
+        not recorded)."""
         name = self._scoped(pool)
-        reply = self._scripts["resize_begin"](
+        reply = self._scripts.resize_begin(
             keys=[self.keys.resize(name), self.keys.resize_drained(name)],
             args=[size, now_iso(), "record" if record else "claim" if claim else "check"])
         state = self.state(pool)
@@ -148,7 +129,7 @@ class ResizeStore:
         name = self._scoped(pool)
         digest = key_digest(key)
         lists = self.keys.resize_lists(name) + digest
-        reply = self._scripts["resize_gate"](
+        reply = self._scripts.resize_gate(
             keys=[*self._common(pool), self.keys.resize_waiting(name, new), lists + ":moved",
                   lists + ":held", lists + ":pending" if outboxed else "",
                   self.keys.resize_outbox(name, new) if outboxed else ""],
@@ -159,13 +140,12 @@ class ResizeStore:
 
     def poll(self, pool: str, here: int, queue_list: str | None, old_queue_list: str | None, *,
              requeue: Requeue = HEAD_PUSH) -> tuple[bool, int]:
-        """Between two messages of partition ``here``: mark it drained if it is an old
-        partition (``old_queue_list`` given) whose queue is empty, and release every key held
-        here whose old partition is drained: to the head of ``queue_list``, or (None) through
-        the partition's outbox and ``requeue``. Returns (whether the resize is still in
-        flight, messages released)."""
+        """Between two messages of partition ``here``: mark it drained if it is an old partition
+        (``old_queue_list`` given) whose queue is empty, and release the keys held here whose old
+        partition is drained (to the head of ``queue_list``, or, None, through the outbox). Returns
+        (whether the resize is still in flight, messages released)."""
         name = self._scoped(pool)
-        in_flight, released = self._scripts["resize_poll"](
+        in_flight, released = self._scripts.resize_poll(
             keys=[*self._common(pool), self.keys.resize_waiting(name, here), queue_list or "",
                   old_queue_list or "", self.keys.resize_outbox(name, here)],
             args=[self.keys.resize_lists(name), here])
@@ -188,7 +168,7 @@ class ResizeStore:
         Returns 1 moved, 2 drained, 0 the head changed (read it again)."""
         name = self._scoped(pool)
         digest = key_digest(key)
-        reply = self._scripts["resize_take"](
+        reply = self._scripts.resize_take(
             keys=[queue_list, self.keys.resize_ids(name), self.keys.resize_waiting(name, new),
                   self.keys.resize_lists(name) + digest + ":moved",
                   self.keys.resize_drained(name)],
@@ -199,7 +179,7 @@ class ResizeStore:
         """End the resize if every old partition is drained and no key waits; True when no
         resize is in flight (any more)."""
         name = self._scoped(pool)
-        reply = self._scripts["resize_finish"](
+        reply = self._scripts.resize_finish(
             keys=[*self._common(pool),
                   *(self.keys.resize_waiting(name, q) for q in range(size))],
             args=[previous, now_iso()])

@@ -1,11 +1,6 @@
-"""The Lua scripts of the store: real ``.lua`` files in ``scripts/``, loaded once, run by SHA.
-
-Each script is the concatenation of its parts (every script reading task ids shares
-``message_id.lua``; the dead-letter, parking and backoff scripts ``prelude.lua``, the gate's
-scripts ``gate.lua``); every file documents its
-KEYS and ARGV in its header.
-:func:`scripts_for` registers them on a redis-py client: a call runs ``EVALSHA`` and loads
-the script only if the server does not know it yet (a restarted or failed-over Redis).
+"""The store's Lua scripts: ``.lua`` files in ``scripts/``, each the concatenation of its parts
+(KEYS and ARGV documented in each file's header). Registered scripts run by ``EVALSHA`` and
+are loaded again when the server does not know them (a restarted or failed-over Redis).
 """
 
 from __future__ import annotations
@@ -15,8 +10,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final
 
-__all__ = ["RESIZE_SCRIPTS", "SCRIPTS", "Scripts", "resize_scripts_for", "script_source",
-           "scripts_for"]
+__all__ = ["SCRIPTS", "Scripts", "script_for", "script_source", "scripts_for"]
 
 #: Script name → the files it is made of, in order.
 SCRIPTS: Final = {
@@ -28,9 +22,6 @@ SCRIPTS: Final = {
     "lease_acquire": ("lease_acquire",),
     "lease_renew": ("lease_renew",),
     "lease_release": ("lease_release",),
-}
-#: The scripts of a pool resize (``store/resize.py`` registers them itself).
-RESIZE_SCRIPTS: Final = {
     "resize_begin": ("resize_begin",),
     "resize_gate": ("message_id", "resize_release", "resize_gate"),
     "resize_take": ("resize_take",),
@@ -44,7 +35,7 @@ def script_source(name: str) -> str:
     """The Lua text of script ``name`` (its parts joined), read from the package once."""
     folder = resources.files(__package__).joinpath("scripts")
     return "\n".join(folder.joinpath(f"{part}.lua").read_text(encoding="utf-8")
-                     for part in {**SCRIPTS, **RESIZE_SCRIPTS}[name])
+                     for part in SCRIPTS[name])
 
 
 @dataclass(frozen=True)
@@ -59,13 +50,18 @@ class Scripts:
     lease_acquire: Any
     lease_renew: Any
     lease_release: Any
+    resize_begin: Any
+    resize_gate: Any
+    resize_take: Any
+    resize_poll: Any
+    resize_finish: Any
+
+
+def script_for(client: Any, name: str) -> Any:
+    """Script ``name`` registered on ``client`` (no round trip until the first call)."""
+    return client.register_script(script_source(name))
 
 
 def scripts_for(client: Any) -> Scripts:
-    """Every script registered on ``client`` (no round trip until the first call)."""
-    return Scripts(**{name: client.register_script(script_source(name)) for name in SCRIPTS})
-
-
-def resize_scripts_for(client: Any) -> dict[str, Any]:
-    """The resize scripts registered on ``client``, by name (no round trip until first use)."""
-    return {name: client.register_script(script_source(name)) for name in RESIZE_SCRIPTS}
+    """Every script registered on ``client``."""
+    return Scripts(**{name: script_for(client, name) for name in SCRIPTS})

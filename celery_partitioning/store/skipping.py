@@ -1,21 +1,16 @@
 """Going past a failed message: ``dead-letters skip`` and the ``on_failure="skip"`` policy.
 
-* :meth:`SkipStore.skip` is a replay without the failed message: the same release step
-  (:meth:`DeadLetterStore.release`), the dead letter dropped (kept in the dead-letter log, raw message
-  included, as ``discard`` keeps it) instead of re-queued.
-* :meth:`SkipStore.record` stores the dead letter of a task whose failure policy is ``skip``
-  in ``dl-skipped:{pool}`` (by task id: a crash before the ack stores it once); its key is
-  never parked. ``list`` shows these with ``policy: skip``; ``discard`` drops them (logged).
+A skip is a replay without the failed message (kept in the dead-letter log). A skip-policy
+task's dead letter is recorded by task id in ``dl-skipped:{pool}`` and its key never parks.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..message import MessageSummary
-from .deadletters import DeadLetter, DeadLetterStore, DeadLetterView
+from .deadletters import DeadLetter, DeadLetterView, SharedStore
 from .requeue import HEAD_PUSH, Requeue
 
 __all__ = ["SkipResult", "SkipStore"]
@@ -29,13 +24,8 @@ class SkipResult:
     released: list[MessageSummary]
 
 
-class SkipStore:
+class SkipStore(SharedStore):
     """Skips and skip-policy dead letters, on a :class:`DeadLetterStore`'s client and keys."""
-
-    def __init__(self, store: DeadLetterStore) -> None:
-        self.store = store
-        self.client = store.client
-        self.keys = store.keys
 
     def skip(self, pool: str, key: str, queue: str, *,
              requeue: Requeue = HEAD_PUSH) -> SkipResult:
@@ -78,10 +68,7 @@ class SkipStore:
             name = self.keys.skipped_dead_letters(letter.pool)
             with self.client.pipeline() as pipe:  # MULTI: the record leaves with its log entry
                 pipe.hdel(name, letter.id)
-                pipe.rpush(self.keys.dead_letter_log(letter.pool), json.dumps(self.store.event(
-                    "discard", letter.pool, letter.key, letter,
-                    [MessageSummary(letter.id, letter.task, letter.args, letter.kwargs)],
-                    raw=[letter.raw])))
+                self.store.log(pipe, "discard", letter, [letter.summary()], raw=[letter.raw])
                 removed, _ = pipe.execute()
             if removed:
                 dropped.append(letter)
