@@ -189,7 +189,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
               lambda: [envelope.redis_json(m, next(ids), channel.default_priority)
                        for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
-              lambda: delivery._send_redis(conn, delivery._Delivery(composed, {}), batch))
+              lambda: delivery._Delivery(composed, batch, {}).to_redis(conn))
     made = composer.tasks[task.name].result
     timed("results (an AsyncResult per message)", lambda: [made(m.task_id) for m in composed])
     payloads = _pushed(client, namespace)

@@ -1,12 +1,7 @@
-"""An outgoing task message and its bytes: what ``publish_many`` composes and sends.
+"""The outgoing task message ``publish_many`` composes, its task ``Template`` and its bytes.
 
-* ``Outgoing``: one composed message (Celery's headers, properties and body, its destination);
-* ``Template``: a task's message for calls without options, taken from Celery's own
-  ``amqp.create_task_message`` once per batch, with its invariant JSON pre-encoded;
-* ``redis_json``: the JSON kombu's Redis transport ``LPUSH``es for a message;
-* ``serialize``: kombu's serialization of a body.
-
-The tests compare what this writes to Redis with what ``apply_async`` writes, key order included.
+``redis_json`` writes what kombu's Redis transport ``LPUSH``es; the tests compare it with what
+``apply_async`` writes, key order included.
 """
 
 from __future__ import annotations
@@ -50,23 +45,22 @@ class Outgoing:
     compression: str | None
     sent_event: dict[str, Any] | None
     ignore_result: bool
-    #: Set when the headers are ``template``'s plus ``extra`` (the router's): pre-encoded JSON.
-    template: Template | None
+    template: Template | None  # set when the headers are the template's, then ``extra``
     extra: dict[str, Any] | None
-    #: The publish signals fired already, when the call was made (an outbox row, relayed
-    #: later): delivery fires none and sends ``body`` as it is.
-    announced: bool = False
+    announced: bool = False  # an outbox row: its publish signals fired when it was stored
+
+
+#: A header value no message holds: where a template's header JSON is cut.
+_SLOT: Final = "\x00slot\x00"
 
 
 class Template:
-    """A task's Celery message for calls without options, its invariant JSON encoded once.
+    """A task's Celery message for calls without options, its invariant header JSON encoded once.
 
-    Such calls differ only by task id (headers ``id``, ``root_id``; property
-    ``correlation_id``), arguments (the body) and their reprs (``argsrepr``, ``kwargsrepr``).
-    ``build`` asks ``create_task_message`` for two sample messages and checks exactly that;
-    a Celery that varies anything else gets no template (every message is then Celery's own).
-    The headers' JSON is the constant ``pieces`` joined by the encoded varying values
-    (``SLOTS``, in Celery's key order), as encoding the whole dict would write it.
+    ``build`` takes two sample messages from ``create_task_message`` and checks that they differ
+    only by task id (headers ``id``, ``root_id``; property ``correlation_id``), arguments (the
+    body) and their reprs (headers ``argsrepr``, ``kwargsrepr``); else there is no template.
+    ``pieces`` are the header JSON around those ``SLOTS``, in Celery's key order.
     """
 
     SLOTS: Final = ("id", "root_id", "argsrepr", "kwargsrepr")
@@ -76,18 +70,9 @@ class Template:
     def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
         self.headers, self.reply_to, self.embed = headers, reply_to, embed
         self.keys = frozenset(headers)
-        self.pieces: list[str] = []
-        self.slots: list[str] = []
-        text = "{"
-        for key, value in headers.items():
-            text += ("" if text == "{" else ", ") + _quote(key) + ": "
-            if key in self.SLOTS:
-                self.pieces.append(text)
-                self.slots.append(key)
-                text = ""
-            else:
-                text += encode(value)
-        self.pieces.append(text)
+        self.slots = [key for key in headers if key in self.SLOTS]
+        cut = {key: _SLOT if key in self.SLOTS else value for key, value in headers.items()}
+        self.pieces = encode(cut)[:-1].split(_quote(_SLOT))  # without the closing brace
 
     @classmethod
     def build(cls, amqp: Any, task: Any, reply_to: str, origin: str) -> Template | None:
@@ -107,12 +92,13 @@ class Template:
                 or not isinstance(body, tuple) or len(body) != 3
                 or body[:2] != (("1",), {"1": "1"}) or body[2] != two.body[2]):
             return None
-        return cls(headers, reply_to, body[2])
+        template = cls(headers, reply_to, body[2])
+        return template if len(template.pieces) == len(cls.SLOTS) + 1 else None
 
     def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
                 kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
         """(headers, properties, body) of a call; its lists and dicts are the template's until
-        a publish signal receiver gets them (``delivery.py`` copies them first)."""
+        a publish signal receiver gets them (``delivery`` copies them first)."""
         headers = self.headers.copy()
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
@@ -120,13 +106,11 @@ class Template:
                 (args, kwargs, self.embed))
 
     def headers_json(self, headers: dict[str, Any], extra: dict[str, Any] | None) -> str:
-        pieces, out = self.pieces, [self.pieces[0]]
-        for index, name in enumerate(self.slots, 1):
-            out += (_quote(headers[name]), pieces[index])
-        if extra:
-            out += (", ", encode(extra)[1:-1])  # a dict's pairs, without its braces
-        out.append("}")
-        return "".join(out)
+        """``encode(headers)`` of a message whose headers are this template's, then ``extra``."""
+        p, (one, two, three, four) = self.pieces, self.slots
+        text = "".join((p[0], _quote(headers[one]), p[1], _quote(headers[two]), p[2],
+                        _quote(headers[three]), p[3], _quote(headers[four]), p[4]))
+        return f"{text}, {encode(extra)[1:]}" if extra else text + "}"
 
 
 _JSON: Final = JSONEncoder()  # kombu's, as ``kombu.utils.json.dumps`` builds it for every value
@@ -135,15 +119,14 @@ _C_ENCODER: Final = None if (make := c_json_encoder_factory()) is None else make
 
 
 def encode(value: Any) -> str:
-    """kombu's JSON of ``value``, with its C encoder built once (``json.dumps`` builds one per
-    call, which costs more than encoding a small dict). Without circular-reference markers,
-    so it is stateless: a circular value fails with ``RecursionError``, not ``ValueError``."""
+    """kombu's JSON of ``value`` through one C encoder built at import (``json.dumps`` builds
+    one per call). Stateless: a circular value fails with ``RecursionError``."""
     return _JSON.encode(value) if _C_ENCODER is None else "".join(_C_ENCODER(value, 0))
 
 
 def serialize(body: Any, serializer: str, stock: bool = False) -> tuple[str, str, Any]:
     """What ``Producer.publish`` serializes: (content type, encoding, data). ``stock``: kombu's
-    registry maps json to its own encoder (``compat.stock_json_serializer``), so use it here."""
+    registry maps json to its own encoder (``compat.stock_json_serializer``)."""
     if serializer == "json" and stock:
         try:
             return "application/json", "utf-8", encode(body)
@@ -154,48 +137,41 @@ def serialize(body: Any, serializer: str, stock: bool = False) -> tuple[str, str
 
 
 #: ``Producer.publish`` parameters that Celery's leftover call options (its properties) may
-#: carry: ``publish`` binds them by name, so they are not message properties.
-_PUBLISH_PARAMETERS: Final = ("priority", "mandatory", "immediate", "expiration", "timeout",
-                              "confirm_timeout")
+#: carry: bound by name there, so not message properties.
+_PUBLISH_PARAMETERS: Final = frozenset({"priority", "mandatory", "immediate", "expiration",
+                                        "timeout", "confirm_timeout"})
 
 
 def redis_json(msg: Outgoing, tag: str, default_priority: int) -> str:
     """The JSON kombu's Redis transport writes for ``msg``: what ``Producer.publish`` (body
-    bytes, compression, delivery mode, expiration), ``Channel.prepare_message`` (the
-    envelope) and ``basic_publish`` (base64 body, delivery tag and info) build, in order."""
-    body, encoding, headers = msg.body, msg.content_encoding, msg.headers
+    bytes, compression, delivery mode, expiration), ``Channel.prepare_message`` (the envelope)
+    and ``basic_publish`` (base64 body, delivery tag and info) build, in their key order."""
+    body, encoding, headers, given = msg.body, msg.content_encoding, msg.headers, msg.properties
     if type(body) is str:
         encoding = encoding or "utf-8"
         body = body.encode(encoding)
     elif not encoding:
         encoding = "binary"
-    properties = msg.properties
-    if (msg.template is not None and not msg.compression and msg.exchange == ""
-            and properties.keys() == {"correlation_id", "reply_to"}
-            and type(msg.delivery_mode) is int and msg.delivery_mode):
-        # The template's message: the same bytes, its headers pre-encoded, no other property.
-        return "".join((
-            '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(encoding),
-            ', "content-type": ', _quote(msg.content_type), ', "headers": ',
-            msg.template.headers_json(headers, msg.extra), ', "properties": {"correlation_id": ',
-            _quote(properties["correlation_id"]), ', "reply_to": ', _quote(properties["reply_to"]),
-            ', "delivery_mode": ', str(msg.delivery_mode),
-            ', "delivery_info": {"exchange": "", "routing_key": ', _quote(msg.routing_key),
-            '}, "priority": ', str(int(default_priority)), ', "body_encoding": "base64", '
-            '"delivery_tag": ', _quote(tag), "}}"))
     if msg.compression:
         body, headers["compression"] = compress(body, msg.compression)
-    properties = {k: v for k, v in properties.items() if k not in _PUBLISH_PARAMETERS}
-    properties["delivery_mode"] = maybe_delivery_mode(msg.delivery_mode)
-    if msg.properties.get("expiration") is not None:
-        properties["expiration"] = str(int(msg.properties["expiration"] * 1000))
-    info = properties.setdefault("delivery_info", {})
-    properties.setdefault("priority", msg.properties.get("priority") or default_priority)
-    properties.update(body_encoding="base64", delivery_tag=tag)
-    info.update(exchange=msg.exchange, routing_key=msg.routing_key)
-    return encode({"body": b64encode(body).decode(), "content-encoding": encoding,
-                         "content-type": msg.content_type, "headers": headers or {},
-                         "properties": properties})
+    if msg.template is not None and given.keys() == {"correlation_id", "reply_to"}:
+        head = (f'{{"correlation_id": {_quote(given["correlation_id"])}, "reply_to": '
+                f'{_quote(given["reply_to"])}, "delivery_mode": {maybe_delivery_mode(msg.delivery_mode)}')
+    else:  # the same, in general
+        props = {k: v for k, v in given.items() if k not in _PUBLISH_PARAMETERS}
+        props["delivery_mode"] = maybe_delivery_mode(msg.delivery_mode)
+        if given.get("expiration") is not None:
+            props["expiration"] = str(int(given["expiration"] * 1000))
+        head = encode(props)[:-1]
+    return "".join((
+        '{"body": "', b64encode(body).decode(), '", "content-encoding": ', _quote(encoding),
+        ', "content-type": ', _quote(msg.content_type), ', "headers": ',
+        encode(headers or {}) if msg.template is None or msg.compression
+        else msg.template.headers_json(headers, msg.extra),
+        ', "properties": ', head, ', "delivery_info": {"exchange": ',
+        _quote(msg.exchange), ', "routing_key": ', _quote(msg.routing_key or ""),
+        '}, "priority": ', encode(given.get("priority") or default_priority),
+        ', "body_encoding": "base64", "delivery_tag": ', _quote(tag), "}}"))
 
 
 #: Hex digit → the same digit with the RFC 4122 variant bits (10xx) set.
