@@ -1,10 +1,7 @@
 """``publish_many``: many task calls, each made into the message ``apply_async`` sends, in few
-broker round trips.
-
-``_Composer.compose`` takes the steps of ``Task.apply_async`` → ``Celery.send_task`` →
-``AMQP.send_task_message`` (celery/app/task.py, base.py, amqp.py) without I/O, so every call is
-checked, routed and serialized before ``delivery.deliver`` sends the first one.
-"""
+broker round trips. ``_Composer.compose`` takes the steps of ``Task.apply_async`` →
+``Celery.send_task`` → ``AMQP.send_task_message`` without I/O, so every call is checked, routed
+and serialized before ``delivery.deliver`` sends the first one."""
 
 from __future__ import annotations
 
@@ -14,14 +11,14 @@ from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final
 
+from celery import current_app
 from celery.canvas import Signature
 from celery.utils.nodenames import anon_nodename
 from celery.utils.time import maybe_make_aware
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 
 from . import compat
-from .delivery import deliver
-from .envelope import Outgoing, Template, serialize, uuid4_strings
+from .delivery import Outgoing, Template, deliver, serialize, uuid4_strings
 from .errors import PartitionConfigError, PartitioningError, PartitionKeyError, PublishManyError
 from .fastrepr import saferepr
 
@@ -55,9 +52,9 @@ class _Task:
     """What ``apply_async`` reads from a task on every call, read once per batch."""
 
     def __init__(self, task: Any, composer: _Composer) -> None:
+        if task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit:
+            raise ValueError("soft_time_limit must be less than or equal to time_limit")
         self.task = task
-        self.soft_limit_error = bool(task.soft_time_limit and task.time_limit
-                                     and task.soft_time_limit > task.time_limit)
         self.check_arguments, self.shadow_name, self.dump_pydantic = compat.task_call_hooks(task)
         # None means "not set" all the way down (router, message, publish): left out.
         self.exec_options = {k: v for k, v in compat.task_exec_options(task).items() if v is not None}
@@ -85,10 +82,9 @@ class _Composer:
     def _apply_async(self, sig: Any) -> tuple[_Task, Any, Any, dict[str, Any], Any]:
         """``Task.apply_async``'s steps: (the task, args, kwargs, options, shadow)."""
         if not isinstance(sig, Signature) or sig.get("subtask_type") is not None:
-            raise PartitionKeyError(
-                f"not a single task call ({getattr(sig, 'subtask_type', None) or type(sig).__name__}"
-                "); publish_many takes task signatures such as task.s(...); send a canvas "
-                "(chain, group, chord) with apply_async")
+            kind = getattr(sig, "subtask_type", None) or type(sig).__name__
+            raise PartitionKeyError(f"not a single task call ({kind}); publish_many takes task "
+                                    "signatures such as task.s(...); send a canvas with apply_async")
         name, options = str(sig["task"]), dict(sig.get("options") or {})
         if not SUPPORTED_OPTIONS.issuperset(options):
             raise PartitionKeyError(
@@ -100,8 +96,6 @@ class _Composer:
             self.tasks[name] = _Task(self.app.tasks[name], self)
         plan, args, kwargs = self.tasks[name], sig.get("args"), sig.get("kwargs") or {}
         args = () if args is None else args
-        if plan.soft_limit_error:
-            raise ValueError("soft_time_limit must be less than or equal to time_limit")
         if plan.check_arguments is not None:
             plan.check_arguments(*args, **kwargs)
         shadow = options.pop("shadow", None)
@@ -115,32 +109,36 @@ class _Composer:
     def compose(self, position: int, sig: Any) -> Outgoing:
         """One call's message, without sending it."""
         plan, args, kwargs, options, shadow = self._apply_async(sig)
-        task = plan.task
+        task, parent = plan.task, self.parent
         name = task.name
         # --- Celery.send_task
         call = {k: options.pop(k) for k in _SEND_TASK_OPTIONS.intersection(options)}
         task_id = call.pop("task_id", None) or next(self.ids)
-        ignore_result = call.get("ignore_result", task.ignore_result)
+        argsrepr, kwargsrepr = call.pop("argsrepr", None), call.pop("kwargsrepr", None)
+        if call.pop("add_to_parent", True) and parent:
+            self.trails.append(position)  # added to the parent's trail once published
         options = self.amqp.router.route(options, name, args, kwargs, task)
         if (call.get("eta") or call.get("countdown")) and self._quorum_queues():
             raise PartitionKeyError(
                 f"task {name}: countdown/eta with quorum queues needs Celery's native delayed "
                 "delivery; publish this call with apply_async")
-        if call.get("expires") is not None:
-            options["expiration"] = self._expiration(call["expires"])
-        parent = self.parent
+        expires = call.get("expires")  # seconds, a datetime or an ISO string; naive times are UTC
+        if expires is not None:
+            if isinstance(expires, str):
+                expires = isoparse(expires)
+            if isinstance(expires, datetime):
+                expires = (maybe_make_aware(expires) - maybe_make_aware(self.app.now())).total_seconds()
+            options["expiration"] = max(float(expires), 0.0)  # Celery too sends a past time as 0
         if parent and (not call.get("root_id") or not call.get("parent_id")):
             call["root_id"] = call.get("root_id") or parent.request.root_id or parent.request.id
             call["parent_id"] = call.get("parent_id") or parent.request.id
             if self.conf.task_inherit_parent_priority:
                 options.setdefault("priority", parent.request.delivery_info.get("priority"))
-        argsrepr, kwargsrepr = call.pop("argsrepr", None), call.pop("kwargsrepr", None)
         if argsrepr is None:
             argsrepr = saferepr(args, self.amqp.argsrepr_maxsize, maxlevels=self.repr_maxlevels)
         if kwargsrepr is None:
             kwargsrepr = saferepr(kwargs, self.amqp.kwargsrepr_maxsize, maxlevels=self.repr_maxlevels)
-        if call.pop("add_to_parent", True) and parent:
-            self.trails.append(position)  # added to the parent's trail once published
+        ignore_result = call.get("ignore_result", task.ignore_result)
         template, sent_event = plan.template, None
         if (template is not None and not call and not shadow and type(task_id) is str
                 and type(argsrepr) is str and type(kwargsrepr) is str):
@@ -148,13 +146,10 @@ class _Composer:
         else:
             template = None
             headers, properties, body, sent_event = self.amqp.create_task_message(
-                task_id, name, args, kwargs, call.get("countdown"), call.get("eta"),
-                expires=call.get("expires"), retries=call.get("retries", 0),
-                reply_to=call.get("reply_to") or self.reply_to,
-                time_limit=call.get("time_limit"), soft_time_limit=call.get("soft_time_limit"),
-                create_sent_event=self.conf.task_send_sent_event, root_id=call.get("root_id"),
-                parent_id=call.get("parent_id"), shadow=shadow, ignore_result=ignore_result,
-                argsrepr=argsrepr, kwargsrepr=kwargsrepr, origin=self.origin, **options)
+                task_id, name, args, kwargs, create_sent_event=self.conf.task_send_sent_event,
+                shadow=shadow, argsrepr=argsrepr, kwargsrepr=kwargsrepr, origin=self.origin, **{
+                    **call, "ignore_result": ignore_result,
+                    "reply_to": call.get("reply_to") or self.reply_to}, **options)
         # --- AMQP.send_task_message
         queue, exchange, routing_key, delivery_mode = self._destination(name, options)
         serializer = options.pop("serializer", None) or self.conf.task_serializer
@@ -168,28 +163,18 @@ class _Composer:
         # Serialized now, so an unserializable call fails before anything is sent.
         content_type, content_encoding, data = serialize(body, serializer, self.stock_json)
         return Outgoing(
-            position, name, task_id, queue, exchange, routing_key, delivery_mode, headers,
-            properties, body, data, content_type, content_encoding, serializer, compression,
-            sent_event, ignore_result, template, extra)
+            name, task_id, queue, exchange, routing_key, delivery_mode, headers, properties, body,
+            data, content_type, content_encoding, serializer, compression, sent_event,
+            ignore_result, template, extra)
 
     def _quorum_queues(self) -> bool:
-        """Whether the app declares quorum queues on RabbitMQ, where Celery (5.5+) turns a
-        countdown into native delayed delivery, which a batch does not do."""
+        """Quorum queues on RabbitMQ: Celery (5.5+) sends a countdown by native delayed delivery."""
         if self._quorum is None:
             with self.app.connection_for_write() as conn:
                 rabbitmq = conn.transport.driver_type == "amqp"
             self._quorum = rabbitmq and any((q.queue_arguments or {}).get("x-queue-type") == "quorum"
                                             for q in self.amqp.queues.values())
         return self._quorum
-
-    def _expiration(self, expires: Any) -> float:
-        """Seconds to ``expires`` (a datetime, an ISO string or seconds; naive times are UTC),
-        0 for a past time, as ``send_task`` computes them."""
-        if isinstance(expires, str):
-            expires = isoparse(expires)
-        if isinstance(expires, datetime):
-            expires = (maybe_make_aware(expires) - maybe_make_aware(self.app.now())).total_seconds()
-        return max(float(expires), 0.0)
 
     def _destination(self, name: str, options: dict[str, Any]) -> tuple[Any, str, str, Any]:
         """(queue, exchange name, routing key, delivery mode) as ``send_task_message`` picks
@@ -198,11 +183,8 @@ class _Composer:
             "queue", "exchange", "routing_key", "exchange_type", "delivery_mode"))
         if queue is None and exchange is None:
             queue = self.amqp.default_queue
-        qname = queue
-        if isinstance(queue, str):
-            queue = self.amqp.queues[queue]
-        elif queue is not None:
-            qname = queue.name
+        qname, queue = ((queue, self.amqp.queues[queue]) if isinstance(queue, str)
+                        else (getattr(queue, "name", None), queue))
         queue_exchange = getattr(queue, "exchange", None)
         if delivery_mode is None:
             delivery_mode = (getattr(queue_exchange, "delivery_mode", None)
@@ -230,36 +212,28 @@ def _compose_all(composer: _Composer, signatures: Sequence[Any]) -> list[Outgoin
     for position, sig in enumerate(signatures):
         try:
             out.append(composer.compose(position, sig))
-        except PartitionConfigError as exc:
-            raise PartitionConfigError(
-                f"publish_many: call {position}: {exc}; nothing was published") from exc
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
-            raise PartitionKeyError(
-                f"publish_many: call {position} ({getattr(sig, 'task', None) or '?'}): {reason}"
-                + ("" if "nothing was published" in reason else "; nothing was published")
-            ) from exc
+            error = PartitionConfigError if isinstance(exc, PartitionConfigError) else PartitionKeyError
+            raise error(f"publish_many: call {position} ({getattr(sig, 'task', None) or '?'}): {reason}"
+                        + ("" if "nothing was published" in reason else "; nothing was published")
+                        ) from exc
     return out
 
 
 def publish_many(
     signatures: Iterable[Any], *, app: Celery | None = None, chunk_size: int = DEFAULT_CHUNK
 ) -> list[AsyncResult]:
-    """Publish many task calls as ``apply_async`` would, in order, in as few broker round trips
-    as possible (``chunk_size`` calls each); returns one ``AsyncResult`` per call.
-
-    A bad call anywhere raises ``PartitionKeyError`` naming its position, and nothing is
-    published; a broker failure raises ``PublishManyError`` with the positions ``published``,
-    ``unconfirmed`` and ``not_sent``. Signals, events, eager mode: docs/reference.md.
-    """
+    """Publish task calls as ``apply_async`` would, in order, ``chunk_size`` per broker round
+    trip; one ``AsyncResult`` per call. A bad call anywhere raises ``PartitionKeyError`` naming
+    its position, and nothing is published; a broker failure raises ``PublishManyError`` with
+    the positions ``published``, ``unconfirmed`` and ``not_sent`` (docs/reference.md)."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     sigs = list(signatures)
     if not sigs:
         return []
     if app is None:
-        from celery import current_app
-
         app = next((a for sig in sigs if (a := getattr(sig, "_app", None)) is not None),
                    current_app._get_current_object())
     composer = _Composer(app)
