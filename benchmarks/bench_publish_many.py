@@ -175,7 +175,7 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
     sigs = timed("build the signatures", lambda: [task.s(*a, **k) for a, k in calls])
     composer = publish._Composer(part)
     composed = timed("compose (check, route, Celery message, serialize)",
-                     lambda: publish._compose_all(composer, sigs))
+                     lambda: [composer.compose(i, sig) for i, sig in enumerate(sigs)])
     timed("  in it: routing (Celery router, PartitionRouter)",
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))

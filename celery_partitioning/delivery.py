@@ -73,11 +73,10 @@ class Template:
 
     SLOTS: Final = ("id", "root_id", "argsrepr", "kwargsrepr")
 
-    __slots__ = ("embed", "headers", "keys", "pieces", "reply_to", "slots")
+    __slots__ = ("embed", "headers", "pieces", "reply_to", "slots")
 
     def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
         self.headers, self.reply_to, self.embed = headers, reply_to, embed
-        self.keys = frozenset(headers)
         self.slots = [key for key in headers if key in self.SLOTS]
         cut = {key: _SLOT if key in self.SLOTS else value for key, value in headers.items()}
         self.pieces = encode(cut)[:-1].split(_quote(_SLOT))  # without the closing brace
@@ -346,8 +345,7 @@ def deliver(app: Celery, messages: Sequence[Outgoing], chunk: int, retry_policy:
     try:
         with app.pool.acquire(block=True) as conn:
             try:
-                redis = conn.transport.driver_type == "redis"
-                (delivery.to_redis if redis else delivery.to_kombu)(conn)
+                (delivery.to_redis if conn.transport.driver_type == "redis" else delivery.to_kombu)(conn)
             except BaseException:
                 # A connection that failed mid-batch goes back to the pool reset, not half-used.
                 with suppress(OSError, *conn.connection_errors, *conn.channel_errors):
@@ -357,10 +355,8 @@ def deliver(app: Celery, messages: Sequence[Outgoing], chunk: int, retry_policy:
         if isinstance(exc, PartitionConfigError) and not delivery.sent:
             raise
         raise delivery.failed(exc) from exc
-    events = [m for m in messages if m.sent_event is not None]
-    if events:
+    if events := [m for m in messages if m.sent_event is not None]:
         with app.events.default_dispatcher() as dispatcher:
             for msg in events:
-                dispatcher.send("task-sent", **{
-                    **(msg.sent_event or {}), "queue": getattr(msg.queue, "name", None),
-                    "exchange": msg.exchange, "routing_key": msg.routing_key})
+                dispatcher.send("task-sent", **(msg.sent_event or {}), queue=getattr(msg.queue, "name", None),
+                                exchange=msg.exchange, routing_key=msg.routing_key)

@@ -5,9 +5,9 @@ and serialized before ``delivery.deliver`` sends the first one."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime
-from functools import partial
+from functools import cached_property, partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Final
 
@@ -77,7 +77,6 @@ class _Composer:
         self.ids = uuid4_strings()
         self.stock_json = compat.stock_json_serializer()  # else a program registered its own json
         self.trails: list[int] = []  # positions whose results join the calling task's trail
-        self._quorum: bool | None = None
 
     def _apply_async(self, sig: Any) -> tuple[_Task, Any, Any, dict[str, Any], Any]:
         """``Task.apply_async``'s steps: (the task, args, kwargs, options, shadow)."""
@@ -118,7 +117,7 @@ class _Composer:
         if call.pop("add_to_parent", True) and parent:
             self.trails.append(position)  # added to the parent's trail once published
         options = self.amqp.router.route(options, name, args, kwargs, task)
-        if (call.get("eta") or call.get("countdown")) and self._quorum_queues():
+        if (call.get("eta") or call.get("countdown")) and self.quorum_queues:
             raise PartitionKeyError(
                 f"task {name}: countdown/eta with quorum queues needs Celery's native delayed "
                 "delivery; publish this call with apply_async")
@@ -156,7 +155,7 @@ class _Composer:
         extra = options.pop("headers", None)
         if extra:
             headers.update(extra)
-            if template is not None and not template.keys.isdisjoint(extra):
+            if template is not None and not template.headers.keys().isdisjoint(extra):
                 template = None  # the call overrides one of Celery's headers
         compression = options.pop("compression", None) or self.conf.task_compression
         properties.update(options)
@@ -167,20 +166,19 @@ class _Composer:
             data, content_type, content_encoding, serializer, compression, sent_event,
             ignore_result, template, extra)
 
-    def _quorum_queues(self) -> bool:
+    @cached_property
+    def quorum_queues(self) -> bool:
         """Quorum queues on RabbitMQ: Celery (5.5+) sends a countdown by native delayed delivery."""
-        if self._quorum is None:
-            with self.app.connection_for_write() as conn:
-                rabbitmq = conn.transport.driver_type == "amqp"
-            self._quorum = rabbitmq and any((q.queue_arguments or {}).get("x-queue-type") == "quorum"
-                                            for q in self.amqp.queues.values())
-        return self._quorum
+        with self.app.connection_for_write() as conn:
+            rabbitmq = conn.transport.driver_type == "amqp"
+        return rabbitmq and any((q.queue_arguments or {}).get("x-queue-type") == "quorum"
+                                for q in self.amqp.queues.values())
 
     def _destination(self, name: str, options: dict[str, Any]) -> tuple[Any, str, str, Any]:
         """(queue, exchange name, routing key, delivery mode) as ``send_task_message`` picks
         them, popped off ``options``."""
-        queue, exchange, routing_key, exchange_type, delivery_mode = (options.pop(k, None) for k in (
-            "queue", "exchange", "routing_key", "exchange_type", "delivery_mode"))
+        queue, exchange, routing_key, exchange_type, delivery_mode = map(options.pop, (
+            "queue", "exchange", "routing_key", "exchange_type", "delivery_mode"), (None,) * 5)
         if queue is None and exchange is None:
             queue = self.amqp.default_queue
         qname, queue = ((queue, self.amqp.queues[queue]) if isinstance(queue, str)
@@ -207,20 +205,6 @@ class _Composer:
         return made
 
 
-def _compose_all(composer: _Composer, signatures: Sequence[Any]) -> list[Outgoing]:
-    out = []
-    for position, sig in enumerate(signatures):
-        try:
-            out.append(composer.compose(position, sig))
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
-            error = PartitionConfigError if isinstance(exc, PartitionConfigError) else PartitionKeyError
-            raise error(f"publish_many: call {position} ({getattr(sig, 'task', None) or '?'}): {reason}"
-                        + ("" if "nothing was published" in reason else "; nothing was published")
-                        ) from exc
-    return out
-
-
 def publish_many(
     signatures: Iterable[Any], *, app: Celery | None = None, chunk_size: int = DEFAULT_CHUNK
 ) -> list[AsyncResult]:
@@ -236,8 +220,16 @@ def publish_many(
     if app is None:
         app = next((a for sig in sigs if (a := getattr(sig, "_app", None)) is not None),
                    current_app._get_current_object())
-    composer = _Composer(app)
-    messages = _compose_all(composer, sigs)  # every check first, in eager mode too
+    composer, messages = _Composer(app), []
+    for position, sig in enumerate(sigs):  # every call checked first, in eager mode too
+        try:
+            messages.append(composer.compose(position, sig))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
+            error = PartitionConfigError if isinstance(exc, PartitionConfigError) else PartitionKeyError
+            raise error(f"publish_many: call {position} ({getattr(sig, 'task', None) or '?'}): {reason}"
+                        + ("" if "nothing was published" in reason else "; nothing was published")
+                        ) from exc
     if app.conf.task_always_eager:
         return [sig.apply_async() for sig in sigs]
     published = 0
