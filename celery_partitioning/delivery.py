@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import time
 from base64 import b64encode
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import cache, partial
 from json.encoder import encode_basestring_ascii as _quote
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,8 +31,7 @@ from .errors import PartitionConfigError, PublishManyError
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["CONFIRM_TIMEOUT", "Outgoing", "Template", "deliver", "encode", "redis_json", "serialize",
-           "uuid4_strings"]
+__all__ = ["Outgoing", "Template", "deliver", "encode", "redis_json", "serialize", "uuid4_strings"]
 
 #: Seconds to wait for the publisher confirms of one chunk (RabbitMQ).
 CONFIRM_TIMEOUT: Final = 30.0
@@ -62,32 +62,28 @@ class Outgoing:
     announced: bool = False  # an outbox row: its publish signals fired when it was stored
 
 
-#: A header value no message holds: where a template's header JSON is cut.
-_SLOT: Final = "\x00slot\x00"
-
-
 class Template:
     """A task's Celery message for calls without options, taken from ``create_task_message``
     (``build`` checks that it makes a second sample exactly: calls differ only in task id,
     arguments and their reprs), its invariant header JSON encoded once (``pieces``)."""
 
     SLOTS: Final = ("id", "root_id", "argsrepr", "kwargsrepr")
+    SLOT: Final = "\x00slot\x00"  # a header value no message holds: where the JSON is cut
 
     __slots__ = ("embed", "headers", "pieces", "reply_to", "slots")
 
     def __init__(self, headers: dict[str, Any], reply_to: str, embed: dict[str, Any]) -> None:
         self.headers, self.reply_to, self.embed = headers, reply_to, embed
         self.slots = [key for key in headers if key in self.SLOTS]
-        cut = {key: _SLOT if key in self.SLOTS else value for key, value in headers.items()}
-        self.pieces = encode(cut)[:-1].split(_quote(_SLOT))  # without the closing brace
+        cut = {key: self.SLOT if key in self.SLOTS else value for key, value in headers.items()}
+        self.pieces = encode(cut)[:-1].split(_quote(self.SLOT))  # without the closing brace
 
     @classmethod
     def build(cls, amqp: Any, task: Any, reply_to: str, origin: str) -> Template | None:
         def sample(tag: str) -> Any:
-            return amqp.create_task_message(
-                f"id-{tag}", task.name, (tag,), {tag: tag}, reply_to=reply_to,
-                ignore_result=task.ignore_result, argsrepr=f"a-{tag}", kwargsrepr=f"k-{tag}",
-                origin=origin)
+            return amqp.create_task_message(f"id-{tag}", task.name, (tag,), {tag: tag}, reply_to=reply_to,
+                                            ignore_result=task.ignore_result, argsrepr=f"a-{tag}",
+                                            kwargsrepr=f"k-{tag}", origin=origin)
 
         one, two = sample("1"), sample("2")
         if not (isinstance(one.body, tuple) and len(one.body) == 3):
@@ -99,8 +95,7 @@ class Template:
 
     def message(self, task_id: str, args: Any, kwargs: Any, argsrepr: str,
                 kwargsrepr: str) -> tuple[dict[str, Any], dict[str, Any], Any]:
-        """(headers, properties, body) of a call; its lists and dicts are the template's until
-        a publish signal receiver gets them (``delivery`` copies them first)."""
+        """(headers, properties, body) of a call; its lists and dicts are the template's (``_own``)."""
         headers = self.headers.copy()
         headers["id"] = headers["root_id"] = task_id
         headers["argsrepr"], headers["kwargsrepr"] = argsrepr, kwargsrepr
@@ -223,15 +218,6 @@ class _Delivery:
                         sender=msg.name, body=msg.raw_body, headers=msg.headers,
                         exchange=msg.exchange, routing_key=msg.routing_key)
 
-    def failed(self, exc: BaseException) -> PublishManyError:
-        done, sent, count = self.confirmed, self.sent, len(self.messages)
-        return PublishManyError(
-            f"publish_many: {type(exc).__name__}: {exc}; {done} of {count} published and "
-            f"confirmed, {sent - done} unconfirmed (sent in the failed round trip), {count - sent} "
-            "not sent; see .published, .unconfirmed and .not_sent", published=range(done),
-            unconfirmed=range(done, sent), not_sent=range(sent, count),
-            task_ids=[m.task_id for m in self.messages])
-
     def declare(self, channel: Any) -> None:
         """Each queue of the batch once per connection, as ``apply_async`` declares them."""
         declared = channel.connection.client.declared_entities
@@ -246,21 +232,17 @@ class _Delivery:
         channel = conn.default_channel
         if getattr(channel, "retry_on_timeout", False) or channel.body_encoding != "base64":
             raise PartitionConfigError(
-                "publish_many batches on Redis with kombu's default body_encoding (base64) and "
-                "without the transport option retry_on_timeout (a replayed MULTI/EXEC would "
-                "publish a chunk twice, out of order); use apply_async")
+                "publish_many batches on Redis with kombu's body_encoding (base64) and without "
+                "retry_on_timeout (a replayed MULTI/EXEC would publish a chunk twice); use apply_async")
         self.declare(channel)
-        tags, destinations = uuid4_strings(), {}
+        tags, destinations = uuid4_strings(), cache(partial(redis_destinations, channel))
         for chunk in self.chunks:
             lists: dict[str, list[str]] = {}  # one LPUSH of many per list keeps their order
             expiring: dict[str, int] = {}
             for msg in chunk:
                 self.before(msg)
-                where = (msg.exchange, msg.routing_key,
-                         msg.properties.get("priority") or channel.default_priority)
-                if where not in destinations:
-                    destinations[where] = redis_destinations(channel, *where)
-                pushes, expiries = destinations[where]
+                pushes, expiries = destinations(
+                    msg.exchange, msg.routing_key, msg.properties.get("priority") or channel.default_priority)
                 payload = redis_json(msg, next(tags), channel.default_priority)
                 for key in pushes:
                     lists.setdefault(key, []).append(payload)
@@ -275,14 +257,38 @@ class _Delivery:
             self.confirm(self.sent)
 
     def to_kombu(self, conn: Any) -> None:
-        """``Producer.publish`` per message; on py-amqp two chunks at most await their confirms."""
+        """``Producer.publish`` per message; on py-amqp with publisher confirms, chunk k+1 sent
+        while chunk k is confirmed."""
         default = conn.default_channel  # (re)connects as the app's broker options say
         confirms = conn.transport.driver_name == "py-amqp"
         channel = conn.channel() if confirms else default
-        wait: Callable[[int], None] = self.confirm
+        acked: set[int] = set()
+        nacked: list[int] = []
+        upto = 0  # delivery tags 1..upto are acked
+
+        def ack(tag: int, multiple: bool) -> None:
+            nonlocal upto
+            upto = max(upto, tag) if multiple else upto
+            acked.add(tag)
+            while upto + 1 in acked:
+                upto += 1
+
+        def wait(count: int) -> None:  # until the first count are acked; -1: those acked by now
+            deadline = time.monotonic() + CONFIRM_TIMEOUT
+            while confirms and upto < count and not nacked:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no publisher confirm within {CONFIRM_TIMEOUT:.0f} s")
+                with suppress(TimeoutError):  # socket.timeout: no frame in this slice
+                    conn.drain_events(timeout=1.0)
+            self.confirm(upto)
+            if nacked:
+                raise RuntimeError(f"the broker refused (nacked) delivery tag(s) {nacked}")
+
         try:
             if confirms:
-                wait = _confirms(conn, channel, self.confirm)
+                channel.events["basic_ack"].add(ack)
+                channel.events["basic_nack"].add(lambda tag, multiple: nacked.append(tag))
+                channel.confirm_select()
             self.declare(channel)
             producer = Producer(channel)
             for chunk in self.chunks:
@@ -295,48 +301,17 @@ class _Delivery:
                         compression=msg.compression, headers=msg.headers,
                         delivery_mode=msg.delivery_mode, declare=[], retry=False, **msg.properties)
                     if not confirms:
-                        self.confirm(self.sent)
+                        upto += 1  # on the broker once publish returned
                 wait(self.sent - len(chunk))  # the chunk before this one
             wait(self.sent)
         except Exception:
             with suppress(Exception):
-                wait(-1)  # what the broker confirmed so far, without waiting
+                wait(-1)
             raise
         finally:
             if confirms:
                 with suppress(OSError, *conn.connection_errors, *conn.channel_errors):
                     channel.close()  # the connection may be gone: the error raised says so
-
-
-def _confirms(conn: Any, channel: Any, confirm: Callable[[int], None]) -> Callable[[int], None]:
-    """Confirm mode; returns wait(n): the first n messages acked (-1: those acked by now)."""
-    acked: set[int] = set()
-    nacked: list[int] = []
-    upto = 0  # delivery tags 1..upto are acked
-
-    def ack(tag: int, multiple: bool) -> None:
-        nonlocal upto
-        upto = max(upto, tag) if multiple else upto
-        acked.add(tag)
-        while upto + 1 in acked:
-            upto += 1
-
-    channel.events["basic_ack"].add(ack)
-    channel.events["basic_nack"].add(lambda tag, multiple: nacked.append(tag))
-    channel.confirm_select()
-
-    def wait(count: int) -> None:
-        deadline = time.monotonic() + CONFIRM_TIMEOUT
-        while upto < count and not nacked:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no publisher confirm within {CONFIRM_TIMEOUT:.0f} s")
-            with suppress(TimeoutError):  # socket.timeout: no frame in this slice
-                conn.drain_events(timeout=1.0)
-        confirm(upto)
-        if nacked:
-            raise RuntimeError(f"the broker refused (nacked) delivery tag(s) {nacked}")
-
-    return wait
 
 
 def deliver(app: Celery, messages: Sequence[Outgoing], chunk: int, retry_policy: Any) -> None:
@@ -354,7 +329,13 @@ def deliver(app: Celery, messages: Sequence[Outgoing], chunk: int, retry_policy:
     except Exception as exc:
         if isinstance(exc, PartitionConfigError) and not delivery.sent:
             raise
-        raise delivery.failed(exc) from exc
+        done, sent, count = delivery.confirmed, delivery.sent, len(messages)
+        raise PublishManyError(
+            f"publish_many: {type(exc).__name__}: {exc}; {done} of {count} published and "
+            f"confirmed, {sent - done} unconfirmed (sent in the failed round trip), {count - sent} "
+            "not sent; see .published, .unconfirmed and .not_sent", published=range(done),
+            unconfirmed=range(done, sent), not_sent=range(sent, count),
+            task_ids=[m.task_id for m in messages]) from exc
     if events := [m for m in messages if m.sent_event is not None]:
         with app.events.default_dispatcher() as dispatcher:
             for msg in events:

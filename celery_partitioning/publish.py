@@ -36,8 +36,7 @@ DEFAULT_CHUNK: Final = 500
 #: The options ``Celery.send_task`` takes out of a call's options before routing.
 _SEND_TASK_OPTIONS: Final = frozenset({
     "task_id", "countdown", "eta", "retries", "root_id", "parent_id", "reply_to", "add_to_parent",
-    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr",
-})
+    "time_limit", "soft_time_limit", "expires", "ignore_result", "argsrepr", "kwargsrepr"})
 #: Call options sent exactly as ``apply_async`` sends them. Others (``link``, ``chain``,
 #: ``chord``, stamping, ``producer`` ...) need Celery's full path: use apply_async.
 SUPPORTED_OPTIONS: Final = _SEND_TASK_OPTIONS | {
@@ -86,9 +85,8 @@ class _Composer:
                                     "signatures such as task.s(...); send a canvas with apply_async")
         name, options = str(sig["task"]), dict(sig.get("options") or {})
         if not SUPPORTED_OPTIONS.issuperset(options):
-            raise PartitionKeyError(
-                f"task {name}: publish_many does not send the option(s) "
-                f"{', '.join(sorted(set(options) - SUPPORTED_OPTIONS))}; use apply_async")
+            raise PartitionKeyError(f"task {name}: publish_many does not send the option(s) "
+                                    f"{', '.join(sorted(set(options) - SUPPORTED_OPTIONS))}; use apply_async")
         if name not in self.tasks:
             if name not in self.app.tasks:
                 raise PartitionKeyError(f"unknown task {name!r}; is its module imported?")
@@ -108,8 +106,7 @@ class _Composer:
     def compose(self, position: int, sig: Any) -> Outgoing:
         """One call's message, without sending it."""
         plan, args, kwargs, options, shadow = self._apply_async(sig)
-        task, parent = plan.task, self.parent
-        name = task.name
+        task, parent, name = plan.task, self.parent, plan.task.name
         # --- Celery.send_task
         call = {k: options.pop(k) for k in _SEND_TASK_OPTIONS.intersection(options)}
         task_id = call.pop("task_id", None) or next(self.ids)
@@ -118,9 +115,8 @@ class _Composer:
             self.trails.append(position)  # added to the parent's trail once published
         options = self.amqp.router.route(options, name, args, kwargs, task)
         if (call.get("eta") or call.get("countdown")) and self.quorum_queues:
-            raise PartitionKeyError(
-                f"task {name}: countdown/eta with quorum queues needs Celery's native delayed "
-                "delivery; publish this call with apply_async")
+            raise PartitionKeyError(f"task {name}: countdown/eta with quorum queues needs Celery's "
+                                    "native delayed delivery; publish this call with apply_async")
         expires = call.get("expires")  # seconds, a datetime or an ISO string; naive times are UTC
         if expires is not None:
             if isinstance(expires, str):
@@ -190,8 +186,7 @@ class _Composer:
         queue_type = getattr(queue_exchange, "type", "direct")
         exchange_type = exchange_type or queue_type
         if "fanout" in (exchange_type, queue_type):
-            raise PartitionKeyError(
-                f"task {name}: broadcast (fanout) queues are not batched; use apply_async")
+            raise PartitionKeyError(f"task {name}: broadcast (fanout) queues need apply_async")
         if (not exchange or not routing_key) and exchange_type == "direct":
             exchange, routing_key = "", qname
         elif exchange is None:
@@ -227,9 +222,8 @@ def publish_many(
         except Exception as exc:
             reason = str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
             error = PartitionConfigError if isinstance(exc, PartitionConfigError) else PartitionKeyError
-            raise error(f"publish_many: call {position} ({getattr(sig, 'task', None) or '?'}): {reason}"
-                        + ("" if "nothing was published" in reason else "; nothing was published")
-                        ) from exc
+            raise error(f"publish_many: call {position} ({getattr(sig, 'task', '?')}): {reason}"
+                        + ("" if "nothing was published" in reason else "; nothing was published")) from exc
     if app.conf.task_always_eager:
         return [sig.apply_async() for sig in sigs]
     published = 0
