@@ -157,7 +157,7 @@ _message_size = 0.0
 
 def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: int,
                      event: bool) -> dict[str, float]:
-    from celery_partitioning import delivery, envelope, publish
+    from celery_partitioning import delivery, publish
     from celery_partitioning.fastrepr import saferepr
 
     global _message_size
@@ -175,21 +175,21 @@ def _breakdown_round(part: Celery, client: redis.Redis, namespace: str, batch: i
     sigs = timed("build the signatures", lambda: [task.s(*a, **k) for a, k in calls])
     composer = publish._Composer(part)
     composed = timed("compose (check, route, Celery message, serialize)",
-                     lambda: publish._compose_all(composer, sigs))
+                     lambda: [composer.compose(i, sig) for i, sig in enumerate(sigs)])
     timed("  in it: routing (Celery router, PartitionRouter)",
           lambda: [router.route({}, task.name, a, k, task) for a, k in calls])
     timed("  in it: argsrepr + kwargsrepr", lambda: [(saferepr(a, 1024), saferepr(k, 1024))
                                                      for a, k in calls])
     timed("  in it: body serialization (kombu's json encoder)",
-          lambda: [envelope.serialize(m.raw_body, "json", True) for m in composed])
+          lambda: [delivery.serialize(m.raw_body, "json", True) for m in composed])
     with part.pool.acquire(block=True) as conn:
         channel = conn.default_channel
-        ids = envelope.uuid4_strings()
+        ids = delivery.uuid4_strings()
         timed("send: kombu's Redis payload (envelope, base64, json)",
-              lambda: [envelope.redis_json(m, next(ids), channel.default_priority)
+              lambda: [delivery.redis_json(m, next(ids), channel.default_priority)
                        for m in composed])
         timed("send: all (payloads + one MULTI/EXEC round trip per chunk)",
-              lambda: delivery._send_redis(conn, delivery._Delivery(composed, {}), batch))
+              lambda: delivery._Delivery(composed, batch, {}).to_redis(conn))
     made = composer.tasks[task.name].result
     timed("results (an AsyncResult per message)", lambda: [made(m.task_id) for m in composed])
     payloads = _pushed(client, namespace)

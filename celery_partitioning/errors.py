@@ -55,7 +55,7 @@ class PublishManyError(PartitioningError):
 
     * ``published``: confirmed by the broker (Redis answered the pipeline; RabbitMQ acked);
     * ``unconfirmed``: sent in the round trip that failed: each may or may not be on the
-      broker (at most one chunk);
+      broker (one chunk at most on Redis, two on RabbitMQ);
     * ``not_sent``: never left this process.
 
     ``task_ids[i]`` is the task id of position ``i``. Re-publishing ``unconfirmed`` and

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 from django.db import connections
 from kombu.entity import Exchange, Queue
 
-from ...delivery import deliver
-from ...envelope import Outgoing
+from ...delivery import Outgoing, deliver
 from ...errors import PublishManyError
 from ...state import redis_client, redis_keys, settings_of
 from ...store.lease import Lease
@@ -167,7 +166,7 @@ class Relay:
         if not rows:
             self.stats.rounds += 1
             return 0
-        messages = [self._message(position, row) for position, row in enumerate(rows)]
+        messages = [self._message(row) for row in rows]
         try:
             deliver(self.app, messages, len(messages), self._retry_policy)
         except PublishManyError as exc:
@@ -201,13 +200,13 @@ class Relay:
         self._queues[name] = (declaration, queue)
         return queue
 
-    def _message(self, position: int, row: tuple[Any, ...]) -> Outgoing:
+    def _message(self, row: tuple[Any, ...]) -> Outgoing:
         """A row as the message ``publish_many`` sends: what ``outbox.publish`` captured,
         unchanged (same task id); its publish signals fired at that call already."""
         (_id, name, task_id, exchange, routing_key, declare, headers, properties, body,
          content_type, content_encoding, compression, delivery_mode) = row
         return Outgoing(
-            position=position, name=name, task_id=task_id,
+            name=name, task_id=task_id,
             queue=self._queue(declare) if declare else None, exchange=exchange,
             routing_key=routing_key, delivery_mode=delivery_mode, headers=headers,
             properties=properties, raw_body=None, body=bytes(body), content_type=content_type,
