@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,21 +361,18 @@ def test_task_sent_events_are_sent_when_the_app_asks_for_them(redis_url: str,
 
     app = make_app(redis_url, namespace, task_send_sent_event=True)
     seen: list[dict[str, Any]] = []
-    ready = threading.Event()
+    probed = threading.Event()
     conn = app.connection_for_read()
 
     def on_sent(event: dict[str, Any]) -> None:
         seen.append(event)
         receiver.should_stop = len(seen) >= 3
 
-    receiver = app.events.Receiver(conn, handlers={"task-sent": on_sent})
-    consume_ready = receiver.on_consume_ready
-
-    def on_consume_ready(*args: Any, **kwargs: Any) -> None:
-        consume_ready(*args, **kwargs)
-        ready.set()
-
-    receiver.on_consume_ready = on_consume_ready
+    # Events travel by Redis pub/sub, which keeps nothing for a subscriber not yet there, and
+    # the receiver subscribes in its first poll, after it says it is ready: probe events are
+    # sent until one arrives, and only then is the batch published.
+    receiver = app.events.Receiver(conn, handlers={"task-sent": on_sent,
+                                                   "cpprobe-ping": lambda _: probed.set()})
 
     def listen() -> None:
         for _ in receiver.consume(safety_interval=0.2, wakeup=False):
@@ -383,7 +381,11 @@ def test_task_sent_events_are_sent_when_the_app_asks_for_them(redis_url: str,
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     try:
-        assert ready.wait(20)
+        with app.events.default_dispatcher() as dispatcher:
+            deadline = time.monotonic() + 20
+            while not probed.wait(0.1):
+                assert time.monotonic() < deadline, "the event receiver never subscribed"
+                dispatcher.send("cpprobe-ping")
         task = app.tasks["pm.item_added"]
         results = publish_many([task.s(f"ord-{i}", i) for i in range(3)], app=app)
         listener.join(timeout=20)
