@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
@@ -22,7 +22,8 @@ from .errors import PartitionConfigError, PartitionKeyError
 from .keys import argument_names, call_on_arguments
 
 __all__ = ["HEADER_POSITION", "MESSAGE_ID", "RUNNER_ATTRIBUTE", "Mark", "CheckpointStore",
-           "CheckpointField", "check_checkpoint", "position_of", "checkpointed"]
+           "CheckpointField", "check_checkpoint", "position_of", "checkpointed",
+           "wrapper_chain"]
 
 #: Message header: the event position of a call of a task declared with ``checkpoint=``.
 HEADER_POSITION: Final = "partition_position"
@@ -121,22 +122,23 @@ def position_of(task_name: str, checkpoint: CheckpointField, named: Mapping[str,
     return value
 
 
+def wrapper_chain(fun: Any) -> Iterator[Any]:
+    """``fun``, then what it wraps (``__func__``, ``__wrapped__``), outermost first: a worker
+    or another library may wrap a task's ``run`` or ``apply_async``. Bounded, as a chain may loop."""
+    for _ in range(16):
+        if fun is None:
+            return
+        yield fun
+        fun = getattr(fun, "__func__", None) or getattr(fun, "__wrapped__", None)
+
+
 def _running_task(wrapper: Callable[..., Any]) -> Any:
-    """The Celery task currently running ``wrapper`` as its body, else None (a plain call);
-    a worker may have wrapped the task's ``run``, so the ``__wrapped__`` chain is followed."""
+    """The Celery task currently running ``wrapper`` as its body, else None (a plain call)."""
     from celery import current_task
 
     task = current_task._get_current_object() if current_task else None
-    if task is None:
-        return None
-    fun: Any = getattr(task, "run", None)
-    for _ in range(16):
-        if fun is wrapper:
-            return task
-        if fun is None:
-            break
-        fun = getattr(fun, "__func__", None) or getattr(fun, "__wrapped__", None)
-    return None
+    chain = wrapper_chain(getattr(task, "run", None))
+    return task if any(fun is wrapper for fun in chain) else None
 
 
 def _is_bound(task: Any) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, Final
 
+from .checkpoint import wrapper_chain
 from .compat import reset_annotations, task_exec_options, task_registry
 from .tasks import spec_of
 
@@ -41,13 +42,7 @@ def _route_eagerly(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -
 
 
 def _is_wrapped(apply_async: Any) -> bool:
-    for _ in range(16):
-        if apply_async is None:
-            return False
-        if getattr(apply_async, _MARK, False):
-            return True
-        apply_async = getattr(apply_async, "__wrapped__", None)
-    return False
+    return any(getattr(fun, _MARK, False) for fun in wrapper_chain(apply_async))
 
 
 def around_apply_async(apply_async: ApplyAsync) -> ApplyAsync:

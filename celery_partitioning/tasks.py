@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-from .checkpoint import CheckpointField, check_checkpoint, checkpointed
+from .checkpoint import CheckpointField, check_checkpoint, checkpointed, wrapper_chain
 from .compat import proxy_internals
 from .errors import PartitionConfigError, PartitionKeyError
 from .failure_policy import on_failure_problem
@@ -194,14 +194,10 @@ def spec_of(task: Any) -> PartitionSpec | None:
     if key is not None or pool is not None or name is not None:
         return PartitionSpec(key=key, pool=pool, projection=name,
                              on_failure=_static_attr(cls, "partition_on_failure"))
-    fun: Any = getattr(task, "run", None)
-    seen = 0
-    while fun is not None and seen < 16:
+    for fun in wrapper_chain(getattr(task, "run", None)):
         spec = getattr(fun, SPEC_ATTRIBUTE, None)
         if isinstance(spec, PartitionSpec):
             return spec
-        fun = getattr(fun, "__wrapped__", None)
-        seen += 1
     return None
 
 
