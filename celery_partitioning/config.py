@@ -79,42 +79,42 @@ class PartitioningSettings:
 
     #: pool name → number of partitions (>= 1).
     pools: Mapping[str, int] = field(
-        default_factory=lambda: MappingProxyType(dict(RECOMMENDED_PARALLELISM))
-    )
+        default_factory=lambda: MappingProxyType(dict(DEFAULTS["partitioning_pools"])))
     #: queue of partition i of pool p is ``f"{queue_prefix}.{p}.{i}"``.
-    queue_prefix: str = "partition"
+    queue_prefix: str = DEFAULTS["partitioning_queue_prefix"]
     #: seconds an exclusive-consumer lease lives without a heartbeat.
-    lease_ttl: float = 10.0
+    lease_ttl: float = DEFAULTS["partitioning_lease_ttl"]
     #: Redis holding leases, dead letters and parked keys; None → the broker when the
     #: broker is Redis (or Sentinel), else the result backend when that is Redis.
     redis: RedisTarget | None = None
     #: The broker, when it is a Redis (plain or Sentinel); None for other brokers.
     broker_redis: RedisTarget | None = None
     #: Replicas that must acknowledge each write this package makes (``WAIT``); 0: none.
-    wait_for_replicas: int = 0
+    wait_for_replicas: int = DEFAULTS["partitioning_wait_for_replicas"]
     #: Seconds a write waits for those acknowledgements before it counts as failed.
-    wait_for_replicas_timeout: float = 1.0
+    wait_for_replicas_timeout: float = DEFAULTS["partitioning_wait_for_replicas_timeout"]
     #: RabbitMQ type of the partition queues: ``"classic"`` or ``"quorum"``.
     queue_type: str = "classic"
     #: ``x-delivery-limit`` of quorum partition queues.
-    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    delivery_limit: int = DEFAULTS["partitioning_delivery_limit"]
     #: Start a partition worker even where a guarantee cannot be given (a WARNING says which).
-    allow_degraded: bool = False
+    allow_degraded: bool = DEFAULTS["partitioning_allow_degraded"]
     #: Where checkpoints live: a dotted path (``"pkg.module:Class"`` or ``"pkg.module.Class"``)
     #: or an object/factory; None → the Django store when its app is installed.
     checkpoint_store: Any = None
     #: The Django database alias whose transaction holds a task body and its checkpoint.
-    checkpoint_database: str = "default"
+    checkpoint_database: str = DEFAULTS["partitioning_checkpoint_database"]
     #: Message ids remembered per (projection, key) by projections deduplicating by id.
-    dedupe_window: int = 100
+    dedupe_window: int = DEFAULTS["partitioning_dedupe_window"]
     #: A retry delay (s) below this holds the partition in place; a longer one sets the key aside.
-    retry_hold_below: float = 0.1
+    retry_hold_below: float = DEFAULTS["partitioning_retry_hold_below"]
     #: Pools ``partitioning worker`` runs without ``--pool``; None: the pools some registered
     #: partitioned task uses (tasks only sent by name from elsewhere need their pool listed).
     worker_pools: tuple[str, ...] | None = None
-    on_failure: str = "park"  # of tasks that choose none: "park" or "skip" (failure_policy.py)
+    #: What a failure does in tasks that choose none: "park" or "skip" (failure_policy.py).
+    on_failure: str = DEFAULTS["partitioning_on_failure"]
     #: ``partitioning worker`` runs the Django outbox relay in a thread (when the outbox exists).
-    outbox_relay: bool = True
+    outbox_relay: bool = DEFAULTS["partitioning_outbox_relay"]
 
     @property
     def redis_url(self) -> str | None:
