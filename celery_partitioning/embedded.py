@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
+from .exits import stop_on_signal
+
 __all__ = ["EmbeddedRedis", "EmbeddedRedisError", "find_redis_server", "redis_answers",
            "free_port", "run_command", "stop_with_parent", "main"]
 
@@ -264,16 +266,9 @@ def _serve(redis: EmbeddedRedis, url: str) -> int:
     if redis.started:
         print(f"private redis-server pid {redis.pid}; Ctrl-C or SIGTERM stops it",
               file=sys.stderr, flush=True)
-    stop = False
-
-    def request_stop(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    while not stop and (redis.process is None or redis.process.poll() is None):
-        time.sleep(0.2)
+    stop = stop_on_signal()
+    while not stop.wait(0.2) and (redis.process is None or redis.process.poll() is None):
+        pass
     return 0
 
 

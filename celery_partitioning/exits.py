@@ -1,4 +1,5 @@
-"""Every exit status of celery-partitioning's processes, and the one way to end a process now.
+"""Every exit status of celery-partitioning's processes, the one way to end a process now, and
+the one way a serving process learns it should stop.
 
 The supervisor (``celery partitioning worker``) and its children use these; the deployment
 docs list them for operators.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from celery.exceptions import WorkerTerminate
 from . import compat
 
 __all__ = ["EXIT_OK", "EXIT_UNCLEAN", "EXIT_USAGE", "EXIT_KEEP_MESSAGE", "EXIT_FENCED",
-           "exit_now", "exit_forked_child", "flush_standard_streams", "ThreadExit", "raise_instead_of_exit"]
+           "exit_now", "exit_forked_child", "flush_standard_streams", "ThreadExit", "raise_instead_of_exit",
+           "stop_on_signal"]
 
 #: Every worker stopped cleanly; nothing was cut short.
 EXIT_OK: Final = 0
@@ -95,3 +98,12 @@ def flush_standard_streams() -> None:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             if stream is not None:
                 stream.flush()
+
+
+def stop_on_signal() -> threading.Event:
+    """An event set by the next SIGTERM or SIGINT: a serving process stops and cleans up
+    (closes its server, stops its child) instead of dying mid-way."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    return stop

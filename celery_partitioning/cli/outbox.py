@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import faulthandler
 import signal
-import threading
-from typing import Any
 
 import click
 from celery.bin.base import CeleryCommand
+
+from ..exits import stop_on_signal
 
 __all__ = ["outbox"]
 
@@ -44,15 +44,8 @@ def relay_command(ctx: click.Context, database: str, batch: int, poll: float,
     logging.basicConfig(level=loglevel.upper(),
                         format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
     setup_django()
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a relay is
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    Relay(ctx.obj.app, using=database, batch=batch, poll=poll, stop=stop).run()
+    Relay(ctx.obj.app, using=database, batch=batch, poll=poll, stop=stop_on_signal()).run()
 
 
 @outbox.command(name="status", cls=CeleryCommand)

@@ -19,13 +19,13 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import PartitionConfigError
+from ..exits import stop_on_signal
 from . import MULTIPROC_ENV
 
 if TYPE_CHECKING:
@@ -99,19 +99,12 @@ def serve(registry: Any, port: int, address: str = "", *, parent: int | None = N
     """Serve ``registry`` on ``address:port`` until SIGTERM/SIGINT (or ``parent`` is gone)."""
     from prometheus_client import start_http_server
 
-    stop = False
-
-    def on_signal(_signum: int, _frame: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signal()
     server, _thread = start_http_server(port, addr=address or "0.0.0.0", registry=registry)
     print(f"metrics: serving http://{address or '0.0.0.0'}:{port}/metrics", flush=True)
     try:
-        while not stop and (parent is None or os.getppid() == parent):
-            time.sleep(0.5)
+        while not stop.wait(0.5) and (parent is None or os.getppid() == parent):
+            pass
     finally:
         server.shutdown()
     return 0
