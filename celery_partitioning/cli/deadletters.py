@@ -131,10 +131,7 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
                 messages, skipped = result.released, result.skipped
             where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
         else:
-            messages = store.discard(pool, key) if store.is_parked(pool, key) else []
-            messages += [d.summary() for d in SkipStore(store).discard([pool], key)]
-            if not messages:
-                raise store.not_parked_error([pool], key, action)
+            messages = SkipStore(store).discard_key(pool, key)
     if as_json:
         extra = {"skipped": skipped.__dict__} if skipped is not None else {}
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,

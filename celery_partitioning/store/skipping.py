@@ -73,3 +73,12 @@ class SkipStore(SharedStore):
             if removed:
                 dropped.append(letter)
         return dropped
+
+    def discard_key(self, pool: str, key: str) -> list[MessageSummary]:
+        """``dead-letters discard --key``: drop the key's dead letter with what is parked behind
+        it (unparking it) and its skip-policy dead letters; ``DeadLetterError`` if it has none."""
+        messages = self.store.discard(pool, key) if self.store.is_parked(pool, key) else []
+        messages += [letter.summary() for letter in self.discard([pool], key)]
+        if not messages:
+            raise self.store.not_parked_error([pool], key, "discard")
+        return messages

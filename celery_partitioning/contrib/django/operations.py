@@ -198,12 +198,7 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
             queue, requeue = replay_target(app, pool, key)
             result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
             return ActionResult(action, pool, key, result.released, result.skipped, queue)
-        messages = store.discard(pool, key) if store.is_parked(pool, key) else []
-        messages += [MessageSummary(d.id, d.task, d.args, d.kwargs)
-                     for d in SkipStore(store).discard([pool], key)]
-        if not messages:
-            raise store.not_parked_error([pool], key, action)
-        return ActionResult(action, pool, key, messages)
+        return ActionResult(action, pool, key, SkipStore(store).discard_key(pool, key))
 
 
 def describe(result: ActionResult) -> str:
