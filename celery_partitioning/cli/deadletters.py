@@ -15,7 +15,8 @@ from ..errors import DeadLetterError, PartitioningError
 from ..hashing import partition_for
 from ..message import MessageSummary
 from ..state import redis_client, redis_keys, settings_of
-from ..store.deadletters import DeadLetterStore, DeadLetterView
+from ..store.deadletters import DeadLetterStore
+from ..store.letters import DeadLetterView
 from ..store.requeue import Requeue, requeue_for
 from ..store.skipping import SkipStore
 from .common import app_of, short, table

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .attempts import ATTEMPTS_TTL, AttemptRecord
-from .deadletters import SharedStore, as_text
+from .deadletters import SharedStore
 from .keys import key_digest
+from .letters import as_text
 from .requeue import HEAD_PUSH, Requeue
 
 __all__ = ["BACKOFF_HEADER", "BackoffStore", "BackoffSummary", "as_first_delivery", "with_token"]

@@ -17,16 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 from ..errors import DeadLetterError
 from ..message import MessageSummary, message_summary
 from .keys import RedisKeys, key_digest
-from .letters import (
-    REASON_DCB_MAX_RETRIES,
-    REASON_ERROR,
-    REASON_MALFORMED,
-    REASON_MAX_RETRIES,
-    DeadLetter,
-    DeadLetterView,
-    as_text,
-    now_iso,
-)
+from .letters import DeadLetter, DeadLetterView, as_text, now_iso
 from .requeue import HEAD_PUSH, Requeue
 from .scripts import scripts_for
 
@@ -36,9 +27,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-__all__ = ["REASON_DCB_MAX_RETRIES", "REASON_ERROR", "REASON_MALFORMED", "REASON_MAX_RETRIES",
-           "DeadLetter", "DeadLetterStore", "DeadLetterView", "GateResult", "GateVerdict",
-           "Released", "SharedStore", "as_text", "now_iso"]
+# letters.py defines DeadLetter and now_iso; tests import them from here too.
+__all__ = ["DeadLetter", "DeadLetterStore", "GateResult", "GateVerdict", "Released", "SharedStore",
+           "now_iso"]
 
 #: What the parking gate decided for one message.
 GateVerdict = Literal["run", "parked", "paused", "deferred", "duplicate"]

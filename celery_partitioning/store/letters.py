@@ -14,7 +14,7 @@ from typing import Any, Final
 from ..message import MessageSummary
 
 __all__ = ["REASON_DCB_MAX_RETRIES", "REASON_ERROR", "REASON_MALFORMED", "REASON_MAX_RETRIES",
-           "DeadLetter", "DeadLetterView", "as_text", "now_iso"]
+           "DeadLetter", "DeadLetterView", "as_text", "encode_raw", "now_iso"]
 
 #: Reason of a dead letter: the task raised and had no retry policy left to apply.
 REASON_ERROR: Final = "ERROR"
@@ -35,6 +35,17 @@ def now_iso() -> str:
 def as_text(value: Any) -> str:
     """A Redis reply as text (bytes decoded as UTF-8)."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def encode_raw(raw: bytes | str) -> tuple[str, str | None]:
+    """``raw`` as a dead letter stores it (the inverse of :meth:`DeadLetter.raw_bytes`): the
+    text, and ``"base64"`` when it is not UTF-8."""
+    if isinstance(raw, str):
+        return raw, None
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return base64.b64encode(raw).decode("ascii"), "base64"
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal
 
-from .deadletters import as_text, now_iso
 from .keys import RedisKeys, key_digest
+from .letters import as_text, now_iso
 from .requeue import HEAD_PUSH, Requeue
 from .scripts import scripts_for
 

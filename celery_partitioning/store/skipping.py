@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..message import MessageSummary
-from .deadletters import DeadLetter, DeadLetterView, SharedStore
+from .deadletters import SharedStore
+from .letters import DeadLetter, DeadLetterView
 from .requeue import HEAD_PUSH, Requeue
 
 __all__ = ["SkipResult", "SkipStore"]

@@ -22,13 +22,14 @@ from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, decode_raw, message_summary, raw_message_id
 from ..router import HEADER_KEY, HEADER_POOL
 from ..store.backoff import as_first_delivery
-from ..store.deadletters import (
+from ..store.deadletters import DeadLetterStore
+from ..store.letters import (
     REASON_DCB_MAX_RETRIES,
     REASON_ERROR,
     REASON_MALFORMED,
     REASON_MAX_RETRIES,
     DeadLetter,
-    DeadLetterStore,
+    encode_raw,
     now_iso,
 )
 from ..store.requeue import Requeue
@@ -39,18 +40,6 @@ from .stage import Failure, Place, Stage
 __all__ = ["DeadLetters"]
 
 logger = logging.getLogger("celery_partitioning.worker")
-
-
-def _as_text(raw: bytes | str) -> tuple[str, str | None]:
-    """``raw`` as stored in a dead letter: the text, and ``"base64"`` if it is not UTF-8."""
-    if isinstance(raw, str):
-        return raw, None
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        import base64
-
-        return base64.b64encode(raw).decode("ascii"), "base64"
 
 
 class DeadLetters(Stage):
@@ -138,7 +127,7 @@ class DeadLetters(Stage):
         pool = named_pool if isinstance(named_pool, str) and named_pool in place.settings.pools \
             else place.pool
         summary = message_summary(raw)
-        text, encoding = _as_text(raw)
+        text, encoding = encode_raw(raw)
         letter = DeadLetter(
             pool=pool, key=key, task=summary.task, id=summary.id if summary.id != "?" else
             raw_message_id(raw), args=summary.args, kwargs=summary.kwargs,

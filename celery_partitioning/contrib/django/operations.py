@@ -18,7 +18,8 @@ from ...cli.status import PartitionStatus, collect_pauses, collect_status
 from ...errors import PartitioningError
 from ...message import MessageSummary
 from ...state import STATE_ATTRIBUTE, settings_of
-from ...store.deadletters import DeadLetter, DeadLetterStore, DeadLetterView
+from ...store.deadletters import DeadLetterStore
+from ...store.letters import DeadLetter, DeadLetterView
 from ...store.pausing import Pause
 from ...store.skipping import SkipStore
 
