@@ -71,7 +71,7 @@ class DeadLetters(Stage):
         """A partitioned task failed for good: dead-letter its message and park its key."""
         task, request, exc, exhausted = (failure.task, failure.request, failure.exc,
                                          failure.exhausted)
-        key = msg.partition_key or getattr(request, "partition_key", None)
+        key = msg.partition_key or getattr(request, HEADER_KEY, None)
         if not isinstance(key, str) or not key:
             logger.error("%s[%s] failed but carries no partition key; not dead-lettered",
                          task.name, request.id)
