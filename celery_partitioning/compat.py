@@ -1,17 +1,10 @@
-"""Every use of a private Celery or kombu member, in one place, checked at worker start (those
-``publish_many`` uses: when it is imported).
+"""Every use of a private Celery or kombu member, in one place, so that an upgrade that
+changes one breaks here and nowhere else.
 
-celery-partitioning needs a few things Celery and kombu do not offer publicly: the function
-behind a not-yet-evaluated task proxy (``@app.task`` above ``@partitioned``), the app's task
-registry without finalizing the app, a task class's publish options, kombu's message class
-for a payload fetched from Redis by hand, for batch publishing (``publish_many``) the
-serializer registry, what ``apply_async`` calls on a task, where kombu's Redis transport puts a
-message and the attributes of an ``AsyncResult``, Celery's process-wide registry of remote
-control handlers, and the ``build_tracer`` name Celery's consumer module bound at import.
-Nothing else in the package touches a private member.
-:func:`check_worker_internals` runs when a partition worker starts and fails the start with
-one message naming the installed versions when any of them is missing or has changed shape,
-instead of running without a guarantee.
+:func:`check_worker_internals` runs when a partition worker starts, and
+:func:`check_publish_internals` when ``publish_many`` is imported: a member that is gone or
+changed shape fails the start with one message naming the installed versions, rather than a
+worker running without its guarantees.
 """
 
 from __future__ import annotations
@@ -64,8 +57,7 @@ def proxy_internals(obj: Any) -> tuple[tuple[Any, ...], Any]:
 def task_exec_options(task: Any) -> dict[str, Any]:
     """The publish options a task class declares (queue, priority...), as ``apply_async``
     merges them before it routes."""
-    options: dict[str, Any] = task._get_exec_options()
-    return options
+    return dict(task._get_exec_options())
 
 
 def reset_annotations(app: Any) -> None:
@@ -81,8 +73,7 @@ def c_json_encoder_factory() -> Any:
 
 
 def stock_json_serializer() -> bool:
-    """Whether kombu's registry still maps ``json`` to ``kombu.utils.json.dumps`` (a program may
-    register its own)."""
+    """Whether kombu's ``json`` serializer is its own ``dumps`` (a program may register one)."""
     from kombu.serialization import registry
     from kombu.utils.json import dumps
 
@@ -120,8 +111,8 @@ def redis_destinations(channel: Any, exchange: str, routing_key: str,
 
 
 class _OnReady:
-    """``AsyncResult.on_ready`` made on first use: the promise ``AsyncResult.__init__`` makes
-    (a vine ``promise`` of a weak method: ten objects, most of what a result costs)."""
+    """``AsyncResult.on_ready`` made on first use: that vine promise of a weak method is ten
+    objects, most of what a result costs."""
 
     def __init__(self, promise: type) -> None:
         self.promise = promise
@@ -204,9 +195,8 @@ def request_warm_stop() -> None:
 
 
 def install_warm_sigint(worker: Any) -> None:
-    """Make a first SIGINT (Ctrl-C) the warm shutdown SIGTERM is, exiting 0 when nothing was cut
-    short; Celery's own exits 1 after it. Celery's notice and its second-SIGINT cold shutdown
-    stay. Call it in the main thread after Celery installed its handlers (a bootstep's start)."""
+    """A first SIGINT (Ctrl-C) is the warm shutdown SIGTERM is, exiting 0 (Celery's exits 1);
+    a second is still cold. Call it in the main thread after Celery installed its handlers."""
     from celery.apps import worker as apps_worker
 
     apps_worker._shutdown_handler(worker, sig="SIGINT", how="Warm",
@@ -214,12 +204,8 @@ def install_warm_sigint(worker: Any) -> None:
 
 
 def rewrite_worker_banner(worker: Any, rewrite: Callable[[str], str], extra: str) -> None:
-    """Have ``worker`` (``celery.apps.worker.Worker``) print ``rewrite(startup_info)`` and
-    ``extra`` after its ``extra_info`` (the ``[tasks]`` list) when it prints its banner.
-
-    ``emit_banner`` calls these two methods; they are replaced on this instance only. Best
-    effort: a Celery without them prints its own banner unchanged (nothing depends on it).
-    """
+    """Have ``worker``'s banner show ``rewrite(startup_info)``, then ``extra`` after its
+    ``[tasks]`` list, on this instance only. Best effort: nothing depends on a banner."""
     startup_info = getattr(worker, "startup_info", None)
     extra_info = getattr(worker, "extra_info", None)
     if not callable(startup_info) or not callable(extra_info):
@@ -288,12 +274,9 @@ def _current_build_tracer(*args: Any, **kwargs: Any) -> Any:
 
 
 def late_bound_consumer_tracers() -> None:
-    """Make Celery's consumer build tracers with whatever ``celery.app.trace.build_tracer`` is
-    when it builds them, as a plain worker does (it imports its consumer after ``celeryd_init``
-    and ``worker_init``). A partition worker process may have imported that module earlier
-    (the supervisor preloads it before forking): its ``from ... import build_tracer`` would keep
-    the original, and an SDK that patches ``celery.app.trace`` when initialised (Sentry) would
-    see none of the tasks."""
+    """Have Celery's consumer look ``celery.app.trace.build_tracer`` up each time: the supervisor
+    preloads the consumer module, whose ``from ... import`` bound the original before an SDK
+    (Sentry) patched it in ``worker_init``; that SDK would see no task."""
     from celery.worker.consumer import consumer
 
     consumer.build_tracer = _current_build_tracer
@@ -321,30 +304,24 @@ def _problems_with_kombu() -> list[str]:
 
 
 def _problems_with_celery() -> list[str]:
-    from celery import Celery
+    from celery import Celery, Task
+    from celery.apps import worker as apps_worker
     from celery.local import Proxy
+    from celery.worker import control, state
+    from celery.worker.consumer import consumer
 
     problems = []
-    proxy = Proxy(lambda: None)
     try:
-        proxy_internals(proxy)
+        proxy_internals(Proxy(lambda: None))
     except AttributeError:
         problems.append("celery.local.Proxy's _Proxy__args / _Proxy__local")
     app = Celery("celery-partitioning-compat-check", set_as_current=False)
     if not isinstance(getattr(app, "_tasks", None), dict):
         problems.append("Celery._tasks (the task registry)")
-    from celery import Task
-
     if not callable(getattr(Task, "_get_exec_options", None)):
         problems.append("celery.Task._get_exec_options")
-    from celery.worker import state
-
-    for flag in ("should_stop", "should_terminate"):
-        if not hasattr(state, flag):
-            problems.append(f"celery.worker.state.{flag}")
-    from celery.worker import control
-    from celery.worker.consumer import consumer
-
+    problems += [f"celery.worker.state.{flag}" for flag in ("should_stop", "should_terminate")
+                 if not hasattr(state, flag)]
     if not callable(getattr(consumer, "build_tracer", None)):
         problems.append("celery.worker.consumer.consumer.build_tracer (how the consumer builds "
                         "tracers)")
@@ -354,8 +331,6 @@ def _problems_with_celery() -> list[str]:
                         "(remote control)")
     if not callable(getattr(Task, "start_strategy", None)):
         problems.append("celery.Task.start_strategy (the message handler a worker uses)")
-    from celery.apps import worker as apps_worker
-
     handler = getattr(apps_worker, "_shutdown_handler", None)
     if (not callable(handler) or not callable(getattr(apps_worker, "on_SIGINT", None))
             or not {"sig", "how", "callback", "exitcode"} <= set(inspect.signature(handler).parameters)):
@@ -364,14 +339,17 @@ def _problems_with_celery() -> list[str]:
     return problems
 
 
-def check_worker_internals() -> None:
-    """Fail with ``PartitionConfigError`` if a private member this package uses is gone."""
-    problems = _problems_with_celery() + _problems_with_kombu()
+def _fail_on(problems: list[str], what: str) -> None:
     if problems:
         raise PartitionConfigError(
-            f"this celery-partitioning cannot run partition workers with {_versions()}: "
+            f"this celery-partitioning cannot {what} with {_versions()}: "
             f"{'; '.join(problems)} changed or is missing. Install a supported version "
             "(celery>=5.4,<6 and kombu>=5.4,<6) or upgrade celery-partitioning")
+
+
+def check_worker_internals() -> None:
+    """Fail with ``PartitionConfigError`` if a private member this package uses is gone."""
+    _fail_on(_problems_with_celery() + _problems_with_kombu(), "run partition workers")
 
 
 def check_publish_internals() -> None:
@@ -393,8 +371,4 @@ def check_publish_internals() -> None:
          and hasattr(Task, "shadow_name")),
         ("AMQP.as_task_v2's parameters", wanted <= set(inspect.signature(AMQP.as_task_v2).parameters)),
     ) if not ok]
-    if problems:
-        raise PartitionConfigError(
-            f"this celery-partitioning cannot publish_many with {_versions()}: "
-            f"{'; '.join(problems)} changed or is missing. Install a supported version "
-            "(celery>=5.4,<6 and kombu>=5.4,<6) or upgrade celery-partitioning")
+    _fail_on(problems, "publish_many")
