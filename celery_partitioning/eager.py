@@ -13,7 +13,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, Final
 
 from .checkpoint import wrapper_chain
-from .compat import reset_annotations, task_exec_options, task_registry
+from .compat import reset_annotations, task_call_hooks, task_exec_options, task_registry
 from .tasks import spec_of
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ ApplyAsync = Callable[..., Any]
 
 def _route_eagerly(task: Any, args: Any, kwargs: Any, options: dict[str, Any]) -> None:
     """Run the app's routers on an eager call as ``send_task`` would; raise what they raise."""
-    check_arguments = getattr(task, "__header__", None) if task.typing else None
+    check_arguments, _, _ = task_call_hooks(task)
     if check_arguments is not None:
         # ``apply_async`` checks the arguments before it routes: a TypeError comes first.
         check_arguments(*(args or ()), **(kwargs or {}))
