@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -24,7 +25,7 @@ from .common import app_of, short, table
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["dead_letters", "replay_target", "store_for_app"]
+__all__ = ["KeyAction", "act_on_key", "dead_letters", "replay_target", "store_for_app"]
 
 
 def store_for_app(app: Celery) -> DeadLetterStore:
@@ -42,6 +43,33 @@ def replay_target(app: Celery, pool: str, key: str) -> tuple[str, Requeue]:
     settings = settings_of(app)
     index = partition_for(key, settings.partitions(pool))
     return settings.queue_name(pool, index), requeue_for(app, pool, index)
+
+
+@dataclass(frozen=True)
+class KeyAction:
+    """What replay, skip or discard did: the messages it released or dropped (discard)."""
+
+    action: str
+    pool: str
+    key: str
+    messages: list[MessageSummary]
+    skipped: MessageSummary | None = None
+    #: Replay and skip: where the messages went, and whether to its head (else published).
+    queue: str | None = None
+    at_head: bool = False
+
+
+def act_on_key(app: Celery, store: DeadLetterStore, pool: str, key: str, action: str) -> KeyAction:
+    """Replay, skip or discard the dead letter of ``key`` in ``pool``: the ``dead-letters``
+    commands and the admin pages. ``DeadLetterError`` when there is nothing to do."""
+    if action == "discard":
+        return KeyAction(action, pool, key, SkipStore(store).discard_key(pool, key))
+    queue, requeue = replay_target(app, pool, key)
+    if action == "replay":
+        return KeyAction(action, pool, key, store.replay(pool, key, queue, requeue=requeue),
+                         queue=queue, at_head=requeue.at_head)
+    done = SkipStore(store).skip(pool, key, queue, requeue=requeue)
+    return KeyAction(action, pool, key, done.released, done.skipped, queue, requeue.at_head)
 
 
 def _pools(app: Celery, wanted: Sequence[str]) -> list[str]:
@@ -121,18 +149,10 @@ def _operate(ctx: click.Context, pools: tuple[str, ...], key: str, action: str,
     with _opened(app) as store:
         selected = _pools(app, pools)
         pool = _one_pool(store, selected, key, explicit=bool(pools), action=action)
-        where: dict[str, Any] = {}
-        skipped: MessageSummary | None = None
-        if action in ("replay", "skip"):
-            queue, requeue = replay_target(app, pool, key)
-            if action == "replay":
-                messages = store.replay(pool, key, queue, requeue=requeue)
-            else:
-                result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
-                messages, skipped = result.released, result.skipped
-            where = {"queue": queue, "via": "head" if requeue.at_head else "publish"}
-        else:
-            messages = SkipStore(store).discard_key(pool, key)
+        done = act_on_key(app, store, pool, key, action)
+    messages, skipped = done.messages, done.skipped
+    where: dict[str, Any] = {} if done.queue is None else {
+        "queue": done.queue, "via": "head" if done.at_head else "publish"}
     if as_json:
         extra = {"skipped": skipped.__dict__} if skipped is not None else {}
         click.echo(json.dumps({"action": action, "pool": pool, "key": key, **where, **extra,

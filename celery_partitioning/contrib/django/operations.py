@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ...cli.deadletters import replay_target, store_for_app
+from ...cli.deadletters import KeyAction as ActionResult
+from ...cli.deadletters import act_on_key, store_for_app
 from ...cli.pausing import pause_target, resume_target
 from ...cli.status import PartitionStatus, collect_pauses, collect_status
 from ...errors import PartitioningError
@@ -42,18 +43,6 @@ class Letter:
 
     letter: DeadLetter
     parked: tuple[MessageSummary, ...] = field(default=())
-
-
-@dataclass(frozen=True)
-class ActionResult:
-    """What an action did: the messages it released (replay, skip) or dropped (discard)."""
-
-    action: Action
-    pool: str
-    key: str
-    messages: list[MessageSummary]
-    skipped: MessageSummary | None = None
-    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -191,15 +180,7 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
     ``dead-letters`` command does. Raises ``DeadLetterError`` when there is nothing to do."""
     settings_of(app).partitions(pool)  # an unknown pool: PartitionConfigError
     with _store(app) as store:
-        if action == "replay":
-            queue, requeue = replay_target(app, pool, key)
-            return ActionResult(action, pool, key, store.replay(pool, key, queue, requeue=requeue),
-                                queue=queue)
-        if action == "skip":
-            queue, requeue = replay_target(app, pool, key)
-            result = SkipStore(store).skip(pool, key, queue, requeue=requeue)
-            return ActionResult(action, pool, key, result.released, result.skipped, queue)
-        return ActionResult(action, pool, key, SkipStore(store).discard_key(pool, key))
+        return act_on_key(app, store, pool, key, action)
 
 
 def describe(result: ActionResult) -> str:
