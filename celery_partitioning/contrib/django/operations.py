@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ...cli.deadletters import KeyAction as ActionResult
-from ...cli.deadletters import act_on_key, store_for_app
+from ...cli.deadletters import KeyAction, act_on_key, store_for_app
 from ...cli.pausing import pause_target, resume_target
 from ...cli.status import PartitionStatus, collect_pauses, collect_status
 from ...errors import PartitioningError
@@ -27,7 +26,7 @@ from ...store.skipping import SkipStore
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Action", "ActionResult", "Letter", "PauseAction", "PauseResult", "celery_app",
+__all__ = ["Action", "Letter", "PauseAction", "PauseResult", "celery_app",
            "dead_letter", "list_letters", "parked_counts", "partitions", "pause_or_resume",
            "paused", "perform", "pools_of"]
 
@@ -175,7 +174,7 @@ def dead_letter(app: Celery, pool: str, key: str, task_id: str = "") -> Letter |
     return None if view is None else Letter(view.dead_letter, view.parked)
 
 
-def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
+def perform(app: Celery, action: Action, pool: str, key: str) -> KeyAction:
     """Replay, skip or discard the dead letter of ``key`` in ``pool`` exactly as the
     ``dead-letters`` command does. Raises ``DeadLetterError`` when there is nothing to do."""
     settings_of(app).partitions(pool)  # an unknown pool: PartitionConfigError
@@ -183,7 +182,7 @@ def perform(app: Celery, action: Action, pool: str, key: str) -> ActionResult:
         return act_on_key(app, store, pool, key, action)
 
 
-def describe(result: ActionResult) -> str:
+def describe(result: KeyAction) -> str:
     """One line for the operator and the admin log."""
     count = len(result.messages)
     if result.action == "skip":
@@ -206,7 +205,7 @@ def error_text(exc: Exception) -> str:
     return str(exc) if isinstance(exc, PartitioningError) else f"{type(exc).__name__}: {exc}"
 
 
-def as_dict(result: ActionResult) -> dict[str, Any]:
+def as_dict(result: KeyAction) -> dict[str, Any]:
     return {"action": result.action, "pool": result.pool, "key": result.key,
             "messages": len(result.messages), "ids": [m.id for m in result.messages],
             "skipped": result.skipped.id if result.skipped is not None else None}
