@@ -154,12 +154,13 @@ class Workload:
         return self._app
 
     def start_workers(self, name: str = "workers", *, loglevel: str | None = None,
-                      processes: int | None = None, extra: Sequence[str] = ()) -> Popen[bytes]:
+                      processes: int | None = None, extra: Sequence[str] = (),
+                      stop_timeout: float = 20) -> Popen[bytes]:
         """``celery partitioning worker`` over every partition, logging to ``tmp/<name>.log``."""
         level = loglevel or os.environ.get("CP_WORKER_LOGLEVEL", "warning")
         return self.processes.start(
             [celery_bin(), "-A", "tests.apps.reliability_app", "partitioning", "worker",
-             "-l", level, "--stop-timeout", "20",
+             "-l", level, "--stop-timeout", f"{stop_timeout:g}",
              *(["--processes", str(processes)] if processes else []), *extra],
             env=self.env(), log=self.log(name))
 
