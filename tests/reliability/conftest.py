@@ -189,7 +189,7 @@ class Workload:
 
     def wait_done(self, count: int, timeout: float, counts: dict[str, int] | None = None) -> None:
         try:
-            wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done", interval=0.25)
+            wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done")
         except AssertionError as exc:
             raise AssertionError(f"{exc} (done: {self.done()})\n{self.diagnose(counts)}\n"
                                  f"--- worker log\n{self.log_tail()}") from None
