@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from types import ModuleType
@@ -16,6 +17,16 @@ from tests.support.procs import Processes
 #: Default Redis for tests; `make test` exports REDIS_URL.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every Python process the tests start (workers, the CLI, scripts) reads compiled modules
+    from one cache outside the tree: with ``PYTHONDONTWRITEBYTECODE`` set (as on the project's
+    machines), each of the hundreds of them would compile the package and the test apps again."""
+    if not os.environ.get("PYTHONPYCACHEPREFIX"):
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(
+            tempfile.gettempdir(), f"celery-partitioning-pycache-{os.getuid()}")
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def _unavailable(what: str, url: str, exc: BaseException) -> None:

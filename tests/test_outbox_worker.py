@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,18 @@ COMMIT = textwrap.dedent("""
     print("{}")
 """)
 
-READ = textwrap.dedent("""
-    import json
-    from django.db import connection
-    from tests.apps import outbox_app as oa
-    from celery_partitioning.contrib.django.models import OutboxMessage
-    with connection.cursor() as cur:
-        cur.execute("SELECT key, seq FROM applied ORDER BY id")
-        applied = [list(r) for r in cur.fetchall()]
-    print(json.dumps({"applied": applied, "waiting": OutboxMessage.objects.count()}))
-""")
+
+
+def _read(env: dict[str, str]) -> dict[str, Any]:
+    """What the projection applied, in order, and how many outbox rows wait: read straight
+    from the SQLite file (a wait polls it; a Django process per reading took a second)."""
+    conn = sqlite3.connect(env["CP_DB"], timeout=30)
+    try:
+        applied = [list(r) for r in conn.execute("SELECT key, seq FROM applied ORDER BY id")]
+        (waiting,) = conn.execute("SELECT count(*) FROM celery_partitioning_outboxmessage").fetchone()
+    finally:
+        conn.close()
+    return {"applied": applied, "waiting": waiting}
 
 
 def _commit(env: dict[str, str], first: int, last: int) -> None:
@@ -65,7 +68,7 @@ def test_the_worker_relays_the_outbox_by_default_and_after_a_kill_of_its_process
     processes.start([celery_bin(), "-A", "tests.apps.outbox_app", "partitioning", "worker",
                      "-l", "info", "--processes", "2"], env=env, log=log)
     # Then it relays them: applied in order, the outbox empty
-    wait_for(lambda: _run(env, READ) == {"applied": [["a", s] for s in range(1, 6)],
+    wait_for(lambda: _read(env) == {"applied": [["a", s] for s in range(1, 6)],
                                          "waiting": 0}, 60, f"the worker to relay ({log})")
     # and its banner says so, in one of its two processes only
     assert log.read_text().count("[outbox relay]") == 1
@@ -77,9 +80,9 @@ def test_the_worker_relays_the_outbox_by_default_and_after_a_kill_of_its_process
     wait_for(lambda: not alive(holder), 10, "the relay's process to go")
     _commit(env, 6, 10)
     # Then the restarted process relays them, after the first five, in order
-    wait_for(lambda: _run(env, READ)["waiting"] == 0, 60, f"the restarted relay ({log})")
-    wait_for(lambda: len(_run(env, READ)["applied"]) >= 10, 60, "the events to be applied")
-    assert _run(env, READ)["applied"] == [["a", s] for s in range(1, 11)]
+    wait_for(lambda: _read(env)["waiting"] == 0, 60, f"the restarted relay ({log})")
+    wait_for(lambda: len(_read(env)["applied"]) >= 10, 60, "the events to be applied")
+    assert _read(env)["applied"] == [["a", s] for s in range(1, 11)]
     assert _relay_holder(client, namespace) not in (None, holder)
     client.close()
 
@@ -104,9 +107,9 @@ def test_with_the_opt_out_the_worker_runs_no_relay(
     # When it has applied a call published directly (so it is up and consuming)
     _run(env, "from tests.apps import outbox_app as oa; "
               "oa.apply_event.delay(key='b', seq=1, event_id='direct'); print('{}')")
-    wait_for(lambda: ["b", 1] in _run(env, READ)["applied"], 60, f"the worker ({log})")
+    wait_for(lambda: ["b", 1] in _read(env)["applied"], 60, f"the worker ({log})")
     # Then the outbox rows are still waiting, no relay holds or waits for the lease
-    assert _run(env, READ) == {"applied": [["b", 1]], "waiting": 3}
+    assert _read(env) == {"applied": [["b", 1]], "waiting": 3}
     client = redis.Redis.from_url(redis_url)
     assert _relay_holder(client, namespace) is None
     client.close()

@@ -41,12 +41,16 @@ def test_control_commands_are_refused_and_order_is_kept_with_messages_flowing(
                      "-c", "4", "-n", plain, "--without-gossip", "--without-mingle", "-l", "info"],
                     env=h.env(), log=h.log("plain"))
 
-    def nodes() -> list[str]:
-        return sorted(_replies(app.control.ping(timeout=1.0)))
+    answered: list[str] = []
 
-    wait_for(lambda: len(nodes()) == 2, 60, "both workers to answer ping")
-    [plain_node] = [n for n in nodes() if n.startswith("plain")]
-    [partition_node] = [n for n in nodes() if n != plain_node]
+    def both_answer() -> bool:
+        # limit: the second reply ends the wait (without it, each ping waits its timeout)
+        answered[:] = sorted(_replies(app.control.ping(timeout=1.0, limit=2)))
+        return len(answered) == 2
+
+    wait_for(both_answer, 60, "both workers to answer ping")
+    [plain_node] = [n for n in answered if n.startswith("plain")]
+    [partition_node] = [n for n in answered if n != plain_node]
     both = [partition_node, plain_node]
     events, counts = keyed_events(10, 20 * BATCH, ms=15)
     # one message of its own, held long enough (15 s) to be running while revoke/terminate arrive

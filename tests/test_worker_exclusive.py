@@ -138,7 +138,7 @@ def test_misrouted_messages_move_to_their_partition_after_a_resize(
 def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
         redis_url: str, namespace: str, processes: Processes, tmp_path: Path, when: str) -> None:
     # Given a partition child that holds its lease: still starting (printing its banner),
-    # or inside a 3 s task with two more messages of its key queued behind it
+    # or inside a task (held until released) with two more messages of its key queued behind it
     url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes, lease_ttl=30.0)
     lease_key = RedisKeys(namespace).lease(f"{namespace}partition.p.0")
@@ -148,7 +148,8 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
     child = parse_holder(client.get(lease_key))
     assert child is not None
     if when == "running a task":
-        h.publish([("Order:1", 0, 3000, "slow"), ("Order:1", 1, 2, None), ("Order:1", 2, 2, None)])
+        h.publish([("Order:1", 0, HOLD_MS, "slow"), ("Order:1", 1, 2, None),
+                   ("Order:1", 2, 2, None)])
         h.next_signal("slow", timeout=30)
 
     # When the supervisor alone is SIGKILLed (not its process group): nobody reads the
@@ -158,10 +159,18 @@ def test_children_stop_warmly_and_release_their_lease_when_the_supervisor_dies(
 
     # Then, well before the 30 s TTL, the orphan stops warmly and releases the lease, and says
     # so where the supervisor printed, instead of dying on a broken pipe
+    said = rf"^\[p\.0\] .* supervisor \(pid {sup.pid}\) is gone: warm shutdown$"
+    if when == "running a task":
+        # its warm stop (logged once it started: the notice above comes earlier) waits for
+        # the running task, which ends once released
+        wait_for(lambda: "warm stop: every partition finishes its task" in h.log_text("workers"),
+                 10, "the orphaned child to begin its warm shutdown")
+        assert client.get(lease_key) is not None and alive(child.pid)
+        assert h.records(["Order:1"])["Order:1"] == ["start 0"]
+        h.release("Order:1", 0)
     wait_for(lambda: client.get(lease_key) is None, 10, "the orphaned child to release its lease")
     wait_for(lambda: not alive(child.pid), 10, "the orphaned child to exit")
     log = h.log_text("workers")
-    said = rf"^\[p\.0\] .* supervisor \(pid {sup.pid}\) is gone: warm shutdown$"
     assert re.search(said, log, re.MULTILINE), log[-3000:]
     for sign in ("Unrecoverable error", "Broken pipe", "BrokenPipeError", "Traceback"):
         assert sign not in log, log[-3000:]

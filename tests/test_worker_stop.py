@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.apps.harness import Harness
-from tests.support.procs import Processes, celery_bin
+from tests.apps.harness import HOLD_MS, Harness
+from tests.support.procs import Processes, alive, celery_bin, wait_for
+
+#: What Celery prints when a worker process takes a stop signal (a first one: warm).
+WARM = "Warm shutdown (MainProcess)"
+#: What the worker logs once its warm stop began (it then waits for the running tasks).
+WARM_STOP = "warm stop: every partition finishes its task and starts no other"
+
+
+def _stop_taken_mid_task(h: Harness, proc: subprocess.Popen[bytes], log: str) -> None:
+    """Wait until the worker process began its warm stop, then check that it waits for the
+    held task (still running, not ended) and end the hold: the task finishes now."""
+    wait_for(lambda: WARM_STOP in h.log_text(log), 30, "the worker to begin its warm stop")
+    assert alive(proc.pid) and h.records(["Order:1"]) == {"Order:1": ["start 0"]}, h.log_text(log)
+    h.release("Order:1", 0)
 
 
 @pytest.mark.integration
@@ -33,8 +45,9 @@ def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
     url = redis_url
     h = Harness(url, url, namespace, 1, tmp_path, processes)
     proc = h.start_workers("workers")
-    # and a task that is running when the signal comes (it holds for 4 s, then records its end)
-    h.publish([("Order:1", 0, 4000, "started")])
+    # and a task that is running when the signal comes (it holds until released, then
+    # records its end)
+    h.publish([("Order:1", 0, HOLD_MS, "started")])
     h.next_signal("started")
 
     # When the signal reaches the supervisor alone, or its whole process group
@@ -42,6 +55,7 @@ def test_a_warm_stop_mid_task_lets_the_task_finish_and_exits_0(
         processes.signal(proc, sig)
     else:
         proc.send_signal(sig)
+    _stop_taken_mid_task(h, proc, "workers")
     try:
         code = proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -91,16 +105,19 @@ def _bare_worker(h: Harness, processes: Processes, name: str) -> subprocess.Pope
 @pytest.mark.parametrize("signals", [1, 2], ids=["one SIGINT", "two SIGINTs"])
 def test_a_partition_worker_takes_a_first_sigint_as_a_warm_stop_and_exits_0(
         redis_url: str, namespace: str, tmp_path: Path, processes: Processes, signals: int) -> None:
-    # Given a partition worker process (no supervisor) inside a task that holds for 4 s
+    # Given a partition worker process (no supervisor) inside a task that holds until released
     h = Harness(redis_url, redis_url, namespace, 1, tmp_path, processes)
     proc = _bare_worker(h, processes, "child")
-    h.publish([("Order:1", 0, 4000, "started")])
+    h.publish([("Order:1", 0, HOLD_MS, "started")])
     h.next_signal("started")
 
-    # When it gets SIGINT (Ctrl-C), once, or twice
-    for _ in range(signals):
+    # When it gets SIGINT (Ctrl-C), once, or twice (the second once it took the first)
+    proc.send_signal(signal.SIGINT)
+    if signals == 1:
+        _stop_taken_mid_task(h, proc, "child")
+    else:
+        wait_for(lambda: WARM in h.log_text("child"), 30, "the worker to take the first SIGINT")
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3 if signals > 1 else 0)
     try:
         code = proc.wait(timeout=60)
     except subprocess.TimeoutExpired:

@@ -154,12 +154,13 @@ class Workload:
         return self._app
 
     def start_workers(self, name: str = "workers", *, loglevel: str | None = None,
-                      processes: int | None = None, extra: Sequence[str] = ()) -> Popen[bytes]:
+                      processes: int | None = None, extra: Sequence[str] = (),
+                      stop_timeout: float = 20) -> Popen[bytes]:
         """``celery partitioning worker`` over every partition, logging to ``tmp/<name>.log``."""
         level = loglevel or os.environ.get("CP_WORKER_LOGLEVEL", "warning")
         return self.processes.start(
             [celery_bin(), "-A", "tests.apps.reliability_app", "partitioning", "worker",
-             "-l", level, "--stop-timeout", "20",
+             "-l", level, "--stop-timeout", f"{stop_timeout:g}",
              *(["--processes", str(processes)] if processes else []), *extra],
             env=self.env(), log=self.log(name))
 
@@ -188,7 +189,7 @@ class Workload:
 
     def wait_done(self, count: int, timeout: float, counts: dict[str, int] | None = None) -> None:
         try:
-            wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done", interval=0.25)
+            wait_for(lambda: self.done() >= count, timeout, f"{count} distinct tasks done")
         except AssertionError as exc:
             raise AssertionError(f"{exc} (done: {self.done()})\n{self.diagnose(counts)}\n"
                                  f"--- worker log\n{self.log_tail()}") from None
