@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from celery_partitioning.message import PartitionMessage
 from celery_partitioning.store.broker import broker_redis, restore_unacked_to_head
 from celery_partitioning.store.lease import Lease, parse_holder
 from celery_partitioning.worker.eta import EtaHold
+from celery_partitioning.worker.lifecycle import Partition
 from celery_partitioning.worker.progress import Progress
 from celery_partitioning.worker.stage import Verdict
 from celery_partitioning.worker.supervisor import (
@@ -85,6 +87,42 @@ def test_partitions_name_a_pool_each_or_apply_to_the_one_selected_pool() -> None
 def _msg(headers: dict[str, Any]) -> PartitionMessage:
     return PartitionMessage(SimpleNamespace(headers=headers, body=b"", properties={}, delivery_info={}),
                        "t")
+
+
+# -- life cycle -------------------------------------------------------------------------------
+class _IdleThread:
+    """A partition thread that has ended: what a unit finds after a stop."""
+
+    fetch_name = ""
+
+    def start(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+
+def test_a_stopping_process_starts_no_partition_even_a_start_that_waited_for_its_stop() -> None:
+    # Given a partition unit of a running process, started and stopped once
+    process_stopping = threading.Event()
+    runtime: Any = SimpleNamespace(worker=SimpleNamespace(stopping=process_stopping.is_set),
+                                   stop_event=threading.Event(), label="p.0")
+    made: list[object] = []
+    unit = Partition(runtime, thread=lambda rt: made.append(rt) or _IdleThread())  # type: ignore[arg-type]
+    assert unit.start() is not None and len(made) == 1
+    assert unit.stop(timeout=1)
+    # When its process begins a warm stop, and a start arrives afterwards (the balancer's
+    # hand-over thread had waited for the stop to let go of the unit)
+    process_stopping.set()
+    # Then nothing starts: the lease the stop handed over stays with the others
+    assert unit.start() is None
+    assert len(made) == 1
+    # and a unit of a process still running starts again as often as asked
+    process_stopping.clear()
+    assert unit.start() is not None and len(made) == 2
 
 
 def test_an_eta_message_holds_the_partition_until_its_time_then_runs_without_eta() -> None:

@@ -48,9 +48,12 @@ class Partition:
         """It holds what it needs (the lease) and consumes."""
         return self.running and self.thread is not None and self.thread.consuming.is_set()
 
-    def start(self) -> PartitionThread:
-        """Take the lease (or wait for it), recover, consume; returns the partition's thread."""
+    def start(self) -> PartitionThread | None:
+        """Take the lease (or wait for it), recover, consume; returns the partition's thread,
+        None when its process is stopping (a start that waited for a stop must not undo it)."""
         with self._lock:
+            if self.runtime.worker is not None and self.runtime.worker.stopping():
+                return None
             if self.thread is not None and self.thread.is_alive():
                 if not self.runtime.stop_event.is_set():
                     return self.thread
