@@ -233,13 +233,13 @@ class ChaosMonkey:
             return True
         return False
 
-    def _random_kill(self, note: Callable[[str], None]) -> None:
+    def _random_kill(self, note: Callable[[str], None], why: str = "") -> None:
         children = [pid for pid in children_of(self.supervisor_pid) if _running(pid)]
         if children:
             pid = self._rng.choice(children)
             label = _partition_of(pid)
             self._kill("random", label, pid)
-            note(f"chaos: SIGKILL #{len(self.done)} {label} worker pid {pid} (random)")
+            note(f"chaos: SIGKILL #{len(self.done)} {label} worker pid {pid} (random{why})")
 
     def step(self, done_fraction: float, note: Callable[[str], None],
              left: Mapping[str, int]) -> None:
@@ -256,8 +256,9 @@ class ChaosMonkey:
                 note(f"chaos: SIGKILL #{len(self.done)} {pool} worker pid {pid} ({label})")
                 self._armed = None
             elif left.get(self._armed.partition(":")[2], 0) <= 0 and self._client.delete(arm):
-                self._armed = None  # no task of its pool will reach the moment: a random kill
-                self._random_kill(note)
+                # no task of its pool will reach the moment: a random kill
+                why, self._armed = f" instead of {self._armed}: {dict(left)} left", None
+                self._random_kill(note, why)
             return
         planned = self.planned_done
         if self.finished or done_fraction < 0.9 * (planned + 1) / (self.kills + 1):
