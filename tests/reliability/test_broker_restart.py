@@ -42,8 +42,8 @@ def test_broker_killed_and_restarted_mid_run(workload_factory: Callable[..., Wor
     before, after = events[: events_total * 3 // 4], events[events_total * 3 // 4:]
     w.publish(before)
     queued = redis.Redis.from_url(broker.url)
-    # The names below are right: checked before the workers start (on a loaded machine they
-    # drained the queues as fast as the publisher filled them, and this read found them empty).
+    # The names below are right: checked before the workers start (started first, they can
+    # drain the queues as fast as the publisher fills them, and the read then finds them empty).
     assert sum(int(queued.llen(f"{w.ns}{w.ns}partition.p.{i}")) for i in range(4)) == len(before)
     supervisor = w.start_workers()
     wait_for(lambda: w.done() >= len(before) // 4, 90, "a quarter of the first batch to run")
