@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_partitioning.balance import assign
@@ -22,6 +22,12 @@ def situations(draw: st.DrawFn) -> tuple[list[int], list[str], dict[int, str], d
     return partitions, members, current, pinned
 
 
+#: No wall-clock limits: a property of a pure function, checked on a loaded machine (the
+#: default 200 ms deadline and the too-slow health check measure the scheduler, not assign).
+UNTIMED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@UNTIMED
 @given(situations())
 def test_every_partition_has_one_owner_and_each_balanced_member_its_share(
         situation: tuple[list[int], list[str], dict[int, str], dict[str, list[int]]]) -> None:
@@ -46,6 +52,7 @@ def test_every_partition_has_one_owner_and_each_balanced_member_its_share(
     assert sum(shares) == len(free)
 
 
+@UNTIMED
 @given(situations())
 def test_only_what_must_move_moves_and_the_result_is_a_fixed_point(
         situation: tuple[list[int], list[str], dict[int, str], dict[str, list[int]]]) -> None:

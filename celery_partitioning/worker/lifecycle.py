@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from ..store.broker import FETCH_TIMEOUT, unblock
 from .partition import PartitionThread
@@ -21,6 +22,10 @@ from .runtime import PartitionRuntime
 __all__ = ["Partition", "unit_of", "wake"]
 
 logger = logging.getLogger("celery_partitioning.worker")
+
+#: Seconds between two unblocks of one thread's fetch (a stop unblocks it again as long as
+#: the thread runs: a fetch sent just after an unblock would wait out ``FETCH_TIMEOUT``).
+WAKE_AGAIN: Final = 1.0
 
 
 class Partition:
@@ -72,9 +77,13 @@ class Partition:
             thread = self.thread
             if thread is None:
                 return True
-            wake([self])
-            thread.join(timeout)
-            return not thread.is_alive()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                wake([self])
+                left = WAKE_AGAIN if deadline is None else deadline - time.monotonic()
+                thread.join(max(0.0, min(left, WAKE_AGAIN)))
+                if not thread.is_alive() or (deadline is not None and left <= WAKE_AGAIN):
+                    return not thread.is_alive()
 
     def __repr__(self) -> str:
         state = "consuming" if self.consuming else "running" if self.running else "stopped"
@@ -91,12 +100,12 @@ def unit_of(units: list[Partition], pool: str, index: int) -> Partition:
 
 def wake(units: Sequence[Partition]) -> None:
     """Unblock the Redis fetches of these (stopping) partitions' threads, so they see the stop
-    at once; a thread woken less than a second ago is left alone. A failure only costs the
-    fetch time-out."""
+    at once; a thread woken less than ``WAKE_AGAIN`` ago is left alone. A failure only costs
+    the fetch time-out."""
     now = time.monotonic()
     threads = [unit.thread for unit in units if unit.thread is not None]
     chosen = [thread for thread in threads if thread.is_alive() and thread.fetch_name
-              and thread.runtime.broker is not None and now - thread.woken_at >= 1.0]
+              and thread.runtime.broker is not None and now - thread.woken_at >= WAKE_AGAIN]
     if not chosen:
         return
     for thread in chosen:

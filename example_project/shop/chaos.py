@@ -11,8 +11,10 @@ the run (the n-th kill waits until about n/(N+1) of the tasks are done). Three k
 
 For the last two the demo arms a Redis flag; the first worker of that pool to reach the
 moment (``task_postrun``, or the rollup's pause) takes the flag, writes its pid and waits,
-at most ``STALL_SECONDS``, for the kill. An armed kill nobody takes within ``ARM_TIMEOUT``
-becomes a random kill. Workers take part only when ``SHOP_CHAOS=1`` (set by the demo).
+at most ``STALL_SECONDS``, for the kill. The flag stays armed while the pool has tasks left
+to run (its worker may be restarting after an earlier kill, for longer than a fixed wait
+can assume on a loaded machine); once the pool has none left it becomes a random kill.
+Workers take part only when ``SHOP_CHAOS=1`` (set by the demo).
 
 With the outbox (``--chaos`` publishes through it), two more kinds, on top of those:
 
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,6 @@ __all__ = ["ChaosMonkey", "Kill", "maybe_stall_mid_task", "maybe_stall_after_com
 
 #: Longest a worker waits for its announced kill (then it simply goes on).
 STALL_SECONDS = 10.0
-#: Longest an armed kill waits for a worker to take it.
-ARM_TIMEOUT = 4.0
 #: SIGKILLs of the outbox relay's process per run (with the outbox).
 RELAY_KILLS = 2
 #: Longest the demo waits for a relay to hold the lease, or for the producer's commit.
@@ -98,6 +98,14 @@ def children_of(pid: int) -> list[int]:
     return sorted(set(found))
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is alive and not a zombie (killed, not reaped yet by the supervisor)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _partition_of(pid: int) -> str:
     """The partitions a worker process hosts (from its environment), for the log line."""
     try:
@@ -129,7 +137,8 @@ class ChaosMonkey:
     seed: int = 7
     done: list[Kill] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
-    _armed_at: float | None = None
+    #: The armed kill (``mid:global``, ``commit:<pool>``), until it is taken or given up.
+    _armed: str | None = None
     _rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
@@ -224,18 +233,20 @@ class ChaosMonkey:
             return True
         return False
 
-    def _random_kill(self, note: Callable[[str], None]) -> None:
-        children = children_of(self.supervisor_pid)
+    def _random_kill(self, note: Callable[[str], None], why: str = "") -> None:
+        children = [pid for pid in children_of(self.supervisor_pid) if _running(pid)]
         if children:
             pid = self._rng.choice(children)
             label = _partition_of(pid)
             self._kill("random", label, pid)
-            note(f"chaos: SIGKILL #{len(self.done)} {label} worker pid {pid} (random)")
+            note(f"chaos: SIGKILL #{len(self.done)} {label} worker pid {pid} (random{why})")
 
-    def step(self, done_fraction: float, note: Callable[[str], None]) -> None:
-        """One look: perform a taken armed kill, give up a stale one, or start the next."""
+    def step(self, done_fraction: float, note: Callable[[str], None],
+             left: Mapping[str, int]) -> None:
+        """One look: perform a taken armed kill, give up one whose pool has no task ``left``
+        (tasks published and not done, by pool), or start the next."""
         arm, armed = _keys()
-        if self._armed_at is not None:
+        if self._armed is not None:
             taken = self._client.getdel(armed)
             if taken:
                 what, _, pid = taken.decode().rpartition(":")
@@ -243,10 +254,11 @@ class ChaosMonkey:
                 label = "after-commit" if moment == "commit" else "mid-task"
                 self._kill(label, pool, int(pid))
                 note(f"chaos: SIGKILL #{len(self.done)} {pool} worker pid {pid} ({label})")
-                self._armed_at = None
-            elif time.monotonic() - self._armed_at > ARM_TIMEOUT and self._client.delete(arm):
-                self._armed_at = None  # nobody took it: fall back to a random kill
-                self._random_kill(note)
+                self._armed = None
+            elif left.get(self._armed.partition(":")[2], 0) <= 0 and self._client.delete(arm):
+                # no task of its pool will reach the moment: a random kill
+                why, self._armed = f" instead of {self._armed}: {dict(left)} left", None
+                self._random_kill(note, why)
             return
         planned = self.planned_done
         if self.finished or done_fraction < 0.9 * (planned + 1) / (self.kills + 1):
@@ -256,7 +268,7 @@ class ChaosMonkey:
             self._random_kill(note)
         else:
             self._client.set(arm, kind)
-            self._armed_at = time.monotonic()
+            self._armed = kind
 
     def stop(self) -> None:
         self._client.delete(*_keys())

@@ -221,7 +221,8 @@ def _drain(result: DemoResult, app: Any, pools: dict[str, int], plain_queue: str
                         and not any(depths.values()))
             if monkey is not None and not monkey.finished:
                 total = sum(published.values())
-                monkey.step(sum(done.values()) / total if total else 0.0, console.say)
+                left = {pool: published.get(pool, 0) - done.get(pool, 0) for pool in pools}
+                monkey.step(sum(done.values()) / total if total else 0.0, console.say, left)
                 finished = False  # every planned kill happens before the run counts as over
             quiet = quiet + 1 if finished else 0
             if quiet >= 3:

@@ -28,6 +28,8 @@ from subprocess import Popen
 import psutil
 import pytest
 
+from celery_partitioning.state import redis_keys
+from celery_partitioning.store.membership import Membership
 from tests.reliability.conftest import Workload, keyed_events, size
 from tests.support.procs import wait_for
 
@@ -49,14 +51,23 @@ def live_children(supervisor_pid: int) -> list[psutil.Process]:
     return alive
 
 
+def is_member(w: Workload, command: Popen[bytes]) -> bool:
+    """Whether a process of ``command`` is a live member of the pool."""
+    pids = {child.pid for child in live_children(command.pid)}
+    return any(m.pid in pids for m in Membership(w.redis, redis_keys(w.app)).live("p", prune=False))
+
+
 def churn_step(w: Workload, number: int, joined: list[Popen[bytes]], churn: list[str]) -> None:
-    """Membership churn: every third step another command joins; the step after, it leaves
-    warmly (SIGTERM, exit 0 expected)."""
+    """Membership churn: every third step another command joins; the step after, once its
+    process is a member of the pool, it leaves warmly (SIGTERM, exit 0 expected)."""
     if number % 3 == 0:
         joined.append(w.start_workers(f"member{number}", processes=1))
         churn.append("join")
     elif number % 3 == 1 and joined:
         member = joined.pop()
+        # Not before it joined: a SIGTERM that comes while the command still imports (a
+        # loaded machine) ends it with -15, before it ever took part.
+        wait_for(lambda: is_member(w, member), 60, "the new member to join the pool")
         member.send_signal(signal.SIGTERM)
         churn.append(f"leave {member.wait(timeout=60)}")
 
@@ -111,6 +122,7 @@ def test_random_sigkills_keep_every_key_in_order(workload_factory: Callable[...,
                 pass
         publish(chunk)
     for member in joined:
+        wait_for(lambda m=member: is_member(w, m), 60, "the new member to join the pool")  # type: ignore[misc]
         member.send_signal(signal.SIGTERM)
         churn.append(f"leave {member.wait(timeout=60)}")
     w.wait_done(events_total, timeout=300 if os.environ.get("CP_SOAK") else 90, counts=counts)
