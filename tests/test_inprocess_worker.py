@@ -394,3 +394,36 @@ def test_the_fixture_runs_celery_app_or_the_users_own_app(pytester: pytest.Pytes
     print(f"two tests with partition_worker, in a fresh pytest: {time.monotonic() - started:.2f}s")
     # Then both ran their task end to end on in-process partition workers
     result.assert_outcomes(passed=2)
+
+
+def test_a_partition_pause_wakes_an_idle_holder_which_stops_at_once(
+        shop: Shop, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_partitioning.cli.pausing import pause_target, resume_target
+    from celery_partitioning.store.broker import BROKER_SOCKET_TIMEOUT
+    from celery_partitioning.worker import partition as partition_module
+
+    # Given an idle partition whose holder waits in a fetch that only its socket time-out ends
+    monkeypatch.setattr(partition_module, "FETCH_TIMEOUT", 60.0)
+    patience = BROKER_SOCKET_TIMEOUT - 2  # without a wake the holder looks again after that
+    app = shop.app
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with start_partition_worker(app, pools=["global"]) as worker:
+        thread = worker.partition("global", 0).thread
+        assert thread is not None
+
+        def blocked() -> bool:
+            return any(entry.get("name") == thread.fetch_name and entry.get("cmd") == "blmove"
+                       for entry in client.client_list(_type="normal"))
+
+        deadline = time.monotonic() + 10
+        while not blocked():
+            assert time.monotonic() < deadline, "the holder never waited in its fetch"
+            time.sleep(0.05)
+        # When an operator pauses the partition (the command waits for the holder to stop)
+        started = time.monotonic()
+        done = pause_target(app, by="test", partition="global.0", wait=patience)
+        print(f"the idle holder stopped {time.monotonic() - started:.2f}s after the pause")
+        # Then the command woke the fetch: the holder stopped before its fetch could have ended
+        assert done.stopped, done
+        resume_target(app, by="test", partition="global.0")
+    client.close()

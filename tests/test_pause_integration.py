@@ -136,9 +136,10 @@ def test_a_paused_partition_keeps_its_lease_runs_nothing_and_resume_runs_all_in_
     noticed = (datetime.fromisoformat(out["pause"]["stopped_at"])
                - datetime.fromisoformat(out["pause"]["at"])).total_seconds()
     print(f"the holder stopped {noticed:.2f}s after the pause was written")
-    # The idle holder is blocked in its fetch (up to FETCH_TIMEOUT) when the pause is written,
-    # and may then go by its process's last read of the pauses (up to CHECK old); one second
-    # more for the acknowledgement's round trips.
+    # The command wakes the idle holder's fetch, which then reads the record (0.01 s here); the
+    # bound is the fallback's, for a wake the server refused: the fetch's time-out, the
+    # process's last read of the pauses (up to CHECK old), and a second of round trips.
+    # (tests/test_inprocess_worker.py shows the wake itself, with a fetch that would not end.)
     assert noticed < FETCH_TIMEOUT + CHECK + 1
     for seq in (1, 2):
         fa.step.delay(p, seq)

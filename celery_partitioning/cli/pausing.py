@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from ..errors import PartitioningError, PauseError
 from ..hashing import partition_for
 from ..state import settings_of
+from ..store.broker import broker_redis, wake_fetches
 from ..store.lease import read_holders
 from ..store.pausing import Pause, PauseStore, Resumed
 from .common import app_of
@@ -34,6 +35,8 @@ __all__ = ["PauseDone", "pause_command", "pause_target", "paused_store", "resume
 
 #: Seconds ``pause --partition`` waits by default for the holder to stop.
 WAIT: Final = 10.0
+#: Seconds between two wakes of the holder's fetch while waiting for it to stop.
+WAKE_EVERY: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,11 @@ def pause_target(app: Celery, *, by: str, key: str | None = None, pool: str | No
 def _stopped(app: Celery, store: PauseStore, pause: Pause, new: bool, wait: float) -> PauseDone:
     queue = settings_of(app).queue_name(pause.pool, pause.partition)
     deadline = time.monotonic() + wait
+    woken_at = -WAKE_EVERY
     while True:
+        if time.monotonic() - woken_at >= WAKE_EVERY:  # again: a wake can fall between fetches
+            _wake_holder(app, queue)
+            woken_at = time.monotonic()
         holder = read_holders(store.client, store.keys, [queue]).get(queue)
         shown = [p for p in store.paused([pause.pool])
                  if p.key is None and p.partition == pause.partition]
@@ -121,6 +128,23 @@ def _stopped(app: Celery, store: PauseStore, pause: Pause, new: bool, wait: floa
             return PauseDone(current, new, holder.describe() if holder else None,
                              bool(current.stopped_by))
         time.sleep(0.1)
+
+
+def _wake_holder(app: Celery, queue: str) -> None:
+    """Unblock an idle holder's fetch (Redis broker) so that it reads the pause now, not when
+    its fetch times out; a failure (CLIENT not allowed, say) only costs that time-out."""
+    try:
+        broker = broker_redis(app)
+        if broker is None:
+            return
+    except Exception:  # noqa: BLE001 - the broker unreachable: the holder sees it later
+        return
+    try:
+        wake_fetches(broker.client, queue)
+    except Exception:  # noqa: BLE001 - CLIENT not allowed (ACL), or unreachable
+        pass
+    finally:
+        broker.close()
 
 
 def resume_target(app: Celery, *, by: str, key: str | None = None, pool: str | None = None,

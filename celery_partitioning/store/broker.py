@@ -14,6 +14,8 @@ the head, in one transaction on both keys (as kombu's own ``restore_by_tag``).
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -24,7 +26,8 @@ if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = ["BrokerRedis", "broker_redis", "restore_unacked_to_head", "unreachable_errors",
-           "unacked_by_queue", "unblock", "BROKER_SOCKET_TIMEOUT", "FETCH_TIMEOUT"]
+           "unacked_by_queue", "unblock", "fetch_name", "wake_fetches", "BROKER_SOCKET_TIMEOUT",
+           "FETCH_TIMEOUT"]
 
 #: Seconds any read or connect of the partitions' broker client may wait. A blocking fetch
 #: waits at most ``FETCH_TIMEOUT`` on the server, so a longer silence is a peer gone without
@@ -97,18 +100,31 @@ class BrokerRedis:
         self.client.close()
 
 
-def unblock(client: Any, names: set[str]) -> int:
+def fetch_name(queue: str, owner: object) -> str:
+    """The connection name of ``owner``'s fetches from ``queue`` (one per partition thread)."""
+    return f"cp-fetch:{os.getpid()}:{id(owner)}:{queue}"
+
+
+def unblock(client: Any, names: set[str] | Callable[[str], bool]) -> int:
     """End the blocking commands (a fetch waits as if it timed out) of the connections named
-    ``names`` (:meth:`BrokerRedis.name_connections`) on ``client``'s server, in two round
-    trips; returns how many connections it found."""
+    ``names``, or whose name ``names`` accepts (:meth:`BrokerRedis.name_connections`), on
+    ``client``'s server, in two round trips; returns how many connections it found."""
+    wanted = names if callable(names) else names.__contains__
     found = [entry["id"] for entry in client.client_list(_type="normal")
-             if entry.get("name") in names]
+             if wanted(entry.get("name") or "")]
     if found:
         with client.pipeline(transaction=False) as pipe:
             for client_id in found:
                 pipe.client_unblock(client_id)
             pipe.execute()
     return len(found)
+
+
+def wake_fetches(client: Any, queue: str) -> int:
+    """Unblock every partition thread's fetch from ``queue`` (whichever process holds it), so
+    that it reads what an operator just wrote (a pause) now, not when its fetch times out."""
+    return unblock(client, lambda name: name.startswith("cp-fetch:")
+                   and name.split(":", 3)[-1] == queue)
 
 
 def unreachable_errors() -> tuple[type[BaseException], ...]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
+import time
 from typing import Any, Final
 
 from celery.exceptions import InvalidTaskError, WorkerShutdown, WorkerTerminate
@@ -27,7 +27,7 @@ from .. import compat
 from ..exits import EXIT_KEEP_MESSAGE, exit_now
 from ..message import PartitionMessage, raw_message_of, raw_message_problem
 from ..state import partitioning_of
-from ..store.broker import FETCH_TIMEOUT, restore_unacked_to_head, unreachable_errors
+from ..store.broker import FETCH_TIMEOUT, fetch_name, restore_unacked_to_head, unreachable_errors
 from .runtime import PartitionRuntime, bind_thread
 from .stage import Verdict
 from .startup import Backoff
@@ -38,6 +38,9 @@ logger = logging.getLogger("celery_partitioning.worker")
 
 #: Seconds a RabbitMQ delivery wait lasts before the thread checks whether it should stop.
 AMQP_WAIT: Final = 1.0
+#: An empty fetch back this much before its time-out was unblocked (a stop, or an operator's
+#: pause), not timed out.
+WOKEN_MARGIN: Final = 0.5
 #: Shortest wait of a fetch (a key due at once must not make it spin).
 FETCH_MIN: Final = 0.01
 
@@ -161,7 +164,7 @@ class PartitionThread(threading.Thread):
         runtime = self.runtime
         broker = runtime.broker
         assert broker is not None
-        self.fetch_name = f"cp-fetch:{os.getpid()}:{id(self)}:{''.join(runtime.label.split())}"
+        self.fetch_name = fetch_name(runtime.queue, self)
         broker.name_connections(self.fetch_name)
         if not self._take_lease():
             return
@@ -175,6 +178,7 @@ class PartitionThread(threading.Thread):
         while not runtime.stopping():
             progress.turned()
             timeout = self._between(idle, FETCH_TIMEOUT)
+            began = time.monotonic()
             try:
                 item = broker.fetch(runtime.queue, in_transit, timeout)
             except broker.errors as exc:
@@ -183,6 +187,9 @@ class PartitionThread(threading.Thread):
                 continue
             idle = item is None
             if item is None:
+                if time.monotonic() - began < timeout - WOKEN_MARGIN:
+                    for hook in runtime.on_woken:  # unblocked early: something was written
+                        hook()
                 continue
             progress.consumed()
             if self._stale():

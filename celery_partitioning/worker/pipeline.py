@@ -107,6 +107,8 @@ def build_partition(worker: WorkerRuntime, pool: str, index: int, *, store: Any,
     pause = PartitionPause(partition, worker.pauses) if letters is not None else None
     if parking is not None and pause is not None and partition.lease is not None:
         partition.lease.on_acquire.extend([parking.recheck, pause.recheck])
+    if pause is not None:
+        partition.on_woken.append(pause.recheck)  # `pause` wakes an idle holder's fetch
     stages: list[Stage | None] = [
         pause,
         resize_gate(partition, resizes, recorded) if resizes is not None and recorded else None,

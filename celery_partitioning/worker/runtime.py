@@ -9,6 +9,7 @@ task's), or None outside a partition thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -89,6 +90,8 @@ class PartitionRuntime:
     #: Its thread's progress: the lease heartbeat's watchdog, and what ``status`` reads.
     progress: Progress = field(default_factory=Progress)
 
+    #: Called when a fetch was unblocked before its time-out (``store.broker.wake_fetches``).
+    on_woken: list[Callable[[], None]] = field(default_factory=list)
     #: Set to stop this partition alone (``lifecycle.Partition.stop``); cleared at start.
     stop_event: threading.Event = field(default_factory=threading.Event)
 
