@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from ..errors import PartitioningError, PauseError
 from ..hashing import partition_for
 from ..state import settings_of
-from ..store.broker import broker_redis, wake_fetches
+from ..store.broker import BrokerRedis, broker_redis, wake_fetches
 from ..store.lease import read_holders
 from ..store.pausing import Pause, PauseStore, Resumed
 from .common import app_of
@@ -115,36 +116,37 @@ def pause_target(app: Celery, *, by: str, key: str | None = None, pool: str | No
 def _stopped(app: Celery, store: PauseStore, pause: Pause, new: bool, wait: float) -> PauseDone:
     queue = settings_of(app).queue_name(pause.pool, pause.partition)
     deadline = time.monotonic() + wait
+    broker = _broker_of(app)
     woken_at = -WAKE_EVERY
-    while True:
-        if time.monotonic() - woken_at >= WAKE_EVERY:  # again: a wake can fall between fetches
-            _wake_holder(app, queue)
-            woken_at = time.monotonic()
-        holder = read_holders(store.client, store.keys, [queue]).get(queue)
-        shown = [p for p in store.paused([pause.pool])
-                 if p.key is None and p.partition == pause.partition]
-        current = shown[0] if shown else pause
-        if holder is None or current.stopped_by or time.monotonic() >= deadline:
-            return PauseDone(current, new, holder.describe() if holder else None,
-                             bool(current.stopped_by))
-        time.sleep(0.1)
-
-
-def _wake_holder(app: Celery, queue: str) -> None:
-    """Unblock an idle holder's fetch (Redis broker) so that it reads the pause now, not when
-    its fetch times out; a failure (CLIENT not allowed, say) only costs that time-out."""
     try:
-        broker = broker_redis(app)
-        if broker is None:
-            return
-    except Exception:  # noqa: BLE001 - the broker unreachable: the holder sees it later
-        return
-    try:
-        wake_fetches(broker.client, queue)
-    except Exception:  # noqa: BLE001 - CLIENT not allowed (ACL), or unreachable
-        pass
+        while True:
+            if broker is not None and time.monotonic() - woken_at >= WAKE_EVERY:
+                # Unblock an idle holder's fetch so that it reads the pause now, not when the
+                # fetch times out; again each second, as a wake can fall between two fetches.
+                # A refusal (an ACL without CLIENT) only costs that time-out.
+                with suppress(Exception):
+                    wake_fetches(broker.client, queue)
+                woken_at = time.monotonic()
+            holder = read_holders(store.client, store.keys, [queue]).get(queue)
+            shown = [p for p in store.paused([pause.pool])
+                     if p.key is None and p.partition == pause.partition]
+            current = shown[0] if shown else pause
+            if holder is None or current.stopped_by or time.monotonic() >= deadline:
+                return PauseDone(current, new, holder.describe() if holder else None,
+                                 bool(current.stopped_by))
+            time.sleep(0.1)
     finally:
-        broker.close()
+        if broker is not None:
+            broker.close()
+
+
+def _broker_of(app: Celery) -> BrokerRedis | None:
+    """A client to the app's Redis broker, to wake the holder; None on other brokers, or when
+    it cannot be reached (the holder then reads the pause when its fetch times out)."""
+    try:
+        return broker_redis(app)
+    except Exception:  # noqa: BLE001 - unreachable: the holder sees the pause later
+        return None
 
 
 def resume_target(app: Celery, *, by: str, key: str | None = None, pool: str | None = None,
