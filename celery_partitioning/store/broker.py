@@ -100,9 +100,13 @@ class BrokerRedis:
         self.client.close()
 
 
+#: How fetch connections' names begin (``CLIENT SETNAME``): ``cp-fetch:<pid>:<owner>:<queue>``.
+_FETCH: Final = "cp-fetch"
+
+
 def fetch_name(queue: str, owner: object) -> str:
     """The connection name of ``owner``'s fetches from ``queue`` (one per partition thread)."""
-    return f"cp-fetch:{os.getpid()}:{id(owner)}:{queue}"
+    return f"{_FETCH}:{os.getpid()}:{id(owner)}:{queue}"
 
 
 def unblock(client: Any, names: set[str] | Callable[[str], bool]) -> int:
@@ -123,7 +127,7 @@ def unblock(client: Any, names: set[str] | Callable[[str], bool]) -> int:
 def wake_fetches(client: Any, queue: str) -> int:
     """Unblock every partition thread's fetch from ``queue`` (whichever process holds it), so
     that it reads what an operator just wrote (a pause) now, not when its fetch times out."""
-    return unblock(client, lambda name: name.startswith("cp-fetch:")
+    return unblock(client, lambda name: name.startswith(f"{_FETCH}:")
                    and name.split(":", 3)[-1] == queue)
 
 
